@@ -1,0 +1,186 @@
+"""The gRPC server frame every hashmesh daemon uses.
+
+One place decides: how domain errors become statuses (``ErrorInterceptor``), that every server
+serves grpc.health.v1 and server reflection, and how a daemon shuts down (NOT_SERVING first,
+then stop taking calls, then give in-flight calls a grace period)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from hashmesh.core.errors import DeadlineExceeded, HashmeshError, to_grpc_status
+
+log = logging.getLogger(__name__)
+
+Behavior = Callable[..., Any]
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Turns ``HashmeshError`` into its status and anything unexpected into a logged INTERNAL;
+    refuses calls whose deadline already passed before any work starts."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler = await continuation(handler_call_details)
+        wrapped = _wrap_handler(handler, method) if handler is not None else None
+        self._wrapped[method] = wrapped
+        return wrapped
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: HashmeshError) -> None:
+    status = to_grpc_status(error)
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+
+
+async def _translate(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+    if isinstance(exc, HashmeshError):
+        await abort_with(context, exc)
+    log.exception("unexpected error in %s", method, extra={"method": method})
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    expired = DeadlineExceeded("deadline passed before the call started")
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if _deadline_passed(context):
+                await abort_with(context, expired)
+            try:
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the edge sorts every error
+                await _translate(context, method, exc)
+
+        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return factory(
+            unary_response,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    inner_stream = handler.unary_stream or handler.stream_stream
+
+    async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if _deadline_passed(context):
+            await abort_with(context, expired)
+        try:
+            async for item in inner_stream(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _translate(context, method, exc)
+
+    factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    return factory(
+        stream_response,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+
+
+class GrpcServer:
+    """A grpc.aio server with health and reflection, bound to one address.
+
+    Register services with ``add(register, service_name, servicer)`` before ``start()``."""
+
+    def __init__(
+        self,
+        listen: str,
+        *,
+        max_message_bytes: int = 4 * 1024 * 1024,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        credentials: grpc.ServerCredentials | None = None,
+        extra_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.listen = listen
+        self.server = grpc.aio.server(
+            interceptors=[*interceptors, ErrorInterceptor()],
+            options=[*server_options(max_message_bytes), *extra_options],
+        )
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._service_names: list[str] = []
+        self._credentials = credentials
+        self.port = 0
+
+    def add(self, register: Callable[[Any, grpc.aio.Server], None], service_name: str, servicer: Any) -> None:
+        register(servicer, self.server)
+        self._service_names.append(service_name)
+
+    @property
+    def address(self) -> str:
+        host = self.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
+        if self._credentials is not None:
+            self.port = self.server.add_secure_port(self.listen, self._credentials)
+        else:
+            self.port = self.server.add_insecure_port(self.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {self.listen} (address in use or not local)")
+        await self.server.start()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        """NOT_SERVING first, then refuse new calls and give in-flight ones ``grace`` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def wait_for_signal(signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> signal.Signals:
+    """Block until one of ``signals`` arrives; the one place daemons handle signals."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[signal.Signals] = loop.create_future()
+    for sig in signals:
+        loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s))
+    try:
+        return await received
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,100 @@
+"""Task values shared by the store, hashd's TaskService and workerd (no I/O here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+
+class TaskStatus(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    CANCELLED = "cancelled"
+    DEAD_LETTER = "dead_letter"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.CANCELLED, TaskStatus.DEAD_LETTER})
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A validated submission."""
+
+    algorithm: str
+    data: bytes
+    params: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    max_attempts: int = 5
+    run_after: datetime | None = None
+    client_id: str = "anonymous"
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """A task as stored; never holds the input."""
+
+    id: str
+    algorithm: str
+    status: TaskStatus
+    priority: int
+    attempts: int
+    max_attempts: int
+    client_id: str
+    idempotency_key: str | None
+    input_size: int
+    result_digest: bytes | None
+    result_encoded: str | None
+    cached: bool
+    last_error: str | None
+    created_at: datetime
+    run_after: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker: str | None
+    cancel_requested: bool
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> TaskRecord:
+        return cls(
+            id=str(row["id"]),
+            algorithm=row["algorithm"],
+            status=TaskStatus(row["status"]),
+            priority=row["priority"],
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            client_id=row["client_id"],
+            idempotency_key=row["idempotency_key"],
+            input_size=row["input_size"],
+            result_digest=row["result_digest"],
+            result_encoded=row["result_encoded"],
+            cached=row["cached"],
+            last_error=row["last_error"],
+            created_at=row["created_at"],
+            run_after=row["run_after"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            worker=row["worker"],
+            cancel_requested=row["cancel_requested"],
+        )
+
+
+@dataclass(frozen=True)
+class ClaimedTask:
+    """A task a worker holds under ``lease_id``; carries the input for computation."""
+
+    id: str
+    algorithm: str
+    data: bytes
+    params: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    lease_id: int

@@ -1,0 +1,91 @@
+"""Settings of one hashd replica: ``HashdSettings.from_env()`` then command-line flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hashmesh.core.settings import (
+    DatabaseSettings,
+    SettingsError,
+    env_float,
+    env_int,
+    env_list,
+    env_optional,
+    env_str,
+)
+
+
+@dataclass(frozen=True)
+class HashdSettings:
+    """Everything one hashd process needs. Field docstrings name the environment variable."""
+
+    listen: str = "127.0.0.1:50051"
+    """host:port to serve on; port 0 picks a free one (``HASHMESH_HASHD_LISTEN``)."""
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    """PostgreSQL access (``HASHMESH_DATABASE_URL``, ``HASHMESH_DB_*``)."""
+    grace_seconds: float = 10.0
+    """On SIGTERM, seconds in-flight calls get to finish (``HASHMESH_GRACE_SECONDS``)."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest unary message; larger inputs must use HashStream (``HASHMESH_MAX_MESSAGE_BYTES``)."""
+    cpu_workers: int = max(1, (os.cpu_count() or 2))
+    """Threads for CPU-heavy work such as argon2 (``HASHMESH_HASHD_CPU_WORKERS``)."""
+    cpu_queue: int = 32
+    """Calls that may wait for a CPU thread before new ones are refused with RESOURCE_EXHAUSTED
+    (``HASHMESH_HASHD_CPU_QUEUE``)."""
+    cache_secret: str = ""
+    """HMAC key for cache keys (``HASHMESH_CACHE_SECRET``). Empty: a per-database random
+    secret is created once and shared by every replica through the database."""
+    cache_algorithms: tuple[str, ...] = ("argon2id",)
+    """Algorithms whose results are cached (``HASHMESH_CACHE_ALGORITHMS``, comma-separated)."""
+    cache_memory_entries: int = 10_000
+    """Bound of the in-process LRU (``HASHMESH_CACHE_MEMORY_ENTRIES``)."""
+    cache_ttl_seconds: float = 24 * 3600.0
+    """Lifetime of a shared cache row (``HASHMESH_CACHE_TTL_SECONDS``)."""
+    cache_sweep_seconds: float = 60.0
+    """Interval between removals of expired shared cache rows (``HASHMESH_CACHE_SWEEP_SECONDS``)."""
+    max_pending_tasks: int = 1_000_000
+    """Pending tasks allowed in the whole queue before submissions are refused
+    (``HASHMESH_MAX_PENDING_TASKS``)."""
+    max_pending_per_client: int = 100_000
+    """Pending tasks allowed per client id (``HASHMESH_MAX_PENDING_PER_CLIENT``)."""
+    default_max_attempts: int = 5
+    """Attempts for a task that does not say (``HASHMESH_TASK_MAX_ATTEMPTS``)."""
+    metrics_port: int | None = None
+    """Port of the Prometheus endpoint; unset turns it off (``HASHMESH_HASHD_METRICS_PORT``)."""
+    tls: dict[str, Any] = field(default_factory=dict)
+    """TLS settings (certificate paths); empty means plaintext."""
+
+    def __post_init__(self) -> None:
+        if self.cpu_workers < 1:
+            raise SettingsError("HASHMESH_HASHD_CPU_WORKERS must be >= 1")
+        if self.cpu_queue < 0:
+            raise SettingsError("HASHMESH_HASHD_CPU_QUEUE must be >= 0")
+        if self.max_message_bytes < 1024:
+            raise SettingsError("HASHMESH_MAX_MESSAGE_BYTES must be >= 1024")
+
+    @classmethod
+    def from_env(cls) -> HashdSettings:
+        metrics = env_optional("HASHD_METRICS_PORT")
+        return cls(
+            listen=env_str("HASHD_LISTEN", cls.listen),
+            database=DatabaseSettings.from_env(),
+            grace_seconds=env_float("GRACE_SECONDS", cls.grace_seconds, minimum=0.0),
+            max_message_bytes=env_int("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024),
+            cpu_workers=env_int("HASHD_CPU_WORKERS", max(1, os.cpu_count() or 2), minimum=1),
+            cpu_queue=env_int("HASHD_CPU_QUEUE", cls.cpu_queue, minimum=0),
+            cache_secret=env_str("CACHE_SECRET", ""),
+            cache_algorithms=env_list("CACHE_ALGORITHMS", cls.cache_algorithms),
+            cache_memory_entries=env_int("CACHE_MEMORY_ENTRIES", cls.cache_memory_entries, minimum=0),
+            cache_ttl_seconds=env_float("CACHE_TTL_SECONDS", cls.cache_ttl_seconds, minimum=1.0),
+            cache_sweep_seconds=env_float("CACHE_SWEEP_SECONDS", cls.cache_sweep_seconds, minimum=0.1),
+            max_pending_tasks=env_int("MAX_PENDING_TASKS", cls.max_pending_tasks, minimum=1),
+            max_pending_per_client=env_int("MAX_PENDING_PER_CLIENT", cls.max_pending_per_client, minimum=1),
+            default_max_attempts=env_int("TASK_MAX_ATTEMPTS", cls.default_max_attempts, minimum=1),
+            metrics_port=int(metrics) if metrics else None,
+        )
+
+    def with_overrides(self, **changes: Any) -> HashdSettings:
+        """Apply command-line flags; ``None`` values leave a setting as it is."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})

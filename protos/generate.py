@@ -1,0 +1,48 @@
+"""Regenerate the Python code for the hashmesh contract.
+
+Run from anywhere: ``python protos/generate.py``. The output (``*_pb2.py``, ``*_pb2_grpc.py``
+and their ``.pyi`` stubs) lands beside the ``.proto`` files in ``protos/hashmesh/v1`` and is
+committed; CI runs this script and fails when it changes anything. Compiling with
+``-I protos`` keeps generated imports as ``from hashmesh.v1 import ...`` with no rewriting.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from grpc_tools import protoc
+
+PROTOS = Path(__file__).resolve().parent
+PACKAGE = PROTOS / "hashmesh" / "v1"
+
+
+def main() -> int:
+    plugin = shutil.which("protoc-gen-mypy") or str(Path(sys.executable).parent / "protoc-gen-mypy")
+    grpc_plugin = shutil.which("protoc-gen-mypy_grpc") or str(
+        Path(sys.executable).parent / "protoc-gen-mypy_grpc"
+    )
+    for stale in PACKAGE.glob("*_pb2*.py*"):
+        stale.unlink()
+    include = Path(protoc.__file__).parent / "_proto"
+    args = [
+        "protoc",
+        f"-I{PROTOS}",
+        f"-I{include}",
+        f"--plugin=protoc-gen-mypy={plugin}",
+        f"--plugin=protoc-gen-mypy_grpc={grpc_plugin}",
+        f"--python_out={PROTOS}",
+        f"--mypy_out={PROTOS}",
+        f"--grpc_python_out={PROTOS}",
+        f"--mypy_grpc_out={PROTOS}",
+        *sorted(str(p.relative_to(PROTOS)) for p in PACKAGE.glob("*.proto")),
+    ]
+    code = protoc.main(args)
+    if code != 0:
+        print("protoc failed", file=sys.stderr)
+    return int(code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
