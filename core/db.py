@@ -32,7 +32,9 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     return random.uniform(0.0, min(cap, base * (2**attempt)))
 
 
-def make_pool(settings: DatabaseSettings, *, name: str, max_size: int | None = None) -> psycopg_pool.AsyncConnectionPool:
+def make_pool(
+    settings: DatabaseSettings, *, name: str, max_size: int | None = None
+) -> psycopg_pool.AsyncConnectionPool:
     """A pool that is not opened yet (constructors do no I/O): ``await pool.open()``."""
 
     return psycopg_pool.AsyncConnectionPool(
@@ -53,7 +55,9 @@ def make_pool(settings: DatabaseSettings, *, name: str, max_size: int | None = N
     )
 
 
-async def with_retries(settings: DatabaseSettings, operation: Callable[[], Awaitable[T]], *, what: str) -> T:
+async def with_retries(
+    settings: DatabaseSettings, operation: Callable[[], Awaitable[T]], *, what: str
+) -> T:
     """Run ``operation``; on a transient database error retry with backoff, then raise
     ``Unavailable`` naming what failed. Only for operations that are safe to repeat."""
     for attempt in range(settings.retry_attempts):
@@ -61,20 +65,31 @@ async def with_retries(settings: DatabaseSettings, operation: Callable[[], Await
             return await operation()
         except TRANSIENT as exc:
             if attempt + 1 >= settings.retry_attempts:
-                raise Unavailable(f"database unavailable while {what}: {type(exc).__name__}", retry_after=1.0) from exc
+                raise Unavailable(
+                    f"database unavailable while {what}: {type(exc).__name__}", retry_after=1.0
+                ) from exc
             delay = backoff_delay(attempt, settings.retry_base, settings.retry_cap)
-            log.warning("database error, retrying", extra={"what": what, "attempt": attempt + 1, "delay_s": round(delay, 3)})
+            log.warning(
+                "database error, retrying",
+                extra={"what": what, "attempt": attempt + 1, "delay_s": round(delay, 3)},
+            )
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
 
 @asynccontextmanager
-async def connection(pool: psycopg_pool.AsyncConnectionPool, *, what: str) -> AsyncIterator[psycopg.AsyncConnection[dict[str, object]]]:
+async def connection(
+    pool: psycopg_pool.AsyncConnectionPool, *, what: str
+) -> AsyncIterator[psycopg.AsyncConnection[dict[str, object]]]:
     """A pooled connection; driver errors surface as ``Unavailable`` naming ``what``."""
     try:
         async with pool.connection() as conn:
             yield conn
     except psycopg_pool.PoolTimeout as exc:
-        raise Unavailable(f"no database connection free while {what} (pool exhausted)", retry_after=0.5) from exc
+        raise Unavailable(
+            f"no database connection free while {what} (pool exhausted)", retry_after=0.5
+        ) from exc
     except psycopg.OperationalError as exc:
-        raise Unavailable(f"database unavailable while {what}: {type(exc).__name__}", retry_after=1.0) from exc
+        raise Unavailable(
+            f"database unavailable while {what}: {type(exc).__name__}", retry_after=1.0
+        ) from exc

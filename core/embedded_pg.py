@@ -49,8 +49,18 @@ def _run_as_user() -> str | None:
     try:
         pwd.getpwnam(RUN_AS_WHEN_ROOT)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", RUN_AS_WHEN_ROOT],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                RUN_AS_WHEN_ROOT,
+            ],
+            check=True,
+            capture_output=True,
+        )
     return RUN_AS_WHEN_ROOT
 
 
@@ -109,18 +119,47 @@ class EmbeddedPostgres:
             if pgdata.exists():
                 shutil.rmtree(pgdata)
             subprocess.run(
-                [str(bin_dir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
-                 "--encoding=UTF8", "--no-sync"],
-                check=True, capture_output=True, user=user,
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ],
+                check=True,
+                capture_output=True,
+                user=user,
             )
         if not self.port:
             self.port = free_port(self.host)
         log_file = open(self.data_dir / "postgres.log", "ab")  # noqa: SIM115 - owned by the child
         self.process = subprocess.Popen(
-            [str(bin_dir / "postgres"), "-D", str(pgdata), "-h", self.host, "-p", str(self.port),
-             "-k", "", "-c", "max_connections=400", "-c", "fsync=on",
-             "-c", "shared_buffers=128MB", "-c", "synchronous_commit=on"],
-            stdout=log_file, stderr=subprocess.STDOUT, user=user, start_new_session=True,
+            [
+                str(bin_dir / "postgres"),
+                "-D",
+                str(pgdata),
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-k",
+                "",
+                "-c",
+                "max_connections=400",
+                "-c",
+                "fsync=on",
+                "-c",
+                "shared_buffers=128MB",
+                "-c",
+                "synchronous_commit=on",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            user=user,
+            start_new_session=True,
         )
         log_file.close()
         self._wait_ready(timeout)
@@ -166,9 +205,15 @@ def create_database(admin_dsn: str, name: str, template: str | None = None) -> s
     from psycopg import sql
 
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
         if template:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            )
         else:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     base, _, _ = admin_dsn.rpartition("/")

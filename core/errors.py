@@ -40,7 +40,9 @@ class InvalidArgument(HashmeshError):
     def details(self) -> list[any_pb2.Any]:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=self.field, description=self.description
+                )
             ]
         )
         packed = any_pb2.Any()
@@ -125,7 +127,12 @@ def to_grpc_status(error: HashmeshError) -> grpc.Status:
 
 
 class _WithMetadata(grpc.Status):
-    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, str | bytes], ...],
+    ) -> None:
         self.code = code
         self.details = details
         self.trailing_metadata = trailing_metadata

@@ -44,13 +44,17 @@ class Algorithm(str, Enum):
             return cls(cleaned)
         except ValueError:
             known = ", ".join(a.value for a in cls)
-            raise InvalidArgument(field, f"unknown algorithm {name!r}; expected one of {known}") from None
+            raise InvalidArgument(
+                field, f"unknown algorithm {name!r}; expected one of {known}"
+            ) from None
 
 
 def new_digest(algorithm: Algorithm) -> Any:
     """A fresh hashlib object for a digest algorithm (for streaming)."""
     if algorithm is Algorithm.ARGON2ID:
-        raise InvalidArgument("header.algorithm", "argon2id is a password hash and cannot be streamed")
+        raise InvalidArgument(
+            "header.algorithm", "argon2id is a password hash and cannot be streamed"
+        )
     return hashlib.new(algorithm.value)
 
 
@@ -104,12 +108,17 @@ class Argon2Params:
         for name, value in values.items():
             low, high = BOUNDS[name]
             if not low <= value <= high:
-                raise InvalidArgument(f"{field_prefix}.{name}", f"must be between {low} and {high}, got {value}")
+                raise InvalidArgument(
+                    f"{field_prefix}.{name}", f"must be between {low} and {high}, got {value}"
+                )
         if values["memory_cost_kib"] < 8 * values["parallelism"]:
-            raise InvalidArgument(f"{field_prefix}.memory_cost_kib", "must be at least 8 KiB per lane of parallelism")
+            raise InvalidArgument(
+                f"{field_prefix}.memory_cost_kib", "must be at least 8 KiB per lane of parallelism"
+            )
         if salt and not SALT_BOUNDS[0] <= len(salt) <= SALT_BOUNDS[1]:
             raise InvalidArgument(
-                f"{field_prefix}.salt", f"must be {SALT_BOUNDS[0]} to {SALT_BOUNDS[1]} bytes, got {len(salt)}"
+                f"{field_prefix}.salt",
+                f"must be {SALT_BOUNDS[0]} to {SALT_BOUNDS[1]} bytes, got {len(salt)}",
             )
         return cls(salt=salt or None, **values)
 
@@ -174,11 +183,16 @@ def validate_phc(encoded: str, *, field: str = "encoded") -> argon2.Parameters:
         raise InvalidArgument(field, "not a valid Argon2 PHC string") from exc
     if parsed.type is not Type.ID:
         raise InvalidArgument(field, "only argon2id PHC strings are accepted")
-    for name, value in (("time_cost", parsed.time_cost), ("memory_cost_kib", parsed.memory_cost),
-                        ("parallelism", parsed.parallelism)):
+    for name, value in (
+        ("time_cost", parsed.time_cost),
+        ("memory_cost_kib", parsed.memory_cost),
+        ("parallelism", parsed.parallelism),
+    ):
         low, high = BOUNDS[name]
         if not low <= value <= high:
-            raise InvalidArgument(field, f"{name}={value} is outside the server's bounds {low}..{high}")
+            raise InvalidArgument(
+                field, f"{name}={value} is outside the server's bounds {low}..{high}"
+            )
     return parsed
 
 
@@ -203,5 +217,7 @@ def digest_matches(algorithm: Algorithm, data: bytes, expected_hex: str) -> bool
         raise InvalidArgument("encoded", "must be a hex digest") from exc
     size = hashlib.new(algorithm.value).digest_size
     if len(expected) != size:
-        raise InvalidArgument("encoded", f"a {algorithm.value} digest is {size} bytes ({2 * size} hex digits)")
+        raise InvalidArgument(
+            "encoded", f"a {algorithm.value} digest is {size} bytes ({2 * size} hex digits)"
+        )
     return hmac.compare_digest(digest(algorithm, data), expected)

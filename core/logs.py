@@ -22,7 +22,9 @@ class KeyValueFormatter(logging.Formatter):
 
 def configure(process: str, level: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter(f"%(asctime)s {process}[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        KeyValueFormatter(f"%(asctime)s {process}[%(process)d] %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel((level or os.environ.get("HASHMESH_LOG_LEVEL", "INFO")).upper())

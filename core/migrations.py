@@ -30,7 +30,9 @@ def load_migrations() -> list[Migration]:
     for entry in folder.iterdir():
         match = _NAME.match(entry.name)
         if match:
-            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
+            found.append(
+                Migration(int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8"))
+            )
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
     if versions != list(range(1, len(found) + 1)):
@@ -50,7 +52,9 @@ def migrate(dsn: str) -> list[Migration]:
                        name text NOT NULL,
                        applied_at timestamptz NOT NULL DEFAULT now())"""
             )
-            done = {row[0] for row in conn.execute("SELECT version FROM hashmesh_schema_migrations")}
+            done = {
+                row[0] for row in conn.execute("SELECT version FROM hashmesh_schema_migrations")
+            }
             for migration in load_migrations():
                 if migration.version in done:
                     continue
@@ -60,7 +64,10 @@ def migrate(dsn: str) -> list[Migration]:
                         "INSERT INTO hashmesh_schema_migrations (version, name) VALUES (%s, %s)",
                         (migration.version, migration.name),
                     )
-                log.info("applied migration", extra={"version": migration.version, "migration": migration.name})
+                log.info(
+                    "applied migration",
+                    extra={"version": migration.version, "migration": migration.name},
+                )
                 applied.append(migration)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_ID,))
@@ -69,8 +76,12 @@ def migrate(dsn: str) -> list[Migration]:
 
 def current_version(dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        exists = conn.execute("SELECT to_regclass('hashmesh_schema_migrations') IS NOT NULL").fetchone()
+        exists = conn.execute(
+            "SELECT to_regclass('hashmesh_schema_migrations') IS NOT NULL"
+        ).fetchone()
         if not exists or not exists[0]:
             return 0
-        row = conn.execute("SELECT coalesce(max(version), 0) FROM hashmesh_schema_migrations").fetchone()
+        row = conn.execute(
+            "SELECT coalesce(max(version), 0) FROM hashmesh_schema_migrations"
+        ).fetchone()
         return int(row[0]) if row else 0

@@ -74,10 +74,14 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the edge sorts every error
+            except Exception as exc:
                 await _translate(context, method, exc)
 
-        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
         return factory(
             unary_response,
             request_deserializer=handler.request_deserializer,
@@ -86,7 +90,9 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
 
     inner_stream = handler.unary_stream or handler.stream_stream
 
-    async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream_response(
+        request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         if _deadline_passed(context):
             await abort_with(context, expired)
         try:
@@ -94,10 +100,14 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
                 yield item
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             await _translate(context, method, exc)
 
-    factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    factory = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
     return factory(
         stream_response,
         request_deserializer=handler.request_deserializer,
@@ -140,7 +150,9 @@ class GrpcServer:
         self._credentials = credentials
         self.port = 0
 
-    def add(self, register: Callable[[Any, grpc.aio.Server], None], service_name: str, servicer: Any) -> None:
+    def add(
+        self, register: Callable[[Any, grpc.aio.Server], None], service_name: str, servicer: Any
+    ) -> None:
         register(servicer, self.server)
         self._service_names.append(service_name)
 
@@ -162,7 +174,9 @@ class GrpcServer:
 
     async def set_serving(self, serving: bool) -> None:
         status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ["", *self._service_names]:
             await self.health.set(name, status)
@@ -173,7 +187,9 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
-async def wait_for_signal(signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> signal.Signals:
+async def wait_for_signal(
+    signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> signal.Signals:
     """Block until one of ``signals`` arrives; the one place daemons handle signals."""
     loop = asyncio.get_running_loop()
     received: asyncio.Future[signal.Signals] = loop.create_future()

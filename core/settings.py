@@ -93,7 +93,9 @@ class DatabaseSettings:
 
     def __post_init__(self) -> None:
         if self.pool_min < 0 or self.pool_max < 1 or self.pool_min > self.pool_max:
-            raise SettingsError("need 0 <= HASHMESH_DB_POOL_MIN <= HASHMESH_DB_POOL_MAX and max >= 1")
+            raise SettingsError(
+                "need 0 <= HASHMESH_DB_POOL_MIN <= HASHMESH_DB_POOL_MAX and max >= 1"
+            )
         if self.pool_timeout <= 0:
             raise SettingsError("HASHMESH_DB_POOL_TIMEOUT must be positive")
         if self.retry_attempts < 1:
@@ -109,7 +111,9 @@ class DatabaseSettings:
             retry_attempts=env_int("DB_RETRY_ATTEMPTS", cls.retry_attempts, minimum=1),
             retry_base=env_float("DB_RETRY_BASE", cls.retry_base, minimum=0.0),
             retry_cap=env_float("DB_RETRY_CAP", cls.retry_cap, minimum=0.0),
-            statement_timeout_ms=env_int("DB_STATEMENT_TIMEOUT_MS", cls.statement_timeout_ms, minimum=0),
+            statement_timeout_ms=env_int(
+                "DB_STATEMENT_TIMEOUT_MS", cls.statement_timeout_ms, minimum=0
+            ),
         )
 
     def require_dsn(self) -> str:

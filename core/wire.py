@@ -35,5 +35,5 @@ def algorithm_from_name(name: str, *, field: str = "algorithm") -> common_pb2.Al
     """A user-typed name (``sha256``, ``SHA3-256``, ``ALGORITHM_MD5``) as the wire enum."""
     cleaned = name.strip()
     if cleaned.upper().startswith("ALGORITHM_"):
-        cleaned = cleaned[len("ALGORITHM_"):]
+        cleaned = cleaned[len("ALGORITHM_") :]
     return algorithm_to_wire(Algorithm.parse(cleaned, field=field))

@@ -77,11 +77,17 @@ class HashdSettings:
             cpu_queue=env_int("HASHD_CPU_QUEUE", cls.cpu_queue, minimum=0),
             cache_secret=env_str("CACHE_SECRET", ""),
             cache_algorithms=env_list("CACHE_ALGORITHMS", cls.cache_algorithms),
-            cache_memory_entries=env_int("CACHE_MEMORY_ENTRIES", cls.cache_memory_entries, minimum=0),
+            cache_memory_entries=env_int(
+                "CACHE_MEMORY_ENTRIES", cls.cache_memory_entries, minimum=0
+            ),
             cache_ttl_seconds=env_float("CACHE_TTL_SECONDS", cls.cache_ttl_seconds, minimum=1.0),
-            cache_sweep_seconds=env_float("CACHE_SWEEP_SECONDS", cls.cache_sweep_seconds, minimum=0.1),
+            cache_sweep_seconds=env_float(
+                "CACHE_SWEEP_SECONDS", cls.cache_sweep_seconds, minimum=0.1
+            ),
             max_pending_tasks=env_int("MAX_PENDING_TASKS", cls.max_pending_tasks, minimum=1),
-            max_pending_per_client=env_int("MAX_PENDING_PER_CLIENT", cls.max_pending_per_client, minimum=1),
+            max_pending_per_client=env_int(
+                "MAX_PENDING_PER_CLIENT", cls.max_pending_per_client, minimum=1
+            ),
             default_max_attempts=env_int("TASK_MAX_ATTEMPTS", cls.default_max_attempts, minimum=1),
             metrics_port=int(metrics) if metrics else None,
         )

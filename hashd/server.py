@@ -23,11 +23,16 @@ class Hashd:
         self.settings = settings
         self.pool = db.make_pool(settings.database, name="hashd")
         self.grpc = GrpcServer(settings.listen, max_message_bytes=settings.max_message_bytes)
-        self.grpc.add(hash_pb2_grpc.add_HashServiceServicer_to_server,
-                      hash_pb2.DESCRIPTOR.services_by_name["HashService"].full_name, HashService())
-        self.grpc.add(task_pb2_grpc.add_TaskServiceServicer_to_server,
-                      task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
-                      TaskService(PostgresTaskStore(self.pool), settings))
+        self.grpc.add(
+            hash_pb2_grpc.add_HashServiceServicer_to_server,
+            hash_pb2.DESCRIPTOR.services_by_name["HashService"].full_name,
+            HashService(),
+        )
+        self.grpc.add(
+            task_pb2_grpc.add_TaskServiceServicer_to_server,
+            task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+            TaskService(PostgresTaskStore(self.pool), settings),
+        )
 
     async def start(self) -> None:
         dsn = self.settings.database.require_dsn()

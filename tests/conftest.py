@@ -72,25 +72,41 @@ class Processes:
     log_dir: Path
     started: list[Proc] = field(default_factory=list)
 
-    def _start(self, name: str, argv: list[str], env: dict[str, str] | None, expect: tuple[str, ...]) -> Proc:
+    def _start(
+        self, name: str, argv: list[str], env: dict[str, str] | None, expect: tuple[str, ...]
+    ) -> Proc:
         proc = start_process(name, argv, log_dir=self.log_dir, env=env, expect=expect)
         self.started.append(proc)
         return proc
 
     def hashd(self, dsn: str, *args: str, env: dict[str, str] | None = None) -> Proc:
-        proc = self._start("hashd", ["hashmesh.hashd", "--listen", "127.0.0.1:0", "--database-url", dsn, *args],
-                           env, ("hashd",))
+        proc = self._start(
+            "hashd",
+            ["hashmesh.hashd", "--listen", "127.0.0.1:0", "--database-url", dsn, *args],
+            env,
+            ("hashd",),
+        )
         wait_serving(proc.address)
         return proc
 
     def workerd(self, dsn: str, *args: str, env: dict[str, str] | None = None) -> Proc:
-        return self._start("workerd", ["hashmesh.workerd", "--database-url", dsn, *args], env, ("workerd",))
+        return self._start(
+            "workerd", ["hashmesh.workerd", "--database-url", dsn, *args], env, ("workerd",)
+        )
 
     def balancer(self, backends: list[str], *args: str, env: dict[str, str] | None = None) -> Proc:
         proc = self._start(
             "balancer",
-            ["hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-             "--backends", ",".join(backends), *args],
+            [
+                "hashmesh.balancer",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--backends",
+                ",".join(backends),
+                *args,
+            ],
             env,
             ("balancer", "balancer admin"),
         )

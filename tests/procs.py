@@ -113,7 +113,11 @@ def start_process(
 
     proc.pump = threading.Thread(target=pump, daemon=True)
     proc.pump.start()
-    if not ready.wait(timeout) or not proc.addresses or (wanted and not wanted <= set(proc.addresses)):
+    if (
+        not ready.wait(timeout)
+        or not proc.addresses
+        or (wanted and not wanted <= set(proc.addresses))
+    ):
         proc.kill()
         raise RuntimeError(f"{name} did not start in {timeout}s:\n{proc.log()[-4000:]}")
     return proc

@@ -27,8 +27,17 @@ class PostgresTaskStore:
                         max_attempts, run_after, client_id, idempotency_key)
                     VALUES (%s, %s, %s, %s, %s, %s, coalesce(%s, now()), %s, %s)
                     RETURNING {_COLUMNS}""",
-                (task.algorithm, task.data, len(task.data), Jsonb(task.params), task.priority,
-                 task.max_attempts, task.run_after, task.client_id, task.idempotency_key),
+                (
+                    task.algorithm,
+                    task.data,
+                    len(task.data),
+                    Jsonb(task.params),
+                    task.priority,
+                    task.max_attempts,
+                    task.run_after,
+                    task.client_id,
+                    task.idempotency_key,
+                ),
             )
             row = await cur.fetchone()
         assert row is not None
@@ -36,7 +45,9 @@ class PostgresTaskStore:
 
     async def get(self, task_id: str) -> TaskRecord:
         async with connection(self._pool, what="reading a task") as conn:
-            cur = await conn.execute(f"SELECT {_COLUMNS} FROM hashmesh_tasks WHERE id = %s", (task_id,))
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM hashmesh_tasks WHERE id = %s", (task_id,)
+            )
             row = await cur.fetchone()
         if row is None:
             raise NotFound(f"task {task_id} not found")

@@ -12,7 +12,9 @@ def test_hashd_serves_sha256_and_rejects_missing_algorithm(dsn: str, procs: Proc
     replica = procs.hashd(dsn)
     with grpc.insecure_channel(replica.address) as channel:
         stub = hash_pb2_grpc.HashServiceStub(channel)
-        reply = stub.Hash(hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"hello"), timeout=5)
+        reply = stub.Hash(
+            hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"hello"), timeout=5
+        )
         assert reply.result.encoded == hashlib.sha256(b"hello").hexdigest()
         try:
             stub.Hash(hash_pb2.HashRequest(data=b"hello"), timeout=5)
