@@ -49,17 +49,31 @@ class Algorithm(str, Enum):
             ) from None
 
 
-def new_digest(algorithm: Algorithm) -> Any:
+# Direct constructors: hashlib.new(name) looks the name up on every call.
+_CONSTRUCTORS: dict[Algorithm, Any] = {
+    Algorithm.MD5: hashlib.md5,
+    Algorithm.SHA1: hashlib.sha1,
+    Algorithm.SHA256: hashlib.sha256,
+    Algorithm.SHA512: hashlib.sha512,
+    Algorithm.SHA3_256: hashlib.sha3_256,
+    Algorithm.BLAKE2B: hashlib.blake2b,  # 64-byte digest, hashlib's default
+}
+
+
+def new_digest(algorithm: Algorithm, *, field: str = "header.algorithm") -> Any:
     """A fresh hashlib object for a digest algorithm (for streaming)."""
-    if algorithm is Algorithm.ARGON2ID:
-        raise InvalidArgument(
-            "header.algorithm", "argon2id is a password hash and cannot be streamed"
-        )
-    return hashlib.new(algorithm.value)
+    constructor = _CONSTRUCTORS.get(algorithm)
+    if constructor is None:
+        raise InvalidArgument(field, "argon2id is a password hash and cannot be streamed")
+    return constructor()
 
 
 def digest(algorithm: Algorithm, data: bytes) -> bytes:
-    return hashlib.new(algorithm.value, data).digest()
+    """The raw digest of ``data``; hashlib releases the GIL for inputs over 2 KiB."""
+    constructor = _CONSTRUCTORS.get(algorithm)
+    if constructor is None:
+        raise InvalidArgument("algorithm", "argon2id is not a digest algorithm")
+    return bytes(constructor(data).digest())
 
 
 # RFC 9106 second recommended option / OWASP: t=3, m=64 MiB, p=4.
@@ -215,7 +229,7 @@ def digest_matches(algorithm: Algorithm, data: bytes, expected_hex: str) -> bool
         expected = bytes.fromhex(expected_hex.strip())
     except ValueError as exc:
         raise InvalidArgument("encoded", "must be a hex digest") from exc
-    size = hashlib.new(algorithm.value).digest_size
+    size = new_digest(algorithm, field="algorithm").digest_size
     if len(expected) != size:
         raise InvalidArgument(
             "encoded", f"a {algorithm.value} digest is {size} bytes ({2 * size} hex digits)"

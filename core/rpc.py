@@ -7,6 +7,7 @@ then stop taking calls, then give in-flight calls a grace period)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -96,8 +97,12 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
         if _deadline_passed(context):
             await abort_with(context, expired)
         try:
-            async for item in inner_stream(request, context):
-                yield item
+            produced = inner_stream(request, context)
+            if inspect.isasyncgen(produced):
+                async for item in produced:
+                    yield item
+            else:  # a handler that writes with context.write() (grpc health's Watch)
+                await produced
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

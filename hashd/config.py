@@ -6,12 +6,12 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hashmesh.core.cache import CacheSettings
 from hashmesh.core.settings import (
     DatabaseSettings,
     SettingsError,
     env_float,
     env_int,
-    env_list,
     env_optional,
     env_str,
 )
@@ -28,23 +28,16 @@ class HashdSettings:
     grace_seconds: float = 10.0
     """On SIGTERM, seconds in-flight calls get to finish (``HASHMESH_GRACE_SECONDS``)."""
     max_message_bytes: int = 4 * 1024 * 1024
-    """Largest unary message; larger inputs must use HashStream (``HASHMESH_MAX_MESSAGE_BYTES``)."""
+    """Largest unary input; larger inputs must use HashStream (``HASHMESH_MAX_MESSAGE_BYTES``).
+    The gRPC receive limit is set to twice this, so that a caller slightly over it gets a
+    status telling it to stream; beyond twice, gRPC itself refuses with RESOURCE_EXHAUSTED."""
     cpu_workers: int = max(1, (os.cpu_count() or 2))
     """Threads for CPU-heavy work such as argon2 (``HASHMESH_HASHD_CPU_WORKERS``)."""
     cpu_queue: int = 32
     """Calls that may wait for a CPU thread before new ones are refused with RESOURCE_EXHAUSTED
     (``HASHMESH_HASHD_CPU_QUEUE``)."""
-    cache_secret: str = ""
-    """HMAC key for cache keys (``HASHMESH_CACHE_SECRET``). Empty: a per-database random
-    secret is created once and shared by every replica through the database."""
-    cache_algorithms: tuple[str, ...] = ("argon2id",)
-    """Algorithms whose results are cached (``HASHMESH_CACHE_ALGORITHMS``, comma-separated)."""
-    cache_memory_entries: int = 10_000
-    """Bound of the in-process LRU (``HASHMESH_CACHE_MEMORY_ENTRIES``)."""
-    cache_ttl_seconds: float = 24 * 3600.0
-    """Lifetime of a shared cache row (``HASHMESH_CACHE_TTL_SECONDS``)."""
-    cache_sweep_seconds: float = 60.0
-    """Interval between removals of expired shared cache rows (``HASHMESH_CACHE_SWEEP_SECONDS``)."""
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    """The result cache (``HASHMESH_CACHE_*``; see ``hashmesh.core.cache.CacheSettings``)."""
     max_pending_tasks: int = 1_000_000
     """Pending tasks allowed in the whole queue before submissions are refused
     (``HASHMESH_MAX_PENDING_TASKS``)."""
@@ -52,6 +45,9 @@ class HashdSettings:
     """Pending tasks allowed per client id (``HASHMESH_MAX_PENDING_PER_CLIENT``)."""
     default_max_attempts: int = 5
     """Attempts for a task that does not say (``HASHMESH_TASK_MAX_ATTEMPTS``)."""
+    worker_alive_seconds: float = 30.0
+    """A workerd whose last heartbeat is older than this is not counted as alive in queue
+    statistics (``HASHMESH_WORKER_ALIVE_SECONDS``)."""
     metrics_port: int | None = None
     """Port of the Prometheus endpoint; unset turns it off (``HASHMESH_HASHD_METRICS_PORT``)."""
     tls: dict[str, Any] = field(default_factory=dict)
@@ -75,20 +71,15 @@ class HashdSettings:
             max_message_bytes=env_int("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024),
             cpu_workers=env_int("HASHD_CPU_WORKERS", max(1, os.cpu_count() or 2), minimum=1),
             cpu_queue=env_int("HASHD_CPU_QUEUE", cls.cpu_queue, minimum=0),
-            cache_secret=env_str("CACHE_SECRET", ""),
-            cache_algorithms=env_list("CACHE_ALGORITHMS", cls.cache_algorithms),
-            cache_memory_entries=env_int(
-                "CACHE_MEMORY_ENTRIES", cls.cache_memory_entries, minimum=0
-            ),
-            cache_ttl_seconds=env_float("CACHE_TTL_SECONDS", cls.cache_ttl_seconds, minimum=1.0),
-            cache_sweep_seconds=env_float(
-                "CACHE_SWEEP_SECONDS", cls.cache_sweep_seconds, minimum=0.1
-            ),
+            cache=CacheSettings.from_env(),
             max_pending_tasks=env_int("MAX_PENDING_TASKS", cls.max_pending_tasks, minimum=1),
             max_pending_per_client=env_int(
                 "MAX_PENDING_PER_CLIENT", cls.max_pending_per_client, minimum=1
             ),
             default_max_attempts=env_int("TASK_MAX_ATTEMPTS", cls.default_max_attempts, minimum=1),
+            worker_alive_seconds=env_float(
+                "WORKER_ALIVE_SECONDS", cls.worker_alive_seconds, minimum=0.1
+            ),
             metrics_port=int(metrics) if metrics else None,
         )
 

@@ -1,20 +1,141 @@
-"""HashService: hash now, on this replica."""
+"""HashService: hash now, on this replica.
+
+Digests run on the event loop (hashlib is fast and releases the GIL for large inputs);
+argon2id runs in the ``BoundedExecutor`` and is refused with RESOURCE_EXHAUSTED when that is
+full. Deterministic results of the algorithms the cache settings name are looked up in and
+stored to the ``ResultCache``. No request data is ever logged."""
 
 from __future__ import annotations
 
-import asyncio
+import ctypes
+import ctypes.util
+import time
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2
 
 from hashmesh.core import hashing
-from hashmesh.core.errors import InvalidArgument
+from hashmesh.core.cache import ResultCache
+from hashmesh.core.errors import HashmeshError, InvalidArgument
 from hashmesh.core.hashing import Algorithm
 from hashmesh.core.wire import algorithm_from_wire, algorithm_to_wire
+from hashmesh.hashd.executor import BoundedExecutor
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc
 
+STREAM_METHOD = "/hashmesh.v1.HashService/HashStream"
+# After a stream this long, hand freed heap pages back to the OS: glibc keeps them otherwise,
+# and RSS would drift up with the chunk buffers of large streams (peak stays bounded anyway).
+TRIM_AFTER_BYTES = 32 * 1024 * 1024
 
-def argon2_params(message: common_pb2.Argon2Params, *, field_prefix: str = "argon2") -> hashing.Argon2Params:
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
+
+
+def release_free_memory() -> None:
+    """``malloc_trim(0)`` where glibc provides it; a no-op elsewhere."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+class InputTooLarge(HashmeshError):
+    """A unary input over the limit: the caller must use HashStream (not retry)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"data is {size} bytes, over the {limit}-byte limit for unary calls: "
+            f"send it with HashStream ({STREAM_METHOD}) instead"
+        )
+        self.size = size
+        self.limit = limit
+
+    def details(self) -> list[any_pb2.Any]:
+        info = any_pb2.Any()
+        info.Pack(
+            error_details_pb2.ErrorInfo(
+                reason="INPUT_TOO_LARGE",
+                domain="hashmesh.dev",
+                metadata={
+                    "limit_bytes": str(self.limit),
+                    "size_bytes": str(self.size),
+                    "use": STREAM_METHOD,
+                },
+            )
+        )
+        bad = any_pb2.Any()
+        bad.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field="data", description=f"over {self.limit} bytes; use HashStream"
+                    )
+                ]
+            )
+        )
+        return [info, bad]
+
+
+_CHUNK_TAG = 0x12  # field 2 (chunk), wire type 2 (length-delimited)
+
+
+def parse_stream_message(raw: bytes) -> hash_pb2.HashStreamRequest | memoryview:
+    """HashStream's request deserializer. A message holding only a chunk (all but the first)
+    becomes a zero-copy view of the chunk bytes: a 1 MiB chunk is then not copied twice more
+    by protobuf on its way into the hash. Anything else goes through protobuf."""
+    if raw[:1] == b"\x12":
+        length, shift, offset = 0, 0, 1
+        while offset < len(raw) and offset <= 10:
+            byte = raw[offset]
+            offset += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                if offset + length == len(raw):
+                    return memoryview(raw)[offset:]
+                break
+    return hash_pb2.HashStreamRequest.FromString(raw)
+
+
+def add_hash_service(servicer: HashService, server: grpc.aio.Server) -> None:
+    """``add_HashServiceServicer_to_server`` with the fast HashStream deserializer."""
+    handlers = {
+        "Hash": grpc.unary_unary_rpc_method_handler(
+            servicer.Hash,
+            request_deserializer=hash_pb2.HashRequest.FromString,
+            response_serializer=hash_pb2.HashResponse.SerializeToString,
+        ),
+        "HashStream": grpc.stream_unary_rpc_method_handler(
+            servicer.HashStream,
+            request_deserializer=parse_stream_message,
+            response_serializer=hash_pb2.HashStreamResponse.SerializeToString,
+        ),
+        "Verify": grpc.unary_unary_rpc_method_handler(
+            servicer.Verify,
+            request_deserializer=hash_pb2.VerifyRequest.FromString,
+            response_serializer=hash_pb2.VerifyResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("hashmesh.v1.HashService", handlers),)
+    )
+    server.add_registered_method_handlers("hashmesh.v1.HashService", handlers)
+
+
+def argon2_params(
+    message: common_pb2.Argon2Params, *, field_prefix: str = "argon2"
+) -> hashing.Argon2Params:
     return hashing.Argon2Params.build(
         time_cost=message.time_cost,
         memory_cost_kib=message.memory_cost_kib,
@@ -25,58 +146,111 @@ def argon2_params(message: common_pb2.Argon2Params, *, field_prefix: str = "argo
     )
 
 
-class HashService(hash_pb2_grpc.HashServiceServicer):
-    def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
-    async def Hash(self, request: hash_pb2.HashRequest, context: grpc.aio.ServicerContext) -> hash_pb2.HashResponse:
+
+class HashService(hash_pb2_grpc.HashServiceServicer):
+    def __init__(
+        self, executor: BoundedExecutor, cache: ResultCache | None, *, max_input_bytes: int
+    ) -> None:
+        self._executor = executor
+        self._cache = cache
+        self._max_input = max_input_bytes
+
+    async def Hash(
+        self, request: hash_pb2.HashRequest, context: grpc.aio.ServicerContext
+    ) -> hash_pb2.HashResponse:
         algorithm = algorithm_from_wire(request.algorithm)
+        data = request.data
+        if len(data) > self._max_input:
+            raise InputTooLarge(len(data), self._max_input)
         if algorithm is Algorithm.ARGON2ID:
-            params = argon2_params(request.argon2)
-            raw, encoded = await asyncio.get_running_loop().run_in_executor(
-                None, hashing.argon2id, request.data, params
-            )
-            result = common_pb2.HashResult(algorithm=request.algorithm, digest=raw, encoded=encoded)
+            params: hashing.Argon2Params | None = argon2_params(request.argon2)
         else:
-            raw = hashing.digest(algorithm, request.data)
-            result = common_pb2.HashResult(algorithm=request.algorithm, digest=raw, encoded=raw.hex())
-        return hash_pb2.HashResponse(result=result)
+            params = None
+        cache = self._cache
+        cacheable = cache is not None and cache.is_cacheable(algorithm, params)
+        if cacheable:
+            assert cache is not None
+            hit = await cache.lookup(algorithm, params, data)
+            if hit is not None:
+                return hash_pb2.HashResponse(
+                    result=common_pb2.HashResult(
+                        algorithm=request.algorithm,
+                        digest=hit.digest,
+                        encoded=hit.encoded,
+                        cached=True,
+                    )
+                )
+        if params is not None:
+            raw, encoded = await self._executor.run(
+                hashing.argon2id, data, params, deadline=_deadline(context)
+            )
+        else:
+            raw = hashing.digest(algorithm, data)
+            encoded = raw.hex()
+        if cacheable:
+            assert cache is not None
+            await cache.store(algorithm, params, data, raw, encoded)
+        return hash_pb2.HashResponse(
+            result=common_pb2.HashResult(algorithm=request.algorithm, digest=raw, encoded=encoded)
+        )
 
     async def HashStream(
-        self, request_iterator: AsyncIterator[hash_pb2.HashStreamRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[hash_pb2.HashStreamRequest | memoryview],
+        context: grpc.aio.ServicerContext,
     ) -> hash_pb2.HashStreamResponse:
+        # Each chunk is folded in and dropped: memory stays one chunk whatever the total size.
         hasher = None
         algorithm: Algorithm | None = None
         total = 0
         async for message in request_iterator:
-            kind = message.WhichOneof("kind")
             if hasher is None:
-                if kind != "header":
+                if isinstance(message, memoryview) or message.WhichOneof("kind") != "header":
                     raise InvalidArgument("header", "the first message must carry the header")
                 algorithm = algorithm_from_wire(message.header.algorithm, field="header.algorithm")
                 hasher = hashing.new_digest(algorithm)
-            elif kind == "chunk":
-                hasher.update(message.chunk)
-                total += len(message.chunk)
-            else:
+                continue
+            if isinstance(message, memoryview):
+                chunk: bytes | memoryview = message
+            elif message.WhichOneof("kind") == "header":
                 raise InvalidArgument("header", "only the first message may carry the header")
+            else:
+                chunk = message.chunk
+            hasher.update(chunk)
+            total += len(chunk)
         if hasher is None or algorithm is None:
             raise InvalidArgument("header", "the stream was empty; send a header first")
         raw = hasher.digest()
-        result = common_pb2.HashResult(algorithm=algorithm_to_wire(algorithm), digest=raw, encoded=raw.hex())
+        if total >= TRIM_AFTER_BYTES:
+            release_free_memory()
+        result = common_pb2.HashResult(
+            algorithm=algorithm_to_wire(algorithm), digest=raw, encoded=raw.hex()
+        )
         return hash_pb2.HashStreamResponse(result=result, total_bytes=total)
 
-    async def Verify(self, request: hash_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> hash_pb2.VerifyResponse:
+    async def Verify(
+        self, request: hash_pb2.VerifyRequest, context: grpc.aio.ServicerContext
+    ) -> hash_pb2.VerifyResponse:
         if not request.encoded:
             raise InvalidArgument("encoded", "is required")
-        if request.algorithm == common_pb2.ALGORITHM_UNSPECIFIED and request.encoded.startswith("$argon2"):
+        if len(request.data) > self._max_input:
+            raise InputTooLarge(len(request.data), self._max_input)
+        if request.algorithm == common_pb2.ALGORITHM_UNSPECIFIED and request.encoded.startswith(
+            "$argon2"
+        ):
             algorithm = Algorithm.ARGON2ID
         else:
             algorithm = algorithm_from_wire(request.algorithm)
         if algorithm is Algorithm.ARGON2ID:
             hashing.validate_phc(request.encoded)
-            match, rehash = await asyncio.get_running_loop().run_in_executor(
-                None, hashing.argon2id_verify, request.encoded, request.data
+            match, rehash = await self._executor.run(
+                hashing.argon2id_verify, request.encoded, request.data, deadline=_deadline(context)
             )
             return hash_pb2.VerifyResponse(match=match, needs_rehash=rehash)
-        return hash_pb2.VerifyResponse(match=hashing.digest_matches(algorithm, request.data, request.encoded))
+        return hash_pb2.VerifyResponse(
+            match=hashing.digest_matches(algorithm, request.data, request.encoded)
+        )

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 
 from hashmesh.core import db, migrations
+from hashmesh.core.cache import ResultCache
 from hashmesh.core.rpc import GrpcServer, wait_for_signal
 from hashmesh.core.tasks.store import PostgresTaskStore
+from hashmesh.hashd.cache_service import CacheService
 from hashmesh.hashd.config import HashdSettings
-from hashmesh.hashd.hash_service import HashService
+from hashmesh.hashd.executor import BoundedExecutor
+from hashmesh.hashd.hash_service import HashService, add_hash_service
 from hashmesh.hashd.task_service import TaskService
-from hashmesh.v1 import hash_pb2, hash_pb2_grpc, task_pb2, task_pb2_grpc
+from hashmesh.hashd.watch import WatchHub
+from hashmesh.v1 import cache_pb2, cache_pb2_grpc, hash_pb2, task_pb2, task_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -22,32 +29,62 @@ class Hashd:
     def __init__(self, settings: HashdSettings) -> None:
         self.settings = settings
         self.pool = db.make_pool(settings.database, name="hashd")
-        self.grpc = GrpcServer(settings.listen, max_message_bytes=settings.max_message_bytes)
+        # Receive up to twice the unary limit, so a caller a little over it gets HashService's
+        # "use HashStream" status instead of gRPC's bare "message larger than max".
+        self.grpc = GrpcServer(settings.listen, max_message_bytes=2 * settings.max_message_bytes)
+        self.executor = BoundedExecutor(settings.cpu_workers, settings.cpu_queue)
+        self.cache = ResultCache(self.pool, settings.cache, dsn=settings.database.require_dsn())
         self.grpc.add(
-            hash_pb2_grpc.add_HashServiceServicer_to_server,
+            add_hash_service,
             hash_pb2.DESCRIPTOR.services_by_name["HashService"].full_name,
-            HashService(),
+            HashService(self.executor, self.cache, max_input_bytes=settings.max_message_bytes),
         )
+        self.grpc.add(
+            cache_pb2_grpc.add_CacheServiceServicer_to_server,
+            cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name,
+            CacheService(self.cache, lambda: self.grpc.address),
+        )
+        task_store = PostgresTaskStore(self.pool)
+        # One LISTEN connection fans task status changes out to every WatchTask stream.
+        self.watch_hub = WatchHub(settings.database.require_dsn(), task_store)
+        self.tasks = TaskService(task_store, settings, cache=self.cache, hub=self.watch_hub)
         self.grpc.add(
             task_pb2_grpc.add_TaskServiceServicer_to_server,
             task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
-            TaskService(PostgresTaskStore(self.pool), settings),
+            self.tasks,
         )
 
     async def start(self) -> None:
         dsn = self.settings.database.require_dsn()
         await asyncio.to_thread(migrations.migrate, dsn)
         await self.pool.open(wait=False)
+        await self.cache.start()
+        await self.watch_hub.start()
+        await self.grpc.set_serving(False)  # grpc's health servicer starts out SERVING
         await self.grpc.start()
         await self.grpc.set_serving(True)
         log.info("hashd serving", extra={"address": self.grpc.address})
 
     async def stop(self) -> None:
+        # NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period.
         await self.grpc.stop(self.settings.grace_seconds)
+        self.executor.shutdown()
+        await self.cache.stop()
+        await self.watch_hub.stop()
+        await self.tasks.limits.stop()
         await self.pool.close()
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Fewer glibc arenas: gRPC's threads otherwise each keep freed chunk buffers of streams
+    (measured: steadier RSS and faster HashStream). A no-op outside glibc."""
+    name = ctypes.util.find_library("c")
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).mallopt(-8, arenas)  # M_ARENA_MAX
+
+
 async def run(settings: HashdSettings) -> None:
+    _limit_malloc_arenas()
     server = Hashd(settings)
     await server.start()
     print(f"hashd listening on {server.grpc.address}", flush=True)

@@ -1,18 +1,45 @@
-"""TaskService: durable tasks in PostgreSQL, run by workerd."""
+"""TaskService: durable tasks in PostgreSQL, run by workerd.
+
+Validation and wire conversion live here; every statement is in the store; waiting for
+changes goes through the hub (one LISTEN connection per process)."""
 
 from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from hashmesh.core.errors import InvalidArgument
-from hashmesh.core.hashing import Algorithm
-from hashmesh.core.tasks.model import NewTask, TaskRecord, TaskStatus
+from hashmesh.core.cache import ResultCache
+from hashmesh.core.errors import InvalidArgument, Unavailable
+from hashmesh.core.hashing import Algorithm, Argon2Params
+from hashmesh.core.tasks.limits import PendingLimits
+from hashmesh.core.tasks.model import (
+    ListCursor,
+    ListFilter,
+    NewTask,
+    QueueStats,
+    TaskRecord,
+    TaskStatus,
+)
 from hashmesh.core.tasks.store import PostgresTaskStore
 from hashmesh.core.wire import algorithm_from_wire, algorithm_to_wire
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.hash_service import argon2_params
+from hashmesh.hashd.watch import WatchHub
 from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
+
+MAX_BATCH = 10_000
+MAX_KEY_LENGTH = 200
+MAX_CLIENT_ID_LENGTH = 200
+WATCH_POLL_SECONDS = 5.0
+"""Watchers re-read their task at least this often, in case a notification was lost."""
 
 STATUS_TO_WIRE: dict[TaskStatus, task_pb2.TaskStatus.ValueType] = {
     TaskStatus.PENDING: task_pb2.TASK_STATUS_PENDING,
@@ -22,13 +49,14 @@ STATUS_TO_WIRE: dict[TaskStatus, task_pb2.TaskStatus.ValueType] = {
     TaskStatus.CANCELLED: task_pb2.TASK_STATUS_CANCELLED,
     TaskStatus.DEAD_LETTER: task_pb2.TASK_STATUS_DEAD_LETTER,
 }
+STATUS_FROM_WIRE = {v: k for k, v in STATUS_TO_WIRE.items()}
 
 
-def _timestamp(value: object) -> timestamp_pb2.Timestamp | None:
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None
     stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)  # type: ignore[arg-type]
+    stamp.FromDatetime(value)
     return stamp
 
 
@@ -66,46 +94,236 @@ def task_to_wire(record: TaskRecord) -> task_pb2.Task:
 
 def client_id_of(explicit: str, context: grpc.aio.ServicerContext) -> str:
     if explicit:
-        return explicit
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-client-id" and value:
-            return str(value)
-    return "anonymous"
+        value = explicit
+    else:
+        value = "anonymous"
+        for key, item in context.invocation_metadata() or ():
+            if key == "x-client-id" and item:
+                value = str(item)
+                break
+    if len(value) > MAX_CLIENT_ID_LENGTH:
+        raise InvalidArgument("client_id", f"must be at most {MAX_CLIENT_ID_LENGTH} characters")
+    return value
+
+
+def task_id_of(value: str, field: str = "id") -> str:
+    if not value:
+        raise InvalidArgument(field, "is required")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidArgument(field, "must be a task id (a UUID)") from None
+
+
+def validate_spec(spec: task_pb2.TaskSpec, *, field: str, default_max_attempts: int) -> tuple[NewTask, Argon2Params | None]:
+    """A ``NewTask`` (client id filled in later) and its argon2 parameters, or
+    ``InvalidArgument`` naming the field (``specs[3].priority``)."""
+    algorithm = algorithm_from_wire(spec.algorithm, field=f"{field}.algorithm")
+    params = argon2_params(spec.argon2, field_prefix=f"{field}.argon2") if algorithm is Algorithm.ARGON2ID else None
+    if not -100 <= spec.priority <= 100:
+        raise InvalidArgument(f"{field}.priority", f"must be between -100 and 100, got {spec.priority}")
+    if spec.max_attempts > 100:
+        raise InvalidArgument(f"{field}.max_attempts", f"must be between 1 and 100 (0: default), got {spec.max_attempts}")
+    if len(spec.idempotency_key) > MAX_KEY_LENGTH:
+        raise InvalidArgument(f"{field}.idempotency_key", f"must be at most {MAX_KEY_LENGTH} characters")
+    run_after = None
+    if spec.HasField("run_after"):
+        try:
+            run_after = spec.run_after.ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError):
+            raise InvalidArgument(f"{field}.run_after", "is not a valid timestamp") from None
+    task = NewTask(
+        algorithm=algorithm.value,
+        data=spec.data,
+        params=params.to_json() if params is not None else {},
+        priority=spec.priority,
+        max_attempts=spec.max_attempts or default_max_attempts,
+        run_after=run_after,
+        idempotency_key=spec.idempotency_key or None,
+    )
+    return task, params
+
+
+# -- page tokens ---------------------------------------------------------------------------
+
+
+def _filter_fingerprint(filters: ListFilter) -> str:
+    canonical = json.dumps([filters.client_id, sorted(s.value for s in filters.statuses), filters.algorithm])
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def encode_page_token(cursor: ListCursor, filters: ListFilter) -> str:
+    body = json.dumps({"c": cursor.created_at.isoformat(), "i": cursor.id, "f": _filter_fingerprint(filters)})
+    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, filters: ListFilter) -> ListCursor | None:
+    if not token:
+        return None
+    try:
+        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        cursor = ListCursor(created_at=datetime.fromisoformat(body["c"]), id=str(uuid.UUID(body["i"])))
+        fingerprint = body["f"]
+    except (ValueError, KeyError, TypeError):
+        raise InvalidArgument("page_token", "is not a token this service issued") from None
+    if fingerprint != _filter_fingerprint(filters):
+        raise InvalidArgument("page_token", "was issued for other filters; start again without a token")
+    return cursor
+
+
+def stats_to_wire(stats: QueueStats) -> task_pb2.GetQueueStatsResponse:
+    reply = task_pb2.GetQueueStatsResponse(
+        counts=[task_pb2.StatusCount(status=STATUS_TO_WIRE[s], count=n) for s, n in stats.counts.items()],
+        workers_alive=stats.workers_alive,
+        completed_last_minute=stats.completed_last_minute,
+    )
+    reply.oldest_pending_age.FromNanoseconds(int(stats.oldest_pending_seconds * 1e9))
+    for worker in stats.workers:
+        reply.workers.append(
+            task_pb2.WorkerInfo(
+                name=worker.name, host=worker.host, pid=worker.pid, in_flight=worker.in_flight,
+                processed=worker.processed, alive=worker.alive,
+                started_at=_timestamp(worker.started_at), last_heartbeat=_timestamp(worker.last_heartbeat),
+            )
+        )
+    return reply
 
 
 class TaskService(task_pb2_grpc.TaskServiceServicer):
-    def __init__(self, store: PostgresTaskStore, settings: HashdSettings) -> None:
+    def __init__(
+        self,
+        store: PostgresTaskStore,
+        settings: HashdSettings,
+        *,
+        cache: ResultCache | None = None,
+        hub: WatchHub | None = None,
+    ) -> None:
         self._store = store
         self._settings = settings
-
-    def _new_task(self, spec: task_pb2.TaskSpec, client_id: str, field: str) -> NewTask:
-        algorithm = algorithm_from_wire(spec.algorithm, field=f"{field}.algorithm")
-        params = {}
-        if algorithm is Algorithm.ARGON2ID:
-            params = argon2_params(spec.argon2, field_prefix=f"{field}.argon2").to_json()
-        if not -100 <= spec.priority <= 100:
-            raise InvalidArgument(f"{field}.priority", "must be between -100 and 100")
-        if spec.max_attempts > 100:
-            raise InvalidArgument(f"{field}.max_attempts", "must be between 1 and 100")
-        return NewTask(
-            algorithm=algorithm.value,
-            data=spec.data,
-            params=params,
-            priority=spec.priority,
-            max_attempts=spec.max_attempts or self._settings.default_max_attempts,
-            run_after=spec.run_after.ToDatetime(tzinfo=None) if spec.HasField("run_after") else None,
-            client_id=client_id,
-            idempotency_key=spec.idempotency_key or None,
+        self._cache = cache
+        self._hub = hub
+        self.limits = PendingLimits(
+            max_total=settings.max_pending_tasks,
+            max_per_client=settings.max_pending_per_client,
+            count=store.unfinished_by_client,
         )
+
+    def _require_database(self) -> None:
+        # The hub's LISTEN connection drops as soon as PostgreSQL goes away: answer at once
+        # instead of waiting for a pool connection that cannot come.
+        if self._hub is not None and not self._hub.connected:
+            raise Unavailable("database unreachable (reconnecting); retry shortly", retry_after=1.0)
+
+    async def _with_cached(self, task: NewTask, params: Argon2Params | None) -> NewTask:
+        if self._cache is None:
+            return task
+        algorithm = Algorithm(task.algorithm)
+        if not self._cache.is_cacheable(algorithm, params):
+            return task
+        hit = await self._cache.lookup(algorithm, params, task.data)
+        if hit is None:
+            return task
+        return replace(task, cached_result=(hit.digest, hit.encoded))
+
+    async def _submit(self, specs: Sequence[task_pb2.TaskSpec], client_id: str, *, field: str) -> list[tuple[TaskRecord, bool]]:
+        tasks = []
+        for index, spec in enumerate(specs):
+            name = field if field == "spec" else f"{field}[{index}]"
+            task, params = validate_spec(spec, field=name, default_max_attempts=self._settings.default_max_attempts)
+            tasks.append(await self._with_cached(replace(task, client_id=client_id), params))
+        self._require_database()
+        queued = sum(1 for t in tasks if t.cached_result is None)
+        await self.limits.admit(client_id, queued)
+        answers = await self._store.submit_many(tasks)
+        self.limits.accepted(client_id, sum(1 for a in answers if a.created and a.task.status is TaskStatus.PENDING))
+        return [(a.task, a.created) for a in answers]
 
     async def SubmitTask(
         self, request: task_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.SubmitTaskResponse:
-        new = self._new_task(request.spec, client_id_of(request.client_id, context), "spec")
-        record = await self._store.submit(new)
-        return task_pb2.SubmitTaskResponse(task=task_to_wire(record), created=True)
+        if not request.HasField("spec"):
+            raise InvalidArgument("spec", "is required")
+        [(record, created)] = await self._submit([request.spec], client_id_of(request.client_id, context), field="spec")
+        return task_pb2.SubmitTaskResponse(task=task_to_wire(record), created=created)
+
+    async def SubmitTasks(
+        self, request: task_pb2.SubmitTasksRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.SubmitTasksResponse:
+        if not request.specs:
+            raise InvalidArgument("specs", "must hold at least one task")
+        if len(request.specs) > MAX_BATCH:
+            raise InvalidArgument("specs", f"at most {MAX_BATCH} tasks per batch, got {len(request.specs)}")
+        answers = await self._submit(request.specs, client_id_of(request.client_id, context), field="specs")
+        return task_pb2.SubmitTasksResponse(
+            tasks=[task_to_wire(record) for record, _ in answers], created=[created for _, created in answers]
+        )
 
     async def GetTask(self, request: task_pb2.GetTaskRequest, context: grpc.aio.ServicerContext) -> task_pb2.GetTaskResponse:
-        if not request.id:
-            raise InvalidArgument("id", "is required")
-        return task_pb2.GetTaskResponse(task=task_to_wire(await self._store.get(request.id)))
+        return task_pb2.GetTaskResponse(task=task_to_wire(await self._store.get(task_id_of(request.id))))
+
+    async def WatchTask(
+        self, request: task_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[task_pb2.WatchTaskResponse]:
+        task_id = task_id_of(request.id)
+        if self._hub is None:
+            raise Unavailable("watching is not available on this replica")
+        with self._hub.subscribe(task_id) as sub:
+            record = await self._store.get(task_id)
+            last: tuple[TaskStatus, int, bool] | None = None
+            while True:
+                key = (record.status, record.attempts, record.cancel_requested)
+                if key != last:
+                    yield task_pb2.WatchTaskResponse(task=task_to_wire(record))
+                    last = key
+                if record.status.final:
+                    return
+                update = await sub.next(WATCH_POLL_SECONDS)
+                if update is None:
+                    record = await self._store.get(task_id)
+                    continue
+                notified, record = update
+                if notified is not record.status and notified is not last[0] and not notified.final:
+                    # A state that ended before we read it: stream it as it was announced.
+                    passed = task_to_wire(record)
+                    passed.status = STATUS_TO_WIRE[notified]
+                    passed.ClearField("result")
+                    passed.ClearField("finished_at")
+                    yield task_pb2.WatchTaskResponse(task=passed)
+                    last = (notified, record.attempts, record.cancel_requested)
+
+    async def ListTasks(self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext) -> task_pb2.ListTasksResponse:
+        statuses = []
+        for index, status in enumerate(request.statuses):
+            if status not in STATUS_FROM_WIRE:
+                raise InvalidArgument(f"statuses[{index}]", "must be a task status (not UNSPECIFIED)")
+            statuses.append(STATUS_FROM_WIRE[status])
+        algorithm = None
+        if request.algorithm != common_pb2.ALGORITHM_UNSPECIFIED:
+            algorithm = algorithm_from_wire(request.algorithm).value
+        if request.page_size > 1000:
+            raise InvalidArgument("page_size", f"must be at most 1000, got {request.page_size}")
+        if len(request.client_id) > MAX_CLIENT_ID_LENGTH:
+            raise InvalidArgument("client_id", f"must be at most {MAX_CLIENT_ID_LENGTH} characters")
+        filters = ListFilter(client_id=request.client_id or None, statuses=tuple(statuses), algorithm=algorithm)
+        after = decode_page_token(request.page_token, filters)
+        size = request.page_size or 100
+        rows = await self._store.list(filters, limit=size + 1, after=after)
+        reply = task_pb2.ListTasksResponse(tasks=[task_to_wire(r) for r in rows[:size]])
+        if len(rows) > size:
+            last = rows[size - 1]
+            reply.next_page_token = encode_page_token(ListCursor(last.created_at, last.id), filters)
+        return reply
+
+    async def CancelTask(self, request: task_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext) -> task_pb2.CancelTaskResponse:
+        return task_pb2.CancelTaskResponse(task=task_to_wire(await self._store.cancel(task_id_of(request.id))))
+
+    async def RequeueTask(
+        self, request: task_pb2.RequeueTaskRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.RequeueTaskResponse:
+        return task_pb2.RequeueTaskResponse(task=task_to_wire(await self._store.requeue(task_id_of(request.id))))
+
+    async def GetQueueStats(
+        self, request: task_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.GetQueueStatsResponse:
+        stats = await self._store.stats(alive_seconds=self._settings.worker_alive_seconds)
+        return stats_to_wire(stats)

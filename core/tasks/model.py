@@ -36,6 +36,9 @@ class NewTask:
     run_after: datetime | None = None
     client_id: str = "anonymous"
     idempotency_key: str | None = None
+    cached_result: tuple[bytes, str] | None = None
+    """(digest, encoded) found in the shared result cache: the task is stored SUCCEEDED at once
+    and never enters the queue."""
 
 
 @dataclass(frozen=True)
@@ -98,3 +101,78 @@ class ClaimedTask:
     attempts: int
     max_attempts: int
     lease_id: int
+    cancel_requested: bool = False
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """One submission's answer: the task, and False when an earlier one had its idempotency key."""
+
+    task: TaskRecord
+    created: bool
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A computed result to write back under the worker's lease."""
+
+    id: str
+    lease_id: int
+    digest: bytes
+    encoded: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed attempt to record under the worker's lease; ``error`` never holds the input."""
+
+    id: str
+    lease_id: int
+    error: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A task a worker holds: enough to renew, release or fence it."""
+
+    id: str
+    lease_id: int
+
+
+@dataclass(frozen=True)
+class ListCursor:
+    """Where a page of ``ListTasks`` ends (newest first): the last row's (created_at, id)."""
+
+    created_at: datetime
+    id: str
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    client_id: str | None = None
+    statuses: tuple[TaskStatus, ...] = ()
+    algorithm: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    name: str
+    host: str
+    pid: int
+    started_at: datetime
+    last_heartbeat: datetime
+    in_flight: int
+    processed: int
+    alive: bool
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    counts: dict[TaskStatus, int]
+    oldest_pending_seconds: float
+    completed_last_minute: int
+    workers: list[WorkerRecord]
+
+    @property
+    def workers_alive(self) -> int:
+        return sum(1 for w in self.workers if w.alive)

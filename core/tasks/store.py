@@ -1,90 +1,294 @@
-"""The PostgreSQL task store: the only module that speaks SQL about tasks."""
+"""The PostgreSQL task store: the only module that speaks SQL about tasks and workers.
+
+The statements live in ``core/sql/tasks.sql`` (named sections, loaded once). Every method is
+one round trip unless it says otherwise; batches travel as arrays (``unnest``), never as a
+loop of statements. Driver errors become ``Unavailable`` in ``hashmesh.core.db.connection``."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import uuid
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
 from typing import Any
 
+import psycopg
 import psycopg_pool
-from psycopg.types.json import Jsonb
+from psycopg import sql
 
 from hashmesh.core.db import connection
-from hashmesh.core.errors import NotFound
-from hashmesh.core.tasks.model import ClaimedTask, NewTask, TaskRecord
+from hashmesh.core.errors import FailedPrecondition, NotFound, Unavailable
+from hashmesh.core.tasks.model import (
+    ClaimedTask,
+    Completion,
+    Failure,
+    Lease,
+    ListCursor,
+    ListFilter,
+    NewTask,
+    QueueStats,
+    Submitted,
+    TaskRecord,
+    TaskStatus,
+    WorkerRecord,
+)
 
-_COLUMNS = """id, algorithm, status, priority, attempts, max_attempts, client_id, idempotency_key,
+COLUMNS = """id, algorithm, status, priority, attempts, max_attempts, client_id, idempotency_key,
     input_size, result_digest, result_encoded, cached, last_error, created_at, run_after,
     started_at, finished_at, worker, cancel_requested"""
 
+NOTIFY_READY = "hashmesh_tasks_ready"
+"""Channel workerd listens on: claimable work may have appeared."""
+NOTIFY_STATUS = "hashmesh_task_status"
+"""Channel hashd's watch hub listens on: payload ``id status,id status,...``."""
+
+
+def parse_sections(text: str) -> dict[str, str]:
+    """``-- name: x`` sections of a SQL file, comments kept, ``{columns}`` filled in."""
+    queries: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("-- name:"):
+            current = queries.setdefault(line.split(":", 1)[1].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(lines).strip().replace("{columns}", COLUMNS) for name, lines in queries.items()}
+
+
+@cache
+def queries() -> dict[str, str]:
+    text = (resources.files("hashmesh.core") / "sql" / "tasks.sql").read_text(encoding="utf-8")
+    return parse_sections(text)
+
+
+def _q(name: str) -> str:
+    return queries()[name]
+
 
 class PostgresTaskStore:
+    """Tasks and workers in PostgreSQL, through a caller-owned (opened) pool."""
+
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool) -> None:
         self._pool = pool
 
-    async def submit(self, task: NewTask) -> TaskRecord:
-        async with connection(self._pool, what="submitting a task") as conn:
-            cur = await conn.execute(
-                f"""INSERT INTO hashmesh_tasks (algorithm, input, input_size, params, priority,
-                        max_attempts, run_after, client_id, idempotency_key)
-                    VALUES (%s, %s, %s, %s, %s, %s, coalesce(%s, now()), %s, %s)
-                    RETURNING {_COLUMNS}""",
-                (
-                    task.algorithm,
-                    task.data,
-                    len(task.data),
-                    Jsonb(task.params),
-                    task.priority,
-                    task.max_attempts,
-                    task.run_after,
-                    task.client_id,
-                    task.idempotency_key,
-                ),
-            )
-            row = await cur.fetchone()
-        assert row is not None
-        return TaskRecord.from_row(row)
+    async def _rows(self, query: str, params: dict[str, Any], *, what: str) -> list[dict[str, Any]]:
+        async with connection(self._pool, what=what) as conn:
+            cur = await conn.execute(_q(query), params)
+            return await cur.fetchall() if cur.description else []
+
+    # -- submissions -------------------------------------------------------------------------
+
+    async def submit(self, task: NewTask) -> Submitted:
+        return (await self.submit_many([task]))[0]
+
+    async def submit_many(self, tasks: Sequence[NewTask]) -> list[Submitted]:
+        """Store a batch in one statement (all or nothing), in order. A task whose
+        (client_id, idempotency_key) exists already, or appears earlier in the batch, comes
+        back as that task with ``created=False``."""
+        if not tasks:
+            return []
+        ids = [str(uuid.uuid4()) for _ in tasks]
+        params = {
+            "id": ids,
+            "algorithm": [t.algorithm for t in tasks],
+            "input": [None if t.cached_result else t.data for t in tasks],
+            "input_size": [len(t.data) for t in tasks],
+            "params": [json.dumps(t.params) for t in tasks],
+            "priority": [t.priority for t in tasks],
+            "max_attempts": [t.max_attempts for t in tasks],
+            "run_after": [t.run_after for t in tasks],
+            "client_id": [t.client_id for t in tasks],
+            "idempotency_key": [t.idempotency_key for t in tasks],
+            "status": ["succeeded" if t.cached_result else "pending" for t in tasks],
+            "result_digest": [t.cached_result[0] if t.cached_result else None for t in tasks],
+            "result_encoded": [t.cached_result[1] if t.cached_result else None for t in tasks],
+        }
+        async with connection(self._pool, what="submitting tasks") as conn:
+            cur = await conn.execute(_q("submit"), params)
+            inserted = {str(r["id"]): TaskRecord.from_row(r) for r in await cur.fetchall()}
+            missing = [t for i, t in zip(ids, tasks, strict=True) if i not in inserted]
+            existing: dict[tuple[str, str], TaskRecord] = {}
+            for client_id in {t.client_id for t in missing}:
+                keys = sorted({t.idempotency_key for t in missing if t.client_id == client_id and t.idempotency_key})
+                cur = await conn.execute(_q("by_idempotency_keys"), {"client_id": client_id, "keys": keys})
+                for row in await cur.fetchall():
+                    record = TaskRecord.from_row(row)
+                    existing[(client_id, row["idempotency_key"])] = record
+        answers = []
+        for task_id, task in zip(ids, tasks, strict=True):
+            if task_id in inserted:
+                answers.append(Submitted(inserted[task_id], created=True))
+            else:
+                assert task.idempotency_key is not None, "only a keyed task can be skipped"
+                answers.append(Submitted(existing[(task.client_id, task.idempotency_key)], created=False))
+        return answers
+
+    # -- reading -----------------------------------------------------------------------------
 
     async def get(self, task_id: str) -> TaskRecord:
-        async with connection(self._pool, what="reading a task") as conn:
-            cur = await conn.execute(
-                f"SELECT {_COLUMNS} FROM hashmesh_tasks WHERE id = %s", (task_id,)
-            )
-            row = await cur.fetchone()
-        if row is None:
+        rows = await self._rows("get", {"id": task_id}, what="reading a task")
+        if not rows:
             raise NotFound(f"task {task_id} not found")
-        return TaskRecord.from_row(row)
+        return TaskRecord.from_row(rows[0])
+
+    async def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord]:
+        rows = await self._rows("get_many", {"ids": list(task_ids)}, what="reading tasks")
+        return [TaskRecord.from_row(r) for r in rows]
+
+    async def list(self, filters: ListFilter, *, limit: int, after: ListCursor | None) -> list[TaskRecord]:
+        rows = await self._rows(
+            "list",
+            {
+                "client_id": filters.client_id,
+                "statuses": [s.value for s in filters.statuses] or None,
+                "algorithm": filters.algorithm,
+                "after_created": after.created_at if after else None,
+                "after_id": after.id if after else None,
+                "limit": limit,
+            },
+            what="listing tasks",
+        )
+        return [TaskRecord.from_row(r) for r in rows]
+
+    async def stats(self, *, alive_seconds: float) -> QueueStats:
+        async with connection(self._pool, what="reading queue statistics") as conn:
+            cur = await conn.execute(_q("count_by_status"))
+            counts = {s: 0 for s in TaskStatus}
+            for row in await cur.fetchall():
+                counts[TaskStatus(row["status"])] = int(row["n"])
+            cur = await conn.execute(_q("queue_summary"))
+            summary = await cur.fetchone()
+            cur = await conn.execute(_q("workers"), {"alive_seconds": alive_seconds})
+            workers = [WorkerRecord(**row) for row in await cur.fetchall()]
+        assert summary is not None
+        return QueueStats(
+            counts=counts,
+            oldest_pending_seconds=max(0.0, float(summary["oldest_pending_seconds"] or 0.0)),
+            completed_last_minute=int(summary["completed_last_minute"]),
+            workers=workers,
+        )
+
+    async def unfinished_by_client(self) -> dict[str, int]:
+        rows = await self._rows("unfinished_by_client", {}, what="counting pending tasks")
+        return {r["client_id"]: int(r["n"]) for r in rows}
+
+    # -- caller transitions ------------------------------------------------------------------
+
+    async def cancel(self, task_id: str) -> TaskRecord:
+        rows = await self._rows("cancel", {"id": task_id}, what="cancelling a task")
+        if rows:
+            return TaskRecord.from_row(rows[0])
+        current = await self.get(task_id)
+        raise FailedPrecondition(f"task {task_id} is {current.status.value}; only unfinished tasks can be cancelled")
+
+    async def requeue(self, task_id: str) -> TaskRecord:
+        rows = await self._rows("requeue", {"id": task_id}, what="requeueing a task")
+        if rows:
+            return TaskRecord.from_row(rows[0])
+        current = await self.get(task_id)
+        if current.status in (TaskStatus.DEAD_LETTER, TaskStatus.CANCELLED):
+            raise FailedPrecondition(
+                f"task {task_id} cannot be requeued: its input was erased when it ended (argon2 "
+                "inputs are secrets); submit it again"
+            )
+        raise FailedPrecondition(
+            f"task {task_id} is {current.status.value}; only DEAD_LETTER or CANCELLED tasks can be requeued"
+        )
+
+    # -- worker side -------------------------------------------------------------------------
 
     async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedTask]:
-        async with connection(self._pool, what="claiming tasks") as conn:
-            cur = await conn.execute(
-                """WITH picked AS (
-                       SELECT id FROM hashmesh_tasks
-                       WHERE status IN ('pending', 'retrying') AND run_after <= now()
-                       ORDER BY priority DESC, run_after, id
-                       LIMIT %s FOR UPDATE SKIP LOCKED)
-                   UPDATE hashmesh_tasks t
-                   SET status = 'running', attempts = t.attempts + 1, worker = %s,
-                       lease_id = nextval('hashmesh_lease_seq'),
-                       lease_expires_at = now() + make_interval(secs => %s),
-                       started_at = now(), updated_at = now()
-                   FROM picked WHERE t.id = picked.id
-                   RETURNING t.id, t.algorithm, t.input, t.params, t.attempts, t.max_attempts, t.lease_id""",
-                (limit, worker, lease_seconds),
-            )
-            rows = await cur.fetchall()
+        rows = await self._rows(
+            "claim", {"worker": worker, "limit": limit, "lease_seconds": lease_seconds}, what="claiming tasks"
+        )
         return [_claimed(row) for row in rows]
 
+    async def next_due(self) -> float | None:
+        """Seconds until the next waiting task is due; ``None`` when nothing waits."""
+        rows = await self._rows("next_due", {}, what="looking for due tasks")
+        wait = rows[0]["wait"] if rows else None
+        return None if wait is None else float(wait)
+
+    async def complete_many(self, done: Sequence[Completion]) -> set[str]:
+        """Write results; returns the ids written (the others lost their lease: fenced)."""
+        if not done:
+            return set()
+        rows = await self._rows(
+            "complete",
+            {
+                "id": [d.id for d in done],
+                "lease_id": [d.lease_id for d in done],
+                "digest": [d.digest for d in done],
+                "encoded": [d.encoded for d in done],
+            },
+            what="writing results",
+        )
+        return {str(r["id"]) for r in rows}
+
     async def complete(self, task_id: str, lease_id: int, digest: bytes, encoded: str) -> bool:
-        """Record a result; only the current lease holder succeeds (fencing)."""
-        async with connection(self._pool, what="completing a task") as conn:
-            cur = await conn.execute(
-                """UPDATE hashmesh_tasks
-                   SET status = 'succeeded', result_digest = %s, result_encoded = %s,
-                       finished_at = now(), updated_at = now(), lease_id = NULL, lease_expires_at = NULL,
-                       input = CASE WHEN algorithm = 'argon2id' THEN NULL ELSE input END
-                   WHERE id = %s AND lease_id = %s AND status = 'running'""",
-                (digest, encoded, task_id, lease_id),
-            )
-            return cur.rowcount == 1
+        """Record one result; only the current lease holder succeeds (fencing)."""
+        return bool(await self.complete_many([Completion(task_id, lease_id, digest, encoded)]))
+
+    async def fail_many(self, failed: Sequence[Failure], *, base: float, cap: float) -> dict[str, TaskStatus]:
+        """Record failed attempts; returns each recorded task's new status."""
+        if not failed:
+            return {}
+        rows = await self._rows(
+            "fail",
+            {
+                "id": [f.id for f in failed],
+                "lease_id": [f.lease_id for f in failed],
+                "error": [f.error for f in failed],
+                "base": base,
+                "cap": cap,
+            },
+            what="recording failures",
+        )
+        return {str(r["id"]): TaskStatus(r["status"]) for r in rows}
+
+    async def release(self, leases: Sequence[Lease]) -> set[str]:
+        """Hand back tasks that were claimed but never started."""
+        return await self._lease_op("release", leases, what="handing back tasks")
+
+    async def acknowledge_cancel(self, leases: Sequence[Lease]) -> set[str]:
+        return await self._lease_op("acknowledge_cancel", leases, what="cancelling running tasks")
+
+    async def _lease_op(self, query: str, leases: Sequence[Lease], *, what: str) -> set[str]:
+        if not leases:
+            return set()
+        params = {"id": [x.id for x in leases], "lease_id": [x.lease_id for x in leases]}
+        return {str(r["id"]) for r in await self._rows(query, params, what=what)}
+
+    async def heartbeat(
+        self, worker: str, leases: Sequence[Lease], *, lease_seconds: float, in_flight: int, processed: int
+    ) -> dict[str, bool]:
+        """Renew ``leases`` and the worker's liveness; returns {task id: cancel requested} for
+        the leases still held."""
+        rows = await self._rows(
+            "heartbeat",
+            {
+                "worker": worker,
+                "id": [x.id for x in leases],
+                "lease_id": [x.lease_id for x in leases],
+                "lease_seconds": lease_seconds,
+                "in_flight": in_flight,
+                "processed": processed,
+            },
+            what="renewing leases",
+        )
+        return {str(r["id"]): bool(r["cancel_requested"]) for r in rows}
+
+    async def reclaim_expired(self) -> int:
+        """Put back tasks whose lease expired; returns how many."""
+        return len(await self._rows("reclaim_expired", {}, what="reclaiming expired leases"))
+
+    async def register_worker(self, name: str, host: str, pid: int) -> None:
+        await self._rows("register_worker", {"name": name, "host": host, "pid": pid}, what="registering")
+
+    async def unregister_worker(self, name: str, processed: int) -> None:
+        await self._rows("unregister_worker", {"name": name, "processed": processed}, what="unregistering")
 
 
 def _claimed(row: dict[str, Any]) -> ClaimedTask:
@@ -96,4 +300,54 @@ def _claimed(row: dict[str, Any]) -> ClaimedTask:
         attempts=row["attempts"],
         max_attempts=row["max_attempts"],
         lease_id=row["lease_id"],
+        cancel_requested=row["cancel_requested"],
     )
+
+
+class Listener:
+    """One dedicated LISTEN connection (outside the pool). ``wait()`` returns the notifications
+    that arrive within a timeout; a lost connection raises ``Unavailable`` and the owner calls
+    ``connect()`` again (with its own backoff)."""
+
+    def __init__(self, dsn: str, channels: Sequence[str], *, name: str, connect_timeout: float = 5.0) -> None:
+        self._dsn = dsn
+        self._channels = tuple(channels)
+        self._name = name
+        self._connect_timeout = connect_timeout
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    async def connect(self) -> None:
+        await self.close()
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._dsn, autocommit=True, application_name=self._name,
+                connect_timeout=max(1, int(self._connect_timeout)),
+            )
+            for channel in self._channels:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        except psycopg.Error as exc:
+            raise Unavailable(f"cannot LISTEN: {type(exc).__name__}", retry_after=1.0) from exc
+        self._conn = conn
+
+    async def wait(self, timeout: float) -> list[tuple[str, str]]:
+        """(channel, payload) pairs received within ``timeout`` seconds (maybe none)."""
+        if self._conn is None:
+            raise Unavailable("LISTEN connection not open")
+        received = []
+        try:
+            async for note in self._conn.notifies(timeout=timeout, stop_after=1):
+                received.append((note.channel, note.payload))
+        except psycopg.Error as exc:
+            await self.close()
+            raise Unavailable(f"LISTEN connection lost: {type(exc).__name__}", retry_after=1.0) from exc
+        return received
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()

@@ -65,8 +65,12 @@ class HashServiceServicer:
     """
 
     def Hash(self, request, context):
-        """Hash hashes one input held in a single message. Inputs larger than the server's message
-        size limit are refused with RESOURCE_EXHAUSTED: use HashStream for those.
+        """Hash hashes one input held in a single message. Inputs larger than the server's unary
+        limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default) are refused with RESOURCE_EXHAUSTED,
+        a message saying to use HashStream and google.rpc.ErrorInfo reason INPUT_TOO_LARGE (no
+        RetryInfo: retrying will not help). Messages over twice the limit are refused by gRPC
+        itself, also with RESOURCE_EXHAUSTED. Argon2id results made with a caller-supplied salt
+        may come from the result cache (HashResult.cached).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,8 +39,12 @@ class HashServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> HashServiceAsyncStub: ...
     Hash: _grpc.UnaryUnaryMultiCallable[_hash_pb2.HashRequest, _hash_pb2.HashResponse]
-    """Hash hashes one input held in a single message. Inputs larger than the server's message
-    size limit are refused with RESOURCE_EXHAUSTED: use HashStream for those.
+    """Hash hashes one input held in a single message. Inputs larger than the server's unary
+    limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default) are refused with RESOURCE_EXHAUSTED,
+    a message saying to use HashStream and google.rpc.ErrorInfo reason INPUT_TOO_LARGE (no
+    RetryInfo: retrying will not help). Messages over twice the limit are refused by gRPC
+    itself, also with RESOURCE_EXHAUSTED. Argon2id results made with a caller-supplied salt
+    may come from the result cache (HashResult.cached).
     """
     HashStream: _grpc.StreamUnaryMultiCallable[_hash_pb2.HashStreamRequest, _hash_pb2.HashStreamResponse]
     """HashStream hashes an input of any size sent as a stream of chunks, in constant memory.
@@ -61,8 +65,12 @@ class HashServiceAsyncStub(HashServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Hash: _aio.UnaryUnaryMultiCallable[_hash_pb2.HashRequest, _hash_pb2.HashResponse]  # type: ignore[assignment]
-    """Hash hashes one input held in a single message. Inputs larger than the server's message
-    size limit are refused with RESOURCE_EXHAUSTED: use HashStream for those.
+    """Hash hashes one input held in a single message. Inputs larger than the server's unary
+    limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default) are refused with RESOURCE_EXHAUSTED,
+    a message saying to use HashStream and google.rpc.ErrorInfo reason INPUT_TOO_LARGE (no
+    RetryInfo: retrying will not help). Messages over twice the limit are refused by gRPC
+    itself, also with RESOURCE_EXHAUSTED. Argon2id results made with a caller-supplied salt
+    may come from the result cache (HashResult.cached).
     """
     HashStream: _aio.StreamUnaryMultiCallable[_hash_pb2.HashStreamRequest, _hash_pb2.HashStreamResponse]  # type: ignore[assignment]
     """HashStream hashes an input of any size sent as a stream of chunks, in constant memory.
@@ -86,8 +94,12 @@ class HashServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _hash_pb2.HashRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_hash_pb2.HashResponse, _abc.Awaitable[_hash_pb2.HashResponse]]:
-        """Hash hashes one input held in a single message. Inputs larger than the server's message
-        size limit are refused with RESOURCE_EXHAUSTED: use HashStream for those.
+        """Hash hashes one input held in a single message. Inputs larger than the server's unary
+        limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default) are refused with RESOURCE_EXHAUSTED,
+        a message saying to use HashStream and google.rpc.ErrorInfo reason INPUT_TOO_LARGE (no
+        RetryInfo: retrying will not help). Messages over twice the limit are refused by gRPC
+        itself, also with RESOURCE_EXHAUSTED. Argon2id results made with a caller-supplied salt
+        may come from the result cache (HashResult.cached).
         """
 
     @_abc_1.abstractmethod

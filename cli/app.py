@@ -1,0 +1,90 @@
+"""``hashctl``: the command tree, the global options, and the one place errors become an exit
+code. Each command lives in a module of its group; this module only wires them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import grpc
+import typer
+from typer.core import TyperGroup
+
+from hashmesh.cli import admin_cmds, bench, hash_cmds, task_cmds, up
+from hashmesh.cli.client import CliError, error_from_rpc
+from hashmesh.cli.options import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET, CliOptions
+from hashmesh.cli.output import print_error
+from hashmesh.cli.state import CliState
+
+
+class HashctlGroup(TyperGroup):
+    """Turns expected failures (``CliError``, a failed gRPC call) into one line on stderr and a
+    distinct exit code, for every command below it; anything else is a bug and keeps its
+    traceback."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CliError as err:
+            print_error(err.message)
+            raise typer.Exit(int(err.exit_code)) from None
+        except grpc.RpcError as err:
+            state = ctx.obj if isinstance(ctx.obj, CliState) else None
+            target = state.options.target if state else "?"
+            failure = error_from_rpc(err, target)
+            print_error(failure.message)
+            raise typer.Exit(int(failure.exit_code)) from None
+
+
+app = typer.Typer(
+    cls=HashctlGroup,
+    name="hashctl",
+    help="hashctl: hash now, queue hashing tasks, and run or operate a hashmesh.\n\n"
+    "Start here: `hashctl up --demo` runs a whole mesh on this machine and tries it.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def global_options(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Option(envvar="HASHMESH_TARGET",
+                                        help="Public endpoint: the balancer, or one hashd.")] = DEFAULT_TARGET,
+    admin_target: Annotated[str, typer.Option(envvar="HASHMESH_ADMIN_TARGET",
+                                              help="The balancer's admin endpoint.")] = DEFAULT_ADMIN_TARGET,
+    admin_token: Annotated[str | None, typer.Option(envvar="HASHMESH_ADMIN_TOKEN", show_default=False,
+                                                    help="Bearer token for AdminService.")] = None,
+    timeout: Annotated[float, typer.Option(envvar="HASHMESH_TIMEOUT", min=0.001,
+                                           help="Deadline of each call, in seconds.")] = 10.0,
+    client_id: Annotated[str | None, typer.Option(envvar="HASHMESH_CLIENT_ID", show_default=False,
+                                                  help="Sent as x-client-id (rate limits, idempotency).")]
+    = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on every command (for scripts).")]
+    = False,
+) -> None:
+    """hashctl: hash now, queue hashing tasks, and run or operate a hashmesh."""
+    ctx.obj = CliState(CliOptions(target=target, admin_target=admin_target, admin_token=admin_token,
+                                  timeout=timeout, client_id=client_id, json=json_out))
+    ctx.call_on_close(ctx.obj.session.close)
+
+
+app.command("hash")(hash_cmds.hash_command)
+app.command("verify")(hash_cmds.verify_command)
+app.command("submit")(task_cmds.submit_command)
+app.add_typer(task_cmds.app, name="task")
+app.add_typer(admin_cmds.lb_app, name="lb")
+app.add_typer(admin_cmds.ratelimit_app, name="ratelimit")
+app.add_typer(admin_cmds.cache_app, name="cache")
+app.command("health")(admin_cmds.health_command)
+app.add_typer(admin_cmds.db_app, name="db")
+app.command("up")(up.up_command)
+app.command("bench", context_settings={"help_option_names": ["--help"]})(bench.bench_command)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

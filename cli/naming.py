@@ -1,0 +1,71 @@
+"""User-facing names of the wire enums (``sha256``, ``pending``, ``round_robin``) both ways."""
+
+from __future__ import annotations
+
+from hashmesh.cli.client import CliError, ExitCode
+from hashmesh.v1 import admin_pb2, cache_pb2, common_pb2, task_pb2
+
+ALGORITHMS = ["md5", "sha1", "sha256", "sha512", "sha3_256", "blake2b", "argon2id"]
+
+
+def _short(full: str, prefix: str) -> str:
+    return full[len(prefix):].lower() if full.startswith(prefix) else full.lower()
+
+
+def algorithm_name(value: int) -> str:
+    return _short(common_pb2.Algorithm.Name(value), "ALGORITHM_")  # type: ignore[arg-type]
+
+
+def parse_algorithm(name: str) -> common_pb2.Algorithm.ValueType:
+    cleaned = name.strip().lower().replace("-", "_")
+    if cleaned.startswith("algorithm_"):
+        cleaned = cleaned[len("algorithm_"):]
+    cleaned = {"sha3256": "sha3_256", "sha_1": "sha1", "sha_256": "sha256", "sha_512": "sha512"}.get(cleaned,
+                                                                                                   cleaned)
+    if cleaned not in ALGORITHMS:
+        raise CliError(
+            f"unknown algorithm {name!r}; expected one of {', '.join(ALGORITHMS)}", ExitCode.INVALID_ARGUMENT
+        )
+    return common_pb2.Algorithm.Value("ALGORITHM_" + cleaned.upper())
+
+
+STATUSES = ["pending", "running", "retrying", "succeeded", "cancelled", "dead_letter"]
+
+
+def status_name(value: int) -> str:
+    return _short(task_pb2.TaskStatus.Name(value), "TASK_STATUS_")  # type: ignore[arg-type]
+
+
+def parse_status(name: str) -> task_pb2.TaskStatus.ValueType:
+    cleaned = name.strip().lower().replace("-", "_")
+    if cleaned not in STATUSES:
+        raise CliError(f"unknown status {name!r}; expected one of {', '.join(STATUSES)}", ExitCode.INVALID_ARGUMENT)
+    return task_pb2.TaskStatus.Value("TASK_STATUS_" + cleaned.upper())
+
+
+FINAL_STATUSES = frozenset({
+    task_pb2.TASK_STATUS_SUCCEEDED, task_pb2.TASK_STATUS_CANCELLED, task_pb2.TASK_STATUS_DEAD_LETTER,
+})
+
+STRATEGIES = ["round_robin", "least_connections", "p2c_ewma", "consistent_hash"]
+
+
+def strategy_name(value: int) -> str:
+    return _short(admin_pb2.Strategy.Name(value), "STRATEGY_")  # type: ignore[arg-type]
+
+
+def parse_strategy(name: str) -> admin_pb2.Strategy.ValueType:
+    cleaned = name.strip().lower().replace("-", "_")
+    if cleaned not in STRATEGIES:
+        raise CliError(
+            f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}", ExitCode.INVALID_ARGUMENT
+        )
+    return admin_pb2.Strategy.Value("STRATEGY_" + cleaned.upper())
+
+
+def backend_state_name(value: int) -> str:
+    return _short(admin_pb2.BackendState.Name(value), "BACKEND_STATE_")  # type: ignore[arg-type]
+
+
+def cache_tier_name(value: int) -> str:
+    return _short(cache_pb2.CacheTier.Name(value), "CACHE_TIER_")  # type: ignore[arg-type]

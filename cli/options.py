@@ -1,0 +1,33 @@
+"""The options every hashctl command shares, resolved once by the app's callback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_TARGET = "127.0.0.1:50050"
+DEFAULT_ADMIN_TARGET = "127.0.0.1:50060"
+
+
+@dataclass(frozen=True)
+class CliOptions:
+    """Global options of one hashctl invocation (flags, else ``HASHMESH_*`` variables)."""
+
+    target: str = DEFAULT_TARGET
+    """Address of the public endpoint: the balancer, or one hashd (``HASHMESH_TARGET``)."""
+    admin_target: str = DEFAULT_ADMIN_TARGET
+    """Address of the balancer's AdminService listener (``HASHMESH_ADMIN_TARGET``)."""
+    admin_token: str | None = None
+    """Bearer token sent to AdminService (``HASHMESH_ADMIN_TOKEN``); unset sends none."""
+    timeout: float = 10.0
+    """Deadline of each call, in seconds (``HASHMESH_TIMEOUT``)."""
+    client_id: str | None = None
+    """Sent as ``x-client-id`` metadata: scopes rate limits and idempotency keys
+    (``HASHMESH_CLIENT_ID``)."""
+    json: bool = False
+    """Print machine-readable JSON instead of tables."""
+    # TLS options (CA, client certificate and key, server name override) join here when the
+    # mesh serves TLS; ``hashmesh.cli.client.open_channel`` is the one place that reads them.
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise ValueError("--timeout must be positive")

@@ -1,0 +1,305 @@
+"""The supervisor behind ``hashctl up``: starts the local mesh's processes in order, restarts
+a child that crashes (with backoff), and stops them in the reverse order of dependence
+(balancer, workers, replicas, then the database). No terminal output here: every change is
+reported to an ``on_event`` callback, so display stays in ``hashmesh.cli.up``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hashmesh.core.embedded_pg import EmbeddedPostgres, free_port
+
+log = logging.getLogger(__name__)
+
+_ANNOUNCE = re.compile(r"^(?P<name>[\w -]+?) (?:listening on|ready as) (?P<address>\S+)$")
+STOP_ORDER = ("balancer", "workerd", "hashd")
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 30.0
+"""A child that ran this long before crashing restarts with the first backoff again."""
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    """What ``hashctl up`` runs."""
+
+    state_dir: Path
+    """Holds the embedded database's data and each process's log."""
+    database_url: str | None = None
+    """An existing PostgreSQL; ``None`` starts an embedded one under ``state_dir``."""
+    replicas: int = 3
+    workers: int = 1
+    host: str = "127.0.0.1"
+    port: int = 50050
+    """Public (balancer) port; 0 picks a free one."""
+    admin_port: int = 50060
+    """AdminService port; 0 picks a free one."""
+    strategy: str | None = None
+    """Balancer strategy (``round_robin``, ...); ``None`` keeps the balancer's default."""
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.workers < 0:
+            raise ValueError("need --replicas >= 1 and --workers >= 0")
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: on Linux, SIGTERM it if the supervisor dies abruptly."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    """One supervised process. Its address stays the same across restarts."""
+
+    name: str
+    kind: str
+    argv: list[str]
+    expect: tuple[str, ...]
+    log_path: Path
+    addresses: dict[str, str] = field(default_factory=dict)
+    state: str = "pending"
+    restarts: int = 0
+    process: asyncio.subprocess.Process | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def address(self) -> str:
+        return ", ".join(self.addresses.values())
+
+
+class StartupError(RuntimeError):
+    """A process did not come up when the mesh started; the message holds its log's tail."""
+
+
+class Supervisor:
+    def __init__(self, plan: MeshPlan, on_event: Callable[[Event], None]) -> None:
+        self.plan = plan
+        self.on_event = on_event
+        self.children: list[Child] = []
+        self.database: EmbeddedPostgres | None = None
+        self.dsn = plan.database_url or ""
+        self.stopping = False
+        self._watchers: list[asyncio.Task[None]] = []
+        self.logs = plan.state_dir / "logs"
+        self.target = ""
+        self.admin_target = ""
+
+    # ---- start ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        if not self.plan.database_url:
+            await self._start_database()
+        self.emit("migrating", name="postgres")
+        from hashmesh.core import migrations
+
+        await asyncio.to_thread(migrations.migrate, self.dsn)
+        host = self.plan.host
+        replicas = [self._child("hashd", f"hashd-{i}", ["hashmesh.hashd", "--listen",
+                    f"{host}:{free_port(host)}", "--database-url", self.dsn], ("hashd",))
+                    for i in range(1, self.plan.replicas + 1)]
+        await asyncio.gather(*(self._launch(child, initial=True) for child in replicas))
+        port = self.plan.port or free_port(host)
+        admin_port = self.plan.admin_port or free_port(host)
+        self.target, self.admin_target = f"{host}:{port}", f"{host}:{admin_port}"
+        backends = ",".join(child.addresses["hashd"] for child in replicas)
+        balancer = self._child("balancer", "balancer", ["hashmesh.balancer", "--listen", self.target,
+                               "--admin-listen", self.admin_target, "--backends", backends,
+                               *(["--strategy", self.plan.strategy] if self.plan.strategy else [])],
+                               ("balancer", "balancer admin"))
+        await self._launch(balancer, initial=True)
+        workers = [self._child("workerd", f"workerd-{i}", ["hashmesh.workerd", "--database-url", self.dsn],
+                               ("workerd",)) for i in range(1, self.plan.workers + 1)]
+        await asyncio.gather(*(self._launch(child, initial=True) for child in workers))
+
+    async def _start_database(self) -> None:
+        self.database = EmbeddedPostgres(data_dir=self.plan.state_dir / "postgres")
+        self.emit("starting", name="postgres")
+        self.dsn = await asyncio.to_thread(self.database.start)
+        self.emit("running", name="postgres", pid=self.database.pid, address=f"{self.database.host}:"
+                  f"{self.database.port}", dsn=self.dsn)
+
+    def _child(self, kind: str, name: str, argv: list[str], expect: tuple[str, ...]) -> Child:
+        child = Child(name=name, kind=kind, argv=argv, expect=expect, log_path=self.logs / f"{name}.log")
+        self.children.append(child)
+        return child
+
+    async def _spawn(self, child: Child) -> None:
+        child.ready = asyncio.Event()
+        child.state = "starting"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        child.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", *child.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL, env=env,
+            # Own session: a Ctrl-C on the terminal reaches only us, so we stop children in order.
+            start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        self.emit("starting", name=child.name, pid=child.pid)
+        self._watchers.append(asyncio.create_task(self._pump(child, child.process)))
+
+    async def _pump(self, child: Child, process: asyncio.subprocess.Process) -> None:
+        """Copy the child's output to its log and note its ``listening on`` lines."""
+        assert process.stdout is not None
+        found: dict[str, str] = {}
+        with open(child.log_path, "ab") as sink:
+            async for raw in process.stdout:
+                sink.write(raw)
+                sink.flush()
+                match = _ANNOUNCE.match(raw.decode(errors="replace").strip())
+                if match and match.group("name") in child.expect:
+                    found[match.group("name")] = match.group("address")
+                    if set(child.expect) <= set(found):
+                        child.addresses = dict(found)
+                        child.ready.set()
+
+    async def _launch(self, child: Child, *, initial: bool) -> None:
+        """Start ``child`` and wait until it announces readiness; watch it afterwards."""
+        await self._spawn(child)
+        assert child.process is not None
+        process = child.process
+        exited = asyncio.create_task(process.wait())
+        ready = asyncio.create_task(child.ready.wait())
+        await asyncio.wait({exited, ready}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        if not child.ready.is_set():
+            ready.cancel()
+            if initial:
+                await _terminate(process)
+                raise StartupError(f"{child.name} did not start:\n{_tail(child.log_path)}")
+        else:
+            exited.cancel()
+            child.state = "running"
+            self.emit("running", name=child.name, pid=child.pid, address=child.address)
+        self._watchers.append(asyncio.create_task(self._watch(child, process)))
+
+    async def _watch(self, child: Child, process: asyncio.subprocess.Process) -> None:
+        """Restart ``child`` when it exits on its own, with exponential backoff."""
+        backoff = BACKOFF_FIRST
+        while True:
+            started = asyncio.get_running_loop().time()
+            code = await process.wait()
+            if self.stopping:
+                return
+            child.state = "crashed"
+            self.emit("exited", name=child.name, pid=process.pid, code=code, log=str(child.log_path))
+            if asyncio.get_running_loop().time() - started > STABLE_AFTER:
+                backoff = BACKOFF_FIRST
+            child.state = "restarting"
+            self.emit("restarting", name=child.name, delay=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            if self.stopping:
+                return
+            child.restarts += 1
+            await self._spawn(child)
+            assert child.process is not None
+            process = child.process
+            waiter = asyncio.create_task(child.ready.wait())
+            exited = asyncio.create_task(process.wait())
+            await asyncio.wait({waiter, exited}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            exited.cancel()
+            if child.ready.is_set():
+                child.state = "running"
+                self.emit("running", name=child.name, pid=child.pid, address=child.address,
+                          restarts=child.restarts)
+            elif process.returncode is None:
+                await _terminate(process)
+
+    # ---- database health -----------------------------------------------------------------
+    async def watch_database(self) -> None:
+        """Restart the embedded PostgreSQL if it dies (same data directory and port)."""
+        backoff = BACKOFF_FIRST
+        while not self.stopping and self.database is not None:
+            await asyncio.sleep(1.0)
+            process = self.database.process
+            if self.stopping or process is None or process.poll() is None:
+                continue
+            self.emit("exited", name="postgres", pid=process.pid, code=process.returncode)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            try:
+                await asyncio.to_thread(self.database.start)
+                self.emit("running", name="postgres", pid=self.database.pid, address=f"{self.database.host}:"
+                          f"{self.database.port}")
+            except Exception as exc:
+                self.emit("restart_failed", name="postgres", error=str(exc).splitlines()[0])
+
+    # ---- stop ----------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Balancer first, then workers, then replicas, the database last; nothing left behind."""
+        self.stopping = True
+        for kind in STOP_ORDER:
+            group = [c for c in self.children if c.kind == kind and c.process is not None]
+            for child in group:
+                child.state = "stopping"
+                self.emit("stopping", name=child.name, pid=child.pid)
+            await asyncio.gather(*(_terminate(c.process) for c in group if c.process is not None))
+            for child in group:
+                child.state = "stopped"
+                self.emit("stopped", name=child.name, pid=child.pid)
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        if self.database is not None and self.database.process is not None:
+            pid = self.database.pid
+            self.emit("stopping", name="postgres", pid=pid)
+            await asyncio.to_thread(self.database.stop)
+            self.emit("stopped", name="postgres", pid=pid)
+
+    # ---- reporting -----------------------------------------------------------------------
+    def emit(self, event: str, **fields: Any) -> None:
+        self.on_event({"event": event, **fields})
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Current state of every process, for the status table."""
+        rows: list[dict[str, Any]] = []
+        if self.database is not None:
+            alive = self.database.process is not None and self.database.process.poll() is None
+            rows.append({"name": "postgres", "pid": self.database.pid, "address": f"{self.database.host}:"
+                         f"{self.database.port}", "state": "running" if alive else "down", "restarts": 0})
+        rows += [{"name": c.name, "pid": c.pid, "address": c.address, "state": c.state, "restarts": c.restarts}
+                 for c in self.children]
+        return rows
+
+    def pids(self) -> dict[str, int]:
+        return {row["name"]: row["pid"] for row in self.rows() if row["pid"]}
+
+
+async def _terminate(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM, then SIGKILL after ``STOP_TIMEOUT``; returns once the process is gone."""
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,52 @@
+-- The task queue's wake-ups and audit columns (issue 4).
+
+-- How many times a result was written for the task; fencing keeps it at most 1 (fault tests
+-- assert it). One failed attempt per element of `failures` (attempt, started_at, failed_at,
+-- error, retry_at), so backoff can be checked from the database, not from a test's clock.
+ALTER TABLE hashmesh_tasks
+    ADD COLUMN completions integer NOT NULL DEFAULT 0,
+    ADD COLUMN failures    jsonb   NOT NULL DEFAULT '[]'::jsonb;
+
+-- Backpressure counts unfinished tasks per client.
+CREATE INDEX hashmesh_tasks_unfinished
+    ON hashmesh_tasks (client_id) WHERE status IN ('pending', 'retrying', 'running');
+
+-- Wake-ups are statement-level so a batch of 10,000 rows sends a handful of notifications:
+--   hashmesh_tasks_ready   (empty payload) : work may be claimable; workerd listens.
+--   hashmesh_task_status   "id status,id status,...": status changes; hashd's watch hub listens.
+CREATE FUNCTION hashmesh_tasks_notify_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM new_rows WHERE status IN ('pending', 'retrying')) THEN
+        PERFORM pg_notify('hashmesh_tasks_ready', '');
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION hashmesh_tasks_notify_update() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    chunk text;
+BEGIN
+    -- At most 100 entries (~4.5 kB) per notification: payloads are limited to 8000 bytes.
+    FOR chunk IN
+        SELECT string_agg(changed.id::text || ' ' || changed.status, ',')
+        FROM (SELECT n.id, n.status, (row_number() OVER ()) / 100 AS grp
+              FROM new_rows n JOIN old_rows o ON o.id = n.id
+              WHERE n.status <> o.status OR n.cancel_requested <> o.cancel_requested) AS changed
+        GROUP BY changed.grp
+    LOOP
+        PERFORM pg_notify('hashmesh_task_status', chunk);
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM new_rows n JOIN old_rows o ON o.id = n.id
+               WHERE n.status IN ('pending', 'retrying') AND n.status <> o.status) THEN
+        PERFORM pg_notify('hashmesh_tasks_ready', '');
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER hashmesh_tasks_after_insert
+    AFTER INSERT ON hashmesh_tasks REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION hashmesh_tasks_notify_insert();
+
+CREATE TRIGGER hashmesh_tasks_after_update
+    AFTER UPDATE ON hashmesh_tasks REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION hashmesh_tasks_notify_update();

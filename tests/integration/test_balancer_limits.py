@@ -1,0 +1,120 @@
+"""Rate limiting and client API keys through a real balancer process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hashmesh.balancer import keys
+from hashmesh.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hash_pb2
+from tests.integration.test_balancer_proxy import start_backends, start_balancer
+
+HASH = "/hashmesh.v1.HashService/Hash"
+REQUEST = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc").SerializeToString()  # type: ignore[arg-type]
+
+
+async def _paced(address: str, client: str, per_second: float, seconds: float) -> tuple[int, int, float, list[grpc.aio.AioRpcError]]:
+    """Send at ``per_second`` for ``seconds`` without waiting for answers; count outcomes."""
+    accepted = refused = 0
+    refusals: list[grpc.aio.AioRpcError] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(HASH)
+
+        async def one() -> None:
+            nonlocal accepted, refused
+            try:
+                await call(REQUEST, timeout=10, metadata=(("x-client-id", client),))
+                accepted += 1
+            except grpc.aio.AioRpcError as err:
+                assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                refused += 1
+                refusals.append(err)
+
+        started = time.monotonic()
+        tasks = []
+        sent = 0
+        while (elapsed := time.monotonic() - started) < seconds:
+            while sent < elapsed * per_second:
+                sent += 1
+                tasks.append(asyncio.create_task(one()))
+            await asyncio.sleep(0.005)
+        elapsed = time.monotonic() - started
+        await asyncio.gather(*tasks)
+    return accepted, refused, elapsed, refusals
+
+
+def test_flooding_client_gets_its_limit_and_others_are_unaffected(tmp_path: Path) -> None:
+    backends = start_backends(tmp_path, 2)
+    balancer = start_balancer(tmp_path, backends, "--rate-limit", "20/5")
+    address = balancer.addresses["balancer"]
+    try:
+        async def both() -> tuple[tuple[int, int, float, list[grpc.aio.AioRpcError]], ...]:
+            return tuple(await asyncio.gather(_paced(address, "flooder", 200, 2.0), _paced(address, "polite", 8, 2.0)))
+
+        (flooded, refused, elapsed, refusals), (polite_ok, polite_refused, _, _) = asyncio.run(both())
+        expected = 5 + 20 * elapsed
+        assert abs(flooded - expected) <= 0.1 * expected, (flooded, expected)
+        assert refused > 0 and polite_refused == 0 and polite_ok > 0
+        trailing = dict(refusals[0].trailing_metadata() or ())
+        assert float(trailing["retry-after"]) > 0 and "grpc-status-details-bin" in trailing
+        assert trailing["x-ratelimit-remaining"] == "0" and trailing["x-ratelimit-limit"] == "5"
+
+        with grpc.insecure_channel(address) as channel:
+            _, call = channel.unary_unary(HASH).with_call(REQUEST, timeout=5, metadata=[("x-client-id", "fresh")])
+            headers = dict(call.trailing_metadata())
+            assert headers["x-ratelimit-limit"] == "5" and headers["x-ratelimit-remaining"] == "4"
+        with grpc.insecure_channel(balancer.addresses["balancer admin"]) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            stats = admin.GetStats(admin_pb2.GetStatsRequest(top_peers=1), timeout=5)
+            assert stats.top_refused_peers[0].peer == "flooder" and stats.rate_limited == refused
+            changed = admin.SetRateLimits(
+                admin_pb2.SetRateLimitsRequest(upsert_overrides=[admin_pb2.ClientRateLimit(
+                    client_id="flooder", limit=admin_pb2.RateLimit(rate_per_second=1000, burst=1000))]),
+                timeout=5,
+            )
+            assert [o.client_id for o in changed.overrides] == ["flooder"]
+            with pytest.raises(grpc.RpcError) as bad:
+                admin.SetRateLimits(admin_pb2.SetRateLimitsRequest(default_limit=admin_pb2.RateLimit()), timeout=5)
+            assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        with grpc.insecure_channel(address) as channel:
+            _, call = channel.unary_unary(HASH).with_call(REQUEST, timeout=5, metadata=[("x-client-id", "flooder")])
+            assert dict(call.trailing_metadata())["x-ratelimit-limit"] == "1000"
+    finally:
+        balancer.terminate()
+        for backend in backends:
+            backend.terminate()
+
+
+def test_api_keys_identify_clients_and_bind_their_limit(tmp_path: Path) -> None:
+    key_a, key_b = keys.generate_key(), keys.generate_key()
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"{keys.key_line('team-a', key_a)}\n{keys.key_line('team-b', key_b)}\n")
+    assert key_a not in keys_file.read_text()
+    backends = start_backends(tmp_path, 1)
+    balancer = start_balancer(tmp_path, backends, "--api-keys-file", str(keys_file), "--rate-limit", "1/3")
+    try:
+        with grpc.insecure_channel(balancer.addresses["balancer"]) as channel:
+            call = channel.unary_unary(HASH)
+            for metadata in ([], [("x-api-key", "hm_wrong")]):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(REQUEST, timeout=5, metadata=metadata)
+                assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+            # Changing x-client-id does not dodge the key's limit (burst 3), and the replica
+            # sees the authenticated client, not the claimed one.
+            seen = set()
+            for index in range(3):
+                _, done = call.with_call(REQUEST, timeout=5, metadata=[("x-api-key", key_a), ("x-client-id", f"fake-{index}")])
+                seen.add(dict(done.trailing_metadata())["x-seen-client-id"])
+            assert seen == {"team-a"}
+            with pytest.raises(grpc.RpcError) as limited:
+                call(REQUEST, timeout=5, metadata=[("x-api-key", key_a), ("x-client-id", "fake-9")])
+            assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            call(REQUEST, timeout=5, metadata=[("x-api-key", key_b)])
+    finally:
+        balancer.terminate()
+        for backend in backends:
+            backend.terminate()

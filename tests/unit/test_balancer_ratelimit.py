@@ -1,0 +1,139 @@
+"""Per-peer rate limits, API keys, retry budget and settings, without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from hashmesh.balancer import keys
+from hashmesh.balancer.config import BalancerSettings, RateLimitSettings, parse_overrides
+from hashmesh.balancer.proxy import RetryBudget
+from hashmesh.balancer.ratelimit import RateLimiter
+from hashmesh.core.errors import ResourceExhausted, to_grpc_status
+from hashmesh.core.settings import SettingsError
+
+
+async def _flood(limiter: RateLimiter, peer: str, per_second: float, seconds: float) -> tuple[int, float]:
+    accepted = 0
+    started = time.monotonic()
+    sent = 0
+    while (elapsed := time.monotonic() - started) < seconds:
+        # Keep the offered rate at per_second on average, whatever the sleep granularity.
+        while sent < elapsed * per_second:
+            sent += 1
+            try:
+                await limiter.admit(peer)
+                accepted += 1
+            except ResourceExhausted:
+                pass
+        await asyncio.sleep(0.002)
+    return accepted, time.monotonic() - started
+
+
+def test_flooding_at_ten_times_the_limit_gets_the_limit_and_others_are_unaffected() -> None:
+    async def scenario() -> None:
+        limiter = RateLimiter(RateLimitSettings(rate=100, burst=10))
+        (flooder, elapsed), (polite, _) = await asyncio.gather(
+            _flood(limiter, "flooder", 1000, 1.5), _flood(limiter, "polite", 50, 1.5)
+        )
+        expected = 10 + 100 * elapsed
+        assert abs(flooder - expected) <= 0.1 * expected, (flooder, expected)
+        assert polite >= int(50 * elapsed) - 1
+        assert limiter.refused_total > 0 and limiter.top_refused(1)[0][0] == "flooder"
+        assert "polite" not in limiter.refusals
+
+    asyncio.run(scenario())
+
+
+def test_refusal_is_immediate_with_retry_info_and_headers_count_down() -> None:
+    async def scenario() -> None:
+        limiter = RateLimiter(RateLimitSettings(rate=1, burst=3), {"vip": RateLimitSettings(rate=1000)})
+        remaining = []
+        for _ in range(3):
+            allowance = await limiter.admit("c")
+            assert allowance is not None and allowance.limit == 3
+            remaining.append(allowance.remaining)
+        assert remaining == [2, 1, 0]
+        with pytest.raises(ResourceExhausted) as refused:
+            await limiter.admit("c")
+        status = to_grpc_status(refused.value)
+        keys_ = dict(status.trailing_metadata)
+        assert "grpc-status-details-bin" in keys_ and 0 < float(keys_["retry-after"]) <= 1.0
+        assert (await limiter.admit("vip")).limit == 1000  # type: ignore[union-attr]
+        limiter.configure(upsert={"c": RateLimitSettings(rate=50, burst=50)})
+        assert (await limiter.admit("c")).remaining == 49  # type: ignore[union-attr]
+        limiter.configure(disable=True)
+        assert await limiter.admit("c") is None and not limiter.enabled
+
+    asyncio.run(scenario())
+
+
+def test_limiter_table_stays_bounded_for_100k_distinct_clients() -> None:
+    async def scenario() -> int:
+        limiter = RateLimiter(RateLimitSettings(rate=10, burst=10), table_size=20_000)
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(100_000):
+            await limiter.admit(f"client-{i:06d}")
+        grown = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        assert len(limiter) == 20_000
+        return grown
+
+    grown = asyncio.run(scenario())
+    assert grown < 30 * 1024 * 1024, f"{grown / 1e6:.1f} MB"
+
+
+def test_idle_buckets_are_evicted_once_refilled() -> None:
+    async def scenario() -> None:
+        now = [0.0]
+        limiter = RateLimiter(RateLimitSettings(rate=100, burst=10), clock=lambda: now[0])
+        for i in range(100):
+            await limiter.admit(f"old-{i}")
+        now[0] = 5.0  # far beyond the 0.1 s refill time
+        for i in range(300):
+            await limiter.admit(f"new-{i}")
+        assert not any(peer.startswith("old-") for peer in limiter._buckets)
+
+    asyncio.run(scenario())
+
+
+def test_retry_budget_allows_a_fifth_of_calls_plus_a_floor() -> None:
+    now = [0.0]
+    budget = RetryBudget(0.2, 0.0, clock=lambda: now[0])
+    for _ in range(100):
+        budget.deposit()
+    granted = sum(budget.withdraw() for _ in range(100))
+    assert granted == 20
+    floor = RetryBudget(0.2, 5.0, clock=lambda: now[0])
+    assert sum(floor.withdraw() for _ in range(50)) == 5
+
+
+def test_api_keys_are_stored_hashed_and_identify_clients(tmp_path: Path) -> None:
+    key = keys.generate_key()
+    line = keys.key_line("team-a", key)
+    assert key not in line and line.startswith("team-a sha256:")
+    path = tmp_path / "keys"
+    path.write_text(f"# comment\n{line}\n")
+    table = keys.ApiKeys(str(path))
+    assert table.client_for(key) == "team-a"
+    assert table.client_for(key + "x") is None
+    with pytest.raises(SettingsError):
+        keys.parse("team-a plain-text-key\n")
+
+
+def test_settings_are_safe_by_default() -> None:
+    with pytest.raises(SettingsError):
+        BalancerSettings(admin_listen="0.0.0.0:9000")
+    assert BalancerSettings(admin_listen="0.0.0.0:9000", admin_token="t").admin_token == "t"
+    with pytest.raises(SettingsError):
+        BalancerSettings(strategy="random")
+    assert parse_overrides(("a=5/10",))["a"] == RateLimitSettings(5, 10)
+    with pytest.raises(SettingsError):
+        parse_overrides(("a",))

@@ -1,0 +1,96 @@
+"""hashctl's error translation, names and output, without sockets."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import grpc
+import pytest
+
+from hashmesh.cli.client import CliError, ExitCode, error_from_rpc
+from hashmesh.cli.naming import parse_algorithm, parse_status, parse_strategy
+from hashmesh.cli.output import Output
+from hashmesh.core.errors import ResourceExhausted, to_grpc_status
+from hashmesh.v1 import admin_pb2, common_pb2, task_pb2
+from tests.cli_helpers import hashctl
+
+
+class FakeRpcError(grpc.RpcError):
+    """What a failed call raises: code, details and trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: Any = ()) -> None:
+        self._code, self._details, self._trailing = code, details, trailing
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> Any:
+        return self._trailing
+
+
+@pytest.mark.parametrize(("code", "exit_code"), [
+    (grpc.StatusCode.UNAVAILABLE, ExitCode.UNAVAILABLE),
+    (grpc.StatusCode.INVALID_ARGUMENT, ExitCode.INVALID_ARGUMENT),
+    (grpc.StatusCode.NOT_FOUND, ExitCode.NOT_FOUND),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, ExitCode.RATE_LIMITED),
+    (grpc.StatusCode.PERMISSION_DENIED, ExitCode.DENIED),
+    (grpc.StatusCode.INTERNAL, ExitCode.OTHER),
+])
+def test_each_kind_of_failure_has_its_exit_code(code: grpc.StatusCode, exit_code: ExitCode) -> None:
+    failure = error_from_rpc(FakeRpcError(code, "why"), "t:1")
+    assert failure.exit_code == exit_code
+    assert failure.message == f"{code.name}: why"
+    assert len({e.value for e in ExitCode}) == len(ExitCode)
+
+
+def test_rate_limited_message_carries_the_retry_after() -> None:
+    status = to_grpc_status(ResourceExhausted("slow down", retry_after=1.5))
+    failure = error_from_rpc(FakeRpcError(status.code, status.details, status.trailing_metadata), "t:1")
+    assert failure.exit_code == ExitCode.RATE_LIMITED
+    assert failure.message == "RESOURCE_EXHAUSTED: slow down (retry after 1.5s)"
+    bare = error_from_rpc(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", (("retry-after", "2"),)), "t")
+    assert bare.message.endswith("(retry after 2s)")
+
+
+def test_unreachable_names_the_target() -> None:
+    failure = error_from_rpc(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"),
+                             "10.0.0.1:5")
+    assert failure.message.startswith("UNAVAILABLE: cannot reach 10.0.0.1:5")
+
+
+def test_user_names_of_enums() -> None:
+    assert parse_algorithm("SHA-256") == common_pb2.ALGORITHM_SHA256
+    assert parse_algorithm("sha3-256") == common_pb2.ALGORITHM_SHA3_256
+    assert parse_status("dead-letter") == task_pb2.TASK_STATUS_DEAD_LETTER
+    assert parse_strategy("p2c-ewma") == admin_pb2.STRATEGY_P2C_EWMA
+    with pytest.raises(CliError) as info:
+        parse_algorithm("crc32")
+    assert info.value.exit_code == ExitCode.INVALID_ARGUMENT
+
+
+def test_plain_output_is_tab_separated_off_a_terminal() -> None:
+    stream = io.StringIO()
+    Output(stream=stream).table(["A", "B"], [[1, None], [True, 0.5]])
+    assert stream.getvalue() == "A\tB\n1\t-\nyes\t0.5\n"
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    commands = ["hash", "verify", "submit", "health", "up", "bench", "task submit", "task get", "task watch",
+                "task list", "task cancel", "task requeue", "task stats", "lb stats", "lb backends",
+                "lb strategy", "lb drain", "ratelimit get", "ratelimit set", "cache stats", "cache clear",
+                "db migrate"]
+    for command in commands:
+        result = hashctl(*command.split(), "--help")
+        assert result.exit_code == 0, command
+        assert "Example" in result.stdout and "hashctl " in result.stdout, command
+
+
+def test_usage_errors_exit_2_without_traceback() -> None:
+    result = hashctl("ratelimit", "set")
+    assert result.exit_code == ExitCode.USAGE and result.stderr.startswith("error: nothing to change")
+    assert hashctl("bench", "-O", "xml").exit_code == ExitCode.USAGE
+    assert hashctl("up", "--once").exit_code == ExitCode.USAGE

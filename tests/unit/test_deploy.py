@@ -1,0 +1,286 @@
+"""deploy/ and docker-compose.yml checked offline: the compose file against the compose-spec
+schema (vendored by check-jsonschema), the Kubernetes manifests against the Kubernetes schemas
+(shipped by kubernetes-validate), and the Grafana and Prometheus files against the metric
+names hashmesh.core.metrics defines. No Docker engine or cluster is needed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Iterator
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+
+import hashmesh.core.metrics  # noqa: F401 - registers the mesh's metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+GRACE_SECONDS = 20  # HASHMESH_GRACE_SECONDS in compose and the ConfigMap
+PRESTOP_SECONDS = 5
+K8S_VERSION = kubernetes_validate.latest_version()
+# Labels Prometheus or PromQL add on top of the metrics' own.
+TARGET_LABELS = {"job", "instance", "le", "namespace", "pod", "quantile"}
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",),
+            "info": ("_info",), "summary": ("_count", "_sum", "")}
+
+
+@cache
+def defined_series() -> dict[str, frozenset[str]]:
+    """Every sample name the mesh can expose → its label names (from the live registry)."""
+    names: dict[str, frozenset[str]] = {}
+    for family in REGISTRY.collect():
+        if not family.name.startswith("hashmesh_"):
+            continue
+        # Families built by custom collectors carry their label names even without samples.
+        labels: set[str] = set(getattr(family, "_labelnames", ()))
+        collector = REGISTRY._names_to_collectors.get(family.name) or REGISTRY._names_to_collectors.get(
+            family.name + "_total")
+        labels.update(getattr(collector, "_labelnames", ()))
+        labels.update(*(s.labels for s in family.samples))
+        for suffix in SUFFIXES[family.type]:
+            names[family.name + suffix] = frozenset(labels)
+    return names
+
+
+def load_yaml_documents(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+# --- docker compose ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_compose_file_matches_the_compose_spec(compose: dict[str, Any]) -> None:
+    schema_text = (resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text()
+    schema = json.loads(schema_text)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(compose), key=str)
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+
+
+def test_compose_schema_rejects_a_broken_file() -> None:
+    schema = json.loads((resources.files("check_jsonschema.builtin_schemas.vendor")
+                         / "compose-spec.json").read_text())
+    broken = {"services": {"hashd": {"image": "x", "deploy": {"replicas": "three"}, "bogus": 1}}}
+    assert list(jsonschema.Draft202012Validator(schema).iter_errors(broken))
+
+
+def test_compose_runs_the_whole_mesh_and_scales(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"postgres", "hashd", "balancer", "workerd", "prometheus", "grafana"} <= set(services)
+    assert services["hashd"]["deploy"]["replicas"] == 3
+    assert services["workerd"]["deploy"]["replicas"] == 2
+    for name in ("hashd", "workerd"):
+        # --scale needs no fixed container name and no host port per container.
+        assert "container_name" not in services[name]
+        assert "ports" not in services[name]
+    command = services["balancer"]["command"]
+    assert command[command.index("--backends-dns") + 1] == "hashd:50051"
+    assert services["hashd"]["environment"]["HASHMESH_HASHD_LISTEN"] == "0.0.0.0:50051"
+    assert int(services["hashd"]["environment"]["HASHMESH_GRACE_SECONDS"]) == GRACE_SECONDS
+    for name in ("hashd", "balancer", "workerd"):
+        grace = services[name]["stop_grace_period"]
+        assert int(grace.rstrip("s")) > GRACE_SECONDS, name
+        assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
+    for mount in services["prometheus"]["volumes"] + services["grafana"]["volumes"]:
+        source = mount.split(":")[0]
+        if source.startswith("./"):
+            assert (ROOT / source).exists(), source
+
+
+def test_dockerfile_is_multi_stage_non_root_with_a_grpc_health_check() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 2
+    assert re.search(r"^FROM .* AS builder$", text, re.M)
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and not users[-1].startswith(("0", "root"))
+    assert re.search(r"^HEALTHCHECK .*", text, re.M)
+    assert "hashmesh-healthcheck" in text
+    for source in re.findall(r"^COPY (?!--)(\S+) ", text, re.M):
+        assert (ROOT / source).exists(), source
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
+    assert "!deploy/healthcheck.py" in ignore
+
+
+def test_health_probe_script_parses() -> None:
+    spec = importlib.util.spec_from_file_location("healthcheck", DEPLOY / "healthcheck.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(module.main)
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+def manifests() -> Iterator[tuple[str, dict[str, Any]]]:
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in load_yaml_documents(path):
+            yield path.name, doc
+
+
+@cache
+def by_kind() -> dict[tuple[str, str], dict[str, Any]]:
+    return {(doc["kind"], doc["metadata"]["name"]): doc for _, doc in manifests()}
+
+
+@pytest.mark.parametrize(("filename", "doc"), list(manifests()),
+                         ids=[f"{f}:{d['kind']}/{d['metadata']['name']}" for f, d in manifests()])
+def test_manifest_matches_the_kubernetes_schema(filename: str, doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_kubernetes_schema_rejects_a_broken_manifest() -> None:
+    broken = json.loads(json.dumps(by_kind()[("Deployment", "hashd")]))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+
+
+def containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(deployment["spec"]["template"]["spec"]["containers"])
+
+
+def test_hashd_is_discovered_through_a_headless_service() -> None:
+    service = by_kind()[("Service", "hashd")]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == by_kind()[("Deployment", "hashd")]["spec"]["selector"]["matchLabels"]
+    balancer = containers(by_kind()[("Deployment", "balancer")])[0]
+    command = balancer["command"]
+    assert command[command.index("--backends-dns") + 1] == "hashd:50051"
+
+
+@pytest.mark.parametrize("name", ["hashd", "balancer", "workerd"])
+def test_deployments_drain_within_their_grace_period(name: str) -> None:
+    deployment = by_kind()[("Deployment", name)]
+    pod = deployment["spec"]["template"]["spec"]
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= GRACE_SECONDS + PRESTOP_SECONDS
+    config = by_kind()[("ConfigMap", "hashmesh-config")]["data"]
+    assert int(config["HASHMESH_GRACE_SECONDS"]) == GRACE_SECONDS
+    for container in containers(deployment):
+        resources_ = container["resources"]
+        assert resources_["requests"]["cpu"] and resources_["requests"]["memory"]
+        assert resources_["limits"]["memory"]
+        live = container["livenessProbe"]
+        # A draining pod reports NOT_SERVING; liveness must not kill it before the grace ends.
+        assert live["periodSeconds"] * live["failureThreshold"] > grace
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        if name != "workerd":
+            assert "grpc" in container["readinessProbe"] and "grpc" in live
+    assert ("PodDisruptionBudget", name) in by_kind()
+
+
+@pytest.mark.parametrize("name", ["hashd", "workerd"])
+def test_hashd_and_workerd_autoscale(name: str) -> None:
+    hpa = by_kind()[("HorizontalPodAutoscaler", name)]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+    assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_migration_job_runs_hashctl_db_migrate() -> None:
+    job = by_kind()[("Job", "hashmesh-migrate")]
+    assert containers(job)[0]["command"] == ["hashctl", "db", "migrate"]
+
+
+# --- Grafana and Prometheus -------------------------------------------------------------------
+
+PROMQL_NAME = re.compile(r"\bhashmesh_[a-z0-9_]+\b")
+PROMQL_BY = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+PROMQL_MATCHER = re.compile(r"([a-z_][a-z0-9_]*)\s*(?:=~|!~|!=|=)\s*\"")
+
+
+def check_promql(expr: str) -> list[str]:
+    """Problems with one expression: unknown hashmesh metrics, labels no metric has."""
+    series = defined_series()
+    problems = [f"unknown metric {name}" for name in PROMQL_NAME.findall(expr) if name not in series]
+    known_labels = set().union(*series.values()) | TARGET_LABELS
+    used = {label.strip() for group in PROMQL_BY.findall(expr) for label in group.split(",") if label.strip()}
+    used |= set(PROMQL_MATCHER.findall(expr))
+    problems += [f"unknown label {label}" for label in used - known_labels]
+    return problems
+
+
+def test_promql_checker_catches_typos() -> None:
+    assert check_promql("rate(hashmesh_grpc_server_handled_total[5m])") == []
+    assert check_promql("rate(hashmesh_grpc_server_handled[5m])")
+    assert check_promql('sum by (client_id) (hashmesh_task_queue_depth{status="pending"})')
+
+
+def dashboard_exprs() -> list[str]:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "hashmesh.json").read_text())
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def test_dashboard_queries_only_defined_metrics() -> None:
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 20
+    problems = {expr: check_promql(expr) for expr in exprs}
+    assert not {e: p for e, p in problems.items() if p}
+    queried = {name for expr in exprs for name in PROMQL_NAME.findall(expr)}
+    for needed in ("hashmesh_grpc_server_handled_total", "hashmesh_grpc_server_handling_seconds_bucket",
+                   "hashmesh_task_queue_depth", "hashmesh_balancer_backend_up"):
+        assert needed in queried
+
+
+def test_dashboard_json_is_what_the_generator_writes() -> None:
+    spec = importlib.util.spec_from_file_location("dashboard", DEPLOY / "grafana" / "dashboard.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (DEPLOY / "grafana" / "dashboards" / "hashmesh.json").read_text() == module.render(), \
+        "run python deploy/grafana/dashboard.py"
+    ids = [p["id"] for p in json.loads(module.render())["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_grafana_provisioning_points_at_the_dashboard_folder(compose: dict[str, Any]) -> None:
+    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/hashmesh.yml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    assert f"./deploy/grafana/dashboards:{path}:ro" in compose["services"]["grafana"]["volumes"]
+
+
+def test_prometheus_scrapes_every_daemon_through_dns(compose: dict[str, Any]) -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    for name in ("hashd", "balancer", "workerd"):
+        sd = jobs[name]["dns_sd_configs"][0]
+        assert sd["names"] == [name]
+        assert name in compose["services"]
+        assert str(sd["port"]) in compose["services"][name]["expose"]
+    k8s = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-k8s.yml").read_text())
+    assert k8s["scrape_configs"][0]["kubernetes_sd_configs"][0]["role"] == "pod"
+
+
+def test_alert_rules_use_defined_metrics() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    assert exprs
+    problems = {expr: check_promql(expr) for expr in exprs}
+    assert not {e: p for e, p in problems.items() if p}

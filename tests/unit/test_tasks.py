@@ -1,0 +1,114 @@
+"""Pure parts of the task queue: SQL sections, validation, page tokens, limits, payloads."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import UTC, datetime
+
+import pytest
+
+from hashmesh.core.errors import InvalidArgument, ResourceExhausted
+from hashmesh.core.tasks.limits import PendingLimits
+from hashmesh.core.tasks.model import ListCursor, ListFilter, TaskStatus
+from hashmesh.core.tasks.store import parse_sections, queries
+from hashmesh.hashd.task_service import decode_page_token, encode_page_token, validate_spec
+from hashmesh.hashd.watch import parse_status_payload
+from hashmesh.v1 import common_pb2, task_pb2
+from hashmesh.workerd import handlers
+from hashmesh.workerd.config import WorkerSettings
+
+
+def test_sql_sections_are_loaded_with_columns_filled_in() -> None:
+    loaded = queries()
+    for name in ("submit", "claim", "complete", "fail", "heartbeat", "reclaim_expired", "list", "cancel"):
+        assert name in loaded and "{columns}" not in loaded[name]
+    assert "FOR UPDATE SKIP LOCKED" in loaded["claim"]
+    parsed = parse_sections("-- name: a\nSELECT 1\n-- name: b\n-- comment\nSELECT {columns}\n")
+    assert parsed["a"] == "SELECT 1"
+    assert parsed["b"].startswith("-- comment") and "cancel_requested" in parsed["b"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        (task_pb2.TaskSpec(), "specs[2].algorithm"),
+        (task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, priority=101), "specs[2].priority"),
+        (task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, max_attempts=101), "specs[2].max_attempts"),
+        (task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, idempotency_key="k" * 201), "specs[2].idempotency_key"),
+        (task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_ARGON2ID, argon2=common_pb2.Argon2Params(time_cost=99)),
+         "specs[2].argon2.time_cost"),
+    ],
+)
+def test_validation_names_the_field(spec: task_pb2.TaskSpec, field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        validate_spec(spec, field="specs[2]", default_max_attempts=5)
+    assert caught.value.field == field
+
+
+def test_valid_spec_takes_defaults() -> None:
+    spec = task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA256, data=b"x", priority=-100)
+    spec.run_after.FromDatetime(datetime(2030, 1, 1, tzinfo=UTC))
+    task, params = validate_spec(spec, field="spec", default_max_attempts=7)
+    assert (task.algorithm, task.max_attempts, task.priority, params) == ("sha256", 7, -100, None)
+    assert task.run_after == datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def test_page_token_round_trip_and_filter_binding() -> None:
+    filters = ListFilter(client_id="c", statuses=(TaskStatus.PENDING,), algorithm="md5")
+    cursor = ListCursor(datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), "0b7e3a0c-4a4d-4c5e-9d3e-2f1f1f1f1f1f")
+    token = encode_page_token(cursor, filters)
+    assert decode_page_token(token, filters) == cursor
+    assert decode_page_token("", filters) is None
+    with pytest.raises(InvalidArgument, match="other filters"):
+        decode_page_token(token, ListFilter(client_id="other"))
+    with pytest.raises(InvalidArgument) as caught:
+        decode_page_token("not-a-token!", filters)
+    assert caught.value.field == "page_token"
+
+
+def test_status_payload_parsing_skips_garbage() -> None:
+    payload = "a1 running,b2 succeeded,bad,c3 nonsense"
+    assert parse_status_payload(payload) == [("a1", TaskStatus.RUNNING), ("b2", TaskStatus.SUCCEEDED)]
+
+
+def test_limits_refuse_whole_batches_globally_and_per_client() -> None:
+    counted = {"a": 3, "b": 1}
+
+    async def count() -> dict[str, int]:
+        return dict(counted)
+
+    async def scenario() -> None:
+        limits = PendingLimits(max_total=10, max_per_client=5, count=count, refresh_seconds=3600)
+        await limits.admit("a", 2)
+        limits.accepted("a", 2)
+        with pytest.raises(ResourceExhausted) as per_client:
+            await limits.admit("a", 1)
+        assert per_client.value.reason == "CLIENT_QUEUE_FULL" and per_client.value.retry_after > 0
+        await limits.admit("b", 4)
+        limits.accepted("b", 4)
+        with pytest.raises(ResourceExhausted) as total:
+            await limits.admit("c", 1)
+        assert total.value.reason == "QUEUE_FULL"
+
+    asyncio.run(scenario())
+
+
+def test_handlers_compute_digests_and_inject_failures() -> None:
+    digest, encoded = handlers.compute("sha256", b"abc", {})
+    assert digest == hashlib.sha256(b"abc").digest() and encoded == digest.hex()
+    with pytest.raises(handlers.InjectedFailure):
+        handlers.compute("md5", b"secret-input", {}, fail={"md5"})
+    try:
+        handlers.compute("md5", b"secret-input", {}, fail={"md5"})
+    except handlers.InjectedFailure as exc:
+        assert "secret-input" not in handlers.describe_error(exc)
+
+
+def test_worker_settings_validate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HASHMESH_WORKERD_CONCURRENCY", "7")
+    monkeypatch.setenv("HASHMESH_WORKERD_FAIL_ALGORITHMS", "md5, sha1")
+    settings = WorkerSettings.from_env()
+    assert settings.concurrency == 7 and settings.fail_algorithms == ("md5", "sha1")
+    with pytest.raises(ValueError):
+        WorkerSettings(lease_seconds=1.0, heartbeat_seconds=2.0)

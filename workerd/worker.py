@@ -1,0 +1,366 @@
+"""The worker loop: claim, compute, write back, renew leases, stop gracefully.
+
+Side tasks, all watched with ``asyncio.wait(FIRST_COMPLETED)``:
+- ``_listen``: one LISTEN connection; a NOTIFY on ``hashmesh_tasks_ready`` wakes the claimer.
+- ``_claim_loop``: claims at most the free slots (bounded prefetch), highest priority first,
+  then waits for a wake-up, the next due retry or the slow safety poll.
+- ``_flush_loop``: writes results and failures back in batches (whatever accumulated while the
+  previous write was in flight), fenced by lease.
+- ``_heartbeat_loop``: renews held leases, records liveness, learns of cancellations and lost
+  leases, and puts back tasks whose holder died.
+Digest tasks run inline (microseconds); argon2 tasks run in a bounded thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from hashmesh.core import db, migrations
+from hashmesh.core.cache import CacheSettings, ResultCache
+from hashmesh.core.db import backoff_delay
+from hashmesh.core.errors import Unavailable
+from hashmesh.core.hashing import Algorithm, Argon2Params
+from hashmesh.core.tasks.model import ClaimedTask, Completion, Failure, Lease
+from hashmesh.core.tasks.store import NOTIFY_READY, Listener, PostgresTaskStore
+from hashmesh.workerd import handlers
+from hashmesh.workerd.config import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Held:
+    """A claimed task until its outcome is written (or its lease is lost)."""
+
+    task: ClaimedTask
+    started: bool = False
+    dropped: bool = False
+    """Cancelled or lease lost while computing: the outcome is thrown away."""
+
+
+@dataclass
+class WorkerCounters:
+    claimed: int = 0
+    processed: int = 0
+    fenced: int = 0
+    handed_back: int = 0
+    claims: int = 0
+    empty_claims: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    """One workerd. Constructing it does no I/O; ``run(stop)`` does everything."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.pool = db.make_pool(settings.database, name=f"workerd:{settings.name}"[:63], max_size=min(4, settings.database.pool_max))
+        self.store = PostgresTaskStore(self.pool)
+        self.listener = Listener(settings.database.require_dsn(), [NOTIFY_READY], name=f"workerd-listen:{settings.name}"[:63])
+        # Results of deterministic slow tasks go into the shared cache, so that the same
+        # submission later finishes at once in hashd.
+        self.cache = ResultCache(self.pool, CacheSettings.from_env(), dsn=settings.database.require_dsn())
+        self.counters = WorkerCounters()
+        self._held: dict[str, _Held] = {}
+        self._done: list[Completion] = []
+        self._failed: list[Failure] = []
+        self._cancelled: list[Lease] = []
+        self._outbox = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Event()
+        self._claiming = True
+        self._cpu = asyncio.Semaphore(settings.cpu_workers)
+        self._executor = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="workerd-cpu")
+        self._fail = frozenset(settings.fail_algorithms)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._held)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Migrate, open the pool and the LISTEN connection, register; retried with backoff
+        while the database is unreachable."""
+        dsn = self.settings.database.require_dsn()
+        await _retry_forever(lambda: asyncio.to_thread(migrations.migrate, dsn), what="migrating")
+        await self.pool.open(wait=False)
+        await _retry_forever(lambda: self.store.register_worker(self.name, socket.gethostname(), os.getpid()),
+                             what="registering")
+        await _retry_forever(self.listener.connect, what="listening")
+        await self.cache.start()
+
+    async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
+        await self.start()
+        if on_ready is not None:
+            on_ready()
+        log.info("worker ready", extra={"worker": self.name, "concurrency": self.settings.concurrency})
+        loops = {
+            "claim": asyncio.create_task(self._claim_loop(), name="claim"),
+            "flush": asyncio.create_task(self._flush_loop(), name="flush"),
+            "heartbeat": asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            "listen": asyncio.create_task(self._listen_loop(), name="listen"),
+        }
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([stopper, *loops.values()], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    log.error("worker loop crashed", exc_info=task.exception(), extra={"loop": task.get_name()})
+            await self._shutdown(loops)
+        finally:
+            stopper.cancel()
+            for task in loops.values():
+                task.cancel()
+            await asyncio.gather(*loops.values(), return_exceptions=True)
+            await self.listener.close()
+            await self.cache.stop()
+            await self.pool.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _shutdown(self, loops: dict[str, asyncio.Task[None]]) -> None:
+        """Stop claiming; hand back what never started; let the rest finish within the grace
+        period; write outcomes; hand back whatever is still unfinished."""
+        self._claiming = False
+        self._wake.set()
+        self._slots.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(loops["claim"]), timeout=self.settings.grace_seconds)
+        await self._hand_back([h for h in self._held.values() if not h.started])
+        deadline = asyncio.get_running_loop().time() + self.settings.grace_seconds
+        while self._held and asyncio.get_running_loop().time() < deadline:
+            self._outbox.set()
+            await asyncio.sleep(0.02)
+        await self._hand_back([h for h in self._held.values() if not h.dropped])
+        with contextlib.suppress(Unavailable):
+            await self.store.unregister_worker(self.name, self.counters.processed)
+        log.info("worker stopped", extra={"worker": self.name, "processed": self.counters.processed,
+                                          "handed_back": self.counters.handed_back})
+
+    async def _hand_back(self, held: list[_Held]) -> None:
+        if not held:
+            return
+        for item in held:
+            item.dropped = True
+        leases = [Lease(h.task.id, h.task.lease_id) for h in held]
+        try:
+            released = await self.store.release(leases)
+        except Unavailable:
+            log.warning("could not hand back tasks; their leases will expire", extra={"tasks": len(leases)})
+            return
+        self.counters.handed_back += len(released)
+        for item in held:
+            self._held.pop(item.task.id, None)
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        failures = 0
+        while self._claiming:
+            free = self.settings.concurrency - len(self._held)
+            if free <= 0:
+                self._slots.clear()
+                await self._slots.wait()
+                continue
+            self._wake.clear()
+            try:
+                claimed = await self.store.claim(self.name, free, self.settings.lease_seconds)
+                failures = 0
+            except Unavailable as exc:
+                failures += 1
+                delay = backoff_delay(failures, 0.05, 2.0)
+                log.warning("claim failed; retrying", extra={"reason": exc.message, "delay_s": round(delay, 3)})
+                await asyncio.sleep(delay)
+                continue
+            self.counters.claims += 1
+            if not self._claiming:
+                # Stopped while the claim was in flight: these never start.
+                for task in claimed:
+                    self._held[task.id] = _Held(task)
+                await self._hand_back([self._held[t.id] for t in claimed])
+                return
+            for task in claimed:
+                self._dispatch(task)
+            if len(claimed) == free or self._wake.is_set():
+                continue
+            if not claimed:
+                self.counters.empty_claims += 1
+            await self._idle()
+
+    async def _idle(self) -> None:
+        """Wait for a NOTIFY, the next due retry, or the safety poll, whichever comes first."""
+        timeout = self.settings.poll_seconds
+        with contextlib.suppress(Unavailable):
+            due = await self.store.next_due()
+            if due is not None:
+                timeout = min(timeout, max(due, 0.0) + 0.005)
+        if self._wake.is_set() or not self._claiming:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    async def _listen_loop(self) -> None:
+        failures = 0
+        while True:
+            try:
+                if not self.listener.connected:
+                    await self.listener.connect()
+                    failures = 0
+                    self._wake.set()  # notifications may have been missed while disconnected
+                if await self.listener.wait(timeout=self.settings.poll_seconds):
+                    self._wake.set()
+            except Unavailable as exc:
+                failures += 1
+                delay = backoff_delay(failures, 0.1, 2.0)
+                log.warning("LISTEN connection lost; reconnecting", extra={"reason": exc.message})
+                await asyncio.sleep(delay)
+
+    # -- computing ---------------------------------------------------------------------------
+
+    def _dispatch(self, task: ClaimedTask) -> None:
+        self.counters.claimed += 1
+        held = _Held(task)
+        self._held[task.id] = held
+        if task.cancel_requested:
+            held.started = True
+            self._cancelled.append(Lease(task.id, task.lease_id))
+            self._outbox.set()
+        elif handlers.is_cpu_heavy(task.algorithm):
+            asyncio.get_running_loop().create_task(self._run_heavy(held))
+        else:
+            held.started = True
+            self._compute_now(held)
+
+    def _compute_now(self, held: _Held) -> None:
+        task = held.task
+        try:
+            digest, encoded = handlers.compute(task.algorithm, task.data, task.params, fail=self._fail)
+        except Exception as exc:
+            self._record_failure(task, exc)
+        else:
+            self._done.append(Completion(task.id, task.lease_id, digest, encoded))
+        self._outbox.set()
+
+    async def _run_heavy(self, held: _Held) -> None:
+        async with self._cpu:
+            if held.dropped or not self._claiming:
+                return  # handed back or cancelled before it started
+            held.started = True
+            task = held.task
+            loop = asyncio.get_running_loop()
+            try:
+                digest, encoded = await loop.run_in_executor(
+                    self._executor, lambda: handlers.compute(task.algorithm, task.data, task.params, fail=self._fail)
+                )
+            except Exception as exc:
+                if not held.dropped:
+                    self._record_failure(task, exc)
+            else:
+                if not held.dropped:
+                    self._done.append(Completion(task.id, task.lease_id, digest, encoded))
+            self._outbox.set()
+
+    def _record_failure(self, task: ClaimedTask, exc: BaseException) -> None:
+        error = handlers.describe_error(exc)
+        log.info("task attempt failed", extra={"task": task.id, "attempt": task.attempts, "algorithm": task.algorithm,
+                                               "error_type": type(exc).__name__})
+        self._failed.append(Failure(task.id, task.lease_id, error))
+
+    # -- writing back ------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._outbox.wait()
+            self._outbox.clear()
+            done, self._done = self._done, []
+            failed, self._failed = self._failed, []
+            cancelled, self._cancelled = self._cancelled, []
+            if not (done or failed or cancelled):
+                continue
+            try:
+                written = await self.store.complete_many(done)
+                recorded = await self.store.fail_many(failed, base=self.settings.retry_base, cap=self.settings.retry_cap)
+                acknowledged = await self.store.acknowledge_cancel(cancelled)
+                failures = 0
+            except Unavailable as exc:
+                # Keep the outcomes and try again: leases outlive short outages, and a result
+                # written after its lease expired is refused by fencing anyway.
+                self._done[:0], self._failed[:0], self._cancelled[:0] = done, failed, cancelled
+                failures += 1
+                delay = backoff_delay(failures, 0.05, 2.0)
+                log.warning("writing results failed; retrying", extra={"reason": exc.message, "pending": len(done) + len(failed)})
+                await asyncio.sleep(delay)
+                self._outbox.set()
+                continue
+            finished = [d.id for d in done] + [f.id for f in failed] + [c.id for c in cancelled]
+            await self._remember([d for d in done if d.id in written])
+            self.counters.fenced += len(done) - len(written) + len(failed) - len(recorded) + len(cancelled) - len(acknowledged)
+            self.counters.processed += len(written) + len(recorded) + len(acknowledged)
+            for task_id in finished:
+                self._held.pop(task_id, None)
+            self._slots.set()
+
+    async def _remember(self, written: list[Completion]) -> None:
+        for result in written:
+            held = self._held.get(result.id)
+            if held is None:
+                continue
+            algorithm = Algorithm(held.task.algorithm)
+            params = Argon2Params.from_json(held.task.params) if algorithm is Algorithm.ARGON2ID else None
+            if self.cache.is_cacheable(algorithm, params):
+                await self.cache.store(algorithm, params, held.task.data, result.digest, result.encoded)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            leases = {h.task.id: Lease(h.task.id, h.task.lease_id) for h in self._held.values() if not h.dropped}
+            try:
+                renewed = await self.store.heartbeat(
+                    self.name, list(leases.values()), lease_seconds=self.settings.lease_seconds,
+                    in_flight=len(self._held), processed=self.counters.processed,
+                )
+                reclaimed = await self.store.reclaim_expired()
+            except Unavailable as exc:
+                log.warning("heartbeat failed", extra={"reason": exc.message})
+                continue
+            if reclaimed:
+                log.info("put back tasks whose lease expired", extra={"tasks": reclaimed})
+            self._apply_heartbeat(leases, renewed)
+
+    def _apply_heartbeat(self, sent: dict[str, Lease], renewed: dict[str, bool]) -> None:
+        for task_id, lease in sent.items():
+            held = self._held.get(task_id)
+            if held is None or held.task.lease_id != lease.lease_id:
+                continue  # finished meanwhile
+            if task_id not in renewed:
+                # Lease lost (expired and reclaimed): another worker may run it now.
+                held.dropped = True
+                self._held.pop(task_id, None)
+                self.counters.fenced += 1
+                self._slots.set()
+            elif renewed[task_id] and not held.dropped:
+                held.dropped = True
+                self._cancelled.append(lease)
+                self._outbox.set()
+
+
+async def _retry_forever(operation: Callable[[], Awaitable[object]], *, what: str) -> None:
+    attempt = 0
+    while True:
+        try:
+            await operation()
+            return
+        except (Unavailable, OSError, *db.TRANSIENT) as exc:
+            attempt += 1
+            delay = backoff_delay(attempt, 0.1, 2.0)
+            log.warning("database not reachable at start-up; retrying",
+                        extra={"what": what, "error": type(exc).__name__, "delay_s": round(delay, 3)})
+            await asyncio.sleep(delay)
