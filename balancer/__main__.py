@@ -27,7 +27,7 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
         if name == "uvloop":
             sys.exit("hashmesh-balancer: HASHMESH_BALANCER_EVENT_LOOP=uvloop but uvloop is not installed")
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,11 +83,20 @@ def read_call(
     return call
 
 
+_hosts: dict[str, str] = {}
+
+
 def _host_of(peer: str) -> str:
-    """``ipv4:127.0.0.1:5000`` → ``127.0.0.1``; ``ipv6:[::1]:5000`` → ``::1``."""
-    _, _, rest = peer.partition(":")
-    host = rest.rsplit(":", 1)[0] if rest else peer
-    return host.strip("[]")
+    """``ipv4:127.0.0.1:5000`` → ``127.0.0.1``; ``ipv6:[::1]:5000`` → ``::1``. Remembered per
+    connection (the peer string), since every call on a connection asks again."""
+    host = _hosts.get(peer)
+    if host is None:
+        _, _, rest = peer.partition(":")
+        host = (rest.rsplit(":", 1)[0] if rest else peer).strip("[]")
+        if len(_hosts) > 10_000:
+            _hosts.clear()
+        _hosts[peer] = host
+    return host
 
 
 class CallInterceptor(Protocol):

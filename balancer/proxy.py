@@ -11,6 +11,7 @@ cancelling cancels the backend call; the backend's status, details and metadata 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -219,18 +220,20 @@ class Proxy:
             attempts = _Attempts(self, call, method, context, source)
             while True:
                 replica, timeout = await attempts.next()
-                rpc = replica.multicallable(CLIENT_STREAM, method)(
-                    source.iterate(), timeout=timeout, metadata=call.metadata
-                )
+                rpc = replica.multicallable(CLIENT_STREAM, method)(timeout=timeout, metadata=call.metadata)
+                source.start(rpc)
                 try:
                     response = await rpc
                 except grpc.aio.AioRpcError as err:
+                    await source.stop()
                     await attempts.failed(err)
                     continue
                 except BaseException:
                     attempts.abandoned(rpc)
+                    await source.stop()
                     raise
                 attempts.succeeded()
+                await source.stop()
                 await _relay_metadata(context, rpc, call.reply_metadata)
                 return response  # type: ignore[no-any-return]
 
@@ -254,6 +257,7 @@ class Proxy:
                     continue
                 except BaseException:
                     attempts.abandoned(rpc)
+                    await source.stop()
                     raise
                 attempts.succeeded()
                 await _relay_metadata(context, rpc, call.reply_metadata, initial_sent=source.replied)
@@ -268,19 +272,23 @@ class Proxy:
             attempts = _Attempts(self, call, method, context, source)
             while True:
                 replica, timeout = await attempts.next()
-                rpc = replica.multicallable(BIDI, method)(source.iterate(), timeout=timeout, metadata=call.metadata)
+                rpc = replica.multicallable(BIDI, method)(timeout=timeout, metadata=call.metadata)
+                source.start(rpc)
                 try:
                     await _relay_initial(context, rpc, source)
                     async for message in rpc:
                         source.replied = True
                         yield message
                 except grpc.aio.AioRpcError as err:
+                    await source.stop()
                     await attempts.failed(err)
                     continue
                 except BaseException:
                     attempts.abandoned(rpc)
+                    await source.stop()
                     raise
                 attempts.succeeded()
+                await source.stop()
                 await _relay_metadata(context, rpc, call.reply_metadata, initial_sent=source.replied)
                 return
 
@@ -292,14 +300,18 @@ async def _once(request: bytes) -> AsyncIterator[bytes]:
 
 
 class _Replayable:
-    """A client's request stream that can be sent again while at most its first message was
-    taken and nothing came back: then the replica cannot have acted on more than that one
-    message, and a retry happens only when the connection never came up or the method is
-    idempotent."""
+    """A client's request stream, fed to the backend call by a task of ours (not grpc's), so
+    that it can be stopped before the status goes back to the client: a read of the client's
+    stream still pending while the handler sends its status makes grpc.aio answer INTERNAL.
+
+    It can be sent again while at most its first message was taken and nothing came back:
+    then the replica cannot have acted on more than that one message, and a retry happens
+    only when the connection never came up or the method is idempotent."""
 
     def __init__(self, requests: AsyncIterator[bytes]) -> None:
         self._requests = requests
         self._first: bytes | None = None
+        self._pump: asyncio.Task[None] | None = None
         self.taken = 0
         self.replied = False
 
@@ -307,13 +319,34 @@ class _Replayable:
     def replayable(self) -> bool:
         return self.taken <= 1 and not self.replied
 
-    async def iterate(self) -> AsyncIterator[bytes]:
-        if self._first is not None:
-            yield self._first
-        async for message in self._requests:
-            self.taken += 1
-            self._first = message if self.taken == 1 else None
-            yield message
+    def start(self, rpc: Any) -> None:
+        self._pump = asyncio.get_running_loop().create_task(self._feed(rpc))
+
+    async def _feed(self, rpc: Any) -> None:
+        try:
+            await rpc.wait_for_connection()
+            # grpc.aio's own write() turns a write that loses the race with the backend's
+            # status (it answered before reading, e.g. UNIMPLEMENTED) into INTERNAL for the
+            # whole call, hiding the real status; sending through the call object beneath
+            # lets that write fail alone. Public write() if that object ever goes away.
+            send = getattr(getattr(rpc, "_cython_call", None), "send_serialized_message", None) or rpc.write
+            if self._first is not None:
+                await send(self._first)
+            async for message in self._requests:
+                self.taken += 1
+                self._first = message if self.taken == 1 else None
+                if rpc.done():
+                    return
+                await send(message)
+            await rpc.done_writing()
+        except Exception:  # noqa: BLE001 - the backend call ended: its status says why
+            log.debug("request stream stopped", exc_info=True)
+
+    async def stop(self) -> None:
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
 
 
 class _Attempts:

@@ -16,14 +16,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from hashmesh.balancer.admin import AdminServicer, admin_handlers
+from hashmesh.balancer.admin import AdminServicer, admin_handlers, snapshot
 from hashmesh.balancer.backends import BackendSet
 from hashmesh.balancer.config import BalancerSettings
 from hashmesh.balancer.interceptors import AdminAuth, AdminPolicy, build_chain
 from hashmesh.balancer.keys import ApiKeys
 from hashmesh.balancer.proxy import Proxy, Router
 from hashmesh.balancer.ratelimit import RateLimiter
-from hashmesh.balancer.stats import BalancerStats
+from hashmesh.balancer.stats import BalancerStats, Snapshot
 from hashmesh.core.rpc import GrpcServer, server_options, wait_for_signal
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc
 
@@ -62,6 +62,10 @@ class Balancer:
         self.admin.add(admin_pb2_grpc.add_AdminServiceServicer_to_server,
                        admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name, admin)
         self._side: list[asyncio.Task[None]] = []
+
+    def snapshot(self, top_peers: int = 10) -> Snapshot:
+        """Every counter at once, for a metrics exporter."""
+        return snapshot(self.stats, self.backends, self.limiter, top_peers)
 
     @property
     def address(self) -> str:

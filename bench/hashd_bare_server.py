@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import signal
 
 import grpc
@@ -27,7 +28,13 @@ class BareHash(hash_pb2_grpc.HashServiceServicer):
 
 
 async def main() -> None:
-    server = grpc.aio.server()
+    # HASHD_BARE_INTERCEPTOR=1 adds hashmesh's ErrorInterceptor, to attribute its cost.
+    interceptors = []
+    if os.environ.get("HASHD_BARE_INTERCEPTOR") == "1":
+        from hashmesh.core.rpc import ErrorInterceptor
+
+        interceptors.append(ErrorInterceptor())
+    server = grpc.aio.server(interceptors=interceptors)
     hash_pb2_grpc.add_HashServiceServicer_to_server(BareHash(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -128,8 +128,19 @@ def plan_shares(plan: LoadPlan, procs: int) -> list[LoadPlan]:
                      plan.timeout, plan.connections) for c, t in zip(concurrency, totals, strict=True)]
 
 
-async def _drive(plan: LoadPlan, done: Synchronized[int], stop: Any) -> CallResults:
+@dataclass(frozen=True)
+class Signals:
+    """Shared between the load processes: calls done (progress), processes ready, go, stop."""
+
+    done: Synchronized[int]
+    ready: Synchronized[int]
+    go: Any
+    stop: Any
+
+
+async def _drive(plan: LoadPlan, signals: Signals) -> CallResults:
     loop = asyncio.get_running_loop()
+    # Plaintext, as hashmesh.cli.client.open_channel; TLS options will apply here too.
     channels = [grpc.aio.insecure_channel(plan.target, options=[("grpc.use_local_subchannel_pool", 1),
                                                                   ("grpc.enable_retries", 0)])
                 for _ in range(max(1, plan.connections))]
@@ -172,41 +183,51 @@ async def _drive(plan: LoadPlan, done: Synchronized[int], stop: Any) -> CallResu
         with done.get_lock():
             done.value += unreported
 
+    # Every process starts together, so the wall time measured is the load's alone.
+    with signals.ready.get_lock():
+        signals.ready.value += 1
+    await asyncio.to_thread(signals.go.wait)
+    done, stop = signals.done, signals.stop
+    deadline = loop.time() + plan.duration if plan.duration else None
+    next_slot[0] = loop.time()
+    results.started_ns = time.time_ns()
     try:
         await asyncio.gather(*(caller(i) for i in range(plan.concurrency)))
+        results.ended_ns = time.time_ns()
     finally:
         for channel in channels:
             await channel.close()
     return results
 
 
-def run_share(plan: LoadPlan, done: Synchronized[int], stop: Any) -> CallResults:
-    return asyncio.run(_drive(plan, done, stop))
+def run_share(plan: LoadPlan, signals: Signals) -> CallResults:
+    return asyncio.run(_drive(plan, signals))
 
 
-def _process_main(plan: LoadPlan, done: Synchronized[int], stop: Any, queue: Any) -> None:
+def _process_main(plan: LoadPlan, signals: Signals, queue: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    queue.put(run_share(plan, done, stop))
+    queue.put(run_share(plan, signals))
 
 
 def run_load(plan: LoadPlan, procs: int, progress: Progress | None) -> tuple[CallResults, int, str]:
     """Run ``plan`` over ``procs`` processes; returns the merged results, the wall time (ns)
     and ghz's end reason (normal, timeout or cancel)."""
     context = multiprocessing.get_context("spawn")
-    done: Synchronized[int] = context.Value("q", 0)
-    stop = context.Event()
+    signals = Signals(done=context.Value("q", 0), ready=context.Value("i", 0), go=context.Event(),
+                      stop=context.Event())
+    done = signals.done
     shares = plan_shares(plan, procs)
     merged = CallResults()
     outputs: list[CallResults] = []
     started = time.perf_counter_ns()
     if len(shares) == 1:
-        runner = threading.Thread(target=lambda: outputs.append(run_share(shares[0], done, stop)), daemon=True)
+        runner = threading.Thread(target=lambda: outputs.append(run_share(shares[0], signals)), daemon=True)
         runner.start()
         workers: list[Any] = [runner]
         queue = None
     else:
         queue = context.Queue()
-        workers = [context.Process(target=_process_main, args=(share, done, stop, queue), daemon=True)
+        workers = [context.Process(target=_process_main, args=(share, signals, queue), daemon=True)
                    for share in shares]
         for worker in workers:
             worker.start()
@@ -215,6 +236,8 @@ def run_load(plan: LoadPlan, procs: int, progress: Progress | None) -> tuple[Cal
     try:
         collected = 0
         while collected < len(shares):
+            if not signals.go.is_set() and signals.ready.value >= len(shares):
+                signals.go.set()
             if progress is not None and bar is not None:
                 progress.update(bar, completed=done.value)
             if queue is not None:
@@ -228,7 +251,8 @@ def run_load(plan: LoadPlan, procs: int, progress: Progress | None) -> tuple[Cal
                 raise CliError("a load process died before reporting")
     except KeyboardInterrupt:
         reason = "cancel"
-        stop.set()
+        signals.stop.set()
+        signals.go.set()
         if queue is not None:
             while len(outputs) < len(shares):
                 outputs.append(queue.get(timeout=30))
@@ -239,6 +263,8 @@ def run_load(plan: LoadPlan, procs: int, progress: Progress | None) -> tuple[Cal
         worker.join(5)
     for output in outputs:
         merged.extend(output)
+    if merged.started_ns and merged.ended_ns > merged.started_ns:
+        total_ns = merged.ended_ns - merged.started_ns  # the load itself, not process start-up
     if reason == "normal" and plan.duration:
         reason = "timeout"
     return merged, total_ns, reason

@@ -47,6 +47,10 @@ class CallResults:
     """ghz spelling of the status of each call."""
     errors: list[str] = field(default_factory=list)
     """Empty for a successful call."""
+    started_ns: int = 0
+    """Wall clock when the load began (ns since the epoch); 0 when not known."""
+    ended_ns: int = 0
+    """Wall clock when the last call ended."""
 
     def add(self, timestamp_ns: int, latency_ns: int, status: str, error: str) -> None:
         self.timestamps_ns.append(timestamp_ns)
@@ -59,6 +63,9 @@ class CallResults:
         self.latencies_ns.extend(other.latencies_ns)
         self.statuses.extend(other.statuses)
         self.errors.extend(other.errors)
+        if other.started_ns:
+            self.started_ns = min(self.started_ns or other.started_ns, other.started_ns)
+        self.ended_ns = max(self.ended_ns, other.ended_ns)
 
     def __len__(self) -> int:
         return len(self.latencies_ns)

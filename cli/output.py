@@ -50,7 +50,7 @@ class Output:
 
     def note(self, text: str) -> None:
         """A remark for humans, on stderr so stdout stays parseable."""
-        self.err_console.print(text, style="dim", markup=False)
+        self.err_console.print(text, style="dim", markup=False, soft_wrap=True)
 
     def table(self, columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
         if self.rich:

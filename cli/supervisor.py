@@ -77,6 +77,7 @@ class Child:
     restarts: int = 0
     process: asyncio.subprocess.Process | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    pump: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -97,6 +98,7 @@ class Supervisor:
         self.on_event = on_event
         self.children: list[Child] = []
         self.database: EmbeddedPostgres | None = None
+        self._database_start: asyncio.Future[str] | None = None
         self.dsn = plan.database_url or ""
         self.stopping = False
         self._watchers: list[asyncio.Task[None]] = []
@@ -109,7 +111,7 @@ class Supervisor:
         self.logs.mkdir(parents=True, exist_ok=True)
         if not self.plan.database_url:
             await self._start_database()
-        self.emit("migrating", name="postgres")
+        self.emit("migrating", name="schema")
         from hashmesh.core import migrations
 
         await asyncio.to_thread(migrations.migrate, self.dsn)
@@ -117,7 +119,7 @@ class Supervisor:
         replicas = [self._child("hashd", f"hashd-{i}", ["hashmesh.hashd", "--listen",
                     f"{host}:{free_port(host)}", "--database-url", self.dsn], ("hashd",))
                     for i in range(1, self.plan.replicas + 1)]
-        await asyncio.gather(*(self._launch(child, initial=True) for child in replicas))
+        await asyncio.gather(*(self._launch(child) for child in replicas))
         port = self.plan.port or free_port(host)
         admin_port = self.plan.admin_port or free_port(host)
         self.target, self.admin_target = f"{host}:{port}", f"{host}:{admin_port}"
@@ -126,15 +128,17 @@ class Supervisor:
                                "--admin-listen", self.admin_target, "--backends", backends,
                                *(["--strategy", self.plan.strategy] if self.plan.strategy else [])],
                                ("balancer", "balancer admin"))
-        await self._launch(balancer, initial=True)
+        await self._launch(balancer)
         workers = [self._child("workerd", f"workerd-{i}", ["hashmesh.workerd", "--database-url", self.dsn],
                                ("workerd",)) for i in range(1, self.plan.workers + 1)]
-        await asyncio.gather(*(self._launch(child, initial=True) for child in workers))
+        await asyncio.gather(*(self._launch(child) for child in workers))
 
     async def _start_database(self) -> None:
         self.database = EmbeddedPostgres(data_dir=self.plan.state_dir / "postgres")
         self.emit("starting", name="postgres")
-        self.dsn = await asyncio.to_thread(self.database.start)
+        # Shielded: a stop during start-up waits for the server to be up, then stops it.
+        self._database_start = asyncio.get_running_loop().run_in_executor(None, self.database.start)
+        self.dsn = await asyncio.shield(self._database_start)
         self.emit("running", name="postgres", pid=self.database.pid, address=f"{self.database.host}:"
                   f"{self.database.port}", dsn=self.dsn)
 
@@ -154,7 +158,8 @@ class Supervisor:
             start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         self.emit("starting", name=child.name, pid=child.pid)
-        self._watchers.append(asyncio.create_task(self._pump(child, child.process)))
+        child.pump = asyncio.create_task(self._pump(child, child.process))
+        self._watchers.append(child.pump)
 
     async def _pump(self, child: Child, process: asyncio.subprocess.Process) -> None:
         """Copy the child's output to its log and note its ``listening on`` lines."""
@@ -171,8 +176,9 @@ class Supervisor:
                         child.addresses = dict(found)
                         child.ready.set()
 
-    async def _launch(self, child: Child, *, initial: bool) -> None:
-        """Start ``child`` and wait until it announces readiness; watch it afterwards."""
+    async def _launch(self, child: Child) -> None:
+        """Start ``child`` at mesh start-up and wait until it announces readiness; watch it
+        afterwards. A child that does not come up fails the start-up (no restart loop)."""
         await self._spawn(child)
         assert child.process is not None
         process = child.process
@@ -181,13 +187,13 @@ class Supervisor:
         await asyncio.wait({exited, ready}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         if not child.ready.is_set():
             ready.cancel()
-            if initial:
-                await _terminate(process)
-                raise StartupError(f"{child.name} did not start:\n{_tail(child.log_path)}")
-        else:
-            exited.cancel()
-            child.state = "running"
-            self.emit("running", name=child.name, pid=child.pid, address=child.address)
+            await _terminate(process)
+            if child.pump is not None:  # let the log catch up before quoting it
+                await asyncio.wait({child.pump}, timeout=2)
+            raise StartupError(f"{child.name} did not start (log {child.log_path}):\n{_tail(child.log_path)}")
+        exited.cancel()
+        child.state = "running"
+        self.emit("running", name=child.name, pid=child.pid, address=child.address)
         self._watchers.append(asyncio.create_task(self._watch(child, process)))
 
     async def _watch(self, child: Child, process: asyncio.subprocess.Process) -> None:
@@ -259,6 +265,8 @@ class Supervisor:
         for watcher in self._watchers:
             watcher.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
+        if self._database_start is not None:
+            await asyncio.gather(self._database_start, return_exceptions=True)
         if self.database is not None and self.database.process is not None:
             pid = self.database.pid
             self.emit("stopping", name="postgres", pid=pid)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -96,7 +97,7 @@ async def _run(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
                 display.console.print(
                     f"hashmesh is up: [bold]{supervisor.target}[/] (admin {supervisor.admin_target}), "
                     f"logs in {supervisor.logs}\n  try: hashctl hash sha256 hello · hashctl submit md5 hello "
-                    "--wait · Ctrl-C stops everything", highlight=False)
+                    "--wait · Ctrl-C stops everything", highlight=False, soft_wrap=True)
             if demo:
                 passed = await asyncio.to_thread(_demo, supervisor.target, display)
                 display.event({"event": "demo_done", "ok": passed})
@@ -111,6 +112,13 @@ async def _run(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
     except StartupError as exc:
         display.event({"event": "failed", "error": str(exc).splitlines()[0]})
         sys.stderr.write(f"error: {exc}\n")
+        code = int(ExitCode.OTHER)
+    except Exception as exc:  # the database or a migration failed: say so, then clean up
+        detail = getattr(exc, "stderr", None) or b""
+        text = detail.decode(errors="replace").strip() if isinstance(detail, bytes) else str(detail)
+        message = f"{type(exc).__name__}: {str(exc).strip() or text}"
+        display.event({"event": "failed", "error": message.splitlines()[0]})
+        sys.stderr.write(f"error: mesh did not start: {message}\n{text}\n".rstrip() + "\n")
         code = int(ExitCode.OTHER)
     finally:
         stopped.cancel()
@@ -127,6 +135,16 @@ def _demo(target: str, display: Display) -> bool:
     except Exception as exc:
         display.say(f"demo failed: {exc}", False)
         return False
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def up_command(
@@ -163,6 +181,10 @@ def up_command(
         parse_strategy(strategy)
     if once and not demo:
         raise CliError("--once only makes sense with --demo", ExitCode.USAGE)
+    for flag, number in (("--port", port), ("--admin-port", admin_port)):
+        if number and not _port_free("127.0.0.1", number):
+            raise CliError(f"port {number} is in use (another `hashctl up`?); choose another with {flag}, "
+                           "or 0 for any free port")
     plan = MeshPlan(state_dir=state_dir.resolve(), database_url=database_url, replicas=replicas,
                     workers=workers, port=port, admin_port=admin_port,
                     strategy=strategy.strip().lower().replace("-", "_") if strategy else None)

@@ -19,6 +19,7 @@ from google.protobuf import timestamp_pb2
 from hashmesh.core.cache import ResultCache
 from hashmesh.core.errors import InvalidArgument, Unavailable
 from hashmesh.core.hashing import Algorithm, Argon2Params
+from hashmesh.core.tasks.coalesce import SubmitCoalescer
 from hashmesh.core.tasks.limits import PendingLimits
 from hashmesh.core.tasks.model import (
     ListCursor,
@@ -207,6 +208,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             max_per_client=settings.max_pending_per_client,
             count=store.unfinished_by_client,
         )
+        self._submitter = SubmitCoalescer(store.submit_many, max_tasks=MAX_BATCH)
 
     def _require_database(self) -> None:
         # The hub's LISTEN connection drops as soon as PostgreSQL goes away: answer at once
@@ -234,7 +236,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         self._require_database()
         queued = sum(1 for t in tasks if t.cached_result is None)
         await self.limits.admit(client_id, queued)
-        answers = await self._store.submit_many(tasks)
+        answers = await self._submitter.submit(tasks)
         self.limits.accepted(client_id, sum(1 for a in answers if a.created and a.task.status is TaskStatus.PENDING))
         return [(a.task, a.created) for a in answers]
 
@@ -307,7 +309,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         filters = ListFilter(client_id=request.client_id or None, statuses=tuple(statuses), algorithm=algorithm)
         after = decode_page_token(request.page_token, filters)
         size = request.page_size or 100
-        rows = await self._store.list(filters, limit=size + 1, after=after)
+        rows = await self._store.list_tasks(filters, limit=size + 1, after=after)
         reply = task_pb2.ListTasksResponse(tasks=[task_to_wire(r) for r in rows[:size]])
         if len(rows) > size:
             last = rows[size - 1]

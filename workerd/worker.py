@@ -190,8 +190,9 @@ class Worker:
                 self._dispatch(task)
             if len(claimed) == free or self._wake.is_set():
                 continue
-            if not claimed:
-                self.counters.empty_claims += 1
+            if claimed:
+                continue  # the queue may be empty now; the next claim says so
+            self.counters.empty_claims += 1
             await self._idle()
 
     async def _idle(self) -> None:

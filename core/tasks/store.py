@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import psycopg_pool
@@ -76,7 +76,7 @@ class PostgresTaskStore:
     async def _rows(self, query: str, params: dict[str, Any], *, what: str) -> list[dict[str, Any]]:
         async with connection(self._pool, what=what) as conn:
             cur = await conn.execute(_q(query), params)
-            return await cur.fetchall() if cur.description else []
+            return _rows(await cur.fetchall()) if cur.description else []
 
     # -- submissions -------------------------------------------------------------------------
 
@@ -107,13 +107,13 @@ class PostgresTaskStore:
         }
         async with connection(self._pool, what="submitting tasks") as conn:
             cur = await conn.execute(_q("submit"), params)
-            inserted = {str(r["id"]): TaskRecord.from_row(r) for r in await cur.fetchall()}
+            inserted = {str(r["id"]): TaskRecord.from_row(r) for r in _rows(await cur.fetchall())}
             missing = [t for i, t in zip(ids, tasks, strict=True) if i not in inserted]
             existing: dict[tuple[str, str], TaskRecord] = {}
             for client_id in {t.client_id for t in missing}:
                 keys = sorted({t.idempotency_key for t in missing if t.client_id == client_id and t.idempotency_key})
                 cur = await conn.execute(_q("by_idempotency_keys"), {"client_id": client_id, "keys": keys})
-                for row in await cur.fetchall():
+                for row in _rows(await cur.fetchall()):
                     record = TaskRecord.from_row(row)
                     existing[(client_id, row["idempotency_key"])] = record
         answers = []
@@ -137,7 +137,7 @@ class PostgresTaskStore:
         rows = await self._rows("get_many", {"ids": list(task_ids)}, what="reading tasks")
         return [TaskRecord.from_row(r) for r in rows]
 
-    async def list(self, filters: ListFilter, *, limit: int, after: ListCursor | None) -> list[TaskRecord]:
+    async def list_tasks(self, filters: ListFilter, *, limit: int, after: ListCursor | None) -> list[TaskRecord]:
         rows = await self._rows(
             "list",
             {
@@ -156,13 +156,12 @@ class PostgresTaskStore:
         async with connection(self._pool, what="reading queue statistics") as conn:
             cur = await conn.execute(_q("count_by_status"))
             counts = {s: 0 for s in TaskStatus}
-            for row in await cur.fetchall():
+            for row in _rows(await cur.fetchall()):
                 counts[TaskStatus(row["status"])] = int(row["n"])
             cur = await conn.execute(_q("queue_summary"))
-            summary = await cur.fetchone()
+            [summary] = _rows(await cur.fetchall())
             cur = await conn.execute(_q("workers"), {"alive_seconds": alive_seconds})
-            workers = [WorkerRecord(**row) for row in await cur.fetchall()]
-        assert summary is not None
+            workers = [WorkerRecord(**row) for row in _rows(await cur.fetchall())]
         return QueueStats(
             counts=counts,
             oldest_pending_seconds=max(0.0, float(summary["oldest_pending_seconds"] or 0.0)),
@@ -289,6 +288,11 @@ class PostgresTaskStore:
 
     async def unregister_worker(self, name: str, processed: int) -> None:
         await self._rows("unregister_worker", {"name": name, "processed": processed}, what="unregistering")
+
+
+def _rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
+    """The pool's rows are dicts (``dict_row``); typed loosely for the driver's sake."""
+    return cast(list[dict[str, Any]], rows)
 
 
 def _claimed(row: dict[str, Any]) -> ClaimedTask:

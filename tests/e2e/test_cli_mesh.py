@@ -158,3 +158,26 @@ def test_bench_never_echoes_argon2_input(cli_mesh: Mesh) -> None:
         assert secret not in run.stdout and "super-secret" not in run.stdout
     assert "data" not in json.loads(_hashctl_process("bench", "-d", data, "-n", "2", "-c", "1", "-O", "json",
                                                      cli_mesh.address).stdout)["options"]
+
+
+def test_bench_duration_rate_and_csv(cli_mesh: Mesh) -> None:
+    data = '{"algorithm": "ALGORITHM_MD5", "data": "eA=="}'
+    result = hashctl("--client-id", "bencher", "bench", "-d", data, "-z", "1s", "--rps", "40", "-c", "4",
+                     "-O", "json", cli_mesh.address)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["endReason"] == "timeout" and report["count"] > 0
+    assert report["options"]["duration"] == 1_000_000_000 and report["options"]["qps"] == 40
+    assert report["options"]["metadata"] == {"x-client-id": "bencher"}
+    csv_run = hashctl("bench", "-d", data, "-n", "5", "-c", "1", "-O", "csv", cli_mesh.address)
+    lines = csv_run.stdout.splitlines()
+    assert lines[0] == "duration (ms),status,error" and len(lines) == 6
+    assert all(line.split(",")[1] == "OK" for line in lines[1:])
+
+
+def test_bench_counts_failures_by_status(cli_mesh: Mesh) -> None:
+    result = hashctl("bench", "-d", '{"data": "eA=="}', "-n", "6", "-c", "2", "-O", "json", cli_mesh.address)
+    report = json.loads(result.stdout)
+    assert report["statusCodeDistribution"] == {"InvalidArgument": 6}
+    [(error, count)] = report["errorDistribution"].items()
+    assert error.startswith("rpc error: code = InvalidArgument desc = ") and count == 6

@@ -112,3 +112,43 @@ def test_up_demo_restart_and_clean_stop(tmp_path: Path) -> None:
     assert [pid for pid in all_pids if _alive(pid)] == []
     assert _processes_mentioning(str(state_dir)) == []
     assert _processes_mentioning(ready["dsn"]) == []
+
+
+def test_sigterm_during_start_up_leaves_nothing_behind(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k != "HASHMESH_DATABASE_URL"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hashmesh.cli", "up", "--json", "--port", "0", "--admin-port", "0",
+         "--replicas", "2", "--state-dir", str(state_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True,
+    )
+    reader = EventReader(process)
+    try:
+        database = reader.wait_for(lambda e: e["event"] == "running" and e["name"] == "postgres")
+        reader.wait_for(lambda e: e["event"] == "starting" and e["name"] == "hashd-2")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    reader.thread.join(5)
+    assert code == 0
+    assert not _alive(database["pid"])
+    assert _processes_mentioning(str(state_dir)) == []
+    assert _processes_mentioning(database["dsn"]) == []
+
+
+def test_a_child_that_cannot_start_fails_up_cleanly(dsn: str, tmp_path: Path) -> None:
+    """An existing database (--database-url), and a balancer whose settings are wrong."""
+    env = {**os.environ, "HASHMESH_BALANCER_RATE_LIMIT": "not-a-rate"}
+    run = subprocess.run(
+        [sys.executable, "-m", "hashmesh.cli", "up", "--json", "--port", "0", "--admin-port", "0",
+         "--replicas", "1", "--database-url", dsn, "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, env=env, timeout=90,
+    )
+    assert run.returncode == 1
+    events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    failed = [e for e in events if e["event"] == "failed"]
+    assert failed and failed[0]["error"].startswith("balancer did not start")
+    assert "not-a-rate" in run.stderr and "Traceback" not in run.stderr
+    assert events[-1]["event"] == "down"
+    assert not any(e["name"] == "postgres" for e in events if "name" in e)  # no embedded database
+    assert _processes_mentioning(dsn) == []

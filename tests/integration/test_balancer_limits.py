@@ -12,6 +12,7 @@ import pytest
 from hashmesh.balancer import keys
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hash_pb2
 from tests.integration.test_balancer_proxy import start_backends, start_balancer
+from tests.procs import start_process, wait_serving
 
 HASH = "/hashmesh.v1.HashService/Hash"
 REQUEST = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc").SerializeToString()  # type: ignore[arg-type]
@@ -114,6 +115,39 @@ def test_api_keys_identify_clients_and_bind_their_limit(tmp_path: Path) -> None:
                 call(REQUEST, timeout=5, metadata=[("x-api-key", key_a), ("x-client-id", "fake-9")])
             assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
             call(REQUEST, timeout=5, metadata=[("x-api-key", key_b)])
+    finally:
+        balancer.terminate()
+        for backend in backends:
+            backend.terminate()
+
+
+def test_in_flight_cap_spills_then_fails_fast_and_dns_finds_replicas(tmp_path: Path) -> None:
+    backends = start_backends(tmp_path, 1)
+    port = backends[0].address.rsplit(":", 1)[1]
+    balancer = start_process(
+        "balancer",
+        ["hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+         "--backends-dns", f"localhost:{port}"],
+        log_dir=tmp_path,
+        env={"HASHMESH_BALANCER_MAX_IN_FLIGHT": "1", "HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2"},
+        expect=("balancer", "balancer admin"),
+    )
+    try:
+        wait_serving(balancer.addresses["balancer"])
+        with grpc.insecure_channel(balancer.addresses["balancer admin"]) as channel:
+            listed = admin_pb2_grpc.AdminServiceStub(channel).ListBackends(admin_pb2.ListBackendsRequest(), timeout=5)
+        ready = [b for b in listed.backends if b.state == admin_pb2.BACKEND_STATE_READY]
+        assert [b.address for b in ready] == [f"127.0.0.1:{port}"] and ready[0].source == "dns"
+        with grpc.insecure_channel(balancer.addresses["balancer"]) as channel:
+            call = channel.unary_unary(HASH)
+            slow = call.future(REQUEST, timeout=10, metadata=[("x-test-sleep", "1")])
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as full:
+                call(REQUEST, timeout=5)
+            assert full.value.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            assert "in-flight cap" in (full.value.details() or "")  # type: ignore[attr-defined]
+            assert slow.result()
+            assert call(REQUEST, timeout=5)
     finally:
         balancer.terminate()
         for backend in backends:

@@ -102,6 +102,11 @@ def test_every_method_kind_goes_through_with_metadata(shared: tuple[Proc, list[P
         methods = DescriptorPool(database).FindServiceByName("hashmesh.v1.TaskService").methods_by_name
         assert methods["WatchTask"].server_streaming
 
+        # A method the balancer has never heard of still goes through, and so does the answer.
+        with pytest.raises(grpc.RpcError) as unknown:
+            channel.unary_unary("/other.v1.Thing/Do")(b"\x01\x02", timeout=5)
+        assert unknown.value.code() is grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+
 
 def test_rich_error_details_and_trailers_pass_unchanged(shared: tuple[Proc, list[Proc]]) -> None:
     balancer, _ = shared

@@ -88,6 +88,26 @@ def test_cache_is_shared_by_replicas_holds_no_plaintext_and_clears_everywhere(
         time.sleep(0.05)
     assert not _argon2(second.address, password, SALTED).cached
 
+    # Failing calls carry the password too; none of it may be logged either.
+    with grpc.insecure_channel(first.address) as channel:
+        stub = hash_pb2_grpc.HashServiceStub(channel)
+        bad_calls = [
+            hash_pb2.HashRequest(
+                algorithm=common_pb2.ALGORITHM_ARGON2ID,
+                data=password,
+                argon2=common_pb2.Argon2Params(time_cost=99),
+            ),
+            hash_pb2.VerifyRequest(data=password, encoded="$argon2id$v=19$broken"),
+            hash_pb2.VerifyRequest(data=password, encoded=computed.encoded + "x"),
+        ]
+        for request in bad_calls:
+            method = stub.Hash if isinstance(request, hash_pb2.HashRequest) else stub.Verify
+            try:
+                method(request, timeout=30)
+            except grpc.RpcError as exc:
+                assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT
+                assert password.decode() not in (exc.details() or "")
+
     # Nothing about the password reached either process's log.
     for proc in (first, second):
         proc.terminate()

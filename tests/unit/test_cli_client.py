@@ -7,7 +7,9 @@ from typing import Any
 
 import grpc
 import pytest
+import typer.main
 
+from hashmesh.cli.app import app
 from hashmesh.cli.client import CliError, ExitCode, error_from_rpc
 from hashmesh.cli.naming import parse_algorithm, parse_status, parse_strategy
 from hashmesh.cli.output import Output
@@ -78,15 +80,21 @@ def test_plain_output_is_tab_separated_off_a_terminal() -> None:
     assert stream.getvalue() == "A\tB\n1\t-\nyes\t0.5\n"
 
 
+def _leaves(command: Any, path: str = "") -> list[tuple[str, Any]]:
+    children = getattr(command, "commands", None)
+    if not children:
+        return [(path, command)]
+    return [leaf for name, child in children.items() for leaf in _leaves(child, f"{path} {name}".strip())]
+
+
 def test_every_command_has_help_with_an_example() -> None:
-    commands = ["hash", "verify", "submit", "health", "up", "bench", "task submit", "task get", "task watch",
-                "task list", "task cancel", "task requeue", "task stats", "lb stats", "lb backends",
-                "lb strategy", "lb drain", "ratelimit get", "ratelimit set", "cache stats", "cache clear",
-                "db migrate"]
-    for command in commands:
-        result = hashctl(*command.split(), "--help")
-        assert result.exit_code == 0, command
-        assert "Example" in result.stdout and "hashctl " in result.stdout, command
+    leaves = dict(_leaves(typer.main.get_command(app)))
+    assert {"hash", "verify", "submit", "health", "up", "bench", "task submit", "task get", "task watch",
+            "task list", "task cancel", "task requeue", "task stats", "lb stats", "lb backends", "lb strategy",
+            "lb drain", "ratelimit get", "ratelimit set", "cache stats", "cache clear", "db migrate"} <= set(leaves)
+    for name, command in leaves.items():
+        assert command.help and "Example" in command.help and "hashctl " in command.help, name
+    assert "Example" in hashctl("task", "watch", "--help").stdout
 
 
 def test_usage_errors_exit_2_without_traceback() -> None:
@@ -94,3 +102,23 @@ def test_usage_errors_exit_2_without_traceback() -> None:
     assert result.exit_code == ExitCode.USAGE and result.stderr.startswith("error: nothing to change")
     assert hashctl("bench", "-O", "xml").exit_code == ExitCode.USAGE
     assert hashctl("up", "--once").exit_code == ExitCode.USAGE
+
+
+def test_shell_completion_completes_command_names() -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, [], prog_name="hashctl", env={
+        "_HASHCTL_COMPLETE": "complete_bash", "COMP_WORDS": "hashctl ratel", "COMP_CWORD": "1"})
+    assert result.stdout.split() == ["ratelimit"]
+
+
+def test_up_refuses_a_busy_port_before_starting_anything(tmp_path: Any) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = hashctl("up", "--port", str(port), "--state-dir", str(tmp_path / "state"))
+    assert result.exit_code == ExitCode.OTHER and f"port {port} is in use" in result.stderr
+    assert not (tmp_path / "state").exists()

@@ -101,3 +101,21 @@ def test_argon2id_cannot_be_streamed() -> None:
     with pytest.raises(InvalidArgument) as caught:
         hashing.new_digest(Algorithm.ARGON2ID)
     assert caught.value.field == "header.algorithm"
+
+
+@settings(max_examples=100, deadline=None)
+@given(chunk=st.binary(max_size=70_000))
+def test_stream_deserializer_views_chunks_without_protobuf(chunk: bytes) -> None:
+    from hashmesh.hashd.hash_service import parse_stream_message
+    from hashmesh.v1 import common_pb2, hash_pb2
+
+    raw = hash_pb2.HashStreamRequest(chunk=chunk).SerializeToString()
+    parsed = parse_stream_message(raw)
+    assert isinstance(parsed, memoryview) and parsed.tobytes() == chunk
+    header = hash_pb2.HashStreamRequest(
+        header=hash_pb2.HashStreamHeader(algorithm=common_pb2.ALGORITHM_MD5)
+    )
+    assert parse_stream_message(header.SerializeToString()) == header
+    # A chunk followed by anything else is left to protobuf (here: a header after the chunk).
+    mixed = parse_stream_message(raw + header.SerializeToString())
+    assert isinstance(mixed, hash_pb2.HashStreamRequest)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import cast
 
 import pytest
 
@@ -90,6 +92,32 @@ def test_limits_refuse_whole_batches_globally_and_per_client() -> None:
         with pytest.raises(ResourceExhausted) as total:
             await limits.admit("c", 1)
         assert total.value.reason == "QUEUE_FULL"
+
+    asyncio.run(scenario())
+
+
+def test_coalescer_shares_statements_and_keeps_each_callers_tasks_together() -> None:
+    from hashmesh.core.tasks.coalesce import SubmitCoalescer
+    from hashmesh.core.tasks.model import NewTask, Submitted, TaskRecord
+
+    statements: list[int] = []
+
+    async def submit_many(tasks: Sequence[NewTask]) -> list[Submitted]:
+        statements.append(len(tasks))
+        await asyncio.sleep(0.01)
+        if any(t.data == b"boom" for t in tasks):
+            raise RuntimeError("statement failed")
+        return [Submitted(cast(TaskRecord, t.data), created=True) for t in tasks]
+
+    async def scenario() -> None:
+        coalescer = SubmitCoalescer(submit_many, max_tasks=5, max_in_flight=1)
+        calls = [[NewTask("md5", b"%d-%d" % (c, i)) for i in range(c % 3 + 1)] for c in range(6)]
+        answers = await asyncio.gather(*(coalescer.submit(call) for call in calls))
+        for call, answer in zip(calls, answers, strict=True):
+            assert [a.task for a in answer] == [t.data for t in call]
+        assert len(statements) < len(calls) and max(statements) <= 5
+        with pytest.raises(RuntimeError):
+            await coalescer.submit([NewTask("md5", b"boom")])
 
     asyncio.run(scenario())
 

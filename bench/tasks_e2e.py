@@ -1,0 +1,229 @@
+"""End-to-end figures of the task queue, run by hand (not by the tests).
+
+    /work/venv/bin/python bench/tasks_e2e.py                      # everything, ~2-3 minutes
+    /work/venv/bin/python bench/tasks_e2e.py --direct             # skip the balancer
+    /work/venv/bin/python bench/tasks_e2e.py --skip-celery --tasks 5000
+
+Starts an embedded PostgreSQL (or uses ``--dsn``, where it creates one database per
+scenario), one hashd (``--hashd N`` for more), the balancer in front of them unless
+``--direct``, and 1 or 2 workerd. Figures:
+
+- throughput: submit N md5 tasks (single: one SubmitTask per task, 64 in flight; batch:
+  SubmitTasks of 1,000) → until every task is final (counted in the database), with 1 and 2
+  workerd: tasks/s end to end, and the submission rate alone;
+- latency: open loop at ``--rate`` tasks/s for ``--seconds``: SubmitTask, then WatchTask until
+  the final state arrives; p50/p99 of submit → final, as the client sees it;
+- the same workload through Celery + Redis (bench/celery_md5.py), in the same run, for the ratio.
+
+The machine is small and shared: compare the ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import grpc
+import psycopg
+
+from hashmesh.core import migrations
+from hashmesh.core.embedded_pg import EmbeddedPostgres, create_database
+from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
+
+HERE = Path(__file__).resolve().parent
+FINAL = "('succeeded', 'cancelled', 'dead_letter')"
+
+
+@contextmanager
+def postgres(dsn: str | None) -> Iterator[str]:
+    if dsn:
+        yield dsn
+        return
+    with tempfile.TemporaryDirectory(prefix="tasks-bench-") as folder:
+        server = EmbeddedPostgres(data_dir=Path(folder))
+        server.start()
+        try:
+            yield server.dsn
+        finally:
+            server.stop()
+
+
+class Daemon:
+    """A hashmesh daemon; ready once it printed its ``listening on`` / ``ready as`` lines."""
+
+    def __init__(self, module: str, args: list[str], expect: int = 1) -> None:
+        self.popen = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True)
+        self.addresses: list[str] = []
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            if " listening on " in line or " ready as " in line:
+                self.addresses.append(line.strip().rsplit(" ", 1)[1])
+                if len(self.addresses) == expect:
+                    return
+        raise RuntimeError(f"{module} did not start")
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+
+
+@contextmanager
+def mesh(admin_dsn: str, *, hashd: int, workers: int, direct: bool) -> Iterator[tuple[str, str]]:
+    """(address clients use, database dsn) of a fresh mesh on a fresh database."""
+    dsn = create_database(admin_dsn, f"bench_{uuid.uuid4().hex[:10]}")
+    migrations.migrate(dsn)
+    daemons: list[Daemon] = []
+    try:
+        replicas = [Daemon("hashmesh.hashd", ["--listen", "127.0.0.1:0", "--database-url", dsn]) for _ in range(hashd)]
+        daemons += replicas
+        address = replicas[0].addresses[0]
+        if not direct:
+            front = Daemon("hashmesh.balancer", ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                                                 "--backends", ",".join(r.addresses[0] for r in replicas)], expect=2)
+            daemons.append(front)
+            address = front.addresses[0]
+        daemons += [Daemon("hashmesh.workerd", ["--database-url", dsn, "--name", f"bench-{i}"]) for i in range(workers)]
+        yield address, dsn
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()
+
+
+def spec(i: int) -> task_pb2.TaskSpec:
+    return task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, data=b"task-%d" % i)
+
+
+async def submit_single(stub: task_pb2_grpc.TaskServiceStub, n: int, in_flight: int = 64) -> None:
+    next_index = 0
+
+    async def lane() -> None:
+        nonlocal next_index
+        while next_index < n:
+            i = next_index
+            next_index += 1
+            await stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec(i), client_id="bench"), timeout=30)
+
+    await asyncio.gather(*(lane() for _ in range(in_flight)))
+
+
+async def submit_batches(stub: task_pb2_grpc.TaskServiceStub, n: int, size: int = 1000, in_flight: int = 2) -> None:
+    starts = iter(range(0, n, size))
+
+    async def lane() -> None:
+        for start in starts:
+            batch = [spec(i) for i in range(start, min(n, start + size))]
+            await stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=batch, client_id="bench"), timeout=60)
+
+    await asyncio.gather(*(lane() for _ in range(in_flight)))
+
+
+async def wait_all_final(dsn: str, n: int, timeout: float = 600) -> float:
+    deadline = time.perf_counter() + timeout
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        while time.perf_counter() < deadline:
+            cur = await conn.execute(f"SELECT count(*) FROM hashmesh_tasks WHERE status IN {FINAL}")
+            row = await cur.fetchone()
+            if row and row[0] >= n:
+                return time.perf_counter()
+            await asyncio.sleep(0.01)
+    raise TimeoutError("tasks did not finish")
+
+
+async def throughput(address: str, dsn: str, n: int, mode: str) -> dict[str, float]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = task_pb2_grpc.TaskServiceStub(channel)
+        await stub.GetQueueStats(task_pb2.GetQueueStatsRequest(), timeout=10)  # warm the channel
+        started = time.perf_counter()
+        waiter = asyncio.create_task(wait_all_final(dsn, n))
+        await (submit_single(stub, n) if mode == "single" else submit_batches(stub, n))
+        submitted = time.perf_counter()
+        finished = await waiter
+    return {"submit_per_s": n / (submitted - started), "end_to_end_per_s": n / (finished - started)}
+
+
+async def latency(address: str, rate: float, seconds: float) -> dict[str, float]:
+    n = int(rate * seconds)
+    samples: list[float] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = task_pb2_grpc.TaskServiceStub(channel)
+        await stub.GetQueueStats(task_pb2.GetQueueStatsRequest(), timeout=10)
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 0.2
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+            began = time.perf_counter()
+            reply = await stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec(10**9 + i)), timeout=30)
+            async for message in stub.WatchTask(task_pb2.WatchTaskRequest(id=reply.task.id), timeout=30):
+                if message.task.status in (task_pb2.TASK_STATUS_SUCCEEDED, task_pb2.TASK_STATUS_DEAD_LETTER,
+                                           task_pb2.TASK_STATUS_CANCELLED):
+                    break
+            samples.append(time.perf_counter() - began)
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    cuts = statistics.quantiles(samples, n=100)
+    return {"tasks": n, "rate": rate, "p50_ms": cuts[49] * 1000, "p99_ms": cuts[98] * 1000}
+
+
+def celery(n: int, rate: float, seconds: float) -> dict[str, dict[str, float]] | None:
+    try:
+        out = subprocess.run([sys.executable, str(HERE / "celery_md5.py"), "--tasks", str(n), "--rate", str(rate),
+                              "--seconds", str(seconds), "--json"], capture_output=True, text=True, timeout=900,
+                             check=True)
+    except (subprocess.SubprocessError, OSError) as exc:
+        print(f"celery comparison skipped: {exc}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dsn", help="PostgreSQL admin DSN (default: an embedded server)")
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--hashd", type=int, default=1, help="hashd replicas behind the balancer")
+    parser.add_argument("--direct", action="store_true", help="clients talk to hashd, no balancer")
+    parser.add_argument("--skip-celery", action="store_true")
+    args = parser.parse_args()
+    path = "direct to hashd" if args.direct else f"through the balancer ({args.hashd} hashd)"
+    print(f"# task queue, {args.tasks} md5 tasks per run, {path}, {os.cpu_count()} CPUs")
+    with ExitStack() as stack:
+        admin = stack.enter_context(postgres(args.dsn))
+        for workers in (1, 2):
+            for mode in ("single", "batch"):
+                with mesh(admin, hashd=args.hashd, workers=workers, direct=args.direct) as (address, dsn):
+                    figures = asyncio.run(throughput(address, dsn, args.tasks, mode))
+                print(f"hashmesh {mode:6s} submit, {workers} workerd: {figures['end_to_end_per_s']:7.0f} tasks/s "
+                      f"end to end ({figures['submit_per_s']:.0f}/s submitting)", flush=True)
+        with mesh(admin, hashd=args.hashd, workers=1, direct=args.direct) as (address, _):
+            lat = asyncio.run(latency(address, args.rate, args.seconds))
+        print(f"hashmesh latency at {lat['rate']:.0f}/s (submit → final via WatchTask): "
+              f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms", flush=True)
+    if not args.skip_celery:
+        report = celery(args.tasks, args.rate, args.seconds)
+        if report:
+            t, c_lat = report["throughput"], report["latency"]
+            print(f"celery+redis single submit, 1 worker: {t['end_to_end_per_s']:7.0f} tasks/s end to end "
+                  f"({t['submit_per_s']:.0f}/s submitting)")
+            print(f"celery+redis latency at {c_lat['rate']:.0f}/s (delay → result): p50 {c_lat['p50_ms']:.1f} ms, "
+                  f"p99 {c_lat['p99_ms']:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
