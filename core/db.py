@@ -10,7 +10,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -80,7 +80,7 @@ async def with_retries(
 @asynccontextmanager
 async def connection(
     pool: psycopg_pool.AsyncConnectionPool, *, what: str
-) -> AsyncIterator[psycopg.AsyncConnection[dict[str, object]]]:
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """A pooled connection; driver errors surface as ``Unavailable`` naming ``what``."""
     try:
         async with pool.connection() as conn:

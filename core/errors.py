@@ -126,7 +126,7 @@ def to_grpc_status(error: HashmeshError) -> grpc.Status:
     return result
 
 
-class _WithMetadata(grpc.Status):
+class _WithMetadata(grpc.Status):  # type: ignore[misc]
     def __init__(
         self,
         code: grpc.StatusCode,

@@ -198,8 +198,12 @@ async def wait_for_signal(
     """Block until one of ``signals`` arrives; the one place daemons handle signals."""
     loop = asyncio.get_running_loop()
     received: asyncio.Future[signal.Signals] = loop.create_future()
+    def deliver(sig: signal.Signals) -> None:
+        if not received.done():
+            received.set_result(sig)
+
     for sig in signals:
-        loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s))
+        loop.add_signal_handler(sig, deliver, sig)
     try:
         return await received
     finally:
