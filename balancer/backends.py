@@ -28,6 +28,7 @@ READY = "ready"
 UNHEALTHY = "unhealthy"
 EJECTED = "ejected"
 DRAINING = "draining"
+UNHEALTHY_AFTER = 2  # failed health checks in a row (NOT_SERVING: at once)
 
 
 def channel_options(settings: BalancerSettings) -> list[tuple[str, Any]]:
@@ -53,6 +54,7 @@ class Replica:
     __slots__ = (
         "_calls",
         "address",
+        "bad_checks",
         "cap",
         "channel",
         "draining",
@@ -76,6 +78,7 @@ class Replica:
         self.in_flight = 0
         self.cap = settings.max_in_flight_per_backend
         self.failures = 0
+        self.bad_checks = 0
         self.stats = ReplicaStats(settings.stats_window)
         self._calls: dict[tuple[str, str], Any] = {}
 
@@ -111,6 +114,7 @@ class BackendSet:
         self.settings = settings
         self.replicas: dict[str, Replica] = {}
         self.ready: tuple[Replica, ...] = ()
+        self.fallback: tuple[Replica, ...] = ()
         self.picker: Picker = make_picker(settings.strategy, settings.hash_key)
         self.hash_key: str = settings.hash_key
         self._on_change = on_change
@@ -122,7 +126,9 @@ class BackendSet:
     # -- picking ---------------------------------------------------------------------------
 
     def pick(self, key: str | None, exclude: Collection[Replica]) -> Replica | None:
-        chosen: Candidate | None = self.picker.pick(self.ready, key, exclude)
+        # Panic routing (as Envoy does): with no replica known healthy, try them all rather
+        # than refuse; the dead ones fail fast and the call is retried on another.
+        chosen: Candidate | None = self.picker.pick(self.ready or self.fallback, key, exclude)
         return chosen  # type: ignore[return-value]
 
     def set_strategy(self, name: str, hash_key: str | None = None) -> None:
@@ -134,9 +140,8 @@ class BackendSet:
     # -- state -----------------------------------------------------------------------------
 
     def _rebuild(self) -> None:
-        self.ready = tuple(
-            r for r in self.replicas.values() if r.state == READY and not r.draining and not r.removed
-        )
+        self.fallback = tuple(r for r in self.replicas.values() if not r.draining and not r.removed)
+        self.ready = tuple(r for r in self.fallback if r.state == READY)
         serving = any(r.state == READY and not r.removed for r in self.replicas.values())
         if serving != self._serving:
             self._serving = serving
@@ -198,13 +203,16 @@ class BackendSet:
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=self.settings.health_timeout)
             healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
+            replica.bad_checks = 0 if healthy else UNHEALTHY_AFTER  # NOT_SERVING counts at once
         except grpc.aio.AioRpcError:
+            # One slow or lost check on a busy machine is not a verdict.
+            replica.bad_checks += 1
             healthy = False
         if healthy:
             ejected_long_enough = time.monotonic() - replica.state_since >= self.settings.health_interval
             if replica.state != EJECTED or ejected_long_enough:
                 self._set_state(replica, READY)
-        elif replica.state == READY:
+        elif replica.state == READY and replica.bad_checks >= UNHEALTHY_AFTER:
             self._set_state(replica, UNHEALTHY)
 
     async def _health_loop(self, replica: Replica) -> None:

@@ -142,7 +142,7 @@ class Proxy:
                 replica = self._backends.pick(call.hash_value, ())
             if replica is None:
                 self._stats.no_backend += 1
-                reason = "no replica is ready" if not self._backends.ready else "every replica is at its in-flight cap"
+                reason = "no replica is ready" if not self._backends.fallback else "every replica is at its in-flight cap"
                 raise Unavailable(reason, retry_after=0.1)
         return replica
 
@@ -339,7 +339,7 @@ class _Replayable:
                     return
                 await send(message)
             await rpc.done_writing()
-        except Exception:  # noqa: BLE001 - the backend call ended: its status says why
+        except Exception:  # the backend call ended: its status says why
             log.debug("request stream stopped", exc_info=True)
 
     async def stop(self) -> None:

@@ -84,9 +84,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 
 
 async def run(settings: HashdSettings) -> None:
-    import os
-    if os.environ.get("XX_NO_MALLOPT") != "1":
-        _limit_malloc_arenas()
+    _limit_malloc_arenas()
     server = Hashd(settings)
     await server.start()
     print(f"hashd listening on {server.grpc.address}", flush=True)
