@@ -10,10 +10,12 @@ import typer
 from typer.core import TyperGroup
 
 from hashmesh.cli import admin_cmds, bench, hash_cmds, task_cmds, up
-from hashmesh.cli.client import CliError, error_from_rpc
+from hashmesh.cli.client import CliError, ExitCode, error_from_rpc
 from hashmesh.cli.options import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET, CliOptions
 from hashmesh.cli.output import print_error
 from hashmesh.cli.state import CliState
+from hashmesh.core.settings import SettingsError
+from hashmesh.core.tls import ClientTls
 
 
 class HashctlGroup(TyperGroup):
@@ -62,11 +64,37 @@ def global_options(
     = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on every command (for scripts).")]
     = False,
+    tls_ca: Annotated[str | None, typer.Option("--tls-ca", show_default=False,
+                                               help="Use TLS; PEM CA that signed the server "
+                                               "(else HASHMESH_TLS_CA_FILE).")] = None,
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", show_default=False,
+                                                 help="PEM client certificate for mutual TLS "
+                                                 "(else HASHMESH_TLS_CLIENT_CERT_FILE).")] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", show_default=False,
+                                                help="PEM key of --tls-cert "
+                                                "(else HASHMESH_TLS_CLIENT_KEY_FILE).")] = None,
+    tls_server_name: Annotated[str | None, typer.Option("--tls-server-name", show_default=False,
+                                                        help="Name to check in the server certificate "
+                                                        "(else HASHMESH_TLS_SERVER_NAME).")] = None,
 ) -> None:
     """hashctl: hash now, queue hashing tasks, and run or operate a hashmesh."""
+    tls = client_tls(tls_ca, tls_cert, tls_key, tls_server_name)
     ctx.obj = CliState(CliOptions(target=target, admin_target=admin_target, admin_token=admin_token,
-                                  timeout=timeout, client_id=client_id, json=json_out))
+                                  timeout=timeout, client_id=client_id, json=json_out, tls=tls))
     ctx.call_on_close(ctx.obj.session.close)
+
+
+def client_tls(ca: str | None, cert: str | None, key: str | None,
+               server_name: str | None) -> ClientTls | None:
+    """The TLS options: each flag, else its ``HASHMESH_TLS_*`` variable; ``None`` (plaintext)
+    when neither names anything."""
+    try:
+        env = ClientTls.from_env() or ClientTls()
+        tls = ClientTls(ca_file=ca or env.ca_file, cert_file=cert or env.cert_file,
+                        key_file=key or env.key_file, server_name=server_name or env.server_name)
+    except SettingsError as exc:
+        raise CliError(f"TLS: {exc} (--tls-cert and --tls-key go together)", ExitCode.USAGE) from None
+    return None if tls == ClientTls() else tls
 
 
 app.command("hash")(hash_cmds.hash_command)

@@ -38,8 +38,9 @@ from hashmesh.cli.bench_report import (
     go_error,
     go_status,
 )
-from hashmesh.cli.client import CliError, ExitCode
+from hashmesh.cli.client import CliError, ExitCode, aio_channel, channel_security
 from hashmesh.cli.state import state_of
+from hashmesh.core.tls import ClientTls
 from hashmesh.v1 import admin_pb2, cache_pb2, common_pb2, hash_pb2, task_pb2
 
 _REGISTERED = (admin_pb2, cache_pb2, hash_pb2, task_pb2)  # importing them fills the descriptor pool
@@ -113,6 +114,8 @@ class LoadPlan:
     rps: float | None
     timeout: float
     connections: int
+    tls: ClientTls | None = None
+    """hashctl's TLS options; each load process reads the files itself."""
 
 
 def split(value: int, parts: int) -> list[int]:
@@ -125,7 +128,8 @@ def plan_shares(plan: LoadPlan, procs: int) -> list[LoadPlan]:
     totals = split(plan.total, procs) if plan.total is not None else [None] * procs
     rps = plan.rps / procs if plan.rps else None
     return [LoadPlan(plan.target, plan.path, plan.payload, plan.metadata, c, t, plan.duration, rps,
-                     plan.timeout, plan.connections) for c, t in zip(concurrency, totals, strict=True)]
+                     plan.timeout, plan.connections, plan.tls)
+            for c, t in zip(concurrency, totals, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -140,9 +144,9 @@ class Signals:
 
 async def _drive(plan: LoadPlan, signals: Signals) -> CallResults:
     loop = asyncio.get_running_loop()
-    # Plaintext, as hashmesh.cli.client.open_channel; TLS options will apply here too.
-    channels = [grpc.aio.insecure_channel(plan.target, options=[("grpc.use_local_subchannel_pool", 1),
-                                                                  ("grpc.enable_retries", 0)])
+    # Same transport security as every other hashctl channel.
+    channels = [aio_channel(plan.target, plan.tls, [("grpc.use_local_subchannel_pool", 1),
+                                                    ("grpc.enable_retries", 0)])
                 for _ in range(max(1, plan.connections))]
     calls = [channel.unary_unary(plan.path) for channel in channels]  # bytes in, bytes out
     results = CallResults()
@@ -273,7 +277,7 @@ def run_load(plan: LoadPlan, procs: int, progress: Progress | None) -> tuple[Cal
 def report_options(plan: LoadPlan, call: str, request: Message, data: str | None, metadata: dict[str, str],
                    procs: int, name: str | None) -> dict[str, Any]:
     """ghz's ``options`` object; request data is left out when it holds an argon2id password."""
-    options: dict[str, Any] = {"host": plan.target, "call": call, "insecure": True}
+    options: dict[str, Any] = {"host": plan.target, "call": call, "insecure": plan.tls is None}
     if plan.total is not None and not plan.duration:
         options["total"] = plan.total
     options["concurrency"] = plan.concurrency
@@ -356,8 +360,9 @@ def bench_command(
         payload=request.SerializeToString(),
         metadata=tuple((k.lower(), str(v)) for k, v in meta.items()),
         concurrency=concurrency, total=None if seconds else total, duration=seconds, rps=rps,
-        timeout=parse_duration(call_timeout), connections=connections,
+        timeout=parse_duration(call_timeout), connections=connections, tls=state.options.tls,
     )
+    channel_security(plan.tls)  # an unreadable certificate fails here, not in every load process
     err_console = Console(file=sys.stderr)
     progress = Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err_console, transient=True, disable=not sys.stderr.isatty())

@@ -7,11 +7,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import grpc
 from grpc_status import rpc_status
 
 from hashmesh.cli.options import CliOptions
+from hashmesh.core.settings import SettingsError
+from hashmesh.core.tls import ClientTls
 from hashmesh.v1 import (
     admin_pb2_grpc,
     cache_pb2_grpc,
@@ -91,6 +94,8 @@ def error_from_rpc(err: grpc.RpcError, target: str) -> CliError:
     message = f"{code.name}: {details}" if details else code.name
     if code is grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
         message = f"UNAVAILABLE: cannot reach {target} ({details})"
+        if any(word in details.lower() for word in ("ssl", "tls", "handshake", "certificate")):
+            message += "; check --tls-ca / --tls-cert / --tls-key / --tls-server-name"
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         delay = retry_after_of(err)
         if delay is not None:
@@ -98,14 +103,50 @@ def error_from_rpc(err: grpc.RpcError, target: str) -> CliError:
     return CliError(message, _EXIT_BY_STATUS.get(code, ExitCode.OTHER))
 
 
+def channel_security(
+    tls: ClientTls | None,
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
+    """Credentials (``None``: plaintext) and the channel options they need, for every channel
+    hashctl opens (commands, bench, demo, locust): the one place transport security is decided.
+    An unreadable certificate file is a usage error."""
+    if tls is None:
+        return None, []
+    try:
+        return tls.credentials(), tls.channel_options()
+    except SettingsError as exc:
+        raise CliError(f"TLS: {exc}", ExitCode.USAGE) from None
+
+
+def sync_channel(
+    target: str, tls: ClientTls | None, options: list[tuple[str, Any]] | None = None
+) -> grpc.Channel:
+    """A blocking channel to ``target``, TLS when ``tls`` is given."""
+    credentials, extra = channel_security(tls)
+    merged = [*(options or []), *extra]
+    if credentials is None:
+        return grpc.insecure_channel(target, options=merged)
+    return grpc.secure_channel(target, credentials, options=merged)
+
+
+def aio_channel(
+    target: str, tls: ClientTls | None, options: list[tuple[str, Any]] | None = None
+) -> grpc.aio.Channel:
+    """A grpc.aio channel to ``target``, TLS when ``tls`` is given."""
+    credentials, extra = channel_security(tls)
+    merged = [*(options or []), *extra]
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=merged)
+    return grpc.aio.secure_channel(target, credentials, options=merged)
+
+
 def open_channel(target: str, options: CliOptions) -> grpc.Channel:
-    """A channel to ``target``; the one place transport security will be decided."""
+    """A channel to ``target`` for one command, with the invocation's TLS options."""
     channel_options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.enable_retries", 0),
     ]
-    return grpc.insecure_channel(target, options=channel_options)
+    return sync_channel(target, options.tls, channel_options)
 
 
 @dataclass

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import grpc
 
+from hashmesh.cli.client import sync_channel
+from hashmesh.core.tls import ClientTls
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc, task_pb2, task_pb2_grpc
 
 INPUTS = (b"hello", b"hashmesh", b"")
@@ -16,10 +18,11 @@ ALGORITHMS = ((common_pb2.ALGORITHM_MD5, "md5"), (common_pb2.ALGORITHM_SHA256, "
 FINAL = {task_pb2.TASK_STATUS_SUCCEEDED, task_pb2.TASK_STATUS_CANCELLED, task_pb2.TASK_STATUS_DEAD_LETTER}
 
 
-def run_demo(target: str, say: Callable[[str, bool | None], None], timeout: float = 60.0) -> bool:
+def run_demo(target: str, say: Callable[[str, bool | None], None], timeout: float = 60.0,
+             tls: ClientTls | None = None) -> bool:
     """Run the tour against ``target``; ``say(line, ok)`` prints each step. True if all passed."""
     passed = True
-    with grpc.insecure_channel(target) as channel:
+    with sync_channel(target, tls) as channel:
         grpc.channel_ready_future(channel).result(timeout=10)
         hasher = hash_pb2_grpc.HashServiceStub(channel)
         for algorithm, name in ALGORITHMS:

@@ -26,6 +26,9 @@ from locust import User
 from locust.env import Environment
 from locust.exception import LocustError
 
+from hashmesh.cli.client import sync_channel
+from hashmesh.core.tls import ClientTls
+
 grpc_gevent.init_gevent()
 
 REQUEST_TYPE = "grpc"
@@ -149,7 +152,8 @@ class GrpcUser(User):
         super().__init__(environment)
         if self.stub_class is None:
             raise LocustError("set stub_class on your GrpcUser")
-        self._raw_channel = grpc.insecure_channel(target_of(self.host))
+        # TLS from HASHMESH_TLS_* (locust has its own flags), as every hashctl channel.
+        self._raw_channel = sync_channel(target_of(self.host), ClientTls.from_env())
         self.channel = grpc.intercept_channel(self._raw_channel, LocustInterceptor(environment))
         self.stub = self.stub_class(self.channel)
         self.metadata = (("x-client-id", f"locust-{id(self):x}"),)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hashmesh.core.tls import ClientTls
+
 DEFAULT_TARGET = "127.0.0.1:50050"
 DEFAULT_ADMIN_TARGET = "127.0.0.1:50060"
 
@@ -25,8 +27,11 @@ class CliOptions:
     (``HASHMESH_CLIENT_ID``)."""
     json: bool = False
     """Print machine-readable JSON instead of tables."""
-    # TLS options (CA, client certificate and key, server name override) join here when the
-    # mesh serves TLS; ``hashmesh.cli.client.open_channel`` is the one place that reads them.
+    tls: ClientTls | None = None
+    """TLS of every channel hashctl opens (``--tls-ca``, ``--tls-cert``, ``--tls-key``,
+    ``--tls-server-name``, else ``HASHMESH_TLS_CA_FILE``, ``HASHMESH_TLS_CLIENT_CERT_FILE``,
+    ``HASHMESH_TLS_CLIENT_KEY_FILE``, ``HASHMESH_TLS_SERVER_NAME``); ``None``: plaintext.
+    ``hashmesh.cli.client.channel_security`` is the one place that turns it into credentials."""
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:

@@ -11,6 +11,7 @@ import ctypes
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 from collections.abc import Callable
@@ -30,6 +31,8 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0
 """A child that ran this long before crashing restarts with the first backoff again."""
+CACHE_SECRET_FILE = "cache-secret"
+"""Under the state directory: the HMAC secret of the mesh's result cache (mode 0600)."""
 
 Event = dict[str, Any]
 
@@ -105,10 +108,13 @@ class Supervisor:
         self.logs = plan.state_dir / "logs"
         self.target = ""
         self.admin_target = ""
+        self.cache_secret = ""
 
     # ---- start ---------------------------------------------------------------------------
     async def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
+        if not os.environ.get("HASHMESH_CACHE_SECRET"):  # the user's own secret wins
+            self.cache_secret = load_cache_secret(self.plan.state_dir)
         if not self.plan.database_url:
             await self._start_database()
         self.emit("migrating", name="schema")
@@ -151,6 +157,8 @@ class Supervisor:
         child.ready = asyncio.Event()
         child.state = "starting"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.cache_secret and child.kind in ("hashd", "workerd"):
+            env["HASHMESH_CACHE_SECRET"] = self.cache_secret
         child.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", *child.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL, env=env,
@@ -290,6 +298,26 @@ class Supervisor:
 
     def pids(self) -> dict[str, int]:
         return {row["name"]: row["pid"] for row in self.rows() if row["pid"]}
+
+
+def load_cache_secret(state_dir: Path) -> str:
+    """The local mesh's cache secret: read from ``state_dir``, or made once (random) and kept
+    there, readable by the owner only. Without it every process would fall back to the
+    per-database secret stored in the cache table, next to the entries it protects."""
+    path = state_dir / CACHE_SECRET_FILE
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        value = path.read_text(encoding="ascii").strip()
+        if value:
+            return value
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)  # empty (an interrupted first write): redo
+    value = secrets.token_hex(32)
+    with os.fdopen(fd, "w", encoding="ascii") as sink:
+        sink.write(value + "\n")
+    return value
 
 
 async def _terminate(process: asyncio.subprocess.Process) -> None:

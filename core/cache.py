@@ -50,6 +50,7 @@ from typing import TypeVar
 import psycopg
 import psycopg_pool
 
+from hashmesh.core import metrics
 from hashmesh.core.db import backoff_delay
 from hashmesh.core.hashing import Algorithm, Argon2Params
 from hashmesh.core.settings import SettingsError, env_float, env_int, env_list, env_str
@@ -228,15 +229,18 @@ class MemoryTier:
         entry = self._entries.get(key)
         if entry is None:
             self.stats.misses += 1
+            metrics.MEMORY_CACHE_MISSES.inc()
             return None
         result, expires = entry
         if expires <= self._clock():
             del self._entries[key]
             self.stats.evictions += 1
             self.stats.misses += 1
+            metrics.MEMORY_CACHE_MISSES.inc()
             return None
         self._entries.move_to_end(key)
         self.stats.hits += 1
+        metrics.MEMORY_CACHE_HITS.inc()
         return result
 
     def put(self, key: bytes, result: CachedResult, ttl: float | None = None) -> None:
@@ -338,9 +342,11 @@ class ResultCache:
             return None
         if row is None:
             self.shared.misses += 1
+            metrics.SHARED_CACHE_MISSES.inc()
             return None
         value, ttl = row
         self.shared.hits += 1
+        metrics.SHARED_CACHE_HITS.inc()
         result = decode_value(value)
         self.memory.put(key, result, ttl)
         return result

@@ -16,6 +16,7 @@ import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
 
+from hashmesh.core import metrics
 from hashmesh.core.errors import Unavailable
 from hashmesh.core.settings import DatabaseSettings
 
@@ -73,6 +74,7 @@ async def with_retries(
                 "database error, retrying",
                 extra={"what": what, "attempt": attempt + 1, "delay_s": round(delay, 3)},
             )
+            metrics.DB_RETRIES.inc()
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 

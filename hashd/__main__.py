@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from dataclasses import replace
 
 from hashmesh.core import logs
+from hashmesh.core.settings import SettingsError
 from hashmesh.hashd.config import HashdSettings
 
 
@@ -16,22 +18,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", help="host:port to serve on (HASHMESH_HASHD_LISTEN)")
     parser.add_argument("--database-url", help="PostgreSQL DSN (HASHMESH_DATABASE_URL)")
     parser.add_argument(
-        "--metrics-port", type=int, help="Prometheus port (HASHMESH_HASHD_METRICS_PORT)"
+        "--metrics-port",
+        type=int,
+        help="Prometheus /metrics port on the --listen host; 0 picks a free one "
+        "(HASHMESH_HASHD_METRICS_PORT)",
+    )
+    parser.add_argument("--tls-cert", help="PEM server certificate (HASHMESH_TLS_CERT_FILE)")
+    parser.add_argument("--tls-key", help="PEM key of --tls-cert (HASHMESH_TLS_KEY_FILE)")
+    parser.add_argument(
+        "--tls-client-ca",
+        help="PEM CA of client certificates: turns on mutual TLS (HASHMESH_TLS_CLIENT_CA_FILE)",
     )
     args = parser.parse_args(argv)
     logs.configure("hashd")
-    settings = HashdSettings.from_env().with_overrides(
-        listen=args.listen, metrics_port=args.metrics_port
-    )
-    if args.database_url:
-        from dataclasses import replace
-
-        settings = settings.with_overrides(
-            database=replace(settings.database, dsn=args.database_url)
+    try:
+        settings = (
+            HashdSettings.from_env()
+            .with_overrides(listen=args.listen, metrics_port=args.metrics_port)
+            .with_tls_files(args.tls_cert, args.tls_key, args.tls_client_ca)
         )
+        if args.database_url:
+            settings = replace(settings, database=replace(settings.database, dsn=args.database_url))
+    except SettingsError as exc:
+        parser.error(str(exc))
     from hashmesh.hashd.server import run
 
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    except SettingsError as exc:  # e.g. a certificate file that cannot be read
+        parser.exit(2, f"hashd: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from hashmesh.core.settings import (
     env_optional,
     env_str,
 )
+from hashmesh.core.tls import ServerTls
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,14 @@ class HashdSettings:
     """A workerd whose last heartbeat is older than this is not counted as alive in queue
     statistics (``HASHMESH_WORKER_ALIVE_SECONDS``)."""
     metrics_port: int | None = None
-    """Port of the Prometheus endpoint; unset turns it off (``HASHMESH_HASHD_METRICS_PORT``)."""
-    tls: dict[str, Any] = field(default_factory=dict)
-    """TLS settings (certificate paths); empty means plaintext."""
+    """Port of the Prometheus endpoint, served on the host of ``listen``; 0 picks a free one,
+    unset turns it off (``HASHMESH_HASHD_METRICS_PORT``)."""
+    queue_metrics_seconds: float = 20.0
+    """With metrics on, seconds between reads of the queue depth by status (one grouped count;
+    ``HASHMESH_HASHD_QUEUE_METRICS_SECONDS``)."""
+    tls: ServerTls | None = None
+    """TLS of the listener (``HASHMESH_TLS_CERT_FILE``, ``HASHMESH_TLS_KEY_FILE``, and
+    ``HASHMESH_TLS_CLIENT_CA_FILE`` for mutual TLS); ``None`` serves plaintext."""
 
     def __post_init__(self) -> None:
         if self.cpu_workers < 1:
@@ -60,6 +66,10 @@ class HashdSettings:
             raise SettingsError("HASHMESH_HASHD_CPU_QUEUE must be >= 0")
         if self.max_message_bytes < 1024:
             raise SettingsError("HASHMESH_MAX_MESSAGE_BYTES must be >= 1024")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise SettingsError("HASHMESH_HASHD_METRICS_PORT must be a port (0 picks a free one)")
+        if self.queue_metrics_seconds <= 0:
+            raise SettingsError("HASHMESH_HASHD_QUEUE_METRICS_SECONDS must be positive")
 
     @classmethod
     def from_env(cls) -> HashdSettings:
@@ -80,9 +90,27 @@ class HashdSettings:
             worker_alive_seconds=env_float(
                 "WORKER_ALIVE_SECONDS", cls.worker_alive_seconds, minimum=0.1
             ),
-            metrics_port=int(metrics) if metrics else None,
+            metrics_port=env_int("HASHD_METRICS_PORT", 0, minimum=0) if metrics else None,
+            queue_metrics_seconds=env_float(
+                "HASHD_QUEUE_METRICS_SECONDS", cls.queue_metrics_seconds, minimum=0.1
+            ),
+            tls=ServerTls.from_env(),
         )
 
     def with_overrides(self, **changes: Any) -> HashdSettings:
         """Apply command-line flags; ``None`` values leave a setting as it is."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def with_tls_files(
+        self, cert: str | None, key: str | None, client_ca: str | None
+    ) -> HashdSettings:
+        """Apply ``--tls-cert/--tls-key/--tls-client-ca``: each flag replaces its variable."""
+        if cert is None and key is None and client_ca is None:
+            return self
+        current = self.tls
+        cert = cert or (current.cert_file if current else None)
+        key = key or (current.key_file if current else None)
+        if not cert or not key:
+            raise SettingsError("--tls-cert and --tls-key go together (--tls-client-ca needs both)")
+        client_ca = client_ca or (current.client_ca_file if current else None)
+        return replace(self, tls=ServerTls(cert_file=cert, key_file=key, client_ca_file=client_ca))

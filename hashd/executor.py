@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from hashmesh.core import metrics
 from hashmesh.core.errors import DeadlineExceeded, ResourceExhausted
 
 T = TypeVar("T")
@@ -38,6 +39,12 @@ class BoundedExecutor:
         self.refused = 0
         self._avg_seconds = 0.1
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        # Read at scrape time; one executor per hashd process, so the last one built reports.
+        metrics.HASHD_CPU_QUEUE.set_function(self.queued)
+
+    def queued(self) -> int:
+        """Admitted calls waiting for a thread (not running yet)."""
+        return max(0, self.admitted - self.workers)
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely free: the work ahead divided over the threads."""
@@ -51,6 +58,7 @@ class BoundedExecutor:
             raise DeadlineExceeded("deadline passed before the work started")
         if self.admitted >= self.limit:
             self.refused += 1
+            metrics.HASHD_CPU_REFUSED.inc()
             raise ResourceExhausted(
                 f"CPU executor full ({self.limit} calls admitted); retry later",
                 retry_after=self.retry_after(),

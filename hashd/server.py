@@ -8,10 +8,14 @@ import ctypes
 import ctypes.util
 import logging
 
-from hashmesh.core import db, migrations
+import psycopg
+import psycopg_pool
+
+from hashmesh.core import db, metrics, migrations
 from hashmesh.core.cache import ResultCache
+from hashmesh.core.errors import HashmeshError
 from hashmesh.core.rpc import GrpcServer, wait_for_signal
-from hashmesh.core.tasks.store import PostgresTaskStore
+from hashmesh.core.tasks.store import PostgresTaskStore, queries
 from hashmesh.hashd.cache_service import CacheService
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.executor import BoundedExecutor
@@ -29,9 +33,17 @@ class Hashd:
     def __init__(self, settings: HashdSettings) -> None:
         self.settings = settings
         self.pool = db.make_pool(settings.database, name="hashd")
+        metrics.watch_pool(self.pool)
         # Receive up to twice the unary limit, so a caller a little over it gets HashService's
         # "use HashStream" status instead of gRPC's bare "message larger than max".
-        self.grpc = GrpcServer(settings.listen, max_message_bytes=2 * settings.max_message_bytes)
+        self.grpc = GrpcServer(
+            settings.listen,
+            max_message_bytes=2 * settings.max_message_bytes,
+            interceptors=[metrics.MetricsInterceptor()],
+            credentials=settings.tls.credentials() if settings.tls is not None else None,
+        )
+        self.metrics: metrics.MetricsServer | None = None
+        self._queue_depth: asyncio.Task[None] | None = None
         self.executor = BoundedExecutor(settings.cpu_workers, settings.cpu_queue)
         self.cache = ResultCache(self.pool, settings.cache, dsn=settings.database.require_dsn())
         self.grpc.add(
@@ -63,16 +75,45 @@ class Hashd:
         await self.grpc.set_serving(False)  # grpc's health servicer starts out SERVING
         await self.grpc.start()
         await self.grpc.set_serving(True)
+        if self.settings.metrics_port is not None:
+            host = self.settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+            self.metrics = metrics.start_metrics_server(self.settings.metrics_port, host=host)
+            self._queue_depth = asyncio.create_task(
+                publish_queue_depth(self.pool, self.settings.queue_metrics_seconds),
+                name="queue-depth-metrics",
+            )
         log.info("hashd serving", extra={"address": self.grpc.address})
 
     async def stop(self) -> None:
         # NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period.
         await self.grpc.stop(self.settings.grace_seconds)
+        if self._queue_depth is not None:
+            self._queue_depth.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._queue_depth
+        if self.metrics is not None:
+            self.metrics.close()
         self.executor.shutdown()
         await self.cache.stop()
         await self.watch_hub.stop()
         await self.tasks.limits.stop()
         await self.pool.close()
+        metrics.unwatch_pool(self.pool)
+
+
+async def publish_queue_depth(pool: psycopg_pool.AsyncConnectionPool, interval: float) -> None:
+    """Every ``interval`` seconds, one grouped count of tasks by status into the queue-depth
+    gauge; a failed read keeps the last values (the pool metrics show the trouble)."""
+    query = queries()["count_by_status"]
+    while True:
+        try:
+            async with db.connection(pool, what="counting tasks for metrics") as conn:
+                cur = await conn.execute(query)
+                rows = await cur.fetchall()
+            metrics.set_queue_depth({str(r["status"]): int(r["n"]) for r in rows})
+        except (HashmeshError, psycopg.Error) as exc:
+            log.warning("could not read the queue depth", extra={"error": type(exc).__name__})
+        await asyncio.sleep(interval)
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:
@@ -88,6 +129,8 @@ async def run(settings: HashdSettings) -> None:
     server = Hashd(settings)
     await server.start()
     print(f"hashd listening on {server.grpc.address}", flush=True)
+    if server.metrics is not None:  # after the gRPC line: readers take the first as the address
+        print(f"hashd metrics listening on {server.metrics.address}", flush=True)
     try:
         await wait_for_signal()
     finally:

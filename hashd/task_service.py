@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import grpc
 from google.protobuf import timestamp_pb2
 
+from hashmesh.core import metrics
 from hashmesh.core.cache import ResultCache
 from hashmesh.core.errors import InvalidArgument, Unavailable
 from hashmesh.core.hashing import Algorithm, Argon2Params
@@ -190,6 +191,14 @@ def stats_to_wire(stats: QueueStats) -> task_pb2.GetQueueStatsResponse:
     return reply
 
 
+_STATUS_RANK = {TaskStatus.PENDING: 0, TaskStatus.RUNNING: 1, TaskStatus.RETRYING: 2}
+
+
+def _progress(record: TaskRecord) -> tuple[int, int]:
+    """Orders the states one task goes through (RequeueTask starts a new stream anyway)."""
+    return (record.attempts, 3 if record.status.final else _STATUS_RANK[record.status])
+
+
 class TaskService(task_pb2_grpc.TaskServiceServicer):
     def __init__(
         self,
@@ -237,6 +246,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         queued = sum(1 for t in tasks if t.cached_result is None)
         await self.limits.admit(client_id, queued)
         answers = await self._submitter.submit(tasks)
+        for answer in answers:  # idempotent repeats (created False) are not new submissions
+            if answer.created:
+                metrics.TASKS_SUBMITTED.labels(answer.task.algorithm).inc()
         self.limits.accepted(client_id, sum(1 for a in answers if a.created and a.task.status is TaskStatus.PENDING))
         return [(a.task, a.created) for a in answers]
 
@@ -283,7 +295,10 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 if update is None:
                     record = await self._store.get(task_id)
                     continue
-                notified, record = update
+                notified, fresh = update
+                if _progress(fresh) < _progress(record):
+                    continue  # read before a state already streamed
+                record = fresh
                 if notified is not record.status and notified is not last[0] and not notified.final:
                     # A state that ended before we read it: stream it as it was announced.
                     passed = task_to_wire(record)

@@ -59,6 +59,7 @@ class WatchHub:
         self._subscribers: dict[str, set[Subscription]] = {}
         self._task: asyncio.Task[None] | None = None
         self._first_attempt = asyncio.Event()
+        self._dispatching: set[asyncio.Task[None]] = set()
 
     @property
     def connected(self) -> bool:
@@ -77,6 +78,8 @@ class WatchHub:
             await asyncio.wait_for(self._first_attempt.wait(), timeout)
 
     async def stop(self) -> None:
+        for dispatch in list(self._dispatching):
+            dispatch.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -119,7 +122,12 @@ class WatchHub:
                 await asyncio.sleep(backoff_delay(failures, 0.05, 1.0))
                 continue
             if notes:
-                await self._dispatch([c for _, payload in notes for c in parse_status_payload(payload)])
+                # Reads run concurrently, so a slow one does not hold back the next changes;
+                # watchers drop a state older than one they already streamed.
+                changes = [c for _, payload in notes for c in parse_status_payload(payload)]
+                dispatch = asyncio.get_running_loop().create_task(self._dispatch(changes))
+                self._dispatching.add(dispatch)
+                dispatch.add_done_callback(self._dispatching.discard)
 
     async def _dispatch(self, changes: list[tuple[str, TaskStatus]]) -> None:
         watched = [(task_id, status) for task_id, status in changes if task_id in self._subscribers]

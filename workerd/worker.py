@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -74,6 +75,11 @@ class Worker:
         self._cancelled: list[Lease] = []
         self._outbox = asyncio.Event()
         self._wake = asyncio.Event()
+        self._due_at: float | None = None
+        """Loop time at which a waiting task becomes due (announced by NOTIFY)."""
+        self._check_due = True
+        """Ask the database for the next due time at the next idle wait (start, reconnect,
+        after a timer or a safety poll fired): announcements may have been missed."""
         self._slots = asyncio.Event()
         self._claiming = True
         self._cpu = asyncio.Semaphore(settings.cpu_workers)
@@ -111,10 +117,13 @@ class Worker:
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([stopper, *loops.values()], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper and task.exception() is not None:
-                    log.error("worker loop crashed", exc_info=task.exception(), extra={"loop": task.get_name()})
+            crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception() is not None]
+            for task in crashed:
+                log.error("worker loop crashed", exc_info=task.exception(), extra={"loop": task.get_name()})
             await self._shutdown(loops)
+            if crashed:
+                # Exit non-zero so a supervisor restarts us; unfinished leases expire and retry.
+                raise RuntimeError(f"worker loop {crashed[0].get_name()!r} crashed") from crashed[0].exception()
         finally:
             stopper.cancel()
             for task in loops.values():
@@ -131,7 +140,7 @@ class Worker:
         self._claiming = False
         self._wake.set()
         self._slots.set()
-        with contextlib.suppress(asyncio.TimeoutError):
+        with contextlib.suppress(Exception):  # timed out, or crashed (already logged)
             await asyncio.wait_for(asyncio.shield(loops["claim"]), timeout=self.settings.grace_seconds)
         await self._hand_back([h for h in self._held.values() if not h.started])
         deadline = asyncio.get_running_loop().time() + self.settings.grace_seconds
@@ -197,15 +206,38 @@ class Worker:
 
     async def _idle(self) -> None:
         """Wait for a NOTIFY, the next due retry, or the safety poll, whichever comes first."""
-        timeout = self.settings.poll_seconds
-        with contextlib.suppress(Unavailable):
-            due = await self.store.next_due()
-            if due is not None:
-                timeout = min(timeout, max(due, 0.0) + 0.005)
+        loop = asyncio.get_running_loop()
+        if self._check_due:
+            self._check_due = False
+            with contextlib.suppress(Unavailable):
+                due = await self.store.next_due()
+                if due is not None:
+                    self._note_due(loop.time() + max(due, 0.0))
         if self._wake.is_set() or not self._claiming:
             return
-        with contextlib.suppress(asyncio.TimeoutError):
+        timeout = self.settings.poll_seconds
+        if self._due_at is not None:
+            timeout = min(timeout, max(0.0, self._due_at - loop.time()) + 0.005)
+        try:
             await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+        except TimeoutError:
+            # A timer or the safety poll fired: claim, then look at what waits next.
+            self._due_at = None
+            self._check_due = True
+
+    def _note_due(self, at: float) -> None:
+        if self._due_at is None or at < self._due_at:
+            self._due_at = at
+            self._wake.set()  # re-arm the idle wait with the earlier timer
+
+    def _on_ready(self, payload: str) -> None:
+        """``''``: work is due now; an epoch: work becomes due then."""
+        if not payload:
+            self._wake.set()
+            return
+        with contextlib.suppress(ValueError):
+            delay = float(payload) - time.time()
+            self._note_due(asyncio.get_running_loop().time() + max(0.0, delay))
 
     async def _listen_loop(self) -> None:
         failures = 0
@@ -214,9 +246,10 @@ class Worker:
                 if not self.listener.connected:
                     await self.listener.connect()
                     failures = 0
-                    self._wake.set()  # notifications may have been missed while disconnected
-                if await self.listener.wait(timeout=self.settings.poll_seconds):
+                    self._check_due = True  # notifications may have been missed meanwhile
                     self._wake.set()
+                for _, payload in await self.listener.wait(timeout=self.settings.poll_seconds):
+                    self._on_ready(payload)
             except Unavailable as exc:
                 failures += 1
                 delay = backoff_delay(failures, 0.1, 2.0)

@@ -56,6 +56,10 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _environ(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
 def _processes_mentioning(text: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -83,6 +87,14 @@ def test_up_demo_restart_and_clean_stop(tmp_path: Path) -> None:
         pids: dict[str, int] = ready["pids"]
         assert set(pids) == {"postgres", "hashd-1", "hashd-2", "balancer", "workerd-1"}
         assert (state_dir / "postgres").is_dir() and (state_dir / "logs" / "hashd-1.log").exists()
+        # One random cache secret, kept 0600 in the state directory, given to hashd and workerd.
+        secret_file = state_dir / "cache-secret"
+        assert secret_file.stat().st_mode & 0o777 == 0o600
+        secret = secret_file.read_text().strip()
+        assert len(secret) == 64
+        for name in ("hashd-1", "hashd-2", "workerd-1"):
+            assert f"HASHMESH_CACHE_SECRET={secret}".encode() in _environ(pids[name])
+        assert b"HASHMESH_CACHE_SECRET=" not in _environ(pids["balancer"])
         done = reader.wait_for(lambda e: e["event"] == "demo_done")
         demo = [e for e in reader.seen if e["event"] == "demo"]
         assert done["ok"] is True, demo

@@ -76,3 +76,19 @@ def test_running_task_is_cancelled_cooperatively(
     final = [m.task for m in stub.WatchTask(task_pb2.WatchTaskRequest(id=ids[-1]), timeout=30)][-1]
     assert final.status == task_pb2.TASK_STATUS_CANCELLED and not final.HasField("result")
     wait_for(lambda: counts(dsn) == {"succeeded": 5, "cancelled": 1})
+
+
+def test_scheduled_task_runs_at_its_time_without_polling(
+    dsn: str, procs: Processes, stub: task_pb2_grpc.TaskServiceStub
+) -> None:
+    # The safety poll is 60 s: only the NOTIFY-announced due time can start it within the watch.
+    procs.workerd(dsn, env={"HASHMESH_WORKERD_POLL_SECONDS": "60"})
+    time.sleep(0.3)  # let the worker reach its idle wait
+    spec = task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA256, data=b"later")
+    spec.run_after.GetCurrentTime()
+    spec.run_after.nanos = (spec.run_after.nanos + 500_000_000) % 1_000_000_000
+    spec.run_after.seconds += 1 if spec.run_after.nanos < 500_000_000 else 0
+    task_id = stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec), timeout=10).task.id
+    final = [m.task for m in stub.WatchTask(task_pb2.WatchTaskRequest(id=task_id), timeout=15)][-1]
+    assert final.status == task_pb2.TASK_STATUS_SUCCEEDED
+    assert final.started_at.ToNanoseconds() >= spec.run_after.ToNanoseconds()

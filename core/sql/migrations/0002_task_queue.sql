@@ -12,13 +12,20 @@ CREATE INDEX hashmesh_tasks_unfinished
     ON hashmesh_tasks (client_id) WHERE status IN ('pending', 'retrying', 'running');
 
 -- Wake-ups are statement-level so a batch of 10,000 rows sends a handful of notifications:
---   hashmesh_tasks_ready   (empty payload) : work may be claimable; workerd listens.
+--   hashmesh_tasks_ready   ('' or epoch)   : work is claimable now (or at that time); workerd listens.
 --   hashmesh_task_status   "id status,id status,...": status changes; hashd's watch hub listens.
+-- The ready payload is empty when work is due now, else the epoch (seconds) at which the
+-- earliest of the rows becomes due, so workers set a timer instead of polling for it.
+CREATE FUNCTION hashmesh_tasks_notify_ready(due timestamptz) RETURNS void LANGUAGE sql AS $$
+    SELECT pg_notify('hashmesh_tasks_ready',
+                     CASE WHEN due <= now() THEN '' ELSE extract(epoch FROM due)::text END)
+    WHERE due IS NOT NULL
+$$;
+
 CREATE FUNCTION hashmesh_tasks_notify_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM new_rows WHERE status IN ('pending', 'retrying')) THEN
-        PERFORM pg_notify('hashmesh_tasks_ready', '');
-    END IF;
+    PERFORM hashmesh_tasks_notify_ready(
+        (SELECT min(run_after) FROM new_rows WHERE status IN ('pending', 'retrying')));
     RETURN NULL;
 END $$;
 
@@ -36,10 +43,9 @@ BEGIN
     LOOP
         PERFORM pg_notify('hashmesh_task_status', chunk);
     END LOOP;
-    IF EXISTS (SELECT 1 FROM new_rows n JOIN old_rows o ON o.id = n.id
-               WHERE n.status IN ('pending', 'retrying') AND n.status <> o.status) THEN
-        PERFORM pg_notify('hashmesh_tasks_ready', '');
-    END IF;
+    PERFORM hashmesh_tasks_notify_ready(
+        (SELECT min(n.run_after) FROM new_rows n JOIN old_rows o ON o.id = n.id
+         WHERE n.status IN ('pending', 'retrying') AND n.status <> o.status));
     RETURN NULL;
 END $$;
 
