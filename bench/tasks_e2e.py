@@ -200,23 +200,25 @@ def main() -> None:
     parser.add_argument("--hashd", type=int, default=1, help="hashd replicas behind the balancer")
     parser.add_argument("--direct", action="store_true", help="clients talk to hashd, no balancer")
     parser.add_argument("--skip-celery", action="store_true")
+    parser.add_argument("--only", choices=("throughput", "latency"), help="run one part (Celery too, unless skipped)")
     args = parser.parse_args()
     path = "direct to hashd" if args.direct else f"through the balancer ({args.hashd} hashd)"
     print(f"# task queue, {args.tasks} md5 tasks per run, {path}, {os.cpu_count()} CPUs")
     with ExitStack() as stack:
         admin = stack.enter_context(postgres(args.dsn))
-        for workers in (1, 2):
+        for workers in (1, 2) if args.only != "latency" else ():
             for mode in ("single", "batch"):
                 with mesh(admin, hashd=args.hashd, workers=workers, direct=args.direct) as (address, dsn):
                     figures = asyncio.run(throughput(address, dsn, args.tasks, mode))
                 print(f"hashmesh {mode:6s} submit, {workers} workerd: {figures['end_to_end_per_s']:7.0f} tasks/s "
                       f"end to end ({figures['submit_per_s']:.0f}/s submitting)", flush=True)
-        with mesh(admin, hashd=args.hashd, workers=1, direct=args.direct) as (address, _):
-            lat = asyncio.run(latency(address, args.rate, args.seconds))
-        print(f"hashmesh latency at {lat['rate']:.0f}/s (submit → final via WatchTask): "
-              f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms", flush=True)
+        if args.only != "throughput":
+            with mesh(admin, hashd=args.hashd, workers=1, direct=args.direct) as (address, _):
+                lat = asyncio.run(latency(address, args.rate, args.seconds))
+            print(f"hashmesh latency at {lat['rate']:.0f}/s (submit → final via WatchTask): "
+                  f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms", flush=True)
     if not args.skip_celery:
-        report = celery(args.tasks, args.rate, args.seconds)
+        report = celery(args.tasks if args.only != "latency" else 1000, args.rate, args.seconds)
         if report:
             t, c_lat = report["throughput"], report["latency"]
             print(f"celery+redis single submit, 1 worker: {t['end_to_end_per_s']:7.0f} tasks/s end to end "

@@ -199,9 +199,10 @@ class Worker:
                 self._dispatch(task)
             if len(claimed) == free or self._wake.is_set():
                 continue
-            if claimed:
-                continue  # the queue may be empty now; the next claim says so
-            self.counters.empty_claims += 1
+            # Fewer than asked for: nothing else was due when the claim ran, and whatever
+            # became due since has sent a NOTIFY (the wake-up was cleared before claiming).
+            if not claimed:
+                self.counters.empty_claims += 1
             await self._idle()
 
     async def _idle(self) -> None:

@@ -116,6 +116,7 @@ UPDATE hashmesh_tasks t
 SET status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'pending' END,
     finished_at = CASE WHEN t.cancel_requested THEN now() END,
     attempts = greatest(t.attempts - 1, 0), worker = NULL, started_at = NULL,
+    input = CASE WHEN t.cancel_requested AND t.algorithm = 'argon2id' THEN NULL ELSE t.input END,
     lease_id = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(%(id)s::uuid[], %(lease_id)s::bigint[]) AS r(id, lease_id)
 WHERE t.id = r.id AND t.lease_id = r.lease_id AND t.status = 'running'

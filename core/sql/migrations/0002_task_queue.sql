@@ -7,6 +7,11 @@ ALTER TABLE hashmesh_tasks
     ADD COLUMN completions integer NOT NULL DEFAULT 0,
     ADD COLUMN failures    jsonb   NOT NULL DEFAULT '[]'::jsonb;
 
+-- An argon2 input is a password: no statement may leave it behind in a final state.
+ALTER TABLE hashmesh_tasks ADD CONSTRAINT hashmesh_tasks_secret_erased
+    CHECK (algorithm <> 'argon2id' OR input IS NULL
+           OR status NOT IN ('succeeded', 'cancelled', 'dead_letter'));
+
 -- Backpressure counts unfinished tasks per client.
 CREATE INDEX hashmesh_tasks_unfinished
     ON hashmesh_tasks (client_id) WHERE status IN ('pending', 'retrying', 'running');
