@@ -39,6 +39,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategy", choices=STRATEGIES, help="picking policy (HASHMESH_BALANCER_STRATEGY)")
     parser.add_argument("--rate-limit", help="default per-peer limit rate[/burst] (HASHMESH_BALANCER_RATE_LIMIT)")
     parser.add_argument("--api-keys-file", help="client API keys, hashed (HASHMESH_BALANCER_API_KEYS_FILE)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port on the --listen host; "
+                        "0 picks a free one (HASHMESH_BALANCER_METRICS_PORT)")
+    parser.add_argument("--tls-cert", help="PEM server certificate of both listeners (HASHMESH_TLS_CERT_FILE)")
+    parser.add_argument("--tls-key", help="PEM key of --tls-cert (HASHMESH_TLS_KEY_FILE)")
+    parser.add_argument("--tls-client-ca", help="PEM CA of client certificates: turns on mutual TLS "
+                        "(HASHMESH_TLS_CLIENT_CA_FILE)")
+    parser.add_argument("--upstream-tls-ca", help="dial replicas with TLS; PEM CA of their certificates "
+                        "(HASHMESH_BALANCER_UPSTREAM_TLS_CA_FILE)")
+    parser.add_argument("--upstream-tls-cert", help="PEM client certificate for mutual TLS with replicas "
+                        "(HASHMESH_BALANCER_UPSTREAM_TLS_CLIENT_CERT_FILE)")
+    parser.add_argument("--upstream-tls-key", help="PEM key of --upstream-tls-cert "
+                        "(HASHMESH_BALANCER_UPSTREAM_TLS_CLIENT_KEY_FILE)")
+    parser.add_argument("--upstream-tls-server-name", help="name to check in replica certificates "
+                        "instead of the dialled address (HASHMESH_BALANCER_UPSTREAM_TLS_SERVER_NAME)")
     args = parser.parse_args(argv)
     logs.configure("balancer")
     try:
@@ -50,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
             strategy=args.strategy,
             rate_limit=parse_limit(args.rate_limit) if args.rate_limit else None,
             api_keys_file=args.api_keys_file,
+            metrics_port=args.metrics_port,
+        ).with_tls_files(args.tls_cert, args.tls_key, args.tls_client_ca).with_upstream_tls(
+            args.upstream_tls_ca, args.upstream_tls_cert, args.upstream_tls_key, args.upstream_tls_server_name
         )
     except SettingsError as exc:
         sys.exit(f"hashmesh-balancer: {exc}")
@@ -58,7 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     from hashmesh.balancer.server import run
 
     with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
-        runner.run(run(settings))
+        try:
+            runner.run(run(settings))
+        except SettingsError as exc:  # e.g. a certificate file that cannot be read
+            sys.exit(f"hashmesh-balancer: {exc}")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,11 @@ STATE_TO_PROTO = {
 Reply = TypeVar("Reply")
 
 
-def snapshot(stats: BalancerStats, backends: BackendSet, limiter: RateLimiter, top: int = 10) -> Snapshot:
-    """Every counter at once: what GetStats and a metrics exporter read."""
-    replicas = [replica_snapshot(r) for r in backends.replicas.values()]
+def snapshot(stats: BalancerStats, backends: BackendSet, limiter: RateLimiter, top: int = 10, *,
+             percentiles: bool = True) -> Snapshot:
+    """Every counter at once: what GetStats and a metrics exporter read. The exporter asks
+    for ``top=0, percentiles=False``: it runs on the scrape thread and must not sort."""
+    replicas = [replica_snapshot(r, percentiles) for r in list(backends.replicas.values())]
     return Snapshot(
         calls=stats.calls,
         retries=stats.retries,
@@ -48,11 +50,13 @@ def snapshot(stats: BalancerStats, backends: BackendSet, limiter: RateLimiter, t
         uptime=time.monotonic() - stats.started,
         strategy=backends.picker.name,
         replicas=replicas,
-        top_refused=limiter.top_refused(top),
+        top_refused=limiter.top_refused(top) if top > 0 else [],
+        unauthenticated=stats.unauthenticated,
     )
 
 
-def replica_snapshot(replica: Replica) -> ReplicaSnapshot:
+def replica_snapshot(replica: Replica, percentiles: bool = True) -> ReplicaSnapshot:
+    latencies = replica.stats.latencies
     return ReplicaSnapshot(
         address=replica.address,
         source=replica.source,
@@ -61,8 +65,8 @@ def replica_snapshot(replica: Replica) -> ReplicaSnapshot:
         calls=replica.stats.calls,
         errors=replica.stats.errors,
         ejections=replica.stats.ejections,
-        p50=replica.stats.latencies.percentile(0.5),
-        p99=replica.stats.latencies.percentile(0.99),
+        p50=latencies.percentile(0.5) if percentiles else 0.0,
+        p99=latencies.percentile(0.99) if percentiles else 0.0,
         ewma=replica.stats.ewma,
     )
 

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hashmesh.balancer.config import BalancerSettings
+from hashmesh.balancer.config import BalancerSettings, upstream_credentials
 from hashmesh.balancer.pickers import Candidate, Picker, make_picker
 from hashmesh.balancer.stats import ReplicaStats
 
@@ -67,10 +67,18 @@ class Replica:
         "stats",
     )
 
-    def __init__(self, address: str, source: str, settings: BalancerSettings) -> None:
+    def __init__(self, address: str, source: str, settings: BalancerSettings,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
         self.source = source
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(settings))
+        # One channel carries both the forwarded calls and the health checks, so a check
+        # proves what calls will use: the same TLS session, the same connection.
+        options = channel_options(settings)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            tls_options = settings.upstream_tls.channel_options() if settings.upstream_tls else []
+            self.channel = grpc.aio.secure_channel(address, credentials, options=[*options, *tls_options])
         self.state = UNHEALTHY
         self.state_since = time.monotonic()
         self.draining = False
@@ -122,6 +130,8 @@ class BackendSet:
         self._side: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._serving: bool | None = None
+        # Read once: replicas found later by DNS use the same files' contents.
+        self._credentials = upstream_credentials(settings.upstream_tls) if settings.upstream_tls else None
 
     # -- picking ---------------------------------------------------------------------------
 
@@ -176,7 +186,7 @@ class BackendSet:
         replica = self.replicas.get(address)
         if replica is not None:
             return replica
-        replica = self.replicas[address] = Replica(address, source, self.settings)
+        replica = self.replicas[address] = Replica(address, source, self.settings, self._credentials)
         self._tasks[address] = asyncio.create_task(self._health_loop(replica), name=f"health {address}")
         return replica
 

@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import grpc
+
 from hashmesh.core.settings import (
     SettingsError,
     env_float,
@@ -14,6 +16,7 @@ from hashmesh.core.settings import (
     env_optional,
     env_str,
 )
+from hashmesh.core.tls import ClientTls, ServerTls
 
 STRATEGIES = ("round_robin", "least_connections", "p2c_ewma", "consistent_hash")
 
@@ -139,6 +142,20 @@ class BalancerSettings:
     """``auto`` (uvloop when installed), ``uvloop`` or ``asyncio`` (``BALANCER_EVENT_LOOP``)."""
     stats_window: int = 1024
     """Latencies kept per replica for p50/p99 (``BALANCER_STATS_WINDOW``)."""
+    metrics_port: int | None = None
+    """Prometheus ``/metrics`` port, served on the host of ``listen``; 0 picks a free one;
+    ``None`` serves no endpoint and records no per-call metrics (``BALANCER_METRICS_PORT``,
+    ``--metrics-port``)."""
+    tls: ServerTls | None = None
+    """TLS of both listeners, public and admin (``TLS_CERT_FILE``, ``TLS_KEY_FILE``, and
+    ``TLS_CLIENT_CA_FILE`` for mutual TLS; ``--tls-cert``, ``--tls-key``, ``--tls-client-ca``)."""
+    upstream_tls: ClientTls | None = None
+    """TLS of the channels to the replicas, health checks included; ``None``: plaintext
+    (``BALANCER_UPSTREAM_TLS_CA_FILE``, ``BALANCER_UPSTREAM_TLS_CLIENT_CERT_FILE``,
+    ``BALANCER_UPSTREAM_TLS_CLIENT_KEY_FILE``, ``BALANCER_UPSTREAM_TLS_SERVER_NAME``; flags
+    ``--upstream-tls-ca``, ``--upstream-tls-cert``, ``--upstream-tls-key``,
+    ``--upstream-tls-server-name``). Not the shared ``TLS_CA_FILE`` family: in a balancer's
+    container those describe how to reach the balancer itself (its health probe)."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -159,6 +176,8 @@ class BalancerSettings:
             raise SettingsError("health and DNS intervals must be positive")
         if self.limiter_table_size < 1 or self.stats_window < 16:
             raise SettingsError("LIMITER_TABLE_SIZE must be >= 1 and STATS_WINDOW >= 16")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise SettingsError("HASHMESH_BALANCER_METRICS_PORT must be between 0 and 65535")
         for entry in self.backends_dns:
             if ":" not in entry:
                 raise SettingsError(f"--backends-dns entry {entry!r} must be name:port")
@@ -166,6 +185,7 @@ class BalancerSettings:
     @classmethod
     def from_env(cls) -> BalancerSettings:
         limit = env_optional("BALANCER_RATE_LIMIT")
+        metrics = env_optional("BALANCER_METRICS_PORT")
         return cls(
             listen=env_str("BALANCER_LISTEN", cls.listen),
             admin_listen=env_str("BALANCER_ADMIN_LISTEN", cls.admin_listen),
@@ -192,11 +212,71 @@ class BalancerSettings:
             grace_seconds=env_float("GRACE_SECONDS", cls.grace_seconds, minimum=0.0),
             event_loop=env_str("BALANCER_EVENT_LOOP", cls.event_loop),
             stats_window=env_int("BALANCER_STATS_WINDOW", cls.stats_window, minimum=16),
+            metrics_port=env_int("BALANCER_METRICS_PORT", 0, minimum=0) if metrics else None,
+            tls=ServerTls.from_env(),
+            upstream_tls=upstream_tls(
+                env_optional(UPSTREAM_TLS_ENV["ca"]),
+                env_optional(UPSTREAM_TLS_ENV["cert"]),
+                env_optional(UPSTREAM_TLS_ENV["key"]),
+                env_optional(UPSTREAM_TLS_ENV["server_name"]),
+            ),
         )
 
     def with_overrides(self, **changes: Any) -> BalancerSettings:
         """Apply command-line flags; ``None`` values leave a setting as it is."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def with_tls_files(self, cert: str | None, key: str | None, client_ca: str | None) -> BalancerSettings:
+        """Apply ``--tls-cert/--tls-key/--tls-client-ca``: each flag replaces its variable."""
+        if cert is None and key is None and client_ca is None:
+            return self
+        current = self.tls
+        cert = cert or (current.cert_file if current else None)
+        key = key or (current.key_file if current else None)
+        if not cert or not key:
+            raise SettingsError("--tls-cert and --tls-key go together (--tls-client-ca needs both)")
+        client_ca = client_ca or (current.client_ca_file if current else None)
+        return replace(self, tls=ServerTls(cert_file=cert, key_file=key, client_ca_file=client_ca))
+
+    def with_upstream_tls(self, ca: str | None, cert: str | None, key: str | None,
+                          server_name: str | None) -> BalancerSettings:
+        """Apply ``--upstream-tls-*``: each flag replaces its variable."""
+        if ca is None and cert is None and key is None and server_name is None:
+            return self
+        current = self.upstream_tls or ClientTls()
+        return replace(self, upstream_tls=upstream_tls(
+            ca or current.ca_file, cert or current.cert_file, key or current.key_file,
+            server_name or current.server_name,
+        ))
+
+
+# The balancer's own names for its caller side (see ``BalancerSettings.upstream_tls``).
+UPSTREAM_TLS_ENV = {
+    "ca": "BALANCER_UPSTREAM_TLS_CA_FILE",
+    "cert": "BALANCER_UPSTREAM_TLS_CLIENT_CERT_FILE",
+    "key": "BALANCER_UPSTREAM_TLS_CLIENT_KEY_FILE",
+    "server_name": "BALANCER_UPSTREAM_TLS_SERVER_NAME",
+}
+
+
+def upstream_tls(ca: str | None, cert: str | None, key: str | None,
+                 server_name: str | None) -> ClientTls | None:
+    """A ``ClientTls`` for the replicas, ``None`` when nothing is set (plaintext)."""
+    if ca is None and cert is None and key is None and server_name is None:
+        return None
+    if (cert is None) != (key is None):
+        raise SettingsError(f"HASHMESH_{UPSTREAM_TLS_ENV['cert']} and HASHMESH_{UPSTREAM_TLS_ENV['key']} "
+                            "(--upstream-tls-cert, --upstream-tls-key) go together")
+    return ClientTls(ca_file=ca, cert_file=cert, key_file=key, server_name=server_name)
+
+
+def upstream_credentials(tls: ClientTls) -> grpc.ChannelCredentials:
+    """Channel credentials for the replicas, read once at start; a file that cannot be read
+    fails start-up naming the balancer's variable, not the shared one ``ClientTls`` names."""
+    try:
+        return tls.credentials()
+    except SettingsError as exc:
+        raise SettingsError(str(exc).replace("HASHMESH_TLS_", "HASHMESH_BALANCER_UPSTREAM_TLS_")) from exc
 
 
 def parse_limit(spec: str) -> RateLimitSettings:

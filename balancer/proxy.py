@@ -30,6 +30,7 @@ from hashmesh.balancer.interceptors import (
     read_call,
     refusing_handler,
 )
+from hashmesh.balancer.metrics import CallMetrics, MethodCalls
 from hashmesh.balancer.stats import BalancerStats
 from hashmesh.core.errors import HashmeshError, Unavailable, to_grpc_status
 
@@ -112,8 +113,10 @@ class Proxy:
         backends: BackendSet,
         chain: Sequence[CallInterceptor],
         stats: BalancerStats,
+        call_metrics: CallMetrics | None = None,
     ) -> None:
         self._settings = settings
+        self._call_metrics = call_metrics
         self._backends = backends
         self._chain = tuple(chain)
         self._stats = stats
@@ -166,6 +169,8 @@ class Proxy:
     # -- the four kinds --------------------------------------------------------------------
 
     def handler(self, method: str, kind: str) -> grpc.RpcMethodHandler:
+        # Each kind records its call in ``calls`` itself (no wrapping layer): ``ok`` before
+        # returning, ``ended`` from an ``except BaseException`` around the whole call.
         if kind == UNARY:
             return grpc.unary_unary_rpc_method_handler(self._unary(method))
         if kind == CLIENT_STREAM:
@@ -174,123 +179,174 @@ class Proxy:
             return grpc.unary_stream_rpc_method_handler(self._server_stream(method))
         return grpc.stream_stream_rpc_method_handler(self._bidi(method))
 
+    def _method_calls(self, method: str) -> MethodCalls | None:
+        return self._call_metrics.method(method) if self._call_metrics is not None else None
+
     def _unary(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
+        calls = self._method_calls(method)
+
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            call = await self._admit(method, context)
-            timeout = context.time_remaining()
-            deadline = None if timeout is None else time.monotonic() + timeout
-            tried: list[Replica] = []
-            attempt = 1
-            while True:
-                try:
-                    replica = self._pick(call, tried)
-                except HashmeshError as error:
-                    await _abort(context, error, call.reply_metadata)
-                replica.in_flight += 1
-                started = time.perf_counter()
-                rpc = replica.multicallable(UNARY, method)(request, timeout=timeout, metadata=call.metadata)
-                try:
-                    response = await rpc
-                except grpc.aio.AioRpcError as err:
+            arrived = time.perf_counter()
+            if calls is not None:
+                calls.in_flight += 1
+            try:
+                call = await self._admit(method, context)
+                timeout = context.time_remaining()
+                deadline = None if timeout is None else time.monotonic() + timeout
+                tried: list[Replica] = []
+                attempt = 1
+                while True:
+                    try:
+                        replica = self._pick(call, tried)
+                    except HashmeshError as error:
+                        await _abort(context, error, call.reply_metadata)
+                    replica.in_flight += 1
+                    started = time.perf_counter()
+                    rpc = replica.multicallable(UNARY, method)(request, timeout=timeout, metadata=call.metadata)
+                    try:
+                        response = await rpc
+                    except grpc.aio.AioRpcError as err:
+                        replica.in_flight -= 1
+                        replica.stats.record(time.perf_counter() - started, False)
+                        self._failed(replica, err)
+                        if self._may_retry(err, method, attempt, deadline, True):
+                            attempt += 1
+                            tried.append(replica)
+                            timeout = None if deadline is None else deadline - time.monotonic()
+                            continue
+                        await _relay_error(context, err, call.reply_metadata)
+                    except BaseException:
+                        replica.in_flight -= 1
+                        rpc.cancel()
+                        raise
                     replica.in_flight -= 1
-                    replica.stats.record(time.perf_counter() - started, False)
-                    self._failed(replica, err)
-                    if self._may_retry(err, method, attempt, deadline, True):
-                        attempt += 1
-                        tried.append(replica)
-                        timeout = None if deadline is None else deadline - time.monotonic()
-                        continue
-                    await _relay_error(context, err, call.reply_metadata)
-                except BaseException:
-                    replica.in_flight -= 1
-                    rpc.cancel()
-                    raise
-                replica.in_flight -= 1
-                replica.stats.record(time.perf_counter() - started, True)
-                replica.failures = 0
-                await _relay_metadata(context, rpc, call.reply_metadata)
-                return response  # type: ignore[no-any-return]
+                    replica.stats.record(time.perf_counter() - started, True)
+                    replica.failures = 0
+                    await _relay_metadata(context, rpc, call.reply_metadata)
+                    if calls is not None:
+                        calls.ok(arrived)
+                    return response  # type: ignore[no-any-return]
+            except BaseException as exc:
+                if calls is not None:
+                    calls.ended(context, exc, arrived)
+                raise
 
         return forward
 
     def _client_stream(self, method: str) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]:
+        calls = self._method_calls(method)
+
         async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-            call = await self._admit(method, context)
-            source = _Replayable(requests)
-            attempts = _Attempts(self, call, method, context, source)
-            while True:
-                replica, timeout = await attempts.next()
-                rpc = replica.multicallable(CLIENT_STREAM, method)(timeout=timeout, metadata=call.metadata)
-                source.start(rpc)
-                try:
-                    response = await rpc
-                except grpc.aio.AioRpcError as err:
+            arrived = time.perf_counter()
+            if calls is not None:
+                calls.in_flight += 1
+            try:
+                call = await self._admit(method, context)
+                source = _Replayable(requests)
+                attempts = _Attempts(self, call, method, context, source)
+                while True:
+                    replica, timeout = await attempts.next()
+                    rpc = replica.multicallable(CLIENT_STREAM, method)(timeout=timeout, metadata=call.metadata)
+                    source.start(rpc)
+                    try:
+                        response = await rpc
+                    except grpc.aio.AioRpcError as err:
+                        await source.stop()
+                        await attempts.failed(err)
+                        continue
+                    except BaseException:
+                        attempts.abandoned(rpc)
+                        await source.stop()
+                        raise
+                    attempts.succeeded()
                     await source.stop()
-                    await attempts.failed(err)
-                    continue
-                except BaseException:
-                    attempts.abandoned(rpc)
-                    await source.stop()
-                    raise
-                attempts.succeeded()
-                await source.stop()
-                await _relay_metadata(context, rpc, call.reply_metadata)
-                return response  # type: ignore[no-any-return]
+                    await _relay_metadata(context, rpc, call.reply_metadata)
+                    if calls is not None:
+                        calls.ok(arrived)
+                    return response  # type: ignore[no-any-return]
+            except BaseException as exc:
+                if calls is not None:
+                    calls.ended(context, exc, arrived)
+                raise
 
         return forward
 
     def _server_stream(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+        calls = self._method_calls(method)
+
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            call = await self._admit(method, context)
-            source = _Replayable(_once(request))
-            attempts = _Attempts(self, call, method, context, source)
-            while True:
-                replica, timeout = await attempts.next()
-                rpc = replica.multicallable(SERVER_STREAM, method)(request, timeout=timeout, metadata=call.metadata)
-                try:
-                    await _relay_initial(context, rpc, source)
-                    async for message in rpc:
-                        source.replied = True
-                        yield message
-                except grpc.aio.AioRpcError as err:
-                    await attempts.failed(err)
-                    continue
-                except BaseException:
-                    attempts.abandoned(rpc)
-                    await source.stop()
-                    raise
-                attempts.succeeded()
-                await _relay_metadata(context, rpc, call.reply_metadata, initial_sent=source.replied)
-                return
+            arrived = time.perf_counter()
+            if calls is not None:
+                calls.in_flight += 1
+            try:
+                call = await self._admit(method, context)
+                source = _Replayable(_once(request))
+                attempts = _Attempts(self, call, method, context, source)
+                while True:
+                    replica, timeout = await attempts.next()
+                    rpc = replica.multicallable(SERVER_STREAM, method)(request, timeout=timeout, metadata=call.metadata)
+                    try:
+                        await _relay_initial(context, rpc, source)
+                        async for message in rpc:
+                            source.replied = True
+                            yield message
+                    except grpc.aio.AioRpcError as err:
+                        await attempts.failed(err)
+                        continue
+                    except BaseException:
+                        attempts.abandoned(rpc)
+                        await source.stop()
+                        raise
+                    attempts.succeeded()
+                    await _relay_metadata(context, rpc, call.reply_metadata, initial_sent=source.replied)
+                    if calls is not None:
+                        calls.ok(arrived)
+                    return
+            except BaseException as exc:
+                if calls is not None:
+                    calls.ended(context, exc, arrived)
+                raise
 
         return forward
 
     def _bidi(self, method: str) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+        calls = self._method_calls(method)
+
         async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            call = await self._admit(method, context)
-            source = _Replayable(requests)
-            attempts = _Attempts(self, call, method, context, source)
-            while True:
-                replica, timeout = await attempts.next()
-                rpc = replica.multicallable(BIDI, method)(timeout=timeout, metadata=call.metadata)
-                source.start(rpc)
-                try:
-                    await _relay_initial(context, rpc, source)
-                    async for message in rpc:
-                        source.replied = True
-                        yield message
-                except grpc.aio.AioRpcError as err:
+            arrived = time.perf_counter()
+            if calls is not None:
+                calls.in_flight += 1
+            try:
+                call = await self._admit(method, context)
+                source = _Replayable(requests)
+                attempts = _Attempts(self, call, method, context, source)
+                while True:
+                    replica, timeout = await attempts.next()
+                    rpc = replica.multicallable(BIDI, method)(timeout=timeout, metadata=call.metadata)
+                    source.start(rpc)
+                    try:
+                        await _relay_initial(context, rpc, source)
+                        async for message in rpc:
+                            source.replied = True
+                            yield message
+                    except grpc.aio.AioRpcError as err:
+                        await source.stop()
+                        await attempts.failed(err)
+                        continue
+                    except BaseException:
+                        attempts.abandoned(rpc)
+                        await source.stop()
+                        raise
+                    attempts.succeeded()
                     await source.stop()
-                    await attempts.failed(err)
-                    continue
-                except BaseException:
-                    attempts.abandoned(rpc)
-                    await source.stop()
-                    raise
-                attempts.succeeded()
-                await source.stop()
-                await _relay_metadata(context, rpc, call.reply_metadata, initial_sent=source.replied)
-                return
+                    await _relay_metadata(context, rpc, call.reply_metadata, initial_sent=source.replied)
+                    if calls is not None:
+                        calls.ok(arrived)
+                    return
+            except BaseException as exc:
+                if calls is not None:
+                    calls.ended(context, exc, arrived)
+                raise
 
         return forward
 

@@ -4,7 +4,12 @@ The public listener has no grpc.aio interceptors (they would add a layer to ever
 call): it serves the balancer's own grpc.health.v1, AdminService behind ``AdminPolicy``, and
 forwards everything else — server reflection included, so a reflection client pointed at the
 balancer sees the replicas' services. The admin listener is a ``GrpcServer`` with its own
-health, reflection (AdminService, Health) and AdminService behind ``AdminAuth``."""
+health, reflection (AdminService, Health) and AdminService behind ``AdminAuth``.
+
+Both listeners serve TLS (mutual TLS with a client CA) when ``settings.tls`` is set; the
+replicas are dialled with ``settings.upstream_tls``. With ``settings.metrics_port`` set, a
+Prometheus endpoint on the host of ``listen`` exports ``snapshot()`` at scrape time and the
+proxy counts calls by method and code (``balancer.metrics``)."""
 
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ from hashmesh.balancer.backends import BackendSet
 from hashmesh.balancer.config import BalancerSettings
 from hashmesh.balancer.interceptors import AdminAuth, AdminPolicy, build_chain
 from hashmesh.balancer.keys import ApiKeys
+from hashmesh.balancer.metrics import CallMetrics, reading
 from hashmesh.balancer.proxy import Proxy, Router
 from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.stats import BalancerStats, Snapshot
+from hashmesh.core import metrics
 from hashmesh.core.rpc import GrpcServer, server_options, wait_for_signal
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc
 
@@ -45,7 +52,10 @@ class Balancer:
         )
         self.keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
         self.backends = BackendSet(settings, on_change=self._serving_changed)
-        self.proxy = Proxy(settings, self.backends, build_chain(self.keys, settings.peer_from, self.limiter, self.stats), self.stats)
+        # Per-call metrics only when something will read them.
+        call_metrics = CallMetrics() if settings.metrics_port is not None else None
+        self.proxy = Proxy(settings, self.backends, build_chain(self.keys, settings.peer_from, self.limiter, self.stats),
+                           self.stats, call_metrics)
         admin = AdminServicer(self.stats, self.backends, self.limiter)
 
         self.health = HealthServicer()
@@ -55,17 +65,30 @@ class Balancer:
         self.server.add_generic_rpc_handlers([Router(self.proxy, admin_handlers(admin), public_policy)])
         self.port = 0
 
+        # AdminAuth first: MetricsInterceptor answers later calls of a method from its cache
+        # without running the interceptors after it, so nothing may decide per call there.
+        admin_interceptors: list[grpc.aio.ServerInterceptor] = [
+            AdminAuth(AdminPolicy(settings.admin_token, open_without_token=True))]
+        if settings.metrics_port is not None:
+            admin_interceptors.append(metrics.MetricsInterceptor())
         self.admin = GrpcServer(
             settings.admin_listen,
-            interceptors=[AdminAuth(AdminPolicy(settings.admin_token, open_without_token=True))],
+            interceptors=admin_interceptors,
+            credentials=settings.tls.credentials() if settings.tls is not None else None,
         )
         self.admin.add(admin_pb2_grpc.add_AdminServiceServicer_to_server,
                        admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name, admin)
         self._side: list[asyncio.Task[None]] = []
+        self.metrics: metrics.MetricsServer | None = None
 
-    def snapshot(self, top_peers: int = 10) -> Snapshot:
+    def snapshot(self, top_peers: int = 10, *, percentiles: bool = True) -> Snapshot:
         """Every counter at once, for a metrics exporter."""
-        return snapshot(self.stats, self.backends, self.limiter, top_peers)
+        return snapshot(self.stats, self.backends, self.limiter, top_peers, percentiles=percentiles)
+
+    def metrics_reading(self) -> metrics.BalancerReading:
+        """What /metrics exports; runs on the scrape thread, so no sorting (no percentiles,
+        no top peers): only plain attributes are copied."""
+        return reading(self.snapshot(0, percentiles=False))
 
     @property
     def address(self) -> str:
@@ -91,11 +114,19 @@ class Balancer:
         for name in ("", *PROXIED_SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.backends.start()
-        self.port = self.server.add_insecure_port(self.settings.listen)
+        tls = self.settings.tls
+        if tls is not None:
+            self.port = self.server.add_secure_port(self.settings.listen, tls.credentials())
+        else:
+            self.port = self.server.add_insecure_port(self.settings.listen)
         if not self.port:
             raise OSError(f"cannot listen on {self.settings.listen}")
         await self.server.start()
         await self.admin.start()
+        if self.settings.metrics_port is not None:
+            host = self.settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+            metrics.watch_balancer(self.metrics_reading)
+            self.metrics = metrics.start_metrics_server(self.settings.metrics_port, host=host)
         if self.keys is not None:
             self._side.append(asyncio.create_task(self._reload_keys(), name="keys"))
 
@@ -103,6 +134,9 @@ class Balancer:
         await self.health.enter_graceful_shutdown()
         await self.admin.stop(0)
         await self.server.stop(self.settings.grace_seconds)
+        if self.metrics is not None:  # scraped until the calls in flight are done
+            self.metrics.close()
+            metrics.watch_balancer(None)
         await self.backends.stop()
         for task in self._side:
             task.cancel()
@@ -115,6 +149,8 @@ async def run(settings: BalancerSettings) -> None:
     await balancer.start()
     print(f"balancer listening on {balancer.address}", flush=True)
     print(f"balancer admin listening on {balancer.admin.address}", flush=True)
+    if balancer.metrics is not None:  # last: readers wait for the two lines above
+        print(f"balancer metrics listening on {balancer.metrics.address}", flush=True)
     try:
         await wait_for_signal()
     finally:

@@ -85,6 +85,7 @@ class Snapshot:
     strategy: str
     replicas: Sequence[ReplicaSnapshot]
     top_refused: Sequence[tuple[str, int]]
+    unauthenticated: int = 0
 
 
 class BalancerStats:

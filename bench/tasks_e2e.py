@@ -63,8 +63,12 @@ class Daemon:
     """A hashmesh daemon; ready once it printed its ``listening on`` / ``ready as`` lines."""
 
     def __init__(self, module: str, args: list[str], expect: int = 1) -> None:
-        self.popen = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         self.addresses: list[str] = []
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
@@ -89,15 +93,31 @@ def mesh(admin_dsn: str, *, hashd: int, workers: int, direct: bool) -> Iterator[
     migrations.migrate(dsn)
     daemons: list[Daemon] = []
     try:
-        replicas = [Daemon("hashmesh.hashd", ["--listen", "127.0.0.1:0", "--database-url", dsn]) for _ in range(hashd)]
+        replicas = [
+            Daemon("hashmesh.hashd", ["--listen", "127.0.0.1:0", "--database-url", dsn])
+            for _ in range(hashd)
+        ]
         daemons += replicas
         address = replicas[0].addresses[0]
         if not direct:
-            front = Daemon("hashmesh.balancer", ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-                                                 "--backends", ",".join(r.addresses[0] for r in replicas)], expect=2)
+            front = Daemon(
+                "hashmesh.balancer",
+                [
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                    "--backends",
+                    ",".join(r.addresses[0] for r in replicas),
+                ],
+                expect=2,
+            )
             daemons.append(front)
             address = front.addresses[0]
-        daemons += [Daemon("hashmesh.workerd", ["--database-url", dsn, "--name", f"bench-{i}"]) for i in range(workers)]
+        daemons += [
+            Daemon("hashmesh.workerd", ["--database-url", dsn, "--name", f"bench-{i}"])
+            for i in range(workers)
+        ]
         yield address, dsn
     finally:
         for daemon in reversed(daemons):
@@ -116,18 +136,24 @@ async def submit_single(stub: task_pb2_grpc.TaskServiceStub, n: int, in_flight: 
         while next_index < n:
             i = next_index
             next_index += 1
-            await stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec(i), client_id="bench"), timeout=30)
+            await stub.SubmitTask(
+                task_pb2.SubmitTaskRequest(spec=spec(i), client_id="bench"), timeout=30
+            )
 
     await asyncio.gather(*(lane() for _ in range(in_flight)))
 
 
-async def submit_batches(stub: task_pb2_grpc.TaskServiceStub, n: int, size: int = 1000, in_flight: int = 2) -> None:
+async def submit_batches(
+    stub: task_pb2_grpc.TaskServiceStub, n: int, size: int = 1000, in_flight: int = 2
+) -> None:
     starts = iter(range(0, n, size))
 
     async def lane() -> None:
         for start in starts:
             batch = [spec(i) for i in range(start, min(n, start + size))]
-            await stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=batch, client_id="bench"), timeout=60)
+            await stub.SubmitTasks(
+                task_pb2.SubmitTasksRequest(specs=batch, client_id="bench"), timeout=60
+            )
 
     await asyncio.gather(*(lane() for _ in range(in_flight)))
 
@@ -168,10 +194,17 @@ async def latency(address: str, rate: float, seconds: float) -> dict[str, float]
         async def one(i: int) -> None:
             await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
             began = time.perf_counter()
-            reply = await stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec(10**9 + i)), timeout=30)
-            async for message in stub.WatchTask(task_pb2.WatchTaskRequest(id=reply.task.id), timeout=30):
-                if message.task.status in (task_pb2.TASK_STATUS_SUCCEEDED, task_pb2.TASK_STATUS_DEAD_LETTER,
-                                           task_pb2.TASK_STATUS_CANCELLED):
+            reply = await stub.SubmitTask(
+                task_pb2.SubmitTaskRequest(spec=spec(10**9 + i)), timeout=30
+            )
+            async for message in stub.WatchTask(
+                task_pb2.WatchTaskRequest(id=reply.task.id), timeout=30
+            ):
+                if message.task.status in (
+                    task_pb2.TASK_STATUS_SUCCEEDED,
+                    task_pb2.TASK_STATUS_DEAD_LETTER,
+                    task_pb2.TASK_STATUS_CANCELLED,
+                ):
                     break
             samples.append(time.perf_counter() - began)
 
@@ -182,9 +215,23 @@ async def latency(address: str, rate: float, seconds: float) -> dict[str, float]
 
 def celery(n: int, rate: float, seconds: float) -> dict[str, dict[str, float]] | None:
     try:
-        out = subprocess.run([sys.executable, str(HERE / "celery_md5.py"), "--tasks", str(n), "--rate", str(rate),
-                              "--seconds", str(seconds), "--json"], capture_output=True, text=True, timeout=900,
-                             check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "celery_md5.py"),
+                "--tasks",
+                str(n),
+                "--rate",
+                str(rate),
+                "--seconds",
+                str(seconds),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=True,
+        )
     except (subprocess.SubprocessError, OSError) as exc:
         print(f"celery comparison skipped: {exc}", file=sys.stderr)
         return None
@@ -192,7 +239,9 @@ def celery(n: int, rate: float, seconds: float) -> dict[str, dict[str, float]] |
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dsn", help="PostgreSQL admin DSN (default: an embedded server)")
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--rate", type=float, default=200.0)
@@ -200,7 +249,11 @@ def main() -> None:
     parser.add_argument("--hashd", type=int, default=1, help="hashd replicas behind the balancer")
     parser.add_argument("--direct", action="store_true", help="clients talk to hashd, no balancer")
     parser.add_argument("--skip-celery", action="store_true")
-    parser.add_argument("--only", choices=("throughput", "latency"), help="run one part (Celery too, unless skipped)")
+    parser.add_argument(
+        "--only",
+        choices=("throughput", "latency"),
+        help="run one part (Celery too, unless skipped)",
+    )
     args = parser.parse_args()
     path = "direct to hashd" if args.direct else f"through the balancer ({args.hashd} hashd)"
     print(f"# task queue, {args.tasks} md5 tasks per run, {path}, {os.cpu_count()} CPUs")
@@ -208,23 +261,36 @@ def main() -> None:
         admin = stack.enter_context(postgres(args.dsn))
         for workers in (1, 2) if args.only != "latency" else ():
             for mode in ("single", "batch"):
-                with mesh(admin, hashd=args.hashd, workers=workers, direct=args.direct) as (address, dsn):
+                with mesh(admin, hashd=args.hashd, workers=workers, direct=args.direct) as (
+                    address,
+                    dsn,
+                ):
                     figures = asyncio.run(throughput(address, dsn, args.tasks, mode))
-                print(f"hashmesh {mode:6s} submit, {workers} workerd: {figures['end_to_end_per_s']:7.0f} tasks/s "
-                      f"end to end ({figures['submit_per_s']:.0f}/s submitting)", flush=True)
+                print(
+                    f"hashmesh {mode:6s} submit, {workers} workerd: {figures['end_to_end_per_s']:7.0f} tasks/s "
+                    f"end to end ({figures['submit_per_s']:.0f}/s submitting)",
+                    flush=True,
+                )
         if args.only != "throughput":
             with mesh(admin, hashd=args.hashd, workers=1, direct=args.direct) as (address, _):
                 lat = asyncio.run(latency(address, args.rate, args.seconds))
-            print(f"hashmesh latency at {lat['rate']:.0f}/s (submit → final via WatchTask): "
-                  f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms", flush=True)
+            print(
+                f"hashmesh latency at {lat['rate']:.0f}/s (submit → final via WatchTask): "
+                f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms",
+                flush=True,
+            )
     if not args.skip_celery:
         report = celery(args.tasks if args.only != "latency" else 1000, args.rate, args.seconds)
         if report:
             t, c_lat = report["throughput"], report["latency"]
-            print(f"celery+redis single submit, 1 worker: {t['end_to_end_per_s']:7.0f} tasks/s end to end "
-                  f"({t['submit_per_s']:.0f}/s submitting)")
-            print(f"celery+redis latency at {c_lat['rate']:.0f}/s (delay → result): p50 {c_lat['p50_ms']:.1f} ms, "
-                  f"p99 {c_lat['p99_ms']:.1f} ms")
+            print(
+                f"celery+redis single submit, 1 worker: {t['end_to_end_per_s']:7.0f} tasks/s end to end "
+                f"({t['submit_per_s']:.0f}/s submitting)"
+            )
+            print(
+                f"celery+redis latency at {c_lat['rate']:.0f}/s (delay → result): p50 {c_lat['p50_ms']:.1f} ms, "
+                f"p99 {c_lat['p99_ms']:.1f} ms"
+            )
 
 
 if __name__ == "__main__":

@@ -413,6 +413,11 @@ class BackendReading:
     """Attempts forwarded to the replica and finished (each retry counts)."""
     errors: int
     ejections: int
+    state: str = ""
+    """One of ``BACKEND_STATES`` (empty: not reported)."""
+
+
+BACKEND_STATES = ("ready", "unhealthy", "ejected", "draining")
 
 
 @dataclass(frozen=True)
@@ -473,6 +478,13 @@ class BalancerCollector(Collector):
             for backend in backends:
                 family.add_metric([backend.address], read(backend))
             yield family
+        states = GaugeMetricFamily("hashmesh_balancer_backend_state", "1 for the replica's "
+                                   "current state, 0 for the others.", labels=["backend", "state"])
+        for backend in backends:
+            if backend.state:
+                for state in BACKEND_STATES:
+                    states.add_metric([backend.address, state], float(backend.state == state))
+        yield states
         known = GaugeMetricFamily("hashmesh_balancer_backends", "Replicas the balancer knows "
                                   "(from --backends or DNS), whatever their state.")
         known.add_metric([], float(len(backends)))

@@ -29,8 +29,8 @@ from hashmesh.core.tasks.model import (
     QueueStats,
     TaskRecord,
     TaskStatus,
+    TaskStore,
 )
-from hashmesh.core.tasks.store import PostgresTaskStore
 from hashmesh.core.wire import algorithm_from_wire, algorithm_to_wire
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.hash_service import argon2_params
@@ -117,17 +117,30 @@ def task_id_of(value: str, field: str = "id") -> str:
         raise InvalidArgument(field, "must be a task id (a UUID)") from None
 
 
-def validate_spec(spec: task_pb2.TaskSpec, *, field: str, default_max_attempts: int) -> tuple[NewTask, Argon2Params | None]:
+def validate_spec(
+    spec: task_pb2.TaskSpec, *, field: str, default_max_attempts: int
+) -> tuple[NewTask, Argon2Params | None]:
     """A ``NewTask`` (client id filled in later) and its argon2 parameters, or
     ``InvalidArgument`` naming the field (``specs[3].priority``)."""
     algorithm = algorithm_from_wire(spec.algorithm, field=f"{field}.algorithm")
-    params = argon2_params(spec.argon2, field_prefix=f"{field}.argon2") if algorithm is Algorithm.ARGON2ID else None
+    params = (
+        argon2_params(spec.argon2, field_prefix=f"{field}.argon2")
+        if algorithm is Algorithm.ARGON2ID
+        else None
+    )
     if not -100 <= spec.priority <= 100:
-        raise InvalidArgument(f"{field}.priority", f"must be between -100 and 100, got {spec.priority}")
+        raise InvalidArgument(
+            f"{field}.priority", f"must be between -100 and 100, got {spec.priority}"
+        )
     if spec.max_attempts > 100:
-        raise InvalidArgument(f"{field}.max_attempts", f"must be between 1 and 100 (0: default), got {spec.max_attempts}")
+        raise InvalidArgument(
+            f"{field}.max_attempts",
+            f"must be between 1 and 100 (0: default), got {spec.max_attempts}",
+        )
     if len(spec.idempotency_key) > MAX_KEY_LENGTH:
-        raise InvalidArgument(f"{field}.idempotency_key", f"must be at most {MAX_KEY_LENGTH} characters")
+        raise InvalidArgument(
+            f"{field}.idempotency_key", f"must be at most {MAX_KEY_LENGTH} characters"
+        )
     run_after = None
     if spec.HasField("run_after"):
         try:
@@ -150,12 +163,16 @@ def validate_spec(spec: task_pb2.TaskSpec, *, field: str, default_max_attempts: 
 
 
 def _filter_fingerprint(filters: ListFilter) -> str:
-    canonical = json.dumps([filters.client_id, sorted(s.value for s in filters.statuses), filters.algorithm])
+    canonical = json.dumps(
+        [filters.client_id, sorted(s.value for s in filters.statuses), filters.algorithm]
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def encode_page_token(cursor: ListCursor, filters: ListFilter) -> str:
-    body = json.dumps({"c": cursor.created_at.isoformat(), "i": cursor.id, "f": _filter_fingerprint(filters)})
+    body = json.dumps(
+        {"c": cursor.created_at.isoformat(), "i": cursor.id, "f": _filter_fingerprint(filters)}
+    )
     return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
 
 
@@ -164,18 +181,24 @@ def decode_page_token(token: str, filters: ListFilter) -> ListCursor | None:
         return None
     try:
         body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        cursor = ListCursor(created_at=datetime.fromisoformat(body["c"]), id=str(uuid.UUID(body["i"])))
+        cursor = ListCursor(
+            created_at=datetime.fromisoformat(body["c"]), id=str(uuid.UUID(body["i"]))
+        )
         fingerprint = body["f"]
     except (ValueError, KeyError, TypeError):
         raise InvalidArgument("page_token", "is not a token this service issued") from None
     if fingerprint != _filter_fingerprint(filters):
-        raise InvalidArgument("page_token", "was issued for other filters; start again without a token")
+        raise InvalidArgument(
+            "page_token", "was issued for other filters; start again without a token"
+        )
     return cursor
 
 
 def stats_to_wire(stats: QueueStats) -> task_pb2.GetQueueStatsResponse:
     reply = task_pb2.GetQueueStatsResponse(
-        counts=[task_pb2.StatusCount(status=STATUS_TO_WIRE[s], count=n) for s, n in stats.counts.items()],
+        counts=[
+            task_pb2.StatusCount(status=STATUS_TO_WIRE[s], count=n) for s, n in stats.counts.items()
+        ],
         workers_alive=stats.workers_alive,
         completed_last_minute=stats.completed_last_minute,
     )
@@ -183,9 +206,14 @@ def stats_to_wire(stats: QueueStats) -> task_pb2.GetQueueStatsResponse:
     for worker in stats.workers:
         reply.workers.append(
             task_pb2.WorkerInfo(
-                name=worker.name, host=worker.host, pid=worker.pid, in_flight=worker.in_flight,
-                processed=worker.processed, alive=worker.alive,
-                started_at=_timestamp(worker.started_at), last_heartbeat=_timestamp(worker.last_heartbeat),
+                name=worker.name,
+                host=worker.host,
+                pid=worker.pid,
+                in_flight=worker.in_flight,
+                processed=worker.processed,
+                alive=worker.alive,
+                started_at=_timestamp(worker.started_at),
+                last_heartbeat=_timestamp(worker.last_heartbeat),
             )
         )
     return reply
@@ -202,7 +230,7 @@ def _progress(record: TaskRecord) -> tuple[int, int]:
 class TaskService(task_pb2_grpc.TaskServiceServicer):
     def __init__(
         self,
-        store: PostgresTaskStore,
+        store: TaskStore,
         settings: HashdSettings,
         *,
         cache: ResultCache | None = None,
@@ -236,11 +264,15 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             return task
         return replace(task, cached_result=(hit.digest, hit.encoded))
 
-    async def _submit(self, specs: Sequence[task_pb2.TaskSpec], client_id: str, *, field: str) -> list[tuple[TaskRecord, bool]]:
+    async def _submit(
+        self, specs: Sequence[task_pb2.TaskSpec], client_id: str, *, field: str
+    ) -> list[tuple[TaskRecord, bool]]:
         tasks = []
         for index, spec in enumerate(specs):
             name = field if field == "spec" else f"{field}[{index}]"
-            task, params = validate_spec(spec, field=name, default_max_attempts=self._settings.default_max_attempts)
+            task, params = validate_spec(
+                spec, field=name, default_max_attempts=self._settings.default_max_attempts
+            )
             tasks.append(await self._with_cached(replace(task, client_id=client_id), params))
         self._require_database()
         queued = sum(1 for t in tasks if t.cached_result is None)
@@ -249,7 +281,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         for answer in answers:  # idempotent repeats (created False) are not new submissions
             if answer.created:
                 metrics.TASKS_SUBMITTED.labels(answer.task.algorithm).inc()
-        self.limits.accepted(client_id, sum(1 for a in answers if a.created and a.task.status is TaskStatus.PENDING))
+        self.limits.accepted(
+            client_id, sum(1 for a in answers if a.created and a.task.status is TaskStatus.PENDING)
+        )
         return [(a.task, a.created) for a in answers]
 
     async def SubmitTask(
@@ -257,7 +291,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     ) -> task_pb2.SubmitTaskResponse:
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
-        [(record, created)] = await self._submit([request.spec], client_id_of(request.client_id, context), field="spec")
+        [(record, created)] = await self._submit(
+            [request.spec], client_id_of(request.client_id, context), field="spec"
+        )
         return task_pb2.SubmitTaskResponse(task=task_to_wire(record), created=created)
 
     async def SubmitTasks(
@@ -266,14 +302,23 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         if not request.specs:
             raise InvalidArgument("specs", "must hold at least one task")
         if len(request.specs) > MAX_BATCH:
-            raise InvalidArgument("specs", f"at most {MAX_BATCH} tasks per batch, got {len(request.specs)}")
-        answers = await self._submit(request.specs, client_id_of(request.client_id, context), field="specs")
+            raise InvalidArgument(
+                "specs", f"at most {MAX_BATCH} tasks per batch, got {len(request.specs)}"
+            )
+        answers = await self._submit(
+            request.specs, client_id_of(request.client_id, context), field="specs"
+        )
         return task_pb2.SubmitTasksResponse(
-            tasks=[task_to_wire(record) for record, _ in answers], created=[created for _, created in answers]
+            tasks=[task_to_wire(record) for record, _ in answers],
+            created=[created for _, created in answers],
         )
 
-    async def GetTask(self, request: task_pb2.GetTaskRequest, context: grpc.aio.ServicerContext) -> task_pb2.GetTaskResponse:
-        return task_pb2.GetTaskResponse(task=task_to_wire(await self._store.get(task_id_of(request.id))))
+    async def GetTask(
+        self, request: task_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.GetTaskResponse:
+        return task_pb2.GetTaskResponse(
+            task=task_to_wire(await self._store.get(task_id_of(request.id)))
+        )
 
     async def WatchTask(
         self, request: task_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
@@ -308,11 +353,15 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                     yield task_pb2.WatchTaskResponse(task=passed)
                     last = (notified, record.attempts, record.cancel_requested)
 
-    async def ListTasks(self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext) -> task_pb2.ListTasksResponse:
+    async def ListTasks(
+        self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.ListTasksResponse:
         statuses = []
         for index, status in enumerate(request.statuses):
             if status not in STATUS_FROM_WIRE:
-                raise InvalidArgument(f"statuses[{index}]", "must be a task status (not UNSPECIFIED)")
+                raise InvalidArgument(
+                    f"statuses[{index}]", "must be a task status (not UNSPECIFIED)"
+                )
             statuses.append(STATUS_FROM_WIRE[status])
         algorithm = None
         if request.algorithm != common_pb2.ALGORITHM_UNSPECIFIED:
@@ -321,7 +370,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             raise InvalidArgument("page_size", f"must be at most 1000, got {request.page_size}")
         if len(request.client_id) > MAX_CLIENT_ID_LENGTH:
             raise InvalidArgument("client_id", f"must be at most {MAX_CLIENT_ID_LENGTH} characters")
-        filters = ListFilter(client_id=request.client_id or None, statuses=tuple(statuses), algorithm=algorithm)
+        filters = ListFilter(
+            client_id=request.client_id or None, statuses=tuple(statuses), algorithm=algorithm
+        )
         after = decode_page_token(request.page_token, filters)
         size = request.page_size or 100
         rows = await self._store.list_tasks(filters, limit=size + 1, after=after)
@@ -331,13 +382,19 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             reply.next_page_token = encode_page_token(ListCursor(last.created_at, last.id), filters)
         return reply
 
-    async def CancelTask(self, request: task_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext) -> task_pb2.CancelTaskResponse:
-        return task_pb2.CancelTaskResponse(task=task_to_wire(await self._store.cancel(task_id_of(request.id))))
+    async def CancelTask(
+        self, request: task_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.CancelTaskResponse:
+        return task_pb2.CancelTaskResponse(
+            task=task_to_wire(await self._store.cancel(task_id_of(request.id)))
+        )
 
     async def RequeueTask(
         self, request: task_pb2.RequeueTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.RequeueTaskResponse:
-        return task_pb2.RequeueTaskResponse(task=task_to_wire(await self._store.requeue(task_id_of(request.id))))
+        return task_pb2.RequeueTaskResponse(
+            task=task_to_wire(await self._store.requeue(task_id_of(request.id)))
+        )
 
     async def GetQueueStats(
         self, request: task_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext

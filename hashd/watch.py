@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 from hashmesh.core.db import backoff_delay
 from hashmesh.core.errors import Unavailable
-from hashmesh.core.tasks.model import TaskRecord, TaskStatus
-from hashmesh.core.tasks.store import NOTIFY_STATUS, Listener, PostgresTaskStore
+from hashmesh.core.tasks.model import TaskRecord, TaskStatus, TaskStore
+from hashmesh.core.tasks.store import NOTIFY_STATUS, Listener
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Subscription:
 class WatchHub:
     """Construct without I/O; ``start()`` runs the listener in the background."""
 
-    def __init__(self, dsn: str, store: PostgresTaskStore) -> None:
+    def __init__(self, dsn: str, store: TaskStore) -> None:
         self._store = store
         self._listener = Listener(dsn, [NOTIFY_STATUS], name="hashd-watch")
         self._subscribers: dict[str, set[Subscription]] = {}
@@ -117,7 +117,9 @@ class WatchHub:
             except Unavailable as exc:
                 failures += 1
                 if failures == 1:
-                    log.warning("watch hub lost its LISTEN connection", extra={"reason": exc.message})
+                    log.warning(
+                        "watch hub lost its LISTEN connection", extra={"reason": exc.message}
+                    )
                     self._resync_all()
                 await asyncio.sleep(backoff_delay(failures, 0.05, 1.0))
                 continue

@@ -64,7 +64,9 @@ class WorkerSettings:
         if self.cpu_workers < 1:
             raise SettingsError("HASHMESH_WORKERD_CPU_WORKERS must be >= 1")
         if not 0 < self.heartbeat_seconds < self.lease_seconds:
-            raise SettingsError("need 0 < HASHMESH_WORKERD_HEARTBEAT_SECONDS < HASHMESH_TASK_LEASE_SECONDS")
+            raise SettingsError(
+                "need 0 < HASHMESH_WORKERD_HEARTBEAT_SECONDS < HASHMESH_TASK_LEASE_SECONDS"
+            )
         if self.poll_seconds <= 0:
             raise SettingsError("HASHMESH_WORKERD_POLL_SECONDS must be positive")
         if self.retry_base < 0 or self.retry_cap < self.retry_base:
@@ -78,7 +80,9 @@ class WorkerSettings:
             concurrency=env_int("WORKERD_CONCURRENCY", cls.concurrency, minimum=1),
             cpu_workers=env_int("WORKERD_CPU_WORKERS", max(1, os.cpu_count() or 2), minimum=1),
             lease_seconds=env_float("TASK_LEASE_SECONDS", cls.lease_seconds, minimum=0.1),
-            heartbeat_seconds=env_float("WORKERD_HEARTBEAT_SECONDS", cls.heartbeat_seconds, minimum=0.05),
+            heartbeat_seconds=env_float(
+                "WORKERD_HEARTBEAT_SECONDS", cls.heartbeat_seconds, minimum=0.05
+            ),
             poll_seconds=env_float("WORKERD_POLL_SECONDS", cls.poll_seconds, minimum=0.01),
             retry_base=env_float("TASK_RETRY_BASE", cls.retry_base, minimum=0.0),
             retry_cap=env_float("TASK_RETRY_CAP", cls.retry_cap, minimum=0.0),

@@ -18,10 +18,14 @@ def is_cpu_heavy(algorithm: str) -> bool:
     return algorithm == Algorithm.ARGON2ID.value
 
 
-def compute(algorithm: str, data: bytes, params: dict[str, Any], *, fail: Collection[str] = ()) -> tuple[bytes, str]:
+def compute(
+    algorithm: str, data: bytes, params: dict[str, Any], *, fail: Collection[str] = ()
+) -> tuple[bytes, str]:
     """(digest, encoded) of one task. Error messages never include the input."""
     if algorithm in fail:
-        raise InjectedFailure(f"injected failure for {algorithm} (HASHMESH_WORKERD_FAIL_ALGORITHMS)")
+        raise InjectedFailure(
+            f"injected failure for {algorithm} (HASHMESH_WORKERD_FAIL_ALGORITHMS)"
+        )
     parsed = Algorithm(algorithm)
     if parsed is Algorithm.ARGON2ID:
         return hashing.argon2id(data, hashing.Argon2Params.from_json(params))

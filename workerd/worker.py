@@ -62,12 +62,22 @@ class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.name = settings.name
-        self.pool = db.make_pool(settings.database, name=f"workerd:{settings.name}"[:63], max_size=min(4, settings.database.pool_max))
+        self.pool = db.make_pool(
+            settings.database,
+            name=f"workerd:{settings.name}"[:63],
+            max_size=min(4, settings.database.pool_max),
+        )
         self.store = PostgresTaskStore(self.pool)
-        self.listener = Listener(settings.database.require_dsn(), [NOTIFY_READY], name=f"workerd-listen:{settings.name}"[:63])
+        self.listener = Listener(
+            settings.database.require_dsn(),
+            [NOTIFY_READY],
+            name=f"workerd-listen:{settings.name}"[:63],
+        )
         # Results of deterministic slow tasks go into the shared cache, so that the same
         # submission later finishes at once in hashd.
-        self.cache = ResultCache(self.pool, CacheSettings.from_env(), dsn=settings.database.require_dsn())
+        self.cache = ResultCache(
+            self.pool, CacheSettings.from_env(), dsn=settings.database.require_dsn()
+        )
         self.counters = WorkerCounters()
         self._held: dict[str, _Held] = {}
         self._done: list[Completion] = []
@@ -98,16 +108,33 @@ class Worker:
         dsn = self.settings.database.require_dsn()
         await _retry_forever(lambda: asyncio.to_thread(migrations.migrate, dsn), what="migrating")
         await self.pool.open(wait=False)
-        await _retry_forever(lambda: self.store.register_worker(self.name, socket.gethostname(), os.getpid()),
-                             what="registering")
+        await _retry_forever(
+            lambda: self.store.register_worker(self.name, socket.gethostname(), os.getpid()),
+            what="registering",
+        )
         await _retry_forever(self.listener.connect, what="listening")
         await self.cache.start()
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
-        await self.start()
+        starting = asyncio.create_task(self.start(), name="start")
+        stopping = asyncio.create_task(stop.wait(), name="stop-early")
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():  # stopped while still waiting for the database
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            await self.listener.close()
+            await self.cache.stop()
+            await self.pool.close()
+            self._executor.shutdown(wait=False)
+            return
+        starting.result()
         if on_ready is not None:
             on_ready()
-        log.info("worker ready", extra={"worker": self.name, "concurrency": self.settings.concurrency})
+        log.info(
+            "worker ready", extra={"worker": self.name, "concurrency": self.settings.concurrency}
+        )
         loops = {
             "claim": asyncio.create_task(self._claim_loop(), name="claim"),
             "flush": asyncio.create_task(self._flush_loop(), name="flush"),
@@ -116,14 +143,26 @@ class Worker:
         }
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
-            done, _ = await asyncio.wait([stopper, *loops.values()], return_when=asyncio.FIRST_COMPLETED)
-            crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception() is not None]
+            done, _ = await asyncio.wait(
+                [stopper, *loops.values()], return_when=asyncio.FIRST_COMPLETED
+            )
+            crashed = [
+                t
+                for t in done
+                if t is not stopper and not t.cancelled() and t.exception() is not None
+            ]
             for task in crashed:
-                log.error("worker loop crashed", exc_info=task.exception(), extra={"loop": task.get_name()})
+                log.error(
+                    "worker loop crashed",
+                    exc_info=task.exception(),
+                    extra={"loop": task.get_name()},
+                )
             await self._shutdown(loops)
             if crashed:
                 # Exit non-zero so a supervisor restarts us; unfinished leases expire and retry.
-                raise RuntimeError(f"worker loop {crashed[0].get_name()!r} crashed") from crashed[0].exception()
+                raise RuntimeError(f"worker loop {crashed[0].get_name()!r} crashed") from crashed[
+                    0
+                ].exception()
         finally:
             stopper.cancel()
             for task in loops.values():
@@ -141,7 +180,9 @@ class Worker:
         self._wake.set()
         self._slots.set()
         with contextlib.suppress(Exception):  # timed out, or crashed (already logged)
-            await asyncio.wait_for(asyncio.shield(loops["claim"]), timeout=self.settings.grace_seconds)
+            await asyncio.wait_for(
+                asyncio.shield(loops["claim"]), timeout=self.settings.grace_seconds
+            )
         await self._hand_back([h for h in self._held.values() if not h.started])
         deadline = asyncio.get_running_loop().time() + self.settings.grace_seconds
         while self._held and asyncio.get_running_loop().time() < deadline:
@@ -150,8 +191,14 @@ class Worker:
         await self._hand_back([h for h in self._held.values() if not h.dropped])
         with contextlib.suppress(Unavailable):
             await self.store.unregister_worker(self.name, self.counters.processed)
-        log.info("worker stopped", extra={"worker": self.name, "processed": self.counters.processed,
-                                          "handed_back": self.counters.handed_back})
+        log.info(
+            "worker stopped",
+            extra={
+                "worker": self.name,
+                "processed": self.counters.processed,
+                "handed_back": self.counters.handed_back,
+            },
+        )
 
     async def _hand_back(self, held: list[_Held]) -> None:
         if not held:
@@ -162,7 +209,9 @@ class Worker:
         try:
             released = await self.store.release(leases)
         except Unavailable:
-            log.warning("could not hand back tasks; their leases will expire", extra={"tasks": len(leases)})
+            log.warning(
+                "could not hand back tasks; their leases will expire", extra={"tasks": len(leases)}
+            )
             return
         self.counters.handed_back += len(released)
         for item in held:
@@ -185,7 +234,10 @@ class Worker:
             except Unavailable as exc:
                 failures += 1
                 delay = backoff_delay(failures, 0.05, 2.0)
-                log.warning("claim failed; retrying", extra={"reason": exc.message, "delay_s": round(delay, 3)})
+                log.warning(
+                    "claim failed; retrying",
+                    extra={"reason": exc.message, "delay_s": round(delay, 3)},
+                )
                 await asyncio.sleep(delay)
                 continue
             self.counters.claims += 1
@@ -276,7 +328,9 @@ class Worker:
     def _compute_now(self, held: _Held) -> None:
         task = held.task
         try:
-            digest, encoded = handlers.compute(task.algorithm, task.data, task.params, fail=self._fail)
+            digest, encoded = handlers.compute(
+                task.algorithm, task.data, task.params, fail=self._fail
+            )
         except Exception as exc:
             self._record_failure(task, exc)
         else:
@@ -292,7 +346,10 @@ class Worker:
             loop = asyncio.get_running_loop()
             try:
                 digest, encoded = await loop.run_in_executor(
-                    self._executor, lambda: handlers.compute(task.algorithm, task.data, task.params, fail=self._fail)
+                    self._executor,
+                    lambda: handlers.compute(
+                        task.algorithm, task.data, task.params, fail=self._fail
+                    ),
                 )
             except Exception as exc:
                 if not held.dropped:
@@ -304,8 +361,15 @@ class Worker:
 
     def _record_failure(self, task: ClaimedTask, exc: BaseException) -> None:
         error = handlers.describe_error(exc)
-        log.info("task attempt failed", extra={"task": task.id, "attempt": task.attempts, "algorithm": task.algorithm,
-                                               "error_type": type(exc).__name__})
+        log.info(
+            "task attempt failed",
+            extra={
+                "task": task.id,
+                "attempt": task.attempts,
+                "algorithm": task.algorithm,
+                "error_type": type(exc).__name__,
+            },
+        )
         self._failed.append(Failure(task.id, task.lease_id, error))
 
     # -- writing back ------------------------------------------------------------------------
@@ -322,7 +386,9 @@ class Worker:
                 continue
             try:
                 written = await self.store.complete_many(done)
-                recorded = await self.store.fail_many(failed, base=self.settings.retry_base, cap=self.settings.retry_cap)
+                recorded = await self.store.fail_many(
+                    failed, base=self.settings.retry_base, cap=self.settings.retry_cap
+                )
                 acknowledged = await self.store.acknowledge_cancel(cancelled)
                 failures = 0
             except Unavailable as exc:
@@ -331,13 +397,23 @@ class Worker:
                 self._done[:0], self._failed[:0], self._cancelled[:0] = done, failed, cancelled
                 failures += 1
                 delay = backoff_delay(failures, 0.05, 2.0)
-                log.warning("writing results failed; retrying", extra={"reason": exc.message, "pending": len(done) + len(failed)})
+                log.warning(
+                    "writing results failed; retrying",
+                    extra={"reason": exc.message, "pending": len(done) + len(failed)},
+                )
                 await asyncio.sleep(delay)
                 self._outbox.set()
                 continue
             finished = [d.id for d in done] + [f.id for f in failed] + [c.id for c in cancelled]
             await self._remember([d for d in done if d.id in written])
-            self.counters.fenced += len(done) - len(written) + len(failed) - len(recorded) + len(cancelled) - len(acknowledged)
+            self.counters.fenced += (
+                len(done)
+                - len(written)
+                + len(failed)
+                - len(recorded)
+                + len(cancelled)
+                - len(acknowledged)
+            )
             self.counters.processed += len(written) + len(recorded) + len(acknowledged)
             for task_id in finished:
                 self._held.pop(task_id, None)
@@ -349,18 +425,31 @@ class Worker:
             if held is None:
                 continue
             algorithm = Algorithm(held.task.algorithm)
-            params = Argon2Params.from_json(held.task.params) if algorithm is Algorithm.ARGON2ID else None
+            params = (
+                Argon2Params.from_json(held.task.params)
+                if algorithm is Algorithm.ARGON2ID
+                else None
+            )
             if self.cache.is_cacheable(algorithm, params):
-                await self.cache.store(algorithm, params, held.task.data, result.digest, result.encoded)
+                await self.cache.store(
+                    algorithm, params, held.task.data, result.digest, result.encoded
+                )
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
-            leases = {h.task.id: Lease(h.task.id, h.task.lease_id) for h in self._held.values() if not h.dropped}
+            leases = {
+                h.task.id: Lease(h.task.id, h.task.lease_id)
+                for h in self._held.values()
+                if not h.dropped
+            }
             try:
                 renewed = await self.store.heartbeat(
-                    self.name, list(leases.values()), lease_seconds=self.settings.lease_seconds,
-                    in_flight=len(self._held), processed=self.counters.processed,
+                    self.name,
+                    list(leases.values()),
+                    lease_seconds=self.settings.lease_seconds,
+                    in_flight=len(self._held),
+                    processed=self.counters.processed,
                 )
                 reclaimed = await self.store.reclaim_expired()
             except Unavailable as exc:
@@ -396,6 +485,8 @@ async def _retry_forever(operation: Callable[[], Awaitable[object]], *, what: st
         except (Unavailable, OSError, *db.TRANSIENT) as exc:
             attempt += 1
             delay = backoff_delay(attempt, 0.1, 2.0)
-            log.warning("database not reachable at start-up; retrying",
-                        extra={"what": what, "error": type(exc).__name__, "delay_s": round(delay, 3)})
+            log.warning(
+                "database not reachable at start-up; retrying",
+                extra={"what": what, "error": type(exc).__name__, "delay_s": round(delay, 3)},
+            )
             await asyncio.sleep(delay)

@@ -17,7 +17,9 @@ SubmitMany = Callable[[Sequence[NewTask]], Awaitable[list[Submitted]]]
 
 
 class SubmitCoalescer:
-    def __init__(self, submit_many: SubmitMany, *, max_tasks: int = 10_000, max_in_flight: int = 2) -> None:
+    def __init__(
+        self, submit_many: SubmitMany, *, max_tasks: int = 10_000, max_in_flight: int = 2
+    ) -> None:
         self._submit_many = submit_many
         self._max_tasks = max_tasks
         self._max_in_flight = max_in_flight
@@ -60,7 +62,7 @@ class SubmitCoalescer:
                 start = 0
                 for tasks, future in taken:
                     if not future.done():
-                        future.set_result(answers[start:start + len(tasks)])
+                        future.set_result(answers[start : start + len(tasks)])
                     start += len(tasks)
         finally:
             self._in_flight -= 1

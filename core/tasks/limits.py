@@ -47,14 +47,16 @@ class PendingLimits:
         if total + n > self.max_total:
             raise ResourceExhausted(
                 f"the queue holds {total} unfinished tasks; the limit is {self.max_total}",
-                retry_after=self.refresh_seconds, reason="QUEUE_FULL",
+                retry_after=self.refresh_seconds,
+                reason="QUEUE_FULL",
             )
         mine = counted.get(client_id, 0) + self._accepted[client_id]
         if mine + n > self.max_per_client:
             raise ResourceExhausted(
                 f"client {client_id!r} has {mine} unfinished tasks; the limit per client is "
                 f"{self.max_per_client}",
-                retry_after=self.refresh_seconds, reason="CLIENT_QUEUE_FULL",
+                retry_after=self.refresh_seconds,
+                reason="CLIENT_QUEUE_FULL",
             )
 
     async def admit(self, client_id: str, n: int) -> None:

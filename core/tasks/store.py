@@ -32,6 +32,7 @@ from hashmesh.core.tasks.model import (
     Submitted,
     TaskRecord,
     TaskStatus,
+    TaskStore,
     WorkerRecord,
 )
 
@@ -54,7 +55,10 @@ def parse_sections(text: str) -> dict[str, str]:
             current = queries.setdefault(line.split(":", 1)[1].strip(), [])
         elif current is not None:
             current.append(line)
-    return {name: "\n".join(lines).strip().replace("{columns}", COLUMNS) for name, lines in queries.items()}
+    return {
+        name: "\n".join(lines).strip().replace("{columns}", COLUMNS)
+        for name, lines in queries.items()
+    }
 
 
 @cache
@@ -111,8 +115,16 @@ class PostgresTaskStore:
             missing = [t for i, t in zip(ids, tasks, strict=True) if i not in inserted]
             existing: dict[tuple[str, str], TaskRecord] = {}
             for client_id in {t.client_id for t in missing}:
-                keys = sorted({t.idempotency_key for t in missing if t.client_id == client_id and t.idempotency_key})
-                cur = await conn.execute(_q("by_idempotency_keys"), {"client_id": client_id, "keys": keys})
+                keys = sorted(
+                    {
+                        t.idempotency_key
+                        for t in missing
+                        if t.client_id == client_id and t.idempotency_key
+                    }
+                )
+                cur = await conn.execute(
+                    _q("by_idempotency_keys"), {"client_id": client_id, "keys": keys}
+                )
                 for row in _rows(await cur.fetchall()):
                     record = TaskRecord.from_row(row)
                     existing[(client_id, row["idempotency_key"])] = record
@@ -122,7 +134,9 @@ class PostgresTaskStore:
                 answers.append(Submitted(inserted[task_id], created=True))
             else:
                 assert task.idempotency_key is not None, "only a keyed task can be skipped"
-                answers.append(Submitted(existing[(task.client_id, task.idempotency_key)], created=False))
+                answers.append(
+                    Submitted(existing[(task.client_id, task.idempotency_key)], created=False)
+                )
         return answers
 
     # -- reading -----------------------------------------------------------------------------
@@ -137,7 +151,9 @@ class PostgresTaskStore:
         rows = await self._rows("get_many", {"ids": list(task_ids)}, what="reading tasks")
         return [TaskRecord.from_row(r) for r in rows]
 
-    async def list_tasks(self, filters: ListFilter, *, limit: int, after: ListCursor | None) -> list[TaskRecord]:
+    async def list_tasks(
+        self, filters: ListFilter, *, limit: int, after: ListCursor | None
+    ) -> list[TaskRecord]:
         rows = await self._rows(
             "list",
             {
@@ -180,7 +196,9 @@ class PostgresTaskStore:
         if rows:
             return TaskRecord.from_row(rows[0])
         current = await self.get(task_id)
-        raise FailedPrecondition(f"task {task_id} is {current.status.value}; only unfinished tasks can be cancelled")
+        raise FailedPrecondition(
+            f"task {task_id} is {current.status.value}; only unfinished tasks can be cancelled"
+        )
 
     async def requeue(self, task_id: str) -> TaskRecord:
         rows = await self._rows("requeue", {"id": task_id}, what="requeueing a task")
@@ -193,14 +211,17 @@ class PostgresTaskStore:
                 "inputs are secrets); submit it again"
             )
         raise FailedPrecondition(
-            f"task {task_id} is {current.status.value}; only DEAD_LETTER or CANCELLED tasks can be requeued"
+            f"task {task_id} is {current.status.value}; "
+            "only DEAD_LETTER or CANCELLED tasks can be requeued"
         )
 
     # -- worker side -------------------------------------------------------------------------
 
     async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedTask]:
         rows = await self._rows(
-            "claim", {"worker": worker, "limit": limit, "lease_seconds": lease_seconds}, what="claiming tasks"
+            "claim",
+            {"worker": worker, "limit": limit, "lease_seconds": lease_seconds},
+            what="claiming tasks",
         )
         return [_claimed(row) for row in rows]
 
@@ -230,7 +251,9 @@ class PostgresTaskStore:
         """Record one result; only the current lease holder succeeds (fencing)."""
         return bool(await self.complete_many([Completion(task_id, lease_id, digest, encoded)]))
 
-    async def fail_many(self, failed: Sequence[Failure], *, base: float, cap: float) -> dict[str, TaskStatus]:
+    async def fail_many(
+        self, failed: Sequence[Failure], *, base: float, cap: float
+    ) -> dict[str, TaskStatus]:
         """Record failed attempts; returns each recorded task's new status."""
         if not failed:
             return {}
@@ -261,7 +284,13 @@ class PostgresTaskStore:
         return {str(r["id"]) for r in await self._rows(query, params, what=what)}
 
     async def heartbeat(
-        self, worker: str, leases: Sequence[Lease], *, lease_seconds: float, in_flight: int, processed: int
+        self,
+        worker: str,
+        leases: Sequence[Lease],
+        *,
+        lease_seconds: float,
+        in_flight: int,
+        processed: int,
     ) -> dict[str, bool]:
         """Renew ``leases`` and the worker's liveness; returns {task id: cancel requested} for
         the leases still held."""
@@ -284,10 +313,14 @@ class PostgresTaskStore:
         return len(await self._rows("reclaim_expired", {}, what="reclaiming expired leases"))
 
     async def register_worker(self, name: str, host: str, pid: int) -> None:
-        await self._rows("register_worker", {"name": name, "host": host, "pid": pid}, what="registering")
+        await self._rows(
+            "register_worker", {"name": name, "host": host, "pid": pid}, what="registering"
+        )
 
     async def unregister_worker(self, name: str, processed: int) -> None:
-        await self._rows("unregister_worker", {"name": name, "processed": processed}, what="unregistering")
+        await self._rows(
+            "unregister_worker", {"name": name, "processed": processed}, what="unregistering"
+        )
 
 
 def _rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
@@ -313,7 +346,9 @@ class Listener:
     that arrive within a timeout; a lost connection raises ``Unavailable`` and the owner calls
     ``connect()`` again (with its own backoff)."""
 
-    def __init__(self, dsn: str, channels: Sequence[str], *, name: str, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, dsn: str, channels: Sequence[str], *, name: str, connect_timeout: float = 5.0
+    ) -> None:
         self._dsn = dsn
         self._channels = tuple(channels)
         self._name = name
@@ -328,7 +363,9 @@ class Listener:
         await self.close()
         try:
             conn = await psycopg.AsyncConnection.connect(
-                self._dsn, autocommit=True, application_name=self._name,
+                self._dsn,
+                autocommit=True,
+                application_name=self._name,
                 connect_timeout=max(1, int(self._connect_timeout)),
             )
             for channel in self._channels:
@@ -347,7 +384,9 @@ class Listener:
                 received.append((note.channel, note.payload))
         except psycopg.Error as exc:
             await self.close()
-            raise Unavailable(f"LISTEN connection lost: {type(exc).__name__}", retry_after=1.0) from exc
+            raise Unavailable(
+                f"LISTEN connection lost: {type(exc).__name__}", retry_after=1.0
+            ) from exc
         return received
 
     async def close(self) -> None:
@@ -355,3 +394,7 @@ class Listener:
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
                 await conn.close()
+
+
+def _conforms(store: PostgresTaskStore) -> TaskStore:
+    return store  # mypy checks that the two stores share one interface

@@ -25,7 +25,9 @@ FAST_LEASES = {
 
 def counts(dsn: str) -> dict[str, int]:
     with psycopg.connect(dsn, connect_timeout=5) as conn:
-        return dict(conn.execute("SELECT status, count(*) FROM hashmesh_tasks GROUP BY 1").fetchall())
+        return dict(
+            conn.execute("SELECT status, count(*) FROM hashmesh_tasks GROUP BY 1").fetchall()
+        )
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -37,16 +39,21 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 def written_more_than_once(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM hashmesh_tasks WHERE completions > 1 "
-                           "OR (status = 'succeeded' AND completions <> 1 AND NOT cached)").fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM hashmesh_tasks WHERE completions > 1 "
+            "OR (status = 'succeeded' AND completions <> 1 AND NOT cached)"
+        ).fetchone()
     assert row is not None
     return int(row[0])
 
 
 def md5_batch(start: int, size: int) -> task_pb2.SubmitTasksRequest:
     return task_pb2.SubmitTasksRequest(
-        specs=[task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, data=b"task-%d" % i)
-               for i in range(start, start + size)])
+        specs=[
+            task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, data=b"task-%d" % i)
+            for i in range(start, start + size)
+        ]
+    )
 
 
 def test_kill_9_of_a_worker_holding_a_claimed_batch(dsn: str, procs: Processes) -> None:
@@ -54,24 +61,45 @@ def test_kill_9_of_a_worker_holding_a_claimed_batch(dsn: str, procs: Processes) 
     params = common_pb2.Argon2Params(time_cost=1, memory_cost_kib=16 * 1024, parallelism=1)
     with grpc.insecure_channel(hashd.address) as channel:
         stub = task_pb2_grpc.TaskServiceStub(channel)
-        stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=[
-            task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"pw-%d" % i, argon2=params)
-            for i in range(60)]), timeout=10)
-    victim = procs.workerd(dsn, "--name", "victim", "--concurrency", "30", "--cpu-workers", "1", env=FAST_LEASES)
+        stub.SubmitTasks(
+            task_pb2.SubmitTasksRequest(
+                specs=[
+                    task_pb2.TaskSpec(
+                        algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"pw-%d" % i, argon2=params
+                    )
+                    for i in range(60)
+                ]
+            ),
+            timeout=10,
+        )
+    victim = procs.workerd(
+        dsn, "--name", "victim", "--concurrency", "30", "--cpu-workers", "1", env=FAST_LEASES
+    )
     wait_for(lambda: counts(dsn).get("succeeded", 0) >= 3, 30, "victim finished a few tasks")
     victim.kill()
     with psycopg.connect(dsn) as conn:
-        held = [r[0] for r in conn.execute(
-            "SELECT id FROM hashmesh_tasks WHERE status = 'running' AND worker = 'victim'").fetchall()]
+        held = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM hashmesh_tasks WHERE status = 'running' AND worker = 'victim'"
+            ).fetchall()
+        ]
     assert held, "the victim held no claimed tasks when killed"
     procs.workerd(dsn, "--name", "rescuer", env=FAST_LEASES)
     wait_for(lambda: counts(dsn) == {"succeeded": 60}, 60, "every task succeeded")
     assert written_more_than_once(dsn) == 0
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT attempts, worker, last_error, input FROM hashmesh_tasks WHERE id = ANY(%s)",
-                            (held,)).fetchall()
+        rows = conn.execute(
+            "SELECT attempts, worker, last_error, input FROM hashmesh_tasks WHERE id = ANY(%s)",
+            (held,),
+        ).fetchall()
     for attempts, worker, last_error, input_ in rows:
-        assert attempts >= 2 and worker == "rescuer" and "lease expired" in last_error and input_ is None
+        assert (
+            attempts >= 2
+            and worker == "rescuer"
+            and "lease expired" in last_error
+            and input_ is None
+        )
 
 
 def test_two_workers_share_ten_thousand_tasks(dsn: str, procs: Processes) -> None:
@@ -85,9 +113,12 @@ def test_two_workers_share_ten_thousand_tasks(dsn: str, procs: Processes) -> Non
     wait_for(lambda: counts(dsn) == {"succeeded": 10_000}, 90, "10,000 tasks succeeded")
     assert written_more_than_once(dsn) == 0
     with psycopg.connect(dsn) as conn:
-        shares = dict(conn.execute("SELECT worker, count(*) FROM hashmesh_tasks GROUP BY 1").fetchall())
-        wrong = conn.execute("SELECT count(*) FROM hashmesh_tasks "
-                             "WHERE result_encoded <> md5(input)").fetchone()
+        shares = dict(
+            conn.execute("SELECT worker, count(*) FROM hashmesh_tasks GROUP BY 1").fetchall()
+        )
+        wrong = conn.execute(
+            "SELECT count(*) FROM hashmesh_tasks WHERE result_encoded <> md5(input)"
+        ).fetchone()
     assert set(shares) == {"w-a", "w-b"} and min(shares.values()) >= 1000, shares
     assert wrong == (0,)
 
@@ -101,9 +132,20 @@ def test_postgres_restart_mid_run(owned_pg: EmbeddedPostgres, procs: Processes) 
     with grpc.insecure_channel(hashd.address) as channel:
         stub = task_pb2_grpc.TaskServiceStub(channel)
         # Slow tasks first (~10 ms each, one thread): the restart lands in the middle of them.
-        stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=[
-            task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"pw-%d" % i, argon2=params,
-                              priority=1) for i in range(200)]), timeout=10)
+        stub.SubmitTasks(
+            task_pb2.SubmitTasksRequest(
+                specs=[
+                    task_pb2.TaskSpec(
+                        algorithm=common_pb2.ALGORITHM_ARGON2ID,
+                        data=b"pw-%d" % i,
+                        argon2=params,
+                        priority=1,
+                    )
+                    for i in range(200)
+                ]
+            ),
+            timeout=10,
+        )
         stub.SubmitTasks(md5_batch(0, 2800), timeout=30)
         wait_for(lambda: counts(dsn).get("succeeded", 0) >= 5, 30, "the run started")
         before = counts(dsn)
@@ -111,7 +153,9 @@ def test_postgres_restart_mid_run(owned_pg: EmbeddedPostgres, procs: Processes) 
         assert before.get("succeeded", 0) < 3000, before
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:
-            stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=md5_batch(9999, 1).specs[0]), timeout=20)
+            stub.SubmitTask(
+                task_pb2.SubmitTaskRequest(spec=md5_batch(9999, 1).specs[0]), timeout=20
+            )
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
         refused_after = time.monotonic() - started
         owned_pg.start()
@@ -122,9 +166,13 @@ def test_postgres_restart_mid_run(owned_pg: EmbeddedPostgres, procs: Processes) 
                 stub.SubmitTasks(md5_batch(3000, 1000), timeout=10)
                 break
             except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, (
+                    exc
+                )
                 time.sleep(0.2)
-    wait_for(lambda: counts(dsn) == {"succeeded": 4000}, 60, "all 4000 tasks succeeded after the restart")
+    wait_for(
+        lambda: counts(dsn) == {"succeeded": 4000}, 60, "all 4000 tasks succeeded after the restart"
+    )
     assert written_more_than_once(dsn) == 0
     assert refused_after < 20  # answered, not left to the deadline
     logs = "".join(proc.log() for proc in procs.started)
@@ -133,11 +181,20 @@ def test_postgres_restart_mid_run(owned_pg: EmbeddedPostgres, procs: Processes) 
 
 def test_always_failing_task_dead_letters_with_backoff(dsn: str, procs: Processes) -> None:
     hashd = procs.hashd(dsn)
-    procs.workerd(dsn, env={**FAST_LEASES, "HASHMESH_WORKERD_FAIL_ALGORITHMS": "sha1",
-                            "HASHMESH_TASK_RETRY_BASE": "0.2", "HASHMESH_TASK_RETRY_CAP": "0.8"})
+    procs.workerd(
+        dsn,
+        env={
+            **FAST_LEASES,
+            "HASHMESH_WORKERD_FAIL_ALGORITHMS": "sha1",
+            "HASHMESH_TASK_RETRY_BASE": "0.2",
+            "HASHMESH_TASK_RETRY_CAP": "0.8",
+        },
+    )
     with grpc.insecure_channel(hashd.address) as channel:
         stub = task_pb2_grpc.TaskServiceStub(channel)
-        spec = task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA1, data=b"doomed", max_attempts=4)
+        spec = task_pb2.TaskSpec(
+            algorithm=common_pb2.ALGORITHM_SHA1, data=b"doomed", max_attempts=4
+        )
         task_id = stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec), timeout=10).task.id
         seen = [m.task for m in stub.WatchTask(task_pb2.WatchTaskRequest(id=task_id), timeout=30)]
         final = seen[-1]
@@ -148,7 +205,9 @@ def test_always_failing_task_dead_letters_with_backoff(dsn: str, procs: Processe
 
         requeued = stub.RequeueTask(task_pb2.RequeueTaskRequest(id=task_id), timeout=10).task
         assert requeued.status == task_pb2.TASK_STATUS_PENDING and requeued.attempts == 0
-        again = [m.task for m in stub.WatchTask(task_pb2.WatchTaskRequest(id=task_id), timeout=30)][-1]
+        again = [m.task for m in stub.WatchTask(task_pb2.WatchTaskRequest(id=task_id), timeout=30)][
+            -1
+        ]
         assert again.status == task_pb2.TASK_STATUS_DEAD_LETTER and again.attempts == 4
 
 
@@ -156,7 +215,9 @@ def check_backoff(dsn: str, task_id: str, *, attempts: int, base: float, cap: fl
     """From the attempt log: each retry waited between half and all of base * 2^(n-1)
     (capped), and the next attempt started only after that."""
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT failures FROM hashmesh_tasks WHERE id = %s", (task_id,)).fetchone()
+        row = conn.execute(
+            "SELECT failures FROM hashmesh_tasks WHERE id = %s", (task_id,)
+        ).fetchone()
     assert row is not None
     failures = row[0]
     assert [f["attempt"] for f in failures] == list(range(1, attempts + 1))

@@ -25,7 +25,11 @@ from tests.conftest import Processes
 
 T = TypeVar("T")
 MD5 = common_pb2.ALGORITHM_MD5
-FINAL = {task_pb2.TASK_STATUS_SUCCEEDED, task_pb2.TASK_STATUS_CANCELLED, task_pb2.TASK_STATUS_DEAD_LETTER}
+FINAL = {
+    task_pb2.TASK_STATUS_SUCCEEDED,
+    task_pb2.TASK_STATUS_CANCELLED,
+    task_pb2.TASK_STATUS_DEAD_LETTER,
+}
 
 
 def with_store(dsn: str, body: Callable[[PostgresTaskStore], Awaitable[T]]) -> T:
@@ -57,7 +61,9 @@ def md5_spec(data: bytes, **fields: Any) -> task_pb2.TaskSpec:
     return task_pb2.TaskSpec(algorithm=MD5, data=data, **fields)
 
 
-def watch_until_final(stub: task_pb2_grpc.TaskServiceStub, task_id: str, timeout: float = 20) -> list[task_pb2.Task]:
+def watch_until_final(
+    stub: task_pb2_grpc.TaskServiceStub, task_id: str, timeout: float = 20
+) -> list[task_pb2.Task]:
     seen = [m.task for m in stub.WatchTask(task_pb2.WatchTaskRequest(id=task_id), timeout=timeout)]
     assert seen and seen[-1].status in FINAL
     return seen
@@ -82,13 +88,16 @@ def test_claims_follow_priority_then_age_and_respect_run_after(dsn: str) -> None
     async def body(store: PostgresTaskStore) -> None:
         later = datetime.now(UTC) + timedelta(hours=1)
         low, high, old_mid, new_mid, future = [
-            s.task for s in await store.submit_many([
-                NewTask("md5", b"low", priority=-5),
-                NewTask("md5", b"high", priority=50),
-                NewTask("md5", b"mid-1", priority=0),
-                NewTask("md5", b"mid-2", priority=0),
-                NewTask("md5", b"future", priority=100, run_after=later),
-            ])
+            s.task
+            for s in await store.submit_many(
+                [
+                    NewTask("md5", b"low", priority=-5),
+                    NewTask("md5", b"high", priority=50),
+                    NewTask("md5", b"mid-1", priority=0),
+                    NewTask("md5", b"mid-2", priority=0),
+                    NewTask("md5", b"future", priority=100, run_after=later),
+                ]
+            )
         ]
         order = []
         while claimed := await store.claim("w", 1, 30):
@@ -127,8 +136,13 @@ def test_running_task_cancels_cooperatively_and_release_hands_back(dsn: str) -> 
         a, b = await store.claim("w", 10, 30)
         cancelling = await store.cancel(a.id)
         assert cancelling.status is TaskStatus.RUNNING and cancelling.cancel_requested
-        renewed = await store.heartbeat("w", [Lease(a.id, a.lease_id), Lease(b.id, b.lease_id)],
-                                        lease_seconds=30, in_flight=2, processed=0)
+        renewed = await store.heartbeat(
+            "w",
+            [Lease(a.id, a.lease_id), Lease(b.id, b.lease_id)],
+            lease_seconds=30,
+            in_flight=2,
+            processed=0,
+        )
         assert renewed == {a.id: True, b.id: False}
         assert await store.acknowledge_cancel([Lease(a.id, a.lease_id)]) == {a.id}
         assert await store.release([Lease(b.id, b.lease_id)]) == {b.id}
@@ -145,13 +159,17 @@ def test_cancelled_while_running_result_is_dropped(dsn: str) -> None:
         await store.submit_many([NewTask("argon2id", b"pw", params={})])
         [task] = await store.claim("w", 1, 30)
         await store.cancel(task.id)
-        assert await store.complete_many([Completion(task.id, task.lease_id, b"d", "e")]) == {task.id}
+        assert await store.complete_many([Completion(task.id, task.lease_id, b"d", "e")]) == {
+            task.id
+        }
         final = await store.get(task.id)
         assert final.status is TaskStatus.CANCELLED and final.result_digest is None
 
     with_store(dsn, body)
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT input, completions FROM hashmesh_tasks").fetchall() == [(None, 0)]
+        assert conn.execute("SELECT input, completions FROM hashmesh_tasks").fetchall() == [
+            (None, 0)
+        ]
         # The schema itself refuses a final argon2 task that still holds its input.
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute("UPDATE hashmesh_tasks SET input = 'pw'")
@@ -164,7 +182,9 @@ def test_submit_watch_and_result_through_workerd(dsn: str, procs: Processes, stu
     hashd = procs.hashd(dsn)
     procs.workerd(dsn, "--name", "w-int")
     stub = stub_for(hashd.address)
-    reply = stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=md5_spec(b"hello"), client_id="c1"), timeout=10)
+    reply = stub.SubmitTask(
+        task_pb2.SubmitTaskRequest(spec=md5_spec(b"hello"), client_id="c1"), timeout=10
+    )
     assert reply.created and reply.task.client_id == "c1"
     seen = watch_until_final(stub, reply.task.id)
     final = seen[-1]
@@ -172,8 +192,14 @@ def test_submit_watch_and_result_through_workerd(dsn: str, procs: Processes, stu
     assert final.result.digest == hashlib.md5(b"hello").digest() and not final.result.cached
     assert final.worker == "w-int" and final.attempts == 1
     statuses = [t.status for t in seen]
-    assert statuses == sorted(statuses, key=[task_pb2.TASK_STATUS_PENDING, task_pb2.TASK_STATUS_RUNNING,
-                                             task_pb2.TASK_STATUS_SUCCEEDED].index)
+    assert statuses == sorted(
+        statuses,
+        key=[
+            task_pb2.TASK_STATUS_PENDING,
+            task_pb2.TASK_STATUS_RUNNING,
+            task_pb2.TASK_STATUS_SUCCEEDED,
+        ].index,
+    )
     stats = stub.GetQueueStats(task_pb2.GetQueueStatsRequest(), timeout=10)
     assert stats.workers_alive == 1 and stats.workers[0].name == "w-int"
     assert {c.status: c.count for c in stats.counts}[task_pb2.TASK_STATUS_SUCCEEDED] == 1
@@ -182,13 +208,19 @@ def test_submit_watch_and_result_through_workerd(dsn: str, procs: Processes, stu
 
 def test_batch_idempotency_and_validation(dsn: str, procs: Processes, stub_for: Any) -> None:
     stub = stub_for(procs.hashd(dsn).address)
-    specs = [md5_spec(b"a", idempotency_key="k1"), md5_spec(b"b"), md5_spec(b"a", idempotency_key="k1")]
+    specs = [
+        md5_spec(b"a", idempotency_key="k1"),
+        md5_spec(b"b"),
+        md5_spec(b"a", idempotency_key="k1"),
+    ]
     first = stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=specs, client_id="c"), timeout=10)
     assert list(first.created) == [True, True, False]
     assert first.tasks[0].id == first.tasks[2].id != first.tasks[1].id
     again = stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=specs[0], client_id="c"), timeout=10)
     assert not again.created and again.task.id == first.tasks[0].id
-    other_client = stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=specs[0], client_id="d"), timeout=10)
+    other_client = stub.SubmitTask(
+        task_pb2.SubmitTaskRequest(spec=specs[0], client_id="d"), timeout=10
+    )
     assert other_client.created and other_client.task.id != first.tasks[0].id
 
     # Concurrent duplicates: one task, whoever wins.
@@ -197,8 +229,14 @@ def test_batch_idempotency_and_validation(dsn: str, procs: Processes, stub_for: 
 
     def submit() -> None:
         barrier.wait()
-        ids.append(stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=md5_spec(b"z", idempotency_key="race"),
-                                                              client_id="c"), timeout=10).task.id)
+        ids.append(
+            stub.SubmitTask(
+                task_pb2.SubmitTaskRequest(
+                    spec=md5_spec(b"z", idempotency_key="race"), client_id="c"
+                ),
+                timeout=10,
+            ).task.id
+        )
 
     threads = [threading.Thread(target=submit) for _ in range(8)]
     for thread in threads:
@@ -208,13 +246,17 @@ def test_batch_idempotency_and_validation(dsn: str, procs: Processes, stub_for: 
     assert len(ids) == 8 and len(set(ids)) == 1
 
     with pytest.raises(grpc.RpcError) as caught:
-        stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=[md5_spec(b"ok"), md5_spec(b"x", priority=1000)]),
-                         timeout=10)
+        stub.SubmitTasks(
+            task_pb2.SubmitTasksRequest(specs=[md5_spec(b"ok"), md5_spec(b"x", priority=1000)]),
+            timeout=10,
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violations(caught.value) == ["specs[1].priority"]
     with pytest.raises(grpc.RpcError) as caught:
         stub.GetTask(task_pb2.GetTaskRequest(id="nope"), timeout=10)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(caught.value) == ["id"]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(caught.value) == [
+        "id"
+    ]
     with pytest.raises(grpc.RpcError) as caught:
         stub.GetTask(task_pb2.GetTaskRequest(id="00000000-0000-0000-0000-000000000000"), timeout=10)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -223,22 +265,32 @@ def test_batch_idempotency_and_validation(dsn: str, procs: Processes, stub_for: 
 
 
 def test_backpressure_refuses_whole_batches(dsn: str, procs: Processes, stub_for: Any) -> None:
-    hashd = procs.hashd(dsn, env={"HASHMESH_MAX_PENDING_TASKS": "6", "HASHMESH_MAX_PENDING_PER_CLIENT": "4"})
+    hashd = procs.hashd(
+        dsn, env={"HASHMESH_MAX_PENDING_TASKS": "6", "HASHMESH_MAX_PENDING_PER_CLIENT": "4"}
+    )
     stub = stub_for(hashd.address)
-    stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=[md5_spec(b"%d" % i) for i in range(4)], client_id="a"),
-                     timeout=10)
+    stub.SubmitTasks(
+        task_pb2.SubmitTasksRequest(specs=[md5_spec(b"%d" % i) for i in range(4)], client_id="a"),
+        timeout=10,
+    )
     for client, size, reason in (("a", 1, "CLIENT_QUEUE_FULL"), ("b", 3, "QUEUE_FULL")):
         with pytest.raises(grpc.RpcError) as caught:
-            stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=[md5_spec(b"x")] * size, client_id=client),
-                             timeout=10)
+            stub.SubmitTasks(
+                task_pb2.SubmitTasksRequest(specs=[md5_spec(b"x")] * size, client_id=client),
+                timeout=10,
+            )
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
         assert status is not None
         kinds = {d.type_url.rsplit(".", 1)[-1] for d in status.details}
         assert {"RetryInfo", "ErrorInfo"} <= kinds and reason in str(status.details)
-    stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=[md5_spec(b"y")] * 2, client_id="b"), timeout=10)
+    stub.SubmitTasks(
+        task_pb2.SubmitTasksRequest(specs=[md5_spec(b"y")] * 2, client_id="b"), timeout=10
+    )
     with psycopg.connect(dsn) as conn:
-        rows = dict(conn.execute("SELECT client_id, count(*) FROM hashmesh_tasks GROUP BY 1").fetchall())
+        rows = dict(
+            conn.execute("SELECT client_id, count(*) FROM hashmesh_tasks GROUP BY 1").fetchall()
+        )
     assert rows == {"a": 4, "b": 2}
 
 
@@ -248,8 +300,12 @@ def test_cached_result_finishes_at_once_and_argon2_input_is_erased(
     hashd = procs.hashd(dsn)
     procs.workerd(dsn)
     stub = stub_for(hashd.address)
-    params = common_pb2.Argon2Params(time_cost=1, memory_cost_kib=8192, parallelism=1, salt=b"saltsalt")
-    spec = task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"hunter2", argon2=params)
+    params = common_pb2.Argon2Params(
+        time_cost=1, memory_cost_kib=8192, parallelism=1, salt=b"saltsalt"
+    )
+    spec = task_pb2.TaskSpec(
+        algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"hunter2", argon2=params
+    )
     first = stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec), timeout=10)
     done = watch_until_final(stub, first.task.id)[-1]
     assert done.status == task_pb2.TASK_STATUS_SUCCEEDED and not done.result.cached
@@ -262,7 +318,9 @@ def test_cached_result_finishes_at_once_and_argon2_input_is_erased(
     assert second.status == task_pb2.TASK_STATUS_SUCCEEDED and second.result.cached
     assert second.result.encoded == done.result.encoded and second.attempts == 0
     with psycopg.connect(dsn) as conn:
-        inputs = conn.execute("SELECT input FROM hashmesh_tasks WHERE algorithm = 'argon2id'").fetchall()
+        inputs = conn.execute(
+            "SELECT input FROM hashmesh_tasks WHERE algorithm = 'argon2id'"
+        ).fetchall()
     assert inputs and all(row[0] is None for row in inputs)
     # No input in any log line.
     for proc in procs.started:
@@ -271,10 +329,22 @@ def test_cached_result_finishes_at_once_and_argon2_input_is_erased(
 
 def test_cancel_requeue_list_and_pages(dsn: str, procs: Processes, stub_for: Any) -> None:
     stub = stub_for(procs.hashd(dsn).address)
-    md5_ids = [t.id for t in stub.SubmitTasks(task_pb2.SubmitTasksRequest(
-        specs=[md5_spec(b"%d" % i) for i in range(25)], client_id="lister"), timeout=10).tasks]
-    sha = stub.SubmitTask(task_pb2.SubmitTaskRequest(
-        spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA1, data=b"s"), client_id="other"), timeout=10).task
+    md5_ids = [
+        t.id
+        for t in stub.SubmitTasks(
+            task_pb2.SubmitTasksRequest(
+                specs=[md5_spec(b"%d" % i) for i in range(25)], client_id="lister"
+            ),
+            timeout=10,
+        ).tasks
+    ]
+    sha = stub.SubmitTask(
+        task_pb2.SubmitTaskRequest(
+            spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA1, data=b"s"),
+            client_id="other",
+        ),
+        timeout=10,
+    ).task
 
     cancelled = stub.CancelTask(task_pb2.CancelTaskRequest(id=md5_ids[0]), timeout=10).task
     assert cancelled.status == task_pb2.TASK_STATUS_CANCELLED
@@ -289,27 +359,37 @@ def test_cancel_requeue_list_and_pages(dsn: str, procs: Processes, stub_for: Any
 
     pages, token = [], ""
     while True:
-        page = stub.ListTasks(task_pb2.ListTasksRequest(client_id="lister", page_size=10, page_token=token),
-                              timeout=10)
+        page = stub.ListTasks(
+            task_pb2.ListTasksRequest(client_id="lister", page_size=10, page_token=token),
+            timeout=10,
+        )
         pages.append([t.id for t in page.tasks])
         token = page.next_page_token
         if len(pages) == 1:
             # Newer tasks do not shift later pages (keyset on created_at, id).
-            stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=[md5_spec(b"new")] * 5, client_id="lister"),
-                             timeout=10)
+            stub.SubmitTasks(
+                task_pb2.SubmitTasksRequest(specs=[md5_spec(b"new")] * 5, client_id="lister"),
+                timeout=10,
+            )
         if not token:
             break
     assert [len(p) for p in pages] == [10, 10, 5]
     listed = [i for p in pages for i in p]
     assert sorted(listed) == sorted(md5_ids)
-    by_algorithm = stub.ListTasks(task_pb2.ListTasksRequest(algorithm=common_pb2.ALGORITHM_SHA1), timeout=10)
+    by_algorithm = stub.ListTasks(
+        task_pb2.ListTasksRequest(algorithm=common_pb2.ALGORITHM_SHA1), timeout=10
+    )
     assert [t.id for t in by_algorithm.tasks] == [sha.id]
-    by_status = stub.ListTasks(task_pb2.ListTasksRequest(statuses=[task_pb2.TASK_STATUS_PENDING],
-                                                         client_id="other"), timeout=10)
+    by_status = stub.ListTasks(
+        task_pb2.ListTasksRequest(statuses=[task_pb2.TASK_STATUS_PENDING], client_id="other"),
+        timeout=10,
+    )
     assert [t.id for t in by_status.tasks] == [sha.id]
     with pytest.raises(grpc.RpcError) as caught:
-        stub.ListTasks(task_pb2.ListTasksRequest(client_id="other", page_token=page.next_page_token or "x"),
-                       timeout=10)
+        stub.ListTasks(
+            task_pb2.ListTasksRequest(client_id="other", page_token=page.next_page_token or "x"),
+            timeout=10,
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     stats = stub.GetQueueStats(task_pb2.GetQueueStatsRequest(), timeout=10)
     assert {c.status: c.count for c in stats.counts}[task_pb2.TASK_STATUS_PENDING] == 31

@@ -25,7 +25,9 @@ def stub(dsn: str, procs: Processes) -> Iterator[task_pb2_grpc.TaskServiceStub]:
 
 def counts(dsn: str) -> dict[str, int]:
     with psycopg.connect(dsn) as conn:
-        return dict(conn.execute("SELECT status, count(*) FROM hashmesh_tasks GROUP BY 1").fetchall())
+        return dict(
+            conn.execute("SELECT status, count(*) FROM hashmesh_tasks GROUP BY 1").fetchall()
+        )
 
 
 def wait_for(predicate: object, timeout: float = 30.0) -> None:
@@ -38,10 +40,14 @@ def wait_for(predicate: object, timeout: float = 30.0) -> None:
 def test_sigterm_finishes_in_flight_and_hands_back_the_rest(
     dsn: str, procs: Processes, stub: task_pb2_grpc.TaskServiceStub
 ) -> None:
-    specs = [task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"pw%d" % i, argon2=ARGON2)
-             for i in range(12)]
+    specs = [
+        task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"pw%d" % i, argon2=ARGON2)
+        for i in range(12)
+    ]
     stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=specs), timeout=10)
-    worker = procs.workerd(dsn, "--name", "graceful", "--concurrency", "12", "--cpu-workers", "1", env=FAST)
+    worker = procs.workerd(
+        dsn, "--name", "graceful", "--concurrency", "12", "--cpu-workers", "1", env=FAST
+    )
     # The whole batch is claimed (none pending) and at least one task is done.
     wait_for(lambda: "pending" not in counts(dsn) and counts(dsn).get("succeeded", 0) >= 1)
     assert worker.terminate() == 0
@@ -51,11 +57,20 @@ def test_sigterm_finishes_in_flight_and_hands_back_the_rest(
     assert after.get("pending", 0) >= 1
     with psycopg.connect(dsn) as conn:
         handed_back = conn.execute(
-            "SELECT attempts, worker, started_at FROM hashmesh_tasks WHERE status = 'pending'").fetchall()
+            "SELECT attempts, worker, started_at FROM hashmesh_tasks WHERE status = 'pending'"
+        ).fetchall()
         assert all(row == (0, None, None) for row in handed_back)
-        row = conn.execute("SELECT host, pid, processed, in_flight, stopped_at IS NOT NULL "
-                           "FROM hashmesh_workers WHERE name = 'graceful'").fetchone()
-    assert row is not None and row[1] == worker.pid and row[2] == after["succeeded"] and row[3] == 0 and row[4]
+        row = conn.execute(
+            "SELECT host, pid, processed, in_flight, stopped_at IS NOT NULL "
+            "FROM hashmesh_workers WHERE name = 'graceful'"
+        ).fetchone()
+    assert (
+        row is not None
+        and row[1] == worker.pid
+        and row[2] == after["succeeded"]
+        and row[3] == 0
+        and row[4]
+    )
     assert "workerd ready as graceful" in worker.log()
     # Another worker finishes the rest.
     procs.workerd(dsn, "--name", "second", env=FAST)
@@ -66,9 +81,15 @@ def test_running_task_is_cancelled_cooperatively(
     dsn: str, procs: Processes, stub: task_pb2_grpc.TaskServiceStub
 ) -> None:
     # The lowest priority runs last: it is still running (or waiting for the CPU) when cancelled.
-    specs = [task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"pw%d" % i, argon2=ARGON2,
-                               priority=5 - i) for i in range(6)]
-    ids = [t.id for t in stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=specs), timeout=10).tasks]
+    specs = [
+        task_pb2.TaskSpec(
+            algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"pw%d" % i, argon2=ARGON2, priority=5 - i
+        )
+        for i in range(6)
+    ]
+    ids = [
+        t.id for t in stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=specs), timeout=10).tasks
+    ]
     procs.workerd(dsn, "--concurrency", "6", "--cpu-workers", "1", env=FAST)
     wait_for(lambda: "pending" not in counts(dsn))
     reply = stub.CancelTask(task_pb2.CancelTaskRequest(id=ids[-1]), timeout=10).task
@@ -92,3 +113,30 @@ def test_scheduled_task_runs_at_its_time_without_polling(
     final = [m.task for m in stub.WatchTask(task_pb2.WatchTaskRequest(id=task_id), timeout=15)][-1]
     assert final.status == task_pb2.TASK_STATUS_SUCCEEDED
     assert final.started_at.ToNanoseconds() >= spec.run_after.ToNanoseconds()
+
+
+def test_sigterm_while_waiting_for_the_database_exits_cleanly() -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from hashmesh.core.embedded_pg import free_port
+
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres?connect_timeout=1"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "hashmesh.workerd", "--database-url", unreachable],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # retrying its start-up with backoff by now
+        assert worker.poll() is None
+        worker.send_signal(signal.SIGTERM)
+        output, _ = worker.communicate(timeout=15)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(5)
+    assert worker.returncode == 0, output
+    assert "workerd ready" not in output and "retrying" in output

@@ -23,7 +23,16 @@ from hashmesh.workerd.config import WorkerSettings
 
 def test_sql_sections_are_loaded_with_columns_filled_in() -> None:
     loaded = queries()
-    for name in ("submit", "claim", "complete", "fail", "heartbeat", "reclaim_expired", "list", "cancel"):
+    for name in (
+        "submit",
+        "claim",
+        "complete",
+        "fail",
+        "heartbeat",
+        "reclaim_expired",
+        "list",
+        "cancel",
+    ):
         assert name in loaded and "{columns}" not in loaded[name]
     assert "FOR UPDATE SKIP LOCKED" in loaded["claim"]
     parsed = parse_sections("-- name: a\nSELECT 1\n-- name: b\n-- comment\nSELECT {columns}\n")
@@ -36,10 +45,21 @@ def test_sql_sections_are_loaded_with_columns_filled_in() -> None:
     [
         (task_pb2.TaskSpec(), "specs[2].algorithm"),
         (task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, priority=101), "specs[2].priority"),
-        (task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, max_attempts=101), "specs[2].max_attempts"),
-        (task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, idempotency_key="k" * 201), "specs[2].idempotency_key"),
-        (task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_ARGON2ID, argon2=common_pb2.Argon2Params(time_cost=99)),
-         "specs[2].argon2.time_cost"),
+        (
+            task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, max_attempts=101),
+            "specs[2].max_attempts",
+        ),
+        (
+            task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, idempotency_key="k" * 201),
+            "specs[2].idempotency_key",
+        ),
+        (
+            task_pb2.TaskSpec(
+                algorithm=common_pb2.ALGORITHM_ARGON2ID,
+                argon2=common_pb2.Argon2Params(time_cost=99),
+            ),
+            "specs[2].argon2.time_cost",
+        ),
     ],
 )
 def test_validation_names_the_field(spec: task_pb2.TaskSpec, field: str) -> None:
@@ -58,7 +78,9 @@ def test_valid_spec_takes_defaults() -> None:
 
 def test_page_token_round_trip_and_filter_binding() -> None:
     filters = ListFilter(client_id="c", statuses=(TaskStatus.PENDING,), algorithm="md5")
-    cursor = ListCursor(datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), "0b7e3a0c-4a4d-4c5e-9d3e-2f1f1f1f1f1f")
+    cursor = ListCursor(
+        datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), "0b7e3a0c-4a4d-4c5e-9d3e-2f1f1f1f1f1f"
+    )
     token = encode_page_token(cursor, filters)
     assert decode_page_token(token, filters) == cursor
     assert decode_page_token("", filters) is None
@@ -71,7 +93,10 @@ def test_page_token_round_trip_and_filter_binding() -> None:
 
 def test_status_payload_parsing_skips_garbage() -> None:
     payload = "a1 running,b2 succeeded,bad,c3 nonsense"
-    assert parse_status_payload(payload) == [("a1", TaskStatus.RUNNING), ("b2", TaskStatus.SUCCEEDED)]
+    assert parse_status_payload(payload) == [
+        ("a1", TaskStatus.RUNNING),
+        ("b2", TaskStatus.SUCCEEDED),
+    ]
 
 
 def test_limits_refuse_whole_batches_globally_and_per_client() -> None:
