@@ -6,15 +6,22 @@ import argparse
 import asyncio
 from dataclasses import replace
 
-from hashmesh.core import logs
+from hashmesh.core import logs, metrics
 from hashmesh.core.rpc import wait_for_signal
+from hashmesh.core.settings import SettingsError
 from hashmesh.workerd.config import WorkerSettings
 from hashmesh.workerd.worker import Worker
 
 
-async def serve(settings: WorkerSettings) -> None:
+async def serve(settings: WorkerSettings, endpoint: metrics.MetricsServer | None = None) -> None:
     stop = asyncio.Event()
     worker = Worker(settings)
+
+    def on_ready() -> None:
+        # The ready line stays first: readers (tests/procs.py, hashctl up) take it as the marker.
+        print(f"workerd ready as {worker.name}", flush=True)
+        if endpoint is not None:
+            print(f"workerd metrics listening on {endpoint.address}", flush=True)
 
     async def on_signal() -> None:
         await wait_for_signal()
@@ -22,9 +29,7 @@ async def serve(settings: WorkerSettings) -> None:
 
     watcher = asyncio.create_task(on_signal())
     try:
-        await worker.run(
-            stop, on_ready=lambda: print(f"workerd ready as {worker.name}", flush=True)
-        )
+        await worker.run(stop, on_ready=on_ready)
     finally:
         watcher.cancel()
 
@@ -44,18 +49,51 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         help="seconds to finish in-flight tasks on SIGTERM (HASHMESH_GRACE_SECONDS)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus /metrics port; 0 picks a free one (HASHMESH_WORKERD_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        help="address of the metrics endpoint, 127.0.0.1 by default; 0.0.0.0 in containers "
+        "(HASHMESH_WORKERD_METRICS_HOST)",
+    )
     args = parser.parse_args(argv)
     logs.configure("workerd")
-    settings = WorkerSettings.from_env()
-    if args.database_url:
-        settings = replace(settings, database=replace(settings.database, dsn=args.database_url))
-    settings = settings.with_overrides(
-        name=args.name,
-        concurrency=args.concurrency,
-        cpu_workers=args.cpu_workers,
-        grace_seconds=args.grace,
-    )
-    asyncio.run(serve(settings))
+    try:
+        settings = WorkerSettings.from_env()
+        if args.database_url:
+            settings = replace(settings, database=replace(settings.database, dsn=args.database_url))
+        settings = settings.with_overrides(
+            name=args.name,
+            concurrency=args.concurrency,
+            cpu_workers=args.cpu_workers,
+            grace_seconds=args.grace,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+        )
+    except SettingsError as exc:
+        parser.error(str(exc))
+    endpoint = None
+    if settings.metrics_port is not None:
+        # Bound before the database is reached: a taken port fails at once, and the liveness
+        # probes (which read this endpoint) see a live process while it waits for PostgreSQL.
+        try:
+            endpoint = metrics.start_metrics_server(
+                settings.metrics_port, host=settings.metrics_host
+            )
+        except OSError as exc:
+            parser.exit(
+                2,
+                f"workerd: error: cannot serve metrics on "
+                f"{settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}\n",
+            )
+    try:
+        asyncio.run(serve(settings, endpoint))
+    finally:
+        if endpoint is not None:
+            endpoint.close()
 
 
 if __name__ == "__main__":

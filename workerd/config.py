@@ -55,6 +55,13 @@ class WorkerSettings:
     fail_algorithms: tuple[str, ...] = ()
     """Fault injection for tests only: every attempt of a task with one of these algorithms
     fails (``HASHMESH_WORKERD_FAIL_ALGORITHMS``, comma-separated). Empty in production."""
+    metrics_port: int | None = None
+    """Port of the Prometheus /metrics endpoint; 0 picks a free one, unset turns it off
+    (``HASHMESH_WORKERD_METRICS_PORT``)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint binds to. workerd has no gRPC listener to borrow a host
+    from, so it stays local unless set: ``0.0.0.0`` in containers, where Prometheus and the
+    probes reach it from outside (``HASHMESH_WORKERD_METRICS_HOST``)."""
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 200:
@@ -71,9 +78,14 @@ class WorkerSettings:
             raise SettingsError("HASHMESH_WORKERD_POLL_SECONDS must be positive")
         if self.retry_base < 0 or self.retry_cap < self.retry_base:
             raise SettingsError("need 0 <= HASHMESH_TASK_RETRY_BASE <= HASHMESH_TASK_RETRY_CAP")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise SettingsError("HASHMESH_WORKERD_METRICS_PORT must be a port (0 picks a free one)")
+        if not self.metrics_host.strip():
+            raise SettingsError("HASHMESH_WORKERD_METRICS_HOST must not be empty")
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
+        metrics = env_optional("WORKERD_METRICS_PORT")
         return cls(
             database=DatabaseSettings.from_env(),
             name=env_optional("WORKERD_NAME") or default_name(),
@@ -88,6 +100,8 @@ class WorkerSettings:
             retry_cap=env_float("TASK_RETRY_CAP", cls.retry_cap, minimum=0.0),
             grace_seconds=env_float("GRACE_SECONDS", cls.grace_seconds, minimum=0.0),
             fail_algorithms=env_list("WORKERD_FAIL_ALGORITHMS"),
+            metrics_port=env_int("WORKERD_METRICS_PORT", 0, minimum=0) if metrics else None,
+            metrics_host=env_optional("WORKERD_METRICS_HOST") or cls.metrics_host,
         )
 
     def with_overrides(self, **changes: Any) -> WorkerSettings:

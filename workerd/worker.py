@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from hashmesh.core import db, migrations
+from hashmesh.core import db, metrics, migrations
 from hashmesh.core.cache import CacheSettings, ResultCache
 from hashmesh.core.db import backoff_delay
 from hashmesh.core.errors import Unavailable
@@ -31,6 +31,7 @@ from hashmesh.core.tasks.model import ClaimedTask, Completion, Failure, Lease
 from hashmesh.core.tasks.store import NOTIFY_READY, Listener, PostgresTaskStore
 from hashmesh.workerd import handlers
 from hashmesh.workerd.config import WorkerSettings
+from hashmesh.workerd.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,10 @@ class Worker:
         self._cpu = asyncio.Semaphore(settings.cpu_workers)
         self._executor = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="workerd-cpu")
         self._fail = frozenset(settings.fail_algorithms)
+        self.task_metrics = WorkerMetrics()
+        metrics.watch_pool(self.pool)
+        # Read at scrape time (another thread): len() of a dict is safe there.
+        metrics.WORKER_IN_FLIGHT.set_function(lambda: len(self._held))
 
     @property
     def in_flight(self) -> int:
@@ -127,6 +132,7 @@ class Worker:
             await self.listener.close()
             await self.cache.stop()
             await self.pool.close()
+            metrics.unwatch_pool(self.pool)
             self._executor.shutdown(wait=False)
             return
         starting.result()
@@ -171,6 +177,7 @@ class Worker:
             await self.listener.close()
             await self.cache.stop()
             await self.pool.close()
+            metrics.unwatch_pool(self.pool)
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _shutdown(self, loops: dict[str, asyncio.Task[None]]) -> None:
@@ -247,6 +254,7 @@ class Worker:
                     self._held[task.id] = _Held(task)
                 await self._hand_back([self._held[t.id] for t in claimed])
                 return
+            self.task_metrics.claimed(claimed)
             for task in claimed:
                 self._dispatch(task)
             if len(claimed) == free or self._wake.is_set():
@@ -385,10 +393,14 @@ class Worker:
             if not (done or failed or cancelled):
                 continue
             try:
-                written = await self.store.complete_many(done)
-                recorded = await self.store.fail_many(
+                # Recorded per statement: after a later one fails, the rewrite of what was
+                # already written is fenced and returns nothing.
+                completed = await self.store.complete_outcomes(done)
+                self.task_metrics.completed(completed)
+                recorded = await self.store.fail_outcomes(
                     failed, base=self.settings.retry_base, cap=self.settings.retry_cap
                 )
+                self.task_metrics.failed(recorded)
                 acknowledged = await self.store.acknowledge_cancel(cancelled)
                 failures = 0
             except Unavailable as exc:
@@ -404,6 +416,7 @@ class Worker:
                 await asyncio.sleep(delay)
                 self._outbox.set()
                 continue
+            written = {o.id for o in completed}
             finished = [d.id for d in done] + [f.id for f in failed] + [c.id for c in cancelled]
             await self._remember([d for d in done if d.id in written])
             self.counters.fenced += (
@@ -451,12 +464,13 @@ class Worker:
                     in_flight=len(self._held),
                     processed=self.counters.processed,
                 )
-                reclaimed = await self.store.reclaim_expired()
+                reclaimed = await self.store.reclaim_expired_outcomes()
             except Unavailable as exc:
                 log.warning("heartbeat failed", extra={"reason": exc.message})
                 continue
             if reclaimed:
-                log.info("put back tasks whose lease expired", extra={"tasks": reclaimed})
+                self.task_metrics.failed(reclaimed)
+                log.info("put back tasks whose lease expired", extra={"tasks": len(reclaimed)})
             self._apply_heartbeat(leases, renewed)
 
     def _apply_heartbeat(self, sent: dict[str, Lease], renewed: dict[str, bool]) -> None:

@@ -75,7 +75,8 @@ SET status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'succeeded' END,
 FROM unnest(%(id)s::uuid[], %(lease_id)s::bigint[], %(digest)s::bytea[], %(encoded)s::text[])
      AS d(id, lease_id, digest, encoded), locked
 WHERE locked.id = d.id AND t.id = d.id AND t.lease_id = d.lease_id AND t.status = 'running'
-RETURNING t.id
+RETURNING t.id, t.algorithm, t.status,
+          extract(epoch FROM t.finished_at - t.created_at)::float8 AS latency_seconds
 
 -- name: fail
 -- Fenced like `complete`. Another attempt waits base * 2^(attempt-1) seconds, capped, with
@@ -108,7 +109,8 @@ SET status = f.next_status,
                  THEN NULL ELSE t.input END
 FROM failed f
 WHERE t.id = f.id AND t.lease_id = f.lease_id AND t.status = 'running'
-RETURNING t.id, t.status
+RETURNING t.id, t.algorithm, t.status,
+          extract(epoch FROM t.finished_at - t.created_at)::float8 AS latency_seconds
 
 -- name: release
 -- Hand back tasks a stopping worker never started: the attempt did not happen.
@@ -169,7 +171,8 @@ SET status = CASE WHEN t.cancel_requested THEN 'cancelled'
 WHERE t.id IN (SELECT id FROM hashmesh_tasks
                WHERE status = 'running' AND lease_expires_at < now()
                LIMIT 1000 FOR UPDATE SKIP LOCKED)
-RETURNING t.id
+RETURNING t.id, t.algorithm, t.status,
+          extract(epoch FROM t.finished_at - t.created_at)::float8 AS latency_seconds
 
 -- name: register_worker
 INSERT INTO hashmesh_workers (name, host, pid)

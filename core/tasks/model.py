@@ -141,6 +141,17 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """What a worker-side write did to one task, as the database recorded it (for metrics)."""
+
+    id: str
+    algorithm: str
+    status: TaskStatus
+    latency_seconds: float | None
+    """``finished_at - created_at`` once the task is final; ``None`` while it will be retried."""
+
+
+@dataclass(frozen=True)
 class ListCursor:
     """Where a page of ``ListTasks`` ends (newest first): the last row's (created_at, id)."""
 

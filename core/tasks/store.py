@@ -28,6 +28,7 @@ from hashmesh.core.tasks.model import (
     ListCursor,
     ListFilter,
     NewTask,
+    Outcome,
     QueueStats,
     Submitted,
     TaskRecord,
@@ -233,8 +234,13 @@ class PostgresTaskStore:
 
     async def complete_many(self, done: Sequence[Completion]) -> set[str]:
         """Write results; returns the ids written (the others lost their lease: fenced)."""
+        return {o.id for o in await self.complete_outcomes(done)}
+
+    async def complete_outcomes(self, done: Sequence[Completion]) -> list[Outcome]:
+        """``complete_many`` with each written task's new status (succeeded, or cancelled when
+        asked meanwhile), algorithm and submit→final latency."""
         if not done:
-            return set()
+            return []
         rows = await self._rows(
             "complete",
             {
@@ -245,7 +251,7 @@ class PostgresTaskStore:
             },
             what="writing results",
         )
-        return {str(r["id"]) for r in rows}
+        return [_outcome(r) for r in rows]
 
     async def complete(self, task_id: str, lease_id: int, digest: bytes, encoded: str) -> bool:
         """Record one result; only the current lease holder succeeds (fencing)."""
@@ -255,8 +261,14 @@ class PostgresTaskStore:
         self, failed: Sequence[Failure], *, base: float, cap: float
     ) -> dict[str, TaskStatus]:
         """Record failed attempts; returns each recorded task's new status."""
+        return {o.id: o.status for o in await self.fail_outcomes(failed, base=base, cap=cap)}
+
+    async def fail_outcomes(
+        self, failed: Sequence[Failure], *, base: float, cap: float
+    ) -> list[Outcome]:
+        """``fail_many`` with each recorded task's algorithm and, once final, latency."""
         if not failed:
-            return {}
+            return []
         rows = await self._rows(
             "fail",
             {
@@ -268,7 +280,7 @@ class PostgresTaskStore:
             },
             what="recording failures",
         )
-        return {str(r["id"]): TaskStatus(r["status"]) for r in rows}
+        return [_outcome(r) for r in rows]
 
     async def release(self, leases: Sequence[Lease]) -> set[str]:
         """Hand back tasks that were claimed but never started."""
@@ -310,7 +322,12 @@ class PostgresTaskStore:
 
     async def reclaim_expired(self) -> int:
         """Put back tasks whose lease expired; returns how many."""
-        return len(await self._rows("reclaim_expired", {}, what="reclaiming expired leases"))
+        return len(await self.reclaim_expired_outcomes())
+
+    async def reclaim_expired_outcomes(self) -> list[Outcome]:
+        """``reclaim_expired`` with each task's new status (retrying, dead_letter, cancelled)."""
+        rows = await self._rows("reclaim_expired", {}, what="reclaiming expired leases")
+        return [_outcome(r) for r in rows]
 
     async def register_worker(self, name: str, host: str, pid: int) -> None:
         await self._rows(
@@ -326,6 +343,16 @@ class PostgresTaskStore:
 def _rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
     """The pool's rows are dicts (``dict_row``); typed loosely for the driver's sake."""
     return cast(list[dict[str, Any]], rows)
+
+
+def _outcome(row: dict[str, Any]) -> Outcome:
+    latency = row["latency_seconds"]
+    return Outcome(
+        id=str(row["id"]),
+        algorithm=row["algorithm"],
+        status=TaskStatus(row["status"]),
+        latency_seconds=None if latency is None else float(latency),
+    )
 
 
 def _claimed(row: dict[str, Any]) -> ClaimedTask:
