@@ -276,8 +276,9 @@ def main() -> None:
             loads.append((4, args.light_rate))
         for n, rate in loads:
             by_front: dict[str, list[Result]] = {f.name: [] for f in fronts}
-            for _ in range(args.rounds):
-                for front in fronts:
+            for index in range(args.rounds):
+                # Every other round in reverse, so no front always runs right after another.
+                for front in fronts if index % 2 == 0 else fronts[::-1]:
                     by_front[front.name].append(measure(front, n, args.seconds, rate))
             for rounds in by_front.values():
                 rounds.sort(key=lambda r: r.cpu_us_per_call if r.cpu_us_per_call is not None else -r.calls / r.seconds)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -53,14 +53,15 @@ def call(stub: hash_pb2_grpc.HashServiceStub, client: str, *extra: tuple[str, st
 
 
 @pytest.fixture
-def started(tmp_path: Path) -> Callable[[Proc], Proc]:
+def started() -> Iterator[Callable[[Proc], Proc]]:
+    """Keeps the processes a test starts; stops them, last first, at teardown."""
     procs: list[Proc] = []
 
     def keep(proc: Proc) -> Proc:
         procs.append(proc)
         return proc
 
-    yield keep  # type: ignore[misc]
+    yield keep
     for proc in reversed(procs):
         proc.terminate()
 
