@@ -224,13 +224,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Counts every call by service, method and final status code and times it.
 
     Put it first in ``GrpcServer(interceptors=[MetricsInterceptor(), ...])`` so it sees the
-    status the error interceptor produced. Handlers are wrapped once per method and cached;
-    methods outside ``known_methods`` (default: the mesh's protos) share the label
-    ``unknown`` so a caller cannot grow the label set by inventing method names."""
+    status the error interceptor produced. The rest of the chain runs on every call (an
+    interceptor after this one may decide per call, e.g. refuse without a token); only the
+    wrapping of the handler it returns is cached, per method and handler object. Methods
+    outside ``known_methods`` (default: the mesh's protos) share the label ``unknown`` so a
+    caller cannot grow the label set by inventing method names."""
 
     def __init__(self, known_methods: Iterable[str] | None = None) -> None:
         self._known = frozenset(known_methods) if known_methods is not None else mesh_method_names()
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._unknown: _MethodMetrics | None = None
 
     async def intercept_service(
@@ -238,24 +240,24 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        if method in self._wrapped:
-            return self._wrapped[method]
-        return self.wrap(method, await continuation(handler_call_details))
+        return self.wrap(handler_call_details.method, await continuation(handler_call_details))
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
-        """The instrumented ``handler`` of ``method`` (cached for known methods). For servers
-        that build handlers themselves (the balancer's generic proxy handler) instead of
-        running grpc.aio interceptors; the first handler of a method is kept, so handlers of
-        one method must be interchangeable."""
+        """The instrumented ``handler`` of ``method``, cached for known methods while the
+        same handler object comes back (a different one, e.g. a refusal, is wrapped anew).
+        Also for servers that build handlers themselves (the balancer's generic proxy
+        handler) instead of running grpc.aio interceptors."""
         # Unimplemented methods get no handler; grpc answers UNIMPLEMENTED without us.
         if handler is None:
             return None
         if method in self._known:
             cached = self._wrapped.get(method)
-            if cached is None:
-                cached = self._wrapped[method] = _wrap(handler, _MethodMetrics.bind(*split_method(method)))
-            return cached
+            if cached is None or cached[0] is not handler:
+                cached = self._wrapped[method] = (
+                    handler,
+                    _wrap(handler, _MethodMetrics.bind(*split_method(method))),
+                )
+            return cached[1]
         # Not cached: the cache must stay bounded too.
         if self._unknown is None:
             self._unknown = _MethodMetrics.bind(UNKNOWN, UNKNOWN)

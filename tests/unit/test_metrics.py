@@ -252,3 +252,39 @@ def test_every_metric_follows_the_naming_rules(endpoint: metrics.MetricsServer) 
             assert family.name.endswith("_seconds"), family.name
         for sample in family.samples:
             assert not forbidden & set(sample.labels), (family.name, sample.labels)
+
+
+class TokenGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses, per call, any call without ``x-token: yes`` (stands in for an auth check)."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        if ("x-token", "yes") in (details.invocation_metadata or ()):
+            return await continuation(details)
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no token")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def test_interceptors_after_metrics_still_run_on_every_call() -> None:
+    """The metrics interceptor must not cache its way past a per-call decision of a later
+    interceptor: an allowed call first, then a call without the token, must be refused."""
+
+    async def scenario() -> None:
+        server = GrpcServer("127.0.0.1:0", interceptors=[metrics.MetricsInterceptor(), TokenGate()])
+        server.add(hash_pb2_grpc.add_HashServiceServicer_to_server, HASH_SERVICE, FakeHashService())
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = hash_pb2_grpc.HashServiceStub(channel)
+                request = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"x")
+                await stub.Hash(request, metadata=(("x-token", "yes"),), timeout=5)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Hash(request, timeout=5)
+                assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+                await stub.Hash(request, metadata=(("x-token", "yes"),), timeout=5)
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())
