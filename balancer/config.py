@@ -84,7 +84,7 @@ class BalancerSettings:
 
     listen: str = "127.0.0.1:50050"
     """host:port for clients; port 0 picks a free one (``BALANCER_LISTEN``, ``--listen``)."""
-    admin_listen: str = "127.0.0.1:50059"
+    admin_listen: str = "127.0.0.1:50060"
     """host:port of the admin listener (AdminService, health, reflection). Without an admin
     token it must be loopback (``BALANCER_ADMIN_LISTEN``, ``--admin-listen``)."""
     admin_token: str = ""
