@@ -69,6 +69,20 @@ class ServerTls:
             return None
         return cls(cert_file=cert or "", key_file=key or "", client_ca_file=client_ca)
 
+    @staticmethod
+    def with_flags(current: ServerTls | None, cert: str | None, key: str | None,
+                   client_ca: str | None) -> ServerTls | None:
+        """Apply ``--tls-cert/--tls-key/--tls-client-ca`` over ``current`` (from the
+        environment): each flag given replaces its variable."""
+        if cert is None and key is None and client_ca is None:
+            return current
+        cert = cert or (current.cert_file if current else None)
+        key = key or (current.key_file if current else None)
+        if not cert or not key:
+            raise SettingsError("--tls-cert and --tls-key go together (--tls-client-ca needs both)")
+        client_ca = client_ca or (current.client_ca_file if current else None)
+        return ServerTls(cert_file=cert, key_file=key, client_ca_file=client_ca)
+
     def _material(self) -> tuple[bytes, bytes, bytes | None]:
         key = _read(self.key_file, "HASHMESH_TLS_KEY_FILE")
         cert = _read(self.cert_file, "HASHMESH_TLS_CERT_FILE")

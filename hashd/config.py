@@ -105,12 +105,4 @@ class HashdSettings:
         self, cert: str | None, key: str | None, client_ca: str | None
     ) -> HashdSettings:
         """Apply ``--tls-cert/--tls-key/--tls-client-ca``: each flag replaces its variable."""
-        if cert is None and key is None and client_ca is None:
-            return self
-        current = self.tls
-        cert = cert or (current.cert_file if current else None)
-        key = key or (current.key_file if current else None)
-        if not cert or not key:
-            raise SettingsError("--tls-cert and --tls-key go together (--tls-client-ca needs both)")
-        client_ca = client_ca or (current.client_ca_file if current else None)
-        return replace(self, tls=ServerTls(cert_file=cert, key_file=key, client_ca_file=client_ca))
+        return replace(self, tls=ServerTls.with_flags(self.tls, cert, key, client_ca))

@@ -4,44 +4,20 @@ ejections after a replica dies, and the client-facing calls by method and status
 
 from __future__ import annotations
 
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hash_pb2, hash_pb2_grpc
 from tests.integration.test_balancer_proxy import start_backends
 from tests.procs import Proc, start_process, wait_serving
+from tests.scrape import eventually, scrape, value
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 HASH = {"grpc_service": "hashmesh.v1.HashService", "grpc_method": "Hash"}
 REQUEST = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc")
 TOKEN = "metrics-admin-token"
-
-
-def scrape(address: str) -> Samples:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-def eventually(read: Callable[[], Samples], check: Callable[[Samples], bool],
-               timeout: float = 15.0) -> Samples:
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = read()
-        if check(samples) or time.monotonic() > deadline:
-            return samples
-        time.sleep(0.05)
 
 
 def call(stub: hash_pb2_grpc.HashServiceStub, client: str, *extra: tuple[str, str]) -> grpc.StatusCode:

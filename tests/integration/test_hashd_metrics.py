@@ -4,43 +4,16 @@ database pool. Metric names come from hashmesh.core.metrics."""
 
 from __future__ import annotations
 
-import time
-import urllib.request
-from collections.abc import Callable
-
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc, task_pb2, task_pb2_grpc
 from tests.conftest import Processes
+from tests.scrape import eventually, scrape, value
 
 SALTED = common_pb2.Argon2Params(time_cost=1, memory_cost_kib=8192, parallelism=1,
                                  salt=b"metrics-salt-16b")
 HASH = {"grpc_service": "hashmesh.v1.HashService", "grpc_method": "Hash"}
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(address: str) -> Samples:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-def eventually(read: Callable[[], Samples], check: Callable[[Samples], bool],
-               timeout: float = 15.0) -> Samples:
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = read()
-        if check(samples) or time.monotonic() > deadline:
-            return samples
-        time.sleep(0.1)
 
 
 def test_hashd_metrics_count_calls_cache_tasks_and_pool(procs: Processes, dsn: str) -> None:

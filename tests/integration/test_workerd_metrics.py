@@ -6,7 +6,6 @@ deploy files that must bind the endpoint where the probes reach it."""
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,30 +13,15 @@ import grpc
 import psycopg
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from hashmesh.core.settings import SettingsError
 from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
 from hashmesh.workerd.config import WorkerSettings
 from tests.conftest import Processes
 from tests.procs import Proc
+from tests.scrape import scrape, value
 
 ROOT = Path(__file__).resolve().parents[2]
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(address: str) -> Samples:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
