@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
             runner.run(run(settings))
         except SettingsError as exc:  # e.g. a certificate file that cannot be read
             sys.exit(f"hashmesh-balancer: {exc}")
+        except OSError as exc:  # a listener that cannot bind: one line, no traceback
+            sys.exit(f"hashmesh-balancer: {exc}")
 
 
 if __name__ == "__main__":

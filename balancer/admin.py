@@ -5,6 +5,7 @@ Who may call it is decided before these methods run (``interceptors.AdminPolicy`
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from hashmesh.balancer.backends import BackendSet, Replica
-from hashmesh.balancer.config import RateLimitSettings
+from hashmesh.balancer.config import MAX_RATE, MIN_RATE, RateLimitSettings
 from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.stats import BalancerStats, ReplicaSnapshot, Snapshot
 from hashmesh.core.errors import HashmeshError, InvalidArgument, NotFound
@@ -35,6 +36,9 @@ STATE_TO_PROTO = {
 }
 
 Reply = TypeVar("Reply")
+METADATA_KEY = re.compile(r"[0-9a-z_.-]{1,100}")
+MAX_CLIENT_ID_LENGTH = 200
+"""As hashd's TaskService: a longer id cannot be a client of the mesh."""
 
 
 def snapshot(stats: BalancerStats, backends: BackendSet, limiter: RateLimiter, top: int = 10, *,
@@ -109,8 +113,11 @@ def _edge(
 
 
 def _limit_from_proto(field: str, limit: admin_pb2.RateLimit) -> RateLimitSettings:
-    if not limit.rate_per_second > 0:
-        raise InvalidArgument(f"{field}.rate_per_second", "must be positive")
+    if not MIN_RATE <= limit.rate_per_second <= MAX_RATE:
+        raise InvalidArgument(
+            f"{field}.rate_per_second",
+            f"must be between {MIN_RATE:g} and {MAX_RATE:g}, got {limit.rate_per_second:g}",
+        )
     return RateLimitSettings(limit.rate_per_second, limit.burst)
 
 
@@ -158,7 +165,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         name = PROTO_TO_STRATEGY.get(request.strategy)
         if name is None:
             raise InvalidArgument("strategy", "is required (one of the STRATEGY_* values)")
-        self._backends.set_strategy(name, request.hash_key or None)
+        key = request.hash_key.lower()
+        if key and (not METADATA_KEY.fullmatch(key) or key.endswith("-bin") or key.startswith("grpc-")):
+            raise InvalidArgument(
+                "hash_key", "must be a text metadata key: a-z, 0-9, '-', '_', '.' (not -bin, grpc-)"
+            )
+        self._backends.set_strategy(name, key or None)
         strategy, key = self._strategy()
         return admin_pb2.SetStrategyResponse(strategy=strategy, hash_key=key)  # type: ignore[arg-type]
 
@@ -185,6 +197,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         for index, item in enumerate(request.upsert_overrides):
             if not item.client_id:
                 raise InvalidArgument(f"upsert_overrides[{index}].client_id", "is required")
+            if len(item.client_id) > MAX_CLIENT_ID_LENGTH:
+                raise InvalidArgument(
+                    f"upsert_overrides[{index}].client_id",
+                    f"must be at most {MAX_CLIENT_ID_LENGTH} characters",
+                )
             upsert[item.client_id] = _limit_from_proto(f"upsert_overrides[{index}].limit", item.limit)
         self._limiter.configure(
             default=default, disable=request.disable, upsert=upsert, remove=tuple(request.remove_overrides)

@@ -33,8 +33,8 @@ UNHEALTHY_AFTER = 2  # failed health checks in a row (NOT_SERVING: at once)
 
 def channel_options(settings: BalancerSettings) -> list[tuple[str, Any]]:
     return [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.wire_message_bytes),
+        ("grpc.max_send_message_length", settings.wire_message_bytes),
         # The balancer retries by itself, within its budget.
         ("grpc.enable_retries", 0),
         # A restarted replica is noticed quickly; health checks pace the rest.

@@ -32,18 +32,28 @@ DEFAULT_IDEMPOTENT = (
 )
 
 
+MIN_RATE = 1e-3
+"""Slowest rate limit: one call per 1,000 s."""
+MAX_RATE = 1e9
+"""Fastest rate limit (far above what one process can proxy)."""
+
+
 @dataclass(frozen=True)
 class RateLimitSettings:
     """A token bucket: ``rate`` calls per second sustained, ``burst`` at once."""
 
     rate: float
-    """Sustained calls per second; must be positive."""
+    """Sustained calls per second, ``MIN_RATE`` to ``MAX_RATE``."""
     burst: int = 0
     """Calls allowed at once above the sustained rate; 0 means ``max(1, rate)``."""
 
     def __post_init__(self) -> None:
-        if not self.rate > 0:
-            raise SettingsError(f"rate limit must be positive, got {self.rate}")
+        # Outside these bounds the bucket breaks: infinite rate divides by zero, a vanishing
+        # one makes retry-after overflow (every proxied call would fail).
+        if not MIN_RATE <= self.rate <= MAX_RATE:
+            raise SettingsError(
+                f"rate limit must be between {MIN_RATE:g} and {MAX_RATE:g} calls/s, got {self.rate}"
+            )
         if self.burst < 0:
             raise SettingsError(f"burst must be >= 0, got {self.burst}")
 
@@ -135,7 +145,7 @@ class BalancerSettings:
     """File of ``client_id sha256:<hex>`` lines; set: every proxied call needs a valid
     ``x-api-key`` and the limiter keys on its client (``BALANCER_API_KEYS_FILE``)."""
     max_message_bytes: int = 4 * 1024 * 1024
-    """Largest message passed through (``MAX_MESSAGE_BYTES``)."""
+    """The mesh's unary input limit (``MAX_MESSAGE_BYTES``); see ``wire_message_bytes``."""
     grace_seconds: float = 10.0
     """On SIGTERM, seconds in-flight calls get to finish (``GRACE_SECONDS``)."""
     event_loop: str = "auto"
@@ -181,6 +191,11 @@ class BalancerSettings:
         for entry in self.backends_dns:
             if ":" not in entry:
                 raise SettingsError(f"--backends-dns entry {entry!r} must be name:port")
+        for entry in self.backends:
+            # A typo here would otherwise start a balancer with a replica it can never reach.
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise SettingsError(f"--backends entry {entry!r} must be host:port (port 1-65535)")
 
     @classmethod
     def from_env(cls) -> BalancerSettings:
@@ -221,6 +236,12 @@ class BalancerSettings:
                 env_optional(UPSTREAM_TLS_ENV["server_name"]),
             ),
         )
+
+    @property
+    def wire_message_bytes(self) -> int:
+        """Largest message passed through: twice the limit, as hashd receives, so an input
+        just over the limit reaches hashd and gets its INPUT_TOO_LARGE answer."""
+        return 2 * self.max_message_bytes
 
     def with_overrides(self, **changes: Any) -> BalancerSettings:
         """Apply command-line flags; ``None`` values leave a setting as it is."""

@@ -59,7 +59,7 @@ class Balancer:
         admin = AdminServicer(self.stats, self.backends, self.limiter)
 
         self.health = HealthServicer()
-        self.server = grpc.aio.server(options=server_options(settings.max_message_bytes))
+        self.server = grpc.aio.server(options=server_options(settings.wire_message_bytes))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         public_policy = AdminPolicy(settings.admin_token, open_without_token=False)
         self.server.add_generic_rpc_handlers([Router(self.proxy, admin_handlers(admin), public_policy)])
@@ -115,10 +115,13 @@ class Balancer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.backends.start()
         tls = self.settings.tls
-        if tls is not None:
-            self.port = self.server.add_secure_port(self.settings.listen, tls.credentials())
-        else:
-            self.port = self.server.add_insecure_port(self.settings.listen)
+        try:
+            if tls is not None:
+                self.port = self.server.add_secure_port(self.settings.listen, tls.credentials())
+            else:
+                self.port = self.server.add_insecure_port(self.settings.listen)
+        except RuntimeError:  # grpc raises for an address it cannot parse or bind
+            self.port = 0
         if not self.port:
             raise OSError(f"cannot listen on {self.settings.listen}")
         await self.server.start()

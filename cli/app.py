@@ -3,6 +3,7 @@ code. Each command lives in a module of its group; this module only wires them."
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import grpc
@@ -36,6 +37,8 @@ class HashctlGroup(TyperGroup):
             print_error(failure.message)
             raise typer.Exit(int(failure.exit_code)) from None
 
+
+_METADATA_TEXT = re.compile(r"[\x20-\x7e]*")
 
 app = typer.Typer(
     cls=HashctlGroup,
@@ -78,6 +81,14 @@ def global_options(
                                                         "(else HASHMESH_TLS_SERVER_NAME).")] = None,
 ) -> None:
     """hashctl: hash now, queue hashing tasks, and run or operate a hashmesh."""
+    for flag, value in (("--target", target), ("--admin-target", admin_target)):
+        if not value.strip():
+            raise CliError(f"{flag} is empty: give HOST:PORT", ExitCode.USAGE)
+    # Sent as metadata: gRPC refuses other characters only once a call is made, as INTERNAL.
+    for flag, text in (("--client-id", client_id), ("--admin-token", admin_token)):
+        if text is not None and not _METADATA_TEXT.fullmatch(text):
+            raise CliError(f"{flag} must be printable ASCII (it is sent as gRPC metadata)",
+                           ExitCode.USAGE)
     tls = client_tls(tls_ca, tls_cert, tls_key, tls_server_name)
     ctx.obj = CliState(CliOptions(target=target, admin_target=admin_target, admin_token=admin_token,
                                   timeout=timeout, client_id=client_id, json=json_out, tls=tls))

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import psycopg
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -119,7 +120,9 @@ async def _run(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
         message = f"{type(exc).__name__}: {str(exc).strip() or text}"
         display.event({"event": "failed", "error": message.splitlines()[0]})
         sys.stderr.write(f"error: mesh did not start: {message}\n{text}\n".rstrip() + "\n")
-        code = int(ExitCode.OTHER)
+        # A database that cannot be reached is "unavailable/unreachable" (3), as for `db migrate`.
+        unreachable = isinstance(exc, psycopg.OperationalError)
+        code = int(ExitCode.UNAVAILABLE if unreachable else ExitCode.OTHER)
     finally:
         stopped.cancel()
         await supervisor.stop()
@@ -152,8 +155,10 @@ def up_command(
     replicas: Annotated[int, typer.Option("--replicas", "-r", help="hashd replicas.", min=1)] = 3,
     workers: Annotated[int, typer.Option("--workers", "-w", help="workerd processes.", min=0)] = 1,
     strategy: Annotated[str | None, typer.Option(help=f"Balancer strategy: {', '.join(STRATEGIES)}.")] = None,
-    port: Annotated[int, typer.Option(help="Public (balancer) port; 0 picks a free one.", min=0)] = 50050,
-    admin_port: Annotated[int, typer.Option(help="Admin port; 0 picks a free one.", min=0)] = 50060,
+    port: Annotated[int, typer.Option(help="Public (balancer) port; 0 picks a free one.", min=0,
+                                 max=65535)] = 50050,
+    admin_port: Annotated[int, typer.Option(help="Admin port; 0 picks a free one.", min=0,
+                                       max=65535)] = 50060,
     database_url: Annotated[str | None, typer.Option(envvar="HASHMESH_DATABASE_URL", show_default=False,
                             help="Use this PostgreSQL instead of an embedded one.")] = None,
     state_dir: Annotated[Path, typer.Option(help="Embedded database data and logs.")] = Path(".hashmesh"),

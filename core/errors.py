@@ -12,6 +12,22 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "hashmesh.dev"
+MAX_MESSAGE_CHARS = 1000
+"""Longest status message or field description sent: a message that echoes a huge input (an
+unknown 10 KB address) would overflow gRPC's 16 KiB trailer limit and reach the caller as an
+unrelated RESOURCE_EXHAUSTED."""
+MAX_RETRY_AFTER = 86_400.0
+"""Longest retry delay announced (google.protobuf.Duration cannot hold an infinite one)."""
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return text[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def _bounded_delay(seconds: float) -> float:
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 class HashmeshError(Exception):
@@ -20,6 +36,7 @@ class HashmeshError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str) -> None:
+        message = _bounded(message)
         super().__init__(message)
         self.message = message
 
@@ -33,6 +50,7 @@ class InvalidArgument(HashmeshError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, description: str) -> None:
+        field, description = _bounded(field), _bounded(description)
         super().__init__(f"{field}: {description}")
         self.field = field
         self.description = description
@@ -77,7 +95,7 @@ class ResourceExhausted(HashmeshError):
 
     def __init__(self, message: str, *, retry_after: float, reason: str = "OVERLOADED") -> None:
         super().__init__(message)
-        self.retry_after = max(0.0, retry_after)
+        self.retry_after = _bounded_delay(retry_after)
         self.reason = reason
 
     def details(self) -> list[any_pb2.Any]:
@@ -100,7 +118,7 @@ class Unavailable(HashmeshError):
 
     def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
         super().__init__(reason)
-        self.retry_after = retry_after
+        self.retry_after = None if retry_after is None else _bounded_delay(retry_after)
 
     def details(self) -> list[any_pb2.Any]:
         if self.retry_after is None:

@@ -218,8 +218,12 @@ def argon2id_verify(encoded: str, password: bytes) -> tuple[bool, bool]:
         return False, False
     except argon2.exceptions.InvalidHashError as exc:
         raise InvalidArgument("encoded", "not a valid Argon2 PHC string") from exc
-    except argon2.exceptions.VerificationError:
-        return False, False
+    except argon2.exceptions.VerificationError as exc:
+        # Not a mismatch (caught above): libargon2 could not decode the string (a salt or
+        # hash that is not base64, empty or too short), which is the caller's input at fault.
+        if "memory" in str(exc).lower():
+            raise
+        raise InvalidArgument("encoded", f"not a valid Argon2 PHC string ({exc})") from exc
     return True, _default_hasher.check_needs_rehash(encoded)
 
 

@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from hashmesh.core.errors import DeadlineExceeded, HashmeshError, to_grpc_status
+from hashmesh.core.errors import DeadlineExceeded, HashmeshError, InvalidArgument, to_grpc_status
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,53 @@ def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= 0
 
 
+class _Malformed:
+    """Stands for a request message that did not parse."""
+
+
+MALFORMED = _Malformed()
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` answering ``MALFORMED`` instead of raising: grpc would otherwise log a
+    traceback and answer UNKNOWN for bytes that are not the expected message."""
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError:
+            return MALFORMED
+
+    return parse
+
+
+def _malformed(method: str) -> InvalidArgument:
+    return InvalidArgument("request", f"is not a valid request message for {method}")
+
+
+async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async for request in requests:
+        if request is MALFORMED:
+            raise _malformed(method)
+        yield request
+
+
 def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     expired = DeadlineExceeded("deadline passed before the call started")
+    deserializer = _lenient(handler.request_deserializer)
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
+        streamed = handler.stream_unary is not None
 
         async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if _deadline_passed(context):
                 await abort_with(context, expired)
+            if request is MALFORMED:
+                await abort_with(context, _malformed(method))
             try:
-                return await inner(request, context)
+                return await inner(_checked(request, method) if streamed else request, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -85,19 +123,22 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
         )
         return factory(
             unary_response,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
     inner_stream = handler.unary_stream or handler.stream_stream
+    streamed = handler.stream_stream is not None
 
     async def stream_response(
         request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         if _deadline_passed(context):
             await abort_with(context, expired)
+        if request is MALFORMED:
+            await abort_with(context, _malformed(method))
         try:
-            produced = inner_stream(request, context)
+            produced = inner_stream(_checked(request, method) if streamed else request, context)
             if inspect.isasyncgen(produced):
                 async for item in produced:
                     yield item
@@ -115,7 +156,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
     )
     return factory(
         stream_response,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -169,10 +210,13 @@ class GrpcServer:
     async def start(self) -> None:
         names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
-        if self._credentials is not None:
-            self.port = self.server.add_secure_port(self.listen, self._credentials)
-        else:
-            self.port = self.server.add_insecure_port(self.listen)
+        try:
+            if self._credentials is not None:
+                self.port = self.server.add_secure_port(self.listen, self._credentials)
+            else:
+                self.port = self.server.add_insecure_port(self.listen)
+        except RuntimeError:  # grpc raises for an address it cannot parse or bind
+            self.port = 0
         if not self.port:
             raise OSError(f"cannot listen on {self.listen} (address in use or not local)")
         await self.server.start()

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 from dataclasses import replace
 
+import psycopg
+
 from hashmesh.core import logs
 from hashmesh.core.settings import SettingsError
 from hashmesh.hashd.config import HashdSettings
@@ -47,6 +49,11 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(run(settings))
     except SettingsError as exc:  # e.g. a certificate file that cannot be read
         parser.exit(2, f"hashd: error: {exc}\n")
+    except OSError as exc:  # a listener that cannot bind
+        parser.exit(1, f"hashd: error: {exc}\n")
+    except psycopg.Error as exc:  # a wrong DSN or a database down at start-up: one line, no traceback
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        parser.exit(3, f"hashd: error: cannot use the database: {reason}\n")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,14 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 async def run(settings: HashdSettings) -> None:
     _limit_malloc_arenas()
     server = Hashd(settings)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        # Close what did start (pool, LISTEN connections, executor): left open, the process
+        # could hang on its way out instead of reporting why it could not start.
+        with contextlib.suppress(Exception):
+            await server.stop()
+        raise
     print(f"hashd listening on {server.grpc.address}", flush=True)
     if server.metrics is not None:  # after the gRPC line: readers take the first as the address
         print(f"hashd metrics listening on {server.metrics.address}", flush=True)

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 from dataclasses import replace
 
+import psycopg
+
 from hashmesh.core import logs, metrics
 from hashmesh.core.rpc import wait_for_signal
 from hashmesh.core.settings import SettingsError
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
             )
     try:
         asyncio.run(serve(settings, endpoint))
+    except psycopg.Error as exc:  # e.g. a DSN that does not parse (unreachable ones are retried)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        parser.exit(3, f"workerd: error: cannot use the database: {reason}\n")
     finally:
         if endpoint is not None:
             endpoint.close()

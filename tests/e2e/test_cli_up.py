@@ -164,3 +164,20 @@ def test_a_child_that_cannot_start_fails_up_cleanly(dsn: str, tmp_path: Path) ->
     assert events[-1]["event"] == "down"
     assert not any(e["name"] == "postgres" for e in events if "name" in e)  # no embedded database
     assert _processes_mentioning(dsn) == []
+
+
+def test_up_with_bad_port_or_unreachable_database_exits_with_its_code(tmp_path: Path) -> None:
+    def up(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "hashmesh.cli", "up", "--json", "--state-dir",
+             str(tmp_path / "state"), *args],
+            capture_output=True, text=True, timeout=60,
+        )
+
+    bad_port = up("--port", "99999", "--admin-port", "0")
+    assert bad_port.returncode == 2 and "Traceback" not in bad_port.stderr, bad_port.stderr
+    assert "--port" in bad_port.stderr
+    unreachable = up("--port", "0", "--admin-port", "0",
+                     "--database-url", "postgresql://nobody@127.0.0.1:1/none")
+    assert unreachable.returncode == 3, unreachable.stderr
+    assert "Traceback" not in unreachable.stderr and "mesh did not start" in unreachable.stderr

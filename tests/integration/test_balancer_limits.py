@@ -81,6 +81,26 @@ def test_flooding_client_gets_its_limit_and_others_are_unaffected(tmp_path: Path
             with pytest.raises(grpc.RpcError) as bad:
                 admin.SetRateLimits(admin_pb2.SetRateLimitsRequest(default_limit=admin_pb2.RateLimit()), timeout=5)
             assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            # Rates the bucket cannot represent are refused instead of failing every call.
+            for rate in (float("inf"), 1e-300, float("nan")):
+                with pytest.raises(grpc.RpcError) as bad:
+                    admin.SetRateLimits(admin_pb2.SetRateLimitsRequest(
+                        default_limit=admin_pb2.RateLimit(rate_per_second=rate, burst=1)), timeout=5)
+                assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT, rate  # type: ignore[attr-defined]
+            with pytest.raises(grpc.RpcError) as bad:
+                admin.SetRateLimits(admin_pb2.SetRateLimitsRequest(upsert_overrides=[admin_pb2.ClientRateLimit(
+                    client_id="c" * 100_000, limit=admin_pb2.RateLimit(rate_per_second=5))]), timeout=5)
+            assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            # The slowest allowed rate: a refusal carries a finite retry-after.
+            admin.SetRateLimits(admin_pb2.SetRateLimitsRequest(upsert_overrides=[admin_pb2.ClientRateLimit(
+                client_id="slowest", limit=admin_pb2.RateLimit(rate_per_second=1e-3, burst=1))]), timeout=5)
+        with grpc.insecure_channel(address) as channel:
+            slowest = [("x-client-id", "slowest")]
+            channel.unary_unary(HASH)(REQUEST, timeout=5, metadata=slowest)
+            with pytest.raises(grpc.RpcError) as limited:
+                channel.unary_unary(HASH)(REQUEST, timeout=5, metadata=slowest)
+            assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            assert 900 < float(dict(limited.value.trailing_metadata())["retry-after"]) <= 1000  # type: ignore[attr-defined]
         with grpc.insecure_channel(address) as channel:
             _, call = channel.unary_unary(HASH).with_call(REQUEST, timeout=5, metadata=[("x-client-id", "flooder")])
             assert dict(call.trailing_metadata())["x-ratelimit-limit"] == "1000"

@@ -219,6 +219,19 @@ def test_least_connections_avoids_a_slowed_replica_and_drain_stops_picks(tmp_pat
                 with pytest.raises(grpc.RpcError) as unknown:
                     admin.DrainBackend(admin_pb2.DrainBackendRequest(address="10.9.9.9:1"), timeout=5)
                 assert unknown.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+                # An unknown address of 10 KB: still NOT_FOUND (the echoed message is bounded,
+                # not a trailer overflow reported as RESOURCE_EXHAUSTED).
+                with pytest.raises(grpc.RpcError) as huge:
+                    admin.DrainBackend(admin_pb2.DrainBackendRequest(address="x" * 10_000), timeout=5)
+                assert huge.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+                assert len(huge.value.details()) <= 1000  # type: ignore[attr-defined]
+                for key in ("Bad Key!", "x-key-bin", "grpc-timeout"):
+                    with pytest.raises(grpc.RpcError) as bad_key:
+                        admin.SetStrategy(admin_pb2.SetStrategyRequest(
+                            strategy=admin_pb2.STRATEGY_CONSISTENT_HASH, hash_key=key), timeout=5)
+                    assert bad_key.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+                assert admin.GetStrategy(admin_pb2.GetStrategyRequest(), timeout=5).strategy == (
+                    admin_pb2.STRATEGY_ROUND_ROBIN)
                 stats = admin.GetStats(admin_pb2.GetStatsRequest(), timeout=5)
                 assert stats.calls >= 121 and stats.strategy == admin_pb2.STRATEGY_ROUND_ROBIN
                 by_address = {b.address: b for b in stats.backends}

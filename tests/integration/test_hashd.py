@@ -224,6 +224,24 @@ HEADER_SHA = hash_pb2.HashStreamRequest(
         ),
         (lambda s: s.HashStream(_stream(), timeout=5), "header"),
         (lambda s: s.HashStream(_stream(HEADER_SHA, HEADER_SHA), timeout=5), "header"),
+        # PHC strings that parse but that libargon2 cannot decode: malformed, not "no match".
+        *[
+            (
+                lambda s, phc=phc: s.Verify(
+                    hash_pb2.VerifyRequest(
+                        algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"x", encoded=phc
+                    ),
+                    timeout=5,
+                ),
+                "encoded",
+            )
+            for phc in (
+                "$argon2id$v=19$m=8192,t=1,p=1$$aGFzaGhhc2hoYXNoaGFzaA",
+                "$argon2id$v=19$m=8192,t=1,p=1$c2FsdA$aGFzaGhhc2hoYXNoaGFzaA",
+                "$argon2id$v=19$m=8192,t=1,p=1$c2FsdHNhbHRzYWx0$",
+                "$argon2id$v=19$m=8192,t=1,p=1$!!!!!!!!!!!!$aGFzaGhhc2hoYXNoaGFzaA",
+            )
+        ],
     ],
 )
 def test_bad_input_is_invalid_argument_naming_the_field(
@@ -234,6 +252,28 @@ def test_bad_input_is_invalid_argument_naming_the_field(
     code, message, details = _error(caught.value)
     assert code is grpc.StatusCode.INVALID_ARGUMENT, message
     assert _bad_field(details) == field
+
+
+def test_bytes_that_are_not_the_request_message_are_invalid_argument(hashd: Proc) -> None:
+    corrupt = b"\x0a\xff\xff\xff\xff"  # field 1, length-delimited, length runs off the end
+    with grpc.insecure_channel(hashd.address) as channel:
+        calls = [
+            lambda: channel.unary_unary("/hashmesh.v1.HashService/Hash")(corrupt, timeout=5),
+            lambda: channel.unary_unary("/hashmesh.v1.TaskService/GetTask")(corrupt, timeout=5),
+            lambda: channel.stream_unary("/hashmesh.v1.HashService/HashStream")(
+                iter([HEADER_SHA.SerializeToString(), corrupt]), timeout=5
+            ),
+            lambda: list(
+                channel.unary_stream("/hashmesh.v1.TaskService/WatchTask")(corrupt, timeout=5)
+            ),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            code, message, details = _error(caught.value)
+            assert code is grpc.StatusCode.INVALID_ARGUMENT, message
+            assert _bad_field(details) == "request"
+    assert "Traceback" not in hashd.log()
 
 
 def test_unary_over_the_limit_is_told_to_stream(stub: hash_pb2_grpc.HashServiceStub) -> None:

@@ -20,7 +20,7 @@ from hashmesh.core import db
 from hashmesh.core.settings import DatabaseSettings
 from hashmesh.core.tasks.model import Completion, Lease, NewTask, TaskStatus
 from hashmesh.core.tasks.store import PostgresTaskStore
-from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
+from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc, task_pb2, task_pb2_grpc
 from tests.conftest import Processes
 
 T = TypeVar("T")
@@ -394,3 +394,50 @@ def test_cancel_requeue_list_and_pages(dsn: str, procs: Processes, stub_for: Any
     stats = stub.GetQueueStats(task_pb2.GetQueueStatsRequest(), timeout=10)
     assert {c.status: c.count for c in stats.counts}[task_pb2.TASK_STATUS_PENDING] == 31
     assert stats.oldest_pending_age.ToNanoseconds() > 0 and stats.workers_alive == 0
+
+
+def test_nul_text_and_oversized_input_are_invalid_arguments(
+    dsn: str, procs: Processes, stub_for: Any
+) -> None:
+    limit = {"HASHMESH_MAX_MESSAGE_BYTES": "2048"}
+    hashd = procs.hashd(dsn, env=limit)
+    balancer = procs.balancer([hashd.address], env=limit)
+    stub = stub_for(balancer.address)
+    cases = [
+        (task_pb2.SubmitTaskRequest(spec=md5_spec(b"x"), client_id="a\x00b"), "client_id"),
+        (
+            task_pb2.SubmitTaskRequest(spec=md5_spec(b"x", idempotency_key="k\x00")),
+            "spec.idempotency_key",
+        ),
+        # Over the unary limit (but under the 2x gRPC lets through): refused, never stored.
+        (task_pb2.SubmitTaskRequest(spec=md5_spec(b"x" * 3000)), "spec.data"),
+    ]
+    for request, field in cases:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.SubmitTask(request, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert violations(caught.value) == [field]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.SubmitTasks(
+            task_pb2.SubmitTasksRequest(specs=[md5_spec(b"ok"), md5_spec(b"y" * 3000)]),
+            timeout=10,
+        )
+    assert violations(caught.value) == ["specs[1].data"]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ListTasks(task_pb2.ListTasksRequest(client_id="\x00"), timeout=10)
+    assert violations(caught.value) == ["client_id"]
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM hashmesh_tasks").fetchone() == (0,)
+
+    # Through the balancer, an input between 1x and 2x the limit reaches hashd and gets its
+    # own answer (ErrorInfo INPUT_TOO_LARGE), not gRPC's bare "larger than max".
+    with (
+        grpc.insecure_channel(balancer.address) as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        hash_pb2_grpc.HashServiceStub(channel).Hash(
+            hash_pb2.HashRequest(algorithm=MD5, data=b"z" * 3000), timeout=10
+        )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "INPUT_TOO_LARGE" in str(rpc_status.from_call(caught.value))  # type: ignore[arg-type]
+    assert "Traceback" not in hashd.log() and "Traceback" not in balancer.log()

@@ -14,7 +14,13 @@ from hashmesh.balancer import keys
 from hashmesh.balancer.config import BalancerSettings, RateLimitSettings, parse_overrides
 from hashmesh.balancer.proxy import RetryBudget
 from hashmesh.balancer.ratelimit import RateLimiter
-from hashmesh.core.errors import ResourceExhausted, to_grpc_status
+from hashmesh.core.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    to_grpc_status,
+)
 from hashmesh.core.settings import SettingsError
 
 
@@ -135,5 +141,39 @@ def test_settings_are_safe_by_default() -> None:
     with pytest.raises(SettingsError):
         BalancerSettings(strategy="random")
     assert parse_overrides(("a=5/10",))["a"] == RateLimitSettings(5, 10)
+    for entry in ("garbage", "127.0.0.1:99999", ":5", "host:", "host:http"):
+        with pytest.raises(SettingsError):
+            BalancerSettings(backends=(entry,))
+    assert BalancerSettings(backends=("hashd:50051", "[::1]:1")).backends[0] == "hashd:50051"
     with pytest.raises(SettingsError):
         parse_overrides(("a",))
+
+
+def test_rates_the_bucket_cannot_represent_are_refused_and_retry_after_stays_finite() -> None:
+    for rate in (float("inf"), float("nan"), 0.0, -1.0, 1e-300, 1e300):
+        with pytest.raises(SettingsError):
+            RateLimitSettings(rate)
+    with pytest.raises(SettingsError):
+        parse_overrides(("a=inf",))
+
+    async def scenario() -> None:
+        limiter = RateLimiter(RateLimitSettings(rate=1e-3, burst=1))
+        await limiter.admit("p")
+        with pytest.raises(ResourceExhausted) as refused:
+            await limiter.admit("p")
+        assert 900 < refused.value.retry_after <= 1000
+        to_grpc_status(refused.value)  # a Duration can hold it
+
+    asyncio.run(scenario())
+
+
+def test_error_messages_and_delays_are_bounded() -> None:
+    status = to_grpc_status(NotFound(f"no replica {'x' * 20_000!r}"))
+    assert len(status.details) <= 1000
+    assert sum(len(v) for _, v in status.trailing_metadata) < 8192
+    invalid = InvalidArgument("address", "y" * 20_000)
+    assert len(invalid.description) <= 1000 and len(to_grpc_status(invalid).details) <= 2100
+    for delay in (float("inf"), 1e300):
+        assert to_grpc_status(ResourceExhausted("slow", retry_after=delay)).code.name == (
+            "RESOURCE_EXHAUSTED")
+        assert to_grpc_status(Unavailable("down", retry_after=delay)).code.name == "UNAVAILABLE"

@@ -104,6 +104,20 @@ def test_usage_errors_exit_2_without_traceback() -> None:
     assert hashctl("up", "--once").exit_code == ExitCode.USAGE
 
 
+def test_empty_target_and_non_ascii_metadata_are_usage_errors() -> None:
+    # Caught before any channel opens: gRPC would log C-core errors and answer INTERNAL/UNKNOWN.
+    for args in (
+        ("--target", "", "hash", "md5", "x"),
+        ("--admin-target", " ", "lb", "stats"),
+        ("--client-id", "é", "hash", "md5", "x"),
+        ("--client-id", "a\nb", "hash", "md5", "x"),
+        ("--admin-token", "tök", "lb", "stats"),
+    ):
+        result = hashctl(*args)
+        assert result.exit_code == ExitCode.USAGE, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
 def test_shell_completion_completes_command_names() -> None:
     from typer.testing import CliRunner
 
