@@ -96,11 +96,15 @@ def error_from_rpc(err: grpc.RpcError, target: str) -> CliError:
         message = f"UNAVAILABLE: cannot reach {target} ({details})"
         if any(word in details.lower() for word in ("ssl", "tls", "handshake", "certificate")):
             message += "; check --tls-ca / --tls-cert / --tls-key / --tls-server-name"
+    exit_code = _EXIT_BY_STATUS.get(code, ExitCode.OTHER)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         delay = retry_after_of(err)
         if delay is not None:
             message += f" (retry after {delay:.3g}s)"
-    return CliError(message, _EXIT_BY_STATUS.get(code, ExitCode.OTHER))
+        else:
+            # Nothing to wait for (e.g. an input over the size limit): retrying cannot help.
+            exit_code = ExitCode.INVALID_ARGUMENT
+    return CliError(message, exit_code)
 
 
 def channel_security(

@@ -155,7 +155,8 @@ def _batch_lines(path: Path) -> list[bytes]:
         raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}", ExitCode.INVALID_ARGUMENT) from None
-    return raw.splitlines()
+    # Blank lines are skipped: an empty input is rarely meant, and a trailing newline is common.
+    return [line for line in raw.splitlines() if line.strip()]
 
 
 def submit_batch(state: CliState, out: Output, specs: list[task_pb2.TaskSpec], chunk: int) -> list[task_pb2.Task]:

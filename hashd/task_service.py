@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -39,6 +39,7 @@ from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
 
 MAX_BATCH = 10_000
 MAX_KEY_LENGTH = 200
+MAX_RUN_AFTER = timedelta(days=366)
 MAX_CLIENT_ID_LENGTH = 200
 WATCH_POLL_SECONDS = 5.0
 """Watchers re-read their task at least this often, in case a notification was lost."""
@@ -151,6 +152,9 @@ def validate_spec(
             run_after = spec.run_after.ToDatetime(tzinfo=UTC)
         except (ValueError, OverflowError):
             raise InvalidArgument(f"{field}.run_after", "is not a valid timestamp") from None
+        # A task due in decades would hold a pending slot (and its input) all that time.
+        if run_after > datetime.now(UTC) + MAX_RUN_AFTER:
+            raise InvalidArgument(f"{field}.run_after", "must be at most 366 days from now")
     task = NewTask(
         algorithm=algorithm.value,
         data=spec.data,

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import grpc
 import psycopg
 import pytest
+from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -411,6 +412,13 @@ def test_nul_text_and_oversized_input_are_invalid_arguments(
         ),
         # Over the unary limit (but under the 2x gRPC lets through): refused, never stored.
         (task_pb2.SubmitTaskRequest(spec=md5_spec(b"x" * 3000)), "spec.data"),
+        # Due in 2099: it would hold a pending slot for decades.
+        (
+            task_pb2.SubmitTaskRequest(
+                spec=md5_spec(b"x", run_after=timestamp_pb2.Timestamp(seconds=4_070_908_800))
+            ),
+            "spec.run_after",
+        ),
     ]
     for request, field in cases:
         with pytest.raises(grpc.RpcError) as caught:

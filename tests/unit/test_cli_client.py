@@ -38,7 +38,6 @@ class FakeRpcError(grpc.RpcError):
     (grpc.StatusCode.UNAVAILABLE, ExitCode.UNAVAILABLE),
     (grpc.StatusCode.INVALID_ARGUMENT, ExitCode.INVALID_ARGUMENT),
     (grpc.StatusCode.NOT_FOUND, ExitCode.NOT_FOUND),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, ExitCode.RATE_LIMITED),
     (grpc.StatusCode.PERMISSION_DENIED, ExitCode.DENIED),
     (grpc.StatusCode.INTERNAL, ExitCode.OTHER),
 ])
@@ -56,6 +55,13 @@ def test_rate_limited_message_carries_the_retry_after() -> None:
     assert failure.message == "RESOURCE_EXHAUSTED: slow down (retry after 1.5s)"
     bare = error_from_rpc(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", (("retry-after", "2"),)), "t")
     assert bare.message.endswith("(retry after 2s)")
+    assert bare.exit_code == ExitCode.RATE_LIMITED
+
+
+def test_resource_exhausted_without_retry_info_is_not_a_rate_limit() -> None:
+    """An input over the size limit: waiting cannot help, so it is not exit 6."""
+    failure = error_from_rpc(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too big"), "t")
+    assert failure.exit_code == ExitCode.INVALID_ARGUMENT
 
 
 def test_unreachable_names_the_target() -> None:

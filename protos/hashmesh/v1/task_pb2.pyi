@@ -95,7 +95,7 @@ class TaskSpec(_message.Message):
 
     @_builtins.property
     def run_after(self) -> _timestamp_pb2.Timestamp:
-        """Do not run before this time. Unset means as soon as possible."""
+        """Do not run before this time, at most 366 days from now. Unset means as soon as possible."""
 
     def __init__(
         self,
