@@ -8,10 +8,13 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from hashmesh.core.tls import ClientTls
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,10 @@ def make_pki(directory: Path, *, name: str = "hashmesh-test",
     _write_cert(client_cert, pki.client_cert)
     _write_key(client_key, pki.client_key)
     return pki
+
+
+def channel(address: str, tls: ClientTls | None) -> grpc.Channel:
+    """A blocking channel to ``address``: TLS with ``tls``, plaintext without."""
+    if tls is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, tls.credentials(), options=tls.channel_options())

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hashmesh.core.tls import ClientTls
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hash_pb2, hash_pb2_grpc
-from tests.certs import Pki, make_pki
+from tests.certs import Pki, channel, make_pki
 from tests.conftest import Processes
 from tests.procs import Proc, start_process
 
@@ -43,12 +43,6 @@ def start_balancer(procs: Processes, replicas: list[Proc], *args: str,
         log_dir=procs.log_dir, env=env, expect=("balancer", "balancer admin"))
     procs.started.append(proc)
     return proc
-
-
-def channel(address: str, tls: ClientTls | None) -> grpc.Channel:
-    if tls is None:
-        return grpc.insecure_channel(address)
-    return grpc.secure_channel(address, tls.credentials(), options=tls.channel_options())
 
 
 def hash_hello(address: str, tls: ClientTls | None) -> str | grpc.StatusCode:

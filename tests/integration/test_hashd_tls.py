@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hashmesh.core.tls import ClientTls
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc
-from tests.certs import Pki, make_pki
+from tests.certs import Pki, channel, make_pki
 from tests.conftest import Processes
 from tests.procs import Proc, start_process
 
@@ -43,12 +43,6 @@ def start_tls_hashd(procs: Processes, dsn: str, pki: Pki, *, mutual: bool = Fals
                                    dsn, *flags], log_dir=procs.log_dir, env=env, expect=("hashd",))
     procs.started.append(proc)
     return proc
-
-
-def channel(address: str, tls: ClientTls | None) -> grpc.Channel:
-    if tls is None:
-        return grpc.insecure_channel(address)
-    return grpc.secure_channel(address, tls.credentials(), options=tls.channel_options())
 
 
 def health(address: str, tls: ClientTls | None) -> grpc.StatusCode:
