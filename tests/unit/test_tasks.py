@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 import pytest
@@ -70,10 +70,19 @@ def test_validation_names_the_field(spec: task_pb2.TaskSpec, field: str) -> None
 
 def test_valid_spec_takes_defaults() -> None:
     spec = task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA256, data=b"x", priority=-100)
-    spec.run_after.FromDatetime(datetime(2030, 1, 1, tzinfo=UTC))
+    due = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
+    spec.run_after.FromDatetime(due)
     task, params = validate_spec(spec, field="spec", default_max_attempts=7)
     assert (task.algorithm, task.max_attempts, task.priority, params) == ("sha256", 7, -100, None)
-    assert task.run_after == datetime(2030, 1, 1, tzinfo=UTC)
+    assert task.run_after == due
+
+
+def test_run_after_more_than_a_year_ahead_is_refused() -> None:
+    spec = task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA256, data=b"x")
+    spec.run_after.FromDatetime(datetime.now(UTC) + timedelta(days=400))
+    with pytest.raises(InvalidArgument) as caught:
+        validate_spec(spec, field="spec", default_max_attempts=7)
+    assert caught.value.field == "spec.run_after"
 
 
 def test_page_token_round_trip_and_filter_binding() -> None:
