@@ -5,7 +5,6 @@ Who may call it is decided before these methods run (``interceptors.AdminPolicy`
 from __future__ import annotations
 
 import functools
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -14,7 +13,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from hashmesh.balancer.backends import BackendSet, Replica
-from hashmesh.balancer.config import MAX_RATE, MIN_RATE, RateLimitSettings
+from hashmesh.balancer.config import MAX_RATE, MIN_RATE, RateLimitSettings, is_hash_key
 from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.stats import BalancerStats, ReplicaSnapshot, Snapshot
 from hashmesh.core.errors import HashmeshError, InvalidArgument, NotFound
@@ -36,7 +35,6 @@ STATE_TO_PROTO = {
 }
 
 Reply = TypeVar("Reply")
-METADATA_KEY = re.compile(r"[0-9a-z_.-]{1,100}")
 MAX_CLIENT_ID_LENGTH = 200
 """As hashd's TaskService: a longer id cannot be a client of the mesh."""
 
@@ -166,7 +164,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if name is None:
             raise InvalidArgument("strategy", "is required (one of the STRATEGY_* values)")
         key = request.hash_key.lower()
-        if key and (not METADATA_KEY.fullmatch(key) or key.endswith("-bin") or key.startswith("grpc-")):
+        if key and not is_hash_key(key):
             raise InvalidArgument(
                 "hash_key", "must be a text metadata key: a-z, 0-9, '-', '_', '.' (not -bin, grpc-)"
             )

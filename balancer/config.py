@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -75,6 +76,14 @@ def parse_overrides(raw: tuple[str, ...]) -> dict[str, RateLimitSettings]:
         except ValueError as exc:
             raise SettingsError(f"rate limit override {item!r}: {exc}") from exc
     return overrides
+
+
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]{1,100}")
+
+
+def is_hash_key(key: str) -> bool:
+    """A text metadata key consistent hashing can read: lowercase, not binary, not grpc's own."""
+    return bool(_METADATA_KEY.fullmatch(key)) and not key.endswith("-bin") and not key.startswith("grpc-")
 
 
 def is_loopback(listen: str) -> bool:
@@ -168,6 +177,11 @@ class BalancerSettings:
     container those describe how to reach the balancer itself (its health probe)."""
 
     def __post_init__(self) -> None:
+        if not is_hash_key(self.hash_key):
+            raise SettingsError(
+                "HASHMESH_BALANCER_HASH_KEY must be a text metadata key: a-z, 0-9, '-', '_', '.' "
+                "(not -bin, grpc-)"
+            )
         if self.strategy not in STRATEGIES:
             raise SettingsError(f"HASHMESH_BALANCER_STRATEGY must be one of {STRATEGIES}")
         if self.event_loop not in ("auto", "uvloop", "asyncio"):

@@ -140,6 +140,10 @@ def test_settings_are_safe_by_default() -> None:
     assert BalancerSettings(admin_listen="0.0.0.0:9000", admin_token="t").admin_token == "t"
     with pytest.raises(SettingsError):
         BalancerSettings(strategy="random")
+    for key in ("Bad Key!", "x-foo-bin", "grpc-timeout", ""):
+        with pytest.raises(SettingsError):
+            BalancerSettings(hash_key=key)
+    assert BalancerSettings(hash_key="x-tenant").hash_key == "x-tenant"
     assert parse_overrides(("a=5/10",))["a"] == RateLimitSettings(5, 10)
     for entry in ("garbage", "127.0.0.1:99999", ":5", "host:", "host:http"):
         with pytest.raises(SettingsError):
