@@ -54,6 +54,9 @@ class MeshPlan:
     """AdminService port; 0 picks a free one."""
     strategy: str | None = None
     """Balancer strategy (``round_robin``, ...); ``None`` keeps the balancer's default."""
+    metrics: bool = False
+    """Every child also serves Prometheus /metrics on a free loopback port (kept across
+    restarts); the addresses show as ``<kind> metrics``."""
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.workers < 0:
@@ -123,7 +126,8 @@ class Supervisor:
         await asyncio.to_thread(migrations.migrate, self.dsn)
         host = self.plan.host
         replicas = [self._child("hashd", f"hashd-{i}", ["hashmesh.hashd", "--listen",
-                    f"{host}:{free_port(host)}", "--database-url", self.dsn], ("hashd",))
+                    f"{host}:{free_port(host)}", "--database-url", self.dsn, *self._metrics_flag()],
+                    ("hashd", *self._metrics_line("hashd")))
                     for i in range(1, self.plan.replicas + 1)]
         await asyncio.gather(*(self._launch(child) for child in replicas))
         port = self.plan.port or free_port(host)
@@ -132,12 +136,20 @@ class Supervisor:
         backends = ",".join(child.addresses["hashd"] for child in replicas)
         balancer = self._child("balancer", "balancer", ["hashmesh.balancer", "--listen", self.target,
                                "--admin-listen", self.admin_target, "--backends", backends,
-                               *(["--strategy", self.plan.strategy] if self.plan.strategy else [])],
-                               ("balancer", "balancer admin"))
+                               *(["--strategy", self.plan.strategy] if self.plan.strategy else []),
+                               *self._metrics_flag()],
+                               ("balancer", "balancer admin", *self._metrics_line("balancer")))
         await self._launch(balancer)
-        workers = [self._child("workerd", f"workerd-{i}", ["hashmesh.workerd", "--database-url", self.dsn],
-                               ("workerd",)) for i in range(1, self.plan.workers + 1)]
+        workers = [self._child("workerd", f"workerd-{i}", ["hashmesh.workerd", "--database-url", self.dsn,
+                               *self._metrics_flag()], ("workerd", *self._metrics_line("workerd")))
+                   for i in range(1, self.plan.workers + 1)]
         await asyncio.gather(*(self._launch(child) for child in workers))
+
+    def _metrics_flag(self) -> list[str]:
+        return ["--metrics-port", str(free_port(self.plan.host))] if self.plan.metrics else []
+
+    def _metrics_line(self, kind: str) -> tuple[str, ...]:
+        return (f"{kind} metrics",) if self.plan.metrics else ()
 
     async def _start_database(self) -> None:
         self.database = EmbeddedPostgres(data_dir=self.plan.state_dir / "postgres")
@@ -201,7 +213,8 @@ class Supervisor:
             raise StartupError(f"{child.name} did not start (log {child.log_path}):\n{_tail(child.log_path)}")
         exited.cancel()
         child.state = "running"
-        self.emit("running", name=child.name, pid=child.pid, address=child.address)
+        self.emit("running", name=child.name, pid=child.pid, address=child.address,
+                  addresses=dict(child.addresses))
         self._watchers.append(asyncio.create_task(self._watch(child, process)))
 
     async def _watch(self, child: Child, process: asyncio.subprocess.Process) -> None:

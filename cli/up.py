@@ -167,6 +167,9 @@ def up_command(
                                        "(exit code says whether it passed).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Events as JSON Lines (child PIDs included).")]
     = False,
+    metrics: Annotated[bool, typer.Option("--metrics", help="Every process also serves Prometheus "
+                                          "/metrics on a free loopback port (shown with its address).")]
+    = False,
 ) -> None:
     """Run the whole mesh on this machine, with a live status table.
 
@@ -178,6 +181,8 @@ def up_command(
       hashctl up --demo
 
       hashctl up --replicas 5 --workers 2 --strategy p2c_ewma
+
+      hashctl up --metrics --json    # then scrape each "<kind> metrics" address
 
       HASHMESH_DATABASE_URL=postgresql://me@db/hashmesh hashctl up --port 0 --json
     """
@@ -191,7 +196,7 @@ def up_command(
             raise CliError(f"port {number} is in use (another `hashctl up`?); choose another with {flag}, "
                            "or 0 for any free port")
     plan = MeshPlan(state_dir=state_dir.resolve(), database_url=database_url, replicas=replicas,
-                    workers=workers, port=port, admin_port=admin_port,
+                    workers=workers, port=port, admin_port=admin_port, metrics=metrics,
                     strategy=strategy.strip().lower().replace("-", "_") if strategy else None)
     display = Display(json_mode=state.options.json or json_out)
     if display.live_mode:

@@ -181,3 +181,26 @@ def test_up_with_bad_port_or_unreachable_database_exits_with_its_code(tmp_path: 
                      "--database-url", "postgresql://nobody@127.0.0.1:1/none")
     assert unreachable.returncode == 3, unreachable.stderr
     assert "Traceback" not in unreachable.stderr and "mesh did not start" in unreachable.stderr
+
+
+def test_up_with_metrics_serves_prometheus_from_every_process(tmp_path: Path) -> None:
+    from tests.scrape import scrape
+
+    env = {k: v for k, v in os.environ.items() if k != "HASHMESH_DATABASE_URL"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hashmesh.cli", "up", "--json", "--port", "0", "--admin-port", "0",
+         "--replicas", "1", "--workers", "1", "--metrics", "--state-dir", str(tmp_path / "state")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    reader = EventReader(process)
+    try:
+        reader.wait_for(lambda e: e.get("event") == "ready")
+        running = {e["name"]: e for e in reader.seen if e.get("event") == "running" and "addresses" in e}
+        for name, kind in (("hashd-1", "hashd"), ("balancer", "balancer"), ("workerd-1", "workerd")):
+            address = running[name]["addresses"][f"{kind} metrics"]
+            names = {sample_name for sample_name, _ in scrape(address)}
+            assert "hashmesh_build_info" in names, (name, sorted(names)[:5])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    assert process.returncode == 0
