@@ -87,14 +87,14 @@ class InputTooLarge(HashmeshError):
         return [info, bad]
 
 
-_CHUNK_TAG = 0x12  # field 2 (chunk), wire type 2 (length-delimited)
+_CHUNK_TAG = b"\x12"  # field 2 (chunk), wire type 2 (length-delimited)
 
 
 def parse_stream_message(raw: bytes) -> hash_pb2.HashStreamRequest | memoryview:
     """HashStream's request deserializer. A message holding only a chunk (all but the first)
     becomes a zero-copy view of the chunk bytes: a 1 MiB chunk is then not copied twice more
     by protobuf on its way into the hash. Anything else goes through protobuf."""
-    if raw[:1] == b"\x12":
+    if raw[:1] == _CHUNK_TAG:
         length, shift, offset = 0, 0, 1
         while offset < len(raw) and offset <= 10:
             byte = raw[offset]
