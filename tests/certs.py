@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hashmesh.core.tls import ClientTls
 
@@ -104,3 +105,14 @@ def channel(address: str, tls: ClientTls | None) -> grpc.Channel:
     if tls is None:
         return grpc.insecure_channel(address)
     return grpc.secure_channel(address, tls.credentials(), options=tls.channel_options())
+
+
+def health(address: str, tls: ClientTls | None) -> grpc.StatusCode:
+    """OK when ``address`` answers grpc.health.v1 SERVING over ``tls``, else the call's code."""
+    with channel(address, tls) as ch:
+        try:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError as err:
+            return err.code()  # type: ignore[no-any-return]
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    return grpc.StatusCode.OK

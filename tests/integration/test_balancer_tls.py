@@ -13,11 +13,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hashmesh.core.tls import ClientTls
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hash_pb2, hash_pb2_grpc
-from tests.certs import Pki, channel, make_pki
+from tests.certs import Pki, channel, health, make_pki
 from tests.conftest import Processes
 from tests.procs import Proc, start_process
 
@@ -53,16 +52,6 @@ def hash_hello(address: str, tls: ClientTls | None) -> str | grpc.StatusCode:
         except grpc.RpcError as err:
             return err.code()  # type: ignore[no-any-return]
     return reply.result.encoded
-
-
-def health(address: str, tls: ClientTls | None) -> grpc.StatusCode:
-    with channel(address, tls) as ch:
-        try:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        except grpc.RpcError as err:
-            return err.code()  # type: ignore[no-any-return]
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    return grpc.StatusCode.OK
 
 
 def test_tls_clients_through_the_balancer_to_mutual_tls_replicas(procs: Processes, dsn: str,

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hashmesh.core.tls import ClientTls
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc
-from tests.certs import Pki, channel, make_pki
+from tests.certs import Pki, channel, health, make_pki
 from tests.conftest import Processes
 from tests.procs import Proc, start_process
 
@@ -43,16 +42,6 @@ def start_tls_hashd(procs: Processes, dsn: str, pki: Pki, *, mutual: bool = Fals
                                    dsn, *flags], log_dir=procs.log_dir, env=env, expect=("hashd",))
     procs.started.append(proc)
     return proc
-
-
-def health(address: str, tls: ClientTls | None) -> grpc.StatusCode:
-    with channel(address, tls) as ch:
-        try:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        except grpc.RpcError as err:
-            return err.code()  # type: ignore[no-any-return]
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    return grpc.StatusCode.OK
 
 
 def test_hashd_serves_tls_to_callers_that_trust_its_ca(procs: Processes, dsn: str, pki: Pki,
