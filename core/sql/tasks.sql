@@ -238,3 +238,14 @@ ORDER BY alive DESC, name
 SELECT client_id, count(*) AS n FROM hashmesh_tasks
 WHERE status IN ('pending', 'retrying', 'running')
 GROUP BY client_id
+
+-- name: input_key_usage
+-- Key rotation (`hashctl keys usage`): rows holding an input sealed with each key. A key may
+-- be dropped once no unfinished task needs it; finished rows only matter to `requeue`.
+SELECT input_key_id AS key_id,
+       count(*) FILTER (WHERE status IN ('pending', 'retrying', 'running')) AS unfinished,
+       count(*) FILTER (WHERE status NOT IN ('pending', 'retrying', 'running')) AS finished
+FROM hashmesh_tasks
+WHERE input IS NOT NULL AND input_key_id IS NOT NULL
+GROUP BY input_key_id
+ORDER BY input_key_id

@@ -16,6 +16,7 @@ from hashmesh.core.embedded_pg import EmbeddedPostgres
 from hashmesh.core.hashing import argon2id_verify
 from hashmesh.core.sealing import KEY_FILE_ENV, new_key_line
 from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
+from tests.cli_helpers import hashctl_json
 from tests.conftest import Processes
 
 ARGON2 = common_pb2.Argon2Params(
@@ -27,9 +28,6 @@ FAST = {
     "HASHMESH_TASK_RETRY_BASE": "0.05",
     "HASHMESH_TASK_RETRY_CAP": "0.1",
 }
-# Rows that still need a key, per key id: the check of the rotation procedure (README).
-KEY_USAGE = """SELECT input_key_id, count(*) FROM hashmesh_tasks
-               WHERE input IS NOT NULL AND input_key_id IS NOT NULL GROUP BY 1"""
 
 
 def argon2_spec(password: bytes, **fields: object) -> task_pb2.TaskSpec:
@@ -179,8 +177,9 @@ def test_key_rotation_as_the_readme_describes_it(
     only_new = key_file(tmp_path / "keys-new", new)
 
     def usage() -> dict[str, int]:
-        with psycopg.connect(dsn) as conn:
-            return dict(conn.execute(KEY_USAGE).fetchall())
+        """The check of the procedure: unfinished tasks per key id (`hashctl keys usage`)."""
+        reply = hashctl_json("keys", "usage", "--dsn", dsn)
+        return {row["key_id"]: row["unfinished"] for row in reply["keys"]}
 
     # A task sealed under the old key waits for a worker.
     first = procs.hashd(dsn, env={KEY_FILE_ENV: str(before)})
