@@ -187,14 +187,14 @@ def test_key_rotation_as_the_readme_describes_it(
         task_pb2.SubmitTaskRequest(spec=argon2_spec(b"old-secret")), timeout=10
     ).task
     # Steps 1-2: every process gets the ring with the new key first: new tasks use it.
-    second = procs.hashd(dsn, env={KEY_FILE_ENV: str(rotated)})
+    second = procs.hashd(dsn, "--task-key-file", str(rotated))  # the flag beats the variable
     stub = stub_of(second.address)
     sealed_new = stub.SubmitTask(
         task_pb2.SubmitTaskRequest(spec=argon2_spec(b"new-secret")), timeout=10
     ).task
     assert usage() == {"2026-01": 1, "2026-07": 1}
     # A worker that already dropped the old key cannot open the old row, and says which key.
-    early = procs.workerd(dsn, env={**FAST, KEY_FILE_ENV: str(only_new)})
+    early = procs.workerd(dsn, "--task-key-file", str(only_new), env=FAST)
     assert wait_final(stub, sealed_new.id).status == task_pb2.TASK_STATUS_SUCCEEDED
     wait_until(
         lambda: "2026-01" in stub.GetTask(task_pb2.GetTaskRequest(id=sealed_old.id)).task.last_error,
