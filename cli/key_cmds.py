@@ -51,19 +51,18 @@ def keys_usage(
     """
     import psycopg
 
-    from hashmesh.core.tasks.store import queries
+    from hashmesh.core.tasks.store import input_key_usage
 
     out = state_of(ctx).output(json_out)
     dsn = dsn or os.environ.get("HASHMESH_DATABASE_URL")
     if not dsn:
         raise CliError("no database: give --dsn or set HASHMESH_DATABASE_URL", ExitCode.USAGE)
     try:
-        with psycopg.connect(dsn, connect_timeout=10) as conn:
-            rows = conn.execute(queries()["input_key_usage"]).fetchall()
+        rows = input_key_usage(dsn)
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CliError(f"cannot reach the database: {first}", ExitCode.UNAVAILABLE) from None
-    usage = [{"key_id": key_id, "unfinished": int(unfinished), "finished": int(finished)}
+    usage = [{"key_id": key_id, "unfinished": unfinished, "finished": finished}
              for key_id, unfinished, finished in rows]
     if out.json_mode:
         out.json({"keys": usage})

@@ -444,5 +444,13 @@ class Listener:
                 await conn.close()
 
 
+def input_key_usage(dsn: str) -> list[tuple[str, int, int]]:
+    """(key id, unfinished, finished) rows still holding an input sealed with each key: the
+    check of a key rotation (``hashctl keys usage``). One short connection of its own."""
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        rows = conn.execute(_q("input_key_usage")).fetchall()
+    return [(str(key_id), int(unfinished), int(finished)) for key_id, unfinished, finished in rows]
+
+
 def _conforms(store: PostgresTaskStore) -> TaskStore:
     return store  # mypy checks that the two stores share one interface

@@ -180,3 +180,18 @@ def test_workerd_opens_right_before_hashing_and_names_a_missing_key() -> None:
 def test_task_key_rejects_wrong_sizes_directly() -> None:
     with pytest.raises(SettingsError):
         TaskKey("k", b"x" * 16)
+
+
+def test_hashctl_keys_new_prints_a_line_a_key_file_accepts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.cli_helpers import hashctl
+
+    made = hashctl("keys", "new", "2026-07")
+    assert made.exit_code == 0, made.stderr
+    keys = TaskKeyring.parse(made.stdout, source="stdout")
+    assert keys.ids == ("2026-07",)
+    assert hashctl("keys", "new", "bad id").exit_code == 2
+    monkeypatch.delenv("HASHMESH_DATABASE_URL", raising=False)
+    missing = hashctl("keys", "usage")
+    assert missing.exit_code == 2 and "--dsn" in missing.stderr
