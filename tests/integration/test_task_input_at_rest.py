@@ -4,6 +4,7 @@ writer can make a worker do with a sealed row, and the key rotation procedure of
 from __future__ import annotations
 
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -85,8 +86,8 @@ def test_no_file_of_the_database_holds_an_argon2_password(
     done_password = f"pw-done-{marker}".encode()
     pending_password = f"pw-pending-{marker}".encode()
     control = f"control-in-clear-{marker}"
-    hashd = procs.hashd(owned_pg.dsn)
-    procs.workerd(owned_pg.dsn, env=FAST)
+    hashd = procs.hashd(owned_pg.dsn, "--metrics-port", "0")
+    worker = procs.workerd(owned_pg.dsn, "--metrics-port", "0", env=FAST)
     stub = stub_of(hashd.address)
     # The idempotency key is stored in clear, in the same row: the control that shows the scan
     # does reach the heap and the WAL where the task's row lives.
@@ -117,10 +118,13 @@ def test_no_file_of_the_database_holds_an_argon2_password(
     seen = occurrences(owned_pg.data_dir, control.encode())
     assert any(name.startswith("pgdata/pg_wal/") for name in seen), seen
     assert any(name.startswith("pgdata/base/") for name in seen), seen
-    # Nor in what the processes printed.
-    for proc in procs.started:
-        assert done_password.decode() not in proc.log()
-        assert pending_password.decode() not in proc.log()
+    # Nor in what the processes printed, nor in their metrics.
+    shown = [proc.log() for proc in procs.started] + [
+        urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+        for address in (hashd.addresses["hashd metrics"], worker.addresses["workerd metrics"])
+    ]
+    for text in shown:
+        assert done_password.decode() not in text and pending_password.decode() not in text
 
 
 def test_argon2_tasks_are_refused_by_a_replica_without_a_key(
