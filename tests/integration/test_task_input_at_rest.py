@@ -212,3 +212,32 @@ def test_key_rotation_as_the_readme_describes_it(
     assert argon2id_verify(final.result.encoded, b"old-secret")[0]
     # Step 4: no row needs the old key any more; it can go.
     assert usage() == {}
+
+
+def test_migration_0004_ends_clear_passwords_and_keeps_digest_inputs(pg_admin_dsn: str) -> None:
+    from hashmesh.core import migrations
+    from hashmesh.core.embedded_pg import create_database
+
+    name = f"hm_m4_{uuid.uuid4().hex[:10]}"
+    target = create_database(pg_admin_dsn, name)
+    try:
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute("CREATE TABLE hashmesh_schema_migrations (version integer PRIMARY KEY, "
+                         "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            for migration in migrations.load_migrations():
+                if migration.version < 4:  # as an older version left the schema
+                    conn.execute(migration.sql.encode())
+                    conn.execute("INSERT INTO hashmesh_schema_migrations VALUES (%s, %s)",
+                                 (migration.version, migration.name))
+            conn.execute("INSERT INTO hashmesh_tasks (algorithm, input, input_size) VALUES "
+                         "('argon2id', 'clear-password', 14), ('md5', 'clear-digest-input', 18)")
+        migrations.migrate(target)
+        with psycopg.connect(target) as conn:
+            rows = conn.execute("SELECT algorithm, status, input, last_error FROM hashmesh_tasks "
+                                "ORDER BY algorithm").fetchall()
+        assert rows[0][:3] == ("argon2id", "dead_letter", None)
+        assert "migration 0004" in rows[0][3] and "submit the task again" in rows[0][3]
+        assert rows[1][:3] == ("md5", "pending", b"clear-digest-input")
+    finally:
+        with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
