@@ -105,6 +105,14 @@ def test_no_file_of_the_database_holds_an_argon2_password(
     # The worker hashed the real password: it opened the sealed input.
     assert argon2id_verify(final.result.encoded, done_password)[0]
     with psycopg.connect(owned_pg.dsn, autocommit=True) as conn:
+        # The worker stored the (salted, so deterministic) result in the shared cache: the scan
+        # below covers a real cache entry too (keyed by an HMAC, valued by the output only).
+        wait_until(
+            lambda: conn.execute(
+                "SELECT count(*) FROM hashmesh_cache WHERE octet_length(key) = 32"
+            ).fetchone() == (1,),
+            "the result is in the shared cache",
+        )
         [(stored, key_id)] = conn.execute(
             "SELECT input, input_key_id FROM hashmesh_tasks WHERE id = %s", (pending.id,)
         ).fetchall()
