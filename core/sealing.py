@@ -171,11 +171,19 @@ class TaskKeyring:
 
     @classmethod
     def load_file(cls, path: Path) -> TaskKeyring:
+        """Refused unless only its owner (this process's user, or root as with a Kubernetes
+        Secret volume) and group may touch it: whoever can rewrite the keys reads new inputs."""
         try:
-            mode = path.stat().st_mode
+            info = path.stat()
             text = path.read_text(encoding="ascii")
         except (OSError, UnicodeDecodeError) as exc:
             raise SettingsError(f"{KEY_FILE_ENV}={path}: cannot read: {exc}") from None
+        mode = info.st_mode
+        if info.st_uid not in (0, os.geteuid()):
+            raise SettingsError(
+                f"{KEY_FILE_ENV}={path} belongs to uid {info.st_uid}, neither this process's "
+                "user nor root; whoever owns it can replace the keys"
+            )
         if mode & (stat.S_IRWXO):
             raise SettingsError(
                 f"{KEY_FILE_ENV}={path} is accessible to other users (mode "

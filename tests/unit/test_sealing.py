@@ -195,3 +195,11 @@ def test_hashctl_keys_new_prints_a_line_a_key_file_accepts(
     monkeypatch.delenv("HASHMESH_DATABASE_URL", raising=False)
     missing = hashctl("keys", "usage")
     assert missing.exit_code == 2 and "--dsn" in missing.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away needs root")
+def test_a_key_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    path = ensure_key_file(tmp_path / "task-keys")
+    os.chown(path, 65534, 65534)  # nobody could now rewrite the keys
+    with pytest.raises(SettingsError, match="belongs to uid 65534"):
+        TaskKeyring.load_file(path)
