@@ -13,7 +13,9 @@ version (trust auth) gets its password set in single-user mode, before the serve
 PostgreSQL refuses to run as root, so as root the server runs as an unprivileged system user
 (``pgserver``, created if missing, with its own primary group and no supplementary groups —
 never group 0); the data directory is given to that user, and each parent directory of it
-that others cannot traverse gets the traverse bit (``o+x``, never read), each change logged."""
+that others cannot traverse gets a POSIX ACL entry letting that user alone traverse it (on a
+filesystem without ACLs: the traverse bit for everyone, ``o+x``, never read), each change
+logged."""
 
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hashmesh.core import posix_acl
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +115,14 @@ def _open_path_for(account: ServerAccount, path: Path) -> None:
     """Let ``account`` traverse to ``path`` and own it (we are root here)."""
     for parent in reversed(path.parents):
         mode = parent.stat().st_mode
-        if not mode & 0o001:
+        if mode & 0o001:
+            continue
+        if posix_acl.grant_traverse(parent, account.uid):
+            log.info(
+                "let the embedded PostgreSQL's user traverse a directory (POSIX ACL entry)",
+                extra={"directory": str(parent), "user": account.name},
+            )
+        else:  # a filesystem without ACLs
             parent.chmod(mode | 0o001)
             log.warning(
                 "made a directory traversable by other users (o+x) so that the embedded "

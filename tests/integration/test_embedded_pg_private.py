@@ -149,3 +149,24 @@ def test_a_data_directory_from_before_gets_a_password_before_it_listens(
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         reopened.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as another user only as root")
+def test_as_root_a_private_parent_opens_to_the_server_user_alone(tmp_path: Path) -> None:
+    private = tmp_path / "home"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    server = EmbeddedPostgres(data_dir=private / "state" / "postgres")
+    server.start()
+    try:
+        with psycopg.connect(server.dsn) as conn:  # the server's user reached its data
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert not private.stat().st_mode & 0o001, "a private parent was opened to every user"
+        probe = run_as_nobody(
+            "import os, sys\ntry:\n    os.stat(sys.argv[1]); print('reached')\n"
+            "except PermissionError:\n    print('refused')",
+            str(private / "state"),
+        )
+        assert probe.stdout.strip() == "refused", probe.stderr
+    finally:
+        server.stop()
