@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -18,9 +19,11 @@ from google.protobuf import timestamp_pb2
 
 from hashmesh.core import metrics
 from hashmesh.core.cache import ResultCache
-from hashmesh.core.errors import InvalidArgument, Unavailable
+from hashmesh.core.errors import InvalidArgument, PermissionDenied, Unavailable
 from hashmesh.core.hashing import Algorithm, Argon2Params
+from hashmesh.core.identity import Caller
 from hashmesh.core.tasks.coalesce import SubmitCoalescer
+from hashmesh.core.tasks.idempotency import Fingerprinter, IdempotencyKeyReused
 from hashmesh.core.tasks.limits import PendingLimits
 from hashmesh.core.tasks.model import (
     ListCursor,
@@ -34,6 +37,7 @@ from hashmesh.core.tasks.model import (
 from hashmesh.core.wire import algorithm_from_wire, algorithm_to_wire
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.hash_service import argon2_params
+from hashmesh.hashd.identity import current_caller
 from hashmesh.hashd.watch import WatchHub
 from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
 
@@ -104,16 +108,28 @@ def text_field(value: str, field: str, max_length: int) -> str:
     return value
 
 
-def client_id_of(explicit: str, context: grpc.aio.ServicerContext) -> str:
-    if explicit:
-        value = explicit
-    else:
-        value = "anonymous"
-        for key, item in context.invocation_metadata() or ():
-            if key == "x-client-id" and item:
-                value = str(item)
-                break
-    return text_field(value, "client_id", MAX_CLIENT_ID_LENGTH)
+def client_of(explicit: str, caller: Caller) -> str:
+    """The client a submission is stored under: always the caller's identity. A request's
+    ``client_id`` may only repeat it (PERMISSION_DENIED otherwise), operators included."""
+    text_field(explicit, "client_id", MAX_CLIENT_ID_LENGTH)
+    if explicit and explicit != caller.identity:
+        raise PermissionDenied(
+            f"client_id {explicit!r} is not the caller ({caller.identity!r}); leave it empty"
+        )
+    return caller.identity
+
+
+def list_scope(explicit: str, caller: Caller) -> str | None:
+    """Whose tasks ListTasks may show: the caller's own; an operator's choice (``None``: all)."""
+    text_field(explicit, "client_id", MAX_CLIENT_ID_LENGTH)
+    if caller.operator:
+        return explicit or None
+    if explicit and explicit != caller.identity:
+        raise PermissionDenied(
+            f"client_id {explicit!r} is not the caller ({caller.identity!r}); only an operator "
+            "lists other clients' tasks"
+        )
+    return caller.identity
 
 
 def task_id_of(value: str, field: str = "id") -> str:
@@ -202,7 +218,7 @@ def decode_page_token(token: str, filters: ListFilter) -> ListCursor | None:
     return cursor
 
 
-def stats_to_wire(stats: QueueStats) -> task_pb2.GetQueueStatsResponse:
+def stats_to_wire(stats: QueueStats, *, with_workers: bool = True) -> task_pb2.GetQueueStatsResponse:
     reply = task_pb2.GetQueueStatsResponse(
         counts=[
             task_pb2.StatusCount(status=STATUS_TO_WIRE[s], count=n) for s, n in stats.counts.items()
@@ -211,7 +227,7 @@ def stats_to_wire(stats: QueueStats) -> task_pb2.GetQueueStatsResponse:
         completed_last_minute=stats.completed_last_minute,
     )
     reply.oldest_pending_age.FromNanoseconds(int(stats.oldest_pending_seconds * 1e9))
-    for worker in stats.workers:
+    for worker in stats.workers if with_workers else ():
         reply.workers.append(
             task_pb2.WorkerInfo(
                 name=worker.name,
@@ -254,6 +270,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             count=store.unfinished_by_client,
         )
         self._submitter = SubmitCoalescer(store.submit_many, max_tasks=MAX_BATCH)
+        # Without a configured secret (unit tests: the daemon requires one) a per-process key.
+        self._fingerprints = Fingerprinter(settings.identity_secret or secrets.token_hex(32))
 
     def _require_database(self) -> None:
         # The hub's LISTEN connection drops as soon as PostgreSQL goes away: answer at once
@@ -289,11 +307,19 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             task, params = validate_spec(
                 spec, field=name, default_max_attempts=self._settings.default_max_attempts
             )
+            if task.idempotency_key:
+                task = replace(task, fingerprint=self._fingerprints.of(task))
             tasks.append(await self._with_cached(replace(task, client_id=client_id), params))
         self._require_database()
+        names = [field if field == "spec" else f"{field}[{i}]" for i in range(len(tasks))]
+        await self._check_keys(tasks, names, client_id)
         queued = sum(1 for t in tasks if t.cached_result is None)
         await self.limits.admit(client_id, queued)
         answers = await self._submitter.submit(tasks)
+        for task, answer, name in zip(tasks, answers, names, strict=True):
+            # A concurrent submission with the key and another request got in first.
+            if not answer.created and not self._fingerprints.same_request(answer.fingerprint, task.fingerprint):
+                raise IdempotencyKeyReused(task.idempotency_key or "", answer.task.id, f"{name}.idempotency_key")
         for answer in answers:  # idempotent repeats (created False) are not new submissions
             if answer.created:
                 metrics.TASKS_SUBMITTED.labels(answer.task.algorithm).inc()
@@ -302,13 +328,34 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         )
         return [(a.task, a.created) for a in answers]
 
+    async def _check_keys(self, tasks: Sequence[NewTask], names: Sequence[str], client_id: str) -> None:
+        """Refuse, before anything is stored, a key reused for another request: earlier in this
+        request, or by a task of this client within the idempotency window."""
+        first: dict[str, NewTask] = {}
+        for task, name in zip(tasks, names, strict=True):
+            key = task.idempotency_key
+            if key is None:
+                continue
+            earlier = first.setdefault(key, task)
+            if not self._fingerprints.same_request(earlier.fingerprint, task.fingerprint):
+                raise InvalidArgument(f"{name}.idempotency_key", "is used earlier in this request for another task")
+        if not first:
+            return
+        live = await self._store.live_keys(
+            client_id, list(first), window_seconds=self._settings.idempotency_window_seconds
+        )
+        for task, name in zip(tasks, names, strict=True):
+            found = live.get(task.idempotency_key or "")
+            if found is not None and not self._fingerprints.same_request(found[1], task.fingerprint):
+                raise IdempotencyKeyReused(task.idempotency_key or "", found[0].id, f"{name}.idempotency_key")
+
     async def SubmitTask(
         self, request: task_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.SubmitTaskResponse:
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
         [(record, created)] = await self._submit(
-            [request.spec], client_id_of(request.client_id, context), field="spec"
+            [request.spec], client_of(request.client_id, current_caller()), field="spec"
         )
         return task_pb2.SubmitTaskResponse(task=task_to_wire(record), created=created)
 
@@ -322,7 +369,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 "specs", f"at most {MAX_BATCH} tasks per batch, got {len(request.specs)}"
             )
         answers = await self._submit(
-            request.specs, client_id_of(request.client_id, context), field="specs"
+            request.specs, client_of(request.client_id, current_caller()), field="specs"
         )
         return task_pb2.SubmitTasksResponse(
             tasks=[task_to_wire(record) for record, _ in answers],
@@ -332,18 +379,19 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     async def GetTask(
         self, request: task_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.GetTaskResponse:
-        return task_pb2.GetTaskResponse(
-            task=task_to_wire(await self._store.get(task_id_of(request.id)))
-        )
+        task_id = task_id_of(request.id)
+        record = await self._store.get(task_id, owner=current_caller().scope)
+        return task_pb2.GetTaskResponse(task=task_to_wire(record))
 
     async def WatchTask(
         self, request: task_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[task_pb2.WatchTaskResponse]:
         task_id = task_id_of(request.id)
+        owner = current_caller().scope
         if self._hub is None:
             raise Unavailable("watching is not available on this replica")
         with self._hub.subscribe(task_id) as sub:
-            record = await self._store.get(task_id)
+            record = await self._store.get(task_id, owner=owner)
             last: tuple[TaskStatus, int, bool] | None = None
             while True:
                 key = (record.status, record.attempts, record.cancel_requested)
@@ -354,7 +402,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                     return
                 update = await sub.next(WATCH_POLL_SECONDS)
                 if update is None:
-                    record = await self._store.get(task_id)
+                    record = await self._store.get(task_id, owner=owner)
                     continue
                 notified, fresh = update
                 if _progress(fresh) < _progress(record):
@@ -384,9 +432,10 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             algorithm = algorithm_from_wire(request.algorithm).value
         if request.page_size > 1000:
             raise InvalidArgument("page_size", f"must be at most 1000, got {request.page_size}")
-        text_field(request.client_id, "client_id", MAX_CLIENT_ID_LENGTH)
         filters = ListFilter(
-            client_id=request.client_id or None, statuses=tuple(statuses), algorithm=algorithm
+            client_id=list_scope(request.client_id, current_caller()),
+            statuses=tuple(statuses),
+            algorithm=algorithm,
         )
         after = decode_page_token(request.page_token, filters)
         size = request.page_size or 100
@@ -400,19 +449,20 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     async def CancelTask(
         self, request: task_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.CancelTaskResponse:
-        return task_pb2.CancelTaskResponse(
-            task=task_to_wire(await self._store.cancel(task_id_of(request.id)))
-        )
+        task_id = task_id_of(request.id)
+        record = await self._store.cancel(task_id, owner=current_caller().scope)
+        return task_pb2.CancelTaskResponse(task=task_to_wire(record))
 
     async def RequeueTask(
         self, request: task_pb2.RequeueTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.RequeueTaskResponse:
-        return task_pb2.RequeueTaskResponse(
-            task=task_to_wire(await self._store.requeue(task_id_of(request.id)))
-        )
+        task_id = task_id_of(request.id)
+        record = await self._store.requeue(task_id, owner=current_caller().scope)
+        return task_pb2.RequeueTaskResponse(task=task_to_wire(record))
 
     async def GetQueueStats(
         self, request: task_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.GetQueueStatsResponse:
+        # Totals for everyone; which workers run where (names, hosts, PIDs) for operators only.
         stats = await self._store.stats(alive_seconds=self._settings.worker_alive_seconds)
-        return stats_to_wire(stats)
+        return stats_to_wire(stats, with_workers=current_caller().operator)
