@@ -69,6 +69,24 @@ def require_operator(what: str) -> Caller:
     return caller
 
 
+def client_of(requested: str, caller: Caller) -> str:
+    """The client a submission is stored under: always the caller's identity. A request's
+    ``client_id`` may only repeat it (PERMISSION_DENIED otherwise), operators included."""
+    if requested and requested != caller.identity:
+        raise PermissionDenied(f"client_id {requested!r} is not the caller ({caller.identity!r}); leave it empty")
+    return caller.identity
+
+
+def list_scope(requested: str, caller: Caller) -> str | None:
+    """Whose tasks a listing shows: the caller's own; an operator's choice (``None``: all)."""
+    if caller.operator:
+        return requested or None
+    if requested and requested != caller.identity:
+        raise PermissionDenied(f"client_id {requested!r} is not the caller ({caller.identity!r}); only an "
+                               "operator lists other clients' tasks")
+    return caller.identity
+
+
 class CallerResolver:
     """Turns (method, peer, metadata) into a ``Caller``; pure, with an injectable clock."""
 

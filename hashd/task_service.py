@@ -19,11 +19,10 @@ from google.protobuf import timestamp_pb2
 
 from hashmesh.core import metrics
 from hashmesh.core.cache import ResultCache
-from hashmesh.core.errors import InvalidArgument, PermissionDenied, Unavailable
+from hashmesh.core.errors import InvalidArgument, Unavailable
 from hashmesh.core.hashing import Algorithm, Argon2Params
-from hashmesh.core.identity import Caller
 from hashmesh.core.tasks.coalesce import SubmitCoalescer
-from hashmesh.core.tasks.idempotency import Fingerprinter, IdempotencyKeyReused
+from hashmesh.core.tasks.idempotency import IdempotencyGuard
 from hashmesh.core.tasks.limits import PendingLimits
 from hashmesh.core.tasks.model import (
     ListCursor,
@@ -37,7 +36,7 @@ from hashmesh.core.tasks.model import (
 from hashmesh.core.wire import algorithm_from_wire, algorithm_to_wire
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.hash_service import argon2_params
-from hashmesh.hashd.identity import current_caller
+from hashmesh.hashd.identity import client_of, current_caller, list_scope
 from hashmesh.hashd.watch import WatchHub
 from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
 
@@ -106,30 +105,6 @@ def text_field(value: str, field: str, max_length: int) -> str:
     if "\x00" in value:
         raise InvalidArgument(field, "must not contain NUL characters")
     return value
-
-
-def client_of(explicit: str, caller: Caller) -> str:
-    """The client a submission is stored under: always the caller's identity. A request's
-    ``client_id`` may only repeat it (PERMISSION_DENIED otherwise), operators included."""
-    text_field(explicit, "client_id", MAX_CLIENT_ID_LENGTH)
-    if explicit and explicit != caller.identity:
-        raise PermissionDenied(
-            f"client_id {explicit!r} is not the caller ({caller.identity!r}); leave it empty"
-        )
-    return caller.identity
-
-
-def list_scope(explicit: str, caller: Caller) -> str | None:
-    """Whose tasks ListTasks may show: the caller's own; an operator's choice (``None``: all)."""
-    text_field(explicit, "client_id", MAX_CLIENT_ID_LENGTH)
-    if caller.operator:
-        return explicit or None
-    if explicit and explicit != caller.identity:
-        raise PermissionDenied(
-            f"client_id {explicit!r} is not the caller ({caller.identity!r}); only an operator "
-            "lists other clients' tasks"
-        )
-    return caller.identity
 
 
 def task_id_of(value: str, field: str = "id") -> str:
@@ -271,7 +246,14 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         )
         self._submitter = SubmitCoalescer(store.submit_many, max_tasks=MAX_BATCH)
         # Without a configured secret (unit tests: the daemon requires one) a per-process key.
-        self._fingerprints = Fingerprinter(settings.identity_secret or secrets.token_hex(32))
+        self._keys = IdempotencyGuard(
+            store, settings.identity_secret or secrets.token_hex(32),
+            window_seconds=settings.idempotency_window_seconds,
+        )
+
+    @staticmethod
+    def _client_id(value: str) -> str:
+        return text_field(value, "client_id", MAX_CLIENT_ID_LENGTH)
 
     def _require_database(self) -> None:
         # The hub's LISTEN connection drops as soon as PostgreSQL goes away: answer at once
@@ -307,19 +289,15 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             task, params = validate_spec(
                 spec, field=name, default_max_attempts=self._settings.default_max_attempts
             )
-            if task.idempotency_key:
-                task = replace(task, fingerprint=self._fingerprints.of(task))
+            task = self._keys.fingerprinted(task)
             tasks.append(await self._with_cached(replace(task, client_id=client_id), params))
         self._require_database()
         names = [field if field == "spec" else f"{field}[{i}]" for i in range(len(tasks))]
-        await self._check_keys(tasks, names, client_id)
+        await self._keys.check(tasks, names, client_id)
         queued = sum(1 for t in tasks if t.cached_result is None)
         await self.limits.admit(client_id, queued)
         answers = await self._submitter.submit(tasks)
-        for task, answer, name in zip(tasks, answers, names, strict=True):
-            # A concurrent submission with the key and another request got in first.
-            if not answer.created and not self._fingerprints.same_request(answer.fingerprint, task.fingerprint):
-                raise IdempotencyKeyReused(task.idempotency_key or "", answer.task.id, f"{name}.idempotency_key")
+        self._keys.check_answers(tasks, answers, names)
         for answer in answers:  # idempotent repeats (created False) are not new submissions
             if answer.created:
                 metrics.TASKS_SUBMITTED.labels(answer.task.algorithm).inc()
@@ -328,34 +306,14 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         )
         return [(a.task, a.created) for a in answers]
 
-    async def _check_keys(self, tasks: Sequence[NewTask], names: Sequence[str], client_id: str) -> None:
-        """Refuse, before anything is stored, a key reused for another request: earlier in this
-        request, or by a task of this client within the idempotency window."""
-        first: dict[str, NewTask] = {}
-        for task, name in zip(tasks, names, strict=True):
-            key = task.idempotency_key
-            if key is None:
-                continue
-            earlier = first.setdefault(key, task)
-            if not self._fingerprints.same_request(earlier.fingerprint, task.fingerprint):
-                raise InvalidArgument(f"{name}.idempotency_key", "is used earlier in this request for another task")
-        if not first:
-            return
-        live = await self._store.live_keys(
-            client_id, list(first), window_seconds=self._settings.idempotency_window_seconds
-        )
-        for task, name in zip(tasks, names, strict=True):
-            found = live.get(task.idempotency_key or "")
-            if found is not None and not self._fingerprints.same_request(found[1], task.fingerprint):
-                raise IdempotencyKeyReused(task.idempotency_key or "", found[0].id, f"{name}.idempotency_key")
-
     async def SubmitTask(
         self, request: task_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.SubmitTaskResponse:
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
         [(record, created)] = await self._submit(
-            [request.spec], client_of(request.client_id, current_caller()), field="spec"
+            [request.spec], client_of(self._client_id(request.client_id), current_caller()),
+            field="spec",
         )
         return task_pb2.SubmitTaskResponse(task=task_to_wire(record), created=created)
 
@@ -369,7 +327,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 "specs", f"at most {MAX_BATCH} tasks per batch, got {len(request.specs)}"
             )
         answers = await self._submit(
-            request.specs, client_of(request.client_id, current_caller()), field="specs"
+            request.specs, client_of(self._client_id(request.client_id), current_caller()),
+            field="specs",
         )
         return task_pb2.SubmitTasksResponse(
             tasks=[task_to_wire(record) for record, _ in answers],
@@ -433,7 +392,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         if request.page_size > 1000:
             raise InvalidArgument("page_size", f"must be at most 1000, got {request.page_size}")
         filters = ListFilter(
-            client_id=list_scope(request.client_id, current_caller()),
+            client_id=list_scope(self._client_id(request.client_id), current_caller()),
             statuses=tuple(statuses),
             algorithm=algorithm,
         )

@@ -16,13 +16,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Sequence
+from dataclasses import replace
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 
-from hashmesh.core.errors import ERROR_DOMAIN, HashmeshError
-from hashmesh.core.tasks.model import NewTask
+from hashmesh.core.errors import ERROR_DOMAIN, HashmeshError, InvalidArgument
+from hashmesh.core.tasks.model import NewTask, Submitted, TaskStore
 
 _KEY_LABEL = b"hashmesh-idempotency-fingerprint-v1"
 KEY_ID_BYTES = 8
@@ -72,3 +74,43 @@ class Fingerprinter:
         if stored is None or fresh is None or stored[:KEY_ID_BYTES] != fresh[:KEY_ID_BYTES]:
             return True
         return hmac.compare_digest(stored, fresh)
+
+
+class IdempotencyGuard:
+    """The checks a keyed submission passes, around the store's insert."""
+
+    def __init__(self, store: TaskStore, secret: str, *, window_seconds: float) -> None:
+        self._store = store
+        self._fingerprints = Fingerprinter(secret)
+        self._window = window_seconds
+
+    def fingerprinted(self, task: NewTask) -> NewTask:
+        """``task`` with the fingerprint of its request, when it has a key (before the input
+        is transformed in any way for storage)."""
+        return replace(task, fingerprint=self._fingerprints.of(task)) if task.idempotency_key else task
+
+    async def check(self, tasks: Sequence[NewTask], fields: Sequence[str], client_id: str) -> None:
+        """Refuse, before anything is stored, a key reused for another request: earlier in this
+        request (INVALID_ARGUMENT), or by a task of this client within the window."""
+        same = self._fingerprints.same_request
+        first: dict[str, NewTask] = {}
+        for task, field in zip(tasks, fields, strict=True):
+            if task.idempotency_key is None:
+                continue
+            earlier = first.setdefault(task.idempotency_key, task)
+            if not same(earlier.fingerprint, task.fingerprint):
+                raise InvalidArgument(f"{field}.idempotency_key", "is used earlier in this request for another task")
+        if not first:
+            return
+        live = await self._store.live_keys(client_id, list(first), window_seconds=self._window)
+        for task, field in zip(tasks, fields, strict=True):
+            found = live.get(task.idempotency_key or "")
+            if found is not None and not same(found[1], task.fingerprint):
+                raise IdempotencyKeyReused(task.idempotency_key or "", found[0].id, f"{field}.idempotency_key")
+
+    def check_answers(self, tasks: Sequence[NewTask], answers: Sequence[Submitted], fields: Sequence[str]) -> None:
+        """After the insert: a concurrent submission with the key and another request got in
+        between ``check`` and the insert."""
+        for task, answer, field in zip(tasks, answers, fields, strict=True):
+            if not answer.created and not self._fingerprints.same_request(answer.fingerprint, task.fingerprint):
+                raise IdempotencyKeyReused(task.idempotency_key or "", answer.task.id, f"{field}.idempotency_key")
