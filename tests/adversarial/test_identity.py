@@ -91,8 +91,11 @@ async def _flood(address: str, total: int, metadata_for: Any, concurrency: int =
 def test_rotating_or_borrowed_client_ids_get_one_peers_limit(tmp_path: Path) -> None:
     rate, burst, total = 50, 50, 800
     backends = start_backends(tmp_path, 1)
+    # 127.0.0.1 (where this test's own proxy-like calls come from) is trusted; the attacker's
+    # 127.0.0.2 is not, whatever it claims.
     balancer = start_balancer(tmp_path, backends, "--rate-limit", f"{rate}/{burst}",
-                              env={"HASHMESH_BALANCER_RATE_LIMIT_OVERRIDES": "vip=100000/100000"})
+                              env={"HASHMESH_BALANCER_RATE_LIMIT_OVERRIDES": "vip=100000/100000",
+                                   "HASHMESH_BALANCER_TRUSTED_PROXIES": "127.0.0.1/32"})
     try:
         with SourceRelay("127.0.0.2", balancer.addresses["balancer"]) as attacker, \
                 SourceRelay("127.0.0.3", balancer.addresses["balancer"]) as victim:
@@ -107,6 +110,10 @@ def test_rotating_or_borrowed_client_ids_get_one_peers_limit(tmp_path: Path) -> 
             # The victim, whose identity the attacker borrowed, still has its whole burst.
             victim_ok, _ = asyncio.run(_flood(victim.address, 20, lambda i: (), concurrency=1))
             assert victim_ok == 20
+        # The same claim from the trusted range is believed: that is what the setting is for.
+        with grpc.insecure_channel(balancer.addresses["balancer"]) as channel:
+            _, call = channel.unary_unary(HASH).with_call(HASH_REQUEST, timeout=10, metadata=[("x-client-id", "vip")])
+        assert dict(call.trailing_metadata())["x-ratelimit-limit"] == "100000"
     finally:
         balancer.terminate()
         for backend in backends:
