@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -320,3 +323,17 @@ def test_hashctl_sends_its_api_key(keyed_mesh: tuple[str, dict[str, str]]) -> No
         listed = hashctl("--target", address, "--json", "task", "list", env={"HASHMESH_API_KEY": key})
         assert listed.exit_code == 0, listed.stderr
         assert [t["id"] for t in json.loads(listed.stdout)["tasks"]] == expected
+
+
+@pytest.mark.parametrize("daemon", ["hashmesh.hashd", "hashmesh.balancer"])
+def test_daemons_refuse_to_start_without_the_identity_secret(daemon: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HASHMESH_IDENTITY_SECRET"}
+    args = ["--database-url", "postgresql://unused/x"] if daemon.endswith("hashd") else ["--backends", "127.0.0.1:1"]
+    run = subprocess.run([sys.executable, "-m", daemon, "--listen", "127.0.0.1:0", *args], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "HASHMESH_IDENTITY_SECRET is not set" in run.stderr
+    assert "Traceback" not in run.stderr
+    short = {**env, "HASHMESH_IDENTITY_SECRET": "short"}
+    run = subprocess.run([sys.executable, "-m", daemon, "--listen", "127.0.0.1:0", *args], env=short,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "at least 16 characters" in run.stderr

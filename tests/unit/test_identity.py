@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from hashmesh.cli.supervisor import IDENTITY_SECRET_FILE, load_cache_secret
 from hashmesh.core.errors import NotFound, PermissionDenied, Unauthenticated
 from hashmesh.core.identity import (
     IDENTITY,
@@ -172,3 +174,9 @@ def test_tenants_are_scoped_and_keys_are_per_caller_and_windowed() -> None:
         assert (await store.get(alices.task.id, owner=None)).idempotency_key is None
 
     asyncio.run(body())
+
+
+def test_hashctl_up_keeps_its_identity_secret_apart_and_private(tmp_path: Path) -> None:
+    identity = load_cache_secret(tmp_path, IDENTITY_SECRET_FILE)
+    assert identity == load_cache_secret(tmp_path, IDENTITY_SECRET_FILE) != load_cache_secret(tmp_path)
+    assert len(identity) >= 32 and (tmp_path / IDENTITY_SECRET_FILE).stat().st_mode & 0o777 == 0o600
