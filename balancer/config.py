@@ -108,8 +108,10 @@ class BalancerSettings:
     """host:port of the admin listener (AdminService, health, reflection). Without an admin
     token it must be loopback (``BALANCER_ADMIN_LISTEN``, ``--admin-listen``)."""
     admin_token: str = ""
-    """Bearer token for AdminService (``ADMIN_TOKEN``). Set: required on both listeners.
-    Empty: AdminService answers only on the loopback admin listener."""
+    """The operator's bearer token (``ADMIN_TOKEN``). Set: required for AdminService on both
+    listeners, and a proxied call carrying it is stamped as the operator's (a wrong one is
+    UNAUTHENTICATED). Empty: AdminService answers only on the loopback admin listener, and no
+    proxied call is the operator's."""
     backends: tuple[str, ...] = ()
     """Static replica addresses (``BALANCER_BACKENDS``, ``--backends a,b,c``)."""
     backends_dns: tuple[str, ...] = ()
