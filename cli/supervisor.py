@@ -37,6 +37,9 @@ CACHE_SECRET_FILE = "cache-secret"
 """Under the state directory: the HMAC secret of the mesh's result cache (mode 0600)."""
 TASK_KEY_FILE = "task-keys"
 """Under the state directory: the keys sealing task inputs at rest (mode 0600)."""
+IDENTITY_SECRET_FILE = "identity-secret"
+"""Under the state directory: the mesh's ``HASHMESH_IDENTITY_SECRET`` (mode 0600), kept so that
+idempotency fingerprints stay comparable across runs."""
 
 Event = dict[str, Any]
 
@@ -117,6 +120,7 @@ class Supervisor:
         self.admin_target = ""
         self.cache_secret = ""
         self.task_key_file: Path | None = None
+        self.identity_secret = ""
 
     # ---- start ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -125,6 +129,8 @@ class Supervisor:
             self.cache_secret = load_cache_secret(self.plan.state_dir)
         if not (os.environ.get(KEY_FILE_ENV) or os.environ.get(KEYS_ENV)):  # the user's keys win
             self.task_key_file = ensure_key_file(self.plan.state_dir / TASK_KEY_FILE)
+        if not os.environ.get("HASHMESH_IDENTITY_SECRET"):  # signs identity stamps; keys fingerprints
+            self.identity_secret = load_cache_secret(self.plan.state_dir, IDENTITY_SECRET_FILE)
         if not self.plan.database_url:
             await self._start_database()
         self.emit("migrating", name="schema")
@@ -181,6 +187,8 @@ class Supervisor:
                 env["HASHMESH_CACHE_SECRET"] = self.cache_secret
             if self.task_key_file is not None:
                 env[KEY_FILE_ENV] = str(self.task_key_file)
+        if self.identity_secret and child.kind in ("hashd", "balancer"):
+            env["HASHMESH_IDENTITY_SECRET"] = self.identity_secret
         child.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", *child.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL, env=env,
@@ -323,11 +331,12 @@ class Supervisor:
         return {row["name"]: row["pid"] for row in self.rows() if row["pid"]}
 
 
-def load_cache_secret(state_dir: Path) -> str:
-    """The local mesh's cache secret: read from ``state_dir``, or made once (random) and kept
-    there, readable by the owner only. Without it every process would fall back to the
-    per-database secret stored in the cache table, next to the entries it protects."""
-    path = state_dir / CACHE_SECRET_FILE
+def load_cache_secret(state_dir: Path, name: str = CACHE_SECRET_FILE) -> str:
+    """The local mesh's cache secret (or another one, by file ``name``): read from
+    ``state_dir``, or made once (random) and kept there, readable by the owner only. Without
+    it every process would fall back to the per-database secret stored in the cache table,
+    next to the entries it protects."""
+    path = state_dir / name
     state_dir.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
