@@ -109,7 +109,7 @@ def main() -> None:
         key_file.write_text(f"bench:{base64.b64encode(os.urandom(32)).decode()}\n")
         key_file.chmod(0o600)
         env = {**os.environ, "HASHMESH_DATABASE_URL": dsn, "HASHMESH_TASK_KEY_FILE": str(key_file),
-               "PYTHONUNBUFFERED": "1"}
+               "HASHMESH_IDENTITY_SECRET": os.urandom(24).hex(), "PYTHONUNBUFFERED": "1"}
         hashd, address = _start(["hashmesh.hashd", "--listen", "127.0.0.1:0"], env, work / "hashd.log")
         children.append(hashd)
         worker, _ = _start(["hashmesh.workerd"], env, work / "workerd.log")
