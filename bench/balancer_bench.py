@@ -231,8 +231,8 @@ def main() -> None:
     try:
         dsn = args.dsn
         if not dsn:
-            from hashmesh.core import migrations
             from hashmesh.core.embedded_pg import EmbeddedPostgres
+            from hashmesh.core.queue import migrations
 
             pg = EmbeddedPostgres(data_dir=workdir / "pg")
             pg.start()

@@ -49,8 +49,8 @@ def database(dsn: str | None) -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    from hashmesh.core import migrations
     from hashmesh.core.embedded_pg import EmbeddedPostgres
+    from hashmesh.core.queue import migrations
 
     with tempfile.TemporaryDirectory(prefix="hashd-bench-") as folder:
         server = EmbeddedPostgres(data_dir=Path(folder))

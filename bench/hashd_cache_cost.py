@@ -15,9 +15,10 @@ import sys
 import time
 from collections.abc import Callable
 
-from hashmesh.core import db, hashing
-from hashmesh.core.cache import CacheSettings, ResultCache
-from hashmesh.core.hashing import Algorithm, Argon2Params
+from hashmesh.core.hashing import algorithms
+from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
+from hashmesh.core.hashing.cache import CacheSettings, ResultCache
+from hashmesh.core.queue import db
 from hashmesh.core.settings import DatabaseSettings
 
 SIZES = (32, 1024, 64 * 1024, 1024 * 1024)
@@ -60,10 +61,10 @@ async def run(dsn: str) -> None:
                 continue
             for size in SIZES:
                 data = os.urandom(size)
-                raw = hashing.digest(algorithm, data)
+                raw = algorithms.digest(algorithm, data)
                 await memory.store(algorithm, None, data, raw, raw.hex())
                 await shared.store(algorithm, None, data, raw, raw.hex())
-                compute = per_call(functools.partial(hashing.digest, algorithm, data))
+                compute = per_call(functools.partial(algorithms.digest, algorithm, data))
                 mem = await async_per_call(
                     functools.partial(memory.lookup, algorithm, None, data), 2000
                 )
@@ -80,10 +81,10 @@ async def run(dsn: str) -> None:
             ),
             ("argon2id default (t=3 m=64MiB p=4)", Argon2Params.build(salt=b"saltsalt")),
         ):
-            raw, encoded = hashing.argon2id(b"password", params)
+            raw, encoded = algorithms.argon2id(b"password", params)
             await shared.store(Algorithm.ARGON2ID, params, b"password", raw, encoded)
             compute = statistics.median(
-                _timed(functools.partial(hashing.argon2id, b"password", params)) for _ in range(5)
+                _timed(functools.partial(algorithms.argon2id, b"password", params)) for _ in range(5)
             )
             pg = await async_per_call(
                 functools.partial(shared.lookup, Algorithm.ARGON2ID, params, b"password")

@@ -12,9 +12,9 @@ import time
 import uuid
 from collections.abc import Callable
 
-from hashmesh.core import hashing
-from hashmesh.core.hashing import Algorithm, Argon2Params
-from hashmesh.core.sealing import TaskKeyring, new_key_line
+from hashmesh.core.hashing import algorithms
+from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
+from hashmesh.core.queue.sealing import TaskKeyring, new_key_line
 
 SIZES = (32, 1024, 64 * 1024, 1024 * 1024, 4 * 1024 * 1024)
 
@@ -42,14 +42,14 @@ def main() -> None:
         sealed = keys.seal(task_id, "md5", {}, data)
         seal = per_call(lambda: keys.seal(task_id, "md5", {}, data))  # noqa: B023
         opened = per_call(lambda: keys.open(sealed.key_id, task_id, "md5", {}, sealed.blob))  # noqa: B023
-        md5 = per_call(lambda: hashing.digest(Algorithm.MD5, data))  # noqa: B023
+        md5 = per_call(lambda: algorithms.digest(Algorithm.MD5, data))  # noqa: B023
         print(f"{size:>9} {seal * 1e6:>9.1f} {opened * 1e6:>9.1f} {md5 * 1e6:>9.1f} "
               f"{(seal + opened) / md5:>16.2f}")
     password = b"correct horse battery staple"
     sealed = keys.seal(task_id, "argon2id", params, password)
     seal = per_call(lambda: keys.seal(task_id, "argon2id", params, password))
     opened = per_call(lambda: keys.open(sealed.key_id, task_id, "argon2id", params, sealed.blob))
-    argon2 = per_call(lambda: hashing.argon2id(password, Argon2Params()), budget=2.0)
+    argon2 = per_call(lambda: algorithms.argon2id(password, Argon2Params()), budget=2.0)
     print(f"argon2id (default parameters, 28-byte password): seal {seal * 1e6:.1f} µs + open "
           f"{opened * 1e6:.1f} µs against {argon2 * 1e3:.1f} ms of hashing "
           f"({(seal + opened) / argon2 * 100:.3f} %)")

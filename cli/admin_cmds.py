@@ -343,7 +343,7 @@ def db_migrate(
     """
     import psycopg
 
-    from hashmesh.core import migrations
+    from hashmesh.core.queue import migrations
 
     out = state_of(ctx).output(json_out)
     dsn = dsn or os.environ.get("HASHMESH_DATABASE_URL")

@@ -10,7 +10,7 @@ import typer
 from hashmesh.cli.client import CliError, ExitCode
 from hashmesh.cli.hash_cmds import JsonFlag
 from hashmesh.cli.state import state_of
-from hashmesh.core.sealing import new_key_line
+from hashmesh.core.queue.sealing import new_key_line
 from hashmesh.core.settings import SettingsError
 
 keys_app = typer.Typer(help="Keys sealing task inputs at rest (HASHMESH_TASK_KEY_FILE).",
@@ -51,7 +51,7 @@ def keys_usage(
     """
     import psycopg
 
-    from hashmesh.core.tasks.store import input_key_usage
+    from hashmesh.core.queue.store import input_key_usage
 
     out = state_of(ctx).output(json_out)
     dsn = dsn or os.environ.get("HASHMESH_DATABASE_URL")

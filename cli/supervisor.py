@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hashmesh.core.db import redact_dsn
 from hashmesh.core.embedded_pg import EmbeddedPostgres, free_port
-from hashmesh.core.sealing import KEY_FILE_ENV, KEYS_ENV, ensure_key_file
+from hashmesh.core.queue.db import redact_dsn
+from hashmesh.core.queue.sealing import KEY_FILE_ENV, KEYS_ENV, ensure_key_file
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Supervisor:
         if not self.plan.database_url:
             await self._start_database()
         self.emit("migrating", name="schema")
-        from hashmesh.core import migrations
+        from hashmesh.core.queue import migrations
 
         await asyncio.to_thread(migrations.migrate, self.dsn)
         host = self.plan.host

@@ -24,7 +24,7 @@ from hashmesh.cli.client import CliError, ExitCode
 from hashmesh.cli.naming import STRATEGIES, parse_strategy
 from hashmesh.cli.state import state_of
 from hashmesh.cli.supervisor import Event, MeshPlan, StartupError, Supervisor
-from hashmesh.core.db import redact_dsn
+from hashmesh.core.queue.db import redact_dsn
 
 _STATE_STYLE = {"running": "green", "starting": "yellow", "restarting": "yellow", "crashed": "red",
                 "down": "red", "stopping": "dim", "stopped": "dim"}

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 
 from hashmesh.core import logs
-from hashmesh.core.sealing import TaskKeyring
+from hashmesh.core.queue.sealing import TaskKeyring
 from hashmesh.core.settings import SettingsError
 from hashmesh.hashd.config import HashdSettings
 

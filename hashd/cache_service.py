@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import grpc
 
-from hashmesh.core.cache import ResultCache, TierStats
+from hashmesh.core.hashing.cache import ResultCache, TierStats
 from hashmesh.hashd.identity import current_caller, require_operator
 from hashmesh.v1 import cache_pb2, cache_pb2_grpc
 

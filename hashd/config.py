@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hashmesh.core.cache import CacheSettings
+from hashmesh.core.hashing.cache import CacheSettings
 from hashmesh.core.identity import MIN_SECRET_LENGTH
-from hashmesh.core.sealing import TaskKeyring
+from hashmesh.core.queue.sealing import TaskKeyring
 from hashmesh.core.settings import (
     DatabaseSettings,
     SettingsError,
@@ -40,7 +40,7 @@ class HashdSettings:
     """Calls that may wait for a CPU thread before new ones are refused with RESOURCE_EXHAUSTED
     (``HASHMESH_HASHD_CPU_QUEUE``)."""
     cache: CacheSettings = field(default_factory=CacheSettings)
-    """The result cache (``HASHMESH_CACHE_*``; see ``hashmesh.core.cache.CacheSettings``)."""
+    """The result cache (``HASHMESH_CACHE_*``; see ``hashmesh.core.hashing.cache.CacheSettings``)."""
     max_pending_tasks: int = 1_000_000
     """Pending tasks allowed in the whole queue before submissions are refused
     (``HASHMESH_MAX_PENDING_TASKS``)."""

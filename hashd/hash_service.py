@@ -16,11 +16,11 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 
-from hashmesh.core import hashing
-from hashmesh.core.cache import ResultCache
 from hashmesh.core.errors import HashmeshError, InvalidArgument
-from hashmesh.core.hashing import Algorithm
-from hashmesh.core.wire import algorithm_from_wire, algorithm_to_wire
+from hashmesh.core.hashing import algorithms
+from hashmesh.core.hashing.algorithms import Algorithm
+from hashmesh.core.hashing.cache import ResultCache
+from hashmesh.core.hashing.wire import algorithm_from_wire, algorithm_to_wire
 from hashmesh.hashd.executor import BoundedExecutor
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc
 
@@ -135,8 +135,8 @@ def add_hash_service(servicer: HashService, server: grpc.aio.Server) -> None:
 
 def argon2_params(
     message: common_pb2.Argon2Params, *, field_prefix: str = "argon2"
-) -> hashing.Argon2Params:
-    return hashing.Argon2Params.build(
+) -> algorithms.Argon2Params:
+    return algorithms.Argon2Params.build(
         time_cost=message.time_cost,
         memory_cost_kib=message.memory_cost_kib,
         parallelism=message.parallelism,
@@ -167,7 +167,7 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         if len(data) > self._max_input:
             raise InputTooLarge(len(data), self._max_input)
         if algorithm is Algorithm.ARGON2ID:
-            params: hashing.Argon2Params | None = argon2_params(request.argon2)
+            params: algorithms.Argon2Params | None = argon2_params(request.argon2)
         else:
             params = None
         cache = self._cache
@@ -186,10 +186,10 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
                 )
         if params is not None:
             raw, encoded = await self._executor.run(
-                hashing.argon2id, data, params, deadline=_deadline(context)
+                algorithms.argon2id, data, params, deadline=_deadline(context)
             )
         else:
-            raw = hashing.digest(algorithm, data)
+            raw = algorithms.digest(algorithm, data)
             encoded = raw.hex()
         if cacheable:
             assert cache is not None
@@ -212,7 +212,7 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
                 if isinstance(message, memoryview) or message.WhichOneof("kind") != "header":
                     raise InvalidArgument("header", "the first message must carry the header")
                 algorithm = algorithm_from_wire(message.header.algorithm, field="header.algorithm")
-                hasher = hashing.new_digest(algorithm)
+                hasher = algorithms.new_digest(algorithm)
                 continue
             if isinstance(message, memoryview):
                 chunk: bytes | memoryview = message
@@ -246,11 +246,11 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         else:
             algorithm = algorithm_from_wire(request.algorithm)
         if algorithm is Algorithm.ARGON2ID:
-            hashing.validate_phc(request.encoded)
+            algorithms.validate_phc(request.encoded)
             match, rehash = await self._executor.run(
-                hashing.argon2id_verify, request.encoded, request.data, deadline=_deadline(context)
+                algorithms.argon2id_verify, request.encoded, request.data, deadline=_deadline(context)
             )
             return hash_pb2.VerifyResponse(match=match, needs_rehash=rehash)
         return hash_pb2.VerifyResponse(
-            match=hashing.digest_matches(algorithm, request.data, request.encoded)
+            match=algorithms.digest_matches(algorithm, request.data, request.encoded)
         )

@@ -11,11 +11,12 @@ import logging
 import psycopg
 import psycopg_pool
 
-from hashmesh.core import db, metrics, migrations
-from hashmesh.core.cache import ResultCache
+from hashmesh.core import metrics
 from hashmesh.core.errors import HashmeshError
+from hashmesh.core.hashing.cache import ResultCache
+from hashmesh.core.queue import db, migrations
+from hashmesh.core.queue.store import PostgresTaskStore, queries
 from hashmesh.core.rpc import GrpcServer, wait_for_signal
-from hashmesh.core.tasks.store import PostgresTaskStore, queries
 from hashmesh.hashd.cache_service import CacheService
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.executor import BoundedExecutor

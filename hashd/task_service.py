@@ -18,13 +18,14 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from hashmesh.core import metrics
-from hashmesh.core.cache import ResultCache
 from hashmesh.core.errors import FailedPrecondition, InvalidArgument, Unavailable
-from hashmesh.core.hashing import Algorithm, Argon2Params
-from hashmesh.core.tasks.coalesce import SubmitCoalescer
-from hashmesh.core.tasks.idempotency import IdempotencyGuard
-from hashmesh.core.tasks.limits import PendingLimits
-from hashmesh.core.tasks.model import (
+from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
+from hashmesh.core.hashing.cache import ResultCache
+from hashmesh.core.hashing.wire import algorithm_from_wire, algorithm_to_wire
+from hashmesh.core.queue.coalesce import SubmitCoalescer
+from hashmesh.core.queue.idempotency import IdempotencyGuard
+from hashmesh.core.queue.limits import PendingLimits
+from hashmesh.core.queue.model import (
     ListCursor,
     ListFilter,
     NewTask,
@@ -33,7 +34,6 @@ from hashmesh.core.tasks.model import (
     TaskStatus,
     TaskStore,
 )
-from hashmesh.core.wire import algorithm_from_wire, algorithm_to_wire
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.hash_service import argon2_params
 from hashmesh.hashd.identity import client_of, current_caller, list_scope

@@ -13,10 +13,10 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from hashmesh.core.db import backoff_delay
 from hashmesh.core.errors import Unavailable
-from hashmesh.core.tasks.model import TaskRecord, TaskStatus, TaskStore
-from hashmesh.core.tasks.store import NOTIFY_STATUS, Listener
+from hashmesh.core.queue.db import backoff_delay
+from hashmesh.core.queue.model import TaskRecord, TaskStatus, TaskStore
+from hashmesh.core.queue.store import NOTIFY_STATUS, Listener
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from hashmesh.core import migrations
 from hashmesh.core.embedded_pg import EmbeddedPostgres, create_database
-from hashmesh.core.sealing import KEY_FILE_ENV, ensure_key_file
+from hashmesh.core.queue import migrations
+from hashmesh.core.queue.sealing import KEY_FILE_ENV, ensure_key_file
 from tests.procs import Proc, start_process, wait_serving
 
 TEMPLATE_DB = "hashmesh_test_template"

@@ -10,8 +10,8 @@ from pathlib import Path
 import psycopg
 
 from hashmesh.core import logs, metrics
+from hashmesh.core.queue.sealing import TaskKeyring
 from hashmesh.core.rpc import wait_for_signal
-from hashmesh.core.sealing import TaskKeyring
 from hashmesh.core.settings import SettingsError
 from hashmesh.workerd.config import WorkerSettings
 from hashmesh.workerd.worker import Worker

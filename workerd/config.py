@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hashmesh.core.sealing import TaskKeyring
+from hashmesh.core.queue.sealing import TaskKeyring
 from hashmesh.core.settings import (
     DatabaseSettings,
     SettingsError,

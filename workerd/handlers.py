@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from hashmesh.core import hashing
-from hashmesh.core.hashing import Algorithm
-from hashmesh.core.sealing import KEY_FILE_ENV, TaskKeyring, UnknownKey
-from hashmesh.core.tasks.model import ClaimedTask
+from hashmesh.core.hashing import algorithms
+from hashmesh.core.hashing.algorithms import Algorithm
+from hashmesh.core.queue.model import ClaimedTask
+from hashmesh.core.queue.sealing import KEY_FILE_ENV, TaskKeyring, UnknownKey
 
 
 class InjectedFailure(RuntimeError):
@@ -30,8 +30,8 @@ def compute(
         )
     parsed = Algorithm(algorithm)
     if parsed is Algorithm.ARGON2ID:
-        return hashing.argon2id(data, hashing.Argon2Params.from_json(params))
-    raw = hashing.digest(parsed, data)
+        return algorithms.argon2id(data, algorithms.Argon2Params.from_json(params))
+    raw = algorithms.digest(parsed, data)
     return raw, raw.hex()
 
 

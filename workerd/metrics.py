@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hashmesh.core import metrics
-from hashmesh.core.hashing import Algorithm
-from hashmesh.core.tasks.model import ClaimedTask, Outcome, TaskStatus
+from hashmesh.core.hashing.algorithms import Algorithm
+from hashmesh.core.queue.model import ClaimedTask, Outcome, TaskStatus
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hashmesh.core.hashing import argon2id_verify
-from hashmesh.core.sealing import KEY_FILE_ENV, KEYS_ENV
+from hashmesh.core.hashing.algorithms import argon2id_verify
+from hashmesh.core.queue.sealing import KEY_FILE_ENV, KEYS_ENV
 from tests.cli_helpers import hashctl
 from tests.e2e.test_cli_up import EventReader, _environ, _processes_mentioning
 

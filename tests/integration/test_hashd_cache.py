@@ -10,9 +10,9 @@ import uuid
 import grpc
 import psycopg
 
-from hashmesh.core.cache import CachedResult, CacheSettings, ResultCache
 from hashmesh.core.embedded_pg import EmbeddedPostgres
-from hashmesh.core.hashing import Algorithm, Argon2Params
+from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
+from hashmesh.core.hashing.cache import CachedResult, CacheSettings, ResultCache
 from hashmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, hash_pb2, hash_pb2_grpc
 from tests.conftest import Processes
 from tests.stamps import channel_as
@@ -154,7 +154,7 @@ def test_hashing_works_uncached_when_postgresql_stops(
 
 
 def _pool(dsn: str) -> object:
-    from hashmesh.core import db
+    from hashmesh.core.queue import db
     from hashmesh.core.settings import DatabaseSettings
 
     return db.make_pool(DatabaseSettings(dsn=dsn, pool_min=0, pool_max=4), name="test-cache")

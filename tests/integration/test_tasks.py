@@ -17,11 +17,11 @@ from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from hashmesh.core import db
-from hashmesh.core.sealing import TaskKeyring
+from hashmesh.core.queue import db
+from hashmesh.core.queue.model import Completion, Lease, NewTask, TaskStatus
+from hashmesh.core.queue.sealing import TaskKeyring
+from hashmesh.core.queue.store import PostgresTaskStore
 from hashmesh.core.settings import DatabaseSettings
-from hashmesh.core.tasks.model import Completion, Lease, NewTask, TaskStatus
-from hashmesh.core.tasks.store import PostgresTaskStore
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc, task_pb2, task_pb2_grpc
 from tests.conftest import Processes
 from tests.stamps import channel_as

@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from hashmesh.core.cache import (
+from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
+from hashmesh.core.hashing.cache import (
     CachedResult,
     CacheSettings,
     MemoryTier,
@@ -13,7 +14,6 @@ from hashmesh.core.cache import (
     decode_value,
     encode_value,
 )
-from hashmesh.core.hashing import Algorithm, Argon2Params
 from hashmesh.core.settings import SettingsError
 
 SALTED = Argon2Params.build(salt=b"saltsalt", time_cost=1, memory_cost_kib=8192, parallelism=1)

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hashmesh.core import hashing
 from hashmesh.core.errors import InvalidArgument
-from hashmesh.core.hashing import Algorithm, Argon2Params
+from hashmesh.core.hashing import algorithms
+from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 
 DIGESTS = [a for a in Algorithm if a.is_digest]
 HASHLIB_NAME = {a: a.value for a in DIGESTS}
@@ -21,28 +21,28 @@ CHEAP = dict(time_cost=1, memory_cost_kib=8 * 1024, parallelism=1)
 @given(algorithm=st.sampled_from(DIGESTS), data=st.binary(max_size=5000))
 def test_digest_equals_hashlib(algorithm: Algorithm, data: bytes) -> None:
     expected = hashlib.new(HASHLIB_NAME[algorithm], data).digest()
-    assert hashing.digest(algorithm, data) == expected
-    streamed = hashing.new_digest(algorithm)
+    assert algorithms.digest(algorithm, data) == expected
+    streamed = algorithms.new_digest(algorithm)
     for start in range(0, len(data), 777):
         streamed.update(data[start : start + 777])
     assert streamed.digest() == expected
-    assert hashing.digest_matches(algorithm, data, expected.hex().upper())
+    assert algorithms.digest_matches(algorithm, data, expected.hex().upper())
 
 
 def test_blake2b_is_the_64_byte_variant() -> None:
-    assert len(hashing.digest(Algorithm.BLAKE2B, b"")) == 64
+    assert len(algorithms.digest(Algorithm.BLAKE2B, b"")) == 64
 
 
 @settings(max_examples=10, deadline=None)
 @given(password=st.binary(max_size=64), salt=st.binary(min_size=8, max_size=32))
 def test_argon2id_verifies_with_argon2_cffi(password: bytes, salt: bytes) -> None:
     params = Argon2Params.build(salt=salt, hash_len=24, **CHEAP)
-    raw, encoded = hashing.argon2id(password, params)
+    raw, encoded = algorithms.argon2id(password, params)
     assert argon2.PasswordHasher().verify(encoded, password)
     assert len(raw) == 24
     parsed = argon2.extract_parameters(encoded)
     assert (parsed.time_cost, parsed.memory_cost, parsed.parallelism) == (1, 8192, 1)
-    assert hashing.argon2id(password, params) == (raw, encoded)  # a given salt is deterministic
+    assert algorithms.argon2id(password, params) == (raw, encoded)  # a given salt is deterministic
 
 
 def test_argon2id_random_salt_differs_and_defaults_follow_rfc9106() -> None:
@@ -50,17 +50,17 @@ def test_argon2id_random_salt_differs_and_defaults_follow_rfc9106() -> None:
     assert not params.deterministic
     assert (params.time_cost, params.memory_cost_kib, params.parallelism) == (3, 65536, 4)
     cheap = Argon2Params.build(**CHEAP)
-    first = hashing.argon2id(b"pw", cheap)
-    second = hashing.argon2id(b"pw", cheap)
+    first = algorithms.argon2id(b"pw", cheap)
+    second = algorithms.argon2id(b"pw", cheap)
     assert first != second
 
 
 def test_argon2id_verify_and_needs_rehash() -> None:
-    _, encoded = hashing.argon2id(b"secret", Argon2Params.build(**CHEAP))
-    assert hashing.argon2id_verify(encoded, b"secret") == (True, True)
-    assert hashing.argon2id_verify(encoded, b"other")[0] is False
-    _, default = hashing.argon2id(b"secret", Argon2Params.build())
-    assert hashing.argon2id_verify(default, b"secret") == (True, False)
+    _, encoded = algorithms.argon2id(b"secret", Argon2Params.build(**CHEAP))
+    assert algorithms.argon2id_verify(encoded, b"secret") == (True, True)
+    assert algorithms.argon2id_verify(encoded, b"other")[0] is False
+    _, default = algorithms.argon2id(b"secret", Argon2Params.build())
+    assert algorithms.argon2id_verify(default, b"secret") == (True, False)
 
 
 @pytest.mark.parametrize(
@@ -85,21 +85,21 @@ def test_argon2_params_out_of_bounds_name_the_field(kwargs: dict[str, object], f
 )
 def test_malformed_phc_is_invalid_argument(encoded: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        hashing.validate_phc(encoded)
+        algorithms.validate_phc(encoded)
     assert caught.value.field == "encoded"
 
 
 def test_digest_verify_rejects_bad_hex_and_wrong_length() -> None:
     with pytest.raises(InvalidArgument):
-        hashing.digest_matches(Algorithm.SHA256, b"x", "zz")
+        algorithms.digest_matches(Algorithm.SHA256, b"x", "zz")
     with pytest.raises(InvalidArgument):
-        hashing.digest_matches(Algorithm.SHA256, b"x", "00" * 16)
-    assert not hashing.digest_matches(Algorithm.MD5, b"x", "00" * 16)
+        algorithms.digest_matches(Algorithm.SHA256, b"x", "00" * 16)
+    assert not algorithms.digest_matches(Algorithm.MD5, b"x", "00" * 16)
 
 
 def test_argon2id_cannot_be_streamed() -> None:
     with pytest.raises(InvalidArgument) as caught:
-        hashing.new_digest(Algorithm.ARGON2ID)
+        algorithms.new_digest(Algorithm.ARGON2ID)
     assert caught.value.field == "header.algorithm"
 
 

@@ -23,9 +23,9 @@ from hashmesh.core.identity import (
     host_of,
     verify,
 )
-from hashmesh.core.tasks.idempotency import Fingerprinter, IdempotencyKeyReused
-from hashmesh.core.tasks.memory import MemoryTaskStore
-from hashmesh.core.tasks.model import NewTask
+from hashmesh.core.queue.idempotency import Fingerprinter, IdempotencyKeyReused
+from hashmesh.core.queue.memory import MemoryTaskStore
+from hashmesh.core.queue.model import NewTask
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.identity import CallerResolver, acting_as
 from hashmesh.hashd.task_service import TaskService

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from hashmesh.core.hashing import Argon2Params
-from hashmesh.core.sealing import (
+from hashmesh.core.hashing.algorithms import Argon2Params
+from hashmesh.core.queue.model import ClaimedTask
+from hashmesh.core.queue.sealing import (
     KEY_FILE_ENV,
     KEYS_ENV,
     NONCE_BYTES,
@@ -23,7 +24,6 @@ from hashmesh.core.sealing import (
     new_key_line,
 )
 from hashmesh.core.settings import SettingsError
-from hashmesh.core.tasks.model import ClaimedTask
 from hashmesh.workerd import handlers
 
 PASSWORD = b"correct horse battery staple"

@@ -11,9 +11,9 @@ from typing import cast
 import pytest
 
 from hashmesh.core.errors import InvalidArgument, ResourceExhausted
-from hashmesh.core.tasks.limits import PendingLimits
-from hashmesh.core.tasks.model import ListCursor, ListFilter, TaskStatus
-from hashmesh.core.tasks.store import parse_sections, queries
+from hashmesh.core.queue.limits import PendingLimits
+from hashmesh.core.queue.model import ListCursor, ListFilter, TaskStatus
+from hashmesh.core.queue.store import parse_sections, queries
 from hashmesh.hashd.task_service import decode_page_token, encode_page_token, validate_spec
 from hashmesh.hashd.watch import parse_status_payload
 from hashmesh.v1 import common_pb2, task_pb2
@@ -131,8 +131,8 @@ def test_limits_refuse_whole_batches_globally_and_per_client() -> None:
 
 
 def test_coalescer_shares_statements_and_keeps_each_callers_tasks_together() -> None:
-    from hashmesh.core.tasks.coalesce import SubmitCoalescer
-    from hashmesh.core.tasks.model import NewTask, Submitted, TaskRecord
+    from hashmesh.core.queue.coalesce import SubmitCoalescer
+    from hashmesh.core.queue.model import NewTask, Submitted, TaskRecord
 
     statements: list[int] = []
 

@@ -12,8 +12,8 @@ import pytest
 
 from hashmesh.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from hashmesh.core.identity import Caller
-from hashmesh.core.tasks.memory import MemoryTaskStore
-from hashmesh.core.tasks.model import Completion, Failure, Lease, NewTask, TaskStatus
+from hashmesh.core.queue.memory import MemoryTaskStore
+from hashmesh.core.queue.model import Completion, Failure, Lease, NewTask, TaskStatus
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.identity import acting_as
 from hashmesh.hashd.task_service import TaskService

@@ -24,7 +24,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 
 from hashmesh.core.errors import ERROR_DOMAIN, HashmeshError, InvalidArgument
-from hashmesh.core.tasks.model import NewTask, Submitted, TaskStore
+from hashmesh.core.queue.model import NewTask, Submitted, TaskStore
 
 _KEY_LABEL = b"hashmesh-idempotency-fingerprint-v1"
 KEY_ID_BYTES = 8

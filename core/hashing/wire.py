@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hashmesh.core.errors import InvalidArgument
-from hashmesh.core.hashing import Algorithm
+from hashmesh.core.hashing.algorithms import Algorithm
 from hashmesh.v1 import common_pb2
 
 _TO_CORE: dict[int, Algorithm] = {

@@ -25,7 +25,7 @@ class Migration:
 
 
 def load_migrations() -> list[Migration]:
-    folder = resources.files("hashmesh.core") / "sql" / "migrations"
+    folder = resources.files("hashmesh.core.queue") / "sql" / "migrations"
     found = []
     for entry in folder.iterdir():
         match = _NAME.match(entry.name)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hashmesh.core.errors import FailedPrecondition, NotFound
-from hashmesh.core.tasks.model import (
+from hashmesh.core.queue.model import (
     FINAL_STATES,
     ClaimedTask,
     Completion,

@@ -51,8 +51,8 @@ import psycopg
 import psycopg_pool
 
 from hashmesh.core import metrics
-from hashmesh.core.db import backoff_delay
-from hashmesh.core.hashing import Algorithm, Argon2Params
+from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
+from hashmesh.core.queue.db import backoff_delay
 from hashmesh.core.settings import SettingsError, env_float, env_int, env_list, env_str
 
 log = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ class ResultCache:
     async def clear(self) -> ClearResult:
         """Empty the shared table, this memory tier, and (via NOTIFY) every other process's
         memory tier. Raises ``Unavailable`` when PostgreSQL cannot be reached."""
-        from hashmesh.core.db import connection
+        from hashmesh.core.queue.db import connection
 
         memory_removed = self.memory.clear()
         if self.pool is None:

@@ -41,7 +41,7 @@ class NewTask:
     """(digest, encoded) found in the shared result cache: the task is stored SUCCEEDED at once
     and never enters the queue."""
     fingerprint: bytes | None = None
-    """Keyed HMAC of the request (``hashmesh.core.tasks.idempotency``), stored with a keyed
+    """Keyed HMAC of the request (``hashmesh.core.queue.idempotency``), stored with a keyed
     task so that a reuse of its key with another request can be told apart."""
 
 
@@ -101,7 +101,7 @@ class ClaimedTask:
     id: str
     algorithm: str
     data: bytes
-    """The input as stored: sealed when ``input_key_id`` is set (``hashmesh.core.sealing``)."""
+    """The input as stored: sealed when ``input_key_id`` is set (``hashmesh.core.queue.sealing``)."""
     params: dict[str, Any]
     attempts: int
     max_attempts: int

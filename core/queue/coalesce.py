@@ -11,7 +11,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
-from hashmesh.core.tasks.model import NewTask, Submitted
+from hashmesh.core.queue.model import NewTask, Submitted
 
 SubmitMany = Callable[[Sequence[NewTask]], Awaitable[list[Submitted]]]
 

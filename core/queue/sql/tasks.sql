@@ -1,4 +1,4 @@
--- Every statement about tasks and workers, loaded once by hashmesh.core.tasks.store.
+-- Every statement about tasks and workers, loaded once by hashmesh.core.queue.store.
 -- A section starts with "-- name: <query>"; parameters are psycopg named placeholders.
 
 -- name: submit

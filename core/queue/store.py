@@ -1,8 +1,8 @@
 """The PostgreSQL task store: the only module that speaks SQL about tasks and workers.
 
-The statements live in ``core/sql/tasks.sql`` (named sections, loaded once). Every method is
+The statements live in ``core/queue/sql/tasks.sql`` (named sections, loaded once). Every method is
 one round trip unless it says otherwise; batches travel as arrays (``unnest``), never as a
-loop of statements. Driver errors become ``Unavailable`` in ``hashmesh.core.db.connection``."""
+loop of statements. Driver errors become ``Unavailable`` in ``hashmesh.core.queue.db.connection``."""
 
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ import psycopg
 import psycopg_pool
 from psycopg import sql
 
-from hashmesh.core.db import connection
 from hashmesh.core.errors import FailedPrecondition, NotFound, Unavailable
-from hashmesh.core.sealing import TaskKeyring
-from hashmesh.core.tasks.model import (
+from hashmesh.core.queue.db import connection
+from hashmesh.core.queue.model import (
     ClaimedTask,
     Completion,
     Failure,
@@ -37,6 +36,7 @@ from hashmesh.core.tasks.model import (
     TaskStore,
     WorkerRecord,
 )
+from hashmesh.core.queue.sealing import TaskKeyring
 
 COLUMNS = """id, algorithm, status, priority, attempts, max_attempts, client_id, idempotency_key,
     input_size, result_digest, result_encoded, cached, last_error, created_at, run_after,
@@ -65,7 +65,7 @@ def parse_sections(text: str) -> dict[str, str]:
 
 @cache
 def queries() -> dict[str, str]:
-    text = (resources.files("hashmesh.core") / "sql" / "tasks.sql").read_text(encoding="utf-8")
+    text = (resources.files("hashmesh.core.queue") / "sql" / "tasks.sql").read_text(encoding="utf-8")
     return parse_sections(text)
 
 
