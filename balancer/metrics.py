@@ -1,8 +1,8 @@
 """The balancer's Prometheus metrics, in the names of ``hashmesh.core.metrics``.
 
 Two sources, neither adding a layer to the forwarding path:
-- ``reading`` turns ``Balancer.snapshot()`` into the per-replica and whole-balancer counters,
-  read on the scrape thread (nothing is recorded per call for them).
+- ``reading`` turns ``Balancer.snapshot()`` into the reading ``hashmesh.balancer.collector``
+  publishes on the scrape thread (nothing is recorded per call for them).
 - ``CallMetrics`` counts the calls the public listener forwards, by service, method and final
   status code, with their latency: the proxy's handlers record into label children bound once
   per method (and per method and code), which is cheaper than a grpc.aio interceptor wrapping
@@ -16,14 +16,15 @@ from typing import Any
 
 import grpc
 
+from hashmesh.balancer.collector import BackendReading, BalancerReading
 from hashmesh.balancer.stats import Snapshot
 from hashmesh.core import metrics
 
 
-def reading(snap: Snapshot) -> metrics.BalancerReading:
-    return metrics.BalancerReading(
+def reading(snap: Snapshot) -> BalancerReading:
+    return BalancerReading(
         backends=[
-            metrics.BackendReading(
+            BackendReading(
                 address=r.address, up=r.state == "ready", in_flight=r.in_flight, calls=r.calls,
                 errors=r.errors, ejections=r.ejections, state=r.state,
             )

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from hashmesh.balancer import collector
 from hashmesh.balancer.admin import AdminServicer, admin_handlers, snapshot
 from hashmesh.balancer.backends import BackendSet
 from hashmesh.balancer.config import BalancerSettings
@@ -31,7 +32,8 @@ from hashmesh.balancer.proxy import Proxy, Router
 from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.stats import BalancerStats, Snapshot
 from hashmesh.core import metrics
-from hashmesh.core.rpc import GrpcServer, server_options, wait_for_signal
+from hashmesh.core.rpc import GrpcServer, server_options
+from hashmesh.core.signals import wait_for_signal
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,8 @@ class Balancer:
         self.server.add_generic_rpc_handlers([Router(self.proxy, admin_handlers(admin), public_policy)])
         self.port = 0
 
-        # AdminAuth first: MetricsInterceptor answers later calls of a method from its cache
-        # without running the interceptors after it, so nothing may decide per call there.
+        # AdminAuth first: a call without the admin token is refused before anything else
+        # runs (MetricsInterceptor runs the rest of the chain on every call either way).
         admin_interceptors: list[grpc.aio.ServerInterceptor] = [
             AdminAuth(AdminPolicy(settings.admin_token, open_without_token=True))]
         if settings.metrics_port is not None:
@@ -86,7 +88,7 @@ class Balancer:
         """Every counter at once, for a metrics exporter."""
         return snapshot(self.stats, self.backends, self.limiter, top_peers, percentiles=percentiles)
 
-    def metrics_reading(self) -> metrics.BalancerReading:
+    def metrics_reading(self) -> collector.BalancerReading:
         """What /metrics exports; runs on the scrape thread, so no sorting (no percentiles,
         no top peers): only plain attributes are copied."""
         return reading(self.snapshot(0, percentiles=False))
@@ -129,7 +131,7 @@ class Balancer:
         await self.admin.start()
         if self.settings.metrics_port is not None:
             host = self.settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
-            metrics.watch_balancer(self.metrics_reading)
+            collector.watch_balancer(self.metrics_reading)
             self.metrics = metrics.start_metrics_server(self.settings.metrics_port, host=host)
         if self.keys is not None:
             self._side.append(asyncio.create_task(self._reload_keys(), name="keys"))
@@ -140,7 +142,7 @@ class Balancer:
         await self.server.stop(self.settings.grace_seconds)
         if self.metrics is not None:  # scraped until the calls in flight are done
             self.metrics.close()
-            metrics.watch_balancer(None)
+            collector.watch_balancer(None)
         await self.backends.stop()
         for task in self._side:
             task.cancel()

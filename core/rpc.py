@@ -6,11 +6,9 @@ then stop taking calls, then give in-flight calls a grace period)."""
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
-import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -235,21 +233,3 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
-
-async def wait_for_signal(
-    signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
-) -> signal.Signals:
-    """Block until one of ``signals`` arrives; the one place daemons handle signals."""
-    loop = asyncio.get_running_loop()
-    received: asyncio.Future[signal.Signals] = loop.create_future()
-    def deliver(sig: signal.Signals) -> None:
-        if not received.done():
-            received.set_result(sig)
-
-    for sig in signals:
-        loop.add_signal_handler(sig, deliver, sig)
-    try:
-        return await received
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)

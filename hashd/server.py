@@ -16,7 +16,8 @@ from hashmesh.core.errors import HashmeshError
 from hashmesh.core.hashing.cache import ResultCache
 from hashmesh.core.queue import db, migrations
 from hashmesh.core.queue.store import PostgresTaskStore, queries
-from hashmesh.core.rpc import GrpcServer, wait_for_signal
+from hashmesh.core.rpc import GrpcServer
+from hashmesh.core.signals import wait_for_signal
 from hashmesh.hashd.cache_service import CacheService
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.executor import BoundedExecutor

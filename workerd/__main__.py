@@ -11,8 +11,8 @@ import psycopg
 
 from hashmesh.core import logs, metrics
 from hashmesh.core.queue.sealing import TaskKeyring
-from hashmesh.core.rpc import wait_for_signal
 from hashmesh.core.settings import SettingsError
+from hashmesh.core.signals import wait_for_signal
 from hashmesh.workerd.config import WorkerSettings
 from hashmesh.workerd.worker import Worker
 

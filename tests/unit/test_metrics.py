@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from hashmesh.balancer import collector
 from hashmesh.core import metrics
 from hashmesh.core.errors import InvalidArgument
 from hashmesh.core.rpc import GrpcServer
@@ -152,14 +153,14 @@ def test_queue_depth_is_published_for_every_status(endpoint: metrics.MetricsServ
 
 def test_balancer_reading_becomes_metrics_and_gone_replicas_disappear(
         endpoint: metrics.MetricsServer) -> None:
-    replicas = [metrics.BackendReading("10.0.0.9:50051", True, 3, 120, 4, 1),
-                metrics.BackendReading("10.0.0.10:50051", False, 0, 80, 9, 2)]
+    replicas = [collector.BackendReading("10.0.0.9:50051", True, 3, 120, 4, 1),
+                collector.BackendReading("10.0.0.10:50051", False, 0, 80, 9, 2)]
 
-    def read() -> metrics.BalancerReading:
-        return metrics.BalancerReading(backends=list(replicas), calls=200, retries=5, no_backend=1,
+    def read() -> collector.BalancerReading:
+        return collector.BalancerReading(backends=list(replicas), calls=200, retries=5, no_backend=1,
                                        rate_limited=11, unauthenticated=2)
 
-    metrics.watch_balancer(read)
+    collector.watch_balancer(read)
     try:
         samples = scrape(endpoint)
         assert value(samples, "hashmesh_balancer_backend_up", backend="10.0.0.9:50051") == 1
@@ -179,7 +180,7 @@ def test_balancer_reading_becomes_metrics_and_gone_replicas_disappear(
         assert not [key for key in samples if ("backend", "10.0.0.10:50051") in key[1]]
         assert value(samples, "hashmesh_balancer_backends") == 1
     finally:
-        metrics.watch_balancer(None)
+        collector.watch_balancer(None)
     assert not [key for key in scrape(endpoint) if key[0] == "hashmesh_balancer_backend_up"]
 
 
