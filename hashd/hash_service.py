@@ -20,7 +20,7 @@ from hashmesh.core.errors import HashmeshError, InvalidArgument
 from hashmesh.core.hashing import algorithms
 from hashmesh.core.hashing.algorithms import Algorithm
 from hashmesh.core.hashing.cache import ResultCache
-from hashmesh.core.hashing.wire import algorithm_from_wire, algorithm_to_wire
+from hashmesh.core.hashing.wire import algorithm_from_wire, algorithm_to_wire, argon2_params
 from hashmesh.hashd.executor import BoundedExecutor
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc
 
@@ -131,19 +131,6 @@ def add_hash_service(servicer: HashService, server: grpc.aio.Server) -> None:
         (grpc.method_handlers_generic_handler("hashmesh.v1.HashService", handlers),)
     )
     server.add_registered_method_handlers("hashmesh.v1.HashService", handlers)
-
-
-def argon2_params(
-    message: common_pb2.Argon2Params, *, field_prefix: str = "argon2"
-) -> algorithms.Argon2Params:
-    return algorithms.Argon2Params.build(
-        time_cost=message.time_cost,
-        memory_cost_kib=message.memory_cost_kib,
-        parallelism=message.parallelism,
-        hash_len=message.hash_len,
-        salt=message.salt,
-        field_prefix=field_prefix,
-    )
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

@@ -21,7 +21,7 @@ from hashmesh.core import metrics
 from hashmesh.core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.hashing.cache import ResultCache
-from hashmesh.core.hashing.wire import algorithm_from_wire, algorithm_to_wire
+from hashmesh.core.hashing.wire import algorithm_from_wire, algorithm_to_wire, argon2_params
 from hashmesh.core.queue.coalesce import SubmitCoalescer
 from hashmesh.core.queue.idempotency import IdempotencyGuard
 from hashmesh.core.queue.limits import PendingLimits
@@ -35,7 +35,6 @@ from hashmesh.core.queue.model import (
     TaskStore,
 )
 from hashmesh.hashd.config import HashdSettings
-from hashmesh.hashd.hash_service import argon2_params
 from hashmesh.hashd.identity import client_of, current_caller, list_scope
 from hashmesh.hashd.watch import WatchHub
 from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hashmesh.core.errors import InvalidArgument
-from hashmesh.core.hashing.algorithms import Algorithm
+from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.v1 import common_pb2
 
 _TO_CORE: dict[int, Algorithm] = {
@@ -37,3 +37,17 @@ def algorithm_from_name(name: str, *, field: str = "algorithm") -> common_pb2.Al
     if cleaned.upper().startswith("ALGORITHM_"):
         cleaned = cleaned[len("ALGORITHM_") :]
     return algorithm_to_wire(Algorithm.parse(cleaned, field=field))
+
+
+def argon2_params(
+    message: common_pb2.Argon2Params, *, field_prefix: str = "argon2"
+) -> Argon2Params:
+    """The wire's argon2 parameters, validated; errors name ``field_prefix``'s fields."""
+    return Argon2Params.build(
+        time_cost=message.time_cost,
+        memory_cost_kib=message.memory_cost_kib,
+        parallelism=message.parallelism,
+        hash_len=message.hash_len,
+        salt=message.salt,
+        field_prefix=field_prefix,
+    )
