@@ -20,7 +20,7 @@ from typing import Protocol
 import grpc
 
 from hashmesh.balancer.keys import ApiKeys
-from hashmesh.balancer.ratelimit import RateLimiter
+from hashmesh.balancer.ratelimit import RateLimited, RateLimiter
 from hashmesh.balancer.stats import BalancerStats
 from hashmesh.core.errors import PermissionDenied, Unauthenticated
 from hashmesh.core.rpc import abort_with
@@ -124,20 +124,27 @@ class Identify:
         client = keys.client_for(call.api_key) if call.api_key else None
         if client is None:
             self._stats.unauthenticated += 1
-            raise Unauthenticated("a valid x-api-key is required" if call.api_key is None else "unknown API key")
+            if call.api_key is None:
+                raise Unauthenticated("a valid x-api-key is required", reason="API_KEY_MISSING")
+            raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
         call.client = client
         call.metadata = [kv for kv in call.metadata if kv[0] != CLIENT_ID]
         call.metadata.append((CLIENT_ID, client))
 
 
 class RateLimit:
-    """One token from the caller's bucket; the allowance goes back as metadata."""
+    """One token from the caller's bucket; the allowance (IETF RateLimit fields) goes back in
+    the answer's initial metadata, refusals included."""
 
     def __init__(self, limiter: RateLimiter) -> None:
         self._limiter = limiter
 
     async def admit(self, call: CallInfo) -> None:
-        allowance = await self._limiter.admit(call.client)
+        try:
+            allowance = await self._limiter.admit(call.client)
+        except RateLimited as refusal:
+            call.reply_metadata = refusal.allowance.metadata()
+            raise
         if allowance is not None:
             call.reply_metadata = allowance.metadata()
 
@@ -163,12 +170,14 @@ class AdminPolicy:
         if not self._token:
             if self._open:
                 return
-            raise PermissionDenied("AdminService is served only on the admin listener (loopback)")
+            raise PermissionDenied("AdminService is served only on the admin listener (loopback)",
+                                   reason="ADMIN_LISTENER_ONLY")
         presented = next((v for k, v in metadata or () if k == AUTHORIZATION), None)
         if not isinstance(presented, str) or not presented.startswith("Bearer "):
-            raise Unauthenticated("AdminService needs 'authorization: Bearer <admin token>'")
+            raise Unauthenticated("AdminService needs 'authorization: Bearer <admin token>'",
+                                  reason="ADMIN_TOKEN_MISSING")
         if not hmac.compare_digest(presented[len("Bearer "):].encode(), self._token.encode()):
-            raise Unauthenticated("wrong admin token")
+            raise Unauthenticated("wrong admin token", reason="ADMIN_TOKEN_INVALID")
 
 
 def refusing_handler(error: Exception) -> grpc.RpcMethodHandler:

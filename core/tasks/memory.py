@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hashmesh.core.errors import FailedPrecondition, NotFound
+from hashmesh.core.errors import FailedPrecondition, task_not_found
 from hashmesh.core.tasks.model import (
     FINAL_STATES,
     ClaimedTask,
@@ -103,7 +103,7 @@ class MemoryTaskStore:
     async def get(self, task_id: str) -> TaskRecord:
         row = self._rows.get(task_id)
         if row is None:
-            raise NotFound(f"task {task_id} not found")
+            raise task_not_found(task_id)
         return row.record
 
     async def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord]:
@@ -164,26 +164,31 @@ class MemoryTaskStore:
     async def cancel(self, task_id: str) -> TaskRecord:
         row = self._rows.get(task_id)
         if row is None:
-            raise NotFound(f"task {task_id} not found")
+            raise task_not_found(task_id)
         if row.record.status in WAITING:
             self._set(row, status=TaskStatus.CANCELLED, finished_at=self._clock())
         elif row.record.status is TaskStatus.RUNNING:
             self._set(row, cancel_requested=True)
         else:
             raise FailedPrecondition(
-                f"task {task_id} is {row.record.status.value}; only unfinished tasks can be cancelled"
+                f"task {task_id} is {row.record.status.value}; only unfinished tasks can be cancelled",
+                reason="TASK_FINISHED",
+                subject=f"tasks/{task_id}",
             )
         return row.record
 
     async def requeue(self, task_id: str) -> TaskRecord:
         row = self._rows.get(task_id)
         if row is None:
-            raise NotFound(f"task {task_id} not found")
+            raise task_not_found(task_id)
         if (
             row.record.status not in (TaskStatus.DEAD_LETTER, TaskStatus.CANCELLED)
             or row.input is None
         ):
-            raise FailedPrecondition(f"task {task_id} cannot be requeued")
+            reason = "TASK_NOT_REQUEUEABLE" if row.input is not None else "TASK_INPUT_ERASED"
+            raise FailedPrecondition(
+                f"task {task_id} cannot be requeued", reason=reason, subject=f"tasks/{task_id}"
+            )
         self._set(row, status=TaskStatus.PENDING, attempts=0, run_after=self._clock(), finished_at=None,
                   started_at=None, cancel_requested=False, worker=None, last_error=None)  # fmt: skip
         return row.record

@@ -31,10 +31,29 @@ class TaskServiceStub:
     A task accepted by SubmitTask reaches exactly one final state (SUCCEEDED, CANCELLED or
     DEAD_LETTER), whatever crashes on the way.
 
-    Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id; FAILED_PRECONDITION for a transition the task's state does
-    not allow; RESOURCE_EXHAUSTED (google.rpc.RetryInfo) when pending-task limits are reached;
-    UNAVAILABLE when the database cannot be reached.
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: SubmitTask, SubmitTasks, GetTask, WatchTask, ListTasks,
+      CancelTask, RequeueTask (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
+    - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @_typing.overload
@@ -73,10 +92,29 @@ class TaskServiceAsyncStub(TaskServiceStub):
     A task accepted by SubmitTask reaches exactly one final state (SUCCEEDED, CANCELLED or
     DEAD_LETTER), whatever crashes on the way.
 
-    Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id; FAILED_PRECONDITION for a transition the task's state does
-    not allow; RESOURCE_EXHAUSTED (google.rpc.RetryInfo) when pending-task limits are reached;
-    UNAVAILABLE when the database cannot be reached.
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: SubmitTask, SubmitTasks, GetTask, WatchTask, ListTasks,
+      CancelTask, RequeueTask (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
+    - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -111,10 +149,29 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     A task accepted by SubmitTask reaches exactly one final state (SUCCEEDED, CANCELLED or
     DEAD_LETTER), whatever crashes on the way.
 
-    Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id; FAILED_PRECONDITION for a transition the task's state does
-    not allow; RESOURCE_EXHAUSTED (google.rpc.RetryInfo) when pending-task limits are reached;
-    UNAVAILABLE when the database cannot be reached.
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: SubmitTask, SubmitTasks, GetTask, WatchTask, ListTasks,
+      CancelTask, RequeueTask (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
+    - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @_abc_1.abstractmethod
