@@ -16,7 +16,7 @@ from hashmesh.balancer.backends import BackendSet, Replica
 from hashmesh.balancer.config import MAX_RATE, MIN_RATE, RateLimitSettings, is_hash_key
 from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.stats import BalancerStats, ReplicaSnapshot, Snapshot
-from hashmesh.core.errors import HashmeshError, InvalidArgument, NotFound
+from hashmesh.core.errors import HashmeshError, InvalidArgument, NotFound, Violations
 from hashmesh.core.rpc import abort_with
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc
 
@@ -194,20 +194,27 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @_edge
     async def SetRateLimits(self, request: admin_pb2.SetRateLimitsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.SetRateLimitsResponse:
+        # Every bad field at once (a batch of overrides is fixed in one go).
+        violations = Violations()
         has_default = request.HasField("default_limit")
         if request.disable and has_default:
-            raise InvalidArgument("default_limit", "must be unset when disable is true")
-        default = _limit_from_proto("default_limit", request.default_limit) if has_default else None
+            violations.add("default_limit", "must be unset when disable is true")
+        default = None
+        if has_default:
+            with violations.check():
+                default = _limit_from_proto("default_limit", request.default_limit)
         upsert = {}
         for index, item in enumerate(request.upsert_overrides):
             if not item.client_id:
-                raise InvalidArgument(f"upsert_overrides[{index}].client_id", "is required")
-            if len(item.client_id) > MAX_CLIENT_ID_LENGTH:
-                raise InvalidArgument(
+                violations.add(f"upsert_overrides[{index}].client_id", "is required")
+            elif len(item.client_id) > MAX_CLIENT_ID_LENGTH:
+                violations.add(
                     f"upsert_overrides[{index}].client_id",
                     f"must be at most {MAX_CLIENT_ID_LENGTH} characters",
                 )
-            upsert[item.client_id] = _limit_from_proto(f"upsert_overrides[{index}].limit", item.limit)
+            with violations.check():
+                upsert[item.client_id] = _limit_from_proto(f"upsert_overrides[{index}].limit", item.limit)
+        violations.raise_if_any()
         self._limiter.configure(
             default=default, disable=request.disable, upsert=upsert, remove=tuple(request.remove_overrides)
         )

@@ -397,19 +397,22 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     async def ListTasks(
         self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.ListTasksResponse:
+        violations = Violations()
         statuses = []
         for index, status in enumerate(request.statuses):
             if status not in STATUS_FROM_WIRE:
-                raise InvalidArgument(
-                    f"statuses[{index}]", "must be a task status (not UNSPECIFIED)"
-                )
-            statuses.append(STATUS_FROM_WIRE[status])
+                violations.add(f"statuses[{index}]", "must be a task status (not UNSPECIFIED)")
+            else:
+                statuses.append(STATUS_FROM_WIRE[status])
         algorithm = None
         if request.algorithm != common_pb2.ALGORITHM_UNSPECIFIED:
-            algorithm = algorithm_from_wire(request.algorithm).value
+            with violations.check():
+                algorithm = algorithm_from_wire(request.algorithm).value
         if request.page_size < 0:
-            raise InvalidArgument("page_size", f"must not be negative, got {request.page_size}")
-        text_field(request.client_id, "client_id", MAX_CLIENT_ID_LENGTH)
+            violations.add("page_size", f"must not be negative, got {request.page_size}")
+        with violations.check():
+            text_field(request.client_id, "client_id", MAX_CLIENT_ID_LENGTH)
+        violations.raise_if_any()
         filters = ListFilter(
             client_id=request.client_id or None, statuses=tuple(statuses), algorithm=algorithm
         )

@@ -67,8 +67,9 @@ def test_parameters_that_do_not_apply_and_bounds_are_refused(dsn: str, procs: Pr
         negative = task_pb2.TaskSpec(algorithm=SHA256, max_attempts=-1, priority=101)
         assert fields(refused(tasks.SubmitTask, task_pb2.SubmitTaskRequest(spec=negative), timeout=10)) == [
             "spec.priority", "spec.max_attempts"]
-        assert fields(refused(tasks.ListTasks, task_pb2.ListTasksRequest(page_size=-1), timeout=10)) == [
-            "page_size"]
+        listing = task_pb2.ListTasksRequest(page_size=-1, statuses=[0, 99], client_id="\x00")
+        assert fields(refused(tasks.ListTasks, listing, timeout=10)) == [
+            "statuses[0]", "statuses[1]", "page_size", "client_id"]
         # HashStream: a message with neither header nor chunk, and a chunk over the limit.
         header = hash_pb2.HashStreamRequest(header=hash_pb2.HashStreamHeader(algorithm=SHA256))
         empty = refused(hashes.HashStream, stream(header, hash_pb2.HashStreamRequest()), timeout=10)
@@ -100,3 +101,9 @@ def test_parameters_that_do_not_apply_and_bounds_are_refused(dsn: str, procs: Pr
         assert admin.GetStats(admin_pb2.GetStatsRequest(top_peers=1_000_000), timeout=10).calls >= 0
         bad_burst = admin_pb2.SetRateLimitsRequest(default_limit=admin_pb2.RateLimit(rate_per_second=5, burst=-1))
         assert fields(refused(admin.SetRateLimits, bad_burst, timeout=10)) == ["default_limit.burst"]
+        overrides = admin_pb2.SetRateLimitsRequest(disable=True, default_limit=admin_pb2.RateLimit(), upsert_overrides=[
+            admin_pb2.ClientRateLimit(limit=admin_pb2.RateLimit(rate_per_second=0)),
+            admin_pb2.ClientRateLimit(client_id="ok", limit=admin_pb2.RateLimit(rate_per_second=1, burst=-3))])
+        assert fields(refused(admin.SetRateLimits, overrides, timeout=10)) == [
+            "default_limit", "default_limit.rate_per_second", "upsert_overrides[0].client_id",
+            "upsert_overrides[0].limit.rate_per_second", "upsert_overrides[1].limit.burst"]
