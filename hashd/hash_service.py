@@ -134,22 +134,19 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
     async def ComputeHash(
         self, request: hash_pb2.HashRequest, context: grpc.aio.ServicerContext
     ) -> hash_pb2.HashResponse:
-        violations = Violations()
-        algorithm: Algorithm | None = None
-        params: hashing.Argon2Params | None = None
-        with violations.check():
-            algorithm = algorithm_from_wire(request.algorithm)
-        if algorithm is Algorithm.ARGON2ID:
-            with violations.check():
-                params = argon2_params(request.argon2)
-        elif algorithm is not None and request.HasField("argon2"):
-            violations.add("argon2", f"applies only to ALGORITHM_ARGON2ID, not {algorithm.name}")
         data = request.data
-        if len(data) > self._max_input:
-            with violations.check():
-                raise input_too_large("data", len(data), self._max_input)
-        violations.raise_if_any()
-        assert algorithm is not None
+        try:
+            algorithm: Algorithm | None = algorithm_from_wire(request.algorithm)
+        except InvalidArgument:
+            algorithm = None
+        params: hashing.Argon2Params | None = None
+        if (
+            algorithm is None
+            or algorithm is Algorithm.ARGON2ID
+            or len(data) > self._max_input
+            or request.HasField("argon2")
+        ):
+            algorithm, params = self._checked(request)
         cache = self._cache
         cacheable = cache is not None and cache.is_cacheable(algorithm, params)
         if cacheable:
@@ -179,6 +176,25 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         )
 
     Hash = ComputeHash  # the deprecated name
+
+    def _checked(self, request: hash_pb2.HashRequest) -> tuple[Algorithm, hashing.Argon2Params | None]:
+        """The algorithm and argon2 parameters of ``request``, or every bad field at once.
+        (Off the fast path: a valid digest request never comes here.)"""
+        violations = Violations()
+        algorithm: Algorithm | None = None
+        params: hashing.Argon2Params | None = None
+        with violations.check():
+            algorithm = algorithm_from_wire(request.algorithm)
+        if algorithm is Algorithm.ARGON2ID:
+            with violations.check():
+                params = argon2_params(request.argon2)
+        elif algorithm is not None and request.HasField("argon2"):
+            violations.add("argon2", f"applies only to ALGORITHM_ARGON2ID, not {algorithm.name}")
+        if len(request.data) > self._max_input:
+            violations.include(input_too_large("data", len(request.data), self._max_input))
+        violations.raise_if_any()
+        assert algorithm is not None
+        return algorithm, params
 
     async def HashStream(
         self,

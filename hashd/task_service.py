@@ -297,12 +297,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             # gRPC lets hashd receive twice the unary limit (so Hash can explain itself): a
             # task input is held to the limit too, or the queue would store what Hash refuses.
             limit = self._settings.max_message_bytes
-            with violations.check():
-                if len(spec.data) > limit:
-                    raise InputTooLarge(
-                        f"{name}.data", len(spec.data), limit,
-                        advice="a task input is held to the unary limit; hash it with HashStream",
-                    )
+            if len(spec.data) > limit:
+                advice = "a task input is held to the unary limit; hash it with HashStream"
+                violations.include(InputTooLarge(f"{name}.data", len(spec.data), limit, advice=advice))
             with violations.check():
                 validated.append(
                     validate_spec(
