@@ -362,7 +362,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         task_id = task_id_of(request.id)
         if self._hub is None:
             raise Unavailable(
-                "watching is not available on this replica", reason="DATABASE_UNAVAILABLE"
+                "watching is not available on this replica",
+                retry_after=1.0,
+                reason="DATABASE_UNAVAILABLE",
             )
         with self._hub.subscribe(task_id) as sub:
             record = await self._store.get(task_id)

@@ -414,7 +414,9 @@ class Listener:
     async def wait(self, timeout: float) -> list[tuple[str, str]]:
         """(channel, payload) pairs received within ``timeout`` seconds (maybe none)."""
         if self._conn is None:
-            raise Unavailable("LISTEN connection not open", reason="DATABASE_UNAVAILABLE")
+            raise Unavailable(
+                "LISTEN connection not open", retry_after=1.0, reason="DATABASE_UNAVAILABLE"
+            )
         received = []
         try:
             async for note in self._conn.notifies(timeout=timeout, stop_after=1):
