@@ -3,6 +3,7 @@ no sockets."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from hashmesh.balancer.ratelimit_fields import policy_field, remaining_field
 from hashmesh.core import catalogue
 from hashmesh.core.errors import (
     MAX_VIOLATIONS,
+    DeadlineExceeded,
+    HashmeshError,
     InvalidArgument,
     ResourceExhausted,
     Violations,
@@ -100,3 +103,14 @@ def test_reflection_index_finds_methods_fields_and_dependencies() -> None:
     assert files is not None and len(files) == 4  # task, duration, timestamp, common
     assert index.with_dependencies("nope.proto") is None
     assert DescriptorIndex([]).file_of("hashmesh.v1.Task") is None
+
+
+def test_every_reason_raised_in_the_code_is_catalogued() -> None:
+    sources = [p for folder in ("core", "hashd", "balancer", "workerd") for p in (ROOT / folder).rglob("*.py")]
+    raised = {match for path in sources for match in re.findall(r'reason="([A-Z_]+)"', path.read_text())}
+    assert raised, "no reason found: the pattern no longer matches the code"
+    names = {e.name for e in catalogue.CATALOGUE}
+    assert raised <= names, f"raised but not in core/catalogue.py: {sorted(raised - names)}"
+    # Defaults of the error classes that reach clients without an explicit reason.
+    for kind in (InvalidArgument, ResourceExhausted, DeadlineExceeded, HashmeshError):
+        assert kind.default_reason in names, kind
