@@ -247,7 +247,7 @@ CATALOGUE: tuple[Entry, ...] = (
     Entry(
         "DEADLINE_PASSED", "DEADLINE_EXCEEDED", "replica",
         "The call's deadline passed before its work started (or while argon2id work waited "
-        "for a thread). Usually the client's own deadline fires first, and then the status "
+        "for a thread). In practice the client's own deadline fires first, and the status "
         "comes from the client library, without details.",
         ("ErrorInfo",), Retry.LONGER_DEADLINE, PROXIED,
     ),
