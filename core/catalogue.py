@@ -62,8 +62,7 @@ TASK_BY_ID = (
     "TaskService.RequeueTask",
 )
 WITH_FIELDS = (
-    *HASH,
-    *(m for m in TASK if m != "TaskService.GetQueueStats"),
+    *PROXIED,  # each has fields, or the `x-client-id` of a trusted proxy
     "AdminService.GetStats",
     "AdminService.SetStrategy",
     "AdminService.SetRateLimits",
@@ -126,7 +125,8 @@ CATALOGUE: tuple[Entry, ...] = (
         "A field is missing, outside the bounds its comment states, or does not apply (argon2 "
         "parameters with another algorithm). BadRequest lists every bad field, of every spec of "
         "a batch, by path (`specs[3].argon2.time_cost`); at most 20 are listed and "
-        "ErrorInfo.metadata[\"violations\"] has the total when there are several.",
+        "ErrorInfo.metadata[\"violations\"] has the total when there are several. Also an "
+        "`x-client-id` from a trusted proxy that is not a valid identity.",
         ("ErrorInfo", "BadRequest"), Retry.NEVER, WITH_FIELDS,
     ),
     Entry(
@@ -159,6 +159,14 @@ CATALOGUE: tuple[Entry, ...] = (
         "BACKEND_NOT_FOUND", "NOT_FOUND", "balancer",
         "No replica has this address. ResourceInfo: resource_type `hashmesh.v1.Backend`.",
         ("ErrorInfo", "ResourceInfo"), Retry.NEVER, ("AdminService.DrainBackend",),
+    ),
+    Entry(
+        "IDEMPOTENCY_KEY_REUSED", "ALREADY_EXISTS", "replica",
+        "The idempotency key was used by this caller for a different request within "
+        "HASHMESH_IDEMPOTENCY_WINDOW_SECONDS. ErrorInfo.metadata has `idempotency_key` and "
+        "`task_id`; ResourceInfo names the first task.",
+        ("ErrorInfo", "ResourceInfo"), Retry.NEVER,
+        ("TaskService.SubmitTask", "TaskService.SubmitTasks"),
     ),
     Entry(
         "TASK_FINISHED", "FAILED_PRECONDITION", "replica",
@@ -234,9 +242,30 @@ CATALOGUE: tuple[Entry, ...] = (
         ("ErrorInfo",), Retry.CREDENTIALS, ADMIN,
     ),
     Entry(
-        "ADMIN_TOKEN_INVALID", "UNAUTHENTICATED", "balancer",
-        "The bearer token is not the admin token.",
-        ("ErrorInfo",), Retry.CREDENTIALS, ADMIN,
+        "ADMIN_TOKEN_INVALID", "UNAUTHENTICATED", "balancer or replica",
+        "A bearer token that is not the admin token, on AdminService or on any call (where a "
+        "valid one makes the caller an operator).",
+        ("ErrorInfo",), Retry.CREDENTIALS, EVERY,
+    ),
+    Entry(
+        "IDENTITY_STAMP_INVALID", "UNAUTHENTICATED", "replica",
+        "A replica was called with an identity stamp (`x-hashmesh-identity`) that does not "
+        "verify: forged, expired, for another method, or the replica has no "
+        "HASHMESH_IDENTITY_SECRET. Only the balancer stamps calls; clients never send one.",
+        ("ErrorInfo",), Retry.CREDENTIALS, (*TASK, *CACHE),
+    ),
+    Entry(
+        "CLIENT_ID_NOT_CALLER", "PERMISSION_DENIED", "replica",
+        "A request's `client_id` names someone other than the caller (only an operator lists "
+        "other clients' tasks). Leave it empty.",
+        ("ErrorInfo",), Retry.NEVER,
+        ("TaskService.SubmitTask", "TaskService.SubmitTasks", "TaskService.ListTasks"),
+    ),
+    Entry(
+        "OPERATOR_ONLY", "PERMISSION_DENIED", "replica",
+        "An operator call without the admin token (`authorization: Bearer "
+        "<HASHMESH_ADMIN_TOKEN>`).",
+        ("ErrorInfo",), Retry.CREDENTIALS, ("CacheService.ClearCache",),
     ),
     Entry(
         "ADMIN_LISTENER_ONLY", "PERMISSION_DENIED", "balancer",

@@ -25,6 +25,8 @@ from hashmesh.core.embedded_pg import EmbeddedPostgres
 from hashmesh.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    cache_pb2,
+    cache_pb2_grpc,
     common_pb2,
     hash_pb2,
     hash_pb2_grpc,
@@ -34,6 +36,7 @@ from hashmesh.v1 import (
 from tests.conftest import Processes
 
 LIMIT = 4096
+TOKEN = "the-admin-token"
 SHA256, MD5, ARGON2 = common_pb2.ALGORITHM_SHA256, common_pb2.ALGORITHM_MD5, common_pb2.ALGORITHM_ARGON2ID
 CANNOT_PROVOKE = {"INTERNAL": "a bug by definition: no request is meant to provoke it"}
 LAST = ("DATABASE_UNAVAILABLE",)
@@ -51,6 +54,8 @@ class World:
     alice: tuple[tuple[str, str], ...]
     bob: tuple[tuple[str, str], ...]
     owned_pg: EmbeddedPostgres
+    replica: str
+    """Replica A itself, for what only a caller bypassing the balancer can send."""
 
 
 Provocation = Callable[[World], tuple[str, grpc.RpcError]]
@@ -141,6 +146,36 @@ def backend_not_found(world: World) -> tuple[str, grpc.RpcError]:
         admin_pb2.DrainBackendRequest(address="127.0.0.1:1"), timeout=10))
     assert detail(error, error_details_pb2.ResourceInfo).resource_name == "127.0.0.1:1"
     return method, error
+
+
+def idempotency_key_reused(world: World) -> tuple[str, grpc.RpcError]:
+    stub = tasks(world.main)
+    first = task_pb2.TaskSpec(algorithm=MD5, data=b"one", idempotency_key="k-reused", run_after=later())
+    task_id = stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=first), timeout=10).task.id
+    other = task_pb2.TaskSpec(algorithm=MD5, data=b"two", idempotency_key="k-reused", run_after=later())
+    method, error = refused("TaskService.SubmitTask", lambda: stub.SubmitTask(
+        task_pb2.SubmitTaskRequest(spec=other), timeout=10))
+    assert detail(error, error_details_pb2.ErrorInfo).metadata["task_id"] == task_id
+    assert detail(error, error_details_pb2.ResourceInfo).resource_name == task_id
+    return method, error
+
+
+def identity_stamp_invalid(world: World) -> tuple[str, grpc.RpcError]:
+    forged = (("x-hashmesh-identity", "alice"), ("x-hashmesh-identity-sig", "v1.0.forged"))
+    with grpc.insecure_channel(world.replica) as channel:
+        return refused("TaskService.ListTasks", lambda: tasks(channel).ListTasks(
+            task_pb2.ListTasksRequest(), timeout=10, metadata=forged))
+
+
+def client_id_not_caller(world: World) -> tuple[str, grpc.RpcError]:
+    spec = task_pb2.TaskSpec(algorithm=MD5, data=b"x", run_after=later())
+    return refused("TaskService.SubmitTask", lambda: tasks(world.main).SubmitTask(
+        task_pb2.SubmitTaskRequest(spec=spec, client_id="someone-else"), timeout=10))
+
+
+def operator_only(world: World) -> tuple[str, grpc.RpcError]:
+    return refused("CacheService.ClearCache", lambda: cache_pb2_grpc.CacheServiceStub(world.main).ClearCache(
+        cache_pb2.ClearCacheRequest(), timeout=10))
 
 
 def task_finished(world: World) -> tuple[str, grpc.RpcError]:
@@ -261,6 +296,15 @@ def _stats_on(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ())
         admin_pb2.GetStatsRequest(), timeout=10, metadata=metadata)
 
 
+def admin_token_invalid(world: World) -> tuple[str, grpc.RpcError]:
+    wrong = (("authorization", "Bearer wrong"),)
+    # On a proxied call too: a valid token would make the caller an operator.
+    _, proxied = refused("HashService.ComputeHash", _hash_on(world, (*world.alice, *wrong)))
+    assert proxied.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    assert detail(proxied, error_details_pb2.ErrorInfo).reason == "ADMIN_TOKEN_INVALID"
+    return refused("AdminService.GetStats", _stats_on(world.guarded, wrong))
+
+
 def deadline_passed(world: World) -> tuple[str, grpc.RpcError]:
     # A server can only see a deadline pass after the client's own has: what a client gets is
     # its library's DEADLINE_EXCEEDED (a tiny positive timeout may even win the race and
@@ -281,6 +325,10 @@ PROVOKE: dict[str, Provocation] = {
     "MESSAGE_TOO_LARGE": message_too_large,
     "TASK_NOT_FOUND": task_not_found,
     "BACKEND_NOT_FOUND": backend_not_found,
+    "IDEMPOTENCY_KEY_REUSED": idempotency_key_reused,
+    "IDENTITY_STAMP_INVALID": identity_stamp_invalid,
+    "CLIENT_ID_NOT_CALLER": client_id_not_caller,
+    "OPERATOR_ONLY": operator_only,
     "TASK_FINISHED": task_finished,
     "TASK_NOT_REQUEUEABLE": task_not_requeueable,
     "TASK_INPUT_ERASED": task_input_erased,
@@ -294,8 +342,7 @@ PROVOKE: dict[str, Provocation] = {
     "API_KEY_MISSING": lambda w: refused("HashService.ComputeHash", _hash_on(w, ())),
     "API_KEY_INVALID": lambda w: refused("HashService.ComputeHash", _hash_on(w, (("x-api-key", "hm_wrong"),))),
     "ADMIN_TOKEN_MISSING": lambda w: refused("AdminService.GetStats", _stats_on(w.guarded)),
-    "ADMIN_TOKEN_INVALID": lambda w: refused(
-        "AdminService.GetStats", _stats_on(w.guarded, (("authorization", "Bearer wrong"),))),
+    "ADMIN_TOKEN_INVALID": admin_token_invalid,
     "ADMIN_LISTENER_ONLY": lambda w: refused("AdminService.GetStats", _stats_on(w.main)),
     "DEADLINE_PASSED": deadline_passed,
     "UNIMPLEMENTED": unimplemented,
@@ -361,7 +408,7 @@ def world(dsn: str, procs: Processes, owned_pg: EmbeddedPostgres, tmp_path: Path
     keys = tmp_path / "keys"
     keys.write_text(f"{key_line('alice', alice)}\n{key_line('bob', bob)}\n")
     balancer_b = procs.balancer([replica_c.address], env={
-        "HASHMESH_BALANCER_API_KEYS_FILE": str(keys), "HASHMESH_ADMIN_TOKEN": "the-admin-token",
+        "HASHMESH_BALANCER_API_KEYS_FILE": str(keys), "HASHMESH_ADMIN_TOKEN": TOKEN,
         "HASHMESH_BALANCER_MAX_IN_FLIGHT": "1"})
     main = grpc.insecure_channel(balancer_a.addresses["balancer"])
     ADDRESSES[id(main)] = balancer_a.addresses["balancer"]
@@ -369,7 +416,7 @@ def world(dsn: str, procs: Processes, owned_pg: EmbeddedPostgres, tmp_path: Path
     admin = grpc.insecure_channel(balancer_a.addresses["balancer admin"])
     try:
         yield World(main, admin_pb2_grpc.AdminServiceStub(admin), guarded,
-                    (("x-api-key", alice),), (("x-api-key", bob),), owned_pg)
+                    (("x-api-key", alice),), (("x-api-key", bob),), owned_pg, replica_a.address)
     finally:
         for channel in (main, guarded, admin):
             channel.close()

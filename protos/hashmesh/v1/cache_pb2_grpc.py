@@ -33,6 +33,7 @@ class CacheServiceStub:
     Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
     docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
     except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
@@ -41,6 +42,9 @@ class CacheServiceStub:
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
     - UNAUTHENTICATED API_KEY_MISSING: every method.
     - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED OPERATOR_ONLY: ClearCache.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -72,6 +76,7 @@ class CacheServiceServicer:
     Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
     docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
     except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
@@ -80,6 +85,9 @@ class CacheServiceServicer:
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
     - UNAUTHENTICATED API_KEY_MISSING: every method.
     - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED OPERATOR_ONLY: ClearCache.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -93,7 +101,8 @@ class CacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClearCache(self, request, context):
-        """ClearCache empties the shared tier and tells every replica to empty its memory tier.
+        """ClearCache empties the shared tier and tells every replica to empty its memory tier. An
+        operator call (`authorization: Bearer <HASHMESH_ADMIN_TOKEN>`): others get PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +137,7 @@ class CacheService:
     Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
     docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
     except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
@@ -136,6 +146,9 @@ class CacheService:
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
     - UNAUTHENTICATED API_KEY_MISSING: every method.
     - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED OPERATOR_ONLY: ClearCache.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.

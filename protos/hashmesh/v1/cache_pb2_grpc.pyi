@@ -34,6 +34,7 @@ class CacheServiceStub:
     Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
     docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
     except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
@@ -42,6 +43,9 @@ class CacheServiceStub:
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
     - UNAUTHENTICATED API_KEY_MISSING: every method.
     - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED OPERATOR_ONLY: ClearCache.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -54,7 +58,9 @@ class CacheServiceStub:
     GetCacheStats: _grpc.UnaryUnaryMultiCallable[_cache_pb2.GetCacheStatsRequest, _cache_pb2.GetCacheStatsResponse]
     """GetCacheStats returns the statistics of each tier as seen by the replica taking the call."""
     ClearCache: _grpc.UnaryUnaryMultiCallable[_cache_pb2.ClearCacheRequest, _cache_pb2.ClearCacheResponse]
-    """ClearCache empties the shared tier and tells every replica to empty its memory tier."""
+    """ClearCache empties the shared tier and tells every replica to empty its memory tier. An
+    operator call (`authorization: Bearer <HASHMESH_ADMIN_TOKEN>`): others get PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class CacheServiceAsyncStub(CacheServiceStub):
@@ -65,6 +71,7 @@ class CacheServiceAsyncStub(CacheServiceStub):
     Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
     docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
     except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
@@ -73,6 +80,9 @@ class CacheServiceAsyncStub(CacheServiceStub):
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
     - UNAUTHENTICATED API_KEY_MISSING: every method.
     - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED OPERATOR_ONLY: ClearCache.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -82,7 +92,9 @@ class CacheServiceAsyncStub(CacheServiceStub):
     GetCacheStats: _aio.UnaryUnaryMultiCallable[_cache_pb2.GetCacheStatsRequest, _cache_pb2.GetCacheStatsResponse]  # type: ignore[assignment]
     """GetCacheStats returns the statistics of each tier as seen by the replica taking the call."""
     ClearCache: _aio.UnaryUnaryMultiCallable[_cache_pb2.ClearCacheRequest, _cache_pb2.ClearCacheResponse]  # type: ignore[assignment]
-    """ClearCache empties the shared tier and tells every replica to empty its memory tier."""
+    """ClearCache empties the shared tier and tells every replica to empty its memory tier. An
+    operator call (`authorization: Bearer <HASHMESH_ADMIN_TOKEN>`): others get PERMISSION_DENIED.
+    """
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """CacheService inspects and clears the result cache of the hashd replicas: a bounded
@@ -92,6 +104,7 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
     docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
     except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
@@ -100,6 +113,9 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
     - UNAUTHENTICATED API_KEY_MISSING: every method.
     - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED OPERATOR_ONLY: ClearCache.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -119,6 +135,8 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_pb2.ClearCacheRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.ClearCacheResponse, _abc.Awaitable[_cache_pb2.ClearCacheResponse]]:
-        """ClearCache empties the shared tier and tells every replica to empty its memory tier."""
+        """ClearCache empties the shared tier and tells every replica to empty its memory tier. An
+        operator call (`authorization: Bearer <HASHMESH_ADMIN_TOKEN>`): others get PERMISSION_DENIED.
+        """
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -41,6 +41,7 @@ class HashServiceStub:
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAUTHENTICATED API_KEY_MISSING: every method.
     - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -90,6 +91,7 @@ class HashServiceServicer:
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAUTHENTICATED API_KEY_MISSING: every method.
     - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -179,6 +181,7 @@ class HashService:
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAUTHENTICATED API_KEY_MISSING: every method.
     - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.

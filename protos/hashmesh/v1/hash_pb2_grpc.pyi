@@ -48,6 +48,7 @@ class HashServiceStub:
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAUTHENTICATED API_KEY_MISSING: every method.
     - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -97,6 +98,7 @@ class HashServiceAsyncStub(HashServiceStub):
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAUTHENTICATED API_KEY_MISSING: every method.
     - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -142,6 +144,7 @@ class HashServiceServicer(metaclass=_abc_1.ABCMeta):
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAUTHENTICATED API_KEY_MISSING: every method.
     - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
