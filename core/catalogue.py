@@ -187,6 +187,14 @@ CATALOGUE: tuple[Entry, ...] = (
         ("ErrorInfo", "PreconditionFailure"), Retry.NEVER, ("TaskService.RequeueTask",),
     ),
     Entry(
+        "ARGON2_TASKS_DISABLED", "FAILED_PRECONDITION", "replica",
+        "An argon2id task sent to a replica with no task input key (HASHMESH_TASK_KEY_FILE): "
+        "its password would be stored in clear. PreconditionFailure: type `SETTING`, subject "
+        "`hashd/HASHMESH_TASK_KEY_FILE`. ComputeHash still hashes argon2id at once.",
+        ("ErrorInfo", "PreconditionFailure"), Retry.NEVER,
+        ("TaskService.SubmitTask", "TaskService.SubmitTasks"),
+    ),
+    Entry(
         "RATE_LIMITED", "RESOURCE_EXHAUSTED", "balancer",
         "The caller's rate limit is used up. The headers carry `ratelimit-policy` and "
         "`ratelimit` with `r=0`.",

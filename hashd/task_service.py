@@ -19,7 +19,13 @@ from google.protobuf import timestamp_pb2
 
 from hashmesh.core import metrics
 from hashmesh.core.cache import ResultCache
-from hashmesh.core.errors import InputTooLarge, InvalidArgument, Unavailable, Violations
+from hashmesh.core.errors import (
+    FailedPrecondition,
+    InputTooLarge,
+    InvalidArgument,
+    Unavailable,
+    Violations,
+)
 from hashmesh.core.hashing import Algorithm, Argon2Params
 from hashmesh.core.tasks.coalesce import SubmitCoalescer
 from hashmesh.core.tasks.idempotency import IdempotencyGuard
@@ -308,7 +314,17 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 )
         violations.raise_if_any()
         tasks = []
-        for task, params in validated:
+        for index, (task, params) in enumerate(validated):
+            if params is not None and self._settings.task_keys is None:
+                # An argon2 input is a password: without a key it would be stored in clear.
+                name = field if field == "spec" else f"{field}[{index}]"
+                raise FailedPrecondition(
+                    f"{name}: argon2id tasks are disabled on this replica: no task input key "
+                    "is configured (set HASHMESH_TASK_KEY_FILE on hashd and workerd)",
+                    reason="ARGON2_TASKS_DISABLED",
+                    subject="hashd/HASHMESH_TASK_KEY_FILE",
+                    violation_type="SETTING",
+                )
             task = self._keys.fingerprinted(task)
             tasks.append(await self._with_cached(replace(task, client_id=client_id), params))
         self._require_database()

@@ -50,7 +50,7 @@ class World:
     main_admin: admin_pb2_grpc.AdminServiceStub
     guarded: grpc.Channel
     """Balancer B: API keys, an admin token, one call in flight per replica; in front of
-    replica C (its own PostgreSQL; 4 unfinished tasks at most, 2 per client)."""
+    replica C (its own PostgreSQL; 4 unfinished tasks at most, 2 per client; no task key)."""
     alice: tuple[tuple[str, str], ...]
     bob: tuple[tuple[str, str], ...]
     owned_pg: EmbeddedPostgres
@@ -202,6 +202,12 @@ def task_input_erased(world: World) -> tuple[str, grpc.RpcError]:
         task_pb2.RequeueTaskRequest(id=task_id), timeout=10))
 
 
+def argon2_tasks_disabled(world: World) -> tuple[str, grpc.RpcError]:
+    spec = task_pb2.TaskSpec(algorithm=ARGON2, data=b"password", run_after=later())
+    return refused("TaskService.SubmitTask", lambda: tasks(world.guarded).SubmitTask(
+        task_pb2.SubmitTaskRequest(spec=spec), timeout=10, metadata=world.alice))
+
+
 def rate_limited(world: World) -> tuple[str, grpc.RpcError]:
     world.main_admin.SetRateLimits(admin_pb2.SetRateLimitsRequest(
         default_limit=admin_pb2.RateLimit(rate_per_second=0.001, burst=1)), timeout=10)
@@ -332,6 +338,7 @@ PROVOKE: dict[str, Provocation] = {
     "TASK_FINISHED": task_finished,
     "TASK_NOT_REQUEUEABLE": task_not_requeueable,
     "TASK_INPUT_ERASED": task_input_erased,
+    "ARGON2_TASKS_DISABLED": argon2_tasks_disabled,
     "RATE_LIMITED": rate_limited,
     "OVERLOADED": overloaded,
     "QUEUE_FULL": queue_full,
@@ -403,7 +410,8 @@ def world(dsn: str, procs: Processes, owned_pg: EmbeddedPostgres, tmp_path: Path
     procs.workerd(dsn)
     balancer_a = procs.balancer([replica_a.address], env=small)
     replica_c = procs.hashd(owned_pg.dsn, env={
-        "HASHMESH_MAX_PENDING_TASKS": "4", "HASHMESH_MAX_PENDING_PER_CLIENT": "2"})
+        "HASHMESH_MAX_PENDING_TASKS": "4", "HASHMESH_MAX_PENDING_PER_CLIENT": "2",
+        "HASHMESH_TASK_KEY_FILE": ""})  # no task input key: argon2id tasks are refused
     alice, bob = generate_key(), generate_key()
     keys = tmp_path / "keys"
     keys.write_text(f"{key_line('alice', alice)}\n{key_line('bob', bob)}\n")

@@ -48,6 +48,7 @@ class TaskServiceStub:
     - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
     - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
@@ -135,6 +136,7 @@ class TaskServiceServicer:
     - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
     - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
@@ -291,6 +293,7 @@ class TaskService:
     - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
     - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).

@@ -49,6 +49,7 @@ class TaskServiceStub:
     - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
     - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
@@ -125,6 +126,7 @@ class TaskServiceAsyncStub(TaskServiceStub):
     - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
     - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
@@ -197,6 +199,7 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
     - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
