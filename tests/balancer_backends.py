@@ -20,7 +20,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from hashmesh.core.errors import InvalidArgument, to_grpc_status
-from hashmesh.core.rpc import GrpcServer, wait_for_signal
+from hashmesh.core.rpc import GrpcServer
+from hashmesh.core.signals import wait_for_signal
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc, task_pb2, task_pb2_grpc
 
 
