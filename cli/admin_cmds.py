@@ -343,9 +343,9 @@ def db_migrate(
 
       hashctl db migrate --dsn postgresql://postgres@127.0.0.1:5432/hashmesh
     """
-    import psycopg
-
+    from hashmesh.core.errors import Unavailable
     from hashmesh.core.queue import migrations
+    from hashmesh.core.queue.db import DatabaseError
 
     out = state_of(ctx).output(json_out)
     dsn = dsn or os.environ.get("HASHMESH_DATABASE_URL")
@@ -354,10 +354,9 @@ def db_migrate(
     try:
         applied = migrations.migrate(dsn)
         version = migrations.current_version(dsn)
-    except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CliError(f"cannot reach the database: {first}", ExitCode.UNAVAILABLE) from None
-    except psycopg.Error as exc:
+    except Unavailable as exc:
+        raise CliError(f"cannot reach the database: {exc}", ExitCode.UNAVAILABLE) from None
+    except DatabaseError as exc:
         raise CliError(f"migration failed: {exc}") from None
     if out.json_mode:
         out.json({"applied": [{"version": m.version, "name": m.name} for m in applied], "version": version})

@@ -49,8 +49,8 @@ def keys_usage(
 
       hashctl keys usage --dsn postgresql://hashmesh@db/hashmesh
     """
-    import psycopg
-
+    from hashmesh.core.errors import Unavailable
+    from hashmesh.core.queue.db import DatabaseError
     from hashmesh.core.queue.store import input_key_usage
 
     out = state_of(ctx).output(json_out)
@@ -59,9 +59,10 @@ def keys_usage(
         raise CliError("no database: give --dsn or set HASHMESH_DATABASE_URL", ExitCode.USAGE)
     try:
         rows = input_key_usage(dsn)
-    except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CliError(f"cannot reach the database: {first}", ExitCode.UNAVAILABLE) from None
+    except Unavailable as exc:
+        raise CliError(f"cannot reach the database: {exc}", ExitCode.UNAVAILABLE) from None
+    except DatabaseError as exc:
+        raise CliError(str(exc)) from None
     usage = [{"key_id": key_id, "unfinished": unfinished, "finished": finished}
              for key_id, unfinished, finished in rows]
     if out.json_mode:

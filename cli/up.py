@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import psycopg
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -24,6 +23,7 @@ from hashmesh.cli.client import CliError, ExitCode
 from hashmesh.cli.naming import STRATEGIES, parse_strategy
 from hashmesh.cli.state import state_of
 from hashmesh.cli.supervisor import Event, MeshPlan, StartupError, Supervisor
+from hashmesh.core.errors import Unavailable
 from hashmesh.core.queue.db import redact_dsn
 
 _STATE_STYLE = {"running": "green", "starting": "yellow", "restarting": "yellow", "crashed": "red",
@@ -122,7 +122,7 @@ async def _run(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
         display.event({"event": "failed", "error": message.splitlines()[0]})
         sys.stderr.write(f"error: mesh did not start: {message}\n{text}\n".rstrip() + "\n")
         # A database that cannot be reached is "unavailable/unreachable" (3), as for `db migrate`.
-        unreachable = isinstance(exc, psycopg.OperationalError)
+        unreachable = isinstance(exc, Unavailable)
         code = int(ExitCode.UNAVAILABLE if unreachable else ExitCode.OTHER)
     finally:
         stopped.cancel()

@@ -7,9 +7,9 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
-import psycopg
-
 from hashmesh.core import logs
+from hashmesh.core.errors import Unavailable
+from hashmesh.core.queue.db import DatabaseError
 from hashmesh.core.queue.sealing import TaskKeyring
 from hashmesh.core.settings import SettingsError
 from hashmesh.hashd.config import HashdSettings
@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"hashd: error: {exc}\n")
     except OSError as exc:  # a listener that cannot bind
         parser.exit(1, f"hashd: error: {exc}\n")
-    except psycopg.Error as exc:  # a wrong DSN or a database down at start-up: one line, no traceback
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        parser.exit(3, f"hashd: error: cannot use the database: {reason}\n")
+    except (Unavailable, DatabaseError) as exc:  # a wrong DSN or a database down: one line
+        parser.exit(3, f"hashd: error: cannot use the database: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,12 @@ import ctypes
 import ctypes.util
 import logging
 
-import psycopg
-import psycopg_pool
-
 from hashmesh.core import metrics
 from hashmesh.core.errors import HashmeshError
 from hashmesh.core.hashing.cache import ResultCache
 from hashmesh.core.queue import db, migrations
-from hashmesh.core.queue.store import PostgresTaskStore, queries
+from hashmesh.core.queue.model import TaskStore
+from hashmesh.core.queue.store import PostgresTaskStore
 from hashmesh.core.rpc import GrpcServer
 from hashmesh.core.signals import wait_for_signal
 from hashmesh.hashd.cache_service import CacheService
@@ -63,10 +61,10 @@ class Hashd:
             cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name,
             CacheService(self.cache, lambda: self.grpc.address),
         )
-        task_store = PostgresTaskStore(self.pool, keyring=settings.task_keys)
+        self.task_store = PostgresTaskStore(self.pool, keyring=settings.task_keys)
         # One LISTEN connection fans task status changes out to every WatchTask stream.
-        self.watch_hub = WatchHub(settings.database.require_dsn(), task_store)
-        self.tasks = TaskService(task_store, settings, cache=self.cache, hub=self.watch_hub)
+        self.watch_hub = WatchHub(settings.database.require_dsn(), self.task_store)
+        self.tasks = TaskService(self.task_store, settings, cache=self.cache, hub=self.watch_hub)
         self.grpc.add(
             task_pb2_grpc.add_TaskServiceServicer_to_server,
             task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
@@ -75,7 +73,12 @@ class Hashd:
 
     async def start(self) -> None:
         dsn = self.settings.database.require_dsn()
-        await asyncio.to_thread(migrations.migrate, dsn)
+        # A database still starting (containers started together) gets HASHMESH_DB_RETRY_*.
+        await db.with_retries(
+            self.settings.database,
+            lambda: asyncio.to_thread(migrations.migrate, dsn),
+            what="applying migrations",
+        )
         await self.pool.open(wait=False)
         await self.cache.start()
         await self.watch_hub.start()
@@ -86,7 +89,7 @@ class Hashd:
             host = self.settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
             self.metrics = metrics.start_metrics_server(self.settings.metrics_port, host=host)
             self._queue_depth = asyncio.create_task(
-                publish_queue_depth(self.pool, self.settings.queue_metrics_seconds),
+                publish_queue_depth(self.task_store, self.settings.queue_metrics_seconds),
                 name="queue-depth-metrics",
             )
         log.info("hashd serving", extra={"address": self.grpc.address})
@@ -108,17 +111,14 @@ class Hashd:
         metrics.unwatch_pool(self.pool)
 
 
-async def publish_queue_depth(pool: psycopg_pool.AsyncConnectionPool, interval: float) -> None:
-    """Every ``interval`` seconds, one grouped count of tasks by status into the queue-depth
-    gauge; a failed read keeps the last values (the pool metrics show the trouble)."""
-    query = queries()["count_by_status"]
+async def publish_queue_depth(store: TaskStore, interval: float) -> None:
+    """Every ``interval`` seconds, the task counts by status into the queue-depth gauge; a
+    failed read keeps the last values (the pool metrics show the trouble)."""
     while True:
         try:
-            async with db.connection(pool, what="counting tasks for metrics") as conn:
-                cur = await conn.execute(query)
-                rows = await cur.fetchall()
-            metrics.set_queue_depth({str(r["status"]): int(r["n"]) for r in rows})
-        except (HashmeshError, psycopg.Error) as exc:
+            counts = await store.count_by_status()
+            metrics.set_queue_depth({status.value: n for status, n in counts.items()})
+        except HashmeshError as exc:
             log.warning("could not read the queue depth", extra={"error": type(exc).__name__})
         await asyncio.sleep(interval)
 

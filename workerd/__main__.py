@@ -7,9 +7,8 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
-import psycopg
-
 from hashmesh.core import logs, metrics
+from hashmesh.core.queue.db import DatabaseError
 from hashmesh.core.queue.sealing import TaskKeyring
 from hashmesh.core.settings import SettingsError
 from hashmesh.core.signals import wait_for_signal
@@ -106,9 +105,8 @@ def main(argv: list[str] | None = None) -> None:
             )
     try:
         asyncio.run(serve(settings, endpoint))
-    except psycopg.Error as exc:  # e.g. a DSN that does not parse (unreachable ones are retried)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        parser.exit(3, f"workerd: error: cannot use the database: {reason}\n")
+    except DatabaseError as exc:  # e.g. a DSN that does not parse (unreachable ones are retried)
+        parser.exit(3, f"workerd: error: cannot use the database: {exc}\n")
     finally:
         if endpoint is not None:
             endpoint.close()

@@ -1,15 +1,16 @@
 """PostgreSQL access shared by hashd and workerd: a bounded psycopg_pool, retries with
-exponential backoff and full jitter, and the one place driver errors become hashmesh errors.
-
-This and the store modules are the only importers of psycopg."""
+exponential backoff and full jitter, and where driver errors become hashmesh errors
+(``connection`` for pooled work, ``sync_errors`` for the short connections of migrations and
+operator commands). Only modules of ``hashmesh.core.queue`` import psycopg; the rest of the
+mesh sees ``Unavailable`` and ``DatabaseError``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import psycopg
@@ -26,6 +27,34 @@ T = TypeVar("T")
 
 # Errors that mean "the database could not be reached or dropped us"; worth a retry.
 TRANSIENT = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.errors.AdminShutdown)
+
+
+class DatabaseError(Exception):
+    """The database refused what retrying will not fix (a connection string that does not
+    parse, a migration that fails). Raised at start-up and by operator commands, never sent
+    to a client; the message names what was being done and the driver's first line."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a driver message (the rest is context such as hints), or the type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def sync_errors(what: str) -> Iterator[None]:
+    """Around a short synchronous connection: an unreachable database as ``Unavailable``,
+    anything else the driver raises as ``DatabaseError``, both naming ``what``."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise Unavailable(
+            f"{what}: the database cannot be reached ({first_line(exc)})",
+            retry_after=1.0,
+            reason="DATABASE_UNAVAILABLE",
+        ) from exc
+    except psycopg.Error as exc:
+        raise DatabaseError(f"{what}: {first_line(exc)}") from exc
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
@@ -59,13 +88,16 @@ def make_pool(
 async def with_retries(
     settings: DatabaseSettings, operation: Callable[[], Awaitable[T]], *, what: str
 ) -> T:
-    """Run ``operation``; on a transient database error retry with backoff, then raise
-    ``Unavailable`` naming what failed. Only for operations that are safe to repeat."""
+    """Run ``operation``; on a transient database error (or ``Unavailable``) retry with
+    backoff (``HASHMESH_DB_RETRY_*``), then raise ``Unavailable`` naming what failed. Only for
+    operations that are safe to repeat."""
     for attempt in range(settings.retry_attempts):
         try:
             return await operation()
-        except TRANSIENT as exc:
+        except (*TRANSIENT, Unavailable) as exc:
             if attempt + 1 >= settings.retry_attempts:
+                if isinstance(exc, Unavailable):
+                    raise
                 raise Unavailable(
                     f"database unavailable while {what}: {type(exc).__name__}", retry_after=1.0,
                     reason="DATABASE_UNAVAILABLE",

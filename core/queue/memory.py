@@ -178,6 +178,12 @@ class MemoryTaskStore:
         oldest = (now - min(due)).total_seconds() if due else 0.0
         return QueueStats(counts, oldest, recent, workers)
 
+    async def count_by_status(self) -> dict[TaskStatus, int]:
+        counts = {s: 0 for s in TaskStatus}
+        for row in self._rows.values():
+            counts[row.record.status] += 1
+        return counts
+
     async def unfinished_by_client(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for row in self._rows.values():

@@ -1,5 +1,8 @@
-"""Versioned SQL migrations, applied in order under an advisory lock so that several
-processes starting at once apply each one exactly once."""
+"""Versioned SQL migrations (``sql/migrations/NNNN_name.sql``), applied in order under an
+advisory lock so that several processes starting at once apply each one exactly once. The one
+module that runs them: hashd and workerd call ``migrate`` at start, ``hashctl up`` and
+``hashctl db migrate`` too. Driver errors leave as ``Unavailable`` (unreachable) or
+``DatabaseError`` (``hashmesh.core.queue.db.sync_errors``)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 import psycopg
+
+from hashmesh.core.queue.db import sync_errors
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ def load_migrations() -> list[Migration]:
 def migrate(dsn: str) -> list[Migration]:
     """Apply pending migrations to ``dsn``; returns those applied by this call."""
     applied: list[Migration] = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with sync_errors("applying migrations"), psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
         try:
             conn.execute(
@@ -76,7 +81,8 @@ def migrate(dsn: str) -> list[Migration]:
 
 
 def current_version(dsn: str) -> int:
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    """The highest migration applied to ``dsn`` (0 for an empty database)."""
+    with sync_errors("reading the schema version"), psycopg.connect(dsn, autocommit=True) as conn:
         exists = conn.execute(
             "SELECT to_regclass('hashmesh_schema_migrations') IS NOT NULL"
         ).fetchone()

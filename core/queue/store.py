@@ -19,7 +19,7 @@ import psycopg_pool
 from psycopg import sql
 
 from hashmesh.core.errors import FailedPrecondition, Unavailable, task_not_found
-from hashmesh.core.queue.db import connection
+from hashmesh.core.queue.db import connection, sync_errors
 from hashmesh.core.queue.model import (
     ClaimedTask,
     Completion,
@@ -203,6 +203,14 @@ class PostgresTaskStore:
             completed_last_minute=int(summary["completed_last_minute"]),
             workers=workers,
         )
+
+    async def count_by_status(self) -> dict[TaskStatus, int]:
+        """Tasks by status (0 for a status with none); the queue-depth gauge reads it."""
+        rows = await self._rows("count_by_status", {}, what="counting tasks by status")
+        counts = {s: 0 for s in TaskStatus}
+        for row in rows:
+            counts[TaskStatus(row["status"])] = int(row["n"])
+        return counts
 
     async def unfinished_by_client(self) -> dict[str, int]:
         rows = await self._rows("unfinished_by_client", {}, what="counting pending tasks")
@@ -472,7 +480,7 @@ class Listener:
 def input_key_usage(dsn: str) -> list[tuple[str, int, int]]:
     """(key id, unfinished, finished) rows still holding an input sealed with each key: the
     check of a key rotation (``hashctl keys usage``). One short connection of its own."""
-    with psycopg.connect(dsn, connect_timeout=10) as conn:
+    with sync_errors("reading key usage"), psycopg.connect(dsn, connect_timeout=10) as conn:
         rows = conn.execute(_q("input_key_usage")).fetchall()
     return [(str(key_id), int(unfinished), int(finished)) for key_id, unfinished, finished in rows]
 
