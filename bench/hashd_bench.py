@@ -13,7 +13,7 @@ comparison, a bare grpc.aio server doing only sha256 (bench/hashd_bare_server.py
   second replica) p50; argon2id with default parameters (random salt): hashes/s.
 - stream: HashStream sha256 MB/s against hashlib alone on the same bytes.
 - cost: the cache's lookup cost against compute cost per algorithm and input size (the
-  measurement behind the default cached algorithms; see hashd/CACHE.md).
+  measurement behind the default cached algorithms; see the README's result cache section).
 
 The machine is shared and small: compare ratios within one run, not absolute figures.
 """
@@ -49,8 +49,8 @@ def database(dsn: str | None) -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    from hashmesh.core.embedded_pg import EmbeddedPostgres
     from hashmesh.core.queue import migrations
+    from hashmesh.core.queue.embedded_pg import EmbeddedPostgres
 
     with tempfile.TemporaryDirectory(prefix="hashd-bench-") as folder:
         server = EmbeddedPostgres(data_dir=Path(folder))

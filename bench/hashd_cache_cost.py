@@ -1,5 +1,5 @@
 """Lookup cost against compute cost, per algorithm and input size: the measurement behind the
-default ``HASHMESH_CACHE_ALGORITHMS`` (hashd/CACHE.md). Run through bench/hashd_bench.py
+default ``HASHMESH_CACHE_ALGORITHMS`` (the README's result cache section). Run through bench/hashd_bench.py
 (``--only cost``) or alone: ``python bench/hashd_cache_cost.py DSN``.
 
 In-process, one event loop: compute = the hash itself; memory hit = HMAC key + LRU get;

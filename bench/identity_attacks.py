@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hashmesh.balancer import keys  # noqa: E402
-from hashmesh.core.embedded_pg import EmbeddedPostgres  # noqa: E402
+from hashmesh.core.queue.embedded_pg import EmbeddedPostgres  # noqa: E402
 from hashmesh.v1 import (  # noqa: E402
     admin_pb2,
     admin_pb2_grpc,

@@ -37,8 +37,8 @@ from pathlib import Path
 import grpc
 import psycopg
 
-from hashmesh.core.embedded_pg import EmbeddedPostgres, create_database
 from hashmesh.core.queue import migrations
+from hashmesh.core.queue.embedded_pg import EmbeddedPostgres, create_database
 from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
 
 HERE = Path(__file__).resolve().parent

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hashmesh.core.embedded_pg import EmbeddedPostgres, free_port
 from hashmesh.core.queue.db import redact_dsn
+from hashmesh.core.queue.embedded_pg import EmbeddedPostgres, free_port
 from hashmesh.core.queue.sealing import KEY_FILE_ENV, KEYS_ENV, ensure_key_file
 
 log = logging.getLogger(__name__)

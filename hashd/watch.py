@@ -13,8 +13,8 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+from hashmesh.core.backoff import backoff_delay
 from hashmesh.core.errors import Unavailable
-from hashmesh.core.queue.db import backoff_delay
 from hashmesh.core.queue.model import TaskRecord, TaskStatus, TaskStore
 from hashmesh.core.queue.store import NOTIFY_STATUS, Listener
 

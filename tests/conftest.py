@@ -13,8 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from hashmesh.core.embedded_pg import EmbeddedPostgres, create_database
 from hashmesh.core.queue import migrations
+from hashmesh.core.queue.embedded_pg import EmbeddedPostgres, create_database
 from hashmesh.core.queue.sealing import KEY_FILE_ENV, ensure_key_file
 from tests.procs import Proc, start_process, wait_serving
 

@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from hashmesh.core import metrics
+from hashmesh.core.backoff import backoff_delay
 from hashmesh.core.errors import Unavailable
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.hashing.cache import CacheSettings, ResultCache
 from hashmesh.core.queue import db, migrations
-from hashmesh.core.queue.db import backoff_delay
 from hashmesh.core.queue.model import ClaimedTask, Completion, Failure, Lease
 from hashmesh.core.queue.store import NOTIFY_READY, Listener, PostgresTaskStore
 from hashmesh.workerd import handlers

@@ -29,7 +29,7 @@ Rules it keeps:
 
 Connections: borrowed from the caller's pool (no pool of its own), plus one LISTEN connection
 per process when the memory tier is on (``memory_entries > 0``). A process that only stores
-(workerd) can turn the memory tier off and save that connection. See hashd/CACHE.md.
+(workerd) can turn the memory tier off and save that connection. See the README's "Which algorithms are cached by default".
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ import psycopg
 import psycopg_pool
 
 from hashmesh.core import metrics
+from hashmesh.core.backoff import RECONNECT, backoff_delay
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
-from hashmesh.core.queue.db import backoff_delay
 from hashmesh.core.settings import SettingsError, env_float, env_int, env_list, env_str
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ class CacheSettings:
     production)."""
     algorithms: tuple[str, ...] = ("argon2id",)
     """Algorithms whose results are cached (``HASHMESH_CACHE_ALGORITHMS``, comma-separated;
-    empty turns the cache off). Default chosen by measurement: see hashd/CACHE.md."""
+    empty turns the cache off). Default chosen by measurement: see the README's "Which
+    algorithms are cached by default"."""
     memory_entries: int = 10_000
     """Bound of the in-process LRU; 0 turns the memory tier off (``HASHMESH_CACHE_MEMORY_ENTRIES``)."""
     ttl_seconds: float = 24 * 3600.0
@@ -510,7 +511,7 @@ class ResultCache:
                     return
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 log.warning("cannot load the cache secret yet", extra={"error": type(exc).__name__})
-            await asyncio.sleep(backoff_delay(attempt, 0.2, 5.0))
+            await asyncio.sleep(RECONNECT.delay(attempt))
             attempt += 1
 
     async def _sweep_loop(self) -> None:
@@ -566,5 +567,5 @@ class ResultCache:
                 log.warning(
                     "cache clear listener lost its connection", extra={"error": type(exc).__name__}
                 )
-            await asyncio.sleep(backoff_delay(attempt, 0.2, 10.0))
+            await asyncio.sleep(RECONNECT.delay(attempt))
             attempt += 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ import psycopg_pool
 from psycopg.rows import dict_row
 
 from hashmesh.core import metrics
+from hashmesh.core.backoff import backoff_delay
 from hashmesh.core.errors import Unavailable
 from hashmesh.core.settings import DatabaseSettings
 
@@ -55,11 +55,6 @@ def sync_errors(what: str) -> Iterator[None]:
         ) from exc
     except psycopg.Error as exc:
         raise DatabaseError(f"{what}: {first_line(exc)}") from exc
-
-
-def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """Full jitter (AWS architecture blog): uniform in [0, min(cap, base * 2**attempt)]."""
-    return random.uniform(0.0, min(cap, base * (2**attempt)))
 
 
 def make_pool(

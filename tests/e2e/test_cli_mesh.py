@@ -16,7 +16,7 @@ import pytest
 
 from hashmesh.cli.client import ExitCode
 from hashmesh.cli.naming import STATUSES
-from hashmesh.core.embedded_pg import create_database
+from hashmesh.core.queue.embedded_pg import create_database
 from tests.cli_helpers import hashctl, hashctl_json
 from tests.conftest import Mesh, Processes
 

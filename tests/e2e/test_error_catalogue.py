@@ -21,7 +21,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from hashmesh.balancer.keys import generate_key, key_line
 from hashmesh.core.catalogue import CATALOGUE, DOMAIN, Entry, Retry
-from hashmesh.core.embedded_pg import EmbeddedPostgres
+from hashmesh.core.queue.embedded_pg import EmbeddedPostgres
 from hashmesh.v1 import (
     admin_pb2,
     admin_pb2_grpc,

@@ -13,7 +13,7 @@ import grpc
 import psycopg
 import pytest
 
-from hashmesh.core.embedded_pg import EmbeddedPostgres
+from hashmesh.core.queue.embedded_pg import EmbeddedPostgres
 from hashmesh.core.queue.sealing import TaskKeyring
 from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
 from tests.conftest import Processes

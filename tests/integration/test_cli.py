@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from hashmesh.cli.client import ExitCode
-from hashmesh.core.embedded_pg import create_database, free_port
+from hashmesh.core.queue.embedded_pg import create_database, free_port
 from tests.cli_helpers import hashctl, hashctl_json
 from tests.conftest import Processes
 

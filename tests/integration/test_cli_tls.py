@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from hashmesh.cli.client import ExitCode
-from hashmesh.core.embedded_pg import create_database
+from hashmesh.core.queue.embedded_pg import create_database
 from tests.certs import Pki, make_pki
 from tests.cli_helpers import hashctl
 from tests.conftest import Processes

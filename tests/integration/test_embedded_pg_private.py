@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from hashmesh.core.embedded_pg import PASSWORD_FILE, EmbeddedPostgres
+from hashmesh.core.queue.embedded_pg import PASSWORD_FILE, EmbeddedPostgres
 
 # Runs as another user: everything it tries must fail (JSON of what happened, per attempt).
 ATTACKER = r"""

@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hashmesh.core.embedded_pg import create_database
+from hashmesh.core.queue.embedded_pg import create_database
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc
 from tests.procs import Proc, start_process, wait_serving
 

@@ -10,9 +10,9 @@ import uuid
 import grpc
 import psycopg
 
-from hashmesh.core.embedded_pg import EmbeddedPostgres
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.hashing.cache import CachedResult, CacheSettings, ResultCache
+from hashmesh.core.queue.embedded_pg import EmbeddedPostgres
 from hashmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, hash_pb2, hash_pb2_grpc
 from tests.conftest import Processes
 from tests.stamps import channel_as

@@ -13,8 +13,8 @@ import grpc
 import psycopg
 import pytest
 
-from hashmesh.core.embedded_pg import EmbeddedPostgres
 from hashmesh.core.hashing.algorithms import argon2id_verify
+from hashmesh.core.queue.embedded_pg import EmbeddedPostgres
 from hashmesh.core.queue.sealing import KEY_FILE_ENV, new_key_line
 from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
 from tests.cli_helpers import hashctl_json
@@ -223,8 +223,8 @@ def test_key_rotation_as_the_readme_describes_it(
 
 
 def test_migration_0004_ends_clear_passwords_and_keeps_digest_inputs(pg_admin_dsn: str) -> None:
-    from hashmesh.core.embedded_pg import create_database
     from hashmesh.core.queue import migrations
+    from hashmesh.core.queue.embedded_pg import create_database
 
     name = f"hm_m4_{uuid.uuid4().hex[:10]}"
     target = create_database(pg_admin_dsn, name)

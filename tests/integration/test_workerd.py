@@ -120,7 +120,7 @@ def test_sigterm_while_waiting_for_the_database_exits_cleanly() -> None:
     import subprocess
     import sys
 
-    from hashmesh.core.embedded_pg import free_port
+    from hashmesh.core.queue.embedded_pg import free_port
 
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres?connect_timeout=1"
     worker = subprocess.Popen(

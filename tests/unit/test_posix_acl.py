@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from hashmesh.core import posix_acl
-from hashmesh.core.posix_acl import GROUP_OBJ, MASK, OTHER, USER, USER_OBJ
+from hashmesh.core.queue import posix_acl
+from hashmesh.core.queue.posix_acl import GROUP_OBJ, MASK, OTHER, USER, USER_OBJ
 
 NO_ID = 0xFFFFFFFF
 

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hashmesh.core import posix_acl
+from hashmesh.core.queue import posix_acl
 
 log = logging.getLogger(__name__)
 
