@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 
 from hashmesh.core.errors import DeadlineExceeded, HashmeshError, InvalidArgument, to_grpc_status
 from hashmesh.core.reflection import HEALTH, add_reflection
@@ -162,7 +162,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
     )
 
 
-class Health(HealthServicer):  # type: ignore[misc]
+class Health(health_aio.HealthServicer):  # type: ignore[misc]
     """grpc.health.v1 with ``List`` too (grpcio-health-checking's asyncio servicer answers it
     UNIMPLEMENTED): every service name set so far and its status."""
 

@@ -25,6 +25,8 @@ class SubmitCoalescer:
         self._max_in_flight = max_in_flight
         self._queue: deque[tuple[Sequence[NewTask], asyncio.Future[list[Submitted]]]] = deque()
         self._in_flight = 0
+        self._drains: set[asyncio.Task[None]] = set()
+        """The running drains, kept so the event loop's weak reference is not their only one."""
         self.statements = 0
         """Statements sent so far (for tests and benchmarks)."""
 
@@ -33,7 +35,9 @@ class SubmitCoalescer:
         self._queue.append((tasks, future))
         if self._in_flight < self._max_in_flight:
             self._in_flight += 1
-            asyncio.get_running_loop().create_task(self._drain())
+            drain = asyncio.get_running_loop().create_task(self._drain(), name="submit-coalescer")
+            self._drains.add(drain)
+            drain.add_done_callback(self._drains.discard)
         return await future
 
     def _take(self) -> list[tuple[Sequence[NewTask], asyncio.Future[list[Submitted]]]]:
