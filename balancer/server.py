@@ -81,7 +81,7 @@ class Balancer:
         self.admin = GrpcServer(
             settings.admin_listen,
             interceptors=admin_interceptors,
-            credentials=settings.tls.credentials() if settings.tls is not None else None,
+            tls=settings.tls,
         )
         self.admin.add(admin_pb2_grpc.add_AdminServiceServicer_to_server, ADMIN_SERVICE, admin)
         self._side: list[asyncio.Task[None]] = []

@@ -19,6 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from hashmesh.core.errors import DeadlineExceeded, HashmeshError, InvalidArgument, to_grpc_status
 from hashmesh.core.reflection import HEALTH, add_reflection
+from hashmesh.core.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ class GrpcServer:
         *,
         max_message_bytes: int = 4 * 1024 * 1024,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        tls: ServerTls | None = None,
         credentials: grpc.ServerCredentials | None = None,
         extra_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -209,6 +211,8 @@ class GrpcServer:
         self.health = Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
+        self._tls = tls
+        """Its certificate files are read by ``start()``: constructing a server does no I/O."""
         self._credentials = credentials
         self.port = 0
 
@@ -225,9 +229,12 @@ class GrpcServer:
 
     async def start(self) -> None:
         add_reflection(self.server, [*self._service_names, HEALTH])
+        credentials = self._credentials
+        if credentials is None and self._tls is not None:
+            credentials = self._tls.credentials()  # a file that cannot be read fails here
         try:
-            if self._credentials is not None:
-                self.port = self.server.add_secure_port(self.listen, self._credentials)
+            if credentials is not None:
+                self.port = self.server.add_secure_port(self.listen, credentials)
             else:
                 self.port = self.server.add_insecure_port(self.listen)
         except RuntimeError:  # grpc raises for an address it cannot parse or bind

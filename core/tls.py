@@ -94,7 +94,7 @@ class ServerTls:
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=roots)
 
     def credentials(self, *, reload: bool = True) -> grpc.ServerCredentials:
-        """Server credentials for ``GrpcServer(listen, credentials=...)``. Files are read now
+        """Server credentials (``GrpcServer(listen, tls=...)`` asks at ``start()``). Files are read now
         (a missing file fails start-up with the variable's name); with ``reload`` they are
         read again on a new handshake after any of them changed."""
         if not reload:

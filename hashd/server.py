@@ -45,7 +45,7 @@ class Hashd:
                 metrics.MetricsInterceptor(),
                 IdentityInterceptor(CallerResolver(settings.identity_secret, settings.admin_token)),
             ],
-            credentials=settings.tls.credentials() if settings.tls is not None else None,
+            tls=settings.tls,
         )
         self.metrics: metrics.MetricsServer | None = None
         self._queue_depth: asyncio.Task[None] | None = None
