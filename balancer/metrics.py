@@ -10,7 +10,6 @@ Two sources, neither adding a layer to the forwarding path:
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -38,24 +37,6 @@ def reading(snap: Snapshot) -> BalancerReading:
     )
 
 
-def final_code(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:
-    """The status a handler that raised ``exc`` ends with: the one it aborted with, else
-    CANCELLED when the client went away, else UNKNOWN."""
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return grpc.StatusCode.CANCELLED
-    try:
-        code = context.code()
-    except Exception:  # grpc versions without code(): fall through
-        code = None
-    if isinstance(code, grpc.StatusCode):
-        return code
-    if isinstance(code, int):  # some versions return the cygrpc integer
-        for status in grpc.StatusCode:
-            if status.value[0] == code:
-                return status
-    return grpc.StatusCode.UNKNOWN
-
-
 class MethodCalls:
     """One method's label children. ``in_flight`` is a plain integer the handler moves (read
     by the gauge at scrape time), so a call takes no lock for it."""
@@ -81,7 +62,7 @@ class MethodCalls:
         """The handler raised ``exc`` (an abort carrying the status, or a cancellation)."""
         self.in_flight -= 1
         self._latency.observe(time.perf_counter() - started)
-        code = final_code(context, exc)
+        code = metrics.final_code(context, exc)
         child = self._by_code.get(code)
         if child is None:
             child = self._by_code[code] = metrics.GRPC_HANDLED.labels(self._service, self._method,

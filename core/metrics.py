@@ -198,12 +198,15 @@ class _MethodMetrics:
         child.inc()
 
 
-def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
-    """The status the call ends with: what the handler set or aborted with, else OK or
-    UNKNOWN (an exception no interceptor translated), CANCELLED if the task was cancelled."""
+def final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
+    """The status a call ends with: CANCELLED when the client went away, else what the
+    handler set or aborted with, else OK (no exception) or UNKNOWN (one nobody translated).
+    Used by ``MetricsInterceptor`` and by the balancer's own per-call metrics."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
     try:
         code = context.code()
-    except Exception:  # older grpc versions lack code(); fall back below
+    except Exception:  # grpc versions without code(): fall through
         code = None
     if isinstance(code, grpc.StatusCode):
         return code
@@ -211,13 +214,7 @@ def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) ->
         for status in grpc.StatusCode:
             if status.value[0] == code:
                 return status
-    if exc is None:
-        return grpc.StatusCode.OK
-    if isinstance(exc, grpc.aio.AbortError):
-        return grpc.StatusCode.UNKNOWN
-    if isinstance(exc, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -276,9 +273,9 @@ def _wrap(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> grpc.RpcMe
                 if inspect.isawaitable(result):
                     result = await result
             except BaseException as exc:
-                metrics.done(_final_code(context, exc), started)
+                metrics.done(final_code(context, exc), started)
                 raise
-            metrics.done(_final_code(context, None), started)
+            metrics.done(final_code(context, None), started)
             return result
 
         factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
@@ -299,9 +296,9 @@ def _wrap(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> grpc.RpcMe
                 async for item in result:
                     yield item
         except BaseException as exc:
-            metrics.done(_final_code(context, exc), started)
+            metrics.done(final_code(context, exc), started)
             raise
-        metrics.done(_final_code(context, None), started)
+        metrics.done(final_code(context, None), started)
 
     factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
                else grpc.stream_stream_rpc_method_handler)

@@ -8,8 +8,9 @@ import grpc
 import pytest
 
 from hashmesh.balancer.config import BalancerSettings
-from hashmesh.balancer.metrics import CallMetrics, final_code, reading
+from hashmesh.balancer.metrics import CallMetrics, reading
 from hashmesh.balancer.stats import ReplicaSnapshot, Snapshot
+from hashmesh.core.metrics import final_code
 from hashmesh.core.settings import SettingsError
 from hashmesh.core.tls import ClientTls, ServerTls
 
