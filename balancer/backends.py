@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hashmesh.balancer.config import BalancerSettings, upstream_credentials
 from hashmesh.balancer.pickers import Candidate, Picker, make_picker
 from hashmesh.balancer.stats import ReplicaStats
+from hashmesh.core.metrics import mesh_method_names
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ UNHEALTHY = "unhealthy"
 EJECTED = "ejected"
 DRAINING = "draining"
 UNHEALTHY_AFTER = 2  # failed health checks in a row (NOT_SERVING: at once)
+KNOWN_METHODS = mesh_method_names()
 
 
 def channel_options(settings: BalancerSettings) -> list[tuple[str, Any]]:
@@ -65,6 +67,8 @@ class Replica:
         "state",
         "state_since",
         "stats",
+        "stream_cap",
+        "streams",
     )
 
     def __init__(self, address: str, source: str, settings: BalancerSettings,
@@ -85,6 +89,10 @@ class Replica:
         self.removed = False
         self.in_flight = 0
         self.cap = settings.max_in_flight_per_backend
+        # Streams hold their slot for as long as the client likes: a separate count and cap,
+        # so they can never take the slots of unary calls.
+        self.streams = 0
+        self.stream_cap = settings.max_streams_per_backend
         self.failures = 0
         self.bad_checks = 0
         self.stats = ReplicaStats(settings.stats_window)
@@ -103,11 +111,15 @@ class Replica:
         return DRAINING if self.draining and self.state == READY else self.state
 
     def multicallable(self, kind: str, method: str) -> Any:
-        """``channel.unary_unary(method)`` and friends, made once per method: no serializers,
-        so bytes pass through untouched."""
+        """``channel.unary_unary(method)`` and friends, made once per method of the mesh: no
+        serializers, so bytes pass through untouched. Other names are the client's choice:
+        made per call and never registered with the channel (gRPC keeps a registered method
+        for the channel's life), so inventing names cannot grow memory."""
         key = (kind, method)
         found = self._calls.get(key)
         if found is None:
+            if method not in KNOWN_METHODS:
+                return getattr(self.channel, kind)(method)
             found = self._calls[key] = getattr(self.channel, kind)(method, _registered_method=True)
         return found
 
@@ -139,6 +151,15 @@ class BackendSet:
         # Panic routing (as Envoy does): with no replica known healthy, try them all rather
         # than refuse; the dead ones fail fast and the call is retried on another.
         chosen: Candidate | None = self.picker.pick(self.ready or self.fallback, key, exclude)
+        return chosen  # type: ignore[return-value]
+
+    def pick_stream(self, key: str | None, exclude: Collection[Replica]) -> Replica | None:
+        """``pick`` for a stream: replicas at their stream cap are left out as well."""
+        candidates = self.ready or self.fallback
+        full = [r for r in candidates if r.streams >= r.stream_cap]
+        if full:
+            exclude = [*exclude, *full]
+        chosen: Candidate | None = self.picker.pick(candidates, key, exclude)
         return chosen  # type: ignore[return-value]
 
     def set_strategy(self, name: str, hash_key: str | None = None) -> None:
@@ -201,7 +222,7 @@ class BackendSet:
         if task is not None:
             task.cancel()
         deadline = time.monotonic() + self.settings.grace_seconds
-        while replica.in_flight and time.monotonic() < deadline:
+        while (replica.in_flight or replica.streams) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.replicas.pop(address, None)
         await replica.channel.close()

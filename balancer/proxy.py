@@ -21,17 +21,21 @@ from typing import Any
 import grpc
 
 from hashmesh.balancer.backends import BackendSet, Replica
+from hashmesh.balancer.budgets import OTHER, UPLOAD, WATCH, Budgets
+from hashmesh.balancer.budgets import UNARY as UNARY_BUDGET
 from hashmesh.balancer.config import BalancerSettings
 from hashmesh.balancer.interceptors import (
     ADMIN_PREFIX,
     AdminPolicy,
     CallInfo,
     CallInterceptor,
+    _host_of,
     read_call,
     refusing_handler,
 )
 from hashmesh.balancer.metrics import CallMetrics, MethodCalls
 from hashmesh.balancer.stats import BalancerStats
+from hashmesh.balancer.timeouts import AttemptTimeout, StreamIdle, idle_limited
 from hashmesh.core.errors import HashmeshError, Unavailable, to_grpc_status
 
 log = logging.getLogger(__name__)
@@ -123,26 +127,31 @@ class Proxy:
         self._idempotent = frozenset(settings.idempotent_methods)
         self._max_attempts = settings.max_attempts
         self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min)
+        self.budgets = Budgets(settings.budgets)
+        self._attempt = AttemptTimeout(settings.attempt_timeout, settings.idempotent_methods)
+        self._stream_idle = settings.budgets.stream_idle_seconds
 
     # -- shared steps ----------------------------------------------------------------------
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> CallInfo:
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext, kind: int, size: int = 0) -> CallInfo:
         self._stats.calls += 1
         self.budget.deposit()
         call = read_call(method, context.peer(), context.invocation_metadata(), self._backends.hash_key)
         try:
             for interceptor in self._chain:
                 await interceptor.admit(call)
+            self.budgets.hold(_host_of(call.address), kind, size, call.metadata, context.add_done_callback)
         except HashmeshError as error:
             await _abort(context, error, call.reply_metadata)
         return call
 
-    def _pick(self, call: CallInfo, tried: list[Replica]) -> Replica:
-        replica = self._backends.pick(call.hash_value, tried)
+    def _pick(self, call: CallInfo, tried: list[Replica], stream: bool = False) -> Replica:
+        pick = self._backends.pick_stream if stream else self._backends.pick
+        replica = pick(call.hash_value, tried)
         if replica is None:
             if tried:
                 # Every other replica failed or is full: give the first one another go.
-                replica = self._backends.pick(call.hash_value, ())
+                replica = pick(call.hash_value, ())
             if replica is None:
                 self._stats.no_backend += 1
                 reason = "no replica is ready" if not self._backends.fallback else "every replica is at its in-flight cap"
@@ -151,7 +160,8 @@ class Proxy:
 
     def _may_retry(self, err: grpc.aio.AioRpcError, method: str, attempt: int, deadline: float | None,
                    replayable: bool) -> bool:
-        if err.code() is not grpc.StatusCode.UNAVAILABLE or attempt >= self._max_attempts:
+        if attempt >= self._max_attempts or (
+                err.code() is not grpc.StatusCode.UNAVAILABLE and not self._attempt.expired(err, method, deadline)):
             return False
         if deadline is not None and time.monotonic() >= deadline:
             return False
@@ -162,8 +172,9 @@ class Proxy:
         self._stats.retries += 1
         return True
 
-    def _failed(self, replica: Replica, err: grpc.aio.AioRpcError) -> None:
-        if err.code() is grpc.StatusCode.UNAVAILABLE and _TRANSPORT.search(err.details() or ""):
+    def _failed(self, replica: Replica, err: grpc.aio.AioRpcError, method: str = "", deadline: float | None = None) -> None:
+        if (err.code() is grpc.StatusCode.UNAVAILABLE and _TRANSPORT.search(err.details() or "")) or \
+                self._attempt.expired(err, method, deadline):
             self._backends.connection_failed(replica)
 
     # -- the four kinds --------------------------------------------------------------------
@@ -190,7 +201,7 @@ class Proxy:
             if calls is not None:
                 calls.in_flight += 1
             try:
-                call = await self._admit(method, context)
+                call = await self._admit(method, context, UNARY_BUDGET, len(request))
                 timeout = context.time_remaining()
                 deadline = None if timeout is None else time.monotonic() + timeout
                 tried: list[Replica] = []
@@ -202,13 +213,14 @@ class Proxy:
                         await _abort(context, error, call.reply_metadata)
                     replica.in_flight += 1
                     started = time.perf_counter()
-                    rpc = replica.multicallable(UNARY, method)(request, timeout=timeout, metadata=call.metadata)
+                    rpc = replica.multicallable(UNARY, method)(
+                        request, timeout=self._attempt.cap(method, timeout), metadata=call.metadata)
                     try:
                         response = await rpc
                     except grpc.aio.AioRpcError as err:
                         replica.in_flight -= 1
                         replica.stats.record(time.perf_counter() - started, False)
-                        self._failed(replica, err)
+                        self._failed(replica, err, method, deadline)
                         if self._may_retry(err, method, attempt, deadline, True):
                             attempt += 1
                             tried.append(replica)
@@ -241,8 +253,8 @@ class Proxy:
             if calls is not None:
                 calls.in_flight += 1
             try:
-                call = await self._admit(method, context)
-                source = _Replayable(requests)
+                call = await self._admit(method, context, UPLOAD)
+                source = _Replayable(requests, self._stream_idle)
                 attempts = _Attempts(self, call, method, context, source)
                 while True:
                     replica, timeout = await attempts.next()
@@ -257,6 +269,8 @@ class Proxy:
                     except BaseException:
                         attempts.abandoned(rpc)
                         await source.stop()
+                        if source.idle:
+                            await _abort(context, StreamIdle(self._stream_idle), call.reply_metadata)
                         raise
                     attempts.succeeded()
                     await source.stop()
@@ -279,7 +293,7 @@ class Proxy:
             if calls is not None:
                 calls.in_flight += 1
             try:
-                call = await self._admit(method, context)
+                call = await self._admit(method, context, WATCH)
                 source = _Replayable(_once(request))
                 attempts = _Attempts(self, call, method, context, source)
                 while True:
@@ -296,6 +310,8 @@ class Proxy:
                     except BaseException:
                         attempts.abandoned(rpc)
                         await source.stop()
+                        if source.idle:
+                            await _abort(context, StreamIdle(self._stream_idle), call.reply_metadata)
                         raise
                     attempts.succeeded()
                     await _relay_metadata(context, rpc, call.reply_metadata, initial_sent=source.replied)
@@ -317,8 +333,8 @@ class Proxy:
             if calls is not None:
                 calls.in_flight += 1
             try:
-                call = await self._admit(method, context)
-                source = _Replayable(requests)
+                call = await self._admit(method, context, OTHER)
+                source = _Replayable(requests, self._stream_idle)
                 attempts = _Attempts(self, call, method, context, source)
                 while True:
                     replica, timeout = await attempts.next()
@@ -336,6 +352,8 @@ class Proxy:
                     except BaseException:
                         attempts.abandoned(rpc)
                         await source.stop()
+                        if source.idle:
+                            await _abort(context, StreamIdle(self._stream_idle), call.reply_metadata)
                         raise
                     attempts.succeeded()
                     await source.stop()
@@ -364,8 +382,10 @@ class _Replayable:
     then the replica cannot have acted on more than that one message, and a retry happens
     only when the connection never came up or the method is idempotent."""
 
-    def __init__(self, requests: AsyncIterator[bytes]) -> None:
+    def __init__(self, requests: AsyncIterator[bytes], idle_seconds: float = 0.0) -> None:
         self._requests = requests
+        self._idle_seconds = idle_seconds
+        self.idle = False
         self._first: bytes | None = None
         self._pump: asyncio.Task[None] | None = None
         self.taken = 0
@@ -388,7 +408,7 @@ class _Replayable:
             send = getattr(getattr(rpc, "_cython_call", None), "send_serialized_message", None) or rpc.write
             if self._first is not None:
                 await send(self._first)
-            async for message in self._requests:
+            async for message in idle_limited(self._requests, self._idle_seconds, lambda: self._went_idle(rpc)):
                 self.taken += 1
                 self._first = message if self.taken == 1 else None
                 if rpc.done():
@@ -397,6 +417,10 @@ class _Replayable:
             await rpc.done_writing()
         except Exception:  # the backend call ended: its status says why
             log.debug("request stream stopped", exc_info=True)
+
+    def _went_idle(self, rpc: Any) -> None:
+        self.idle = True
+        rpc.cancel()
 
     async def stop(self) -> None:
         pump, self._pump = self._pump, None
@@ -424,10 +448,10 @@ class _Attempts:
 
     async def next(self) -> tuple[Replica, float | None]:
         try:
-            replica = self._proxy._pick(self._call, self._tried)
+            replica = self._proxy._pick(self._call, self._tried, stream=True)
         except HashmeshError as error:
             await _abort(self._context, error, self._call.reply_metadata)
-        replica.in_flight += 1
+        replica.streams += 1
         self._replica = replica
         self._started = time.perf_counter()
         timeout = None if self._deadline is None else self._deadline - time.monotonic()
@@ -436,7 +460,7 @@ class _Attempts:
     def _finish(self, ok: bool) -> Replica | None:
         replica, self._replica = self._replica, None
         if replica is not None:
-            replica.in_flight -= 1
+            replica.streams -= 1
             replica.stats.record(time.perf_counter() - self._started, ok)
         return replica
 

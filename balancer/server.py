@@ -24,6 +24,7 @@ from grpc_health.v1._async import HealthServicer
 from hashmesh.balancer.admin import AdminServicer, admin_handlers, snapshot
 from hashmesh.balancer.backends import BackendSet
 from hashmesh.balancer.config import BalancerSettings
+from hashmesh.balancer.connections import admin_options, public_options, raise_fd_limit
 from hashmesh.balancer.interceptors import AdminAuth, AdminPolicy, build_chain
 from hashmesh.balancer.keys import ApiKeys
 from hashmesh.balancer.metrics import CallMetrics, reading
@@ -59,7 +60,10 @@ class Balancer:
         admin = AdminServicer(self.stats, self.backends, self.limiter)
 
         self.health = HealthServicer()
-        self.server = grpc.aio.server(options=server_options(settings.wire_message_bytes))
+        # Descriptors first: the connection cap is fitted to what the process may open.
+        self.connections = settings.connections.fitted(raise_fd_limit())
+        self.server = grpc.aio.server(
+            options=[*server_options(settings.wire_message_bytes), *public_options(self.connections)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         public_policy = AdminPolicy(settings.admin_token, open_without_token=False)
         self.server.add_generic_rpc_handlers([Router(self.proxy, admin_handlers(admin), public_policy)])
@@ -75,6 +79,7 @@ class Balancer:
             settings.admin_listen,
             interceptors=admin_interceptors,
             credentials=settings.tls.credentials() if settings.tls is not None else None,
+            extra_options=admin_options(),
         )
         self.admin.add(admin_pb2_grpc.add_AdminServiceServicer_to_server,
                        admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name, admin)

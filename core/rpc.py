@@ -24,6 +24,8 @@ from hashmesh.core.errors import DeadlineExceeded, HashmeshError, InvalidArgumen
 log = logging.getLogger(__name__)
 
 Behavior = Callable[..., Any]
+MAX_WRAPPED_METHODS = 1024
+"""Handlers kept wrapped; far above the methods a server has, a bound whatever it routes."""
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -31,7 +33,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     refuses calls whose deadline already passed before any work starts."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -39,11 +41,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if method in self._wrapped:
-            return self._wrapped[method]
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
-        wrapped = _wrap_handler(handler, method) if handler is not None else None
-        self._wrapped[method] = wrapped
+        if handler is None:  # unknown names are the caller's choice: never remembered
+            return None
+        wrapped = _wrap_handler(handler, method)
+        if len(self._wrapped) < MAX_WRAPPED_METHODS:
+            self._wrapped[method] = wrapped
         return wrapped
 
 
