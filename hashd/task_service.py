@@ -41,6 +41,8 @@ MAX_BATCH = 10_000
 MAX_KEY_LENGTH = 200
 MAX_RUN_AFTER = timedelta(days=366)
 MAX_CLIENT_ID_LENGTH = 200
+MAX_PAGE_TOKEN_LENGTH = 512
+"""Tokens this service issues are about 120 characters; a longer one is not ours."""
 WATCH_POLL_SECONDS = 5.0
 """Watchers re-read their task at least this often, in case a notification was lost."""
 
@@ -187,13 +189,16 @@ def encode_page_token(cursor: ListCursor, filters: ListFilter) -> str:
 def decode_page_token(token: str, filters: ListFilter) -> ListCursor | None:
     if not token:
         return None
+    if len(token) > MAX_PAGE_TOKEN_LENGTH:
+        raise InvalidArgument("page_token", "is not a token this service issued (too long)")
     try:
+        # RecursionError: JSON nested deeper than the parser goes.
         body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         cursor = ListCursor(
             created_at=datetime.fromisoformat(body["c"]), id=str(uuid.UUID(body["i"]))
         )
         fingerprint = body["f"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise InvalidArgument("page_token", "is not a token this service issued") from None
     if fingerprint != _filter_fingerprint(filters):
         raise InvalidArgument(
@@ -372,6 +377,13 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     async def ListTasks(
         self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.ListTasksResponse:
+        # Sizes first: a request of millions of packed statuses must not cost a loop over them.
+        if len(request.statuses) > len(STATUS_TO_WIRE):
+            raise InvalidArgument(
+                "statuses", f"at most {len(STATUS_TO_WIRE)} entries (one per status), got {len(request.statuses)}"
+            )
+        if len(request.page_token) > MAX_PAGE_TOKEN_LENGTH:
+            raise InvalidArgument("page_token", "is not a token this service issued (too long)")
         statuses = []
         for index, status in enumerate(request.statuses):
             if status not in STATUS_FROM_WIRE:

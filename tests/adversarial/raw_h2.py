@@ -6,6 +6,7 @@ only, non-ASCII metadata). A reader thread records each stream's headers and tra
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
 import threading
 import time
@@ -120,10 +121,8 @@ class RawConnection:
         return result
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
         self._reader.join(5)
 
