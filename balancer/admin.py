@@ -124,10 +124,17 @@ def _limit_proto(spec: RateLimitSettings) -> admin_pb2.RateLimit:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, stats: BalancerStats, backends: BackendSet, limiter: RateLimiter) -> None:
+    def __init__(self, stats: BalancerStats, backends: BackendSet, limiter: RateLimiter,
+                 changed: Callable[[], Awaitable[None]] | None = None) -> None:
         self._stats = stats
         self._backends = backends
         self._limiter = limiter
+        self._changed = changed
+
+    async def _saved(self) -> None:
+        """After a change: keep it (``balancer.state``) before answering."""
+        if self._changed is not None:
+            await self._changed()
 
     @_edge
     async def GetStats(self, request: admin_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.GetStatsResponse:
@@ -169,6 +176,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 "hash_key", "must be a text metadata key: a-z, 0-9, '-', '_', '.' (not -bin, grpc-)"
             )
         self._backends.set_strategy(name, key or None)
+        await self._saved()
         strategy, key = self._strategy()
         return admin_pb2.SetStrategyResponse(strategy=strategy, hash_key=key)  # type: ignore[arg-type]
 
@@ -204,6 +212,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._limiter.configure(
             default=default, disable=request.disable, upsert=upsert, remove=tuple(request.remove_overrides)
         )
+        await self._saved()
         new_default, overrides = self._limits()
         return admin_pb2.SetRateLimitsResponse(default_limit=new_default, overrides=overrides)
 
@@ -214,6 +223,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if request.address not in self._backends.replicas:
             raise NotFound(f"no replica {request.address!r}; see ListBackends")
         replica = self._backends.drain(request.address, request.undrain)
+        await self._saved()
         return admin_pb2.DrainBackendResponse(backend=backend_proto(replica_snapshot(replica)))
 
 

@@ -137,6 +137,8 @@ class BackendSet:
         self.fallback: tuple[Replica, ...] = ()
         self.picker: Picker = make_picker(settings.strategy, settings.hash_key)
         self.hash_key: str = settings.hash_key
+        # Drained by an operator, by address: also applies to a replica DNS finds later.
+        self.drained: set[str] = set()
         self._on_change = on_change
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._side: list[asyncio.Task[None]] = []
@@ -198,16 +200,27 @@ class BackendSet:
 
     def drain(self, address: str, undrain: bool = False) -> Replica:
         replica = self.replicas[address]
-        replica.draining = not undrain
-        log.info("replica drain", extra={"replica": address, "draining": replica.draining})
-        self._rebuild()
+        self.drain_address(address, undrain)
         return replica
+
+    def drain_address(self, address: str, undrain: bool = False) -> None:
+        """Drain (or undrain) ``address``, known yet or not."""
+        if undrain:
+            self.drained.discard(address)
+        else:
+            self.drained.add(address)
+        replica = self.replicas.get(address)
+        if replica is not None:
+            replica.draining = not undrain
+            self._rebuild()
+        log.info("replica drain", extra={"replica": address, "draining": not undrain})
 
     def add(self, address: str, source: str) -> Replica:
         replica = self.replicas.get(address)
         if replica is not None:
             return replica
         replica = self.replicas[address] = Replica(address, source, self.settings, self._credentials)
+        replica.draining = address in self.drained
         self._tasks[address] = asyncio.create_task(self._health_loop(replica), name=f"health {address}")
         return replica
 

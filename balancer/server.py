@@ -30,6 +30,7 @@ from hashmesh.balancer.keys import ApiKeys
 from hashmesh.balancer.metrics import CallMetrics, reading
 from hashmesh.balancer.proxy import Proxy, Router
 from hashmesh.balancer.ratelimit import RateLimiter
+from hashmesh.balancer.state import StateFile, capture, restore
 from hashmesh.balancer.stats import BalancerStats, Snapshot
 from hashmesh.core import metrics
 from hashmesh.core.rpc import GrpcServer, server_options, wait_for_signal
@@ -57,7 +58,9 @@ class Balancer:
         call_metrics = CallMetrics() if settings.metrics_port is not None else None
         self.proxy = Proxy(settings, self.backends, build_chain(self.keys, settings.peer_from, self.limiter, self.stats),
                            self.stats, call_metrics)
-        admin = AdminServicer(self.stats, self.backends, self.limiter)
+        self.state_file = StateFile(settings.state_file) if settings.state_file else None
+        admin = AdminServicer(self.stats, self.backends, self.limiter,
+                              self._save_state if self.state_file is not None else None)
 
         self.health = HealthServicer()
         # Descriptors first: the connection cap is fitted to what the process may open.
@@ -115,9 +118,18 @@ class Balancer:
             except ValueError as exc:  # a broken edit keeps the keys loaded before it
                 log.error("API keys file rejected", extra={"error": str(exc)})
 
+    async def _save_state(self) -> None:
+        assert self.state_file is not None
+        await asyncio.to_thread(self.state_file.save, capture(self.backends, self.limiter))
+
     async def start(self) -> None:
         for name in ("", *PROXIED_SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.state_file is not None:  # before any replica takes a call: drains hold at once
+            saved = self.state_file.load()
+            if saved is not None:
+                restore(saved, self.backends, self.limiter)
+                log.info("admin state restored", extra={"path": str(self.state_file.path)})
         await self.backends.start()
         tls = self.settings.tls
         try:
