@@ -23,9 +23,6 @@ log = logging.getLogger(__name__)
 
 MIN_PING_INTERVAL_MS = 5_000
 HANDSHAKE_TIMEOUT_MS = 10_000
-METADATA_LIMIT_BYTES = 64 * 1024
-"""gRPC's own metadata limit, soft and hard alike (between its default soft 8 KiB and hard
-16 KiB it refuses at random); ``BudgetSettings.max_metadata_bytes`` answers below it."""
 ADMIN_MAX_CONNECTIONS = 64
 ADMIN_STREAMS_PER_CONNECTION = 32
 ADMIN_IDLE_SECONDS = 300.0
@@ -97,8 +94,6 @@ def _common(max_connections: int, streams: int, idle_seconds: float) -> list[tup
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
-        ("grpc.max_metadata_size", METADATA_LIMIT_BYTES),
-        ("grpc.absolute_max_metadata_size", METADATA_LIMIT_BYTES),
     ]
 
 

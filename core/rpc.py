@@ -24,6 +24,9 @@ from hashmesh.core.errors import DeadlineExceeded, HashmeshError, InvalidArgumen
 log = logging.getLogger(__name__)
 
 Behavior = Callable[..., Any]
+METADATA_LIMIT_BYTES = 64 * 1024
+"""Request metadata every server accepts; the balancer refuses far less with a clear status
+(``HASHMESH_BALANCER_MAX_METADATA_BYTES``), so what it forwards always fits."""
 MAX_WRAPPED_METHODS = 1024
 """Handlers kept wrapped; far above the methods a server has, a bound whatever it routes."""
 
@@ -174,6 +177,10 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        # gRPC refuses metadata between its soft (8 KiB) and hard (16 KiB) limits at random;
+        # one limit for both makes the answer the same every time.
+        ("grpc.max_metadata_size", METADATA_LIMIT_BYTES),
+        ("grpc.absolute_max_metadata_size", METADATA_LIMIT_BYTES),
     ]
 
 
