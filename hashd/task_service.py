@@ -21,7 +21,7 @@ from hashmesh.core.cache import ResultCache
 from hashmesh.core.errors import InvalidArgument, Unavailable
 from hashmesh.core.hashing import Algorithm, Argon2Params
 from hashmesh.core.tasks.coalesce import SubmitCoalescer
-from hashmesh.core.tasks.limits import PendingLimits
+from hashmesh.core.tasks.limits import PendingLimits, PriorityCaps, task_cost
 from hashmesh.core.tasks.model import (
     ListCursor,
     ListFilter,
@@ -257,7 +257,11 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             max_total=settings.max_pending_tasks,
             max_per_client=settings.max_pending_per_client,
             count=store.unfinished_by_client,
+            cost=store.unfinished_cost_by_client,
+            max_cost_total=settings.max_pending_cost,
+            max_cost_per_client=settings.max_pending_cost_per_client,
         )
+        self.priorities = PriorityCaps(settings.max_priority, settings.priority_overrides)
         self._submitter = SubmitCoalescer(store.submit_many, max_tasks=MAX_BATCH)
 
     def _require_database(self) -> None:
@@ -294,17 +298,19 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             task, params = validate_spec(
                 spec, field=name, default_max_attempts=self._settings.default_max_attempts
             )
+            self.priorities.check(client_id, task.priority, f"{name}.priority")
             tasks.append(await self._with_cached(replace(task, client_id=client_id), params))
         self._require_database()
+        costs = [0 if t.cached_result else task_cost(t.algorithm, t.params, len(t.data)) for t in tasks]
         queued = sum(1 for t in tasks if t.cached_result is None)
-        await self.limits.admit(client_id, queued)
+        await self.limits.admit(client_id, queued, sum(costs))
         answers = await self._submitter.submit(tasks)
         for answer in answers:  # idempotent repeats (created False) are not new submissions
             if answer.created:
                 metrics.TASKS_SUBMITTED.labels(answer.task.algorithm).inc()
-        self.limits.accepted(
-            client_id, sum(1 for a in answers if a.created and a.task.status is TaskStatus.PENDING)
-        )
+        new = [cost for a, cost in zip(answers, costs, strict=True)
+               if a.created and a.task.status is TaskStatus.PENDING]
+        self.limits.accepted(client_id, len(new), sum(new))
         return [(a.task, a.created) for a in answers]
 
     async def SubmitTask(
