@@ -87,14 +87,16 @@ class BudgetSettings:
     @classmethod
     def from_env(cls) -> BudgetSettings:
         d = cls()
-        peer = [env_int(name, cap) for name, cap in zip(_PEER_ENV, d.peer_caps, strict=True)]
-        total = [env_int(name, cap) for name, cap in zip(_TOTAL_ENV, d.total_caps, strict=True)]
         return cls(
             enabled=env_bool("BALANCER_BUDGETS", d.enabled),
-            peer_calls=peer[0], peer_upload_streams=peer[1], peer_watch_streams=peer[2],
-            peer_other_streams=peer[3],
-            total_calls=total[0], total_upload_streams=total[1], total_watch_streams=total[2],
-            total_other_streams=total[3],
+            peer_calls=env_int("BALANCER_PEER_CALLS", d.peer_calls),
+            total_calls=env_int("BALANCER_TOTAL_CALLS", d.total_calls),
+            peer_upload_streams=env_int("BALANCER_PEER_UPLOAD_STREAMS", d.peer_upload_streams),
+            total_upload_streams=env_int("BALANCER_TOTAL_UPLOAD_STREAMS", d.total_upload_streams),
+            peer_watch_streams=env_int("BALANCER_PEER_WATCH_STREAMS", d.peer_watch_streams),
+            total_watch_streams=env_int("BALANCER_TOTAL_WATCH_STREAMS", d.total_watch_streams),
+            peer_other_streams=env_int("BALANCER_PEER_OTHER_STREAMS", d.peer_other_streams),
+            total_other_streams=env_int("BALANCER_TOTAL_OTHER_STREAMS", d.total_other_streams),
             peer_bytes=env_int("BALANCER_PEER_BYTES", d.peer_bytes),
             total_bytes=env_int("BALANCER_TOTAL_BYTES", d.total_bytes),
             stream_idle_seconds=env_float("BALANCER_STREAM_IDLE_SECONDS", d.stream_idle_seconds),
@@ -125,6 +127,7 @@ class Budgets:
         self._peer_bytes = settings.peer_bytes
         self._total_bytes = settings.total_bytes
         self._max_metadata = settings.max_metadata_bytes
+        self._enabled = settings.enabled
         self.totals = [0, 0, 0, 0]
         self.bytes = 0
         self.refused = 0
@@ -183,6 +186,8 @@ class Budgets:
         """Check the call's metadata, take its budget, and give it back when the call ends
         (``on_done`` is the call's ``add_done_callback``)."""
         check_metadata(metadata, self._max_metadata)
+        if not self._enabled:
+            return
         self.take(peer, kind, size)
         on_done(lambda _: self.give_back(peer, kind, size))
 
