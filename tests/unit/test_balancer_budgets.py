@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from hashmesh.balancer.budgets import OTHER, UNARY, UPLOAD, WATCH, Budgets, BudgetSettings, OverBudget, check_metadata
+from hashmesh.balancer.budgets import (
+    OTHER,
+    UNARY,
+    UPLOAD,
+    WATCH,
+    Budgets,
+    BudgetSettings,
+    OverBudget,
+    check_metadata,
+)
 from hashmesh.balancer.state import StateFile
 from hashmesh.core.errors import InvalidArgument
 from hashmesh.core.settings import SettingsError
@@ -106,3 +115,22 @@ def test_state_file_is_replaced_whole(tmp_path: Path) -> None:
     state.path.write_text(json.dumps([1]))
     with pytest.raises(SettingsError, match="object"):
         state.load()
+
+
+def test_attempt_timeout_applies_to_idempotent_methods_within_the_deadline() -> None:
+    import time
+
+    import grpc
+
+    from hashmesh.balancer.timeouts import AttemptTimeout
+
+    attempt = AttemptTimeout(2.0, ["/s/Idem"])
+    assert attempt.cap("/s/Idem", None) == 2.0
+    assert attempt.cap("/s/Idem", 0.5) == 0.5
+    assert attempt.cap("/s/Other", 30.0) == 30.0
+    expired = grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata())
+    assert attempt.expired(expired, "/s/Idem", None)
+    assert attempt.expired(expired, "/s/Idem", time.monotonic() + 5)
+    assert not attempt.expired(expired, "/s/Idem", time.monotonic() - 1)  # the call's own deadline
+    assert not attempt.expired(expired, "/s/Other", None)
+    assert AttemptTimeout(0, ["/s/Idem"]).cap("/s/Idem", None) is None
