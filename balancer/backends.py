@@ -55,7 +55,9 @@ class Replica:
 
     __slots__ = (
         "_calls",
+        "_failed_over",
         "address",
+        "attempts",
         "bad_checks",
         "cap",
         "channel",
@@ -97,6 +99,23 @@ class Replica:
         self.bad_checks = 0
         self.stats = ReplicaStats(settings.stats_window)
         self._calls: dict[tuple[str, str], Any] = {}
+        # Attempts of idempotent unary calls in flight here: cancelled and retried elsewhere
+        # when this replica goes down (``fail_over``).
+        self.attempts: set[Any] = set()
+        self._failed_over: set[Any] = set()
+
+    def fail_over(self) -> None:
+        for rpc in self.attempts:
+            if rpc.cancel():
+                self._failed_over.add(rpc)
+        self.attempts.clear()
+
+    def was_failed_over(self, rpc: Any) -> bool:
+        """``rpc`` ended because ``fail_over`` cancelled it (asked once per attempt)."""
+        if rpc in self._failed_over:
+            self._failed_over.discard(rpc)
+            return True
+        return False
 
     @property
     def ewma(self) -> float:
@@ -185,6 +204,8 @@ class BackendSet:
         if replica.state == state:
             return
         log.info("replica state", extra={"replica": replica.address, "from": replica.state, "to": state})
+        if replica.state == READY and state in (UNHEALTHY, EJECTED):
+            replica.fail_over()
         replica.state = state
         replica.state_since = time.monotonic()
         if state == READY:

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from hashmesh.balancer.backends import BackendSet, Replica
+from hashmesh.balancer.backends import KNOWN_METHODS, BackendSet, Replica
 from hashmesh.balancer.budgets import OTHER, UPLOAD, WATCH, Budgets
 from hashmesh.balancer.budgets import UNARY as UNARY_BUDGET
 from hashmesh.balancer.config import BalancerSettings
@@ -172,6 +172,14 @@ class Proxy:
         self._stats.retries += 1
         return True
 
+    def _may_fail_over(self, attempt: int, deadline: float | None) -> bool:
+        if attempt >= self._max_attempts or (deadline is not None and time.monotonic() >= deadline):
+            return False
+        if not self.budget.withdraw():
+            return False
+        self._stats.retries += 1
+        return True
+
     def _failed(self, replica: Replica, err: grpc.aio.AioRpcError, method: str = "", deadline: float | None = None) -> None:
         if (err.code() is grpc.StatusCode.UNAVAILABLE and _TRANSPORT.search(err.details() or "")) or \
                 self._attempt.expired(err, method, deadline):
@@ -195,6 +203,7 @@ class Proxy:
 
     def _unary(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
         calls = self._method_calls(method)
+        idempotent = method in self._idempotent
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             arrived = time.perf_counter()
@@ -215,9 +224,12 @@ class Proxy:
                     started = time.perf_counter()
                     rpc = replica.multicallable(UNARY, method)(
                         request, timeout=self._attempt.cap(method, timeout), metadata=call.metadata)
+                    if idempotent:  # failed over if its replica goes down meanwhile
+                        replica.attempts.add(rpc)
                     try:
                         response = await rpc
                     except grpc.aio.AioRpcError as err:
+                        replica.attempts.discard(rpc)
                         replica.in_flight -= 1
                         replica.stats.record(time.perf_counter() - started, False)
                         self._failed(replica, err, method, deadline)
@@ -229,8 +241,18 @@ class Proxy:
                         await _relay_error(context, err, call.reply_metadata)
                     except BaseException:
                         replica.in_flight -= 1
+                        replica.attempts.discard(rpc)
+                        if replica.was_failed_over(rpc):
+                            if self._may_fail_over(attempt, deadline):
+                                attempt += 1
+                                tried.append(replica)
+                                timeout = None if deadline is None else deadline - time.monotonic()
+                                continue
+                            await _abort(context, Unavailable(f"replica {replica.address} went down during the call",
+                                                              retry_after=0.1), call.reply_metadata)
                         rpc.cancel()
                         raise
+                    replica.attempts.discard(rpc)
                     replica.in_flight -= 1
                     replica.stats.record(time.perf_counter() - started, True)
                     replica.failures = 0
@@ -544,7 +566,7 @@ class Router(grpc.GenericRpcHandler):  # type: ignore[misc]
                 return refusing_handler(error)
             return self._admin.get(method.rsplit("/", 1)[1])
         handler = self._proxy.handler(method, self._kinds.get(method, BIDI))
-        if len(self._handlers) < 4096:  # unknown method names must not grow this forever
+        if method in KNOWN_METHODS:  # other names are the client's choice: never kept
             self._handlers[method] = handler
         return handler
 

@@ -35,3 +35,22 @@ def test_frozen_replica_costs_at_most_the_attempt_timeout(dsn: str, procs: Proce
     finally:
         os.kill(frozen.pid, signal.SIGCONT)
     assert codes == [grpc.StatusCode.OK] * 120, {c: codes.count(c) for c in set(codes)}
+
+
+def test_calls_on_a_replica_that_goes_down_are_failed_over(dsn: str, procs: Processes) -> None:
+    """No attempt timeout: the calls held by the frozen replica are failed over as soon as
+    health checks mark it down, well within their deadline."""
+    replicas = [procs.hashd(dsn) for _ in range(3)]
+    balancer = procs.balancer([r.address for r in replicas], "--strategy", "round_robin", env={
+        "HASHMESH_BALANCER_ATTEMPT_TIMEOUT": "0", "HASHMESH_BALANCER_HEALTH_INTERVAL": "0.5",
+        "HASHMESH_BALANCER_HEALTH_TIMEOUT": "1"})
+    address = balancer.addresses["balancer"]
+    assert set(hash_codes(address, 30)) == {grpc.StatusCode.OK}
+    frozen = replicas[0]
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        codes = hash_codes(address, 120, timeout=20, workers=12)
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    assert codes == [grpc.StatusCode.OK] * 120, {c: codes.count(c) for c in set(codes)}
+    assert "Traceback" not in balancer.log()
