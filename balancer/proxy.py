@@ -7,7 +7,10 @@ forwarded as a bidirectional stream, which carries every kind, and stays on one 
 its whole life. Request metadata goes through minus hop-by-hop headers, with the caller added
 to ``x-forwarded-for``; the remaining deadline goes as the backend call's timeout; a client
 cancelling cancels the backend call; the backend's status, details and metadata (with
-``grpc-status-details-bin``) come back as they are."""
+``grpc-status-details-bin``) come back as they are. After the interceptors, a call takes its
+budget (``balancer.budgets``) until it ends; streams hold a replica's stream slot, never a
+unary one; attempts of idempotent unary calls get the per-attempt timeout
+(``balancer.timeouts``) and are retried elsewhere when their replica goes down."""
 
 from __future__ import annotations
 
@@ -332,8 +335,6 @@ class Proxy:
                     except BaseException:
                         attempts.abandoned(rpc)
                         await source.stop()
-                        if source.idle:
-                            await _abort(context, StreamIdle(self._stream_idle), call.reply_metadata)
                         raise
                     attempts.succeeded()
                     await _relay_metadata(context, rpc, call.reply_metadata, initial_sent=source.replied)
