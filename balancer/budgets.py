@@ -8,9 +8,10 @@ the balancer does not know) — plus, for a unary call, the bytes of its request
 until it ends. Over a budget the call is refused at once with RESOURCE_EXHAUSTED and RetryInfo:
 over the peer's own budget only that peer is refused; the totals bound what all peers hold.
 
-The peer is the caller's address (``peer_key``): the one value every call carries that a
-client cannot choose. Peers holding nothing are forgotten, so the table is bounded by the
-totals. Pure accounting, no grpc; the proxy calls ``hold`` once per call."""
+The peer is the caller's identity as ``Identify`` decided it (``CallInfo.client``: the API
+key's client, the client a trusted proxy vouches for, else the caller's address), never what
+the request says about itself. Peers holding nothing are forgotten, so the table is bounded by
+the totals. Pure accounting, no grpc; the proxy calls ``hold`` once per call."""
 
 from __future__ import annotations
 

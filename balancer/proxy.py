@@ -32,7 +32,6 @@ from hashmesh.balancer.interceptors import (
     AdminPolicy,
     CallInfo,
     CallInterceptor,
-    _host_of,
     read_call,
     refusing_handler,
 )
@@ -143,7 +142,7 @@ class Proxy:
         try:
             for interceptor in self._chain:
                 await interceptor.admit(call)
-            self.budgets.hold(_host_of(call.address), kind, size, call.metadata, context.add_done_callback)
+            self.budgets.hold(call.client, kind, size, call.metadata, context.add_done_callback)
         except HashmeshError as error:
             await _abort(context, error, call.reply_metadata)
         return call

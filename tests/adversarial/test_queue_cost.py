@@ -12,6 +12,7 @@ from grpc_status import rpc_status
 
 from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
 from tests.conftest import Processes
+from tests.stamps import channel_as
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -20,8 +21,8 @@ COSTLIEST_UNITS = 10 * 256 * 1024 * 1024 + 4096
 """``core.tasks.limits.task_cost`` of one such task."""
 
 
-def argon2_batch(client: str, count: int, priority: int = 0) -> task_pb2.SubmitTasksRequest:
-    return task_pb2.SubmitTasksRequest(client_id=client, specs=[
+def argon2_batch(count: int, priority: int = 0) -> task_pb2.SubmitTasksRequest:
+    return task_pb2.SubmitTasksRequest(specs=[
         task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"pw%d" % i, argon2=COSTLIEST,
                           priority=priority)
         for i in range(count)])
@@ -38,31 +39,34 @@ def test_cost_budget_per_client_and_priority_caps(dsn: str, procs: Processes) ->
     budget = 120 * COSTLIEST_UNITS  # room for 120 of the costliest tasks per client
     replica = procs.hashd(dsn, env={"HASHMESH_MAX_PENDING_COST_PER_CLIENT": str(budget),
                                     "HASHMESH_PRIORITY_OVERRIDES": "ops=100"})
-    with grpc.insecure_channel(replica.address) as channel:
-        tasks = task_pb2_grpc.TaskServiceStub(channel)
-        # One request of 10,000 costliest tasks (~25 TiB of work, the size of the attack).
-        with pytest.raises(grpc.RpcError) as refused:
-            tasks.SubmitTasks(argon2_batch("greedy", 10_000), timeout=30)
-        code, kinds, message = refusal(refused.value)
-        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and {"RetryInfo", "ErrorInfo"} <= kinds
-        assert "units of work" in message
-        # Within budget it goes in; the cost adds up, so the next batch no longer fits.
-        assert len(tasks.SubmitTasks(argon2_batch("greedy", 100), timeout=30).tasks) == 100
-        with pytest.raises(grpc.RpcError) as second:
-            tasks.SubmitTasks(argon2_batch("greedy", 100), timeout=30)
-        assert refusal(second.value)[0] is grpc.StatusCode.RESOURCE_EXHAUSTED
-        stored = tasks.ListTasks(task_pb2.ListTasksRequest(client_id="greedy", page_size=1000), timeout=10)
-        assert len(stored.tasks) == 100  # refused batches stored nothing
-        # Another client is not charged for the first one's work.
-        assert len(tasks.SubmitTasks(argon2_batch("modest", 100), timeout=30).tasks) == 100
+    def tasks_of(client: str) -> task_pb2_grpc.TaskServiceStub:
+        """Calls stamped as the balancer does for ``client``."""
+        return task_pb2_grpc.TaskServiceStub(channel_as(replica.address, client))
 
-        with pytest.raises(grpc.RpcError) as jumped:
-            tasks.SubmitTasks(argon2_batch("greedy-2", 1, priority=100), timeout=10)
-        assert jumped.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-        status = rpc_status.from_call(jumped.value)  # type: ignore[arg-type]
-        assert status is not None
-        bad = error_details_pb2.BadRequest()
-        assert status.details[0].Unpack(bad) and bad.field_violations[0].field == "specs[0].priority"
-        granted = tasks.SubmitTasks(argon2_batch("ops", 1, priority=100), timeout=10)
-        assert granted.tasks[0].priority == 100
+    greedy = tasks_of("greedy")
+    # One request of 10,000 costliest tasks (~25 TiB of work, the size of the attack).
+    with pytest.raises(grpc.RpcError) as refused:
+        greedy.SubmitTasks(argon2_batch(10_000), timeout=30)
+    code, kinds, message = refusal(refused.value)
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and {"RetryInfo", "ErrorInfo"} <= kinds
+    assert "units of work" in message
+    # Within budget it goes in; the cost adds up, so the next batch no longer fits.
+    assert len(greedy.SubmitTasks(argon2_batch(100), timeout=30).tasks) == 100
+    with pytest.raises(grpc.RpcError) as second:
+        greedy.SubmitTasks(argon2_batch(100), timeout=30)
+    assert refusal(second.value)[0] is grpc.StatusCode.RESOURCE_EXHAUSTED
+    stored = greedy.ListTasks(task_pb2.ListTasksRequest(page_size=1000), timeout=10)
+    assert len(stored.tasks) == 100  # refused batches stored nothing
+    # Another client is not charged for the first one's work.
+    assert len(tasks_of("modest").SubmitTasks(argon2_batch(100), timeout=30).tasks) == 100
+
+    with pytest.raises(grpc.RpcError) as jumped:
+        tasks_of("greedy-2").SubmitTasks(argon2_batch(1, priority=100), timeout=10)
+    assert jumped.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    status = rpc_status.from_call(jumped.value)  # type: ignore[arg-type]
+    assert status is not None
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad) and bad.field_violations[0].field == "specs[0].priority"
+    granted = tasks_of("ops").SubmitTasks(argon2_batch(1, priority=100), timeout=10)
+    assert granted.tasks[0].priority == 100
     assert "Traceback" not in replica.log()

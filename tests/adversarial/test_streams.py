@@ -7,10 +7,12 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from hashmesh.core.identity import address_identity
 from hashmesh.v1 import task_pb2, task_pb2_grpc
 from tests.adversarial.raw_h2 import StreamResult, hold_streams, wait_answered
 from tests.adversarial.victim import admin_answers, hash_codes, ok_share, stream_codes
 from tests.conftest import Processes
+from tests.stamps import channel_as
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,7 +63,9 @@ def test_held_watch_streams_leave_other_peers_alone(dsn: str, procs: Processes) 
     balancer = procs.balancer([r.address for r in replicas],
                               env={"HASHMESH_BALANCER_MAX_IN_FLIGHT": "64"})
     address = balancer.addresses["balancer"]
-    with grpc.insecure_channel(address) as channel:  # no worker runs: the task stays pending
+    # The attacker's own task (tasks are private to their submitter), submitted to a replica
+    # as the balancer would for 127.0.0.2; no worker runs, so it stays pending.
+    with channel_as(replicas[0].address, address_identity(ATTACKER)) as channel:
         task = task_pb2_grpc.TaskServiceStub(channel).SubmitTask(task_pb2.SubmitTaskRequest(
             spec=task_pb2.TaskSpec(algorithm=1, data=b"pending")), timeout=10).task
     watch = task_pb2.WatchTaskRequest(id=task.id).SerializeToString()
