@@ -39,7 +39,7 @@ def bad_field(err: grpc.RpcError) -> str:
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
     assert status is not None, err
     bad = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(bad)
+    assert any(detail.Unpack(bad) for detail in status.details), status.details
     return bad.field_violations[0].field
 
 
