@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hashmesh.core.errors import FailedPrecondition, task_not_found
+from hashmesh.core.queue.limits import task_cost
 from hashmesh.core.queue.model import (
     FINAL_STATES,
     ClaimedTask,
@@ -190,6 +191,14 @@ class MemoryTaskStore:
             if row.record.status not in FINAL_STATES:
                 counts[row.record.client_id] = counts.get(row.record.client_id, 0) + 1
         return counts
+
+    async def unfinished_cost_by_client(self) -> dict[str, int]:
+        costs: dict[str, int] = {}
+        for row in self._rows.values():
+            if row.record.status not in FINAL_STATES:
+                cost = task_cost(row.record.algorithm, row.params, row.record.input_size)
+                costs[row.record.client_id] = costs.get(row.record.client_id, 0) + cost
+        return costs
 
     # -- caller transitions ------------------------------------------------------------------
 
