@@ -26,9 +26,10 @@ from hashmesh.balancer.backends import BackendSet
 from hashmesh.balancer.config import BalancerSettings
 from hashmesh.balancer.interceptors import AdminAuth, AdminPolicy, build_chain
 from hashmesh.balancer.keys import ApiKeys
-from hashmesh.balancer.metrics import CallMetrics, reading
+from hashmesh.balancer.metrics import CallMetrics, reading, watch_shared_limit
 from hashmesh.balancer.proxy import Proxy, Router
 from hashmesh.balancer.ratelimit import RateLimiter
+from hashmesh.balancer.shared_limit import SharedLimit
 from hashmesh.balancer.stats import BalancerStats, Snapshot
 from hashmesh.core import metrics
 from hashmesh.core.rpc import GrpcServer, server_options, wait_for_signal
@@ -47,8 +48,13 @@ class Balancer:
     def __init__(self, settings: BalancerSettings) -> None:
         self.settings = settings
         self.stats = BalancerStats()
+        shared = SharedLimit.from_url(
+            settings.redis_url, timeout=settings.redis_timeout, lease_seconds=settings.redis_lease_seconds,
+            table_size=settings.limiter_table_size,
+        ) if settings.redis_url else None
         self.limiter = RateLimiter(
-            settings.rate_limit, settings.rate_limit_overrides, table_size=settings.limiter_table_size
+            settings.rate_limit, settings.rate_limit_overrides, table_size=settings.limiter_table_size,
+            shared=shared,
         )
         self.keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
         self.backends = BackendSet(settings, on_change=self._serving_changed)
@@ -129,6 +135,7 @@ class Balancer:
         if self.settings.metrics_port is not None:
             host = self.settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
             metrics.watch_balancer(self.metrics_reading)
+            watch_shared_limit(self.limiter)
             self.metrics = metrics.start_metrics_server(self.settings.metrics_port, host=host)
         if self.keys is not None:
             self._side.append(asyncio.create_task(self._reload_keys(), name="keys"))
@@ -140,7 +147,10 @@ class Balancer:
         if self.metrics is not None:  # scraped until the calls in flight are done
             self.metrics.close()
             metrics.watch_balancer(None)
+            watch_shared_limit(None)
         await self.backends.stop()
+        if self.limiter.shared is not None:
+            await self.limiter.shared.close()
         for task in self._side:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
