@@ -33,6 +33,9 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hashmesh-balancer", description="hashmesh gRPC balancer")
     parser.add_argument("--listen", help="host:port for clients (HASHMESH_BALANCER_LISTEN)")
+    parser.add_argument("--reuse-port", action="store_true", default=None,
+                        help="share --listen's port with other balancer processes (SO_REUSEPORT; "
+                        "HASHMESH_BALANCER_REUSE_PORT)")
     parser.add_argument("--admin-listen", help="host:port for AdminService (HASHMESH_BALANCER_ADMIN_LISTEN)")
     parser.add_argument("--backends", help="replicas, comma-separated (HASHMESH_BALANCER_BACKENDS)")
     parser.add_argument("--backends-dns", help="name:port re-resolved periodically (HASHMESH_BALANCER_BACKENDS_DNS)")
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = BalancerSettings.from_env().with_overrides(
             listen=args.listen,
+            reuse_port=args.reuse_port,
             admin_listen=args.admin_listen,
             backends=_csv(args.backends),
             backends_dns=_csv(args.backends_dns),

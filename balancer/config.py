@@ -11,6 +11,7 @@ import grpc
 
 from hashmesh.core.settings import (
     SettingsError,
+    env_bool,
     env_float,
     env_int,
     env_list,
@@ -103,6 +104,10 @@ class BalancerSettings:
 
     listen: str = "127.0.0.1:50050"
     """host:port for clients; port 0 picks a free one (``BALANCER_LISTEN``, ``--listen``)."""
+    reuse_port: bool = False
+    """Bind ``listen`` with SO_REUSEPORT, so several balancer processes share one port and the
+    kernel spreads connections among them (``BALANCER_REUSE_PORT``, ``--reuse-port``). Each
+    process still needs an admin listener of its own."""
     admin_listen: str = "127.0.0.1:50060"
     """host:port of the admin listener (AdminService, health, reflection). Without an admin
     token it must be loopback (``BALANCER_ADMIN_LISTEN``, ``--admin-listen``)."""
@@ -233,6 +238,7 @@ class BalancerSettings:
         metrics = env_optional("BALANCER_METRICS_PORT")
         return cls(
             listen=env_str("BALANCER_LISTEN", cls.listen),
+            reuse_port=env_bool("BALANCER_REUSE_PORT", cls.reuse_port),
             admin_listen=env_str("BALANCER_ADMIN_LISTEN", cls.admin_listen),
             admin_token=env_str("ADMIN_TOKEN", ""),
             backends=env_list("BALANCER_BACKENDS"),

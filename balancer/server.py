@@ -65,7 +65,10 @@ class Balancer:
         admin = AdminServicer(self.stats, self.backends, self.limiter)
 
         self.health = HealthServicer()
-        self.server = grpc.aio.server(options=server_options(settings.wire_message_bytes))
+        options = server_options(settings.wire_message_bytes)
+        if settings.reuse_port:
+            options = [(key, 1 if key == "grpc.so_reuseport" else value) for key, value in options]
+        self.server = grpc.aio.server(options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         public_policy = AdminPolicy(settings.admin_token, open_without_token=False)
         self.server.add_generic_rpc_handlers([Router(self.proxy, admin_handlers(admin), public_policy)])
