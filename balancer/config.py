@@ -166,6 +166,9 @@ class BalancerSettings:
     """Tokens a process takes from Redis at once, in seconds of the client's rate (at least
     one, at most a quarter of the burst): larger asks Redis less often, smaller is exacter
     (``BALANCER_REDIS_LEASE``)."""
+    tunnel: bool = True
+    """Send small unary calls to each replica over one long-lived stream, batched
+    (``hashmesh.core.tunnel``); off: one gRPC call per call (``BALANCER_TUNNEL``)."""
     api_keys_file: str = ""
     """File of ``client_id sha256:<hex>`` lines; set: every proxied call needs a valid
     ``x-api-key`` and the limiter keys on its client (``BALANCER_API_KEYS_FILE``)."""
@@ -261,6 +264,7 @@ class BalancerSettings:
             redis_url=env_str("BALANCER_REDIS_URL", ""),
             redis_timeout=env_float("BALANCER_REDIS_TIMEOUT", cls.redis_timeout),
             redis_lease_seconds=env_float("BALANCER_REDIS_LEASE", cls.redis_lease_seconds),
+            tunnel=env_bool("BALANCER_TUNNEL", cls.tunnel),
             api_keys_file=env_str("BALANCER_API_KEYS_FILE", ""),
             max_message_bytes=env_int("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024),
             grace_seconds=env_float("GRACE_SECONDS", cls.grace_seconds, minimum=0.0),

@@ -151,6 +151,7 @@ class Balancer:
             self.metrics.close()
             metrics.watch_balancer(None)
             watch_shared_limit(None)
+        self.proxy.close()
         await self.backends.stop()
         if self.limiter.shared is not None:
             await self.limiter.shared.close()
