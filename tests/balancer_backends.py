@@ -6,7 +6,8 @@ Run as ``python -m tests.balancer_backends --name b1 [--delay 0.05]``; prints
 answering, or between streamed messages), ``x-test-error: rich`` (INVALID_ARGUMENT with
 google.rpc.BadRequest and a custom trailer), ``x-test-count`` (WatchTask messages). It sends
 back: initial ``x-initial: NAME``; trailing ``x-backend: NAME``, ``x-remaining`` (the deadline
-left when the call arrived, or ``none``), ``x-seen-forwarded-for``, ``x-seen-client-id``.
+left when the call arrived, or ``none``), ``x-seen-forwarded-for``, ``x-seen-client-id``,
+``x-path`` (``tunnel`` or ``call``: how the call reached it).
 It prints ``cancelled METHOD`` when a call is cancelled under it."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import grpc
 
 from hashmesh.core.errors import InvalidArgument, to_grpc_status
 from hashmesh.core.rpc import GrpcServer, wait_for_signal
+from hashmesh.core.tunnel import TunnelContext
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc, task_pb2, task_pb2_grpc
 
 
@@ -41,6 +43,7 @@ class Behaviour:
                 ("x-remaining", "none" if remaining is None else f"{remaining:.3f}"),
                 ("x-seen-forwarded-for", meta.get("x-forwarded-for", "")),
                 ("x-seen-client-id", meta.get("x-client-id", "")),
+                ("x-path", "tunnel" if isinstance(context, TunnelContext) else "call"),
             )
         )
         await context.send_initial_metadata((("x-initial", self.name),))
