@@ -132,7 +132,9 @@ class Tunnel:
         sent, self._sent = self._sent, set()
         self._outbox.clear()
         self._outbox_ids.clear()
-        if code is grpc.StatusCode.UNIMPLEMENTED or code is grpc.StatusCode.OK:
+        if code is not grpc.StatusCode.UNAVAILABLE:
+            # The stream's status is the tunnel's, never a call's (a call's comes in its reply).
+            details = f"the tunnel to the replica ended with {code.name}: {details}"
             code = grpc.StatusCode.UNAVAILABLE
         for call_id, future in pending.items():
             if not future.done():

@@ -362,6 +362,9 @@ class _Session:
                         task = self._calls.get(frame.call_id)
                         if task is not None:
                             task.cancel()
+                    elif frame.call_id in self._calls:  # one task per id: the cap below holds
+                        self._send(Reply(frame.call_id, grpc.StatusCode.ALREADY_EXISTS,
+                                         "a call with this id is still running on this tunnel", (), (), b""))
                     elif len(self._calls) >= MAX_CALLS_PER_TUNNEL:
                         self._send(Reply(frame.call_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                          f"more than {MAX_CALLS_PER_TUNNEL} calls in flight on one tunnel",

@@ -137,3 +137,15 @@ def test_a_replica_without_the_tunnel_gets_calls_of_their_own(tmp_path: Path) ->
             balancer.terminate()
     finally:
         server.stop(0)
+
+
+def test_a_call_id_in_use_is_refused_so_the_replica_runs_one_task_per_id(mesh: tuple[Proc, list[Proc]]) -> None:
+    _, backends = mesh
+    request = _hash(b"abc").SerializeToString()
+    slow = encode_call(5, HASH, (("x-test-sleep", "0.5"),), 5.0, request)
+    copies = b"".join(encode_call(5, HASH, (), 5.0, request) for _ in range(50))
+    with grpc.insecure_channel(backends[0].address) as channel:
+        stream = channel.stream_stream(TUNNEL_METHOD)(iter([slow + copies]), timeout=10)
+        replies = [r for message in stream for r in decode_replies(message)]
+    codes = [r.code for r in replies]
+    assert codes.count(grpc.StatusCode.ALREADY_EXISTS) == 50 and codes[-1] is grpc.StatusCode.OK
