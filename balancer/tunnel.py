@@ -9,12 +9,13 @@ call still waiting gets the stream's status: ``UNAVAILABLE`` with its details; c
 frame was never written say so ("before the call was sent"), which makes them safe to retry
 on another replica whatever the method. A replica without the tunnel (an older hashd) answers
 ``UNIMPLEMENTED`` for the stream: the tunnel marks itself ``unsupported`` and the proxy sends
-that replica calls of their own from then on."""
+that replica calls of their own for the next ``RETRY_UNSUPPORTED`` seconds."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,8 @@ from hashmesh.core.tunnel import (
 log = logging.getLogger(__name__)
 
 NOT_SENT = "the tunnel closed before the call was sent"
+RETRY_UNSUPPORTED = 60.0
+"""Seconds a replica without the tunnel gets calls of their own before it is asked again."""
 
 
 class Tunnel:
@@ -41,7 +44,7 @@ class Tunnel:
 
     def __init__(self, channel: grpc.aio.Channel, max_message_bytes: int) -> None:
         self.channel = channel
-        self.unsupported = False
+        self._unsupported_until = 0.0
         self.max_payload = min(MAX_PAYLOAD, max_message_bytes // 4)
         self._batch_bytes = min(BATCH_BYTES, max_message_bytes // 2)
         self._stream: Any = None
@@ -52,6 +55,13 @@ class Tunnel:
         self._wake = asyncio.Event()
         self._next_id = 0
         self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def unsupported(self) -> bool:
+        """The replica answered UNIMPLEMENTED to the tunnel less than ``RETRY_UNSUPPORTED``
+        seconds ago (asked again after that: it may have been upgraded)."""
+        until = self._unsupported_until
+        return until != 0.0 and until > time.monotonic()  # no clock read on the hot path
 
     def _open(self) -> None:
         stream = self._stream = self.channel.stream_stream(TUNNEL_METHOD, _registered_method=True)()
@@ -112,7 +122,7 @@ class Tunnel:
         except grpc.aio.AioRpcError as err:
             code, details = err.code(), err.details() or ""
             if code is grpc.StatusCode.UNIMPLEMENTED:
-                self.unsupported = True
+                self._unsupported_until = time.monotonic() + RETRY_UNSUPPORTED
         except MalformedFrame as exc:
             log.error("replica sent a malformed tunnel reply", extra={"error": str(exc)})
             details = f"the replica's tunnel reply was malformed: {exc}"
