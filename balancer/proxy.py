@@ -4,7 +4,9 @@ Handlers have no (de)serializers, so payloads are never decoded. Methods of the 
 contract get a handler of their own kind (a unary call is not pushed through the slower
 generic streaming path); any other method (server reflection, a newer replica's methods) is
 forwarded as a bidirectional stream, which carries every kind, and stays on one replica for
-its whole life. Request metadata goes through minus hop-by-hop headers, with the caller added
+its whole life. Small unary calls reach the replica through its tunnel (``balancer.tunnel``:
+one long-lived stream per replica carrying many calls), everything else as calls of their
+own. Request metadata goes through minus hop-by-hop headers, with the caller added
 to ``x-forwarded-for``; the remaining deadline goes as the backend call's timeout; a client
 cancelling cancels the backend call; the backend's status, details and metadata (with
 ``grpc-status-details-bin``) come back as they are."""
