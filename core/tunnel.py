@@ -39,6 +39,8 @@ MAX_CALLS_PER_TUNNEL = 4096
 """Calls one tunnel may have running on a replica; more are refused with RESOURCE_EXHAUSTED."""
 MAX_PAYLOAD = 256 * 1024
 """Larger requests go as calls of their own (they are not bound by the cost per call)."""
+MAX_TIMEOUT = 1e8
+"""Seconds; a longer timeout in a frame means no deadline (about three years)."""
 BATCH_BYTES = 1024 * 1024
 """Frames are packed into messages of about this size at most."""
 
@@ -80,7 +82,8 @@ def _unpack_metadata(data: bytes, offset: int, count: int) -> tuple[Metadata, in
 def encode_call(call_id: int, method: str, metadata: Sequence[tuple[str, str | bytes]],
                 timeout: float | None, payload: bytes) -> bytes:
     raw_method = method.encode()
-    parts = [_CALL.pack(call_id, CALL, -1.0 if timeout is None else timeout, len(raw_method),
+    # A deadline already passed is 0 (expired), never negative (which would mean none).
+    parts = [_CALL.pack(call_id, CALL, -1.0 if timeout is None else max(timeout, 0.0), len(raw_method),
                         len(metadata), len(payload)), raw_method]
     _pack_metadata(parts, metadata)
     parts.append(payload)
@@ -117,7 +120,9 @@ def decode_calls(data: bytes) -> Iterator[CallFrame]:
             offset += payload_length
             if offset > end or kind not in (CALL, CANCEL):
                 raise MalformedFrame("truncated or unknown tunnel frame")
-            yield CallFrame(call_id, kind, None if timeout < 0 else timeout, method, metadata, payload)
+            # Negative means none; so do NaN and absurd values (timers cannot hold them).
+            usable = 0 <= timeout <= MAX_TIMEOUT
+            yield CallFrame(call_id, kind, timeout if usable else None, method, metadata, payload)
     except (struct.error, UnicodeDecodeError) as exc:
         raise MalformedFrame(f"malformed tunnel frame: {exc}") from exc
 

@@ -38,6 +38,12 @@ def test_calls_and_replies_round_trip_with_text_and_binary_metadata() -> None:
         7, grpc.StatusCode.INVALID_ARGUMENT, "bad ✓", reply.initial, reply.trailing)
 
 
+def test_timeouts_no_timer_can_hold_mean_no_deadline() -> None:
+    frames = b"".join(encode_call(i, "/m", (), t, b"") for i, t in enumerate((1e300, float("nan"), 0.0, -0.5)))
+    # A deadline that passed on the way (negative time left) stays expired.
+    assert [f.timeout for f in decode_calls(frames)] == [None, None, 0.0, 0.0]
+
+
 def test_a_truncated_frame_is_refused() -> None:
     frame = encode_call(1, "/m", (("k", "v"),), None, b"abcdef")
     for cut in (3, len(frame) - 1):
