@@ -27,7 +27,7 @@ def run_demo(target: str, say: Callable[[str, bool | None], None], timeout: floa
         hasher = hash_pb2_grpc.HashServiceStub(channel)
         for algorithm, name in ALGORITHMS:
             for data in INPUTS:
-                reply = hasher.Hash(hash_pb2.HashRequest(algorithm=algorithm, data=data), timeout=10)
+                reply = hasher.ComputeHash(hash_pb2.HashRequest(algorithm=algorithm, data=data), timeout=10)
                 expected = hashlib.new(name, data).hexdigest()
                 ok = reply.result.encoded == expected
                 passed &= ok
@@ -35,8 +35,8 @@ def run_demo(target: str, say: Callable[[str, bool | None], None], timeout: floa
                     + ("  matches hashlib" if ok else f"  MISMATCH, hashlib says {expected}"), ok)
         tasks = task_pb2_grpc.TaskServiceStub(channel)
         submitted = tasks.SubmitTask(task_pb2.SubmitTaskRequest(
-            spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA256, data=b"hello from a task"),
-            client_id="hashctl-demo"), timeout=10).task
+            spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA256, data=b"hello from a task")),
+            timeout=10).task
         say(f"task {submitted.id} submitted (sha256 of 'hello from a task'); waiting for a worker", None)
         task = _wait(tasks, submitted, timeout)
         expected = hashlib.sha256(b"hello from a task").hexdigest()

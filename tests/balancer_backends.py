@@ -7,7 +7,7 @@ answering, or between streamed messages), ``x-test-error: rich`` (INVALID_ARGUME
 google.rpc.BadRequest and a custom trailer), ``x-test-count`` (WatchTask messages). It sends
 back: initial ``x-initial: NAME``; trailing ``x-backend: NAME``, ``x-remaining`` (the deadline
 left when the call arrived, or ``none``), ``x-seen-forwarded-for``, ``x-seen-client-id``,
-``x-path`` (``tunnel`` or ``call``: how the call reached it).
+``x-seen-identity`` (the balancer's stamp), ``x-path`` (``tunnel`` or ``call``: how the call reached it).
 It prints ``cancelled METHOD`` when a call is cancelled under it."""
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Behaviour:
                 ("x-remaining", "none" if remaining is None else f"{remaining:.3f}"),
                 ("x-seen-forwarded-for", meta.get("x-forwarded-for", "")),
                 ("x-seen-client-id", meta.get("x-client-id", "")),
+                ("x-seen-identity", meta.get("x-hashmesh-identity", "")),
                 ("x-path", "tunnel" if isinstance(context, TunnelContext) else "call"),
             )
         )

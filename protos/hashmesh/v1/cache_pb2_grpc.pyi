@@ -30,6 +30,25 @@ class CacheServiceStub:
     """CacheService inspects and clears the result cache of the hashd replicas: a bounded
     in-process LRU (tier "memory", one per replica) in front of a PostgreSQL table shared by
     every replica (tier "shared").
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED OPERATOR_ONLY: ClearCache.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @_typing.overload
@@ -39,25 +58,67 @@ class CacheServiceStub:
     GetCacheStats: _grpc.UnaryUnaryMultiCallable[_cache_pb2.GetCacheStatsRequest, _cache_pb2.GetCacheStatsResponse]
     """GetCacheStats returns the statistics of each tier as seen by the replica taking the call."""
     ClearCache: _grpc.UnaryUnaryMultiCallable[_cache_pb2.ClearCacheRequest, _cache_pb2.ClearCacheResponse]
-    """ClearCache empties the shared tier and tells every replica to empty its memory tier."""
+    """ClearCache empties the shared tier and tells every replica to empty its memory tier. An
+    operator call (`authorization: Bearer <HASHMESH_ADMIN_TOKEN>`): others get PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class CacheServiceAsyncStub(CacheServiceStub):
     """CacheService inspects and clears the result cache of the hashd replicas: a bounded
     in-process LRU (tier "memory", one per replica) in front of a PostgreSQL table shared by
     every replica (tier "shared").
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED OPERATOR_ONLY: ClearCache.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetCacheStats: _aio.UnaryUnaryMultiCallable[_cache_pb2.GetCacheStatsRequest, _cache_pb2.GetCacheStatsResponse]  # type: ignore[assignment]
     """GetCacheStats returns the statistics of each tier as seen by the replica taking the call."""
     ClearCache: _aio.UnaryUnaryMultiCallable[_cache_pb2.ClearCacheRequest, _cache_pb2.ClearCacheResponse]  # type: ignore[assignment]
-    """ClearCache empties the shared tier and tells every replica to empty its memory tier."""
+    """ClearCache empties the shared tier and tells every replica to empty its memory tier. An
+    operator call (`authorization: Bearer <HASHMESH_ADMIN_TOKEN>`): others get PERMISSION_DENIED.
+    """
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """CacheService inspects and clears the result cache of the hashd replicas: a bounded
     in-process LRU (tier "memory", one per replica) in front of a PostgreSQL table shared by
     every replica (tier "shared").
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED OPERATOR_ONLY: ClearCache.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @_abc_1.abstractmethod
@@ -74,6 +135,8 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_pb2.ClearCacheRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.ClearCacheResponse, _abc.Awaitable[_cache_pb2.ClearCacheResponse]]:
-        """ClearCache empties the shared tier and tells every replica to empty its memory tier."""
+        """ClearCache empties the shared tier and tells every replica to empty its memory tier. An
+        operator call (`authorization: Bearer <HASHMESH_ADMIN_TOKEN>`): others get PERMISSION_DENIED.
+        """
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

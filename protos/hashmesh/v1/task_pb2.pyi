@@ -78,20 +78,25 @@ class TaskSpec(_message.Message):
     algorithm: _common_pb2.Algorithm.ValueType
     """Algorithm to run. Required."""
     data: _builtins.bytes
-    """Input bytes. For Argon2id this is a password: it is erased from the database when the task
-    reaches a final state and never logged.
+    """Input bytes, at most the unary limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default); over
+    it the call is refused with INVALID_ARGUMENT reason INPUT_TOO_LARGE, as Hash is. For
+    Argon2id this is a password: it is erased from the database when the task reaches a final
+    state and never logged.
     """
     priority: _builtins.int
     """Higher runs first; from -100 to 100, default 0."""
     max_attempts: _builtins.int
     """Attempts before the task goes to DEAD_LETTER; from 1 to 100. 0 means the server default."""
     idempotency_key: _builtins.str
-    """Optional key (at most 200 characters): a second submission with the same key and client id
-    returns the first task instead of creating a new one.
+    """Optional key (at most 200 characters), in the caller's own namespace: a second submission
+    of the same request with the same key returns the first task instead of creating a new one;
+    another request with the key is ALREADY_EXISTS. Every field of this spec is the request.
     """
     @_builtins.property
     def argon2(self) -> _common_pb2.Argon2Params:
-        """Argon2id parameters; ignored for other algorithms."""
+        """Argon2id parameters; only with ALGORITHM_ARGON2ID (set with another algorithm it is
+        refused with INVALID_ARGUMENT naming `spec.argon2` / `specs[i].argon2`).
+        """
 
     @_builtins.property
     def run_after(self) -> _timestamp_pb2.Timestamp:
@@ -152,7 +157,9 @@ class Task(_message.Message):
     max_attempts: _builtins.int
     """Attempts allowed before DEAD_LETTER."""
     client_id: _builtins.str
-    """Client that submitted the task."""
+    """Identity of the client that submitted the task: an API key's client, an id a trusted proxy
+    vouched for, or `ip:<address>`.
+    """
     idempotency_key: _builtins.str
     """Idempotency key given at submission, if any."""
     last_error: _builtins.str
@@ -221,8 +228,8 @@ class SubmitTaskRequest(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
-    """Identifies the submitting client: scopes idempotency keys and per-client pending limits.
-    Empty means the `x-client-id` request metadata, or "anonymous".
+    """Leave empty: the task belongs to the caller's identity, decided by the balancer, never by
+    this field or by `x-client-id`. Set, it must equal that identity, else PERMISSION_DENIED.
     """
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
@@ -279,7 +286,7 @@ class SubmitTasksRequest(_message.Message):
     SPECS_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
-    """Client id for every task in the batch; see SubmitTaskRequest.client_id."""
+    """Leave empty; see SubmitTaskRequest.client_id (the same rule for the whole batch)."""
     @_builtins.property
     def specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskSpec]:
         """The tasks to queue, at most 10,000."""
@@ -432,11 +439,15 @@ class ListTasksRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
-    """Only tasks of this client. Empty means every client."""
+    """A filter. For a client it may only name itself (else PERMISSION_DENIED); empty means its
+    own tasks. For the operator, empty means every client's tasks.
+    """
     algorithm: _common_pb2.Algorithm.ValueType
     """Only tasks of this algorithm. Unspecified means every algorithm."""
     page_size: _builtins.int
-    """Maximum tasks per page, 1 to 1000. 0 means 100."""
+    """Maximum tasks per page. 0 means 100; values over 1000 are read as 1000 (AIP-158);
+    negative values are refused with INVALID_ARGUMENT.
+    """
     page_token: _builtins.str
     """Token from a previous response's next_page_token; empty for the first page. A token is
     only valid with the same filters.

@@ -30,10 +30,39 @@ class TaskServiceStub:
     A task accepted by SubmitTask reaches exactly one final state (SUCCEEDED, CANCELLED or
     DEAD_LETTER), whatever crashes on the way.
 
-    Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id; FAILED_PRECONDITION for a transition the task's state does
-    not allow; RESOURCE_EXHAUSTED (google.rpc.RetryInfo) when pending-task limits are reached;
-    UNAVAILABLE when the database cannot be reached.
+    Tenancy: every call acts for the caller's identity, decided by the balancer (the API key's
+    client, else `ip:<peer address>`) and stamped for the replica; a replica called directly
+    takes `ip:<peer address>`. A caller sees and changes only its own tasks: another client's
+    task answers NOT_FOUND exactly as a task that does not exist. The operator (`authorization:
+    Bearer <HASHMESH_ADMIN_TOKEN>`) sees every task and the workers in GetQueueStats.
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
+    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks (ResourceInfo).
+    - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, ListTasks.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     def __init__(self, channel):
@@ -89,16 +118,48 @@ class TaskServiceServicer:
     A task accepted by SubmitTask reaches exactly one final state (SUCCEEDED, CANCELLED or
     DEAD_LETTER), whatever crashes on the way.
 
-    Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id; FAILED_PRECONDITION for a transition the task's state does
-    not allow; RESOURCE_EXHAUSTED (google.rpc.RetryInfo) when pending-task limits are reached;
-    UNAVAILABLE when the database cannot be reached.
+    Tenancy: every call acts for the caller's identity, decided by the balancer (the API key's
+    client, else `ip:<peer address>`) and stamped for the replica; a replica called directly
+    takes `ip:<peer address>`. A caller sees and changes only its own tasks: another client's
+    task answers NOT_FOUND exactly as a task that does not exist. The operator (`authorization:
+    Bearer <HASHMESH_ADMIN_TOKEN>`) sees every task and the workers in GetQueueStats.
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
+    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks (ResourceInfo).
+    - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, ListTasks.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     def SubmitTask(self, request, context):
-        """SubmitTask queues one task. With an idempotency key, submitting again with the same key and
-        client id returns the first task instead of creating another. When the result is already
-        in the shared cache, the task is created SUCCEEDED at once, marked cached.
+        """SubmitTask queues one task. With an idempotency key, submitting the same request again with
+        the same key returns the first task (created false) instead of creating another; the same
+        key with a different request is ALREADY_EXISTS naming the first task. Keys are per caller
+        and remembered for HASHMESH_IDEMPOTENCY_WINDOW_SECONDS (default 24 h) after their task was
+        created. When the result is already in the shared cache, the task is created SUCCEEDED at
+        once, marked cached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,7 +173,7 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
-        """GetTask returns a task's current state.
+        """GetTask returns a task's current state (the caller's own tasks only).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,7 +188,8 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """ListTasks lists tasks, newest first, filtered and paged with opaque tokens.
+        """ListTasks lists the caller's tasks (an operator's: every client's), newest first,
+        filtered and paged with opaque tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,7 +212,8 @@ class TaskServiceServicer:
 
     def GetQueueStats(self, request, context):
         """GetQueueStats summarises the queue: tasks by state, the oldest pending task's age, workers
-        alive and recent completions.
+        alive and recent completions (totals over every client). The list of workers (names,
+        hosts, PIDs) is filled for the operator only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -212,10 +275,39 @@ class TaskService:
     A task accepted by SubmitTask reaches exactly one final state (SUCCEEDED, CANCELLED or
     DEAD_LETTER), whatever crashes on the way.
 
-    Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id; FAILED_PRECONDITION for a transition the task's state does
-    not allow; RESOURCE_EXHAUSTED (google.rpc.RetryInfo) when pending-task limits are reached;
-    UNAVAILABLE when the database cannot be reached.
+    Tenancy: every call acts for the caller's identity, decided by the balancer (the API key's
+    client, else `ip:<peer address>`) and stamped for the replica; a replica called directly
+    takes `ip:<peer address>`. A caller sees and changes only its own tasks: another client's
+    task answers NOT_FOUND exactly as a task that does not exist. The operator (`authorization:
+    Bearer <HASHMESH_ADMIN_TOKEN>`) sees every task and the workers in GetQueueStats.
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
+    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks (ResourceInfo).
+    - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, ListTasks.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @staticmethod
