@@ -41,7 +41,8 @@ from hashmesh.balancer.metrics import CallMetrics, MethodCalls
 from hashmesh.balancer.stats import BalancerStats
 from hashmesh.balancer.timeouts import AttemptTimeout, StreamIdle, idle_limited
 from hashmesh.balancer.tunnel import NOT_SENT, Tunnels
-from hashmesh.core.errors import HashmeshError, Unavailable, to_grpc_status
+from hashmesh.core.errors import HashmeshError, Unavailable
+from hashmesh.core.rpc import abort_with
 from hashmesh.core.tunnel import INTERNAL_PREFIX, Reply
 
 log = logging.getLogger(__name__)
@@ -600,11 +601,9 @@ async def _relay_error(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcEr
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: HashmeshError, reply: tuple[tuple[str, str], ...]) -> Any:
-    """The balancer's own refusal: the rate-limit fields in the headers, as on every answer."""
-    status = to_grpc_status(error)
-    if reply:
-        await context.send_initial_metadata(reply)
-    await context.abort(status.code, status.details, trailing_metadata=tuple(status.trailing_metadata))
+    """The balancer's own refusal, through the one gRPC edge; the rate-limit fields go in the
+    headers, as on every answer."""
+    await abort_with(context, error, initial_metadata=reply)
 
 
 class Router(grpc.GenericRpcHandler):  # type: ignore[misc]

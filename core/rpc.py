@@ -57,9 +57,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return wrapped
 
 
-async def abort_with(context: grpc.aio.ServicerContext, error: HashmeshError) -> None:
+async def abort_with(
+    context: grpc.aio.ServicerContext,
+    error: HashmeshError,
+    *,
+    initial_metadata: Sequence[tuple[str, str]] = (),
+) -> None:
+    """End the call with ``error``'s status (``hashmesh.core.errors.to_grpc_status``): the one
+    place hashd and the balancer turn a domain error into what the caller receives.
+    ``initial_metadata`` goes out first (the balancer's rate-limit fields)."""
     status = to_grpc_status(error)
-    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+    if initial_metadata:
+        await context.send_initial_metadata(tuple(initial_metadata))
+    await context.abort(
+        status.code, status.details, trailing_metadata=tuple(status.trailing_metadata)
+    )
 
 
 async def _translate(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
