@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+Pool = psycopg_pool.AsyncConnectionPool
+"""The connection pool type, for modules that hold one without importing the driver."""
+
 # Errors that mean "the database could not be reached or dropped us"; worth a retry.
 TRANSIENT = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.errors.AdminShutdown)
 
