@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from hashmesh.cli.client import CliError, ExitCode
+from hashmesh.core.errors import InvalidArgument
+from hashmesh.core.hashing.wire import algorithm_from_name
 from hashmesh.v1 import admin_pb2, cache_pb2, common_pb2, task_pb2
 
 ALGORITHMS = ["md5", "sha1", "sha256", "sha512", "sha3_256", "blake2b", "argon2id"]
@@ -17,16 +19,13 @@ def algorithm_name(value: int) -> str:
 
 
 def parse_algorithm(name: str) -> common_pb2.Algorithm.ValueType:
-    cleaned = name.strip().lower().replace("-", "_")
-    if cleaned.startswith("algorithm_"):
-        cleaned = cleaned[len("algorithm_"):]
-    cleaned = {"sha3256": "sha3_256", "sha_1": "sha1", "sha_256": "sha256", "sha_512": "sha512"}.get(cleaned,
-                                                                                                   cleaned)
-    if cleaned not in ALGORITHMS:
+    """A typed name as the wire enum, by the same rules as the server's (``algorithm_from_name``)."""
+    try:
+        return algorithm_from_name(name)
+    except InvalidArgument:
         raise CliError(
             f"unknown algorithm {name!r}; expected one of {', '.join(ALGORITHMS)}", ExitCode.INVALID_ARGUMENT
-        )
-    return common_pb2.Algorithm.Value("ALGORITHM_" + cleaned.upper())
+        ) from None
 
 
 STATUSES = ["pending", "running", "retrying", "succeeded", "cancelled", "dead_letter"]

@@ -37,9 +37,9 @@ class Algorithm(str, Enum):
 
     @classmethod
     def parse(cls, name: str, *, field: str = "algorithm") -> Algorithm:
+        """A user-typed name: any case, ``-`` or ``_`` (``SHA3-256``, ``sha_256``, ``sha3256``)."""
         cleaned = name.strip().lower().replace("-", "_")
-        if cleaned == "sha3256":
-            cleaned = "sha3_256"
+        cleaned = _ALIASES.get(cleaned, cleaned)
         try:
             return cls(cleaned)
         except ValueError:
@@ -48,6 +48,8 @@ class Algorithm(str, Enum):
                 field, f"unknown algorithm {name!r}; expected one of {known}"
             ) from None
 
+
+_ALIASES = {"sha3256": "sha3_256", "sha_1": "sha1", "sha_256": "sha256", "sha_512": "sha512"}
 
 # Direct constructors: hashlib.new(name) looks the name up on every call.
 _CONSTRUCTORS: dict[Algorithm, Any] = {
