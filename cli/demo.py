@@ -3,19 +3,19 @@ digests checked against hashlib, then a task submitted and waited for."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import time
 from collections.abc import Callable
 
 import grpc
 
 from hashmesh.cli.client import sync_channel
+from hashmesh.cli.follow import TaskDidNotFinish, follow_task
 from hashmesh.core.tls import ClientTls
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc, task_pb2, task_pb2_grpc
 
 INPUTS = (b"hello", b"hashmesh", b"")
 ALGORITHMS = ((common_pb2.ALGORITHM_MD5, "md5"), (common_pb2.ALGORITHM_SHA256, "sha256"))
-FINAL = {task_pb2.TASK_STATUS_SUCCEEDED, task_pb2.TASK_STATUS_CANCELLED, task_pb2.TASK_STATUS_DEAD_LETTER}
 
 
 def run_demo(target: str, say: Callable[[str, bool | None], None], timeout: float = 60.0,
@@ -49,15 +49,9 @@ def run_demo(target: str, say: Callable[[str, bool | None], None], timeout: floa
 
 
 def _wait(stub: task_pb2_grpc.TaskServiceStub, task: task_pb2.Task, timeout: float) -> task_pb2.Task:
-    deadline = time.monotonic() + timeout
-    try:
-        for reply in stub.WatchTask(task_pb2.WatchTaskRequest(id=task.id), timeout=timeout):
-            task = reply.task
-        return task
-    except grpc.RpcError as err:
-        if err.code() is not grpc.StatusCode.UNIMPLEMENTED:
-            raise
-    while task.status not in FINAL and time.monotonic() < deadline:
-        time.sleep(0.2)
-        task = stub.GetTask(task_pb2.GetTaskRequest(id=task.id), timeout=10).task
-    return task
+    """The task's last state: final, or the one it had when ``timeout`` ran out."""
+    last = task
+    with contextlib.suppress(TaskDidNotFinish):
+        for last in follow_task(stub, task.id, timeout=timeout, call_timeout=10.0):  # noqa: B007 - the last state is the answer
+            pass
+    return last

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
-import grpc
 import typer
 from google.protobuf import timestamp_pb2
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hashmesh.cli.client import CliError, ExitCode
+from hashmesh.cli.follow import TaskDidNotFinish
+from hashmesh.cli.follow import follow_task as follow
 from hashmesh.cli.hash_cmds import (
     HashLen,
     JsonFlag,
@@ -40,7 +40,6 @@ from hashmesh.v1 import common_pb2, task_pb2
 app = typer.Typer(help="Durable hashing tasks, run by workerd.", no_args_is_help=True)
 
 TaskId = Annotated[str, typer.Argument(help="Task id (a UUID).", show_default=False)]
-POLL_SECONDS = 0.2
 
 
 def _time(stamp: timestamp_pb2.Timestamp, present: bool) -> str | None:
@@ -99,30 +98,12 @@ def _exit_for_final(task: task_pb2.Task) -> None:
 
 
 def follow_task(state: CliState, task_id: str, timeout: float | None) -> Iterator[task_pb2.Task]:
-    """Each state of the task as it changes, ending at a final state: WatchTask, or GetTask
-    polling when the server does not implement WatchTask."""
-    stub = state.session.tasks()
-    metadata = state.session.metadata()
+    """Each state of the task as it changes, ending at a final state (``cli.follow``)."""
     try:
-        for reply in stub.WatchTask(task_pb2.WatchTaskRequest(id=task_id), timeout=timeout, metadata=metadata):
-            yield reply.task
-        return
-    except grpc.RpcError as err:
-        if err.code() is not grpc.StatusCode.UNIMPLEMENTED:
-            raise
-    deadline = None if timeout is None else time.monotonic() + timeout
-    last: int | None = None
-    while True:
-        task = stub.GetTask(task_pb2.GetTaskRequest(id=task_id), timeout=state.options.timeout,
-                            metadata=metadata).task
-        if task.status != last:
-            last = task.status
-            yield task
-        if task.status in FINAL_STATUSES:
-            return
-        if deadline is not None and time.monotonic() > deadline:
-            raise CliError(f"task {task_id} did not finish in {timeout}s", ExitCode.DEADLINE_EXCEEDED)
-        time.sleep(POLL_SECONDS)
+        yield from follow(state.session.tasks(), task_id, timeout=timeout,
+                          call_timeout=state.options.timeout, metadata=state.session.metadata())  # fmt: skip
+    except TaskDidNotFinish as exc:
+        raise CliError(str(exc), ExitCode.DEADLINE_EXCEEDED) from None
 
 
 def wait_for(state: CliState, out: Output, task: task_pb2.Task, timeout: float | None) -> task_pb2.Task:
