@@ -128,6 +128,12 @@ class CallInterceptor(Protocol):
         """Raise a ``HashmeshError`` to refuse the call; may add ``call.reply_metadata``."""
 
 
+def _plain(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4-mapped IPv6 address (a dual-stack socket's spelling of an IPv4 peer) as IPv4."""
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
+
+
 class TrustedProxies:
     """Which addresses may speak for the callers behind them (bounded memo per address)."""
 
@@ -142,7 +148,7 @@ class TrustedProxies:
         known = self._seen.get(host)
         if known is None:
             try:
-                address = ipaddress.ip_address(host)
+                address = _plain(ipaddress.ip_address(host))
             except ValueError:
                 known = False
             else:
@@ -156,14 +162,15 @@ class TrustedProxies:
         """The rightmost ``x-forwarded-for`` hop that is not one of ours (the hops to its
         left were written by callers nobody vouches for); ``None`` if a hop is malformed."""
         hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+        address = None
         for hop in reversed(hops):
-            try:
-                ipaddress.ip_address(hop)
+            try:  # one spelling per address: '::ffff:10.0.0.1' is 10.0.0.1
+                address = str(_plain(ipaddress.ip_address(hop)))
             except ValueError:
                 return None
-            if not self.trusts(hop):
-                return hop
-        return hops[0] if hops else None
+            if not self.trusts(address):
+                return address
+        return address
 
 
 class Identify:

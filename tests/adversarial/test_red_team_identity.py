@@ -3,11 +3,14 @@ would — bytes grpcio never sends, headers repeated, addresses in their other s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 import pytest
 
 from hashmesh.v1 import common_pb2, hash_pb2, task_pb2, task_pb2_grpc
 from tests.conftest import Processes
+from tests.integration.test_balancer_proxy import start_backends, start_balancer
 from tests.red_team_h2 import unary
 
 LIST = "/hashmesh.v1.TaskService/ListTasks"
@@ -27,3 +30,49 @@ def test_a_stamp_with_odd_digits_is_refused_as_malformed(dsn: str, procs: Proces
         task_pb2_grpc.TaskServiceStub(channel).ListTasks(task_pb2.ListTasksRequest(), timeout=10)
     replica.terminate()
     assert "Traceback" not in replica.log()
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A balancer trusting 127.0.0.0/8 (this test plays the proxies there), in front of a test
+    replica that echoes the identity it was stamped with."""
+    log_dir = tmp_path_factory.mktemp("proxied")
+    backends = start_backends(log_dir, 1)
+    balancer = start_balancer(log_dir, backends, env={"HASHMESH_BALANCER_TRUSTED_PROXIES": "127.0.0.0/8"})
+    try:
+        yield balancer.addresses["balancer"]
+    finally:
+        balancer.terminate()
+        backends[0].terminate()
+
+
+def _identity(address: str, forwarded: str) -> str:
+    with grpc.insecure_channel(address) as channel:
+        _, call = channel.unary_unary(HASH).with_call(
+            HASH_REQUEST, timeout=10, metadata=[("x-forwarded-for", forwarded)])
+    return str(dict(call.trailing_metadata())["x-seen-identity"])
+
+
+@pytest.mark.parametrize("forwarded", [
+    # A proxy on a dual-stack socket writes IPv4 peers mapped (nginx: '::ffff:a.b.c.d'):
+    # before, the mapped spelling of a trusted proxy was not trusted, so every client behind
+    # it collapsed into it (one tenant, one rate limit)...
+    "203.0.113.7, ::ffff:127.0.0.5",
+    # ...and a client's mapped spelling was another identity than its plain one (overrides
+    # and tenancy keyed on 'ip:203.0.113.7' missed it).
+    "::ffff:203.0.113.7, 127.0.0.5",
+])
+def test_forwarded_for_behind_trusted_proxies_names_the_client(proxied: str, forwarded: str) -> None:
+    assert _identity(proxied, forwarded) == "ip:203.0.113.7"
+
+
+def test_a_client_behind_trusted_proxies_still_cannot_pick_its_identity(proxied: str) -> None:
+    # The attacker writes the left of the list; the proxies append to its right.
+    assert _identity(proxied, "6.6.6.6, 203.0.113.7, ::ffff:127.0.0.5") == "ip:203.0.113.7"
+    assert _identity(proxied, "6.6.6.6, not-an-address, 203.0.113.7") == "ip:203.0.113.7"
+    # grpc-core keeps only the last x-forwarded-for line it receives: a proxy must append
+    # to the one line (as Envoy and nginx do), not add a second one.
+    with grpc.insecure_channel(proxied) as channel:
+        _, call = channel.unary_unary(HASH).with_call(
+            HASH_REQUEST, timeout=10, metadata=[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "203.0.113.7")])
+    assert dict(call.trailing_metadata())["x-seen-identity"] == "ip:203.0.113.7"
