@@ -115,8 +115,8 @@ def _identity(account: ServerAccount | None) -> tuple[int | None, int | None, li
     return account.uid, account.gid, []
 
 
-def _open_path_for(account: ServerAccount, path: Path) -> None:
-    """Let ``account`` traverse to ``path`` and own it (we are root here)."""
+def _let_traverse(account: ServerAccount, path: Path) -> None:
+    """Let ``account`` reach ``path`` through each of its parents (we are root here)."""
     for parent in reversed(path.parents):
         mode = parent.stat().st_mode
         if mode & 0o001:
@@ -133,6 +133,11 @@ def _open_path_for(account: ServerAccount, path: Path) -> None:
                 "PostgreSQL's user reaches its data",
                 extra={"directory": str(parent), "user": account.name},
             )
+
+
+def _open_path_for(account: ServerAccount, path: Path) -> None:
+    """Let ``account`` traverse to ``path`` and own it (we are root here)."""
+    _let_traverse(account, path)
     for item in [path, *path.rglob("*")]:
         os.chown(item, account.uid, account.gid, follow_symlinks=False)
 
@@ -167,18 +172,16 @@ def _write_private(path: Path, text: str, account: ServerAccount | None) -> None
         sink.write(text)
 
 
-def _make_binaries_usable(bin_dir: Path) -> None:
-    """pgserver unpacks its files readable by the owner only in some installs."""
+def _make_binaries_usable(bin_dir: Path, account: ServerAccount) -> None:
+    """pgserver unpacks its files readable by the owner only in some installs; the
+    directories above them (a virtualenv under ``/root``) open to ``account`` alone."""
     root = bin_dir.parent
     for item in [root, *root.rglob("*")]:
         mode = item.stat().st_mode
         wanted = mode | 0o044 | (0o011 if item.is_dir() or mode & 0o100 else 0)
         if wanted != mode:
             item.chmod(wanted)
-    for parent in root.parents:
-        mode = parent.stat().st_mode
-        if not mode & 0o001:
-            parent.chmod(mode | 0o011)
+    _let_traverse(account, root)
 
 
 @dataclass
@@ -217,7 +220,7 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)
         if account is not None:
-            _make_binaries_usable(bin_dir)
+            _make_binaries_usable(bin_dir, account)
             _open_path_for(account, self.data_dir)
         pgdata = self.data_dir / "pgdata"
         user, group, extra_groups = _identity(account)

@@ -8,8 +8,12 @@ everything under it, including the names root writes at the next start (``pg_hba
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -44,3 +48,35 @@ def test_the_server_user_cannot_redirect_roots_writes(tmp_path: Path, planted: s
         assert not link.is_symlink()
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as another user only as root")
+def test_as_root_the_binaries_parents_open_to_the_server_user_alone(tmp_path: Path) -> None:
+    """PostgreSQL installed in a private place (a virtualenv under /root): before, every
+    directory above the binaries silently became traversable by every user (g+x, o+x)."""
+    home = tmp_path / "home"
+    site = home / "venv" / "site-packages"
+    site.mkdir(parents=True)
+    home.chmod(0o700)
+    spec = importlib.util.find_spec("pgserver")  # not imported: that has side effects
+    assert spec is not None and spec.origin is not None
+    installed = Path(spec.origin).parent
+    shutil.copytree(installed / "pginstall", site / "pgserver" / "pginstall", symlinks=True)
+    libs = installed.with_name("pgserver.libs")  # the wheel's bundled libraries (rpath)
+    if libs.exists():
+        shutil.copytree(libs, site / libs.name, symlinks=True)
+    (site / "pgserver" / "__init__.py").write_text("")
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom hashmesh.core.embedded_pg import EmbeddedPostgres\n"
+        "server = EmbeddedPostgres(data_dir=Path(sys.argv[1]))\nserver.start()\nserver.stop()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "state")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # (with an ACL entry the group bits show its mask, --x: the owning group still gets nothing)
+    assert not home.stat().st_mode & 0o007, "a private directory was opened to every user"
+    probe = subprocess.run(["setpriv", f"--reuid={pwd.getpwnam('pgserver').pw_uid}", "--clear-groups",
+                            "--regid=65534", "ls", str(site / "pgserver" / "pginstall" / "bin" / "postgres")],
+                           capture_output=True, text=True, timeout=30)
+    assert probe.returncode == 0, probe.stderr  # pgserver alone reaches them (an ACL entry)
