@@ -3,15 +3,19 @@ would — bytes grpcio never sends, headers repeated, addresses in their other s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
+from hashmesh.balancer import keys
 from hashmesh.v1 import common_pb2, hash_pb2, task_pb2, task_pb2_grpc
 from tests.conftest import Processes
 from tests.integration.test_balancer_proxy import start_backends, start_balancer
 from tests.red_team_h2 import unary
+from tests.source_relay import SourceRelay
 
 LIST = "/hashmesh.v1.TaskService/ListTasks"
 HASH = "/hashmesh.v1.HashService/Hash"
@@ -76,3 +80,46 @@ def test_a_client_behind_trusted_proxies_still_cannot_pick_its_identity(proxied:
         _, call = channel.unary_unary(HASH).with_call(
             HASH_REQUEST, timeout=10, metadata=[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "203.0.113.7")])
     assert dict(call.trailing_metadata())["x-seen-identity"] == "ip:203.0.113.7"
+
+
+def test_guessing_credentials_is_rate_limited_like_any_call(tmp_path: Path) -> None:
+    """Wrong admin tokens and unknown API keys: before, refused before the rate limit was
+    consulted, so a guesser had the whole balancer's speed (every guess an UNAUTHENTICATED,
+    never a RESOURCE_EXHAUSTED). A guess now costs a token of the guesser's address."""
+    rate, burst, guesses = 1, 5, 40
+    alice = keys.generate_key()
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(keys.key_line("alice", alice) + "\n")
+    backends = start_backends(tmp_path, 1)
+    balancer = start_balancer(tmp_path, backends, "--rate-limit", f"{rate}/{burst}", "--api-keys-file", str(keys_file),
+                              env={"HASHMESH_ADMIN_TOKEN": "the-real-operator-token"})
+    try:
+        with SourceRelay("127.0.0.2", balancer.addresses["balancer"]) as guesser:
+            for guess in ("authorization", "x-api-key"):
+                codes: list[grpc.StatusCode] = []
+                started = time.monotonic()
+                with grpc.insecure_channel(guesser.address) as channel:
+                    hash_call = channel.unary_unary(HASH)
+                    for i in range(guesses):
+                        value = f"Bearer guess-{i}" if guess == "authorization" else f"hm_guess-{i}"
+                        try:
+                            hash_call(HASH_REQUEST, timeout=10, metadata=[(guess, value)])
+                            codes.append(grpc.StatusCode.OK)
+                        except grpc.RpcError as error:
+                            codes.append(error.code())
+                elapsed = time.monotonic() - started
+                tried = codes.count(grpc.StatusCode.UNAUTHENTICATED)
+                print(f"\n{guess} guesses checked: {tried} of {guesses} in {elapsed:.2f}s (limit {rate}/s, burst {burst})")
+                assert grpc.StatusCode.OK not in codes
+                # The client's interval contains the balancer's, so this bound only grows with load.
+                assert tried <= burst + rate * elapsed + 1
+                assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == guesses - tried
+                time.sleep(burst / rate)  # the guesser's bucket refills before the next kind
+        # Whoever holds a key is in its own bucket, whatever the guesser at the same address did.
+        with SourceRelay("127.0.0.2", balancer.addresses["balancer"]) as same_host, \
+                grpc.insecure_channel(same_host.address) as channel:
+            for _ in range(burst):
+                channel.unary_unary(HASH)(HASH_REQUEST, timeout=10, metadata=[("x-api-key", alice)])
+    finally:
+        balancer.terminate()
+        backends[0].terminate()
