@@ -26,7 +26,7 @@ from typing import NoReturn, Protocol
 import grpc
 
 from hashmesh.balancer.keys import ApiKeys
-from hashmesh.balancer.ratelimit import RateLimiter
+from hashmesh.balancer.ratelimit import RateLimited, RateLimiter
 from hashmesh.balancer.stats import BalancerStats
 from hashmesh.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from hashmesh.core.identity import (
@@ -187,13 +187,16 @@ class Identify:
     async def admit(self, call: CallInfo) -> None:
         if call.bearer is not None and self._admin_token:
             if not token_matches(call.bearer, self._admin_token):
-                await self._refuse(call, "wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)")
+                await self._refuse(call, "wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)",
+                                   reason="ADMIN_TOKEN_INVALID")
             call.operator = True
         keys = self._keys
         if keys is not None and (call.api_key is not None or not call.operator):
             client = keys.client_for(call.api_key) if call.api_key else None
             if client is None:
-                await self._refuse(call, "a valid x-api-key is required" if call.api_key is None else "unknown API key")
+                if call.api_key is None:
+                    await self._refuse(call, "a valid x-api-key is required", reason="API_KEY_MISSING")
+                await self._refuse(call, "unknown API key", reason="API_KEY_INVALID")
             call.client = client
             return
         host = _host_of(call.address)
@@ -202,12 +205,12 @@ class Identify:
             return
         call.client = address_identity(host)
 
-    async def _refuse(self, call: CallInfo, message: str) -> NoReturn:
+    async def _refuse(self, call: CallInfo, message: str, *, reason: str) -> NoReturn:
         """UNAUTHENTICATED, for a token of the caller's address first (RESOURCE_EXHAUSTED when
         spent): credentials cannot be guessed faster than the rate limit."""
         await self._limiter.admit(address_identity(_host_of(call.address)))
         self._stats.unauthenticated += 1
-        raise Unauthenticated(message)
+        raise Unauthenticated(message, reason=reason)
 
     def _vouched(self, call: CallInfo) -> str | None:
         """The identity a trusted proxy states for its caller."""
@@ -221,13 +224,18 @@ class Identify:
 
 
 class RateLimit:
-    """One token from the caller's bucket; the allowance goes back as metadata."""
+    """One token from the caller's bucket; the allowance (IETF RateLimit fields) goes back in
+    the answer's initial metadata, refusals included."""
 
     def __init__(self, limiter: RateLimiter) -> None:
         self._limiter = limiter
 
     async def admit(self, call: CallInfo) -> None:
-        allowance = await self._limiter.admit(call.client)
+        try:
+            allowance = await self._limiter.admit(call.client)
+        except RateLimited as refusal:
+            call.reply_metadata = refusal.allowance.metadata()
+            raise
         if allowance is not None:
             call.reply_metadata = allowance.metadata()
 
@@ -274,12 +282,14 @@ class AdminPolicy:
         if not self._token:
             if self._open:
                 return
-            raise PermissionDenied("AdminService is served only on the admin listener (loopback)")
+            raise PermissionDenied("AdminService is served only on the admin listener (loopback)",
+                                   reason="ADMIN_LISTENER_ONLY")
         presented = bearer_token(metadata)
         if not presented:
-            raise Unauthenticated("AdminService needs 'authorization: Bearer <admin token>'")
+            raise Unauthenticated("AdminService needs 'authorization: Bearer <admin token>'",
+                                  reason="ADMIN_TOKEN_MISSING")
         if not token_matches(presented, self._token):
-            raise Unauthenticated("wrong admin token")
+            raise Unauthenticated("wrong admin token", reason="ADMIN_TOKEN_INVALID")
 
 
 def refusing_handler(error: Exception) -> grpc.RpcMethodHandler:

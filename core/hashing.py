@@ -16,7 +16,7 @@ from typing import Any
 import argon2
 from argon2.low_level import Type, hash_secret
 
-from hashmesh.core.errors import InvalidArgument
+from hashmesh.core.errors import InvalidArgument, Violations
 
 
 class Algorithm(str, Enum):
@@ -90,6 +90,8 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "hash_len": (16, 64),
 }
 SALT_BOUNDS = (8, 64)
+MAX_PHC_LENGTH = 512
+"""Longest PHC string read: the longest valid one (64-byte salt and hash) is under 250."""
 
 
 @dataclass(frozen=True)
@@ -119,21 +121,21 @@ class Argon2Params:
             "parallelism": parallelism or DEFAULT_PARALLELISM,
             "hash_len": hash_len or DEFAULT_HASH_LEN,
         }
+        violations = Violations()
         for name, value in values.items():
             low, high = BOUNDS[name]
             if not low <= value <= high:
-                raise InvalidArgument(
-                    f"{field_prefix}.{name}", f"must be between {low} and {high}, got {value}"
-                )
-        if values["memory_cost_kib"] < 8 * values["parallelism"]:
-            raise InvalidArgument(
+                violations.add(f"{field_prefix}.{name}", f"must be between {low} and {high}, got {value}")
+        if BOUNDS["memory_cost_kib"][0] <= values["memory_cost_kib"] < 8 * values["parallelism"]:
+            violations.add(
                 f"{field_prefix}.memory_cost_kib", "must be at least 8 KiB per lane of parallelism"
             )
         if salt and not SALT_BOUNDS[0] <= len(salt) <= SALT_BOUNDS[1]:
-            raise InvalidArgument(
+            violations.add(
                 f"{field_prefix}.salt",
                 f"must be {SALT_BOUNDS[0]} to {SALT_BOUNDS[1]} bytes, got {len(salt)}",
             )
+        violations.raise_if_any()
         return cls(salt=salt or None, **values)
 
     @property
@@ -191,6 +193,8 @@ _default_hasher = argon2.PasswordHasher(
 
 def validate_phc(encoded: str, *, field: str = "encoded") -> argon2.Parameters:
     """Parse an Argon2 PHC string; malformed or out-of-bounds ones raise ``InvalidArgument``."""
+    if len(encoded) > MAX_PHC_LENGTH or not encoded.isascii():
+        raise InvalidArgument(field, f"not a valid Argon2 PHC string (ASCII, at most {MAX_PHC_LENGTH} characters)")
     try:
         parsed = argon2.extract_parameters(encoded)
     except (argon2.exceptions.InvalidHashError, ValueError) as exc:
