@@ -1,5 +1,5 @@
 """Lookup cost against compute cost, per algorithm and input size: the measurement behind the
-default ``HASHMESH_CACHE_ALGORITHMS`` (the README's result cache section). Run through bench/hashd_bench.py
+default ``HASHMESH_CACHE_ALGORITHMS`` (hashd/CACHE.md). Run through bench/hashd_bench.py
 (``--only cost``) or alone: ``python bench/hashd_cache_cost.py DSN``.
 
 In-process, one event loop: compute = the hash itself; memory hit = HMAC key + LRU get;
@@ -82,7 +82,7 @@ async def run(dsn: str) -> None:
             ("argon2id default (t=3 m=64MiB p=4)", Argon2Params.build(salt=b"saltsalt")),
         ):
             raw, encoded = algorithms.argon2id(b"password", params)
-            await shared.store(Algorithm.ARGON2ID, params, b"password", raw, encoded)
+            await shared.store(Algorithm.ARGON2ID, params, b"password", raw, encoded, tenant="t")
             compute = statistics.median(
                 _timed(functools.partial(algorithms.argon2id, b"password", params)) for _ in range(5)
             )
