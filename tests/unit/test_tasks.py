@@ -29,7 +29,7 @@ def test_sql_sections_are_loaded_with_columns_filled_in() -> None:
         "complete",
         "fail",
         "heartbeat",
-        "reclaim_expired",
+        "reclaim_lost",
         "list",
         "cancel",
     ):

@@ -81,7 +81,7 @@ def test_expired_lease_is_reclaimed_and_late_result_refused() -> None:
         await store.submit_many([NewTask("argon2id", b"secret", params={})])
         [first] = await store.claim("a", 10, 5)
         clock.advance(6)
-        assert await store.reclaim_expired() == 1
+        assert await store.reclaim_lost() == 1
         [second] = await store.claim("b", 10, 5)
         assert await store.heartbeat("a", [Lease(first.id, first.lease_id)], lease_seconds=5,
                                      in_flight=1, processed=0) == {}  # fmt: skip

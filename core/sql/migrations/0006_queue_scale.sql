@@ -1,0 +1,112 @@
+-- The queue as it ages (issue 12): counters that make counts O(1), worker sessions that make a
+-- dead worker visible at once, and an index for retention.
+
+-- Writers wait while the counters are initialised, so none is missed or counted twice.
+LOCK TABLE hashmesh_tasks IN SHARE ROW EXCLUSIVE MODE;
+
+-- Counts by status, kept by statement-level triggers in the transaction that changes them.
+-- Each status has up to 16 slot rows (the writing backend's pid mod 16), so concurrent writers
+-- rarely wait on one hot row; a count is the sum over its slots.
+CREATE TABLE hashmesh_task_counts (
+    status text   NOT NULL,
+    slot   int    NOT NULL,
+    n      bigint NOT NULL,
+    PRIMARY KEY (status, slot)
+);
+
+-- Unfinished (pending, retrying, running) tasks per client, for backpressure; same slots.
+CREATE TABLE hashmesh_client_unfinished (
+    client_id text   NOT NULL,
+    slot      int    NOT NULL,
+    n         bigint NOT NULL,
+    PRIMARY KEY (client_id, slot)
+);
+
+INSERT INTO hashmesh_task_counts (status, slot, n)
+SELECT status, 0, count(*) FROM hashmesh_tasks GROUP BY status;
+
+INSERT INTO hashmesh_client_unfinished (client_id, slot, n)
+SELECT client_id, 0, count(*) FROM hashmesh_tasks
+WHERE status IN ('pending', 'retrying', 'running') GROUP BY client_id;
+
+-- Applies one statement's changes: +1 per new row, -1 per old row, by status (and by client
+-- for unfinished ones). Rows are upserted in key order so two writers never deadlock.
+CREATE FUNCTION hashmesh_tasks_apply_counts(deltas jsonb) RETURNS void LANGUAGE sql AS $$
+    INSERT INTO hashmesh_task_counts AS c (status, slot, n)
+    SELECT d.status, pg_backend_pid() % 16, sum(d.delta)
+    FROM jsonb_to_recordset(deltas) AS d(status text, client_id text, delta bigint)
+    GROUP BY d.status HAVING sum(d.delta) <> 0
+    ORDER BY d.status
+    ON CONFLICT (status, slot) DO UPDATE SET n = c.n + excluded.n;
+    INSERT INTO hashmesh_client_unfinished AS u (client_id, slot, n)
+    SELECT d.client_id, pg_backend_pid() % 16, sum(d.delta)
+    FROM jsonb_to_recordset(deltas) AS d(status text, client_id text, delta bigint)
+    WHERE d.status IN ('pending', 'retrying', 'running')
+    GROUP BY d.client_id HAVING sum(d.delta) <> 0
+    ORDER BY d.client_id
+    ON CONFLICT (client_id, slot) DO UPDATE SET n = u.n + excluded.n;
+$$;
+
+CREATE FUNCTION hashmesh_tasks_count() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    deltas jsonb;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        SELECT jsonb_agg(d) INTO deltas FROM (
+            SELECT status, client_id, count(*) AS delta FROM new_rows GROUP BY 1, 2) d;
+    ELSIF TG_OP = 'DELETE' THEN
+        SELECT jsonb_agg(d) INTO deltas FROM (
+            SELECT status, client_id, -count(*) AS delta FROM old_rows GROUP BY 1, 2) d;
+    ELSE
+        -- Most updates (lease renewals) change no status: nothing to write.
+        SELECT jsonb_agg(d) INTO deltas FROM (
+            SELECT status, client_id, sum(delta) AS delta FROM (
+                SELECT n.status, n.client_id, 1 AS delta
+                FROM new_rows n JOIN old_rows o ON o.id = n.id
+                WHERE n.status <> o.status
+                UNION ALL
+                SELECT o.status, o.client_id, -1
+                FROM new_rows n JOIN old_rows o ON o.id = n.id
+                WHERE n.status <> o.status) changed
+            GROUP BY 1, 2) d;
+    END IF;
+    IF deltas IS NOT NULL THEN
+        PERFORM hashmesh_tasks_apply_counts(deltas);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER hashmesh_tasks_count_insert
+    AFTER INSERT ON hashmesh_tasks REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION hashmesh_tasks_count();
+CREATE TRIGGER hashmesh_tasks_count_update
+    AFTER UPDATE ON hashmesh_tasks REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION hashmesh_tasks_count();
+CREATE TRIGGER hashmesh_tasks_count_delete
+    AFTER DELETE ON hashmesh_tasks REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION hashmesh_tasks_count();
+
+CREATE FUNCTION hashmesh_tasks_count_truncate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM hashmesh_task_counts;
+    DELETE FROM hashmesh_client_unfinished;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER hashmesh_tasks_count_truncate
+    AFTER TRUNCATE ON hashmesh_tasks
+    FOR EACH STATEMENT EXECUTE FUNCTION hashmesh_tasks_count_truncate();
+
+-- Worker sessions: a workerd holds the session-level advisory lock (26733, session) on its
+-- LISTEN connection for as long as that connection lives, and stamps the tasks it claims with
+-- the session. When PostgreSQL drops the connection (process killed, host lost and TCP keepalive
+-- expired) the lock disappears from pg_locks and the reaper puts those tasks back at once.
+CREATE SEQUENCE hashmesh_worker_session_seq MAXVALUE 2147483647 CYCLE;
+ALTER TABLE hashmesh_tasks ADD COLUMN worker_session bigint;
+ALTER TABLE hashmesh_workers ADD COLUMN session bigint;
+
+-- Retention deletes the oldest finished tasks of one status at a time; this replaces the
+-- finished_at index (the last-minute count reads it by status too).
+CREATE INDEX hashmesh_tasks_retention
+    ON hashmesh_tasks (status, finished_at) WHERE finished_at IS NOT NULL;
+DROP INDEX hashmesh_tasks_finished;
