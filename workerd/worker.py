@@ -157,8 +157,9 @@ class Worker:
             "heartbeat": asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             "listen": asyncio.create_task(self._listen_loop(), name="listen"),
             "reap": asyncio.create_task(self._reap_loop(), name="reap"),
-            "prune": asyncio.create_task(self.pruner.run(), name="prune"),
         }
+        if self.pruner.enabled:
+            loops["prune"] = asyncio.create_task(self.pruner.run(), name="prune")
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait(

@@ -137,8 +137,13 @@ class Pruner:
         )
         return result
 
+    @property
+    def enabled(self) -> bool:
+        return self._policy.interval_seconds > 0 and bool(self._policy.ages)
+
     async def run(self) -> None:
-        if self._policy.interval_seconds <= 0 or not self._policy.ages:
+        """Every ``interval_seconds`` until cancelled (returns at once when not ``enabled``)."""
+        if not self.enabled:
             return
         while True:
             await asyncio.sleep(self._policy.interval_seconds)

@@ -1,0 +1,299 @@
+"""The queue as it ages, against a real PostgreSQL: counters that equal a real count through
+every transition, retention that deletes exactly what is due, worker sessions that make a dead
+worker's tasks claimable again at once, and worker writes that skip the WAL flush wait."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+
+from hashmesh.core import db
+from hashmesh.core.settings import DatabaseSettings
+from hashmesh.core.tasks.model import Completion, Failure, Lease, NewTask, TaskStatus
+from hashmesh.core.tasks.retention import RetentionPolicy
+from hashmesh.core.tasks.store import (
+    NOTIFY_READY,
+    PRUNER_LOCK,
+    SESSION_SETTLE_SECONDS,
+    Listener,
+    PostgresTaskStore,
+    queries,
+)
+
+T = TypeVar("T")
+DAY = 86400.0
+
+
+def with_store(dsn: str, body: Callable[[PostgresTaskStore], Awaitable[T]]) -> T:
+    async def main() -> T:
+        pool = db.make_pool(DatabaseSettings(dsn=dsn, pool_max=4), name="test")
+        await pool.open()
+        try:
+            return await body(PostgresTaskStore(pool))
+        finally:
+            await pool.close()
+
+    return asyncio.run(main())
+
+
+def real_counts(dsn: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(tasks by status, unfinished tasks by client) by scanning the table."""
+    with psycopg.connect(dsn) as conn:
+        by_status = dict(
+            conn.execute("SELECT status, count(*) FROM hashmesh_tasks GROUP BY 1").fetchall()
+        )
+        by_client = dict(
+            conn.execute(
+                "SELECT client_id, count(*) FROM hashmesh_tasks "
+                "WHERE status IN ('pending', 'retrying', 'running') GROUP BY 1"
+            ).fetchall()
+        )
+    return by_status, by_client
+
+
+async def assert_counters_match(store: PostgresTaskStore, dsn: str, step: str) -> None:
+    by_status, by_client = real_counts(dsn)
+    stats = await store.stats(alive_seconds=30)
+    counted = {s.value: n for s, n in stats.counts.items() if n}
+    assert counted == by_status, f"after {step}"
+    assert await store.unfinished_by_client() == by_client, f"after {step}"
+
+
+def backdate(dsn: str, ids: list[str], days: float) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "UPDATE hashmesh_tasks SET finished_at = finished_at - %s WHERE id = ANY(%s::uuid[])",
+            (timedelta(days=days), ids),
+        )
+
+
+def test_counters_equal_a_real_count_through_every_transition(dsn: str) -> None:
+    async def body(store: PostgresTaskStore) -> None:
+        await assert_counters_match(store, dsn, "nothing")
+        submitted = await store.submit_many(
+            [NewTask("md5", b"t-%d" % i, client_id=f"c{i % 3}", max_attempts=1) for i in range(40)]
+            + [NewTask("md5", b"cached", cached_result=(b"\x01" * 16, "01" * 16))]
+        )
+        ids = [s.task.id for s in submitted]
+        await assert_counters_match(store, dsn, "submit")
+        claimed = await store.claim("w", 30, 30)
+        await assert_counters_match(store, dsn, "claim")
+        done = [Completion(t.id, t.lease_id, b"\x00" * 16, "00" * 16) for t in claimed[:10]]
+        assert len(await store.complete_many(done)) == 10
+        await assert_counters_match(store, dsn, "complete")
+        failed = [Failure(t.id, t.lease_id, "ValueError: no") for t in claimed[10:15]]
+        assert set((await store.fail_many(failed, base=0, cap=0)).values()) == {
+            TaskStatus.DEAD_LETTER
+        }
+        await assert_counters_match(store, dsn, "fail")
+        assert len(await store.release([Lease(t.id, t.lease_id) for t in claimed[15:20]])) == 5
+        await assert_counters_match(store, dsn, "release")
+        unclaimed = [i for i in ids[:40] if i not in {t.id for t in claimed}]
+        await store.cancel(claimed[20].id)  # running: flagged only
+        await store.cancel(unclaimed[0])  # pending: cancelled at once
+        assert await store.acknowledge_cancel([Lease(claimed[20].id, claimed[20].lease_id)])
+        await assert_counters_match(store, dsn, "cancel")
+        await store.requeue(claimed[10].id)
+        await assert_counters_match(store, dsn, "requeue")
+        backdate(dsn, ids, days=30)
+        run = await store.prune(RetentionPolicy().ages, batch=3)
+        assert run is not None and run.total > 0
+        await assert_counters_match(store, dsn, "prune")
+        with psycopg.connect(dsn) as conn:  # slots folded into one row per status
+            slots = conn.execute(
+                "SELECT count(*) FROM hashmesh_task_counts WHERE slot <> 0"
+            ).fetchone()
+        assert slots == (0,)
+
+    with_store(dsn, body)
+
+
+def test_counters_stay_right_under_concurrent_writers(dsn: str) -> None:
+    """Many connections at once (different slots, same rows): no change lost, no deadlock."""
+
+    async def body(store: PostgresTaskStore) -> None:
+        await store.submit_many([NewTask("md5", b"x-%d" % i) for i in range(400)])
+
+        async def worker(name: str) -> None:
+            while claimed := await store.claim(name, 7, 30):
+                await store.complete_many(
+                    [Completion(t.id, t.lease_id, b"\x00" * 16, "00" * 16) for t in claimed]
+                )
+
+        async def submitter() -> None:
+            for i in range(20):
+                await store.submit_many([NewTask("md5", b"y-%d-%d" % (i, j)) for j in range(5)])
+
+        await asyncio.gather(*(worker(f"w{i}") for i in range(4)), submitter())
+        await assert_counters_match(store, dsn, "concurrent writers")
+
+    with_store(dsn, body)
+
+
+def test_retention_deletes_exactly_what_is_due_while_workers_run(dsn: str) -> None:
+    policy = RetentionPolicy(
+        succeeded_seconds=DAY, cancelled_seconds=2 * DAY, dead_letter_seconds=7 * DAY
+    )
+
+    async def body(store: PostgresTaskStore) -> None:
+        old = await store.submit_many(
+            [NewTask("md5", b"old-%d" % i, max_attempts=1) for i in range(30)]
+        )
+        claimed = await store.claim("w", 30, 30)
+        await store.complete_many(
+            [Completion(t.id, t.lease_id, b"\x00" * 16, "00" * 16) for t in claimed[:10]]
+        )
+        await store.fail_many(
+            [Failure(t.id, t.lease_id, "E: x") for t in claimed[10:20]], base=0, cap=0
+        )
+        await store.release([Lease(t.id, t.lease_id) for t in claimed[20:]])
+        for t in claimed[20:]:
+            await store.cancel(t.id)
+        ids = [s.task.id for s in old]
+        succeeded = [t.id for t in claimed[:10]]
+        others = [t.id for t in claimed[10:]]  # dead letters and cancelled
+        # 1.5 days old: succeeded are due, cancelled (2 d) and dead letters (7 d) are not.
+        backdate(dsn, ids, days=1.5)
+        preview = await store.prune_preview(policy.ages)
+        assert preview == {
+            TaskStatus.SUCCEEDED: 10,
+            TaskStatus.CANCELLED: 0,
+            TaskStatus.DEAD_LETTER: 0,
+        }
+        # Meanwhile new work is submitted, claimed and finished: none of it is touched.
+        fresh = await store.submit_many([NewTask("md5", b"new-%d" % i) for i in range(20)])
+        running = await store.claim("w2", 5, 30)
+        run, _ = await asyncio.gather(
+            store.prune(policy.ages, batch=4),
+            store.complete_many(
+                [Completion(t.id, t.lease_id, b"\x00" * 16, "00" * 16) for t in running]
+            ),
+        )
+        assert run is not None and run.deleted[TaskStatus.SUCCEEDED] == 10
+        assert run.batches >= 3  # 10 rows in batches of 4, then the other statuses
+        remaining = {t.id for t in await store.get_many(ids + [s.task.id for s in fresh])}
+        assert remaining == set(others) | {s.task.id for s in fresh}
+        assert not remaining & set(succeeded)
+        # 8 days: everything old is due now; fresh tasks (finished just now) still are not.
+        backdate(dsn, others, days=6.5)
+        run = await store.prune(policy.ages, batch=1000)
+        assert run is not None
+        assert run.deleted == {
+            TaskStatus.SUCCEEDED: 0,
+            TaskStatus.CANCELLED: 10,
+            TaskStatus.DEAD_LETTER: 10,
+        }
+        assert {t.id for t in await store.get_many(ids)} == set()
+        assert len(await store.get_many([s.task.id for s in fresh])) == 20
+        await assert_counters_match(store, dsn, "prune")
+
+    with_store(dsn, body)
+
+
+def test_one_pruner_at_a_time(dsn: str) -> None:
+    """While another process holds the pruner's lock, a run deletes nothing and says so."""
+
+    async def body(store: PostgresTaskStore) -> None:
+        [task] = await store.submit_many([NewTask("md5", b"a", cached_result=(b"\x00", "00"))])
+        backdate(dsn, [task.task.id], days=3)
+        with psycopg.connect(dsn, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s, %s)", PRUNER_LOCK)
+            assert await store.prune(RetentionPolicy().ages, batch=10) is None
+            assert len(await store.get_many([task.task.id])) == 1
+            holder.execute("SELECT pg_advisory_unlock(%s, %s)", PRUNER_LOCK)
+        run = await store.prune(RetentionPolicy().ages, batch=10)
+        assert run is not None and run.total == 1
+
+    with_store(dsn, body)
+
+
+def wait_settled(dsn: str) -> None:
+    """Sessions are judged only once the server has run a few seconds (see `reclaim_lost`)."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT extract(epoch FROM now() - pg_postmaster_start_time())"
+        ).fetchone()
+    assert row is not None
+    time.sleep(max(0.0, SESSION_SETTLE_SECONDS + 0.2 - float(row[0])))
+
+
+def test_a_closed_session_frees_its_tasks_at_once_and_fencing_holds(dsn: str) -> None:
+    wait_settled(dsn)
+
+    async def body(store: PostgresTaskStore) -> None:
+        await store.submit_many([NewTask("md5", b"s-%d" % i) for i in range(4)])
+        alive = Listener(dsn, [NOTIFY_READY], name="alive", hold_session=True)
+        doomed = Listener(dsn, [NOTIFY_READY], name="doomed", hold_session=True)
+        await alive.connect()
+        await doomed.connect()
+        assert alive.session and doomed.session and alive.session != doomed.session
+        mine = await store.claim("alive", 2, lease_seconds=600, session=alive.session)
+        lost = await store.claim("doomed", 2, lease_seconds=600, session=doomed.session)
+        assert await store.reclaim_lost() == 0  # both sessions live, leases long
+        await doomed.close()
+        reclaimed = 0
+        for _ in range(100):  # the backend exits a moment after its client closes
+            reclaimed += await store.reclaim_lost()
+            if reclaimed == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert reclaimed == 2
+        records = {t.id: t for t in await store.get_many([t.id for t in mine + lost])}
+        assert {records[t.id].status for t in lost} == {TaskStatus.RETRYING}
+        assert all("lost its database session" in (records[t.id].last_error or "") for t in lost)
+        assert {records[t.id].status for t in mine} == {TaskStatus.RUNNING}
+        # The lost holder's late result is refused; the next claimant's is written once.
+        late = [Completion(t.id, t.lease_id, b"\x00" * 16, "00" * 16) for t in lost]
+        assert await store.complete_many(late) == set()
+        again = await store.claim("alive", 10, 600, session=alive.session)
+        assert {t.id for t in again} == {t.id for t in lost}
+        await alive.close()
+
+    with_store(dsn, body)
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT max(completions) FROM hashmesh_tasks").fetchone() == (0,)
+
+
+def test_worker_writes_commit_asynchronously_and_submissions_do_not(dsn: str) -> None:
+    """`async_commit` turns synchronous_commit off for the statement's own transaction only."""
+    claim: dict[str, Any] = {"worker": "w", "limit": 1, "lease_seconds": 30, "session": None}
+    with psycopg.connect(dsn) as conn:  # a transaction block: SHOW sees the local setting
+        conn.execute(
+            "INSERT INTO hashmesh_tasks (algorithm, input, input_size) VALUES ('md5', 'a', 1)"
+        )
+        conn.commit()
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        row = conn.execute(queries()["claim"], claim).fetchone()
+        assert row is not None
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        conn.commit()
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        done = {"id": [row[0]], "lease_id": [row[6]], "digest": [b"\x00"], "encoded": ["00"]}
+        assert conn.execute(queries()["complete"], done).fetchone() is not None
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        conn.commit()
+        assert "synchronous_commit" not in queries()["submit"]
+        assert "synchronous_commit" not in queries()["cancel"]
+
+
+@pytest.mark.parametrize("statuses", [("succeeded",), ()])
+def test_dry_run_preview_matches_the_run(dsn: str, statuses: tuple[str, ...]) -> None:
+    async def body(store: PostgresTaskStore) -> None:
+        done = await store.submit_many(
+            [NewTask("md5", b"p-%d" % i, cached_result=(b"\x00", "00")) for i in range(7)]
+        )
+        if statuses:
+            backdate(dsn, [s.task.id for s in done[:5]], days=2)
+        policy = RetentionPolicy()
+        preview = await store.prune_preview(policy.ages)
+        run = await store.prune(policy.ages, batch=2)
+        assert run is not None and run.deleted == preview
+        assert run.total == (5 if statuses else 0)
+
+    with_store(dsn, body)
