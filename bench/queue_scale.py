@@ -49,7 +49,7 @@ from tasks_e2e import celery, latency, postgres, submit_batches, submit_single
 from hashmesh.core import db, migrations
 from hashmesh.core.embedded_pg import create_database
 from hashmesh.core.settings import DatabaseSettings
-from hashmesh.core.tasks.retention import RetentionPolicy
+from hashmesh.core.tasks.retention import PruneRun, RetentionPolicy
 from hashmesh.core.tasks.store import PostgresTaskStore
 from hashmesh.v1 import task_pb2, task_pb2_grpc
 
@@ -191,11 +191,18 @@ async def prune_under_load(address: str, dsn: str, rate: float, seconds: float) 
         store = PostgresTaskStore(pool)
         policy = RetentionPolicy()
         due = await store.prune_preview(policy.ages)
-        began = time.perf_counter()
-        pruning = asyncio.create_task(store.prune(policy.ages, batch=policy.batch_size))
+        prune_s = 0.0
+
+        async def timed_prune() -> PruneRun | None:
+            nonlocal prune_s
+            began = time.perf_counter()
+            run = await store.prune(policy.ages, batch=policy.batch_size)
+            prune_s = time.perf_counter() - began
+            return run
+
+        pruning = asyncio.create_task(timed_prune())
         lat = await latency(address, rate, seconds)
         run = await pruning
-        prune_s = time.perf_counter() - began
     finally:
         await pool.close()
     assert run is not None
@@ -207,6 +214,7 @@ async def scenario(address: str, dsn: str, args: argparse.Namespace) -> dict[str
     figures.update(await submit_rates(address, dsn, args.single, args.batch))
     log(f"submit rates {figures}")
     figures["claim_per_s"] = await claim_rate(dsn, args.drain)
+    await latency(address, args.rate, 1.0)  # warm-up, not counted
     figures["latency"] = await latency(address, args.rate, args.seconds)
     figures.update(await read_latency(address))
     log(f"figures {figures}")
@@ -264,6 +272,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--direct", action="store_true", help="clients talk to hashd directly")
     parser.add_argument("--skip-celery", action="store_true")
+    parser.add_argument("--load-only", action="store_true", help="load the aged database, stop")
+    parser.add_argument("--aged-db", help="an aged database loaded earlier (with --load-only)")
     args = parser.parse_args()
     # Backpressure counts the scheduled backlog too; the retention runs are the bench's own.
     os.environ["HASHMESH_MAX_PENDING_TASKS"] = str(10 * (args.pending + 1_000_000))
@@ -272,13 +282,24 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     with ExitStack() as stack:
         admin = stack.enter_context(postgres(args.dsn))
+        # The long load first, so both scenarios are measured minutes apart.
+        if args.aged_db:
+            aged_dsn = admin.rsplit("/", 1)[0] + "/" + args.aged_db
+            results["load"] = {"seconds": float("nan")}
+        else:
+            aged_dsn = create_database(admin, f"scale_aged_{uuid.uuid4().hex[:8]}")
+            migrations.migrate(aged_dsn)
+            log(f"loading {args.finished:,} finished + {args.pending:,} pending rows: {aged_dsn}")
+            results["load"] = {"seconds": load(aged_dsn, args.finished, args.pending)}
+            log(f"loaded in {results['load']['seconds']:.0f} s")
+            if args.load_only:
+                return
         for name in ("empty", "aged"):
-            dsn = create_database(admin, f"scale_{name}_{uuid.uuid4().hex[:8]}")
-            migrations.migrate(dsn)
-            if name == "aged":
-                log(f"loading {args.finished:,} finished + {args.pending:,} pending rows")
-                results["load"] = {"seconds": load(dsn, args.finished, args.pending)}
-                log(f"loaded in {results['load']['seconds']:.0f} s")
+            if name == "empty":
+                dsn = create_database(admin, f"scale_empty_{uuid.uuid4().hex[:8]}")
+                migrations.migrate(dsn)
+            else:
+                dsn = aged_dsn
             with attach(admin, dsn, direct=args.direct) as address:
                 figures = asyncio.run(scenario(address, dsn, args))
                 figures["size_before"] = sizes(dsn)

@@ -110,3 +110,43 @@ ALTER TABLE hashmesh_workers ADD COLUMN session bigint;
 CREATE INDEX hashmesh_tasks_retention
     ON hashmesh_tasks (status, finished_at) WHERE finished_at IS NOT NULL;
 DROP INDEX hashmesh_tasks_finished;
+
+-- Status notifications carry the task as stored (the columns of a TaskRecord, never the input
+-- or params), so hashd's watch hub answers WatchTask without reading the table again. Payload:
+-- a JSON array; an entry over 3000 bytes (a long last_error) is sent as {"id", "status"} and
+-- read back by the hub. Chunks stay under 7500 bytes (the limit is 8000).
+CREATE OR REPLACE FUNCTION hashmesh_tasks_notify_update() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    chunk text;
+BEGIN
+    FOR chunk IN
+        SELECT '[' || string_agg(sized.entry, ',' ORDER BY sized.ord) || ']'
+        FROM (SELECT e.ord, e.entry,
+                     sum(octet_length(e.entry) + 1) OVER (ORDER BY e.ord) / 4500 AS grp
+              FROM (SELECT row_number() OVER () AS ord,
+                           CASE WHEN octet_length(f.full_entry) <= 3000 THEN f.full_entry
+                                ELSE json_build_object('id', n.id, 'status', n.status)::text
+                           END AS entry
+                    FROM new_rows n JOIN old_rows o ON o.id = n.id
+                    CROSS JOIN LATERAL (SELECT json_build_object(
+                        'id', n.id, 'algorithm', n.algorithm, 'status', n.status,
+                        'priority', n.priority, 'attempts', n.attempts,
+                        'max_attempts', n.max_attempts, 'client_id', n.client_id,
+                        'idempotency_key', n.idempotency_key, 'input_size', n.input_size,
+                        'result_digest', encode(n.result_digest, 'hex'),
+                        'result_encoded', n.result_encoded, 'cached', n.cached,
+                        'last_error', n.last_error, 'created_at', n.created_at,
+                        'run_after', n.run_after, 'started_at', n.started_at,
+                        'finished_at', n.finished_at, 'worker', n.worker,
+                        'cancel_requested', n.cancel_requested)::text AS full_entry) AS f
+                    WHERE n.status <> o.status OR n.cancel_requested <> o.cancel_requested) AS e
+             ) AS sized
+        GROUP BY sized.grp
+    LOOP
+        PERFORM pg_notify('hashmesh_task_status', chunk);
+    END LOOP;
+    PERFORM hashmesh_tasks_notify_ready(
+        (SELECT min(n.run_after) FROM new_rows n JOIN old_rows o ON o.id = n.id
+         WHERE n.status IN ('pending', 'retrying') AND n.status <> o.status));
+    RETURN NULL;
+END $$;

@@ -1,0 +1,186 @@
+"""Where a task's round trip goes: timestamps of every hop, run by hand (not by the tests).
+
+    .venv/bin/python bench/task_trace.py [--rate 200] [--seconds 10] [--balancer]
+
+Starts an embedded PostgreSQL, one hashd (and the balancer with ``--balancer``) and one
+workerd, then submits md5 tasks open loop at ``--rate``/s, each followed by WatchTask until
+final, as bench/tasks_e2e.py does. An observer LISTENs on both channels (as workerd and hashd
+do), so it sees each NOTIFY when they do. Per task, on one clock (client, observer and
+PostgreSQL share the host's):
+
+  sent        client sends SubmitTask
+  created     created_at: the submit transaction's start (hashd → PostgreSQL)
+  ready       the observer receives `hashmesh_tasks_ready` (submit committed, first after created)
+  accepted    the client has SubmitTask's answer
+  claimed     started_at: the claim transaction's start (worker woke and asked)
+  running     the observer receives the task's `running` notification (claim committed)
+  finished    finished_at: the completion transaction's start (computed, flush began)
+  succeeded   the observer receives `succeeded` (completion committed)
+  answered    the client receives the final WatchTask message
+
+Prints the median and p90 of each hop's duration (ms), so what waits stands out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tasks_e2e import Daemon, postgres, spec
+
+from hashmesh.core import migrations
+from hashmesh.core.embedded_pg import create_database
+from hashmesh.hashd.watch import parse_status_payload
+from hashmesh.v1 import task_pb2, task_pb2_grpc
+
+HOPS = (
+    ("sent", "created", "client → hashd → submit statement begins"),
+    ("created", "ready", "submit runs + commits (WAL flush) + NOTIFY delivered"),
+    ("ready", "accepted", "answer back to the client"),
+    ("ready", "claimed", "worker wakes on NOTIFY and its claim begins"),
+    ("claimed", "running", "claim runs + commits + NOTIFY"),
+    ("running", "finished", "worker computes, flush begins"),
+    ("finished", "succeeded", "completion runs + commits + NOTIFY"),
+    ("succeeded", "answered", "hashd's watch hub → WatchTask stream → client"),
+    ("sent", "answered", "total: submit → final"),
+)
+FINAL = {task_pb2.TASK_STATUS_SUCCEEDED, task_pb2.TASK_STATUS_DEAD_LETTER}
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.ready: list[float] = []
+        self.status: dict[tuple[str, str], float] = {}
+
+    async def run(self, dsn: str, stop: asyncio.Event) -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("LISTEN hashmesh_tasks_ready")
+            await conn.execute("LISTEN hashmesh_task_status")
+            while not stop.is_set():
+                async for note in conn.notifies(timeout=0.2):
+                    now = time.time()
+                    if note.channel == "hashmesh_tasks_ready":
+                        self.ready.append(now)
+                    else:
+                        for task_id, status, _ in parse_status_payload(note.payload):
+                            self.status.setdefault((task_id, status.value), now)
+
+
+async def load(address: str, rate: float, seconds: float) -> dict[str, dict[str, float]]:
+    traces: dict[str, dict[str, float]] = {}
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = task_pb2_grpc.TaskServiceStub(channel)
+        await stub.GetQueueStats(task_pb2.GetQueueStatsRequest(), timeout=10)
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 0.3
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+            sent = time.time()
+            reply = await stub.SubmitTask(
+                task_pb2.SubmitTaskRequest(spec=spec(2 * 10**9 + i)), timeout=30
+            )
+            accepted = time.time()
+            async for message in stub.WatchTask(
+                task_pb2.WatchTaskRequest(id=reply.task.id), timeout=30
+            ):
+                if message.task.status in FINAL:
+                    break
+            traces[reply.task.id] = {"sent": sent, "accepted": accepted, "answered": time.time()}
+
+        await asyncio.gather(*(one(i) for i in range(int(rate * seconds))))
+    return traces
+
+
+async def trace(address: str, dsn: str, rate: float, seconds: float) -> list[dict[str, float]]:
+    observer = Observer()
+    stop = asyncio.Event()
+    watching = asyncio.create_task(observer.run(dsn, stop))
+    await asyncio.sleep(0.5)
+    traces = await load(address, rate, seconds)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await watching
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT id::text, extract(epoch FROM created_at), extract(epoch FROM started_at),"
+            " extract(epoch FROM finished_at) FROM hashmesh_tasks WHERE id = ANY(%s::uuid[])",
+            (list(traces),),
+        )
+        rows = await cur.fetchall()
+    ready = sorted(observer.ready)
+    out = []
+    for task_id, created, claimed, finished in rows:
+        t = traces[task_id]
+        after = bisect.bisect_left(ready, float(created))
+        t.update(created=float(created), claimed=float(claimed), finished=float(finished))
+        t["ready"] = ready[after] if after < len(ready) else float("nan")
+        t["running"] = observer.status.get((task_id, "running"), float("nan"))
+        t["succeeded"] = observer.status.get((task_id, "succeeded"), float("nan"))
+        out.append(t)
+    return out
+
+
+def report(traces: list[dict[str, float]], rate: float, path: str) -> None:
+    print(f"# one task's hops at {rate:.0f}/s ({len(traces)} tasks, {path}); ms")
+    print("| hop | what | p50 | p90 |")
+    print("|---|---|---|---|")
+    for begin, end, what in HOPS:
+        spans = [
+            (t[end] - t[begin]) * 1000
+            for t in traces
+            if t[end] == t[end] and t[begin] == t[begin]  # skip NaN: not observed
+        ]
+        if len(spans) < 10:
+            continue
+        cuts = statistics.quantiles(spans, n=10)
+        print(f"| {begin} → {end} | {what} | {statistics.median(spans):.2f} | {cuts[8]:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dsn", help="PostgreSQL admin DSN (default: an embedded server)")
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--balancer", action="store_true", help="through the balancer")
+    args = parser.parse_args()
+    with postgres(args.dsn) as admin:
+        dsn = create_database(admin, f"trace_{uuid.uuid4().hex[:8]}")
+        migrations.migrate(dsn)
+        daemons: list[Daemon] = []
+        try:
+            hashd = Daemon("hashmesh.hashd", ["--listen", "127.0.0.1:0", "--database-url", dsn])
+            daemons.append(hashd)
+            address = hashd.addresses[0]
+            if args.balancer:
+                front = Daemon(
+                    "hashmesh.balancer",
+                    ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                     "--backends", address],
+                    expect=2,
+                )  # fmt: skip
+                daemons.append(front)
+                address = front.addresses[0]
+            daemons.append(Daemon("hashmesh.workerd", ["--database-url", dsn, "--name", "t"]))
+            traces: list[dict[str, Any]] = asyncio.run(trace(address, dsn, args.rate, args.seconds))
+        finally:
+            for daemon in reversed(daemons):
+                daemon.stop()
+    report(traces, args.rate, "through the balancer" if args.balancer else "direct to hashd")
+
+
+if __name__ == "__main__":
+    main()
