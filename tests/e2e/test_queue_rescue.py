@@ -56,11 +56,14 @@ def held_by(dsn: str, worker: str) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-def first_failures(dsn: str, ids: list[str]) -> list[dict[str, Any]]:
-    """Each task's first recorded failure: who lost it, why, and when (database time)."""
+def taken_from(dsn: str, worker: str) -> list[dict[str, Any]]:
+    """The failures recorded when ``worker``'s tasks were taken from it: why, and when
+    (database time). Read after the fact: the reaper can be quicker than any query before."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            "SELECT failures -> 0 FROM hashmesh_tasks WHERE id = ANY(%s::uuid[])", (ids,)
+            "SELECT f FROM hashmesh_tasks, jsonb_array_elements(failures) AS f "
+            "WHERE f ->> 'worker' = %s",
+            (worker,),
         ).fetchall()
     return [r[0] for r in rows]
 
@@ -97,11 +100,11 @@ def test_sigkill_frees_a_workers_batch_in_seconds_not_a_lease(dsn: str, procs: P
     procs.workerd(dsn, "--name", "rescuer", "--concurrency", "30", env=LONG_LEASE)
     victim.kill()
     killed_at = db_now(dsn)
-    held = held_by(dsn, "victim")
-    assert held, "the victim held no claimed tasks when killed"
     assert_all_done_once(dsn, 60)
-    for failure in first_failures(dsn, held):
-        assert failure["worker"] == "victim" and failure["error"] == "worker lost"
+    taken = taken_from(dsn, "victim")
+    assert taken, "the victim held no claimed tasks when killed"
+    for failure in taken:
+        assert failure["error"] == "worker lost"
         failed_at = datetime.fromisoformat(failure["failed_at"])
         assert failed_at - killed_at < RESCUE_BOUND, "rescued by the session, not the lease"
 
@@ -117,11 +120,12 @@ def test_a_restarted_worker_does_not_wait_for_its_previous_self(
     wait_for(lambda: counts(dsn).get("succeeded", 0) >= 2, 60, "the first run finished a few")
     first.kill()
     killed_at = db_now(dsn)
-    held = held_by(dsn, "solo")
-    assert held
+    assert held_by(dsn, "solo"), "nobody else runs: the killed worker's tasks wait"
     procs.workerd(dsn, *args, env=LONG_LEASE)  # what a supervisor does: same name, same flags
     assert_all_done_once(dsn, 30)
-    for failure in first_failures(dsn, held):
+    taken = taken_from(dsn, "solo")
+    assert taken
+    for failure in taken:
         assert failure["error"] == "worker lost"
         assert datetime.fromisoformat(failure["failed_at"]) - killed_at < RESCUE_BOUND
 
@@ -149,8 +153,9 @@ def test_sigstop_is_caught_by_the_lease_and_the_late_writes_are_fenced(
     finally:
         os.kill(frozen.pid, signal.SIGCONT)  # it wakes up and tries to write: fenced
     assert_all_done_once(dsn, 40)
-    for failure in first_failures(dsn, held):
-        # Its connection stayed open (the session looked alive): the lease caught it.
-        assert failure["worker"] == "frozen" and failure["error"] == "lease expired"
+    taken = taken_from(dsn, "frozen")
+    assert {f["error"] for f in taken} == {"lease expired"}  # its connection stayed open
+    assert len(taken) >= len(held)
+    for failure in taken:
         failed_at = datetime.fromisoformat(failure["failed_at"])
         assert failed_at - stopped_at < RESCUE_BOUND + timedelta(seconds=lease)
