@@ -163,31 +163,36 @@ class WatchHub:
                     self._resync_all()
                 await asyncio.sleep(backoff_delay(failures, 0.05, 1.0))
                 continue
-            to_read = []
-            for _, payload in notes:
-                for task_id, status, record in parse_status_payload(payload):
-                    if task_id not in self._subscribers:
-                        continue
-                    if record is None:
-                        to_read.append((task_id, status))
-                        continue
-                    for sub in self._subscribers[task_id]:
-                        sub.put((status, record))
-            if to_read:
-                # Reads run concurrently, so a slow one does not hold back the next changes;
-                # watchers drop a state older than one they already streamed.
-                dispatch = asyncio.get_running_loop().create_task(self._read_and_dispatch(to_read))
-                self._dispatching.add(dispatch)
-                dispatch.add_done_callback(self._dispatching.discard)
+            if notes:
+                self.deliver([c for _, payload in notes for c in parse_status_payload(payload)])
 
-    async def _read_and_dispatch(self, watched: list[tuple[str, TaskStatus]]) -> None:
+    def deliver(self, changes: list[Change]) -> None:
+        """Hand each watcher its task's changes, in order: at once when the notifications
+        carried the task, else (any change of that task without it) after one read for all
+        such tasks, in the background."""
+        watched = [c for c in changes if c[0] in self._subscribers]
+        unread = {task_id for task_id, _, record in watched if record is None}
+        for task_id, status, record in watched:
+            if task_id not in unread and record is not None:
+                for sub in self._subscribers[task_id]:
+                    sub.put((status, record))
+        if unread:
+            # Reads run concurrently, so a slow one does not hold back the next changes;
+            # watchers drop a state older than one they already streamed.
+            to_read = [c for c in watched if c[0] in unread]
+            dispatch = asyncio.get_running_loop().create_task(self._read_and_dispatch(to_read))
+            self._dispatching.add(dispatch)
+            dispatch.add_done_callback(self._dispatching.discard)
+
+    async def _read_and_dispatch(self, watched: list[Change]) -> None:
         try:
-            records = {r.id: r for r in await self._store.get_many(sorted({t for t, _ in watched}))}
+            ids = sorted({task_id for task_id, _, record in watched if record is None})
+            records = {r.id: r for r in await self._store.get_many(ids)}
         except Unavailable:
             self._resync_all()
             return
-        for task_id, status in watched:
-            record = records.get(task_id)
+        for task_id, status, notified in watched:
+            record = notified or records.get(task_id)
             for sub in self._subscribers.get(task_id, ()):
                 sub.put((status, record) if record is not None else None)
 

@@ -109,9 +109,7 @@ def test_sigkill_frees_a_workers_batch_in_seconds_not_a_lease(dsn: str, procs: P
         assert failed_at - killed_at < RESCUE_BOUND, "rescued by the session, not the lease"
 
 
-def test_a_restarted_worker_does_not_wait_for_its_previous_self(
-    dsn: str, procs: Processes
-) -> None:
+def test_a_restarted_worker_does_not_wait_for_its_previous_self(dsn: str, procs: Processes) -> None:
     hashd = procs.hashd(dsn)
     submit_argon2(hashd.address, 30)
     wait_settled(dsn)
