@@ -297,3 +297,27 @@ def test_dry_run_preview_matches_the_run(dsn: str, statuses: tuple[str, ...]) ->
         assert run.total == (5 if statuses else 0)
 
     with_store(dsn, body)
+
+
+def test_hashctl_task_prune_dry_run_then_for_real(dsn: str) -> None:
+    from tests.cli_helpers import hashctl, hashctl_json
+
+    async def submit(store: PostgresTaskStore) -> list[str]:
+        done = await store.submit_many(
+            [NewTask("md5", b"h-%d" % i, cached_result=(b"\x00", "00")) for i in range(5)]
+        )
+        return [s.task.id for s in done]
+
+    ids = with_store(dsn, submit)
+    backdate(dsn, ids[:3], days=2)
+    preview = hashctl_json("task", "prune", "--dry-run", "--dsn", dsn)
+    assert preview["dry_run"] and preview["total"] == 3
+    assert {r["status"]: r["count"] for r in preview["statuses"]}["succeeded"] == 3
+    assert len(with_store(dsn, lambda store: store.get_many(ids))) == 5  # nothing deleted
+    done = hashctl_json("task", "prune", "--dsn", dsn)
+    assert done["total"] == 3 and not done["skipped"]
+    assert {t.id for t in with_store(dsn, lambda store: store.get_many(ids))} == set(ids[3:])
+    table = hashctl("task", "prune", "--dry-run", "--dsn", dsn)
+    assert table.exit_code == 0 and "would delete 0 finished tasks" in table.stdout
+    unset = hashctl("task", "prune", env={"HASHMESH_DATABASE_URL": ""})
+    assert unset.exit_code != 0 and "no database" in unset.stderr
