@@ -53,8 +53,8 @@ class HashdSettings:
     """Port of the Prometheus endpoint, served on the host of ``listen``; 0 picks a free one,
     unset turns it off (``HASHMESH_HASHD_METRICS_PORT``)."""
     queue_metrics_seconds: float = 20.0
-    """With metrics on, seconds between reads of the queue depth by status (one grouped count;
-    ``HASHMESH_HASHD_QUEUE_METRICS_SECONDS``)."""
+    """With metrics on, seconds between reads of the queue depth by status (a sum over the
+    O(1) counters; ``HASHMESH_HASHD_QUEUE_METRICS_SECONDS``)."""
     tls: ServerTls | None = None
     """TLS of the listener (``HASHMESH_TLS_CERT_FILE``, ``HASHMESH_TLS_KEY_FILE``, and
     ``HASHMESH_TLS_CLIENT_CA_FILE`` for mutual TLS); ``None`` serves plaintext."""

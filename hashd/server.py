@@ -102,7 +102,7 @@ class Hashd:
 
 
 async def publish_queue_depth(pool: psycopg_pool.AsyncConnectionPool, interval: float) -> None:
-    """Every ``interval`` seconds, one grouped count of tasks by status into the queue-depth
+    """Every ``interval`` seconds, the task counters by status (O(1)) into the queue-depth
     gauge; a failed read keeps the last values (the pool metrics show the trouble)."""
     query = queries()["count_by_status"]
     while True:
