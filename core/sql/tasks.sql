@@ -42,13 +42,30 @@ SELECT {columns} FROM hashmesh_tasks WHERE id = ANY(%(ids)s::uuid[])
 -- name: claim
 -- Highest priority first, then the longest due; rows other workers hold are skipped. The
 -- answer comes back in that order too, so the worker starts them in that order.
-WITH async_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)),
-picked AS (
-    SELECT id FROM hashmesh_tasks
-    WHERE status IN ('pending', 'retrying') AND run_after <= now()
-    ORDER BY priority DESC, run_after, id
+-- One range of the claim index per priority that has waiting rows (`levels`, a loose index
+-- scan): a single range over (priority DESC, run_after) would read past every row scheduled
+-- for later before reaching the next priority, which with a large scheduled backlog made each
+-- claim read the whole backlog. Cost: a few probes per distinct waiting priority.
+WITH RECURSIVE async_commit AS MATERIALIZED (
+    SELECT set_config('synchronous_commit', 'off', true)
+), levels AS (
+    (SELECT priority FROM hashmesh_tasks
+     WHERE status IN ('pending', 'retrying') ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.priority FROM hashmesh_tasks t
+            WHERE t.status IN ('pending', 'retrying') AND t.priority < levels.priority
+            ORDER BY t.priority DESC LIMIT 1)
+    FROM levels WHERE levels.priority IS NOT NULL
+), picked AS (
+    SELECT due.id FROM levels, LATERAL (
+        SELECT id, priority, run_after FROM hashmesh_tasks
+        WHERE status IN ('pending', 'retrying') AND priority = levels.priority
+          AND run_after <= now()
+        ORDER BY priority DESC, run_after, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED) AS due
+    ORDER BY due.priority DESC, due.run_after, due.id
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE hashmesh_tasks t
     SET status = 'running', attempts = t.attempts + 1, worker = %(worker)s,
