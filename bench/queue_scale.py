@@ -9,7 +9,8 @@ with ``--finished`` finished tasks (10 % of them finished two days ago, so due f
 24 h retention; the rest within the last 20 hours, 2 % cancelled, 1 % dead letters) and
 ``--pending`` pending tasks scheduled a day ahead (waiting in the claim index, not due), by
 batched ``INSERT … SELECT FROM generate_series`` (triggers on: the counters stay right), then
-``VACUUM ANALYZE``. Figures per scenario:
+``VACUUM ANALYZE``; ids come from the table's default (time-ordered UUIDv7, as the store makes
+them). Figures per scenario:
 
 - single SubmitTask (64 in flight) and SubmitTasks of 1,000: submissions/s;
 - claim rate: 20,000 due tasks inserted in one statement, then the time until one workerd has
@@ -54,10 +55,10 @@ from hashmesh.core.tasks.store import PostgresTaskStore
 from hashmesh.v1 import task_pb2, task_pb2_grpc
 
 LOAD_FINISHED = """
-INSERT INTO hashmesh_tasks (id, algorithm, input, input_size, status, attempts, client_id,
+INSERT INTO hashmesh_tasks (algorithm, input, input_size, status, attempts, client_id,
     result_digest, result_encoded, created_at, run_after, started_at, finished_at, updated_at,
     worker, completions, last_error)
-SELECT gen_random_uuid(), 'md5', convert_to('old-' || g, 'UTF8'), length('old-' || g),
+SELECT 'md5', convert_to('old-' || g, 'UTF8'), length('old-' || g),
        s.status, 1, 'client-' || (g %% 100),
        CASE WHEN s.status = 'succeeded' THEN decode(md5('old-' || g), 'hex') END,
        CASE WHEN s.status = 'succeeded' THEN md5('old-' || g) END,
@@ -75,8 +76,8 @@ LATERAL (SELECT CASE WHEN g < %(old)s
 """
 
 LOAD_PENDING = """
-INSERT INTO hashmesh_tasks (id, algorithm, input, input_size, status, client_id, run_after)
-SELECT gen_random_uuid(), 'md5', convert_to('later-' || g, 'UTF8'), length('later-' || g),
+INSERT INTO hashmesh_tasks (algorithm, input, input_size, status, client_id, run_after)
+SELECT 'md5', convert_to('later-' || g, 'UTF8'), length('later-' || g),
        'pending', 'scheduled-' || (g %% 100), now() + interval '1 day' + g * interval '1 ms'
 FROM generate_series(%(start)s::bigint, %(stop)s::bigint) AS g
 """

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -31,6 +30,7 @@ from hashmesh.core.tasks.model import (
     TaskStatus,
     TaskStore,
     WorkerRecord,
+    new_task_id,
 )
 from hashmesh.core.tasks.retention import PruneRun
 
@@ -100,7 +100,7 @@ class MemoryTaskStore:
                 continue
             cached = task.cached_result
             record = TaskRecord(
-                id=str(uuid.uuid4()), algorithm=task.algorithm,
+                id=new_task_id(), algorithm=task.algorithm,
                 status=TaskStatus.SUCCEEDED if cached else TaskStatus.PENDING,
                 priority=task.priority, attempts=0, max_attempts=task.max_attempts,
                 client_id=task.client_id, idempotency_key=task.idempotency_key,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +29,17 @@ class TaskStatus(str, Enum):
 
 
 FINAL_STATES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.CANCELLED, TaskStatus.DEAD_LETTER})
+
+
+def new_task_id(now_ns: int | None = None) -> str:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits. Ids made close in
+    time sort together, so the primary key grows at its right edge instead of touching a random
+    page of a large index for every new task (and every status change of a recent one)."""
+    ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
+    value = (ms & (2**48 - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC variant
+    return str(uuid.UUID(int=value))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
@@ -36,6 +35,7 @@ from hashmesh.core.tasks.model import (
     TaskStatus,
     TaskStore,
     WorkerRecord,
+    new_task_id,
 )
 from hashmesh.core.tasks.retention import PruneRun
 
@@ -100,7 +100,7 @@ class PostgresTaskStore:
         back as that task with ``created=False``."""
         if not tasks:
             return []
-        ids = [str(uuid.uuid4()) for _ in tasks]
+        ids = [new_task_id() for _ in tasks]
         params = {
             "id": ids,
             "algorithm": [t.algorithm for t in tasks],

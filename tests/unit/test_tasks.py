@@ -196,3 +196,16 @@ def test_worker_settings_validate(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.concurrency == 7 and settings.fail_algorithms == ("md5", "sha1")
     with pytest.raises(ValueError):
         WorkerSettings(lease_seconds=1.0, heartbeat_seconds=2.0)
+
+
+def test_task_ids_are_uuidv7_ordered_by_time() -> None:
+    import uuid
+
+    from hashmesh.core.tasks.model import new_task_id
+
+    earlier = [new_task_id(now_ns=1_800_000_000_000_000_000 + i) for i in range(50)]
+    later = new_task_id(now_ns=1_800_000_000_001_000_000)  # one millisecond on
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in earlier)
+    assert len(set(earlier)) == 50  # same millisecond: the random bits differ
+    assert max(earlier) < later  # the primary key grows at its right edge
+    assert uuid.UUID(later).int >> 80 == 1_800_000_000_001
