@@ -26,7 +26,8 @@ RESCUE_BOUND = timedelta(seconds=20)
 
 
 def submit_argon2(address: str, n: int) -> None:
-    params = common_pb2.Argon2Params(time_cost=1, memory_cost_kib=8 * 1024, parallelism=1)
+    # ~50-100 ms each on one thread: a worker still holds most of its batch when it is killed.
+    params = common_pb2.Argon2Params(time_cost=2, memory_cost_kib=16 * 1024, parallelism=1)
     with grpc.insecure_channel(address) as channel:
         task_pb2_grpc.TaskServiceStub(channel).SubmitTasks(
             task_pb2.SubmitTasksRequest(
