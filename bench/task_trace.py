@@ -4,7 +4,7 @@
 
 Starts an embedded PostgreSQL, one hashd (and the balancer with ``--balancer``) and one
 workerd, then submits md5 tasks open loop at ``--rate``/s, each followed by WatchTask until
-final, as bench/tasks_e2e.py does. An observer LISTENs on both channels (as workerd and hashd
+final, as bench/tasks_e2e.py does. An observer process LISTENs on both channels (as workerd and hashd
 do), so it sees each NOTIFY when they do. Per task, on one clock (client, observer and
 PostgreSQL share the host's):
 
@@ -24,10 +24,13 @@ Prints the median and p90 of each hop's duration (ms), so what waits stands out.
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import bisect
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -58,23 +61,60 @@ HOPS = (
 FINAL = {task_pb2.TASK_STATUS_SUCCEEDED, task_pb2.TASK_STATUS_DEAD_LETTER}
 
 
+OBSERVER = r"""
+import select, sys, time, psycopg
+out = open(sys.argv[2], "w")
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    conn.execute("LISTEN hashmesh_tasks_ready")
+    conn.execute("LISTEN hashmesh_task_status")
+    print("listening", flush=True)
+    stopping = False
+    while True:
+        seen = 0
+        for note in conn.notifies(timeout=0.5):
+            out.write(repr((time.time(), note.channel, note.payload)) + "\n")
+            seen += 1
+        stopping = stopping or bool(select.select([sys.stdin], [], [], 0)[0])
+        if stopping and not seen:
+            break  # asked to stop, and half a second without notifications: all drained
+out.close()
+"""
+
+
 class Observer:
+    """A process of its own (so the load generator's event loop does not delay its clock)
+    LISTENing as workerd and hashd do; one line per notification, read at the end."""
+
     def __init__(self) -> None:
         self.ready: list[float] = []
         self.status: dict[tuple[str, str], float] = {}
+        self._proc: subprocess.Popen[str] | None = None
+        self._log = tempfile.NamedTemporaryFile("r", suffix=".trace")  # noqa: SIM115
 
-    async def run(self, dsn: str, stop: asyncio.Event) -> None:
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            await conn.execute("LISTEN hashmesh_tasks_ready")
-            await conn.execute("LISTEN hashmesh_task_status")
-            while not stop.is_set():
-                async for note in conn.notifies(timeout=0.2):
-                    now = time.time()
-                    if note.channel == "hashmesh_tasks_ready":
-                        self.ready.append(now)
-                    else:
-                        for task_id, status, _ in parse_status_payload(note.payload):
-                            self.status.setdefault((task_id, status.value), now)
+    def start(self, dsn: str) -> None:
+        # A file, not a pipe: a full pipe would stall the observer and delay its timestamps.
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", OBSERVER, dsn, self._log.name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        assert self._proc.stdout.readline().strip() == "listening"
+
+    def stop(self) -> None:
+        assert self._proc is not None and self._proc.stdout and self._proc.stdin
+        self._proc.stdin.write("stop\n")
+        self._proc.stdin.flush()
+        self._proc.wait(60)
+        for line in self._log:
+            at, channel, payload = ast.literal_eval(line)
+            if channel == "hashmesh_tasks_ready":
+                self.ready.append(at)
+            else:
+                for task_id, status, *_ in parse_status_payload(payload):
+                    self.status.setdefault((task_id, status.value), at)
+        self._log.close()
 
 
 async def load(address: str, rate: float, seconds: float) -> dict[str, dict[str, float]]:
@@ -105,13 +145,10 @@ async def load(address: str, rate: float, seconds: float) -> dict[str, dict[str,
 
 async def trace(address: str, dsn: str, rate: float, seconds: float) -> list[dict[str, float]]:
     observer = Observer()
-    stop = asyncio.Event()
-    watching = asyncio.create_task(observer.run(dsn, stop))
-    await asyncio.sleep(0.5)
+    observer.start(dsn)
     traces = await load(address, rate, seconds)
     await asyncio.sleep(0.5)
-    stop.set()
-    await watching
+    observer.stop()
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         cur = await conn.execute(
             "SELECT id::text, extract(epoch FROM created_at), extract(epoch FROM started_at),"
