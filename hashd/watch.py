@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -47,9 +47,10 @@ def record_from_notice(entry: dict[str, Any]) -> TaskRecord:
     return TaskRecord.from_row(row)
 
 
-def parse_status_payload(payload: str) -> list[Change]:
-    """A notification's changes; malformed entries are skipped, and an entry that does not make
-    a whole ``TaskRecord`` comes with ``None`` (to be read)."""
+def parse_status_payload(payload: str, wanted: Container[str] | None = None) -> list[Change]:
+    """A notification's changes (of the ``wanted`` ids only, when given: nobody watches most
+    tasks, so their records are not built); malformed entries are skipped, and an entry that
+    does not make a whole ``TaskRecord`` comes with ``None`` (to be read)."""
     if not payload.startswith("["):  # the pre-0006 form: "id status,id status"
         changes: list[Change] = []
         for text in payload.split(","):
@@ -66,6 +67,8 @@ def parse_status_payload(payload: str) -> list[Change]:
         try:
             task_id, status = str(entry["id"]), TaskStatus(entry["status"])
         except (TypeError, KeyError, ValueError):
+            continue
+        if wanted is not None and task_id not in wanted:
             continue
         record = None
         with contextlib.suppress(KeyError, TypeError, ValueError):
@@ -164,7 +167,9 @@ class WatchHub:
                 await asyncio.sleep(backoff_delay(failures, 0.05, 1.0))
                 continue
             if notes:
-                self.deliver([c for _, payload in notes for c in parse_status_payload(payload)])
+                self.deliver(
+                    [c for _, p in notes for c in parse_status_payload(p, self._subscribers)]
+                )
 
     def deliver(self, changes: list[Change]) -> None:
         """Hand each watcher its task's changes, in order: at once when the notifications
