@@ -10,7 +10,7 @@ import grpc
 import typer
 from typer.core import TyperGroup
 
-from hashmesh.cli import admin_cmds, bench, hash_cmds, task_cmds, up
+from hashmesh.cli import admin_cmds, bench, hash_cmds, key_cmds, task_cmds, up
 from hashmesh.cli.client import CliError, ExitCode, error_from_rpc
 from hashmesh.cli.options import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET, CliOptions
 from hashmesh.cli.output import print_error
@@ -59,11 +59,16 @@ def global_options(
     admin_target: Annotated[str, typer.Option(envvar="HASHMESH_ADMIN_TARGET",
                                               help="The balancer's admin endpoint.")] = DEFAULT_ADMIN_TARGET,
     admin_token: Annotated[str | None, typer.Option(envvar="HASHMESH_ADMIN_TOKEN", show_default=False,
-                                                    help="Bearer token for AdminService.")] = None,
+                                                    help="Operator token: AdminService, cache clear, "
+                                                    "every tenant's tasks.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="HASHMESH_API_KEY", show_default=False,
+                                                help="API key sent as x-api-key (the balancer's "
+                                                "HASHMESH_BALANCER_API_KEYS_FILE).")] = None,
     timeout: Annotated[float, typer.Option(envvar="HASHMESH_TIMEOUT", min=0.001,
                                            help="Deadline of each call, in seconds.")] = 10.0,
     client_id: Annotated[str | None, typer.Option(envvar="HASHMESH_CLIENT_ID", show_default=False,
-                                                  help="Sent as x-client-id (rate limits, idempotency).")]
+                                                  help="Sent as x-client-id: believed only from a "
+                                                  "trusted proxy.")]
     = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on every command (for scripts).")]
     = False,
@@ -85,13 +90,14 @@ def global_options(
         if not value.strip():
             raise CliError(f"{flag} is empty: give HOST:PORT", ExitCode.USAGE)
     # Sent as metadata: gRPC refuses other characters only once a call is made, as INTERNAL.
-    for flag, text in (("--client-id", client_id), ("--admin-token", admin_token)):
+    for flag, text in (("--client-id", client_id), ("--admin-token", admin_token), ("--api-key", api_key)):
         if text is not None and not _METADATA_TEXT.fullmatch(text):
             raise CliError(f"{flag} must be printable ASCII (it is sent as gRPC metadata)",
                            ExitCode.USAGE)
     tls = client_tls(tls_ca, tls_cert, tls_key, tls_server_name)
     ctx.obj = CliState(CliOptions(target=target, admin_target=admin_target, admin_token=admin_token,
-                                  timeout=timeout, client_id=client_id, json=json_out, tls=tls))
+                                  api_key=api_key, timeout=timeout, client_id=client_id, json=json_out,
+                                  tls=tls))
     ctx.call_on_close(ctx.obj.session.close)
 
 
@@ -117,6 +123,7 @@ app.add_typer(admin_cmds.ratelimit_app, name="ratelimit")
 app.add_typer(admin_cmds.cache_app, name="cache")
 app.command("health")(admin_cmds.health_command)
 app.add_typer(admin_cmds.db_app, name="db")
+app.add_typer(key_cmds.keys_app, name="keys")
 app.command("up")(up.up_command)
 app.command("bench", context_settings={"help_option_names": ["--help"]})(bench.bench_command)
 

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hashmesh.core.db import redact_dsn
 from hashmesh.core.embedded_pg import EmbeddedPostgres, free_port
+from hashmesh.core.sealing import KEY_FILE_ENV, KEYS_ENV, ensure_key_file
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,11 @@ STABLE_AFTER = 30.0
 """A child that ran this long before crashing restarts with the first backoff again."""
 CACHE_SECRET_FILE = "cache-secret"
 """Under the state directory: the HMAC secret of the mesh's result cache (mode 0600)."""
+TASK_KEY_FILE = "task-keys"
+"""Under the state directory: the keys sealing task inputs at rest (mode 0600)."""
+IDENTITY_SECRET_FILE = "identity-secret"
+"""Under the state directory: the mesh's ``HASHMESH_IDENTITY_SECRET`` (mode 0600), kept so that
+idempotency fingerprints stay comparable across runs."""
 
 Event = dict[str, Any]
 
@@ -112,12 +119,18 @@ class Supervisor:
         self.target = ""
         self.admin_target = ""
         self.cache_secret = ""
+        self.task_key_file: Path | None = None
+        self.identity_secret = ""
 
     # ---- start ---------------------------------------------------------------------------
     async def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         if not os.environ.get("HASHMESH_CACHE_SECRET"):  # the user's own secret wins
             self.cache_secret = load_cache_secret(self.plan.state_dir)
+        if not (os.environ.get(KEY_FILE_ENV) or os.environ.get(KEYS_ENV)):  # the user's keys win
+            self.task_key_file = ensure_key_file(self.plan.state_dir / TASK_KEY_FILE)
+        if not os.environ.get("HASHMESH_IDENTITY_SECRET"):  # signs identity stamps; keys fingerprints
+            self.identity_secret = load_cache_secret(self.plan.state_dir, IDENTITY_SECRET_FILE)
         if not self.plan.database_url:
             await self._start_database()
         self.emit("migrating", name="schema")
@@ -126,7 +139,7 @@ class Supervisor:
         await asyncio.to_thread(migrations.migrate, self.dsn)
         host = self.plan.host
         replicas = [self._child("hashd", f"hashd-{i}", ["hashmesh.hashd", "--listen",
-                    f"{host}:{free_port(host)}", "--database-url", self.dsn, *self._metrics_flag()],
+                    f"{host}:{free_port(host)}", *self._metrics_flag()],
                     ("hashd", *self._metrics_line("hashd")))
                     for i in range(1, self.plan.replicas + 1)]
         await asyncio.gather(*(self._launch(child) for child in replicas))
@@ -140,8 +153,7 @@ class Supervisor:
                                *self._metrics_flag()],
                                ("balancer", "balancer admin", *self._metrics_line("balancer")))
         await self._launch(balancer)
-        workers = [self._child("workerd", f"workerd-{i}", ["hashmesh.workerd", "--database-url", self.dsn,
-                               *self._metrics_flag()], ("workerd", *self._metrics_line("workerd")))
+        workers = [self._child("workerd", f"workerd-{i}", ["hashmesh.workerd", *self._metrics_flag()], ("workerd", *self._metrics_line("workerd")))
                    for i in range(1, self.plan.workers + 1)]
         await asyncio.gather(*(self._launch(child) for child in workers))
 
@@ -158,7 +170,7 @@ class Supervisor:
         self._database_start = asyncio.get_running_loop().run_in_executor(None, self.database.start)
         self.dsn = await asyncio.shield(self._database_start)
         self.emit("running", name="postgres", pid=self.database.pid, address=f"{self.database.host}:"
-                  f"{self.database.port}", dsn=self.dsn)
+                  f"{self.database.port}", dsn=redact_dsn(self.dsn))
 
     def _child(self, kind: str, name: str, argv: list[str], expect: tuple[str, ...]) -> Child:
         child = Child(name=name, kind=kind, argv=argv, expect=expect, log_path=self.logs / f"{name}.log")
@@ -169,8 +181,14 @@ class Supervisor:
         child.ready = asyncio.Event()
         child.state = "starting"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.cache_secret and child.kind in ("hashd", "workerd"):
-            env["HASHMESH_CACHE_SECRET"] = self.cache_secret
+        if child.kind in ("hashd", "workerd"):
+            env["HASHMESH_DATABASE_URL"] = self.dsn  # not argv: every local user can read that
+            if self.cache_secret:
+                env["HASHMESH_CACHE_SECRET"] = self.cache_secret
+            if self.task_key_file is not None:
+                env[KEY_FILE_ENV] = str(self.task_key_file)
+        if self.identity_secret and child.kind in ("hashd", "balancer"):
+            env["HASHMESH_IDENTITY_SECRET"] = self.identity_secret
         child.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", *child.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL, env=env,
@@ -313,11 +331,12 @@ class Supervisor:
         return {row["name"]: row["pid"] for row in self.rows() if row["pid"]}
 
 
-def load_cache_secret(state_dir: Path) -> str:
-    """The local mesh's cache secret: read from ``state_dir``, or made once (random) and kept
-    there, readable by the owner only. Without it every process would fall back to the
-    per-database secret stored in the cache table, next to the entries it protects."""
-    path = state_dir / CACHE_SECRET_FILE
+def load_cache_secret(state_dir: Path, name: str = CACHE_SECRET_FILE) -> str:
+    """The local mesh's cache secret (or another one, by file ``name``): read from
+    ``state_dir``, or made once (random) and kept there, readable by the owner only. Without
+    it every process would fall back to the per-database secret stored in the cache table,
+    next to the entries it protects."""
+    path = state_dir / name
     state_dir.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

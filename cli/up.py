@@ -24,6 +24,7 @@ from hashmesh.cli.client import CliError, ExitCode
 from hashmesh.cli.naming import STRATEGIES, parse_strategy
 from hashmesh.cli.state import state_of
 from hashmesh.cli.supervisor import Event, MeshPlan, StartupError, Supervisor
+from hashmesh.core.db import redact_dsn
 
 _STATE_STYLE = {"running": "green", "starting": "yellow", "restarting": "yellow", "crashed": "red",
                 "down": "red", "stopping": "dim", "stopped": "dim"}
@@ -93,7 +94,7 @@ async def _run(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
             starting.result()  # StartupError propagates
             db_watch = asyncio.create_task(supervisor.watch_database())
             display.event({"event": "ready", "target": supervisor.target, "admin_target": supervisor.admin_target,
-                           "dsn": supervisor.dsn, "state_dir": str(plan.state_dir), "pids": supervisor.pids()})
+                           "dsn": redact_dsn(supervisor.dsn), "state_dir": str(plan.state_dir), "pids": supervisor.pids()})
             if not display.json_mode:
                 display.console.print(
                     f"hashmesh is up: [bold]{supervisor.target}[/] (admin {supervisor.admin_target}), "

@@ -35,10 +35,9 @@ def load_migrations() -> list[Migration]:
             )
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
-    # Numbers are reserved per branch, so a gap (0006 before 0003 is merged) is allowed; a
-    # missing one is applied when it arrives. Each migration must not depend on a later one.
+    # Numbers are reserved per branch of work, so a gap is normal; a duplicate is a mistake.
     if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
-        raise RuntimeError(f"migration numbers must be unique and start at 1, found {versions}")
+        raise RuntimeError(f"migrations must have distinct numbers from 1 up, found {versions}")
     return found
 
 

@@ -12,29 +12,49 @@
 -- One statement for a whole batch: all rows are stored or none. Ids are made by the caller so
 -- the answer maps back to the request's order; a repeated (client_id, idempotency_key) is
 -- skipped here and read back by `by_idempotency_keys`.
-INSERT INTO hashmesh_tasks (id, algorithm, input, input_size, params, priority, max_attempts,
-                            run_after, client_id, idempotency_key, status, result_digest,
-                            result_encoded, cached, finished_at)
-SELECT s.id, s.algorithm, s.input, s.input_size, s.params::jsonb, s.priority, s.max_attempts,
-       coalesce(s.run_after, now()), s.client_id, s.idempotency_key, s.status, s.result_digest,
-       s.result_encoded, s.status = 'succeeded', CASE WHEN s.status = 'succeeded' THEN now() END
-FROM unnest(%(id)s::uuid[], %(algorithm)s::text[], %(input)s::bytea[], %(input_size)s::bigint[],
-            %(params)s::text[], %(priority)s::integer[], %(max_attempts)s::integer[],
-            %(run_after)s::timestamptz[], %(client_id)s::text[], %(idempotency_key)s::text[],
-            %(status)s::text[], %(result_digest)s::bytea[], %(result_encoded)s::text[])
-     WITH ORDINALITY AS s(id, algorithm, input, input_size, params, priority, max_attempts,
-                          run_after, client_id, idempotency_key, status, result_digest,
-                          result_encoded, ord)
+INSERT INTO hashmesh_tasks (id, algorithm, input, input_key_id, input_size, params, priority,
+                            max_attempts, run_after, client_id, idempotency_key, status,
+                            result_digest, result_encoded, cached, finished_at,
+                            idempotency_fingerprint)
+SELECT s.id, s.algorithm, s.input, s.input_key_id, s.input_size, s.params::jsonb, s.priority,
+       s.max_attempts, coalesce(s.run_after, now()), s.client_id, s.idempotency_key, s.status,
+       s.result_digest, s.result_encoded, s.status = 'succeeded',
+       CASE WHEN s.status = 'succeeded' THEN now() END, s.fingerprint
+FROM unnest(%(id)s::uuid[], %(algorithm)s::text[], %(input)s::bytea[],
+            %(input_key_id)s::text[], %(input_size)s::bigint[], %(params)s::text[],
+            %(priority)s::integer[], %(max_attempts)s::integer[], %(run_after)s::timestamptz[],
+            %(client_id)s::text[], %(idempotency_key)s::text[], %(status)s::text[],
+            %(result_digest)s::bytea[], %(result_encoded)s::text[], %(fingerprint)s::bytea[])
+     WITH ORDINALITY AS s(id, algorithm, input, input_key_id, input_size, params, priority,
+                          max_attempts, run_after, client_id, idempotency_key, status,
+                          result_digest, result_encoded, fingerprint, ord)
 ORDER BY s.ord
 ON CONFLICT (client_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING {columns}
 
 -- name: by_idempotency_keys
-SELECT {columns} FROM hashmesh_tasks
+SELECT {columns}, idempotency_fingerprint FROM hashmesh_tasks
 WHERE client_id = %(client_id)s AND idempotency_key = ANY(%(keys)s::text[])
 
+-- name: live_keys
+-- A caller's keys: those older than the window are forgotten (their tasks stay, keyless), the
+-- others come back with their fingerprints. The SELECT reads the snapshot before the UPDATE,
+-- so it filters by age itself
+-- (a data-modifying WITH runs whether or not it is read).
+WITH forgotten AS (
+    UPDATE hashmesh_tasks SET idempotency_key = NULL, idempotency_fingerprint = NULL
+    WHERE client_id = %(client_id)s AND idempotency_key = ANY(%(keys)s::text[])
+      AND created_at < now() - make_interval(secs => %(window)s)
+    RETURNING id
+)
+SELECT {columns}, idempotency_fingerprint FROM hashmesh_tasks
+WHERE client_id = %(client_id)s AND idempotency_key = ANY(%(keys)s::text[])
+  AND created_at >= now() - make_interval(secs => %(window)s)
+
 -- name: get
-SELECT {columns} FROM hashmesh_tasks WHERE id = %(id)s
+-- Scoped: a task of another client reads as missing (%(owner)s NULL: an operator, every task).
+SELECT {columns} FROM hashmesh_tasks
+WHERE id = %(id)s AND (%(owner)s::text IS NULL OR client_id = %(owner)s::text)
 
 -- name: get_many
 SELECT {columns} FROM hashmesh_tasks WHERE id = ANY(%(ids)s::uuid[])
@@ -73,8 +93,8 @@ WITH RECURSIVE async_commit AS MATERIALIZED (
         lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
         started_at = now(), updated_at = now()
     FROM picked, async_commit WHERE t.id = picked.id
-    RETURNING t.id, t.algorithm, t.input, t.params, t.attempts, t.max_attempts, t.lease_id,
-              t.cancel_requested, t.priority, t.run_after
+    RETURNING t.id, t.algorithm, t.input, t.input_key_id, t.params, t.attempts,
+              t.max_attempts, t.lease_id, t.cancel_requested, t.priority, t.run_after
 )
 SELECT * FROM claimed ORDER BY priority DESC, run_after, id
 
@@ -275,6 +295,7 @@ SET status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
     input = CASE WHEN status <> 'running' AND algorithm = 'argon2id' THEN NULL ELSE input END,
     updated_at = now()
 WHERE id = %(id)s AND status IN ('pending', 'retrying', 'running')
+  AND (%(owner)s::text IS NULL OR client_id = %(owner)s::text)
 RETURNING {columns}
 
 -- name: requeue
@@ -282,6 +303,7 @@ UPDATE hashmesh_tasks
 SET status = 'pending', attempts = 0, run_after = now(), finished_at = NULL, started_at = NULL,
     cancel_requested = false, worker = NULL, last_error = NULL, updated_at = now()
 WHERE id = %(id)s AND status IN ('dead_letter', 'cancelled') AND input IS NOT NULL
+  AND (%(owner)s::text IS NULL OR client_id = %(owner)s::text)
 RETURNING {columns}
 
 -- name: list
@@ -384,3 +406,14 @@ SELECT count(*) AS folded FROM folded
 WITH clients AS (DELETE FROM hashmesh_client_unfinished WHERE n = 0 RETURNING 1),
      statuses AS (DELETE FROM hashmesh_task_counts WHERE n = 0 RETURNING 1)
 SELECT (SELECT count(*) FROM clients) + (SELECT count(*) FROM statuses) AS dropped
+
+-- name: input_key_usage
+-- Key rotation (`hashctl keys usage`): rows holding an input sealed with each key. A key may
+-- be dropped once no unfinished task needs it; finished rows only matter to `requeue`.
+SELECT input_key_id AS key_id,
+       count(*) FILTER (WHERE status IN ('pending', 'retrying', 'running')) AS unfinished,
+       count(*) FILTER (WHERE status NOT IN ('pending', 'retrying', 'running')) AS finished
+FROM hashmesh_tasks
+WHERE input IS NOT NULL AND input_key_id IS NOT NULL
+GROUP BY input_key_id
+ORDER BY input_key_id

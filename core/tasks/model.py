@@ -57,6 +57,9 @@ class NewTask:
     cached_result: tuple[bytes, str] | None = None
     """(digest, encoded) found in the shared result cache: the task is stored SUCCEEDED at once
     and never enters the queue."""
+    fingerprint: bytes | None = None
+    """Keyed HMAC of the request (``hashmesh.core.tasks.idempotency``), stored with a keyed
+    task so that a reuse of its key with another request can be told apart."""
 
 
 @dataclass(frozen=True)
@@ -115,11 +118,14 @@ class ClaimedTask:
     id: str
     algorithm: str
     data: bytes
+    """The input as stored: sealed when ``input_key_id`` is set (``hashmesh.core.sealing``)."""
     params: dict[str, Any]
     attempts: int
     max_attempts: int
     lease_id: int
     cancel_requested: bool = False
+    input_key_id: str | None = None
+    """Id of the key that sealed ``data``; ``None``: stored as given."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,9 @@ class Submitted:
 
     task: TaskRecord
     created: bool
+    fingerprint: bytes | None = None
+    """The stored request fingerprint of ``task`` (when ``created`` is False: the earlier
+    request's, to compare with the repeat's)."""
 
 
 @dataclass(frozen=True)
@@ -209,10 +218,18 @@ class QueueStats:
 
 class TaskStore(Protocol):
     """What hashd and workerd need from a task store: ``PostgresTaskStore`` in production,
-    ``MemoryTaskStore`` in unit tests."""
+    ``MemoryTaskStore`` in unit tests.
+
+    ``owner`` scopes a caller's reads and transitions to its own tasks: a task of another
+    client is NOT_FOUND, worded as for an id that does not exist. ``None`` (an operator) sees
+    every task; so does ``ListFilter.client_id=None``. ``live_keys`` forgets the caller's keys
+    older than the window (their tasks stay) and returns the others with their fingerprints."""
 
     async def submit_many(self, tasks: Sequence[NewTask]) -> list[Submitted]: ...
-    async def get(self, task_id: str) -> TaskRecord: ...
+    async def live_keys(
+        self, client_id: str, keys: Sequence[str], *, window_seconds: float
+    ) -> dict[str, tuple[TaskRecord, bytes | None]]: ...
+    async def get(self, task_id: str, *, owner: str | None) -> TaskRecord: ...
     async def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord]: ...
     async def list_tasks(
         self, filters: ListFilter, *, limit: int, after: ListCursor | None
@@ -223,8 +240,8 @@ class TaskStore(Protocol):
         self, ages: Mapping[TaskStatus, float], *, batch: int
     ) -> PruneRun | None: ...
     async def prune_preview(self, ages: Mapping[TaskStatus, float]) -> dict[TaskStatus, int]: ...
-    async def cancel(self, task_id: str) -> TaskRecord: ...
-    async def requeue(self, task_id: str) -> TaskRecord: ...
+    async def cancel(self, task_id: str, *, owner: str | None) -> TaskRecord: ...
+    async def requeue(self, task_id: str, *, owner: str | None) -> TaskRecord: ...
     async def claim(
         self, worker: str, limit: int, lease_seconds: float, *, session: int | None = None
     ) -> list[ClaimedTask]: ...

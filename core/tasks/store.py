@@ -20,6 +20,7 @@ from psycopg import sql
 
 from hashmesh.core.db import connection
 from hashmesh.core.errors import FailedPrecondition, NotFound, Unavailable
+from hashmesh.core.sealing import TaskKeyring
 from hashmesh.core.tasks.model import (
     ClaimedTask,
     Completion,
@@ -79,10 +80,14 @@ def _q(name: str) -> str:
 
 
 class PostgresTaskStore:
-    """Tasks and workers in PostgreSQL, through a caller-owned (opened) pool."""
+    """Tasks and workers in PostgreSQL, through a caller-owned (opened) pool. With a
+    ``keyring``, every input is sealed before it is sent (hashd); workerd opens them."""
 
-    def __init__(self, pool: psycopg_pool.AsyncConnectionPool) -> None:
+    def __init__(
+        self, pool: psycopg_pool.AsyncConnectionPool, keyring: TaskKeyring | None = None
+    ) -> None:
         self._pool = pool
+        self._keyring = keyring
 
     async def _rows(self, query: str, params: dict[str, Any], *, what: str) -> list[dict[str, Any]]:
         async with connection(self._pool, what=what) as conn:
@@ -101,10 +106,12 @@ class PostgresTaskStore:
         if not tasks:
             return []
         ids = [new_task_id() for _ in tasks]
+        inputs = [_stored_input(self._keyring, i, t) for i, t in zip(ids, tasks, strict=True)]
         params = {
             "id": ids,
             "algorithm": [t.algorithm for t in tasks],
-            "input": [None if t.cached_result else t.data for t in tasks],
+            "input": [blob for blob, _ in inputs],
+            "input_key_id": [key_id for _, key_id in inputs],
             "input_size": [len(t.data) for t in tasks],
             "params": [json.dumps(t.params) for t in tasks],
             "priority": [t.priority for t in tasks],
@@ -115,12 +122,13 @@ class PostgresTaskStore:
             "status": ["succeeded" if t.cached_result else "pending" for t in tasks],
             "result_digest": [t.cached_result[0] if t.cached_result else None for t in tasks],
             "result_encoded": [t.cached_result[1] if t.cached_result else None for t in tasks],
+            "fingerprint": [t.fingerprint if t.idempotency_key else None for t in tasks],
         }
         async with connection(self._pool, what="submitting tasks") as conn:
             cur = await conn.execute(_q("submit"), params)
             inserted = {str(r["id"]): TaskRecord.from_row(r) for r in _rows(await cur.fetchall())}
             missing = [t for i, t in zip(ids, tasks, strict=True) if i not in inserted]
-            existing: dict[tuple[str, str], TaskRecord] = {}
+            existing: dict[tuple[str, str], tuple[TaskRecord, bytes | None]] = {}
             for client_id in {t.client_id for t in missing}:
                 keys = sorted(
                     {
@@ -133,23 +141,33 @@ class PostgresTaskStore:
                     _q("by_idempotency_keys"), {"client_id": client_id, "keys": keys}
                 )
                 for row in _rows(await cur.fetchall()):
-                    record = TaskRecord.from_row(row)
-                    existing[(client_id, row["idempotency_key"])] = record
+                    existing[(client_id, row["idempotency_key"])] = (
+                        TaskRecord.from_row(row), row["idempotency_fingerprint"]
+                    )
         answers = []
         for task_id, task in zip(ids, tasks, strict=True):
             if task_id in inserted:
-                answers.append(Submitted(inserted[task_id], created=True))
+                answers.append(Submitted(inserted[task_id], created=True, fingerprint=task.fingerprint))
             else:
                 assert task.idempotency_key is not None, "only a keyed task can be skipped"
-                answers.append(
-                    Submitted(existing[(task.client_id, task.idempotency_key)], created=False)
-                )
+                record, fingerprint = existing[(task.client_id, task.idempotency_key)]
+                answers.append(Submitted(record, created=False, fingerprint=fingerprint))
         return answers
+
+    async def live_keys(
+        self, client_id: str, keys: Sequence[str], *, window_seconds: float
+    ) -> dict[str, tuple[TaskRecord, bytes | None]]:
+        rows = await self._rows(
+            "live_keys",
+            {"client_id": client_id, "keys": sorted(set(keys)), "window": window_seconds},
+            what="reading idempotency keys",
+        )
+        return {r["idempotency_key"]: (TaskRecord.from_row(r), r["idempotency_fingerprint"]) for r in rows}
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def get(self, task_id: str) -> TaskRecord:
-        rows = await self._rows("get", {"id": task_id}, what="reading a task")
+    async def get(self, task_id: str, *, owner: str | None) -> TaskRecord:
+        rows = await self._rows("get", {"id": task_id, "owner": owner}, what="reading a task")
         if not rows:
             raise NotFound(f"task {task_id} not found")
         return TaskRecord.from_row(rows[0])
@@ -242,20 +260,20 @@ class PostgresTaskStore:
 
     # -- caller transitions ------------------------------------------------------------------
 
-    async def cancel(self, task_id: str) -> TaskRecord:
-        rows = await self._rows("cancel", {"id": task_id}, what="cancelling a task")
+    async def cancel(self, task_id: str, *, owner: str | None) -> TaskRecord:
+        rows = await self._rows("cancel", {"id": task_id, "owner": owner}, what="cancelling a task")
         if rows:
             return TaskRecord.from_row(rows[0])
-        current = await self.get(task_id)
+        current = await self.get(task_id, owner=owner)
         raise FailedPrecondition(
             f"task {task_id} is {current.status.value}; only unfinished tasks can be cancelled"
         )
 
-    async def requeue(self, task_id: str) -> TaskRecord:
-        rows = await self._rows("requeue", {"id": task_id}, what="requeueing a task")
+    async def requeue(self, task_id: str, *, owner: str | None) -> TaskRecord:
+        rows = await self._rows("requeue", {"id": task_id, "owner": owner}, what="requeueing a task")
         if rows:
             return TaskRecord.from_row(rows[0])
-        current = await self.get(task_id)
+        current = await self.get(task_id, owner=owner)
         if current.status in (TaskStatus.DEAD_LETTER, TaskStatus.CANCELLED):
             raise FailedPrecondition(
                 f"task {task_id} cannot be requeued: its input was erased when it ended (argon2 "
@@ -424,6 +442,19 @@ def _outcome(row: dict[str, Any]) -> Outcome:
     )
 
 
+def _stored_input(
+    keyring: TaskKeyring | None, task_id: str, task: NewTask
+) -> tuple[bytes | None, str | None]:
+    """(input column, key id): sealed when a keyring is configured; nothing for a cache hit.
+    hashd refuses argon2 tasks without a keyring, and a CHECK constraint backs that up."""
+    if task.cached_result:
+        return None, None
+    if keyring is None:
+        return task.data, None
+    sealed = keyring.seal(task_id, task.algorithm, task.params, task.data)
+    return sealed.blob, sealed.key_id
+
+
 def _claimed(row: dict[str, Any]) -> ClaimedTask:
     return ClaimedTask(
         id=str(row["id"]),
@@ -434,6 +465,7 @@ def _claimed(row: dict[str, Any]) -> ClaimedTask:
         max_attempts=row["max_attempts"],
         lease_id=row["lease_id"],
         cancel_requested=row["cancel_requested"],
+        input_key_id=row["input_key_id"],
     )
 
 
@@ -520,6 +552,14 @@ class Listener:
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
                 await conn.close()
+
+
+def input_key_usage(dsn: str) -> list[tuple[str, int, int]]:
+    """(key id, unfinished, finished) rows still holding an input sealed with each key: the
+    check of a key rotation (``hashctl keys usage``). One short connection of its own."""
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        rows = conn.execute(_q("input_key_usage")).fetchall()
+    return [(str(key_id), int(unfinished), int(finished)) for key_id, unfinished, finished in rows]
 
 
 def _conforms(store: PostgresTaskStore) -> TaskStore:

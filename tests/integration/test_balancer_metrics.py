@@ -54,7 +54,9 @@ def test_balancer_metrics_from_a_real_process(tmp_path: Path, started: Callable[
         # Health checks slow enough that the killed replica is caught by failing calls
         # (ejection) before checks mark it unhealthy.
         env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "1.0", "HASHMESH_ADMIN_TOKEN": TOKEN,
-             "HASHMESH_BALANCER_RATE_LIMIT_OVERRIDES": "flooder=5/5"},
+             "HASHMESH_BALANCER_RATE_LIMIT_OVERRIDES": "flooder=5/5",
+             # The test's clients all come from 127.0.0.1: trusted, so x-client-id tells them apart.
+             "HASHMESH_BALANCER_TRUSTED_PROXIES": "127.0.0.1"},
         expect=("balancer", "balancer admin", "balancer metrics"),
     ))
     # The two lines the test bed and `hashctl up` wait for come first, metrics last.
