@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from hashmesh.core import db
 from hashmesh.core.settings import DatabaseSettings
@@ -96,11 +97,11 @@ def test_counters_equal_a_real_count_through_every_transition(dsn: str) -> None:
         assert len(await store.release([Lease(t.id, t.lease_id) for t in claimed[15:20]])) == 5
         await assert_counters_match(store, dsn, "release")
         unclaimed = [i for i in ids[:40] if i not in {t.id for t in claimed}]
-        await store.cancel(claimed[20].id)  # running: flagged only
-        await store.cancel(unclaimed[0])  # pending: cancelled at once
+        await store.cancel(claimed[20].id, owner=None)  # running: flagged only
+        await store.cancel(unclaimed[0], owner=None)  # pending: cancelled at once
         assert await store.acknowledge_cancel([Lease(claimed[20].id, claimed[20].lease_id)])
         await assert_counters_match(store, dsn, "cancel")
-        await store.requeue(claimed[10].id)
+        await store.requeue(claimed[10].id, owner=None)
         await assert_counters_match(store, dsn, "requeue")
         backdate(dsn, ids, days=30)
         run = await store.prune(RetentionPolicy().ages, batch=3)
@@ -155,7 +156,7 @@ def test_retention_deletes_exactly_what_is_due_while_workers_run(dsn: str) -> No
         )
         await store.release([Lease(t.id, t.lease_id) for t in claimed[20:]])
         for t in claimed[20:]:
-            await store.cancel(t.id)
+            await store.cancel(t.id, owner=None)
         ids = [s.task.id for s in old]
         succeeded = [t.id for t in claimed[:10]]
         others = [t.id for t in claimed[10:]]  # dead letters and cancelled
@@ -270,12 +271,13 @@ def test_worker_writes_commit_asynchronously_and_submissions_do_not(dsn: str) ->
         )
         conn.commit()
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
-        row = conn.execute(queries()["claim"], claim).fetchone()
+        row = conn.cursor(row_factory=dict_row).execute(queries()["claim"], claim).fetchone()
         assert row is not None
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
         conn.commit()
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
-        done = {"id": [row[0]], "lease_id": [row[6]], "digest": [b"\x00"], "encoded": ["00"]}
+        done = {"id": [row["id"]], "lease_id": [row["lease_id"]], "digest": [b"\x00"],
+                "encoded": ["00"]}  # fmt: skip
         assert conn.execute(queries()["complete"], done).fetchone() is not None
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
         conn.commit()

@@ -148,7 +148,7 @@ def test_watch_streams_each_change_from_the_hub_until_final() -> None:
         await asyncio.sleep(0.01)
         [task] = await store.claim("w", 1, 30)
         await store.complete_many([Completion(task.id, task.lease_id, b"d", "64")])
-        final = await store.get(task.id)
+        final = await store.get(task.id, owner=None)
         # Both changes are announced together, after both happened: RUNNING is still streamed;
         # the first is to be read (a notification too long to carry the task), the second
         # carries it.
@@ -177,9 +177,11 @@ def test_ended_session_frees_its_tasks_before_the_lease() -> None:
         assert await store.reclaim_lost() == 0
         store.end_session(doomed)
         assert await store.reclaim_lost() == 1  # no clock advance: the lease has not expired
-        assert (await store.get(lost.id)).status is TaskStatus.RETRYING
-        assert "lost its database session" in ((await store.get(lost.id)).last_error or "")
-        assert (await store.get(kept.id)).status is TaskStatus.RUNNING
+        assert (await store.get(lost.id, owner=None)).status is TaskStatus.RETRYING
+        assert "lost its database session" in (
+            (await store.get(lost.id, owner=None)).last_error or ""
+        )
+        assert (await store.get(kept.id, owner=None)).status is TaskStatus.RUNNING
         assert await store.complete_many([Completion(lost.id, lost.lease_id, b"x", "78")]) == set()
 
     run(body)
@@ -197,8 +199,8 @@ def test_retention_deletes_each_final_status_after_its_own_age() -> None:
             [NewTask("md5", b"s", cached_result=(b"\x00", "00")),
              NewTask("md5", b"c"), NewTask("md5", b"k", idempotency_key="k1")]
         )  # fmt: skip
-        await store.cancel(done[1].task.id)
-        await store.cancel(done[2].task.id)
+        await store.cancel(done[1].task.id, owner=None)
+        await store.cancel(done[2].task.id, owner=None)
         clock.advance(90)
         assert policy.ages == {TaskStatus.SUCCEEDED: 60, TaskStatus.CANCELLED: 120}
         assert await store.prune_preview(policy.ages) == {
@@ -230,9 +232,9 @@ def test_watch_answers_from_the_notification_without_reading() -> None:
     async def body() -> list[Any]:
         [sub] = await store.submit_many([NewTask("md5", b"x")])
         [task] = await store.claim("w", 1, 30)
-        running = await store.get(task.id)
+        running = await store.get(task.id, owner=None)
         await store.complete_many([Completion(task.id, task.lease_id, b"d", "64")])
-        final = await store.get(task.id)
+        final = await store.get(task.id, owner=None)
         with hub.subscribe(sub.task.id) as watcher:
             hub.deliver(
                 [(task.id, TaskStatus.RUNNING, running), (task.id, TaskStatus.SUCCEEDED, final)]
