@@ -276,6 +276,7 @@ def main() -> None:
     parser.add_argument("--load-only", action="store_true", help="load the aged database, stop")
     parser.add_argument("--aged-db", help="an aged database loaded earlier (with --load-only)")
     args = parser.parse_args()
+    os.environ.setdefault("HASHMESH_IDENTITY_SECRET", os.urandom(16).hex())  # the daemons need one
     # Backpressure counts the scheduled backlog too; the retention runs are the bench's own.
     os.environ["HASHMESH_MAX_PENDING_TASKS"] = str(10 * (args.pending + 1_000_000))
     os.environ["HASHMESH_MAX_PENDING_PER_CLIENT"] = str(10 * (args.pending + 1_000_000))

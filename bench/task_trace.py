@@ -27,6 +27,7 @@ import argparse
 import ast
 import asyncio
 import bisect
+import os
 import statistics
 import subprocess
 import sys
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--balancer", action="store_true", help="through the balancer")
     args = parser.parse_args()
+    os.environ.setdefault("HASHMESH_IDENTITY_SECRET", os.urandom(16).hex())  # the daemons need one
     with postgres(args.dsn) as admin:
         dsn = create_database(admin, f"trace_{uuid.uuid4().hex[:8]}")
         migrations.migrate(dsn)
