@@ -243,8 +243,13 @@ class PostgresTaskStore:
                             break
                 for query in ("compact_task_counts", "compact_client_counts", "drop_zero_counters"):
                     await conn.execute(_q(query))
-            finally:
                 await conn.execute("SELECT pg_advisory_unlock(%s, %s)", PRUNER_LOCK)
+            except BaseException:
+                # Interrupted (cancelled at shutdown, connection trouble): a pooled connection
+                # must not keep the session lock, or no pruner would ever run again. Closed,
+                # it leaves the pool and PostgreSQL releases the lock with it.
+                await conn.close()
+                raise
         return PruneRun(deleted=deleted, batches=batches, seconds=time.monotonic() - started)
 
     async def prune_preview(self, ages: Mapping[TaskStatus, float]) -> dict[TaskStatus, int]:

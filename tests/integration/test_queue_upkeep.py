@@ -355,3 +355,32 @@ def test_a_claim_does_not_read_the_scheduled_backlog(dsn: str) -> None:
     pages = sum(int(n) for n in re.findall(r"(?:hit|read)=(\d+)", total))
     # Measured: ~110 pages whatever the backlog; one range over the whole index: ~970 at 50,000.
     assert pages < 400, plan
+
+
+def test_a_pruner_cancelled_mid_run_leaves_no_lock_behind(dsn: str) -> None:
+    """Shutdown cancels a run between batches: the pooled connection that held the pruner's
+    session lock is closed, so the next run (this process or another) is not locked out."""
+
+    async def body(store: PostgresTaskStore) -> None:
+        done = await store.submit_many(
+            [NewTask("md5", b"c-%d" % i, cached_result=(b"\x00", "00")) for i in range(400)]
+        )
+        backdate(dsn, [s.task.id for s in done], days=2)
+        running = asyncio.create_task(store.prune(RetentionPolicy().ages, batch=1))
+        for _ in range(400):  # wait for the state: some rows gone, not all
+            await asyncio.sleep(0.02)
+            if len(await store.get_many([s.task.id for s in done])) < 400:
+                break
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        with psycopg.connect(dsn, autocommit=True) as other:
+            got = other.execute("SELECT pg_try_advisory_lock(%s, %s)", PRUNER_LOCK).fetchone()
+            assert got == (True,)
+            other.execute("SELECT pg_advisory_unlock(%s, %s)", PRUNER_LOCK)
+        rest = await store.prune(RetentionPolicy().ages, batch=1000)
+        assert rest is not None
+        assert await store.get_many([s.task.id for s in done]) == []
+        await assert_counters_match(store, dsn, "cancelled prune")
+
+    with_store(dsn, body)
