@@ -25,6 +25,7 @@ STRATEGIES = ("round_robin", "least_connections", "p2c_ewma", "consistent_hash")
 # Safe to replay after UNAVAILABLE: they change nothing (HashStream is idempotent too, but a
 # stream cannot be replayed once a chunk was sent, so it is retried only before that).
 DEFAULT_IDEMPOTENT = (
+    "/hashmesh.v1.HashService/ComputeHash",
     "/hashmesh.v1.HashService/Hash",
     "/hashmesh.v1.HashService/Verify",
     "/hashmesh.v1.TaskService/GetTask",

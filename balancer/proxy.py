@@ -145,8 +145,9 @@ class Proxy:
                 replica = self._backends.pick(call.hash_value, ())
             if replica is None:
                 self._stats.no_backend += 1
-                reason = "no replica is ready" if not self._backends.fallback else "every replica is at its in-flight cap"
-                raise Unavailable(reason, retry_after=0.1)
+                if self._backends.fallback:
+                    raise Unavailable("every replica is at its in-flight cap", retry_after=0.1, reason="REPLICAS_BUSY")
+                raise Unavailable("no replica is ready", retry_after=0.1, reason="NO_REPLICA")
         return replica
 
     def _may_retry(self, err: grpc.aio.AioRpcError, method: str, attempt: int, deadline: float | None,
@@ -286,9 +287,10 @@ class Proxy:
                     replica, timeout = await attempts.next()
                     rpc = replica.multicallable(SERVER_STREAM, method)(request, timeout=timeout, metadata=call.metadata)
                     try:
-                        await _relay_initial(context, rpc, source)
+                        await _relay_initial(context, rpc, source, call.reply_metadata)
                         async for message in rpc:
-                            source.replied = True
+                            if not source.replied:
+                                await _first_reply(context, source, call.reply_metadata)
                             yield message
                     except grpc.aio.AioRpcError as err:
                         await attempts.failed(err)
@@ -325,9 +327,10 @@ class Proxy:
                     rpc = replica.multicallable(BIDI, method)(timeout=timeout, metadata=call.metadata)
                     source.start(rpc)
                     try:
-                        await _relay_initial(context, rpc, source)
+                        await _relay_initial(context, rpc, source, call.reply_metadata)
                         async for message in rpc:
-                            source.replied = True
+                            if not source.replied:
+                                await _first_reply(context, source, call.reply_metadata)
                             yield message
                     except grpc.aio.AioRpcError as err:
                         await source.stop()
@@ -467,35 +470,49 @@ class _Attempts:
 
 async def _relay_metadata(context: grpc.aio.ServicerContext, rpc: Any, reply: tuple[tuple[str, str], ...],
                           *, initial_sent: bool = False) -> None:
+    """The backend's headers plus ours (the rate-limit fields), then its trailers."""
     if not initial_sent:
-        initial = await rpc.initial_metadata()
+        initial = _pairs(await rpc.initial_metadata()) + reply
         if initial:
-            await context.send_initial_metadata(_pairs(initial))
+            await context.send_initial_metadata(initial)
     trailing = await rpc.trailing_metadata()
-    if trailing or reply:
-        context.set_trailing_metadata(_pairs(trailing) + reply)
+    if trailing:
+        context.set_trailing_metadata(_pairs(trailing))
 
 
-async def _relay_initial(context: grpc.aio.ServicerContext, rpc: Any, source: _Replayable) -> None:
-    """Streams: the backend's headers go to the client before its first message."""
+async def _relay_initial(context: grpc.aio.ServicerContext, rpc: Any, source: _Replayable,
+                         reply: tuple[tuple[str, str], ...]) -> None:
+    """Streams: the backend's headers (plus ours) go to the client before its first message."""
     initial = await rpc.initial_metadata()
     if initial:
         source.replied = True
-        await context.send_initial_metadata(_pairs(initial))
+        await context.send_initial_metadata(_pairs(initial) + reply)
+
+
+async def _first_reply(context: grpc.aio.ServicerContext, source: _Replayable,
+                       reply: tuple[tuple[str, str], ...]) -> None:
+    """Before the first message of a backend that sent no headers of its own: ours."""
+    source.replied = True
+    if reply:
+        await context.send_initial_metadata(reply)
 
 
 async def _relay_error(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError,
                        reply: tuple[tuple[str, str], ...], *, initial_sent: bool = False) -> None:
-    """The backend's status, details and trailing metadata, unchanged, then our own headers."""
-    initial = err.initial_metadata()
-    if initial and not initial_sent:
-        await context.send_initial_metadata(_pairs(initial))
-    await context.abort(err.code(), err.details() or "", trailing_metadata=_pairs(err.trailing_metadata()) + reply)
+    """The backend's status, details and trailing metadata, unchanged; our headers first."""
+    if not initial_sent:
+        initial = _pairs(err.initial_metadata()) + reply
+        if initial:
+            await context.send_initial_metadata(initial)
+    await context.abort(err.code(), err.details() or "", trailing_metadata=_pairs(err.trailing_metadata()))
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: HashmeshError, reply: tuple[tuple[str, str], ...]) -> Any:
+    """The balancer's own refusal: the rate-limit fields in the headers, as on every answer."""
     status = to_grpc_status(error)
-    await context.abort(status.code, status.details, trailing_metadata=tuple(status.trailing_metadata) + reply)
+    if reply:
+        await context.send_initial_metadata(reply)
+    await context.abort(status.code, status.details, trailing_metadata=tuple(status.trailing_metadata))
 
 
 class Router(grpc.GenericRpcHandler):  # type: ignore[misc]

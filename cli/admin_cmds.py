@@ -13,6 +13,7 @@ from hashmesh.cli.client import CliError, ExitCode, rpc_errors
 from hashmesh.cli.hash_cmds import JsonFlag
 from hashmesh.cli.naming import (
     STRATEGIES,
+    algorithm_name,
     backend_state_name,
     cache_tier_name,
     parse_strategy,
@@ -265,9 +266,10 @@ def cache_stats(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     tiers = [{"tier": cache_tier_name(t.tier), "hits": t.hits, "misses": t.misses, "entries": t.entries,
               "evictions": t.evictions, "errors": t.errors} for t in reply.tiers]
     if out.json_mode:
-        out.json({"replica": reply.replica, "cached_algorithms": list(reply.cached_algorithms), "tiers": tiers})
+        names = [algorithm_name(a) for a in reply.cached_algorithms]
+        out.json({"replica": reply.replica, "cached_algorithms": names, "tiers": tiers})
         return
-    out.fields({"replica": reply.replica, "cached algorithms": ", ".join(reply.cached_algorithms) or "none"})
+    out.fields({"replica": reply.replica, "cached algorithms": ", ".join(algorithm_name(a) for a in reply.cached_algorithms) or "none"})
     out.table(["TIER", "HITS", "MISSES", "ENTRIES", "EVICTIONS", "ERRORS"], [list(t.values()) for t in tiers])
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import argon2
 from argon2.low_level import Type, hash_secret
 
-from hashmesh.core.errors import InvalidArgument
+from hashmesh.core.errors import InvalidArgument, Violations
 
 
 class Algorithm(str, Enum):
@@ -119,21 +119,21 @@ class Argon2Params:
             "parallelism": parallelism or DEFAULT_PARALLELISM,
             "hash_len": hash_len or DEFAULT_HASH_LEN,
         }
+        violations = Violations()
         for name, value in values.items():
             low, high = BOUNDS[name]
             if not low <= value <= high:
-                raise InvalidArgument(
-                    f"{field_prefix}.{name}", f"must be between {low} and {high}, got {value}"
-                )
-        if values["memory_cost_kib"] < 8 * values["parallelism"]:
-            raise InvalidArgument(
+                violations.add(f"{field_prefix}.{name}", f"must be between {low} and {high}, got {value}")
+        if BOUNDS["memory_cost_kib"][0] <= values["memory_cost_kib"] < 8 * values["parallelism"]:
+            violations.add(
                 f"{field_prefix}.memory_cost_kib", "must be at least 8 KiB per lane of parallelism"
             )
         if salt and not SALT_BOUNDS[0] <= len(salt) <= SALT_BOUNDS[1]:
-            raise InvalidArgument(
+            violations.add(
                 f"{field_prefix}.salt",
                 f"must be {SALT_BOUNDS[0]} to {SALT_BOUNDS[1]} bytes, got {len(salt)}",
             )
+        violations.raise_if_any()
         return cls(salt=salt or None, **values)
 
     @property

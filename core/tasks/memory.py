@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hashmesh.core.errors import FailedPrecondition, NotFound
+from hashmesh.core.errors import FailedPrecondition, task_not_found
 from hashmesh.core.tasks.model import (
     FINAL_STATES,
     ClaimedTask,
@@ -141,7 +141,7 @@ class MemoryTaskStore:
         """The row, when ``owner`` may see it; another client's task reads as missing."""
         row = self._rows.get(task_id)
         if row is None or (owner is not None and row.record.client_id != owner):
-            raise NotFound(f"task {task_id} not found")
+            raise task_not_found(task_id)
         return row
 
     async def get(self, task_id: str, *, owner: str | None) -> TaskRecord:
@@ -235,7 +235,9 @@ class MemoryTaskStore:
             self._set(row, cancel_requested=True)
         else:
             raise FailedPrecondition(
-                f"task {task_id} is {row.record.status.value}; only unfinished tasks can be cancelled"
+                f"task {task_id} is {row.record.status.value}; only unfinished tasks can be cancelled",
+                reason="TASK_FINISHED",
+                subject=f"tasks/{task_id}",
             )
         return row.record
 
@@ -245,7 +247,10 @@ class MemoryTaskStore:
             row.record.status not in (TaskStatus.DEAD_LETTER, TaskStatus.CANCELLED)
             or row.input is None
         ):
-            raise FailedPrecondition(f"task {task_id} cannot be requeued")
+            reason = "TASK_NOT_REQUEUEABLE" if row.input is not None else "TASK_INPUT_ERASED"
+            raise FailedPrecondition(
+                f"task {task_id} cannot be requeued", reason=reason, subject=f"tasks/{task_id}"
+            )
         self._set(row, status=TaskStatus.PENDING, attempts=0, run_after=self._clock(), finished_at=None,
                   started_at=None, cancel_requested=False, worker=None, last_error=None)  # fmt: skip
         return row.record

@@ -33,7 +33,7 @@ def test_headless_locust_run_reports_grpc_calls(dsn: str, procs: Processes, tmp_
     assert int(total["Request Count"]) > 0
     assert int(total["Failure Count"]) == 0, Path(f"{prefix}_failures.csv").read_text()
     names = set(rows)
-    assert "/hashmesh.v1.HashService/Hash" in names
+    assert "/hashmesh.v1.HashService/ComputeHash" in names
     assert all(row["Type"] == "grpc" for row in rows.values())
     # client-streaming and server-streaming calls are recorded too
     assert {"/hashmesh.v1.HashService/HashStream", "/hashmesh.v1.TaskService/WatchTask"} <= names, names
