@@ -10,7 +10,8 @@ Side tasks, all watched with ``asyncio.wait(FIRST_COMPLETED)``:
   leases.
 - ``_reap_loop``: every ``reap_seconds``, puts back tasks whose holder died (its session lock
   vanished with its connection) or stopped renewing its lease; one worker at a time does it.
-- ``_prune_loop``: retention (``hashmesh.core.tasks.retention``), one elected pruner per run.
+- ``prune`` (``Pruner.run``): retention (``hashmesh.core.tasks.retention``), one elected
+  pruner per run.
 The LISTEN connection also holds this worker's session lock: claims are stamped with it.
 Digest tasks run inline (microseconds); argon2 tasks run in a bounded thread pool."""
 
