@@ -65,7 +65,7 @@ def replica_snapshot(replica: Replica, percentiles: bool = True) -> ReplicaSnaps
         address=replica.address,
         source=replica.source,
         state=replica.shown_state,
-        in_flight=replica.in_flight,
+        in_flight=replica.in_flight + replica.streams,
         calls=replica.stats.calls,
         errors=replica.stats.errors,
         ejections=replica.stats.ejections,
@@ -128,10 +128,17 @@ def _limit_proto(spec: RateLimitSettings) -> admin_pb2.RateLimit:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, stats: BalancerStats, backends: BackendSet, limiter: RateLimiter) -> None:
+    def __init__(self, stats: BalancerStats, backends: BackendSet, limiter: RateLimiter,
+                 changed: Callable[[], Awaitable[None]] | None = None) -> None:
         self._stats = stats
         self._backends = backends
         self._limiter = limiter
+        self._changed = changed
+
+    async def _saved(self) -> None:
+        """After a change: keep it (``balancer.state``) before answering."""
+        if self._changed is not None:
+            await self._changed()
 
     @_edge
     async def GetStats(self, request: admin_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.GetStatsResponse:
@@ -176,6 +183,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 "hash_key", "must be a text metadata key: a-z, 0-9, '-', '_', '.' (not -bin, grpc-)"
             )
         self._backends.set_strategy(name, key or None)
+        await self._saved()
         strategy, key = self._strategy()
         return admin_pb2.SetStrategyResponse(strategy=strategy, hash_key=key)  # type: ignore[arg-type]
 
@@ -218,6 +226,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._limiter.configure(
             default=default, disable=request.disable, upsert=upsert, remove=tuple(request.remove_overrides)
         )
+        await self._saved()
         new_default, overrides = self._limits()
         return admin_pb2.SetRateLimitsResponse(default_limit=new_default, overrides=overrides)
 
@@ -233,6 +242,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 resource_name=request.address,
             )
         replica = self._backends.drain(request.address, request.undrain)
+        await self._saved()
         return admin_pb2.DrainBackendResponse(backend=backend_proto(replica_snapshot(replica)))
 
 

@@ -24,11 +24,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hashmesh.balancer.admin import AdminServicer, admin_handlers, snapshot
 from hashmesh.balancer.backends import BackendSet
 from hashmesh.balancer.config import BalancerSettings
+from hashmesh.balancer.connections import admin_options, public_options, raise_fd_limit
 from hashmesh.balancer.interceptors import AdminAuth, AdminPolicy, build_chain
 from hashmesh.balancer.keys import ApiKeys
 from hashmesh.balancer.metrics import CallMetrics, reading
 from hashmesh.balancer.proxy import Proxy, Router
 from hashmesh.balancer.ratelimit import RateLimiter
+from hashmesh.balancer.state import StateFile, capture, restore
 from hashmesh.balancer.stats import BalancerStats, Snapshot
 from hashmesh.core import metrics
 from hashmesh.core.reflection import HEALTH, add_reflection
@@ -59,10 +61,15 @@ class Balancer:
         chain = build_chain(self.keys, self.limiter, self.stats, trusted_proxies=settings.trusted_proxies,
                             admin_token=settings.admin_token, identity_secret=settings.identity_secret)
         self.proxy = Proxy(settings, self.backends, chain, self.stats, call_metrics)
-        admin = AdminServicer(self.stats, self.backends, self.limiter)
+        self.state_file = StateFile(settings.state_file) if settings.state_file else None
+        admin = AdminServicer(self.stats, self.backends, self.limiter,
+                              self._save_state if self.state_file is not None else None)
 
         self.health = Health()
-        self.server = grpc.aio.server(options=server_options(settings.wire_message_bytes))
+        # Descriptors first: the connection cap is fitted to what the process may open.
+        self.connections = settings.connections.fitted(raise_fd_limit())
+        self.server = grpc.aio.server(
+            options=[*server_options(settings.wire_message_bytes), *public_options(self.connections)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # Answered here, before the Router: reflection and health are never rate limited.
         add_reflection(self.server, [*PROXIED_SERVICES, ADMIN_SERVICE, HEALTH])
@@ -80,6 +87,7 @@ class Balancer:
             settings.admin_listen,
             interceptors=admin_interceptors,
             credentials=settings.tls.credentials() if settings.tls is not None else None,
+            extra_options=admin_options(),
         )
         self.admin.add(admin_pb2_grpc.add_AdminServiceServicer_to_server, ADMIN_SERVICE, admin)
         self._side: list[asyncio.Task[None]] = []
@@ -114,9 +122,18 @@ class Balancer:
             except ValueError as exc:  # a broken edit keeps the keys loaded before it
                 log.error("API keys file rejected", extra={"error": str(exc)})
 
+    async def _save_state(self) -> None:
+        assert self.state_file is not None
+        await asyncio.to_thread(self.state_file.save, capture(self.backends, self.limiter))
+
     async def start(self) -> None:
         for name in ("", *PROXIED_SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.state_file is not None:  # before any replica takes a call: drains hold at once
+            saved = self.state_file.load()
+            if saved is not None:
+                restore(saved, self.backends, self.limiter)
+                log.info("admin state restored", extra={"path": str(self.state_file.path)})
         await self.backends.start()
         tls = self.settings.tls
         try:

@@ -225,7 +225,7 @@ CATALOGUE: tuple[Entry, ...] = (
     ),
     Entry(
         "REPLICAS_BUSY", "UNAVAILABLE", "balancer",
-        "Every replica is at its in-flight cap (HASHMESH_BALANCER_MAX_IN_FLIGHT).",
+        "Every replica is at its in-flight cap (HASHMESH_BALANCER_MAX_IN_FLIGHT for unary calls, HASHMESH_BALANCER_MAX_STREAMS_PER_BACKEND for streams).",
         ("ErrorInfo", "RetryInfo"), Retry.NOT_SENT, PROXIED,
     ),
     Entry(

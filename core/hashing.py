@@ -90,6 +90,8 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "hash_len": (16, 64),
 }
 SALT_BOUNDS = (8, 64)
+MAX_PHC_LENGTH = 512
+"""Longest PHC string read: the longest valid one (64-byte salt and hash) is under 250."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,8 @@ _default_hasher = argon2.PasswordHasher(
 
 def validate_phc(encoded: str, *, field: str = "encoded") -> argon2.Parameters:
     """Parse an Argon2 PHC string; malformed or out-of-bounds ones raise ``InvalidArgument``."""
+    if len(encoded) > MAX_PHC_LENGTH or not encoded.isascii():
+        raise InvalidArgument(field, f"not a valid Argon2 PHC string (ASCII, at most {MAX_PHC_LENGTH} characters)")
     try:
         parsed = argon2.extract_parameters(encoded)
     except (argon2.exceptions.InvalidHashError, ValueError) as exc:

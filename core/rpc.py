@@ -25,6 +25,11 @@ from hashmesh.core.reflection import HEALTH, add_reflection
 log = logging.getLogger(__name__)
 
 Behavior = Callable[..., Any]
+METADATA_LIMIT_BYTES = 64 * 1024
+"""Request metadata every server accepts; the balancer refuses far less with a clear status
+(``HASHMESH_BALANCER_MAX_METADATA_BYTES``), so what it forwards always fits."""
+MAX_WRAPPED_METHODS = 1024
+"""Handlers kept wrapped; far above the methods a server has, a bound whatever it routes."""
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -32,7 +37,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     refuses calls whose deadline already passed before any work starts."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -40,11 +45,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if method in self._wrapped:
-            return self._wrapped[method]
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
-        wrapped = _wrap_handler(handler, method) if handler is not None else None
-        self._wrapped[method] = wrapped
+        if handler is None:  # unknown names are the caller's choice: never remembered
+            return None
+        wrapped = _wrap_handler(handler, method)
+        if len(self._wrapped) < MAX_WRAPPED_METHODS:
+            self._wrapped[method] = wrapped
         return wrapped
 
 
@@ -186,6 +195,10 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        # gRPC refuses metadata between its soft (8 KiB) and hard (16 KiB) limits at random;
+        # one limit for both makes the answer the same every time.
+        ("grpc.max_metadata_size", METADATA_LIMIT_BYTES),
+        ("grpc.absolute_max_metadata_size", METADATA_LIMIT_BYTES),
     ]
 
 

@@ -244,6 +244,8 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
     ) -> hash_pb2.VerifyResponse:
         if not request.encoded:
             raise InvalidArgument("encoded", "is required")
+        if len(request.encoded) > hashing.MAX_PHC_LENGTH:  # a PHC string or a hex digest
+            raise InvalidArgument("encoded", f"must be at most {hashing.MAX_PHC_LENGTH} characters")
         if len(request.data) > self._max_input:
             raise input_too_large("data", len(request.data), self._max_input)
         if request.algorithm == common_pb2.ALGORITHM_UNSPECIFIED and request.encoded.startswith(

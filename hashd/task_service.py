@@ -29,7 +29,7 @@ from hashmesh.core.errors import (
 from hashmesh.core.hashing import Algorithm, Argon2Params
 from hashmesh.core.tasks.coalesce import SubmitCoalescer
 from hashmesh.core.tasks.idempotency import IdempotencyGuard
-from hashmesh.core.tasks.limits import PendingLimits
+from hashmesh.core.tasks.limits import PendingLimits, PriorityCaps, task_cost
 from hashmesh.core.tasks.model import (
     ListCursor,
     ListFilter,
@@ -50,6 +50,8 @@ MAX_BATCH = 10_000
 MAX_KEY_LENGTH = 200
 MAX_RUN_AFTER = timedelta(days=366)
 MAX_CLIENT_ID_LENGTH = 200
+MAX_PAGE_TOKEN_LENGTH = 512
+"""Tokens this service issues are about 120 characters; a longer one is not ours."""
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 """A larger ListTasks page_size is read as this (AIP-158), not refused."""
@@ -194,13 +196,16 @@ def encode_page_token(cursor: ListCursor, filters: ListFilter) -> str:
 def decode_page_token(token: str, filters: ListFilter) -> ListCursor | None:
     if not token:
         return None
+    if len(token) > MAX_PAGE_TOKEN_LENGTH:
+        raise InvalidArgument("page_token", "is not a token this service issued (too long)")
     try:
+        # RecursionError: JSON nested deeper than the parser goes.
         body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         cursor = ListCursor(
             created_at=datetime.fromisoformat(body["c"]), id=str(uuid.UUID(body["i"]))
         )
         fingerprint = body["f"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise InvalidArgument("page_token", "is not a token this service issued") from None
     if fingerprint != _filter_fingerprint(filters):
         raise InvalidArgument(
@@ -259,7 +264,11 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             max_total=settings.max_pending_tasks,
             max_per_client=settings.max_pending_per_client,
             count=store.unfinished_by_client,
+            cost=store.unfinished_cost_by_client,
+            max_cost_total=settings.max_pending_cost,
+            max_cost_per_client=settings.max_pending_cost_per_client,
         )
+        self.priorities = PriorityCaps(settings.max_priority, settings.priority_overrides)
         self._submitter = SubmitCoalescer(store.submit_many, max_tasks=MAX_BATCH)
         # Without a configured secret (unit tests: the daemon requires one) a per-process key.
         self._keys = IdempotencyGuard(
@@ -312,6 +321,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                         spec, field=name, default_max_attempts=self._settings.default_max_attempts
                     )
                 )
+                self.priorities.check(client_id, validated[-1][0].priority, f"{name}.priority")
         violations.raise_if_any()
         tasks = []
         for index, (task, params) in enumerate(validated):
@@ -330,16 +340,17 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         self._require_database()
         names = [field if field == "spec" else f"{field}[{i}]" for i in range(len(tasks))]
         await self._keys.check(tasks, names, client_id)
+        costs = [0 if t.cached_result else task_cost(t.algorithm, t.params, len(t.data)) for t in tasks]
         queued = sum(1 for t in tasks if t.cached_result is None)
-        await self.limits.admit(client_id, queued)
+        await self.limits.admit(client_id, queued, sum(costs))
         answers = await self._submitter.submit(tasks)
         self._keys.check_answers(tasks, answers, names)
         for answer in answers:  # idempotent repeats (created False) are not new submissions
             if answer.created:
                 metrics.TASKS_SUBMITTED.labels(answer.task.algorithm).inc()
-        self.limits.accepted(
-            client_id, sum(1 for a in answers if a.created and a.task.status is TaskStatus.PENDING)
-        )
+        new = [cost for a, cost in zip(answers, costs, strict=True)
+               if a.created and a.task.status is TaskStatus.PENDING]
+        self.limits.accepted(client_id, len(new), sum(new))
         return [(a.task, a.created) for a in answers]
 
     async def SubmitTask(
@@ -419,6 +430,13 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     async def ListTasks(
         self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.ListTasksResponse:
+        # Sizes first: a request of millions of packed statuses must not cost a loop over them.
+        if len(request.statuses) > len(STATUS_TO_WIRE):
+            raise InvalidArgument(
+                "statuses", f"at most {len(STATUS_TO_WIRE)} entries (one per status), got {len(request.statuses)}"
+            )
+        if len(request.page_token) > MAX_PAGE_TOKEN_LENGTH:
+            raise InvalidArgument("page_token", "is not a token this service issued (too long)")
         violations = Violations()
         statuses = []
         for index, status in enumerate(request.statuses):

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hashmesh.core.errors import FailedPrecondition, task_not_found
+from hashmesh.core.tasks.limits import task_cost
 from hashmesh.core.tasks.model import (
     FINAL_STATES,
     ClaimedTask,
@@ -224,6 +225,14 @@ class MemoryTaskStore:
             and row.record.finished_at is not None
             and row.record.finished_at < now - timedelta(seconds=ages[row.record.status])
         ]
+
+    async def unfinished_cost_by_client(self) -> dict[str, int]:
+        costs: dict[str, int] = {}
+        for row in self._rows.values():
+            if row.record.status not in FINAL_STATES:
+                cost = task_cost(row.record.algorithm, row.params, row.record.input_size)
+                costs[row.record.client_id] = costs.get(row.record.client_id, 0) + cost
+        return costs
 
     # -- caller transitions ------------------------------------------------------------------
 

@@ -263,6 +263,10 @@ class PostgresTaskStore:
                 due[status] = int(_rows(await cur.fetchall())[0]["n"])
         return due
 
+    async def unfinished_cost_by_client(self) -> dict[str, int]:
+        rows = await self._rows("unfinished_cost_by_client", {}, what="summing the cost of pending tasks")
+        return {r["client_id"]: int(r["cost"]) for r in rows}
+
     # -- caller transitions ------------------------------------------------------------------
 
     async def cancel(self, task_id: str, *, owner: str | None) -> TaskRecord:

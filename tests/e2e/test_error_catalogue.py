@@ -267,15 +267,16 @@ def no_replica(world: World) -> tuple[str, grpc.RpcError]:
 
 
 def replicas_busy(world: World) -> tuple[str, grpc.RpcError]:
-    # A WatchTask stream holds replica C's only in-flight slot while a second call comes.
+    # A WatchTask stream holds replica C's only stream slot while a second stream comes
+    # (streams have slots of their own: they never take a unary call's).
     stub = tasks(world.guarded)
     spec = task_pb2.TaskSpec(algorithm=MD5, data=b"w", run_after=later())
     task_id = stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec), timeout=10, metadata=world.bob).task.id
     watch = stub.WatchTask(task_pb2.WatchTaskRequest(id=task_id), timeout=30, metadata=world.bob)
     try:
         next(watch)  # the current state: the stream is open on the replica
-        return refused("TaskService.GetTask", lambda: stub.GetTask(
-            task_pb2.GetTaskRequest(id=task_id), timeout=10, metadata=world.bob))
+        return refused("TaskService.WatchTask", lambda: next(stub.WatchTask(
+            task_pb2.WatchTaskRequest(id=task_id), timeout=10, metadata=world.bob)))
     finally:
         watch.cancel()
 
@@ -417,7 +418,7 @@ def world(dsn: str, procs: Processes, owned_pg: EmbeddedPostgres, tmp_path: Path
     keys.write_text(f"{key_line('alice', alice)}\n{key_line('bob', bob)}\n")
     balancer_b = procs.balancer([replica_c.address], env={
         "HASHMESH_BALANCER_API_KEYS_FILE": str(keys), "HASHMESH_ADMIN_TOKEN": TOKEN,
-        "HASHMESH_BALANCER_MAX_IN_FLIGHT": "1"})
+        "HASHMESH_BALANCER_MAX_IN_FLIGHT": "1", "HASHMESH_BALANCER_MAX_STREAMS_PER_BACKEND": "1"})
     main = grpc.insecure_channel(balancer_a.addresses["balancer"])
     ADDRESSES[id(main)] = balancer_a.addresses["balancer"]
     guarded = grpc.insecure_channel(balancer_b.addresses["balancer"])
