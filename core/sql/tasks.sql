@@ -393,31 +393,25 @@ ON CONFLICT (status, slot) DO UPDATE SET n = c.n + excluded.n
 -- name: compact_client_counts
 -- The same per client; then rows at zero go, so clients without unfinished work cost nothing.
 WITH moved AS (
-    DELETE FROM hashmesh_client_unfinished WHERE slot <> 0 RETURNING client_id, n
+    DELETE FROM hashmesh_client_unfinished WHERE slot <> 0 RETURNING client_id, n, cost
 ), folded AS (
-    INSERT INTO hashmesh_client_unfinished AS u (client_id, slot, n)
-    SELECT client_id, 0, sum(n) FROM moved GROUP BY client_id ORDER BY client_id
-    ON CONFLICT (client_id, slot) DO UPDATE SET n = u.n + excluded.n
+    INSERT INTO hashmesh_client_unfinished AS u (client_id, slot, n, cost)
+    SELECT client_id, 0, sum(n), sum(cost) FROM moved GROUP BY client_id ORDER BY client_id
+    ON CONFLICT (client_id, slot) DO UPDATE SET n = u.n + excluded.n, cost = u.cost + excluded.cost
     RETURNING client_id
 )
 SELECT count(*) AS folded FROM folded
 
 -- name: drop_zero_counters
-WITH clients AS (DELETE FROM hashmesh_client_unfinished WHERE n = 0 RETURNING 1),
+WITH clients AS (DELETE FROM hashmesh_client_unfinished WHERE n = 0 AND cost = 0 RETURNING 1),
      statuses AS (DELETE FROM hashmesh_task_counts WHERE n = 0 RETURNING 1)
 SELECT (SELECT count(*) FROM clients) + (SELECT count(*) FROM statuses) AS dropped
 
 -- name: unfinished_cost_by_client
--- Queued work per client, in the units of core.tasks.limits.task_cost (keep the two alike):
--- argon2id costs time_cost x memory (bytes of memory passes), a digest its input's bytes,
--- each task 4096 more.
-SELECT client_id,
-       sum(CASE WHEN algorithm = 'argon2id'
-                THEN (params->>'time_cost')::bigint * (params->>'memory_cost_kib')::bigint * 1024
-                ELSE input_size END + 4096)::bigint AS cost
-FROM hashmesh_tasks
-WHERE status IN ('pending', 'retrying', 'running')
-GROUP BY client_id
+-- Queued work per client in the units of core.tasks.limits.task_cost (migration 0006's
+-- hashmesh_task_cost, summed by the same triggers as the counts): O(clients), not O(tasks).
+SELECT client_id, sum(cost)::bigint AS cost FROM hashmesh_client_unfinished
+GROUP BY client_id HAVING sum(n) > 0
 
 -- name: input_key_usage
 -- Key rotation (`hashctl keys usage`): rows holding an input sealed with each key. A key may

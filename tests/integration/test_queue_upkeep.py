@@ -16,7 +16,9 @@ import pytest
 from psycopg.rows import dict_row
 
 from hashmesh.core import db
+from hashmesh.core.sealing import TaskKeyring
 from hashmesh.core.settings import DatabaseSettings
+from hashmesh.core.tasks.limits import task_cost
 from hashmesh.core.tasks.model import Completion, Failure, Lease, NewTask, TaskStatus
 from hashmesh.core.tasks.retention import RetentionPolicy
 from hashmesh.core.tasks.store import (
@@ -30,6 +32,7 @@ from hashmesh.core.tasks.store import (
 
 T = TypeVar("T")
 DAY = 86400.0
+ARGON2 = {"time_cost": 2, "memory_cost_kib": 1024, "parallelism": 1, "hash_len": 32}
 
 
 def with_store(dsn: str, body: Callable[[PostgresTaskStore], Awaitable[T]]) -> T:
@@ -37,7 +40,7 @@ def with_store(dsn: str, body: Callable[[PostgresTaskStore], Awaitable[T]]) -> T
         pool = db.make_pool(DatabaseSettings(dsn=dsn, pool_max=4), name="test")
         await pool.open()
         try:
-            return await body(PostgresTaskStore(pool))
+            return await body(PostgresTaskStore(pool, keyring=TaskKeyring.from_env()))
         finally:
             await pool.close()
 
@@ -59,12 +62,25 @@ def real_counts(dsn: str) -> tuple[dict[str, int], dict[str, int]]:
     return by_status, by_client
 
 
+def real_costs(dsn: str) -> dict[str, int]:
+    """Queued work per client, by core.tasks.limits.task_cost over the unfinished rows."""
+    costs: dict[str, int] = {}
+    with psycopg.connect(dsn) as conn:
+        for client_id, algorithm, params, size in conn.execute(
+            "SELECT client_id, algorithm, params, input_size FROM hashmesh_tasks "
+            "WHERE status IN ('pending', 'retrying', 'running')"
+        ).fetchall():
+            costs[client_id] = costs.get(client_id, 0) + task_cost(algorithm, params, size)
+    return costs
+
+
 async def assert_counters_match(store: PostgresTaskStore, dsn: str, step: str) -> None:
     by_status, by_client = real_counts(dsn)
     stats = await store.stats(alive_seconds=30)
     counted = {s.value: n for s, n in stats.counts.items() if n}
     assert counted == by_status, f"after {step}"
     assert await store.unfinished_by_client() == by_client, f"after {step}"
+    assert await store.unfinished_cost_by_client() == real_costs(dsn), f"after {step}"
 
 
 def backdate(dsn: str, ids: list[str], days: float) -> None:
@@ -81,6 +97,7 @@ def test_counters_equal_a_real_count_through_every_transition(dsn: str) -> None:
         submitted = await store.submit_many(
             [NewTask("md5", b"t-%d" % i, client_id=f"c{i % 3}", max_attempts=1) for i in range(40)]
             + [NewTask("md5", b"cached", cached_result=(b"\x01" * 16, "01" * 16))]
+            + [NewTask("argon2id", b"pw-%d" % i, client_id="c1", params=ARGON2) for i in range(3)]
         )
         ids = [s.task.id for s in submitted]
         await assert_counters_match(store, dsn, "submit")

@@ -14,19 +14,31 @@ CREATE TABLE hashmesh_task_counts (
     PRIMARY KEY (status, slot)
 );
 
--- Unfinished (pending, retrying, running) tasks per client, for backpressure; same slots.
+-- Unfinished (pending, retrying, running) tasks per client, and their queued work in the units
+-- of core.tasks.limits.task_cost, for backpressure; same slots.
 CREATE TABLE hashmesh_client_unfinished (
     client_id text   NOT NULL,
     slot      int    NOT NULL,
     n         bigint NOT NULL,
+    cost      bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (client_id, slot)
 );
+
+-- core.tasks.limits.task_cost in SQL (keep the two alike): argon2id fills memory_cost_kib KiB
+-- time_cost times (bytes), a digest reads its input once; each task 4096 more.
+CREATE FUNCTION hashmesh_task_cost(algorithm text, params jsonb, input_size bigint)
+RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN algorithm = 'argon2id'
+                THEN (params->>'time_cost')::bigint * (params->>'memory_cost_kib')::bigint * 1024
+                ELSE input_size END + 4096
+$$;
 
 INSERT INTO hashmesh_task_counts (status, slot, n)
 SELECT status, 0, count(*) FROM hashmesh_tasks GROUP BY status;
 
-INSERT INTO hashmesh_client_unfinished (client_id, slot, n)
-SELECT client_id, 0, count(*) FROM hashmesh_tasks
+INSERT INTO hashmesh_client_unfinished (client_id, slot, n, cost)
+SELECT client_id, 0, count(*), sum(hashmesh_task_cost(algorithm, params, input_size))
+FROM hashmesh_tasks
 WHERE status IN ('pending', 'retrying', 'running') GROUP BY client_id;
 
 -- Applies one statement's changes: +1 per new row, -1 per old row, by status (and by client
@@ -34,17 +46,17 @@ WHERE status IN ('pending', 'retrying', 'running') GROUP BY client_id;
 CREATE FUNCTION hashmesh_tasks_apply_counts(deltas jsonb) RETURNS void LANGUAGE sql AS $$
     INSERT INTO hashmesh_task_counts AS c (status, slot, n)
     SELECT d.status, pg_backend_pid() % 16, sum(d.delta)
-    FROM jsonb_to_recordset(deltas) AS d(status text, client_id text, delta bigint)
+    FROM jsonb_to_recordset(deltas) AS d(status text, client_id text, delta bigint, cost bigint)
     GROUP BY d.status HAVING sum(d.delta) <> 0
     ORDER BY d.status
     ON CONFLICT (status, slot) DO UPDATE SET n = c.n + excluded.n;
-    INSERT INTO hashmesh_client_unfinished AS u (client_id, slot, n)
-    SELECT d.client_id, pg_backend_pid() % 16, sum(d.delta)
-    FROM jsonb_to_recordset(deltas) AS d(status text, client_id text, delta bigint)
+    INSERT INTO hashmesh_client_unfinished AS u (client_id, slot, n, cost)
+    SELECT d.client_id, pg_backend_pid() % 16, sum(d.delta), sum(d.cost)
+    FROM jsonb_to_recordset(deltas) AS d(status text, client_id text, delta bigint, cost bigint)
     WHERE d.status IN ('pending', 'retrying', 'running')
-    GROUP BY d.client_id HAVING sum(d.delta) <> 0
+    GROUP BY d.client_id HAVING sum(d.delta) <> 0 OR sum(d.cost) <> 0
     ORDER BY d.client_id
-    ON CONFLICT (client_id, slot) DO UPDATE SET n = u.n + excluded.n;
+    ON CONFLICT (client_id, slot) DO UPDATE SET n = u.n + excluded.n, cost = u.cost + excluded.cost;
 $$;
 
 CREATE FUNCTION hashmesh_tasks_count() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -53,19 +65,25 @@ DECLARE
 BEGIN
     IF TG_OP = 'INSERT' THEN
         SELECT jsonb_agg(d) INTO deltas FROM (
-            SELECT status, client_id, count(*) AS delta FROM new_rows GROUP BY 1, 2) d;
+            SELECT status, client_id, count(*) AS delta,
+                   sum(hashmesh_task_cost(algorithm, params, input_size)) AS cost
+            FROM new_rows GROUP BY 1, 2) d;
     ELSIF TG_OP = 'DELETE' THEN
         SELECT jsonb_agg(d) INTO deltas FROM (
-            SELECT status, client_id, -count(*) AS delta FROM old_rows GROUP BY 1, 2) d;
+            SELECT status, client_id, -count(*) AS delta,
+                   -sum(hashmesh_task_cost(algorithm, params, input_size)) AS cost
+            FROM old_rows GROUP BY 1, 2) d;
     ELSE
         -- Most updates (lease renewals) change no status: nothing to write.
         SELECT jsonb_agg(d) INTO deltas FROM (
-            SELECT status, client_id, sum(delta) AS delta FROM (
-                SELECT n.status, n.client_id, 1 AS delta
+            SELECT status, client_id, sum(delta) AS delta, sum(cost) AS cost FROM (
+                SELECT n.status, n.client_id, 1 AS delta,
+                       hashmesh_task_cost(n.algorithm, n.params, n.input_size) AS cost
                 FROM new_rows n JOIN old_rows o ON o.id = n.id
                 WHERE n.status <> o.status
                 UNION ALL
-                SELECT o.status, o.client_id, -1
+                SELECT o.status, o.client_id, -1,
+                       -hashmesh_task_cost(o.algorithm, o.params, o.input_size)
                 FROM new_rows n JOIN old_rows o ON o.id = n.id
                 WHERE n.status <> o.status) changed
             GROUP BY 1, 2) d;
