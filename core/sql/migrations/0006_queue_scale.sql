@@ -25,12 +25,14 @@ CREATE TABLE hashmesh_client_unfinished (
 );
 
 -- core.tasks.limits.task_cost in SQL (keep the two alike): argon2id fills memory_cost_kib KiB
--- time_cost times (bytes), a digest reads its input once; each task 4096 more.
+-- time_cost times (bytes), a digest reads its input once; each task 4096 more. A parameter
+-- missing (rows written by hand) counts 0: no write may fail for the sake of a counter.
 CREATE FUNCTION hashmesh_task_cost(algorithm text, params jsonb, input_size bigint)
 RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN algorithm = 'argon2id'
-                THEN (params->>'time_cost')::bigint * (params->>'memory_cost_kib')::bigint * 1024
-                ELSE input_size END + 4096
+                THEN coalesce((params->>'time_cost')::bigint, 0)
+                     * coalesce((params->>'memory_cost_kib')::bigint, 0) * 1024
+                ELSE coalesce(input_size, 0) END + 4096
 $$;
 
 INSERT INTO hashmesh_task_counts (status, slot, n)
