@@ -155,6 +155,8 @@ def up_command(
     ctx: typer.Context,
     replicas: Annotated[int, typer.Option("--replicas", "-r", help="hashd replicas.", min=1)] = 3,
     workers: Annotated[int, typer.Option("--workers", "-w", help="workerd processes.", min=0)] = 1,
+    balancers: Annotated[int, typer.Option("--balancers", help="Balancer processes sharing the public "
+                                           "port (SO_REUSEPORT).", min=1)] = 1,
     strategy: Annotated[str | None, typer.Option(help=f"Balancer strategy: {', '.join(STRATEGIES)}.")] = None,
     port: Annotated[int, typer.Option(help="Public (balancer) port; 0 picks a free one.", min=0,
                                  max=65535)] = 50050,
@@ -197,7 +199,7 @@ def up_command(
             raise CliError(f"port {number} is in use (another `hashctl up`?); choose another with {flag}, "
                            "or 0 for any free port")
     plan = MeshPlan(state_dir=state_dir.resolve(), database_url=database_url, replicas=replicas,
-                    workers=workers, port=port, admin_port=admin_port, metrics=metrics,
+                    workers=workers, balancers=balancers, port=port, admin_port=admin_port, metrics=metrics,
                     strategy=strategy.strip().lower().replace("-", "_") if strategy else None)
     display = Display(json_mode=state.options.json or json_out)
     if display.live_mode:

@@ -94,7 +94,8 @@ WITH RECURSIVE async_commit AS MATERIALIZED (
         started_at = now(), updated_at = now()
     FROM picked, async_commit WHERE t.id = picked.id
     RETURNING t.id, t.algorithm, t.input, t.input_key_id, t.params, t.attempts,
-              t.max_attempts, t.lease_id, t.cancel_requested, t.priority, t.run_after
+              t.max_attempts, t.lease_id, t.cancel_requested, t.priority, t.run_after,
+              t.client_id
 )
 SELECT * FROM claimed ORDER BY priority DESC, run_after, id
 

@@ -80,8 +80,10 @@ def test_balancer_metrics_from_a_real_process(tmp_path: Path, started: Callable[
         # Calls and codes: 10 OK spread by round robin, one INVALID_ARGUMENT from a replica.
         assert [call(stub, "polite") for _ in range(10)] == [grpc.StatusCode.OK] * 10
         assert call(stub, "polite", ("x-test-error", "rich")) is grpc.StatusCode.INVALID_ARGUMENT
-        after_calls = scrape(metrics_address)
         handled = "hashmesh_grpc_server_handled_total"
+        # abort() sends the status before the handler records it: the scrape may lag a call.
+        after_calls = eventually(lambda: scrape(metrics_address), lambda s: value(
+            s, handled, **HASH, grpc_code="INVALID_ARGUMENT") == 1.0)
         assert value(after_calls, handled, **HASH, grpc_code="OK") == 10.0
         assert value(after_calls, handled, **HASH, grpc_code="INVALID_ARGUMENT") == 1.0
         assert value(after_calls, "hashmesh_grpc_server_handling_seconds_count", **HASH) == 11.0

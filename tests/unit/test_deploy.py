@@ -284,3 +284,14 @@ def test_alert_rules_use_defined_metrics() -> None:
     assert exprs
     problems = {expr: check_promql(expr) for expr in exprs}
     assert not {e: p for e, p in problems.items() if p}
+
+
+def test_balancer_replicas_share_their_rate_limits_through_redis() -> None:
+    assert by_kind()[("Deployment", "balancer")]["spec"]["replicas"] >= 2
+    url = by_kind()[("Secret", "hashmesh-secrets")]["stringData"]["HASHMESH_BALANCER_REDIS_URL"]
+    password = by_kind()[("Secret", "redis-credentials")]["stringData"]["REDIS_PASSWORD"]
+    assert url == f"redis://:{password}@redis:6379/0"
+    service = by_kind()[("Service", "redis")]
+    assert service["spec"]["selector"] == by_kind()[("Deployment", "redis")]["spec"]["selector"]["matchLabels"]
+    allowed = by_kind()[("NetworkPolicy", "redis")]["spec"]["ingress"][0]["from"][0]["podSelector"]
+    assert allowed["matchLabels"] == by_kind()[("Deployment", "balancer")]["spec"]["selector"]["matchLabels"]
