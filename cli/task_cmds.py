@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -389,3 +390,37 @@ def stats_command(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     if workers:
         out.table(["WORKER", "HOST", "PID", "ALIVE", "IN FLIGHT", "PROCESSED"],
                   [list(w.values()) for w in workers])
+
+
+@app.command("prune")
+def prune_command(
+    ctx: typer.Context,
+    dsn: Annotated[str | None, typer.Option("--dsn", envvar="HASHMESH_DATABASE_URL",
+                                            help="PostgreSQL DSN (HASHMESH_DATABASE_URL).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go; delete nothing.")] = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Delete finished tasks older than the retention ages (HASHMESH_RETENTION_*), as the
+    workers' pruner does every minute; talks to PostgreSQL directly (operators only).
+
+    Example:
+
+      hashctl task prune --dry-run --dsn postgresql://postgres@127.0.0.1:5432/hashmesh
+    """
+    from hashmesh.cli.retention import run_prune
+
+    out = state_of(ctx).output(json_out)
+    dsn = dsn or os.environ.get("HASHMESH_DATABASE_URL")
+    if not dsn:
+        raise CliError("no database: give --dsn or set HASHMESH_DATABASE_URL", ExitCode.USAGE)
+    report = run_prune(dsn, dry_run=dry_run)
+    if out.json_mode:
+        out.json(report)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    out.table(["STATUS", "KEPT FOR", verb.upper()],
+              [[row["status"], row["kept_for"], row["count"]] for row in report["statuses"]])
+    if report.get("skipped"):
+        out.line("another pruner is running; nothing deleted", style="yellow")
+    else:
+        out.line(f"{verb} {report['total']} finished tasks")

@@ -119,6 +119,16 @@ TASK_LATENCY_SECONDS = Histogram(
     ["algorithm", "status"],
     buckets=TASK_BUCKETS,
 )
+TASKS_PRUNED = Counter(
+    "hashmesh_tasks_pruned_total",
+    "Finished tasks deleted by retention, by final status.",
+    ["status"],
+)
+TASK_PRUNE_SECONDS = Histogram(
+    "hashmesh_task_prune_duration_seconds",
+    "Duration of one retention run (by the process that won the pruner's lock).",
+    buckets=RPC_BUCKETS,
+)
 WORKER_IN_FLIGHT = Gauge(
     "hashmesh_worker_in_flight_tasks",
     "Tasks this workerd is running now (bounded by its concurrency).",

@@ -68,8 +68,8 @@ class HashdSettings:
     """Port of the Prometheus endpoint, served on the host of ``listen``; 0 picks a free one,
     unset turns it off (``HASHMESH_HASHD_METRICS_PORT``)."""
     queue_metrics_seconds: float = 20.0
-    """With metrics on, seconds between reads of the queue depth by status (one grouped count;
-    ``HASHMESH_HASHD_QUEUE_METRICS_SECONDS``)."""
+    """With metrics on, seconds between reads of the queue depth by status (a sum over the
+    O(1) counters; ``HASHMESH_HASHD_QUEUE_METRICS_SECONDS``)."""
     identity_secret: str = ""
     """HMAC key of the balancer's identity stamp, the same in every balancer and hashd of the
     mesh (``HASHMESH_IDENTITY_SECRET``); also keys idempotency fingerprints. The daemon refuses

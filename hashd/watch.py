@@ -1,17 +1,23 @@
 """The watch hub: one LISTEN connection per hashd, fanned out to every WatchTask stream.
 
-The database announces status changes on ``hashmesh_task_status`` (statement-level triggers,
-payload ``id status,id status,...``). The hub reads them, fetches the watched tasks among them
-in one query, and hands each watcher ``(notified status, task)``. When the LISTEN connection
-drops (PostgreSQL restarted), every watcher is told to re-read its task (``None``), since
-notifications may have been missed, and the hub reconnects with backoff."""
+The database announces status changes on ``hashmesh_task_status`` (statement-level triggers of
+migration 0006): the payload is a JSON array of the changed tasks as stored (a ``TaskRecord``'s
+columns), so the hub hands each watcher ``(status, task)`` straight from the notification, with
+no read. Entries too long for a notification come as ``{"id", "status"}`` only (and the
+pre-0006 payload ``id status,...`` is still understood): those tasks are read in one query.
+When the LISTEN connection drops (PostgreSQL restarted), every watcher is told to re-read its
+task (``None``), since notifications may have been missed, and the hub reconnects with
+backoff."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
+from datetime import datetime
+from typing import Any
 
 from hashmesh.core.backoff import backoff_delay
 from hashmesh.core.errors import Unavailable
@@ -24,14 +30,51 @@ Update = tuple[TaskStatus, TaskRecord] | None
 """A status change with the task as read after it, or ``None``: re-read the task yourself."""
 
 
-def parse_status_payload(payload: str) -> list[tuple[str, TaskStatus]]:
-    """``"id status,id status"`` → [(id, status)]; malformed entries are skipped."""
-    changes = []
-    for entry in payload.split(","):
-        task_id, _, status = entry.strip().partition(" ")
-        with contextlib.suppress(ValueError):
-            changes.append((task_id, TaskStatus(status)))
-    return changes
+Change = tuple[str, TaskStatus, TaskRecord | None]
+"""(task id, status, the task as notified, or ``None``: read it)."""
+
+_TIMES = ("created_at", "run_after", "started_at", "finished_at")
+
+
+def record_from_notice(entry: dict[str, Any]) -> TaskRecord:
+    """A task from a notification entry (JSON: hex digest, ISO 8601 times)."""
+    row = dict(entry)
+    digest = row.get("result_digest")
+    row["result_digest"] = None if digest is None else bytes.fromhex(digest)
+    for name in _TIMES:
+        if row.get(name) is not None:
+            row[name] = datetime.fromisoformat(row[name])
+    return TaskRecord.from_row(row)
+
+
+def parse_status_payload(payload: str, wanted: Container[str] | None = None) -> list[Change]:
+    """A notification's changes (of the ``wanted`` ids only, when given: nobody watches most
+    tasks, so their records are not built); malformed entries are skipped, and an entry that
+    does not make a whole ``TaskRecord`` comes with ``None`` (to be read)."""
+    if not payload.startswith("["):  # the pre-0006 form: "id status,id status"
+        changes: list[Change] = []
+        for text in payload.split(","):
+            task_id, _, status = text.strip().partition(" ")
+            with contextlib.suppress(ValueError):
+                changes.append((task_id, TaskStatus(status), None))
+        return changes
+    try:
+        entries = json.loads(payload)
+    except ValueError:
+        return []
+    found: list[Change] = []
+    for entry in entries if isinstance(entries, list) else []:
+        try:
+            task_id, status = str(entry["id"]), TaskStatus(entry["status"])
+        except (TypeError, KeyError, ValueError):
+            continue
+        if wanted is not None and task_id not in wanted:
+            continue
+        record = None
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            record = record_from_notice(entry) if "algorithm" in entry else None
+        found.append((task_id, status, record))
+    return found
 
 
 class Subscription:
@@ -124,24 +167,37 @@ class WatchHub:
                 await asyncio.sleep(backoff_delay(failures, 0.05, 1.0))
                 continue
             if notes:
-                # Reads run concurrently, so a slow one does not hold back the next changes;
-                # watchers drop a state older than one they already streamed.
-                changes = [c for _, payload in notes for c in parse_status_payload(payload)]
-                dispatch = asyncio.get_running_loop().create_task(self._dispatch(changes))
-                self._dispatching.add(dispatch)
-                dispatch.add_done_callback(self._dispatching.discard)
+                self.deliver(
+                    [c for _, p in notes for c in parse_status_payload(p, self._subscribers)]
+                )
 
-    async def _dispatch(self, changes: list[tuple[str, TaskStatus]]) -> None:
-        watched = [(task_id, status) for task_id, status in changes if task_id in self._subscribers]
-        if not watched:
-            return
+    def deliver(self, changes: list[Change]) -> None:
+        """Hand each watcher its task's changes, in order: at once when the notifications
+        carried the task, else (any change of that task without it) after one read for all
+        such tasks, in the background."""
+        watched = [c for c in changes if c[0] in self._subscribers]
+        unread = {task_id for task_id, _, record in watched if record is None}
+        for task_id, status, record in watched:
+            if task_id not in unread and record is not None:
+                for sub in self._subscribers[task_id]:
+                    sub.put((status, record))
+        if unread:
+            # Reads run concurrently, so a slow one does not hold back the next changes;
+            # watchers drop a state older than one they already streamed.
+            to_read = [c for c in watched if c[0] in unread]
+            dispatch = asyncio.get_running_loop().create_task(self._read_and_dispatch(to_read))
+            self._dispatching.add(dispatch)
+            dispatch.add_done_callback(self._dispatching.discard)
+
+    async def _read_and_dispatch(self, watched: list[Change]) -> None:
         try:
-            records = {r.id: r for r in await self._store.get_many(sorted({t for t, _ in watched}))}
+            ids = sorted({task_id for task_id, _, record in watched if record is None})
+            records = {r.id: r for r in await self._store.get_many(ids)}
         except Unavailable:
             self._resync_all()
             return
-        for task_id, status in watched:
-            record = records.get(task_id)
+        for task_id, status, notified in watched:
+            record = notified or records.get(task_id)
             for sub in self._subscribers.get(task_id, ()):
                 sub.put((status, record) if record is not None else None)
 

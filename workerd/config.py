@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hashmesh.core.queue.retention import RetentionPolicy
 from hashmesh.core.queue.sealing import TaskKeyring
 from hashmesh.core.settings import (
     DatabaseSettings,
@@ -39,6 +40,11 @@ class WorkerSettings:
     lease_seconds: float = 30.0
     """Lease of a claimed task; a task whose lease expires is put back and retried
     (``HASHMESH_TASK_LEASE_SECONDS``)."""
+    reap_seconds: float = 1.0
+    """How often this worker looks for tasks of dead workers (session gone) or expired leases
+    and puts them back; one worker at a time does the work (``HASHMESH_WORKERD_REAP_SECONDS``)."""
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    """How long finished tasks are kept, and the pruner's pace (``HASHMESH_RETENTION_*``)."""
     heartbeat_seconds: float = 5.0
     """Interval between lease renewals and liveness updates; must be well under the lease
     (``HASHMESH_WORKERD_HEARTBEAT_SECONDS``)."""
@@ -80,6 +86,8 @@ class WorkerSettings:
             raise SettingsError(
                 "need 0 < HASHMESH_WORKERD_HEARTBEAT_SECONDS < HASHMESH_TASK_LEASE_SECONDS"
             )
+        if self.reap_seconds <= 0:
+            raise SettingsError("HASHMESH_WORKERD_REAP_SECONDS must be positive")
         if self.poll_seconds <= 0:
             raise SettingsError("HASHMESH_WORKERD_POLL_SECONDS must be positive")
         if self.retry_base < 0 or self.retry_cap < self.retry_base:
@@ -102,6 +110,8 @@ class WorkerSettings:
                 "WORKERD_HEARTBEAT_SECONDS", cls.heartbeat_seconds, minimum=0.05
             ),
             poll_seconds=env_float("WORKERD_POLL_SECONDS", cls.poll_seconds, minimum=0.01),
+            reap_seconds=env_float("WORKERD_REAP_SECONDS", cls.reap_seconds, minimum=0.01),
+            retention=RetentionPolicy.from_env(),
             retry_base=env_float("TASK_RETRY_BASE", cls.retry_base, minimum=0.0),
             retry_cap=env_float("TASK_RETRY_CAP", cls.retry_cap, minimum=0.0),
             grace_seconds=env_float("GRACE_SECONDS", cls.grace_seconds, minimum=0.0),

@@ -7,7 +7,12 @@ Side tasks, all watched with ``asyncio.wait(FIRST_COMPLETED)``:
 - ``_flush_loop``: writes results and failures back in batches (whatever accumulated while the
   previous write was in flight), fenced by lease.
 - ``_heartbeat_loop``: renews held leases, records liveness, learns of cancellations and lost
-  leases, and puts back tasks whose holder died.
+  leases.
+- ``_reap_loop``: every ``reap_seconds``, puts back tasks whose holder died (its session lock
+  vanished with its connection) or stopped renewing its lease; one worker at a time does it.
+- ``prune`` (``Pruner.run``): retention (``hashmesh.core.queue.retention``), one elected
+  pruner per run.
+The LISTEN connection also holds this worker's session lock: claims are stamped with it.
 Digest tasks run inline (microseconds); argon2 tasks run in a bounded thread pool."""
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.hashing.cache import CacheSettings, ResultCache
 from hashmesh.core.queue import db, migrations
 from hashmesh.core.queue.model import ClaimedTask, Completion, Failure, Lease
+from hashmesh.core.queue.retention import Pruner
 from hashmesh.core.queue.store import NOTIFY_READY, Listener, PostgresTaskStore
 from hashmesh.workerd import handlers
 from hashmesh.workerd.config import WorkerSettings
@@ -74,7 +80,9 @@ class Worker:
             settings.database.require_dsn(),
             [NOTIFY_READY],
             name=f"workerd-listen:{settings.name}"[:63],
+            hold_session=True,
         )
+        self.pruner = Pruner(self.store, settings.retention)
         # Results of deterministic slow tasks go into the shared cache, so that the same
         # submission later finishes at once in hashd.
         self.cache = ResultCache(
@@ -115,11 +123,14 @@ class Worker:
         dsn = self.settings.database.require_dsn()
         await _retry_forever(lambda: asyncio.to_thread(migrations.migrate, dsn), what="migrating")
         await self.pool.open(wait=False)
+        # The session first: a registered worker without one would look dead to the reaper.
+        await _retry_forever(self.listener.connect, what="listening")
         await _retry_forever(
-            lambda: self.store.register_worker(self.name, socket.gethostname(), os.getpid()),
+            lambda: self.store.register_worker(
+                self.name, socket.gethostname(), os.getpid(), session=self.listener.session
+            ),
             what="registering",
         )
-        await _retry_forever(self.listener.connect, what="listening")
         await self.cache.start()
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
@@ -148,7 +159,10 @@ class Worker:
             "flush": asyncio.create_task(self._flush_loop(), name="flush"),
             "heartbeat": asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             "listen": asyncio.create_task(self._listen_loop(), name="listen"),
+            "reap": asyncio.create_task(self._reap_loop(), name="reap"),
         }
+        if self.pruner.enabled:
+            loops["prune"] = asyncio.create_task(self.pruner.run(), name="prune")
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait(
@@ -238,7 +252,9 @@ class Worker:
                 continue
             self._wake.clear()
             try:
-                claimed = await self.store.claim(self.name, free, self.settings.lease_seconds)
+                claimed = await self.store.claim(
+                    self.name, free, self.settings.lease_seconds, session=self.listener.session
+                )
                 failures = 0
             except Unavailable as exc:
                 failures += 1
@@ -309,6 +325,9 @@ class Worker:
                 if not self.listener.connected:
                     await self.listener.connect()
                     failures = 0
+                    if self.listener.session is not None:
+                        with contextlib.suppress(Unavailable):
+                            await self.store.set_worker_session(self.name, self.listener.session)
                     self._check_due = True  # notifications may have been missed meanwhile
                     self._wake.set()
                 for _, payload in await self.listener.wait(timeout=self.settings.poll_seconds):
@@ -464,14 +483,23 @@ class Worker:
                     in_flight=len(self._held),
                     processed=self.counters.processed,
                 )
-                reclaimed = await self.store.reclaim_expired_outcomes()
             except Unavailable as exc:
                 log.warning("heartbeat failed", extra={"reason": exc.message})
                 continue
+            self._apply_heartbeat(leases, renewed)
+
+    async def _reap_loop(self) -> None:
+        """At once (a restarted worker rescues its previous self's tasks), then periodically."""
+        while True:
+            try:
+                reclaimed = await self.store.reclaim_lost_outcomes()
+            except Unavailable as exc:
+                log.warning("reclaiming lost tasks failed", extra={"reason": exc.message})
+                reclaimed = []
             if reclaimed:
                 self.task_metrics.failed(reclaimed)
-                log.info("put back tasks whose lease expired", extra={"tasks": len(reclaimed)})
-            self._apply_heartbeat(leases, renewed)
+                log.info("put back tasks of lost workers", extra={"tasks": len(reclaimed)})
+            await asyncio.sleep(self.settings.reap_seconds)
 
     def _apply_heartbeat(self, sent: dict[str, Lease], renewed: dict[str, bool]) -> None:
         for task_id, lease in sent.items():

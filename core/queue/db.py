@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
@@ -79,8 +81,29 @@ def make_pool(
             "options": f"-c statement_timeout={int(settings.statement_timeout_ms)}",
         },
         reconnect_timeout=3600.0,
-        check=psycopg_pool.AsyncConnectionPool.check_connection,
+        check=_check_if_idle,
+        reset=_note_return,
     )
+
+
+RECENTLY_USED_SECONDS = 1.0
+"""A connection returned to the pool this recently is handed out without a check query: under
+load every statement would otherwise pay one more round trip. One that broke meanwhile fails
+its statement as ``Unavailable`` (callers retry), and the pool replaces it."""
+_returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _note_return(conn: psycopg.AsyncConnection[Any]) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
+    returned = _returned_at.get(conn)
+    if returned is not None and time.monotonic() - returned < RECENTLY_USED_SECONDS:
+        return
+    await psycopg_pool.AsyncConnectionPool.check_connection(conn)
 
 
 async def with_retries(

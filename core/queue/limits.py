@@ -29,7 +29,8 @@ ARGON2 = "argon2id"
 def task_cost(algorithm: str, params: Mapping[str, Any], input_size: int) -> int:
     """Work units of one task: argon2id fills ``memory_cost_kib`` KiB ``time_cost`` times (in
     bytes), a digest reads its input once (in bytes). The SQL query
-    ``unfinished_cost_by_client`` computes the same sum in the database."""
+    ``unfinished_cost_by_client`` reads the same sum from counters kept in the database
+    (``hashmesh_task_cost``, migration 0006)."""
     if algorithm == ARGON2:
         return int(params["time_cost"]) * int(params["memory_cost_kib"]) * 1024 + TASK_OVERHEAD_COST
     return input_size + TASK_OVERHEAD_COST

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,7 +31,9 @@ from hashmesh.core.queue.model import (
     TaskStatus,
     TaskStore,
     WorkerRecord,
+    new_task_id,
 )
+from hashmesh.core.queue.retention import PruneRun
 
 WAITING = (TaskStatus.PENDING, TaskStatus.RETRYING)
 
@@ -44,6 +45,7 @@ class _Row:
     params: dict[str, Any]
     lease_id: int | None = None
     lease_expires_at: datetime | None = None
+    session: int | None = None
     completions: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
 
@@ -60,6 +62,19 @@ class MemoryTaskStore:
         self._fingerprints: dict[str, bytes | None] = {}
         self._lease_seq = 0
         self._workers: dict[str, dict[str, Any]] = {}
+        self._sessions = 0
+        self._live_sessions: set[int] = set()
+
+    def open_session(self) -> int:
+        """A worker session, live until ``end_session`` (PostgreSQL: the LISTEN connection's
+        advisory lock)."""
+        self._sessions += 1
+        self._live_sessions.add(self._sessions)
+        return self._sessions
+
+    def end_session(self, session: int) -> None:
+        """The session's connection is gone: its tasks are lost at the next ``reclaim_lost``."""
+        self._live_sessions.discard(session)
 
     def completions(self, task_id: str) -> int:
         return self._rows[task_id].completions
@@ -89,7 +104,7 @@ class MemoryTaskStore:
                 continue
             cached = task.cached_result
             record = TaskRecord(
-                id=str(uuid.uuid4()), algorithm=task.algorithm,
+                id=new_task_id(), algorithm=task.algorithm,
                 status=TaskStatus.SUCCEEDED if cached else TaskStatus.PENDING,
                 priority=task.priority, attempts=0, max_attempts=task.max_attempts,
                 client_id=task.client_id, idempotency_key=task.idempotency_key,
@@ -162,8 +177,8 @@ class MemoryTaskStore:
         counts = {s: 0 for s in TaskStatus}
         for row in self._rows.values():
             counts[row.record.status] += 1
-        due = [r.record.created_at for r in self._rows.values()
-               if r.record.status is TaskStatus.PENDING and r.record.run_after <= now]  # fmt: skip
+        due = [r.record.run_after for r in self._rows.values()
+               if r.record.status in WAITING and r.record.run_after <= now]  # fmt: skip
         recent = sum(
             1 for r in self._rows.values()
             if r.record.status in (TaskStatus.SUCCEEDED, TaskStatus.DEAD_LETTER)
@@ -191,6 +206,31 @@ class MemoryTaskStore:
             if row.record.status not in FINAL_STATES:
                 counts[row.record.client_id] = counts.get(row.record.client_id, 0) + 1
         return counts
+
+    async def prune(
+        self, ages: Mapping[TaskStatus, float], *, batch: int
+    ) -> PruneRun | None:
+        due = self._due_for_pruning(ages)
+        for row in due:
+            del self._rows[row.record.id]
+            if row.record.idempotency_key is not None:
+                self._keys.pop((row.record.client_id, row.record.idempotency_key), None)
+        deleted = {status: sum(1 for r in due if r.record.status is status) for status in ages}
+        return PruneRun(deleted=deleted, batches=len(due) // batch + len(ages))
+
+    async def prune_preview(self, ages: Mapping[TaskStatus, float]) -> dict[TaskStatus, int]:
+        due = self._due_for_pruning(ages)
+        return {status: sum(1 for r in due if r.record.status is status) for status in ages}
+
+    def _due_for_pruning(self, ages: Mapping[TaskStatus, float]) -> list[_Row]:
+        now = self._clock()
+        return [
+            row
+            for row in self._rows.values()
+            if row.record.status in ages
+            and row.record.finished_at is not None
+            and row.record.finished_at < now - timedelta(seconds=ages[row.record.status])
+        ]
 
     async def unfinished_cost_by_client(self) -> dict[str, int]:
         costs: dict[str, int] = {}
@@ -232,7 +272,9 @@ class MemoryTaskStore:
 
     # -- worker side -------------------------------------------------------------------------
 
-    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedTask]:
+    async def claim(
+        self, worker: str, limit: int, lease_seconds: float, *, session: int | None = None
+    ) -> list[ClaimedTask]:
         now = self._clock()
         due = [
             r
@@ -245,6 +287,7 @@ class MemoryTaskStore:
             self._lease_seq += 1
             row.lease_id = self._lease_seq
             row.lease_expires_at = now + timedelta(seconds=lease_seconds)
+            row.session = session
             self._set(
                 row,
                 status=TaskStatus.RUNNING,
@@ -272,6 +315,7 @@ class MemoryTaskStore:
     def _end_lease(self, row: _Row) -> None:
         row.lease_id = None
         row.lease_expires_at = None
+        row.session = None
 
     async def complete_many(self, done: Sequence[Completion]) -> set[str]:
         written = set()
@@ -365,27 +409,33 @@ class MemoryTaskStore:
             )
         return renewed
 
-    async def reclaim_expired(self) -> int:
+    async def reclaim_lost(self) -> int:
         now = self._clock()
         count = 0
         for row in self._rows.values():
             if row.record.status is not TaskStatus.RUNNING or row.lease_expires_at is None:
                 continue
-            if row.lease_expires_at >= now:
+            expired = row.lease_expires_at < now
+            if not expired and (row.session is None or row.session in self._live_sessions):
                 continue
             record = row.record
             final = record.cancel_requested or record.attempts >= record.max_attempts
             status = (TaskStatus.CANCELLED if record.cancel_requested
                       else TaskStatus.DEAD_LETTER if final else TaskStatus.RETRYING)  # fmt: skip
+            error = "lease expired" if expired else "worker lost"
             row.failures.append({"attempt": record.attempts, "worker": record.worker, "started_at": record.started_at,
-                                 "failed_at": now, "error": "lease expired", "retry_at": now})  # fmt: skip
+                                 "failed_at": now, "error": error, "retry_at": now})  # fmt: skip
             self._end_lease(row)
+            last_error = (f"lease expired: worker {record.worker} stopped renewing it" if expired
+                          else f"worker lost: {record.worker} lost its database session (process or host gone)")  # fmt: skip
             self._set(row, status=status, run_after=now, finished_at=now if final else None,
-                      last_error=f"lease expired: worker {record.worker} stopped renewing it")  # fmt: skip
+                      last_error=last_error)  # fmt: skip
             count += 1
         return count
 
-    async def register_worker(self, name: str, host: str, pid: int) -> None:
+    async def register_worker(
+        self, name: str, host: str, pid: int, *, session: int | None = None
+    ) -> None:
         now = self._clock()
         self._workers[name] = {"name": name, "host": host, "pid": pid, "started_at": now, "last_heartbeat": now,
                                "in_flight": 0, "processed": 0, "stopped_at": None}  # fmt: skip

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from hashmesh.core.queue.retention import PruneRun
 
 
 class TaskStatus(str, Enum):
@@ -23,6 +29,17 @@ class TaskStatus(str, Enum):
 
 
 FINAL_STATES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.CANCELLED, TaskStatus.DEAD_LETTER})
+
+
+def new_task_id(now_ns: int | None = None) -> str:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits. Ids made close in
+    time sort together, so the primary key grows at its right edge instead of touching a random
+    page of a large index for every new task (and every status change of a recent one)."""
+    ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
+    value = (ms & (2**48 - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC variant
+    return str(uuid.UUID(int=value))
 
 
 @dataclass(frozen=True)
@@ -222,10 +239,16 @@ class TaskStore(Protocol):
     async def stats(self, *, alive_seconds: float) -> QueueStats: ...
     async def count_by_status(self) -> dict[TaskStatus, int]: ...
     async def unfinished_by_client(self) -> dict[str, int]: ...
+    async def prune(
+        self, ages: Mapping[TaskStatus, float], *, batch: int
+    ) -> PruneRun | None: ...
+    async def prune_preview(self, ages: Mapping[TaskStatus, float]) -> dict[TaskStatus, int]: ...
     async def unfinished_cost_by_client(self) -> dict[str, int]: ...
     async def cancel(self, task_id: str, *, owner: str | None) -> TaskRecord: ...
     async def requeue(self, task_id: str, *, owner: str | None) -> TaskRecord: ...
-    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedTask]: ...
+    async def claim(
+        self, worker: str, limit: int, lease_seconds: float, *, session: int | None = None
+    ) -> list[ClaimedTask]: ...
     async def next_due(self) -> float | None: ...
     async def complete_many(self, done: Sequence[Completion]) -> set[str]: ...
     async def fail_many(
@@ -242,6 +265,8 @@ class TaskStore(Protocol):
         in_flight: int,
         processed: int,
     ) -> dict[str, bool]: ...
-    async def reclaim_expired(self) -> int: ...
-    async def register_worker(self, name: str, host: str, pid: int) -> None: ...
+    async def reclaim_lost(self) -> int: ...
+    async def register_worker(
+        self, name: str, host: str, pid: int, *, session: int | None = None
+    ) -> None: ...
     async def unregister_worker(self, name: str, processed: int) -> None: ...

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import uuid
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any, cast
@@ -35,7 +35,9 @@ from hashmesh.core.queue.model import (
     TaskStatus,
     TaskStore,
     WorkerRecord,
+    new_task_id,
 )
+from hashmesh.core.queue.retention import PruneRun
 from hashmesh.core.queue.sealing import TaskKeyring
 
 COLUMNS = """id, algorithm, status, priority, attempts, max_attempts, client_id, idempotency_key,
@@ -46,6 +48,10 @@ NOTIFY_READY = "hashmesh_tasks_ready"
 """Channel workerd listens on: claimable work may have appeared."""
 NOTIFY_STATUS = "hashmesh_task_status"
 """Channel hashd's watch hub listens on: payload ``id status,id status,...``."""
+PRUNER_LOCK = (26734, 2)
+"""Advisory lock (two-int form) a pruner run holds, so one process prunes at a time."""
+SESSION_SETTLE_SECONDS = 5.0
+"""After the server starts, sessions are not judged for this long: workers reconnect first."""
 
 
 def parse_sections(text: str) -> dict[str, str]:
@@ -99,7 +105,7 @@ class PostgresTaskStore:
         back as that task with ``created=False``."""
         if not tasks:
             return []
-        ids = [str(uuid.uuid4()) for _ in tasks]
+        ids = [new_task_id() for _ in tasks]
         inputs = [_stored_input(self._keyring, i, t) for i, t in zip(ids, tasks, strict=True)]
         params = {
             "id": ids,
@@ -216,6 +222,55 @@ class PostgresTaskStore:
         rows = await self._rows("unfinished_by_client", {}, what="counting pending tasks")
         return {r["client_id"]: int(r["n"]) for r in rows}
 
+    # -- retention ---------------------------------------------------------------------------
+
+    async def prune(
+        self, ages: Mapping[TaskStatus, float], *, batch: int
+    ) -> PruneRun | None:
+        """Delete finished tasks older than their status's age, ``batch`` rows per statement,
+        under the pruner's advisory lock; ``None`` when another process holds it. Also folds
+        the counters' slots (the same lock keeps that to one process)."""
+        started = time.monotonic()
+        deleted: dict[TaskStatus, int] = {}
+        batches = 0
+        async with connection(self._pool, what="pruning finished tasks") as conn:
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", PRUNER_LOCK)
+            if not _rows(await cur.fetchall())[0]["ok"]:
+                return None
+            try:
+                for status, age in ages.items():
+                    while True:
+                        cur = await conn.execute(
+                            _q("prune"),
+                            {"status": status.value, "age_seconds": age, "batch": batch},
+                        )
+                        n = len(await cur.fetchall())
+                        batches += 1
+                        deleted[status] = deleted.get(status, 0) + n
+                        if n < batch:
+                            break
+                for query in ("compact_task_counts", "compact_client_counts", "drop_zero_counters"):
+                    await conn.execute(_q(query))
+                await conn.execute("SELECT pg_advisory_unlock(%s, %s)", PRUNER_LOCK)
+            except BaseException:
+                # Interrupted (cancelled at shutdown, connection trouble): a pooled connection
+                # must not keep the session lock, or no pruner would ever run again. Closed,
+                # it leaves the pool and PostgreSQL releases the lock with it.
+                await conn.close()
+                raise
+        return PruneRun(deleted=deleted, batches=batches, seconds=time.monotonic() - started)
+
+    async def prune_preview(self, ages: Mapping[TaskStatus, float]) -> dict[TaskStatus, int]:
+        """How many tasks of each status ``prune`` would delete now (nothing is deleted)."""
+        due: dict[TaskStatus, int] = {}
+        async with connection(self._pool, what="previewing retention") as conn:
+            for status, age in ages.items():
+                cur = await conn.execute(
+                    _q("prune_preview"), {"status": status.value, "age_seconds": age}
+                )
+                due[status] = int(_rows(await cur.fetchall())[0]["n"])
+        return due
+
     async def unfinished_cost_by_client(self) -> dict[str, int]:
         rows = await self._rows("unfinished_cost_by_client", {}, what="summing the cost of pending tasks")
         return {r["client_id"]: int(r["cost"]) for r in rows}
@@ -254,10 +309,14 @@ class PostgresTaskStore:
 
     # -- worker side -------------------------------------------------------------------------
 
-    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedTask]:
+    async def claim(
+        self, worker: str, limit: int, lease_seconds: float, *, session: int | None = None
+    ) -> list[ClaimedTask]:
+        """Claim up to ``limit`` due tasks; ``session`` (from ``Listener.session``) lets the
+        reaper put them back the moment the worker's connection dies."""
         rows = await self._rows(
             "claim",
-            {"worker": worker, "limit": limit, "lease_seconds": lease_seconds},
+            {"worker": worker, "limit": limit, "lease_seconds": lease_seconds, "session": session},
             what="claiming tasks",
         )
         return [_claimed(row) for row in rows]
@@ -356,18 +415,33 @@ class PostgresTaskStore:
         )
         return {str(r["id"]): bool(r["cancel_requested"]) for r in rows}
 
-    async def reclaim_expired(self) -> int:
-        """Put back tasks whose lease expired; returns how many."""
-        return len(await self.reclaim_expired_outcomes())
+    async def reclaim_lost(self) -> int:
+        """Put back tasks whose worker's session is gone or whose lease expired; returns how
+        many (0 while another process is doing it)."""
+        return len(await self.reclaim_lost_outcomes())
 
-    async def reclaim_expired_outcomes(self) -> list[Outcome]:
-        """``reclaim_expired`` with each task's new status (retrying, dead_letter, cancelled)."""
-        rows = await self._rows("reclaim_expired", {}, what="reclaiming expired leases")
+    async def reclaim_lost_outcomes(self) -> list[Outcome]:
+        """``reclaim_lost`` with each task's new status (retrying, dead_letter, cancelled)."""
+        rows = await self._rows(
+            "reclaim_lost",
+            {"settle_seconds": SESSION_SETTLE_SECONDS},
+            what="reclaiming tasks of lost workers",
+        )
         return [_outcome(r) for r in rows]
 
-    async def register_worker(self, name: str, host: str, pid: int) -> None:
+    async def register_worker(
+        self, name: str, host: str, pid: int, *, session: int | None = None
+    ) -> None:
         await self._rows(
-            "register_worker", {"name": name, "host": host, "pid": pid}, what="registering"
+            "register_worker",
+            {"name": name, "host": host, "pid": pid, "session": session},
+            what="registering",
+        )
+
+    async def set_worker_session(self, name: str, session: int) -> None:
+        """Record the session of a reopened LISTEN connection (shown as liveness)."""
+        await self._rows(
+            "worker_session", {"name": name, "session": session}, what="recording a session"
         )
 
     async def unregister_worker(self, name: str, processed: int) -> None:
@@ -419,19 +493,40 @@ def _claimed(row: dict[str, Any]) -> ClaimedTask:
     )
 
 
+# The server probes an idle session connection after 5 s, then every 2 s, and drops it after
+# 3 unanswered probes or 10 s of unacknowledged data: a lost host's session ends in ~11 s.
+SESSION_KEEPALIVE = (
+    "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
+    " -c tcp_user_timeout=10000"
+)
+
+
 class Listener:
     """One dedicated LISTEN connection (outside the pool). ``wait()`` returns the notifications
     that arrive within a timeout; a lost connection raises ``Unavailable`` and the owner calls
-    ``connect()`` again (with its own backoff)."""
+    ``connect()`` again (with its own backoff).
+
+    With ``hold_session``, each connection also opens a worker session (``open_session``): a
+    fresh id under a session-level advisory lock that lives exactly as long as the connection,
+    so the reaper sees the worker's death as soon as PostgreSQL does."""
 
     def __init__(
-        self, dsn: str, channels: Sequence[str], *, name: str, connect_timeout: float = 5.0
+        self,
+        dsn: str,
+        channels: Sequence[str],
+        *,
+        name: str,
+        connect_timeout: float = 5.0,
+        hold_session: bool = False,
     ) -> None:
         self._dsn = dsn
         self._channels = tuple(channels)
         self._name = name
         self._connect_timeout = connect_timeout
+        self._hold_session = hold_session
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.session: int | None = None
+        """The session of the current connection (``hold_session`` only)."""
 
     @property
     def connected(self) -> bool:
@@ -445,9 +540,16 @@ class Listener:
                 autocommit=True,
                 application_name=self._name,
                 connect_timeout=max(1, int(self._connect_timeout)),
+                options=SESSION_KEEPALIVE if self._hold_session else "",
             )
             for channel in self._channels:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            session = None
+            if self._hold_session:
+                cur = await conn.execute(_q("open_session"))
+                row = await cur.fetchone()
+                assert row is not None, "open_session returns one row"
+                session = int(row[0])
         except psycopg.Error as exc:
             raise Unavailable(
                 f"cannot LISTEN: {type(exc).__name__}",
@@ -455,6 +557,7 @@ class Listener:
                 reason="DATABASE_UNAVAILABLE",
             ) from exc
         self._conn = conn
+        self.session = session
 
     async def wait(self, timeout: float) -> list[tuple[str, str]]:
         """(channel, payload) pairs received within ``timeout`` seconds (maybe none)."""
@@ -477,6 +580,7 @@ class Listener:
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
+        self.session = None
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
                 await conn.close()

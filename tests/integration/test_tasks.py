@@ -123,7 +123,7 @@ def test_completion_is_fenced_by_the_lease(dsn: str) -> None:
         [sub] = await store.submit_many([NewTask("md5", b"x")])
         [first] = await store.claim("w1", 10, 0.01)
         await asyncio.sleep(0.05)
-        assert await store.reclaim_expired() == 1
+        assert await store.reclaim_lost() == 1
         [second] = await store.claim("w2", 10, 30)
         assert second.attempts == 2 and second.lease_id != first.lease_id
         assert not await store.complete(first.id, first.lease_id, b"late", "6c617465")

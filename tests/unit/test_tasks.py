@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -29,7 +30,7 @@ def test_sql_sections_are_loaded_with_columns_filled_in() -> None:
         "complete",
         "fail",
         "heartbeat",
-        "reclaim_expired",
+        "reclaim_lost",
         "list",
         "cancel",
     ):
@@ -103,9 +104,30 @@ def test_page_token_round_trip_and_filter_binding() -> None:
 def test_status_payload_parsing_skips_garbage() -> None:
     payload = "a1 running,b2 succeeded,bad,c3 nonsense"
     assert parse_status_payload(payload) == [
-        ("a1", TaskStatus.RUNNING),
-        ("b2", TaskStatus.SUCCEEDED),
+        ("a1", TaskStatus.RUNNING, None),
+        ("b2", TaskStatus.SUCCEEDED, None),
     ]
+    assert parse_status_payload("[not json") == []
+    assert parse_status_payload('[{"id": "x"}, 3, {"id": "y", "status": "running"}]') == [
+        ("y", TaskStatus.RUNNING, None)
+    ]
+
+
+def test_status_payload_carries_whole_tasks() -> None:
+    entry = {
+        "id": "0b7e3a0c-4a4d-4c5e-9d3e-2f1f1f1f1f1f", "algorithm": "md5", "status": "succeeded",
+        "priority": 0, "attempts": 1, "max_attempts": 5, "client_id": "c",
+        "idempotency_key": None, "input_size": 3, "result_digest": "00ff",
+        "result_encoded": "00ff", "cached": False, "last_error": None,
+        "created_at": "2026-12-01T09:47:12.123456+00:00",
+        "run_after": "2026-12-01T09:47:12.123456+00:00",
+        "started_at": "2026-12-01T09:47:12.2+00:00", "finished_at": "2026-12-01T09:47:13+00:00",
+        "worker": "w", "cancel_requested": False,
+    }  # fmt: skip
+    [(task_id, status, record)] = parse_status_payload(json.dumps([entry]))
+    assert record is not None and status is TaskStatus.SUCCEEDED
+    assert record.result_digest == b"\x00\xff" and record.finished_at is not None
+    assert record.finished_at.tzinfo is not None and record.id == task_id
 
 
 def test_limits_refuse_whole_batches_globally_and_per_client() -> None:
@@ -174,3 +196,16 @@ def test_worker_settings_validate(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.concurrency == 7 and settings.fail_algorithms == ("md5", "sha1")
     with pytest.raises(ValueError):
         WorkerSettings(lease_seconds=1.0, heartbeat_seconds=2.0)
+
+
+def test_task_ids_are_uuidv7_ordered_by_time() -> None:
+    import uuid
+
+    from hashmesh.core.queue.model import new_task_id
+
+    earlier = [new_task_id(now_ns=1_800_000_000_000_000_000 + i) for i in range(50)]
+    later = new_task_id(now_ns=1_800_000_000_001_000_000)  # one millisecond on
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in earlier)
+    assert len(set(earlier)) == 50  # same millisecond: the random bits differ
+    assert max(earlier) < later  # the primary key grows at its right edge
+    assert uuid.UUID(later).int >> 80 == 1_800_000_000_001

@@ -88,7 +88,7 @@ def test_expired_lease_is_reclaimed_and_late_result_refused() -> None:
         await store.submit_many([NewTask("argon2id", b"secret", params={})])
         [first] = await store.claim("a", 10, 5)
         clock.advance(6)
-        assert await store.reclaim_expired() == 1
+        assert await store.reclaim_lost() == 1
         [second] = await store.claim("b", 10, 5)
         assert await store.heartbeat("a", [Lease(first.id, first.lease_id)], lease_seconds=5,
                                      in_flight=1, processed=0) == {}  # fmt: skip
@@ -148,8 +148,12 @@ def test_watch_streams_each_change_from_the_hub_until_final() -> None:
         await asyncio.sleep(0.01)
         [task] = await store.claim("w", 1, 30)
         await store.complete_many([Completion(task.id, task.lease_id, b"d", "64")])
-        # Both changes are announced together, after both happened: RUNNING is still streamed.
-        await hub._dispatch([(task.id, TaskStatus.RUNNING), (task.id, TaskStatus.SUCCEEDED)])
+        final = await store.get(task.id, owner=None)
+        # Both changes are announced together, after both happened: RUNNING is still streamed;
+        # the first is to be read (a notification too long to carry the task), the second
+        # carries it.
+        hub.deliver([(task.id, TaskStatus.RUNNING, None), (task.id, TaskStatus.SUCCEEDED, final)])
+        await asyncio.gather(*hub._dispatching)
         await asyncio.wait_for(watcher, 5)
         assert hub.watchers == 0
         return seen
@@ -159,3 +163,86 @@ def test_watch_streams_each_change_from_the_hub_until_final() -> None:
         task_pb2.TASK_STATUS_RUNNING,
         task_pb2.TASK_STATUS_SUCCEEDED,
     ]
+
+
+def test_ended_session_frees_its_tasks_before_the_lease() -> None:
+    clock = Clock()
+    store = MemoryTaskStore(clock)
+
+    async def body() -> None:
+        await store.submit_many([NewTask("md5", b"a"), NewTask("md5", b"b")])
+        alive, doomed = store.open_session(), store.open_session()
+        [kept] = await store.claim("a", 1, 600, session=alive)
+        [lost] = await store.claim("d", 1, 600, session=doomed)
+        assert await store.reclaim_lost() == 0
+        store.end_session(doomed)
+        assert await store.reclaim_lost() == 1  # no clock advance: the lease has not expired
+        assert (await store.get(lost.id, owner=None)).status is TaskStatus.RETRYING
+        assert "lost its database session" in (
+            (await store.get(lost.id, owner=None)).last_error or ""
+        )
+        assert (await store.get(kept.id, owner=None)).status is TaskStatus.RUNNING
+        assert await store.complete_many([Completion(lost.id, lost.lease_id, b"x", "78")]) == set()
+
+    run(body)
+
+
+def test_retention_deletes_each_final_status_after_its_own_age() -> None:
+    from hashmesh.core.queue.retention import RetentionPolicy
+
+    clock = Clock()
+    store = MemoryTaskStore(clock)
+    policy = RetentionPolicy(succeeded_seconds=60, cancelled_seconds=120, dead_letter_seconds=0)
+
+    async def body() -> None:
+        done = await store.submit_many(
+            [NewTask("md5", b"s", cached_result=(b"\x00", "00")),
+             NewTask("md5", b"c"), NewTask("md5", b"k", idempotency_key="k1")]
+        )  # fmt: skip
+        await store.cancel(done[1].task.id, owner=None)
+        await store.cancel(done[2].task.id, owner=None)
+        clock.advance(90)
+        assert policy.ages == {TaskStatus.SUCCEEDED: 60, TaskStatus.CANCELLED: 120}
+        assert await store.prune_preview(policy.ages) == {
+            TaskStatus.SUCCEEDED: 1, TaskStatus.CANCELLED: 0
+        }  # fmt: skip
+        run1 = await store.prune(policy.ages, batch=10)
+        assert run1 is not None and run1.total == 1
+        clock.advance(60)
+        run2 = await store.prune(policy.ages, batch=10)
+        assert run2 is not None and run2.deleted[TaskStatus.CANCELLED] == 2
+        # the key went with its task: the same key makes a new task now
+        [again] = await store.submit_many([NewTask("md5", b"k", idempotency_key="k1")])
+        assert again.created
+
+    run(body)
+
+
+def test_watch_answers_from_the_notification_without_reading() -> None:
+    class CountingStore(MemoryTaskStore):
+        reads = 0
+
+        async def get_many(self, task_ids: Any) -> Any:
+            CountingStore.reads += 1
+            return await super().get_many(task_ids)
+
+    store = CountingStore()
+    hub = WatchHub("postgresql://unused", store)
+
+    async def body() -> list[Any]:
+        [sub] = await store.submit_many([NewTask("md5", b"x")])
+        [task] = await store.claim("w", 1, 30)
+        running = await store.get(task.id, owner=None)
+        await store.complete_many([Completion(task.id, task.lease_id, b"d", "64")])
+        final = await store.get(task.id, owner=None)
+        with hub.subscribe(sub.task.id) as watcher:
+            hub.deliver(
+                [(task.id, TaskStatus.RUNNING, running), (task.id, TaskStatus.SUCCEEDED, final)]
+            )
+            assert not hub._dispatching
+            return [await watcher.next(1), await watcher.next(1)]
+
+    first, second = run(body)
+    assert first[0] is TaskStatus.RUNNING and first[1].status is TaskStatus.RUNNING
+    assert second[0] is TaskStatus.SUCCEEDED and second[1].result_encoded == "64"
+    assert CountingStore.reads == 0
