@@ -18,7 +18,7 @@ from hashmesh.workerd.worker import Worker
 
 async def serve(settings: WorkerSettings, endpoint: metrics.MetricsServer | None = None) -> None:
     stop = asyncio.Event()
-    worker = Worker(settings)
+    worker = Worker.on_postgres(settings)
 
     def on_ready() -> None:
         # The ready line stays first: readers (tests/procs.py, hashctl up) take it as the marker.

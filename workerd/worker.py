@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from hashmesh.core import metrics
 from hashmesh.core.backoff import backoff_delay
@@ -33,7 +34,7 @@ from hashmesh.core.errors import Unavailable
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.hashing.cache import CacheSettings, ResultCache
 from hashmesh.core.queue import db, migrations
-from hashmesh.core.queue.model import ClaimedTask, Completion, Failure, Lease
+from hashmesh.core.queue.model import ClaimedTask, Completion, Failure, Lease, TaskStore
 from hashmesh.core.queue.retention import Pruner
 from hashmesh.core.queue.store import NOTIFY_READY, Listener, PostgresTaskStore
 from hashmesh.workerd import handlers
@@ -64,31 +65,64 @@ class WorkerCounters:
     extra: dict[str, int] = field(default_factory=dict)
 
 
+class WakeListener(Protocol):
+    """The connection that wakes the worker: ``Listener`` on PostgreSQL (LISTEN, holding the
+    worker's session lock), ``MemoryListener`` in unit tests."""
+
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def session(self) -> int | None: ...
+    async def connect(self) -> None: ...
+    async def wait(self, timeout: float) -> list[tuple[str, str]]: ...
+    async def close(self) -> None: ...
+
+
+@dataclass
+class Database:
+    """What a worker on PostgreSQL opens at start and closes at the end: the schema
+    (migrations) and its pool."""
+
+    dsn: str
+    pool: db.Pool
+
+    async def migrate(self) -> None:
+        await asyncio.to_thread(migrations.migrate, self.dsn)
+
+    async def open(self) -> None:
+        await self.pool.open(wait=False)
+        metrics.watch_pool(self.pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+        metrics.unwatch_pool(self.pool)
+
+
 class Worker:
     """One workerd. Constructing it does no I/O; ``run(stop)`` does everything."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        store: TaskStore,
+        listener: WakeListener,
+        cache: ResultCache | None = None,
+        database: Database | None = None,
+    ) -> None:
+        """``store`` and ``listener`` are the queue (``on_postgres`` builds the production
+        ones; unit tests pass ``MemoryTaskStore`` and ``MemoryListener``); ``cache`` receives
+        the results of deterministic slow tasks; ``database`` is opened by ``start()`` and
+        closed at the end."""
         self.settings = settings
         self.name = settings.name
-        self.pool = db.make_pool(
-            settings.database,
-            name=f"workerd:{settings.name}"[:63],
-            max_size=min(4, settings.database.pool_max),
-        )
-        self.store = PostgresTaskStore(self.pool)
-        self.listener = Listener(
-            settings.database.require_dsn(),
-            [NOTIFY_READY],
-            name=f"workerd-listen:{settings.name}"[:63],
-            hold_session=True,
-        )
+        self.store = store
+        self.listener = listener
+        self.cache = cache
+        self._database = database
         self.pruner = Pruner(self.store, settings.retention)
-        # Results of deterministic slow tasks go into the shared cache, so that the same
-        # submission later finishes at once in hashd.
-        self.cache = ResultCache(
-            self.pool, CacheSettings.from_env(), dsn=settings.database.require_dsn()
-        )
         self.counters = WorkerCounters()
+        self._running: set[asyncio.Task[None]] = set()
         self._held: dict[str, _Held] = {}
         self._done: list[Completion] = []
         self._failed: list[Failure] = []
@@ -107,9 +141,32 @@ class Worker:
         self._fail = frozenset(settings.fail_algorithms)
         self._keys = settings.task_keys
         self.task_metrics = WorkerMetrics()
-        metrics.watch_pool(self.pool)
         # Read at scrape time (another thread): len() of a dict is safe there.
         metrics.WORKER_IN_FLIGHT.set_function(lambda: len(self._held))
+
+    @classmethod
+    def on_postgres(cls, settings: WorkerSettings) -> Worker:
+        """The production wiring: a small pool of its own, the PostgreSQL store, a LISTEN
+        connection holding the worker's session, the shared result cache. No I/O here."""
+        dsn = settings.database.require_dsn()
+        pool = db.make_pool(
+            settings.database,
+            name=f"workerd:{settings.name}"[:63],
+            max_size=min(4, settings.database.pool_max),
+        )
+        listener = Listener(
+            dsn, [NOTIFY_READY], name=f"workerd-listen:{settings.name}"[:63], hold_session=True
+        )
+        # Results of deterministic slow tasks go into the shared cache, so that the same
+        # submission later finishes at once in hashd.
+        cache = ResultCache(pool, CacheSettings.from_env(), dsn=dsn)
+        return cls(
+            settings,
+            store=PostgresTaskStore(pool),
+            listener=listener,
+            cache=cache,
+            database=Database(dsn, pool),
+        )
 
     @property
     def in_flight(self) -> int:
@@ -120,9 +177,9 @@ class Worker:
     async def start(self) -> None:
         """Migrate, open the pool and the LISTEN connection, register; retried with backoff
         while the database is unreachable."""
-        dsn = self.settings.database.require_dsn()
-        await _retry_forever(lambda: asyncio.to_thread(migrations.migrate, dsn), what="migrating")
-        await self.pool.open(wait=False)
+        if self._database is not None:
+            await _retry_forever(self._database.migrate, what="migrating")
+            await self._database.open()
         # The session first: a registered worker without one would look dead to the reaper.
         await _retry_forever(self.listener.connect, what="listening")
         await _retry_forever(
@@ -131,7 +188,15 @@ class Worker:
             ),
             what="registering",
         )
-        await self.cache.start()
+        if self.cache is not None:
+            await self.cache.start()
+
+    async def _close(self) -> None:
+        await self.listener.close()
+        if self.cache is not None:
+            await self.cache.stop()
+        if self._database is not None:
+            await self._database.close()
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
         starting = asyncio.create_task(self.start(), name="start")
@@ -142,10 +207,7 @@ class Worker:
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-            await self.listener.close()
-            await self.cache.stop()
-            await self.pool.close()
-            metrics.unwatch_pool(self.pool)
+            await self._close()
             self._executor.shutdown(wait=False)
             return
         starting.result()
@@ -190,10 +252,7 @@ class Worker:
             for task in loops.values():
                 task.cancel()
             await asyncio.gather(*loops.values(), return_exceptions=True)
-            await self.listener.close()
-            await self.cache.stop()
-            await self.pool.close()
-            metrics.unwatch_pool(self.pool)
+            await self._close()
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _shutdown(self, loops: dict[str, asyncio.Task[None]]) -> None:
@@ -349,7 +408,9 @@ class Worker:
             self._cancelled.append(Lease(task.id, task.lease_id))
             self._outbox.set()
         elif handlers.is_cpu_heavy(task.algorithm):
-            asyncio.get_running_loop().create_task(self._run_heavy(held))
+            running = asyncio.get_running_loop().create_task(self._run_heavy(held))
+            self._running.add(running)  # the loop keeps only a weak reference
+            running.add_done_callback(self._running.discard)
         else:
             held.started = True
             self._compute_now(held)
@@ -460,7 +521,7 @@ class Worker:
                 if algorithm is Algorithm.ARGON2ID
                 else None
             )
-            if self.cache.is_cacheable(algorithm, params):
+            if self.cache is not None and self.cache.is_cacheable(algorithm, params):
                 # Keyed by an HMAC of the clear input (opened again: microseconds), so that
                 # hashd's lookups find it; the cache stores no input.
                 data = handlers.open_input(held.task, self._keys)

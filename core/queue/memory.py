@@ -7,6 +7,8 @@ argon2 input erased on every final state. Time comes from an injectable clock.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hashmesh.core.errors import FailedPrecondition, task_not_found
+from hashmesh.core.errors import FailedPrecondition, Unavailable, task_not_found
 from hashmesh.core.queue.limits import task_cost
 from hashmesh.core.queue.model import (
     FINAL_STATES,
@@ -25,6 +27,7 @@ from hashmesh.core.queue.model import (
     ListCursor,
     ListFilter,
     NewTask,
+    Outcome,
     QueueStats,
     Submitted,
     TaskRecord,
@@ -34,6 +37,7 @@ from hashmesh.core.queue.model import (
     new_task_id,
 )
 from hashmesh.core.queue.retention import PruneRun
+from hashmesh.core.queue.store import NOTIFY_READY
 
 WAITING = (TaskStatus.PENDING, TaskStatus.RETRYING)
 
@@ -64,6 +68,7 @@ class MemoryTaskStore:
         self._workers: dict[str, dict[str, Any]] = {}
         self._sessions = 0
         self._live_sessions: set[int] = set()
+        self._listeners: set[MemoryListener] = set()
 
     def open_session(self) -> int:
         """A worker session, live until ``end_session`` (PostgreSQL: the LISTEN connection's
@@ -118,6 +123,7 @@ class MemoryTaskStore:
                 self._keys[key] = record.id
                 self._fingerprints[record.id] = task.fingerprint
             answers.append(Submitted(record, created=True, fingerprint=task.fingerprint))
+        self._announce()  # as the submit statement's NOTIFY
         return answers
 
     async def live_keys(
@@ -445,5 +451,89 @@ class MemoryTaskStore:
             self._workers[name].update(stopped_at=self._clock(), in_flight=0, processed=processed)
 
 
+    # -- what the worker writes, with the outcome it had (for metrics) ----------------------
+
+    def _outcome(self, row: _Row) -> Outcome:
+        record = row.record
+        finished = record.finished_at if record.status in FINAL_STATES else None
+        latency = None if finished is None else (finished - record.created_at).total_seconds()
+        return Outcome(record.id, record.algorithm, record.status, latency)
+
+    async def complete_outcomes(self, done: Sequence[Completion]) -> list[Outcome]:
+        written = await self.complete_many(done)
+        return [self._outcome(self._rows[d.id]) for d in done if d.id in written]
+
+    async def fail_outcomes(
+        self, failed: Sequence[Failure], *, base: float, cap: float
+    ) -> list[Outcome]:
+        recorded = await self.fail_many(failed, base=base, cap=cap)
+        return [self._outcome(self._rows[task_id]) for task_id in recorded]
+
+    async def reclaim_lost_outcomes(self) -> list[Outcome]:
+        held = {i for i, r in self._rows.items() if r.record.status is TaskStatus.RUNNING}
+        await self.reclaim_lost()
+        return [self._outcome(self._rows[i]) for i in sorted(held)
+                if self._rows[i].record.status is not TaskStatus.RUNNING]  # fmt: skip
+
+    async def set_worker_session(self, name: str, session: int) -> None:
+        if name in self._workers:
+            self._workers[name]["session"] = session
+
+    def lease_expiries(self) -> dict[str, datetime]:
+        """When each running task's lease ends (for tests of renewals)."""
+        return {i: r.lease_expires_at for i, r in self._rows.items()
+                if r.record.status is TaskStatus.RUNNING and r.lease_expires_at is not None}  # fmt: skip
+
+    def _announce(self, payload: str = "") -> None:
+        for listener in list(self._listeners):
+            listener.notify(NOTIFY_READY, payload)
+
+
 def _conforms(store: MemoryTaskStore) -> TaskStore:
     return store  # mypy checks that the two stores share one interface
+
+
+class MemoryListener:
+    """The in-memory store's LISTEN connection: ``connect`` opens a session of the store (as
+    the PostgreSQL listener holds the worker's session lock), ``wait`` returns what the store
+    announced (a submission: ``(NOTIFY_READY, "")``). ``drop()`` plays a lost connection."""
+
+    def __init__(self, store: MemoryTaskStore) -> None:
+        self._store = store
+        self.session: int | None = None
+        self._notes: list[tuple[str, str]] = []
+        self._arrived = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self.session is not None
+
+    async def connect(self) -> None:
+        await self.close()
+        self.session = self._store.open_session()
+        self._store._listeners.add(self)
+
+    def notify(self, channel: str, payload: str) -> None:
+        self._notes.append((channel, payload))
+        self._arrived.set()
+
+    async def wait(self, timeout: float) -> list[tuple[str, str]]:
+        if self.session is None:
+            raise Unavailable("LISTEN connection not open", retry_after=1.0,
+                              reason="DATABASE_UNAVAILABLE")  # fmt: skip
+        if not self._notes:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+        self._arrived.clear()
+        notes, self._notes = self._notes, []
+        return notes
+
+    def drop(self) -> None:
+        """The connection is gone (the worker's session with it); ``connect`` opens another."""
+        if self.session is not None:
+            self._store.end_session(self.session)
+        self.session = None
+        self._store._listeners.discard(self)
+
+    async def close(self) -> None:
+        self.drop()
