@@ -19,7 +19,7 @@ from collections.abc import Container, Iterator
 from datetime import datetime
 from typing import Any
 
-from hashmesh.core.backoff import backoff_delay
+from hashmesh.core.backoff import STATEMENT
 from hashmesh.core.errors import Unavailable
 from hashmesh.core.queue.model import TaskRecord, TaskStatus, TaskStore
 from hashmesh.core.queue.store import NOTIFY_STATUS, Listener
@@ -164,7 +164,7 @@ class WatchHub:
                         "watch hub lost its LISTEN connection", extra={"reason": exc.message}
                     )
                     self._resync_all()
-                await asyncio.sleep(backoff_delay(failures, 0.05, 1.0))
+                await asyncio.sleep(STATEMENT.delay(failures))
                 continue
             if notes:
                 self.deliver(

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from hashmesh.core import metrics
-from hashmesh.core.backoff import backoff_delay
+from hashmesh.core.backoff import RECONNECT, STATEMENT
 from hashmesh.core.errors import Unavailable
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.hashing.cache import CacheSettings, ResultCache
@@ -317,7 +317,7 @@ class Worker:
                 failures = 0
             except Unavailable as exc:
                 failures += 1
-                delay = backoff_delay(failures, 0.05, 2.0)
+                delay = STATEMENT.delay(failures)
                 log.warning(
                     "claim failed; retrying",
                     extra={"reason": exc.message, "delay_s": round(delay, 3)},
@@ -393,7 +393,7 @@ class Worker:
                     self._on_ready(payload)
             except Unavailable as exc:
                 failures += 1
-                delay = backoff_delay(failures, 0.1, 2.0)
+                delay = RECONNECT.delay(failures)
                 log.warning("LISTEN connection lost; reconnecting", extra={"reason": exc.message})
                 await asyncio.sleep(delay)
 
@@ -486,7 +486,7 @@ class Worker:
                 # written after its lease expired is refused by fencing anyway.
                 self._done[:0], self._failed[:0], self._cancelled[:0] = done, failed, cancelled
                 failures += 1
-                delay = backoff_delay(failures, 0.05, 2.0)
+                delay = STATEMENT.delay(failures)
                 log.warning(
                     "writing results failed; retrying",
                     extra={"reason": exc.message, "pending": len(done) + len(failed)},
@@ -587,7 +587,7 @@ async def _retry_forever(operation: Callable[[], Awaitable[object]], *, what: st
             return
         except (Unavailable, OSError, *db.TRANSIENT) as exc:
             attempt += 1
-            delay = backoff_delay(attempt, 0.1, 2.0)
+            delay = RECONNECT.delay(attempt)
             log.warning(
                 "database not reachable at start-up; retrying",
                 extra={"what": what, "error": type(exc).__name__, "delay_s": round(delay, 3)},
