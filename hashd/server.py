@@ -13,7 +13,7 @@ from hashmesh.core.errors import HashmeshError
 from hashmesh.core.hashing.cache import ResultCache
 from hashmesh.core.queue import db, migrations
 from hashmesh.core.queue.model import TaskStore
-from hashmesh.core.queue.store import PostgresTaskStore
+from hashmesh.core.queue.store import NOTIFY_STATUS, Listener, PostgresTaskStore
 from hashmesh.core.rpc import GrpcServer
 from hashmesh.core.signals import wait_for_signal
 from hashmesh.hashd.cache_service import CacheService
@@ -65,7 +65,10 @@ class Hashd:
         )
         self.task_store = PostgresTaskStore(self.pool, keyring=settings.task_keys)
         # One LISTEN connection fans task status changes out to every WatchTask stream.
-        self.watch_hub = WatchHub(settings.database.require_dsn(), self.task_store)
+        self.watch_hub = WatchHub(
+            Listener(settings.database.require_dsn(), [NOTIFY_STATUS], name="hashd-watch"),
+            self.task_store,
+        )
         self.tasks = TaskService(self.task_store, settings, cache=self.cache, hub=self.watch_hub)
         self.grpc.add(
             task_pb2_grpc.add_TaskServiceServicer_to_server,

@@ -21,8 +21,7 @@ from typing import Any
 
 from hashmesh.core.backoff import STATEMENT
 from hashmesh.core.errors import Unavailable
-from hashmesh.core.queue.model import TaskRecord, TaskStatus, TaskStore
-from hashmesh.core.queue.store import NOTIFY_STATUS, Listener
+from hashmesh.core.queue.model import Notifications, TaskRecord, TaskStatus, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +95,10 @@ class Subscription:
 class WatchHub:
     """Construct without I/O; ``start()`` runs the listener in the background."""
 
-    def __init__(self, dsn: str, store: TaskStore) -> None:
+    def __init__(self, listener: Notifications, store: TaskStore) -> None:
+        """``listener`` LISTENs on ``NOTIFY_STATUS`` (``Listener`` on PostgreSQL)."""
         self._store = store
-        self._listener = Listener(dsn, [NOTIFY_STATUS], name="hashd-watch")
+        self._listener = listener
         self._subscribers: dict[str, set[Subscription]] = {}
         self._task: asyncio.Task[None] | None = None
         self._first_attempt = asyncio.Event()

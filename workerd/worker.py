@@ -26,7 +26,6 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from hashmesh.core import metrics
 from hashmesh.core.backoff import RECONNECT, STATEMENT
@@ -34,7 +33,14 @@ from hashmesh.core.errors import Unavailable
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.hashing.cache import CacheSettings, ResultCache
 from hashmesh.core.queue import db, migrations
-from hashmesh.core.queue.model import ClaimedTask, Completion, Failure, Lease, TaskStore
+from hashmesh.core.queue.model import (
+    ClaimedTask,
+    Completion,
+    Failure,
+    Lease,
+    Notifications,
+    TaskStore,
+)
 from hashmesh.core.queue.retention import Pruner
 from hashmesh.core.queue.store import NOTIFY_READY, Listener, PostgresTaskStore
 from hashmesh.workerd import handlers
@@ -65,19 +71,6 @@ class WorkerCounters:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-class WakeListener(Protocol):
-    """The connection that wakes the worker: ``Listener`` on PostgreSQL (LISTEN, holding the
-    worker's session lock), ``MemoryListener`` in unit tests."""
-
-    @property
-    def connected(self) -> bool: ...
-    @property
-    def session(self) -> int | None: ...
-    async def connect(self) -> None: ...
-    async def wait(self, timeout: float) -> list[tuple[str, str]]: ...
-    async def close(self) -> None: ...
-
-
 @dataclass
 class Database:
     """What a worker on PostgreSQL opens at start and closes at the end: the schema
@@ -106,7 +99,7 @@ class Worker:
         settings: WorkerSettings,
         *,
         store: TaskStore,
-        listener: WakeListener,
+        listener: Notifications,
         cache: ResultCache | None = None,
         database: Database | None = None,
     ) -> None:

@@ -218,6 +218,21 @@ class QueueStats:
         return sum(1 for w in self.workers if w.alive)
 
 
+class Notifications(Protocol):
+    """A LISTEN connection: ``Listener`` on PostgreSQL, ``MemoryListener`` in unit tests.
+    ``wait`` returns the (channel, payload) pairs that arrived within a timeout and raises
+    ``Unavailable`` once the connection is lost; ``session`` is the database session it holds
+    (a worker's claims are stamped with it), ``None`` without one."""
+
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def session(self) -> int | None: ...
+    async def connect(self) -> None: ...
+    async def wait(self, timeout: float) -> list[tuple[str, str]]: ...
+    async def close(self) -> None: ...
+
+
 class TaskStore(Protocol):
     """What hashd and workerd need from a task store: ``PostgresTaskStore`` in production,
     ``MemoryTaskStore`` in unit tests.

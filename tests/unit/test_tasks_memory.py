@@ -12,7 +12,7 @@ import pytest
 
 from hashmesh.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from hashmesh.core.identity import Caller
-from hashmesh.core.queue.memory import MemoryTaskStore
+from hashmesh.core.queue.memory import MemoryListener, MemoryTaskStore
 from hashmesh.core.queue.model import Completion, Failure, Lease, NewTask, TaskStatus
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.identity import acting_as
@@ -132,7 +132,7 @@ def test_service_submits_validates_limits_and_lists() -> None:
 
 def test_watch_streams_each_change_from_the_hub_until_final() -> None:
     store = MemoryTaskStore()
-    hub = WatchHub("postgresql://unused", store)  # not started: changes are pushed by hand
+    hub = WatchHub(MemoryListener(store), store)  # not started: changes are pushed by hand
     service = TaskService(store, HashdSettings(), hub=hub)
 
     async def body() -> list[Any]:
@@ -227,7 +227,7 @@ def test_watch_answers_from_the_notification_without_reading() -> None:
             return await super().get_many(task_ids)
 
     store = CountingStore()
-    hub = WatchHub("postgresql://unused", store)
+    hub = WatchHub(MemoryListener(store), store)
 
     async def body() -> list[Any]:
         [sub] = await store.submit_many([NewTask("md5", b"x")])
