@@ -7,7 +7,8 @@ answering, or between streamed messages), ``x-test-error: rich`` (INVALID_ARGUME
 google.rpc.BadRequest and a custom trailer), ``x-test-count`` (WatchTask messages). It sends
 back: initial ``x-initial: NAME``; trailing ``x-backend: NAME``, ``x-remaining`` (the deadline
 left when the call arrived, or ``none``), ``x-seen-forwarded-for``, ``x-seen-client-id``.
-It prints ``cancelled METHOD`` when a call is cancelled under it."""
+It prints ``sleeping METHOD`` when a call starts its ``x-test-sleep`` (the call has arrived)
+and ``cancelled METHOD`` when a call is cancelled under it."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class Behaviour:
             )
         sleep = float(meta.get("x-test-sleep", "0")) + self.delay
         if sleep and method != "WatchTask":
+            print(f"sleeping {method}", flush=True)
             try:
                 await asyncio.sleep(sleep)
             except asyncio.CancelledError:

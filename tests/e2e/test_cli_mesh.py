@@ -89,8 +89,10 @@ def test_cancel_requeue_and_stats(cli_mesh: Mesh) -> None:
 def test_lb_commands(cli_mesh: Mesh) -> None:
     backends = hashctl_json(*on(cli_mesh), "lb", "backends")["backends"]
     assert sorted(b["address"] for b in backends) == sorted(r.address for r in cli_mesh.hashd)
+    before = hashctl_json(*on(cli_mesh), "lb", "stats")["calls"]
+    assert hashctl(*on(cli_mesh), "hash", "md5", "counted").exit_code == 0  # whatever ran before
     stats = hashctl_json(*on(cli_mesh), "lb", "stats")
-    assert stats["calls"] >= 1 and len(stats["backends"]) == 3
+    assert stats["calls"] >= before + 1 and len(stats["backends"]) == 3
     assert hashctl_json(*on(cli_mesh), "lb", "strategy", "least_connections")["strategy"] == "least_connections"
     assert hashctl_json(*on(cli_mesh), "lb", "strategy")["strategy"] == "least_connections"
     hashctl_json(*on(cli_mesh), "lb", "strategy", "round_robin")

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import signal
 import threading
-import time
 
 import grpc
 import pytest
@@ -17,6 +16,7 @@ from grpc_status import rpc_status
 
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc
 from tests.conftest import Processes
+from tests.scrape import eventually, scrape, value
 
 # Roughly 0.3-1 s of one core each on this machine: long enough to fill the executor.
 HEAVY = common_pb2.Argon2Params(time_cost=4, memory_cost_kib=65536, parallelism=1)
@@ -71,7 +71,7 @@ def test_overload_is_refused_at_once_while_sha256_still_answers(dsn: str, procs:
 def test_sigterm_goes_not_serving_refuses_new_calls_and_finishes_in_flight(
     dsn: str, procs: Processes
 ) -> None:
-    replica = procs.hashd(dsn, env={"HASHMESH_GRACE_SECONDS": "8"})
+    replica = procs.hashd(dsn, "--metrics-port", "0", env={"HASHMESH_GRACE_SECONDS": "8"})
     results: dict[str, object] = {}
     channel = grpc.insecure_channel(replica.address)
     stub = hash_pb2_grpc.HashServiceStub(channel)
@@ -97,7 +97,11 @@ def test_sigterm_goes_not_serving_refuses_new_calls_and_finishes_in_flight(
 
     worker = threading.Thread(target=slow_call)
     worker.start()
-    time.sleep(0.3)  # the call is in flight (its argon2 takes well over a second)
+    # Until the replica counts the call in flight (its argon2 takes well over a second).
+    hash_in_flight = {"grpc_service": "hashmesh.v1.HashService", "grpc_method": "Hash"}
+    seen = eventually(lambda: scrape(replica.addresses["hashd metrics"]), lambda s: value(
+        s, "hashmesh_grpc_server_in_flight_calls", **hash_in_flight) == 1.0, timeout=30)
+    assert value(seen, "hashmesh_grpc_server_in_flight_calls", **hash_in_flight) == 1.0
     assert worker.is_alive()
     replica.popen.send_signal(signal.SIGTERM)
     assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
