@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,14 @@ class EmbeddedPostgres:
     port: int = 0
     host: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    """The server's log; ``None``: ``postgres.log`` in ``data_dir``."""
+    preexec_fn: Callable[[], None] | None = None
+    """Run in the server's process before exec (``hashctl up``: die with the supervisor)."""
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_path or self.data_dir / "postgres.log"
 
     @property
     def dsn(self) -> str:
@@ -135,7 +144,7 @@ class EmbeddedPostgres:
             )
         if not self.port:
             self.port = free_port(self.host)
-        log_file = open(self.data_dir / "postgres.log", "ab")  # noqa: SIM115 - owned by the child
+        log_file = open(self.log_file, "ab")  # noqa: SIM115 - owned by the child
         self.process = subprocess.Popen(
             [
                 str(bin_dir / "postgres"),
@@ -160,6 +169,7 @@ class EmbeddedPostgres:
             stderr=subprocess.STDOUT,
             user=user,
             start_new_session=True,
+            preexec_fn=self.preexec_fn,
         )
         log_file.close()
         self._wait_ready(timeout)
@@ -171,7 +181,7 @@ class EmbeddedPostgres:
         deadline = time.monotonic() + timeout
         while True:
             if self.process is not None and self.process.poll() is not None:
-                tail = (self.data_dir / "postgres.log").read_text(errors="replace")[-2000:]
+                tail = self.log_file.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"embedded PostgreSQL exited at start:\n{tail}")
             try:
                 with psycopg.connect(self.dsn, connect_timeout=2):

@@ -179,6 +179,9 @@ def test_bench_duration_rate_and_csv(cli_mesh: Mesh) -> None:
 
 def test_bench_counts_failures_by_status(cli_mesh: Mesh) -> None:
     result = hashctl("bench", "-d", '{"data": "eA=="}', "-n", "6", "-c", "2", "-O", "json", cli_mesh.address)
+    # Every call failed: the report is still printed, and the exit code says so.
+    assert result.exit_code == ExitCode.INVALID_ARGUMENT, result.stderr
+    assert result.stderr.startswith("error: every call failed: rpc error: code = InvalidArgument")
     report = json.loads(result.stdout)
     assert report["statusCodeDistribution"] == {"InvalidArgument": 6}
     [(error, count)] = report["errorDistribution"].items()
