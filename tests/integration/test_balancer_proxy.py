@@ -291,3 +291,26 @@ def test_least_connections_avoids_a_slowed_replica_and_drain_stops_picks(tmp_pat
         balancer.terminate()
         for backend in backends:
             backend.terminate()
+
+
+def test_long_response_streams_stay_out_of_the_replica_latency(tmp_path: Path) -> None:
+    backends = start_backends(tmp_path, 1)
+    balancer = start_balancer(tmp_path, backends)
+    try:
+        with grpc.insecure_channel(balancer.addresses["balancer"]) as channel:
+            hashes = hash_pb2_grpc.HashServiceStub(channel)
+            for _ in range(20):
+                hashes.Hash(hash_request(), timeout=5)
+            # A watch held open for about 2 s: as long as its client keeps watching.
+            watch = task_pb2_grpc.TaskServiceStub(channel).WatchTask(
+                task_pb2.WatchTaskRequest(id="w"), timeout=30,
+                metadata=[("x-test-sleep", "0.5"), ("x-test-count", "4")])
+            assert [m.task.id for m in watch] == ["w-0", "w-1", "w-2", "w-3"]
+        with grpc.insecure_channel(balancer.addresses["balancer admin"]) as channel:
+            stats = admin_pb2_grpc.AdminServiceStub(channel).GetStats(admin_pb2.GetStatsRequest(), timeout=5)
+    finally:
+        for proc in (balancer, *backends):
+            proc.terminate()
+    [backend] = stats.backends
+    assert backend.calls == 21  # the watch is counted as a call...
+    assert backend.latency_p99.ToTimedelta().total_seconds() < 1.0  # ...not as a latency
