@@ -5,21 +5,22 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any
 
+import grpc
 import typer
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hashmesh.cli.client import CliError, ExitCode, rpc_errors
+from hashmesh.cli.cache_stats import merge as merge_cache_stats
+from hashmesh.cli.client import CliError, ExitCode, open_channel, rpc_errors
 from hashmesh.cli.hash_cmds import JsonFlag
 from hashmesh.cli.naming import (
     STRATEGIES,
     backend_state_name,
-    cache_tier_name,
     parse_strategy,
     strategy_name,
 )
-from hashmesh.cli.state import state_of
-from hashmesh.v1 import admin_pb2, cache_pb2
+from hashmesh.cli.state import CliState, state_of
+from hashmesh.v1 import admin_pb2, cache_pb2, cache_pb2_grpc
 
 lb_app = typer.Typer(help="The balancer's AdminService (on --admin-target).", no_args_is_help=True)
 ratelimit_app = typer.Typer(help="Per-client rate limits of the balancer (on --admin-target).",
@@ -252,7 +253,11 @@ def ratelimit_set(
 
 @cache_app.command("stats")
 def cache_stats(ctx: typer.Context, json_out: JsonFlag = False) -> None:
-    """Hit, miss and size figures of the cache tiers, from the replica taking the call.
+    """Hit, miss and size figures of the cache tiers, summed over every replica.
+
+    The replicas come from the balancer (--admin-target) and are asked one by one; where
+    they cannot be reached from here (or there is no balancer), the figures are those of the
+    one replica that took the call, and the output says so.
 
     Example:
 
@@ -260,15 +265,45 @@ def cache_stats(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     """
     state = state_of(ctx)
     out = state.output(json_out)
-    reply = state.session.cache().GetCacheStats(cache_pb2.GetCacheStatsRequest(), timeout=state.options.timeout,
-                                                metadata=state.session.metadata())
-    tiers = [{"tier": cache_tier_name(t.tier), "hits": t.hits, "misses": t.misses, "entries": t.entries,
-              "evictions": t.evictions, "errors": t.errors} for t in reply.tiers]
+    replies, unreachable = _every_replicas_cache_stats(state)
+    scope = "partial" if unreachable else "mesh"
+    if not replies:
+        scope = "one replica"
+        replies = [state.session.cache().GetCacheStats(cache_pb2.GetCacheStatsRequest(),
+                                                       timeout=state.options.timeout,
+                                                       metadata=state.session.metadata())]
+    tiers = merge_cache_stats(replies)
+    answered = [r.replica for r in replies]
+    cached = list(replies[0].cached_algorithms)
     if out.json_mode:
-        out.json({"replica": reply.replica, "cached_algorithms": list(reply.cached_algorithms), "tiers": tiers})
+        out.json({"scope": scope, "replicas": answered, "unreachable": unreachable, "replica": answered[0],
+                  "cached_algorithms": cached, "tiers": tiers})
         return
-    out.fields({"replica": reply.replica, "cached algorithms": ", ".join(reply.cached_algorithms) or "none"})
+    which = {"mesh": "every replica", "one replica": "this replica only", "partial": "some replicas"}[scope]
+    out.fields({"figures of": f"{which}: {', '.join(answered)}",
+                **({"not reachable from here": ", ".join(unreachable)} if unreachable else {}),
+                "cached algorithms": ", ".join(cached) or "none"})
     out.table(["TIER", "HITS", "MISSES", "ENTRIES", "EVICTIONS", "ERRORS"], [list(t.values()) for t in tiers])
+
+
+def _every_replicas_cache_stats(state: CliState) -> tuple[list[cache_pb2.GetCacheStatsResponse], list[str]]:
+    """Each replica's own figures, asked directly; ``([], [])`` when the balancer's admin
+    endpoint cannot list them."""
+    try:
+        listed = state.session.admin().ListBackends(admin_pb2.ListBackendsRequest(), timeout=state.options.timeout,
+                                                    metadata=state.session.admin_metadata())
+    except grpc.RpcError:
+        return [], []
+    replies, unreachable = [], []
+    for backend in listed.backends:
+        with open_channel(backend.address, state.options) as channel:
+            try:
+                replies.append(cache_pb2_grpc.CacheServiceStub(channel).GetCacheStats(
+                    cache_pb2.GetCacheStatsRequest(), timeout=state.options.timeout,
+                    metadata=state.session.metadata()))
+            except grpc.RpcError:
+                unreachable.append(backend.address)
+    return replies, unreachable
 
 
 @cache_app.command("clear")

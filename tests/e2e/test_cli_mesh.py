@@ -131,6 +131,34 @@ def test_cache_and_health(cli_mesh: Mesh) -> None:
     assert hashctl_json(*on(cli_mesh), "health", "--admin")["status"] == "SERVING"
 
 
+def test_cache_stats_add_up_every_replica(cli_mesh: Mesh) -> None:
+    import grpc
+
+    from hashmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, hash_pb2, hash_pb2_grpc
+
+    # Two identical calls straight to the last replica: a hit there, wherever stats land.
+    request = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"stats-pw", argon2=(
+        common_pb2.Argon2Params(time_cost=1, memory_cost_kib=8192, parallelism=1, salt=b"stats-salt-16byt")))
+    with grpc.insecure_channel(cli_mesh.hashd[-1].address) as channel:
+        for _ in range(2):
+            hash_pb2_grpc.HashServiceStub(channel).Hash(request, timeout=30)
+    own = []
+    for replica in cli_mesh.hashd:
+        with grpc.insecure_channel(replica.address) as channel:
+            own.append(cache_pb2_grpc.CacheServiceStub(channel).GetCacheStats(
+                cache_pb2.GetCacheStatsRequest(), timeout=10))
+    stats = hashctl_json(*on(cli_mesh), "cache", "stats")
+    assert stats["scope"] == "mesh" and sorted(stats["replicas"]) == sorted(r.replica for r in own)
+    memory = next(t for t in stats["tiers"] if t["tier"] == "memory")
+    assert memory["hits"] == sum(t.hits for r in own for t in r.tiers if t.tier == cache_pb2.CACHE_TIER_MEMORY)
+    assert memory["hits"] >= 1
+    # No balancer to list the replicas: the one that answered, and the output says so.
+    alone = hashctl_json("--target", cli_mesh.address, "--admin-target", "127.0.0.1:1", "cache", "stats")
+    assert alone["scope"] == "one replica" and len(alone["replicas"]) == 1
+    text = hashctl("--target", cli_mesh.address, "--admin-target", "127.0.0.1:1", "cache", "stats")
+    assert "this replica only" in text.stdout
+
+
 def _hashctl_process(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "hashmesh.cli", *args], capture_output=True, text=True,
                           timeout=90, env={**os.environ, "PYTHONWARNINGS": "error"})
