@@ -111,8 +111,10 @@ class Argon2Params:
         hash_len: int = 0,
         salt: bytes = b"",
         field_prefix: str = "argon2",
+        memory_limit_kib: int | None = None,
     ) -> Argon2Params:
-        """Zeros take the defaults; out-of-bounds values raise ``InvalidArgument``."""
+        """Zeros take the defaults; out-of-bounds values raise ``InvalidArgument``, and so does
+        a ``memory_cost_kib`` over ``memory_limit_kib`` (what this server's memory can hold)."""
         values = {
             "time_cost": time_cost or DEFAULT_TIME_COST,
             "memory_cost_kib": memory_cost_kib or DEFAULT_MEMORY_KIB,
@@ -125,6 +127,7 @@ class Argon2Params:
                 raise InvalidArgument(
                     f"{field_prefix}.{name}", f"must be between {low} and {high}, got {value}"
                 )
+        check_memory_limit(values["memory_cost_kib"], memory_limit_kib, f"{field_prefix}.memory_cost_kib")
         if values["memory_cost_kib"] < 8 * values["parallelism"]:
             raise InvalidArgument(
                 f"{field_prefix}.memory_cost_kib", "must be at least 8 KiB per lane of parallelism"
@@ -189,8 +192,22 @@ _default_hasher = argon2.PasswordHasher(
 )
 
 
-def validate_phc(encoded: str, *, field: str = "encoded") -> argon2.Parameters:
-    """Parse an Argon2 PHC string; malformed or out-of-bounds ones raise ``InvalidArgument``."""
+def check_memory_limit(memory_cost_kib: int, limit_kib: int | None, field: str) -> None:
+    """``InvalidArgument`` naming ``field`` when an argon2 call would need more memory than
+    this server keeps for one (its memory limit shared by its argon2 threads)."""
+    if limit_kib is not None and memory_cost_kib > limit_kib:
+        raise InvalidArgument(
+            field,
+            f"must be at most {limit_kib} KiB on this server (its memory limit holds that much per "
+            f"argon2 thread), got {memory_cost_kib}",
+        )
+
+
+def validate_phc(
+    encoded: str, *, field: str = "encoded", memory_limit_kib: int | None = None
+) -> argon2.Parameters:
+    """Parse an Argon2 PHC string; malformed or out-of-bounds ones raise ``InvalidArgument``,
+    as does a memory cost over ``memory_limit_kib``."""
     try:
         parsed = argon2.extract_parameters(encoded)
     except (argon2.exceptions.InvalidHashError, ValueError) as exc:
@@ -207,6 +224,7 @@ def validate_phc(encoded: str, *, field: str = "encoded") -> argon2.Parameters:
             raise InvalidArgument(
                 field, f"{name}={value} is outside the server's bounds {low}..{high}"
             )
+    check_memory_limit(parsed.memory_cost, memory_limit_kib, field)
     return parsed
 
 

@@ -134,9 +134,13 @@ def add_hash_service(servicer: HashService, server: grpc.aio.Server) -> None:
 
 
 def argon2_params(
-    message: common_pb2.Argon2Params, *, field_prefix: str = "argon2"
+    message: common_pb2.Argon2Params,
+    *,
+    field_prefix: str = "argon2",
+    memory_limit_kib: int | None = None,
 ) -> hashing.Argon2Params:
     return hashing.Argon2Params.build(
+        memory_limit_kib=memory_limit_kib,
         time_cost=message.time_cost,
         memory_cost_kib=message.memory_cost_kib,
         parallelism=message.parallelism,
@@ -153,11 +157,17 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 class HashService(hash_pb2_grpc.HashServiceServicer):
     def __init__(
-        self, executor: BoundedExecutor, cache: ResultCache | None, *, max_input_bytes: int
+        self,
+        executor: BoundedExecutor,
+        cache: ResultCache | None,
+        *,
+        max_input_bytes: int,
+        argon2_memory_kib: int | None = None,
     ) -> None:
         self._executor = executor
         self._cache = cache
         self._max_input = max_input_bytes
+        self._argon2_memory_kib = argon2_memory_kib
 
     async def Hash(
         self, request: hash_pb2.HashRequest, context: grpc.aio.ServicerContext
@@ -167,7 +177,9 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         if len(data) > self._max_input:
             raise InputTooLarge(len(data), self._max_input)
         if algorithm is Algorithm.ARGON2ID:
-            params: hashing.Argon2Params | None = argon2_params(request.argon2)
+            params: hashing.Argon2Params | None = argon2_params(
+                request.argon2, memory_limit_kib=self._argon2_memory_kib
+            )
         else:
             params = None
         cache = self._cache
@@ -246,7 +258,7 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         else:
             algorithm = algorithm_from_wire(request.algorithm)
         if algorithm is Algorithm.ARGON2ID:
-            hashing.validate_phc(request.encoded)
+            hashing.validate_phc(request.encoded, memory_limit_kib=self._argon2_memory_kib)
             match, rehash = await self._executor.run(
                 hashing.argon2id_verify, request.encoded, request.data, deadline=_deadline(context)
             )

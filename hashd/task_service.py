@@ -126,13 +126,17 @@ def task_id_of(value: str, field: str = "id") -> str:
 
 
 def validate_spec(
-    spec: task_pb2.TaskSpec, *, field: str, default_max_attempts: int
+    spec: task_pb2.TaskSpec,
+    *,
+    field: str,
+    default_max_attempts: int,
+    argon2_memory_kib: int | None = None,
 ) -> tuple[NewTask, Argon2Params | None]:
     """A ``NewTask`` (client id filled in later) and its argon2 parameters, or
     ``InvalidArgument`` naming the field (``specs[3].priority``)."""
     algorithm = algorithm_from_wire(spec.algorithm, field=f"{field}.algorithm")
     params = (
-        argon2_params(spec.argon2, field_prefix=f"{field}.argon2")
+        argon2_params(spec.argon2, field_prefix=f"{field}.argon2", memory_limit_kib=argon2_memory_kib)
         if algorithm is Algorithm.ARGON2ID
         else None
     )
@@ -287,7 +291,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                     f"{self._settings.max_message_bytes}-byte limit for a task input",
                 )
             task, params = validate_spec(
-                spec, field=name, default_max_attempts=self._settings.default_max_attempts
+                spec, field=name, default_max_attempts=self._settings.default_max_attempts,
+                argon2_memory_kib=self._settings.argon2_memory_limit_kib,
             )
             tasks.append(await self._with_cached(replace(task, client_id=client_id), params))
         self._require_database()
