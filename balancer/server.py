@@ -31,7 +31,7 @@ from hashmesh.balancer.proxy import Proxy, Router
 from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.stats import BalancerStats, Snapshot
 from hashmesh.core import metrics
-from hashmesh.core.rpc import GrpcServer, server_options, wait_for_signal
+from hashmesh.core.rpc import LIVENESS_SERVICE, GrpcServer, server_options, wait_for_signal
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class Balancer:
     async def start(self) -> None:
         for name in ("", *PROXIED_SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.backends.start()
         tls = self.settings.tls
         try:
