@@ -84,7 +84,8 @@ async def _run(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
     display.supervisor = supervisor
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal was closed. Stop in order, as for Ctrl-C.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     code = 0
     starting = asyncio.create_task(supervisor.start())

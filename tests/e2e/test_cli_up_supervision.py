@@ -113,3 +113,22 @@ def test_a_database_left_running_by_an_earlier_up_is_taken_over(tmp_path: Path) 
         assert _stop(up) == 0
         orphan.stop()
     assert _processes_mentioning(str(state_dir)) == []
+
+
+def test_a_closed_terminal_stops_the_mesh_in_order(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    up, reader = _up(state_dir)
+    try:
+        ready = reader.wait_for(lambda e: e["event"] in ("ready", "failed"))
+        assert ready["event"] == "ready", ready
+        mesh = _descendants(set(ready["pids"].values()))
+        up.send_signal(signal.SIGHUP)  # what a terminal sends its processes when it closes
+        assert up.wait(60) == 0
+    finally:
+        _stop(up)
+    reader.thread.join(5)
+    while not reader.events.empty():
+        reader.seen.append(reader.events.get())
+    stops = [e["name"] for e in reader.seen if e["event"] == "stopped"]
+    assert stops[0] == "balancer" and stops[-1] == "postgres"
+    assert _wait_gone(mesh) == []
