@@ -71,7 +71,9 @@ def test_overload_is_refused_at_once_while_sha256_still_answers(dsn: str, procs:
 def test_sigterm_goes_not_serving_refuses_new_calls_and_finishes_in_flight(
     dsn: str, procs: Processes
 ) -> None:
-    replica = procs.hashd(dsn, "--metrics-port", "0", env={"HASHMESH_GRACE_SECONDS": "8"})
+    # A grace period far longer than the call needs even on a loaded machine: what is tested
+    # is that the call in flight is finished, not how fast.
+    replica = procs.hashd(dsn, "--metrics-port", "0", env={"HASHMESH_GRACE_SECONDS": "60"})
     results: dict[str, object] = {}
     channel = grpc.insecure_channel(replica.address)
     stub = hash_pb2_grpc.HashServiceStub(channel)
@@ -90,7 +92,7 @@ def test_sigterm_goes_not_serving_refuses_new_calls_and_finishes_in_flight(
                         time_cost=8, memory_cost_kib=131072, parallelism=1
                     ),
                 ),
-                timeout=30,
+                timeout=90,
             )
         except grpc.RpcError as exc:
             results["error"] = exc
@@ -113,10 +115,10 @@ def test_sigterm_goes_not_serving_refuses_new_calls_and_finishes_in_flight(
         )
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
-    worker.join(30)
+    worker.join(90)
     channel.close()
     assert "error" not in results, results.get("error")
     reply = results["reply"]
     assert isinstance(reply, hash_pb2.HashResponse)
     assert reply.result.encoded.startswith("$argon2id$v=19$m=131072,t=8,p=1$")
-    assert replica.popen.wait(20) == 0
+    assert replica.popen.wait(60) == 0

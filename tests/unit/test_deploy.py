@@ -103,6 +103,12 @@ def test_compose_runs_the_whole_mesh_and_scales(compose: dict[str, Any]) -> None
             assert (ROOT / source).exists(), source
 
 
+def test_compose_file_is_read_by_compose_v1_too(compose: dict[str, Any]) -> None:
+    # docker-compose 1.29 (Debian's) knows only these top-level keys (and x- extensions).
+    assert {k for k in compose if not k.startswith("x-")} <= {"version", "services", "volumes",
+                                                              "networks", "secrets", "configs"}
+
+
 def test_compose_sets_argon2_to_fit_its_limits_and_a_healthcheck_per_service(compose: dict[str, Any]) -> None:
     services = compose["services"]
     hashd = services["hashd"]

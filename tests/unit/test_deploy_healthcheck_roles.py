@@ -53,3 +53,28 @@ def test_the_listen_variable_counts_and_a_one_shot_container_passes(
     assert probe.target_of("hashd", ["hashd"]) == "127.0.0.1:50999"
     root = _proc(tmp_path, {1: ["/opt/hashmesh/bin/python", "/opt/hashmesh/bin/hashctl", "db", "migrate"]})
     assert probe.find_daemon(root) is None
+
+
+def test_workerd_is_checked_through_the_metrics_port_of_its_environment(
+        probe: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Metrics) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+        monkeypatch.setenv("HASHMESH_WORKERD_METRICS_PORT", str(port))
+        assert probe.check_workerd(["workerd"], 2.0) == 0
+        assert probe.check_workerd(["workerd", "--metrics-port", str(port)], 2.0) == 0
+        server.shutdown()
+    assert probe.check_workerd(["workerd"], 2.0) == 1  # nobody answers any more
+    monkeypatch.delenv("HASHMESH_WORKERD_METRICS_PORT")
+    assert probe.check_workerd(["workerd"], 2.0) == 0  # no endpoint: alive is all there is
