@@ -176,7 +176,11 @@ class Supervisor:
         self.emit("starting", name="postgres")
         # Shielded: a stop during start-up waits for the server to be up, then stops it.
         self._database_start = asyncio.get_running_loop().run_in_executor(None, self.database.start)
-        self.dsn = await asyncio.shield(self._database_start)
+        try:
+            self.dsn = await asyncio.shield(self._database_start)
+        except RuntimeError as exc:  # the server exited: its own words, not the whole log
+            log_path = self.database.log_file
+            raise StartupError(f"PostgreSQL did not start (log {log_path}):\n{_reasons(log_path)}") from exc
         self.emit("running", name="postgres", pid=self.database.pid, address=f"{self.database.host}:"
                   f"{self.database.port}", dsn=self.dsn)
 
@@ -401,6 +405,13 @@ async def _terminate(process: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
+
+
+def _reasons(path: Path, most: int = 3) -> str:
+    """The last FATAL/PANIC/ERROR lines of a PostgreSQL log (else its last line)."""
+    text = _tail(path, 200).splitlines()
+    found = [line for line in text if any(f"{level}:" in line for level in ("FATAL", "PANIC", "ERROR"))]
+    return "\n".join(found[-most:] or text[-1:])
 
 
 def _tail(path: Path, lines: int = 20) -> str:

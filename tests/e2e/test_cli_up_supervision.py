@@ -132,3 +132,19 @@ def test_a_closed_terminal_stops_the_mesh_in_order(tmp_path: Path) -> None:
     stops = [e["name"] for e in reader.seen if e["event"] == "stopped"]
     assert stops[0] == "balancer" and stops[-1] == "postgres"
     assert _wait_gone(mesh) == []
+
+
+def test_a_database_that_cannot_start_is_explained_in_a_few_lines(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    broken = state_dir / "postgres" / "pgdata"
+    broken.mkdir(parents=True)
+    (broken / "PG_VERSION").write_text("15\n")  # looks initialised, has no configuration
+    env = {k: v for k, v in os.environ.items() if k != "HASHMESH_DATABASE_URL"}
+    run = subprocess.run(
+        [sys.executable, "-m", "hashmesh.cli", "up", "--port", "0", "--admin-port", "0",
+         "--state-dir", str(state_dir)], capture_output=True, text=True, env=env, timeout=90)
+    assert run.returncode == ExitCode.OTHER
+    lines = run.stderr.strip().splitlines()
+    assert lines[0] == f"error: PostgreSQL did not start (log {state_dir / 'logs' / 'postgres.log'}):"
+    assert 2 <= len(lines) <= 4 and "postgresql.conf" in run.stderr, run.stderr
+    assert _processes_mentioning(str(state_dir)) == []
