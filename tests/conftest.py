@@ -126,7 +126,9 @@ class Processes:
                 ",".join(backends),
                 *args,
             ],
-            env,
+            # Two slow health answers in a row on a loaded machine must not take a live replica
+            # out of rotation; a dead one still fails its check at once.
+            {"HASHMESH_BALANCER_HEALTH_TIMEOUT": "5", **(env or {})},
             ("balancer", "balancer admin"),
         )
         wait_serving(proc.addresses["balancer"])

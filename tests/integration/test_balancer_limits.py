@@ -152,7 +152,8 @@ def test_in_flight_cap_spills_then_fails_fast_and_dns_finds_replicas(tmp_path: P
         ["hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
          "--backends-dns", f"localhost:{port}"],
         log_dir=tmp_path,
-        env={"HASHMESH_BALANCER_MAX_IN_FLIGHT": "1", "HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2"},
+        env={"HASHMESH_BALANCER_MAX_IN_FLIGHT": "1", "HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2",
+             "HASHMESH_BALANCER_HEALTH_TIMEOUT": "5"},
         expect=("balancer", "balancer admin"),
     )
     try:

@@ -53,7 +53,8 @@ def test_balancer_metrics_from_a_real_process(tmp_path: Path, started: Callable[
         log_dir=tmp_path,
         # Health checks slow enough that the killed replica is caught by failing calls
         # (ejection) before checks mark it unhealthy.
-        env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "1.0", "HASHMESH_ADMIN_TOKEN": TOKEN,
+        env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "1.0", "HASHMESH_BALANCER_HEALTH_TIMEOUT": "5",
+             "HASHMESH_ADMIN_TOKEN": TOKEN,
              "HASHMESH_BALANCER_RATE_LIMIT_OVERRIDES": "flooder=0.2/5"},
         expect=("balancer", "balancer admin", "balancer metrics"),
     ))

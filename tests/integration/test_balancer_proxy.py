@@ -48,7 +48,10 @@ def start_balancer(log_dir: Path, backends: list[Proc], *args: str, env: dict[st
         ["hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
          "--backends", ",".join(b.address for b in backends), *args],
         log_dir=log_dir,
-        env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2", **(env or {})},
+        # A generous check timeout: on a loaded machine two slow answers in a row would take a
+        # live replica out of rotation. Dead replicas still fail at once (refused connections).
+        env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2", "HASHMESH_BALANCER_HEALTH_TIMEOUT": "5",
+             **(env or {})},
         expect=("balancer", "balancer admin"),
     )
     wait_serving(proc.addresses["balancer"])
