@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     except SettingsError as exc:
         sys.exit(f"hashmesh-balancer: {exc}")
+    if not settings.identity_secret:
+        sys.exit("hashmesh-balancer: HASHMESH_IDENTITY_SECRET is not set: the replicas need it to tell "
+                 "the balancer's identity stamp from a forged one (any random string of 16+ characters, "
+                 "the same for every balancer and hashd of the mesh)")
     if not settings.backends and not settings.backends_dns:
         sys.exit("hashmesh-balancer: no replicas: pass --backends or --backends-dns")
     from hashmesh.balancer.server import run

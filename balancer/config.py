@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from hashmesh.core.identity import MIN_SECRET_LENGTH, parse_networks
 from hashmesh.core.settings import (
     SettingsError,
     env_float,
@@ -107,8 +108,10 @@ class BalancerSettings:
     """host:port of the admin listener (AdminService, health, reflection). Without an admin
     token it must be loopback (``BALANCER_ADMIN_LISTEN``, ``--admin-listen``)."""
     admin_token: str = ""
-    """Bearer token for AdminService (``ADMIN_TOKEN``). Set: required on both listeners.
-    Empty: AdminService answers only on the loopback admin listener."""
+    """The operator's bearer token (``ADMIN_TOKEN``). Set: required for AdminService on both
+    listeners, and a proxied call carrying it is stamped as the operator's (a wrong one is
+    UNAUTHENTICATED). Empty: AdminService answers only on the loopback admin listener, and no
+    proxied call is the operator's."""
     backends: tuple[str, ...] = ()
     """Static replica addresses (``BALANCER_BACKENDS``, ``--backends a,b,c``)."""
     backends_dns: tuple[str, ...] = ()
@@ -143,10 +146,14 @@ class BalancerSettings:
     ``rate[/burst]``, ``--rate-limit``)."""
     rate_limit_overrides: dict[str, RateLimitSettings] = field(default_factory=dict)
     """Per-client limits (``BALANCER_RATE_LIMIT_OVERRIDES`` as ``id=rate[/burst],...``)."""
-    peer_from: str = "client_id"
-    """What identifies a peer for rate limiting when API keys are off: ``client_id``
-    (``x-client-id`` metadata, the caller's address when absent) or ``address``
-    (``BALANCER_PEER_FROM``)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or CIDR ranges of proxies in front of the balancer whose ``x-client-id`` and
+    ``x-forwarded-for`` are believed; empty: nobody's (``BALANCER_TRUSTED_PROXIES``, e.g.
+    ``10.0.0.0/8,::1``). Every other caller is its API key's client, else ``ip:<address>``."""
+    identity_secret: str = ""
+    """HMAC key of the identity stamp sent to the replicas; every balancer and hashd of a mesh
+    holds the same one, at least 16 characters (``IDENTITY_SECRET``). The daemon refuses to
+    start without it; ``hashctl up`` makes one per run."""
     limiter_table_size: int = 20_000
     """Most peers with a limiter at once; the least recently seen is evicted first
     (``BALANCER_LIMITER_TABLE_SIZE``)."""
@@ -186,8 +193,12 @@ class BalancerSettings:
             raise SettingsError(f"HASHMESH_BALANCER_STRATEGY must be one of {STRATEGIES}")
         if self.event_loop not in ("auto", "uvloop", "asyncio"):
             raise SettingsError("HASHMESH_BALANCER_EVENT_LOOP must be auto, uvloop or asyncio")
-        if self.peer_from not in ("client_id", "address"):
-            raise SettingsError("HASHMESH_BALANCER_PEER_FROM must be client_id or address")
+        try:
+            parse_networks(self.trusted_proxies, "HASHMESH_BALANCER_TRUSTED_PROXIES")
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        if self.identity_secret and len(self.identity_secret) < MIN_SECRET_LENGTH:
+            raise SettingsError(f"HASHMESH_IDENTITY_SECRET must be at least {MIN_SECRET_LENGTH} characters")
         if not self.admin_token and not is_loopback(self.admin_listen):
             raise SettingsError(
                 "the admin listener is not loopback: set HASHMESH_ADMIN_TOKEN or bind it to 127.0.0.1"
@@ -234,7 +245,8 @@ class BalancerSettings:
             max_attempts=env_int("BALANCER_MAX_ATTEMPTS", cls.max_attempts, minimum=1),
             rate_limit=parse_limit(limit) if limit else None,
             rate_limit_overrides=parse_overrides(env_list("BALANCER_RATE_LIMIT_OVERRIDES")),
-            peer_from=env_str("BALANCER_PEER_FROM", cls.peer_from),
+            trusted_proxies=env_list("BALANCER_TRUSTED_PROXIES"),
+            identity_secret=env_str("IDENTITY_SECRET", ""),
             limiter_table_size=env_int("BALANCER_LIMITER_TABLE_SIZE", cls.limiter_table_size),
             api_keys_file=env_str("BALANCER_API_KEYS_FILE", ""),
             max_message_bytes=env_int("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024),

@@ -2,9 +2,15 @@
 
 ``build_chain`` is the one place their order is written down:
 
-1. ``Identify``  — who the caller is: the client of its API key when keys are on (a missing or
-   wrong key → UNAUTHENTICATED), else ``x-client-id`` or the caller's address.
-2. ``RateLimit`` — one token from that client's bucket, or RESOURCE_EXHAUSTED at once.
+1. ``Identify``  — who the caller is, decided here once for the whole mesh: the client of its
+   API key when keys are on (a missing or wrong key → UNAUTHENTICATED); else, for a caller in
+   ``trusted_proxies``, the ``x-client-id`` or the first untrusted ``x-forwarded-for`` hop it
+   vouches for; else the caller's address as ``ip:<host>``. A valid
+   ``authorization: Bearer <admin token>`` adds the operator role (a wrong one →
+   UNAUTHENTICATED).
+2. ``RateLimit`` — one token from that identity's bucket, or RESOURCE_EXHAUSTED at once.
+3. ``Stamp``     — the identity goes to the replica signed (``hashmesh.core.identity``); any
+   stamp, ``x-client-id``, API key or bearer token the caller sent is never forwarded.
 
 They run inside the proxy's handler rather than as ``grpc.aio.ServerInterceptor``s: a grpc.aio
 interceptor cannot see the caller's address (only metadata), and wrapping every handler adds
@@ -13,7 +19,7 @@ the hot path, is guarded by a real ``grpc.aio.ServerInterceptor`` (``AdminAuth``
 
 from __future__ import annotations
 
-import hmac
+import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -22,39 +28,56 @@ import grpc
 from hashmesh.balancer.keys import ApiKeys
 from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.stats import BalancerStats
-from hashmesh.core.errors import PermissionDenied, Unauthenticated
+from hashmesh.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from hashmesh.core.identity import (
+    ADDRESS_PREFIX,
+    AUTHORIZATION,
+    STAMP_HEADERS,
+    Stamper,
+    address_identity,
+    bearer_token,
+    host_of,
+    parse_networks,
+    token_matches,
+    valid_identity,
+)
 from hashmesh.core.rpc import abort_with
 
 CLIENT_ID = "x-client-id"
 API_KEY = "x-api-key"
 FORWARDED_FOR = "x-forwarded-for"
-AUTHORIZATION = "authorization"
 ADMIN_PREFIX = "/hashmesh.v1.AdminService/"
 
-# Not forwarded: connection-level headers (RFC 9110 §7.6.1), those gRPC sets per hop, and the
-# client's API key (a credential for the balancer alone).
+# Not forwarded: connection-level headers (RFC 9110 §7.6.1), those gRPC sets per hop, the
+# caller's credentials (for the balancer alone), and what a caller might say about who it is
+# (the replica hears that from the stamp only).
 HOP_BY_HOP = frozenset(
     {
         "connection", "keep-alive", "proxy-connection", "proxy-authorization", "te",
         "transfer-encoding", "upgrade", "host", "user-agent", "content-type", "grpc-timeout",
-        "grpc-encoding", "grpc-accept-encoding", API_KEY,
+        "grpc-encoding", "grpc-accept-encoding", API_KEY, AUTHORIZATION, CLIENT_ID, *STAMP_HEADERS,
     }
 )
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class CallInfo:
     """What interceptors and the proxy know about one incoming call."""
 
-    __slots__ = ("address", "api_key", "client", "client_id", "hash_value", "metadata", "method",
-                 "reply_metadata")
+    __slots__ = ("address", "api_key", "bearer", "client", "client_id", "forwarded_for", "hash_value",
+                 "metadata", "method", "operator", "reply_metadata")
 
     def __init__(self, method: str, address: str) -> None:
         self.method = method
         self.address = address
         self.client_id: str | None = None
         self.api_key: str | None = None
+        self.bearer: str | None = None
+        self.forwarded_for = ""
         self.hash_value: str | None = None
         self.client = ""
+        self.operator = False
         self.metadata: list[tuple[str, str | bytes]] = []
         self.reply_metadata: tuple[tuple[str, str], ...] = ()
 
@@ -65,20 +88,22 @@ def read_call(
     """One pass over the request metadata: what is forwarded, and the few keys we read."""
     call = CallInfo(method, address)
     forwarded = call.metadata
-    prior_hops = ""
     for key, value in incoming or ():
+        if key == hash_key and isinstance(value, str):
+            call.hash_value = value
         if key in HOP_BY_HOP:
             if key == API_KEY:
                 call.api_key = value if isinstance(value, str) else None
+            elif key == AUTHORIZATION:
+                call.bearer = bearer_token(((key, value),))
+            elif key == CLIENT_ID and isinstance(value, str):
+                call.client_id = value
             continue
         if key == FORWARDED_FOR:
-            prior_hops = f"{value}, " if isinstance(value, str) else ""
+            call.forwarded_for = value if isinstance(value, str) else ""
             continue
-        if key == CLIENT_ID and isinstance(value, str):
-            call.client_id = value
-        if key == hash_key and isinstance(value, str):
-            call.hash_value = value
         forwarded.append((key, value))
+    prior_hops = f"{call.forwarded_for}, " if call.forwarded_for else ""
     forwarded.append((FORWARDED_FOR, prior_hops + _host_of(address)))
     return call
 
@@ -87,12 +112,11 @@ _hosts: dict[str, str] = {}
 
 
 def _host_of(peer: str) -> str:
-    """``ipv4:127.0.0.1:5000`` → ``127.0.0.1``; ``ipv6:[::1]:5000`` → ``::1``. Remembered per
-    connection (the peer string), since every call on a connection asks again."""
+    """``host_of``, remembered per connection (the peer string), since every call on a
+    connection asks again."""
     host = _hosts.get(peer)
     if host is None:
-        _, _, rest = peer.partition(":")
-        host = (rest.rsplit(":", 1)[0] if rest else peer).strip("[]")
+        host = host_of(peer)
         if len(_hosts) > 10_000:
             _hosts.clear()
         _hosts[peer] = host
@@ -104,30 +128,83 @@ class CallInterceptor(Protocol):
         """Raise a ``HashmeshError`` to refuse the call; may add ``call.reply_metadata``."""
 
 
-class Identify:
-    """Sets ``call.client``. With API keys, the key decides and overrides ``x-client-id``
-    (also in the metadata sent to the replica, so its per-client quotas hold too)."""
+class TrustedProxies:
+    """Which addresses may speak for the callers behind them (bounded memo per address)."""
 
-    def __init__(self, keys: ApiKeys | None, peer_from: str, stats: BalancerStats) -> None:
+    def __init__(self, networks: Sequence[Network]) -> None:
+        self._networks = tuple(networks)
+        self._seen: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def trusts(self, host: str) -> bool:
+        known = self._seen.get(host)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                known = False
+            else:
+                known = any(address in network for network in self._networks)
+            if len(self._seen) > 10_000:
+                self._seen.clear()
+            self._seen[host] = known
+        return known
+
+    def origin(self, forwarded_for: str) -> str | None:
+        """The rightmost ``x-forwarded-for`` hop that is not one of ours (the hops to its
+        left were written by callers nobody vouches for); ``None`` if a hop is malformed."""
+        hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                return None
+            if not self.trusts(hop):
+                return hop
+        return hops[0] if hops else None
+
+
+class Identify:
+    """Sets ``call.client`` (the identity) and ``call.operator``; see the module docstring."""
+
+    def __init__(self, keys: ApiKeys | None, trusted: TrustedProxies, admin_token: str,
+                 stats: BalancerStats) -> None:
         self._keys = keys
-        self._by_address = peer_from == "address"
+        self._trusted = trusted
+        self._admin_token = admin_token
         self._stats = stats
 
     async def admit(self, call: CallInfo) -> None:
+        if call.bearer is not None and self._admin_token:
+            if not token_matches(call.bearer, self._admin_token):
+                self._stats.unauthenticated += 1
+                raise Unauthenticated("wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)")
+            call.operator = True
         keys = self._keys
-        if keys is None:
-            if self._by_address or not call.client_id:
-                call.client = _host_of(call.address)
-            else:
-                call.client = call.client_id
+        if keys is not None and (call.api_key is not None or not call.operator):
+            client = keys.client_for(call.api_key) if call.api_key else None
+            if client is None:
+                self._stats.unauthenticated += 1
+                raise Unauthenticated("a valid x-api-key is required" if call.api_key is None else "unknown API key")
+            call.client = client
             return
-        client = keys.client_for(call.api_key) if call.api_key else None
-        if client is None:
-            self._stats.unauthenticated += 1
-            raise Unauthenticated("a valid x-api-key is required" if call.api_key is None else "unknown API key")
-        call.client = client
-        call.metadata = [kv for kv in call.metadata if kv[0] != CLIENT_ID]
-        call.metadata.append((CLIENT_ID, client))
+        host = _host_of(call.address)
+        if self._trusted and self._trusted.trusts(host):
+            call.client = self._vouched(call) or address_identity(host)
+            return
+        call.client = address_identity(host)
+
+    def _vouched(self, call: CallInfo) -> str | None:
+        """The identity a trusted proxy states for its caller."""
+        if call.client_id:
+            if not valid_identity(call.client_id) or call.client_id.startswith(ADDRESS_PREFIX):
+                raise InvalidArgument(CLIENT_ID, "must be 1-200 printable ASCII characters without spaces, "
+                                      f"not starting with {ADDRESS_PREFIX!r}")
+            return call.client_id
+        origin = self._trusted.origin(call.forwarded_for) if call.forwarded_for else None
+        return address_identity(origin) if origin else None
 
 
 class RateLimit:
@@ -142,11 +219,32 @@ class RateLimit:
             call.reply_metadata = allowance.metadata()
 
 
+class Stamp:
+    """Signs the identity for the replica (``hashmesh.core.identity``)."""
+
+    def __init__(self, stamper: Stamper) -> None:
+        self._stamper = stamper
+
+    async def admit(self, call: CallInfo) -> None:
+        call.metadata.extend(self._stamper.stamp(call.client, call.method, operator=call.operator))
+
+
 def build_chain(
-    keys: ApiKeys | None, peer_from: str, limiter: RateLimiter, stats: BalancerStats
+    keys: ApiKeys | None,
+    limiter: RateLimiter,
+    stats: BalancerStats,
+    *,
+    trusted_proxies: Sequence[str] = (),
+    admin_token: str = "",
+    identity_secret: str = "",
 ) -> tuple[CallInterceptor, ...]:
-    """The order of the interceptors, outermost first."""
-    return (Identify(keys, peer_from, stats), RateLimit(limiter))
+    """The order of the interceptors, outermost first. Without a secret (only in-process
+    tests: the daemon refuses to start without one) calls go unstamped."""
+    trusted = TrustedProxies(parse_networks(trusted_proxies, "HASHMESH_BALANCER_TRUSTED_PROXIES"))
+    chain: list[CallInterceptor] = [Identify(keys, trusted, admin_token, stats), RateLimit(limiter)]
+    if identity_secret:
+        chain.append(Stamp(Stamper(identity_secret)))
+    return tuple(chain)
 
 
 # -- AdminService -----------------------------------------------------------------------------
@@ -164,10 +262,10 @@ class AdminPolicy:
             if self._open:
                 return
             raise PermissionDenied("AdminService is served only on the admin listener (loopback)")
-        presented = next((v for k, v in metadata or () if k == AUTHORIZATION), None)
-        if not isinstance(presented, str) or not presented.startswith("Bearer "):
+        presented = bearer_token(metadata)
+        if not presented:
             raise Unauthenticated("AdminService needs 'authorization: Bearer <admin token>'")
-        if not hmac.compare_digest(presented[len("Bearer "):].encode(), self._token.encode()):
+        if not token_matches(presented, self._token):
             raise Unauthenticated("wrong admin token")
 
 

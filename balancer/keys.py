@@ -13,6 +13,7 @@ import os
 import secrets
 from pathlib import Path
 
+from hashmesh.core.identity import ADDRESS_PREFIX, valid_identity
 from hashmesh.core.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ def parse(text: str, source: str = "keys file") -> dict[str, str]:
         parts = line.split()
         if len(parts) != 2 or not parts[1].startswith(PREFIX) or len(parts[1]) != len(PREFIX) + 64:
             raise SettingsError(f"{source}:{number}: expected 'client_id sha256:<64 hex digits>'")
+        if not valid_identity(parts[0]) or parts[0].startswith(ADDRESS_PREFIX):
+            raise SettingsError(f"{source}:{number}: a client id is 1-200 printable ASCII characters, "
+                                f"not starting with {ADDRESS_PREFIX!r} (kept for peer addresses)")
         table[parts[1].lower()] = parts[0]
     return table
 

@@ -54,8 +54,9 @@ class Balancer:
         self.backends = BackendSet(settings, on_change=self._serving_changed)
         # Per-call metrics only when something will read them.
         call_metrics = CallMetrics() if settings.metrics_port is not None else None
-        self.proxy = Proxy(settings, self.backends, build_chain(self.keys, settings.peer_from, self.limiter, self.stats),
-                           self.stats, call_metrics)
+        chain = build_chain(self.keys, self.limiter, self.stats, trusted_proxies=settings.trusted_proxies,
+                            admin_token=settings.admin_token, identity_secret=settings.identity_secret)
+        self.proxy = Proxy(settings, self.backends, chain, self.stats, call_metrics)
         admin = AdminServicer(self.stats, self.backends, self.limiter)
 
         self.health = HealthServicer()

@@ -211,6 +211,8 @@ def start_envoy(replicas: list[str], workdir: Path) -> tuple[subprocess.Popen[st
 
 
 def main() -> None:
+    # The daemons refuse to start without one (it signs the balancer's identity stamps).
+    os.environ.setdefault("HASHMESH_IDENTITY_SECRET", os.urandom(16).hex())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dsn")
     parser.add_argument("--seconds", type=float, default=5.0)

@@ -268,6 +268,8 @@ def bench_cost(dsn: str) -> None:
 
 
 def main() -> None:
+    # The daemons refuse to start without one (it signs the balancer's identity stamps).
+    os.environ.setdefault("HASHMESH_IDENTITY_SECRET", os.urandom(16).hex())
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

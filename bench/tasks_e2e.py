@@ -137,7 +137,7 @@ async def submit_single(stub: task_pb2_grpc.TaskServiceStub, n: int, in_flight: 
             i = next_index
             next_index += 1
             await stub.SubmitTask(
-                task_pb2.SubmitTaskRequest(spec=spec(i), client_id="bench"), timeout=30
+                task_pb2.SubmitTaskRequest(spec=spec(i)), timeout=30
             )
 
     await asyncio.gather(*(lane() for _ in range(in_flight)))
@@ -152,7 +152,7 @@ async def submit_batches(
         for start in starts:
             batch = [spec(i) for i in range(start, min(n, start + size))]
             await stub.SubmitTasks(
-                task_pb2.SubmitTasksRequest(specs=batch, client_id="bench"), timeout=60
+                task_pb2.SubmitTasksRequest(specs=batch), timeout=60
             )
 
     await asyncio.gather(*(lane() for _ in range(in_flight)))
@@ -239,6 +239,8 @@ def celery(n: int, rate: float, seconds: float) -> dict[str, dict[str, float]] |
 
 
 def main() -> None:
+    # The daemons refuse to start without one (it signs the balancer's identity stamps).
+    os.environ.setdefault("HASHMESH_IDENTITY_SECRET", os.urandom(16).hex())
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

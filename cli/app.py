@@ -59,11 +59,16 @@ def global_options(
     admin_target: Annotated[str, typer.Option(envvar="HASHMESH_ADMIN_TARGET",
                                               help="The balancer's admin endpoint.")] = DEFAULT_ADMIN_TARGET,
     admin_token: Annotated[str | None, typer.Option(envvar="HASHMESH_ADMIN_TOKEN", show_default=False,
-                                                    help="Bearer token for AdminService.")] = None,
+                                                    help="Operator token: AdminService, cache clear, "
+                                                    "every tenant's tasks.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="HASHMESH_API_KEY", show_default=False,
+                                                help="API key sent as x-api-key (the balancer's "
+                                                "HASHMESH_BALANCER_API_KEYS_FILE).")] = None,
     timeout: Annotated[float, typer.Option(envvar="HASHMESH_TIMEOUT", min=0.001,
                                            help="Deadline of each call, in seconds.")] = 10.0,
     client_id: Annotated[str | None, typer.Option(envvar="HASHMESH_CLIENT_ID", show_default=False,
-                                                  help="Sent as x-client-id (rate limits, idempotency).")]
+                                                  help="Sent as x-client-id: believed only from a "
+                                                  "trusted proxy.")]
     = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on every command (for scripts).")]
     = False,
@@ -85,13 +90,14 @@ def global_options(
         if not value.strip():
             raise CliError(f"{flag} is empty: give HOST:PORT", ExitCode.USAGE)
     # Sent as metadata: gRPC refuses other characters only once a call is made, as INTERNAL.
-    for flag, text in (("--client-id", client_id), ("--admin-token", admin_token)):
+    for flag, text in (("--client-id", client_id), ("--admin-token", admin_token), ("--api-key", api_key)):
         if text is not None and not _METADATA_TEXT.fullmatch(text):
             raise CliError(f"{flag} must be printable ASCII (it is sent as gRPC metadata)",
                            ExitCode.USAGE)
     tls = client_tls(tls_ca, tls_cert, tls_key, tls_server_name)
     ctx.obj = CliState(CliOptions(target=target, admin_target=admin_target, admin_token=admin_token,
-                                  timeout=timeout, client_id=client_id, json=json_out, tls=tls))
+                                  api_key=api_key, timeout=timeout, client_id=client_id, json=json_out,
+                                  tls=tls))
     ctx.call_on_close(ctx.obj.session.close)
 
 

@@ -356,6 +356,8 @@ def bench_command(
         raise CliError(f"bad -m metadata (a JSON object of strings): {exc}", ExitCode.INVALID_ARGUMENT) from None
     if state.options.client_id and "x-client-id" not in meta:
         meta["x-client-id"] = state.options.client_id
+    if state.options.api_key and "x-api-key" not in meta:
+        meta["x-api-key"] = state.options.api_key
     seconds = parse_duration(duration) if duration else None
     plan = LoadPlan(
         target=host or state.options.target,

@@ -182,13 +182,15 @@ class Session:
         return self._admin_channel
 
     def metadata(self) -> list[tuple[str, str]]:
-        if self.options.client_id:
-            return [("x-client-id", self.options.client_id)]
-        return []
+        """Metadata of calls to the public endpoint: who we are, as far as we can say."""
+        options = self.options
+        sent = [("x-client-id", options.client_id)] if options.client_id else []
+        if options.api_key:
+            sent.append(("x-api-key", options.api_key))
+        return [*sent, *self.admin_metadata()]
 
     def admin_metadata(self) -> list[tuple[str, str]]:
-        extra = [("authorization", f"Bearer {self.options.admin_token}")] if self.options.admin_token else []
-        return [*self.metadata(), *extra]
+        return [("authorization", f"Bearer {self.options.admin_token}")] if self.options.admin_token else []
 
     def hash(self) -> hash_pb2_grpc.HashServiceStub:
         return hash_pb2_grpc.HashServiceStub(self.channel)

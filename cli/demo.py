@@ -35,8 +35,8 @@ def run_demo(target: str, say: Callable[[str, bool | None], None], timeout: floa
                     + ("  matches hashlib" if ok else f"  MISMATCH, hashlib says {expected}"), ok)
         tasks = task_pb2_grpc.TaskServiceStub(channel)
         submitted = tasks.SubmitTask(task_pb2.SubmitTaskRequest(
-            spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA256, data=b"hello from a task"),
-            client_id="hashctl-demo"), timeout=10).task
+            spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA256, data=b"hello from a task")),
+            timeout=10).task
         say(f"task {submitted.id} submitted (sha256 of 'hello from a task'); waiting for a worker", None)
         task = _wait(tasks, submitted, timeout)
         expected = hashlib.sha256(b"hello from a task").hexdigest()

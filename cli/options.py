@@ -19,12 +19,16 @@ class CliOptions:
     admin_target: str = DEFAULT_ADMIN_TARGET
     """Address of the balancer's AdminService listener (``HASHMESH_ADMIN_TARGET``)."""
     admin_token: str | None = None
-    """Bearer token sent to AdminService (``HASHMESH_ADMIN_TOKEN``); unset sends none."""
+    """The operator's token (``HASHMESH_ADMIN_TOKEN``), sent as ``authorization: Bearer`` to
+    AdminService and with every other call, which then acts as the operator (every tenant's
+    tasks, ``cache clear``, worker details); unset sends none."""
+    api_key: str | None = None
+    """Sent as ``x-api-key`` on calls to the public endpoint (``HASHMESH_API_KEY``)."""
     timeout: float = 10.0
     """Deadline of each call, in seconds (``HASHMESH_TIMEOUT``)."""
     client_id: str | None = None
-    """Sent as ``x-client-id`` metadata: scopes rate limits and idempotency keys
-    (``HASHMESH_CLIENT_ID``)."""
+    """Sent as ``x-client-id`` metadata (``HASHMESH_CLIENT_ID``); the mesh believes it only
+    from a proxy in ``HASHMESH_BALANCER_TRUSTED_PROXIES``, never from hashctl itself."""
     json: bool = False
     """Print machine-readable JSON instead of tables."""
     tls: ClientTls | None = None

@@ -35,6 +35,9 @@ STABLE_AFTER = 30.0
 """A child that ran this long before crashing restarts with the first backoff again."""
 CACHE_SECRET_FILE = "cache-secret"
 """Under the state directory: the HMAC secret of the mesh's result cache (mode 0600)."""
+IDENTITY_SECRET_FILE = "identity-secret"
+"""Under the state directory: the mesh's ``HASHMESH_IDENTITY_SECRET`` (mode 0600), kept so that
+idempotency fingerprints stay comparable across runs."""
 
 Event = dict[str, Any]
 
@@ -126,12 +129,15 @@ class Supervisor:
         self.target = ""
         self.admin_target = ""
         self.cache_secret = ""
+        self.identity_secret = ""
 
     # ---- start ---------------------------------------------------------------------------
     async def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         if not os.environ.get("HASHMESH_CACHE_SECRET"):  # the user's own secret wins
             self.cache_secret = load_cache_secret(self.plan.state_dir)
+        if not os.environ.get("HASHMESH_IDENTITY_SECRET"):  # signs identity stamps; keys fingerprints
+            self.identity_secret = load_cache_secret(self.plan.state_dir, IDENTITY_SECRET_FILE)
         if not self.plan.database_url:
             await self._start_database()
         self.emit("migrating", name="schema")
@@ -195,6 +201,8 @@ class Supervisor:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.cache_secret and child.kind in ("hashd", "workerd"):
             env["HASHMESH_CACHE_SECRET"] = self.cache_secret
+        if self.identity_secret and child.kind in ("hashd", "balancer"):
+            env["HASHMESH_IDENTITY_SECRET"] = self.identity_secret
         child.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", *child.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL, env=env,
@@ -373,11 +381,12 @@ def _is_postgres_on(pid: int, pgdata: Path) -> bool:
     return state != "Z" and bool(argv) and argv[0].endswith(b"postgres") and str(pgdata).encode() in argv
 
 
-def load_cache_secret(state_dir: Path) -> str:
-    """The local mesh's cache secret: read from ``state_dir``, or made once (random) and kept
-    there, readable by the owner only. Without it every process would fall back to the
-    per-database secret stored in the cache table, next to the entries it protects."""
-    path = state_dir / CACHE_SECRET_FILE
+def load_cache_secret(state_dir: Path, name: str = CACHE_SECRET_FILE) -> str:
+    """The local mesh's cache secret (or another one, by file ``name``): read from
+    ``state_dir``, or made once (random) and kept there, readable by the owner only. Without
+    it every process would fall back to the per-database secret stored in the cache table,
+    next to the entries it protects."""
+    path = state_dir / name
     state_dir.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -170,7 +170,7 @@ def submit_batch(state: CliState, out: Output, specs: list[task_pb2.TaskSpec], c
         for start in range(0, len(specs), chunk):
             part = specs[start:start + chunk]
             reply = stub.SubmitTasks(
-                task_pb2.SubmitTasksRequest(specs=part, client_id=state.options.client_id or ""),
+                task_pb2.SubmitTasksRequest(specs=part),
                 timeout=state.options.timeout, metadata=state.session.metadata(),
             )
             tasks.extend(reply.tasks)
@@ -239,7 +239,6 @@ def submit_command(
     reply = state.session.tasks().SubmitTask(
         task_pb2.SubmitTaskRequest(
             spec=_spec(wire_algorithm, data, priority, max_attempts, idempotency_key, delay, params),
-            client_id=state.options.client_id or "",
         ),
         timeout=state.options.timeout, metadata=state.session.metadata(),
     )

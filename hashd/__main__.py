@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> None:
             settings = replace(settings, database=replace(settings.database, dsn=args.database_url))
     except SettingsError as exc:
         parser.error(str(exc))
+    if not settings.identity_secret:
+        parser.error(
+            "HASHMESH_IDENTITY_SECRET is not set: it tells the balancer's identity stamp from a "
+            "forged one (any random string of 16+ characters, the same in every balancer and hashd)"
+        )
     from hashmesh.hashd.server import run
 
     try:

@@ -1,4 +1,7 @@
-"""CacheService: statistics and clearing of the result cache (for ``hashctl cache``)."""
+"""CacheService: statistics and clearing of the result cache (for ``hashctl cache``).
+
+Clearing changes what every tenant gets, so it is an operator call; the statistics are for
+everyone, but only an operator sees which replica answered (an internal address)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from collections.abc import Callable
 import grpc
 
 from hashmesh.core.cache import ResultCache, TierStats
+from hashmesh.hashd.identity import current_caller, require_operator
 from hashmesh.v1 import cache_pb2, cache_pb2_grpc
 
 
@@ -35,13 +39,14 @@ class CacheService(cache_pb2_grpc.CacheServiceServicer):
                 _tier(cache_pb2.CACHE_TIER_MEMORY, stats.memory),
                 _tier(cache_pb2.CACHE_TIER_SHARED, stats.shared),
             ],
-            replica=self._replica(),
+            replica=self._replica() if current_caller().operator else "",
             cached_algorithms=list(stats.algorithms),
         )
 
     async def ClearCache(
         self, request: cache_pb2.ClearCacheRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.ClearCacheResponse:
+        require_operator("ClearCache")
         cleared = await self._cache.clear()
         return cache_pb2.ClearCacheResponse(
             shared_entries_removed=cleared.shared_removed,

@@ -8,6 +8,7 @@ from typing import Any
 from hashmesh.core import resources
 from hashmesh.core.cache import CacheSettings
 from hashmesh.core.hashing import BOUNDS
+from hashmesh.core.identity import MIN_SECRET_LENGTH
 from hashmesh.core.settings import (
     DatabaseSettings,
     SettingsError,
@@ -65,6 +66,18 @@ class HashdSettings:
     queue_metrics_seconds: float = 20.0
     """With metrics on, seconds between reads of the queue depth by status (one grouped count;
     ``HASHMESH_HASHD_QUEUE_METRICS_SECONDS``)."""
+    identity_secret: str = ""
+    """HMAC key of the balancer's identity stamp, the same in every balancer and hashd of the
+    mesh (``HASHMESH_IDENTITY_SECRET``); also keys idempotency fingerprints. The daemon refuses
+    to start without it (at least 16 characters)."""
+    admin_token: str = ""
+    """Token of the operator identity for callers that reach this replica directly, as
+    ``authorization: Bearer <token>`` (``HASHMESH_ADMIN_TOKEN``); empty: no direct caller is an
+    operator (the balancer's stamp still can say so)."""
+    idempotency_window_seconds: float = 86_400.0
+    """How long an idempotency key is remembered after its task was created; a key older than
+    this starts a new task (``HASHMESH_IDEMPOTENCY_WINDOW_SECONDS``, default 24 h). A key also
+    goes when its task is deleted."""
     tls: ServerTls | None = None
     """TLS of the listener (``HASHMESH_TLS_CERT_FILE``, ``HASHMESH_TLS_KEY_FILE``, and
     ``HASHMESH_TLS_CLIENT_CA_FILE`` for mutual TLS); ``None`` serves plaintext."""
@@ -93,6 +106,10 @@ class HashdSettings:
             raise SettingsError("HASHMESH_MAX_MESSAGE_BYTES must be >= 1024")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise SettingsError("HASHMESH_HASHD_METRICS_PORT must be a port (0 picks a free one)")
+        if self.identity_secret and len(self.identity_secret) < MIN_SECRET_LENGTH:
+            raise SettingsError(f"HASHMESH_IDENTITY_SECRET must be at least {MIN_SECRET_LENGTH} characters")
+        if self.idempotency_window_seconds <= 0:
+            raise SettingsError("HASHMESH_IDEMPOTENCY_WINDOW_SECONDS must be positive")
         if self.queue_metrics_seconds <= 0:
             raise SettingsError("HASHMESH_HASHD_QUEUE_METRICS_SECONDS must be positive")
 
@@ -131,6 +148,11 @@ class HashdSettings:
             metrics_port=env_int("HASHD_METRICS_PORT", 0, minimum=0) if metrics else None,
             queue_metrics_seconds=env_float(
                 "HASHD_QUEUE_METRICS_SECONDS", cls.queue_metrics_seconds, minimum=0.1
+            ),
+            identity_secret=env_str("IDENTITY_SECRET", ""),
+            admin_token=env_str("ADMIN_TOKEN", ""),
+            idempotency_window_seconds=env_float(
+                "IDEMPOTENCY_WINDOW_SECONDS", cls.idempotency_window_seconds, minimum=1.0
             ),
             tls=ServerTls.from_env(),
         )

@@ -20,6 +20,7 @@ from hashmesh.hashd.cache_service import CacheService
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.executor import BoundedExecutor
 from hashmesh.hashd.hash_service import HashService, add_hash_service
+from hashmesh.hashd.identity import CallerResolver, IdentityInterceptor
 from hashmesh.hashd.task_service import TaskService
 from hashmesh.hashd.watch import WatchHub
 from hashmesh.v1 import cache_pb2, cache_pb2_grpc, hash_pb2, task_pb2, task_pb2_grpc
@@ -39,7 +40,11 @@ class Hashd:
         self.grpc = GrpcServer(
             settings.listen,
             max_message_bytes=2 * settings.max_message_bytes,
-            interceptors=[metrics.MetricsInterceptor()],
+            # Metrics first (it sees every status); then who the caller is, before any handler.
+            interceptors=[
+                metrics.MetricsInterceptor(),
+                IdentityInterceptor(CallerResolver(settings.identity_secret, settings.admin_token)),
+            ],
             credentials=settings.tls.credentials() if settings.tls is not None else None,
         )
         self.metrics: metrics.MetricsServer | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -21,6 +22,7 @@ from hashmesh.core.cache import ResultCache
 from hashmesh.core.errors import InvalidArgument, Unavailable
 from hashmesh.core.hashing import Algorithm, Argon2Params
 from hashmesh.core.tasks.coalesce import SubmitCoalescer
+from hashmesh.core.tasks.idempotency import IdempotencyGuard
 from hashmesh.core.tasks.limits import PendingLimits
 from hashmesh.core.tasks.model import (
     ListCursor,
@@ -34,6 +36,7 @@ from hashmesh.core.tasks.model import (
 from hashmesh.core.wire import algorithm_from_wire, algorithm_to_wire
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.hash_service import argon2_params
+from hashmesh.hashd.identity import client_of, current_caller, list_scope
 from hashmesh.hashd.watch import WatchHub
 from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
 
@@ -102,18 +105,6 @@ def text_field(value: str, field: str, max_length: int) -> str:
     if "\x00" in value:
         raise InvalidArgument(field, "must not contain NUL characters")
     return value
-
-
-def client_id_of(explicit: str, context: grpc.aio.ServicerContext) -> str:
-    if explicit:
-        value = explicit
-    else:
-        value = "anonymous"
-        for key, item in context.invocation_metadata() or ():
-            if key == "x-client-id" and item:
-                value = str(item)
-                break
-    return text_field(value, "client_id", MAX_CLIENT_ID_LENGTH)
 
 
 def task_id_of(value: str, field: str = "id") -> str:
@@ -206,7 +197,7 @@ def decode_page_token(token: str, filters: ListFilter) -> ListCursor | None:
     return cursor
 
 
-def stats_to_wire(stats: QueueStats) -> task_pb2.GetQueueStatsResponse:
+def stats_to_wire(stats: QueueStats, *, with_workers: bool = True) -> task_pb2.GetQueueStatsResponse:
     reply = task_pb2.GetQueueStatsResponse(
         counts=[
             task_pb2.StatusCount(status=STATUS_TO_WIRE[s], count=n) for s, n in stats.counts.items()
@@ -215,7 +206,7 @@ def stats_to_wire(stats: QueueStats) -> task_pb2.GetQueueStatsResponse:
         completed_last_minute=stats.completed_last_minute,
     )
     reply.oldest_pending_age.FromNanoseconds(int(stats.oldest_pending_seconds * 1e9))
-    for worker in stats.workers:
+    for worker in stats.workers if with_workers else ():
         reply.workers.append(
             task_pb2.WorkerInfo(
                 name=worker.name,
@@ -258,6 +249,15 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             count=store.unfinished_by_client,
         )
         self._submitter = SubmitCoalescer(store.submit_many, max_tasks=MAX_BATCH)
+        # Without a configured secret (unit tests: the daemon requires one) a per-process key.
+        self._keys = IdempotencyGuard(
+            store, settings.identity_secret or secrets.token_hex(32),
+            window_seconds=settings.idempotency_window_seconds,
+        )
+
+    @staticmethod
+    def _client_id(value: str) -> str:
+        return text_field(value, "client_id", MAX_CLIENT_ID_LENGTH)
 
     def _require_database(self) -> None:
         # The hub's LISTEN connection drops as soon as PostgreSQL goes away: answer at once
@@ -294,11 +294,15 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 spec, field=name, default_max_attempts=self._settings.default_max_attempts,
                 argon2_memory_kib=self._settings.argon2_memory_limit_kib,
             )
+            task = self._keys.fingerprinted(task)
             tasks.append(await self._with_cached(replace(task, client_id=client_id), params))
         self._require_database()
+        names = [field if field == "spec" else f"{field}[{i}]" for i in range(len(tasks))]
+        await self._keys.check(tasks, names, client_id)
         queued = sum(1 for t in tasks if t.cached_result is None)
         await self.limits.admit(client_id, queued)
         answers = await self._submitter.submit(tasks)
+        self._keys.check_answers(tasks, answers, names)
         for answer in answers:  # idempotent repeats (created False) are not new submissions
             if answer.created:
                 metrics.TASKS_SUBMITTED.labels(answer.task.algorithm).inc()
@@ -313,7 +317,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
         [(record, created)] = await self._submit(
-            [request.spec], client_id_of(request.client_id, context), field="spec"
+            [request.spec], client_of(self._client_id(request.client_id), current_caller()),
+            field="spec",
         )
         return task_pb2.SubmitTaskResponse(task=task_to_wire(record), created=created)
 
@@ -327,7 +332,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 "specs", f"at most {MAX_BATCH} tasks per batch, got {len(request.specs)}"
             )
         answers = await self._submit(
-            request.specs, client_id_of(request.client_id, context), field="specs"
+            request.specs, client_of(self._client_id(request.client_id), current_caller()),
+            field="specs",
         )
         return task_pb2.SubmitTasksResponse(
             tasks=[task_to_wire(record) for record, _ in answers],
@@ -337,18 +343,19 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     async def GetTask(
         self, request: task_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.GetTaskResponse:
-        return task_pb2.GetTaskResponse(
-            task=task_to_wire(await self._store.get(task_id_of(request.id)))
-        )
+        task_id = task_id_of(request.id)
+        record = await self._store.get(task_id, owner=current_caller().scope)
+        return task_pb2.GetTaskResponse(task=task_to_wire(record))
 
     async def WatchTask(
         self, request: task_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[task_pb2.WatchTaskResponse]:
         task_id = task_id_of(request.id)
+        owner = current_caller().scope
         if self._hub is None:
             raise Unavailable("watching is not available on this replica")
         with self._hub.subscribe(task_id) as sub:
-            record = await self._store.get(task_id)
+            record = await self._store.get(task_id, owner=owner)
             last: tuple[TaskStatus, int, bool] | None = None
             while True:
                 key = (record.status, record.attempts, record.cancel_requested)
@@ -359,7 +366,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                     return
                 update = await sub.next(WATCH_POLL_SECONDS)
                 if update is None:
-                    record = await self._store.get(task_id)
+                    record = await self._store.get(task_id, owner=owner)
                     continue
                 notified, fresh = update
                 if _progress(fresh) < _progress(record):
@@ -389,9 +396,10 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             algorithm = algorithm_from_wire(request.algorithm).value
         if request.page_size > 1000:
             raise InvalidArgument("page_size", f"must be at most 1000, got {request.page_size}")
-        text_field(request.client_id, "client_id", MAX_CLIENT_ID_LENGTH)
         filters = ListFilter(
-            client_id=request.client_id or None, statuses=tuple(statuses), algorithm=algorithm
+            client_id=list_scope(self._client_id(request.client_id), current_caller()),
+            statuses=tuple(statuses),
+            algorithm=algorithm,
         )
         after = decode_page_token(request.page_token, filters)
         size = request.page_size or 100
@@ -405,19 +413,20 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     async def CancelTask(
         self, request: task_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.CancelTaskResponse:
-        return task_pb2.CancelTaskResponse(
-            task=task_to_wire(await self._store.cancel(task_id_of(request.id)))
-        )
+        task_id = task_id_of(request.id)
+        record = await self._store.cancel(task_id, owner=current_caller().scope)
+        return task_pb2.CancelTaskResponse(task=task_to_wire(record))
 
     async def RequeueTask(
         self, request: task_pb2.RequeueTaskRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.RequeueTaskResponse:
-        return task_pb2.RequeueTaskResponse(
-            task=task_to_wire(await self._store.requeue(task_id_of(request.id)))
-        )
+        task_id = task_id_of(request.id)
+        record = await self._store.requeue(task_id, owner=current_caller().scope)
+        return task_pb2.RequeueTaskResponse(task=task_to_wire(record))
 
     async def GetQueueStats(
         self, request: task_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.GetQueueStatsResponse:
+        # Totals for everyone; which workers run where (names, hosts, PIDs) for operators only.
         stats = await self._store.stats(alive_seconds=self._settings.worker_alive_seconds)
-        return stats_to_wire(stats)
+        return stats_to_wire(stats, with_workers=current_caller().operator)

@@ -6,7 +6,8 @@ Run as ``python -m tests.balancer_backends --name b1 [--delay 0.05]``; prints
 answering, or between streamed messages), ``x-test-error: rich`` (INVALID_ARGUMENT with
 google.rpc.BadRequest and a custom trailer), ``x-test-count`` (WatchTask messages). It sends
 back: initial ``x-initial: NAME``; trailing ``x-backend: NAME``, ``x-remaining`` (the deadline
-left when the call arrived, or ``none``), ``x-seen-forwarded-for``, ``x-seen-client-id``.
+left when the call arrived, or ``none``), ``x-seen-forwarded-for``, ``x-seen-client-id``,
+``x-seen-identity`` (the balancer's stamp).
 It prints ``sleeping METHOD`` when a call starts its ``x-test-sleep`` (the call has arrived)
 and ``cancelled METHOD`` when a call is cancelled under it."""
 
@@ -42,6 +43,7 @@ class Behaviour:
                 ("x-remaining", "none" if remaining is None else f"{remaining:.3f}"),
                 ("x-seen-forwarded-for", meta.get("x-forwarded-for", "")),
                 ("x-seen-client-id", meta.get("x-client-id", "")),
+                ("x-seen-identity", meta.get("x-hashmesh-identity", "")),
             )
         )
         await context.send_initial_metadata((("x-initial", self.name),))

@@ -19,6 +19,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+IDENTITY_SECRET = os.environ.setdefault("HASHMESH_IDENTITY_SECRET", "hashmesh-tests-identity-secret")
+"""Every balancer and hashd a test starts inherits it (the daemons refuse to start without one);
+tests that play the balancer sign with it (``tests.stamps``)."""
+
 # "hashd listening on 127.0.0.1:4321", "balancer admin listening on ...", "workerd ready as w-1"
 _LISTENING = re.compile(r"^(?P<name>[\w -]+?) (?:listening on|ready as) (?P<address>\S+)$")
 

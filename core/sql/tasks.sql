@@ -7,27 +7,46 @@
 -- skipped here and read back by `by_idempotency_keys`.
 INSERT INTO hashmesh_tasks (id, algorithm, input, input_size, params, priority, max_attempts,
                             run_after, client_id, idempotency_key, status, result_digest,
-                            result_encoded, cached, finished_at)
+                            result_encoded, cached, finished_at, idempotency_fingerprint)
 SELECT s.id, s.algorithm, s.input, s.input_size, s.params::jsonb, s.priority, s.max_attempts,
        coalesce(s.run_after, now()), s.client_id, s.idempotency_key, s.status, s.result_digest,
-       s.result_encoded, s.status = 'succeeded', CASE WHEN s.status = 'succeeded' THEN now() END
+       s.result_encoded, s.status = 'succeeded', CASE WHEN s.status = 'succeeded' THEN now() END,
+       s.fingerprint
 FROM unnest(%(id)s::uuid[], %(algorithm)s::text[], %(input)s::bytea[], %(input_size)s::bigint[],
             %(params)s::text[], %(priority)s::integer[], %(max_attempts)s::integer[],
             %(run_after)s::timestamptz[], %(client_id)s::text[], %(idempotency_key)s::text[],
-            %(status)s::text[], %(result_digest)s::bytea[], %(result_encoded)s::text[])
+            %(status)s::text[], %(result_digest)s::bytea[], %(result_encoded)s::text[],
+            %(fingerprint)s::bytea[])
      WITH ORDINALITY AS s(id, algorithm, input, input_size, params, priority, max_attempts,
                           run_after, client_id, idempotency_key, status, result_digest,
-                          result_encoded, ord)
+                          result_encoded, fingerprint, ord)
 ORDER BY s.ord
 ON CONFLICT (client_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING {columns}
 
 -- name: by_idempotency_keys
-SELECT {columns} FROM hashmesh_tasks
+SELECT {columns}, idempotency_fingerprint FROM hashmesh_tasks
 WHERE client_id = %(client_id)s AND idempotency_key = ANY(%(keys)s::text[])
 
+-- name: live_keys
+-- A caller's keys: those older than the window are forgotten (their tasks stay, keyless), the
+-- others come back with their fingerprints. The SELECT reads the snapshot before the UPDATE,
+-- so it filters by age itself
+-- (a data-modifying WITH runs whether or not it is read).
+WITH forgotten AS (
+    UPDATE hashmesh_tasks SET idempotency_key = NULL, idempotency_fingerprint = NULL
+    WHERE client_id = %(client_id)s AND idempotency_key = ANY(%(keys)s::text[])
+      AND created_at < now() - make_interval(secs => %(window)s)
+    RETURNING id
+)
+SELECT {columns}, idempotency_fingerprint FROM hashmesh_tasks
+WHERE client_id = %(client_id)s AND idempotency_key = ANY(%(keys)s::text[])
+  AND created_at >= now() - make_interval(secs => %(window)s)
+
 -- name: get
-SELECT {columns} FROM hashmesh_tasks WHERE id = %(id)s
+-- Scoped: a task of another client reads as missing (%(owner)s NULL: an operator, every task).
+SELECT {columns} FROM hashmesh_tasks
+WHERE id = %(id)s AND (%(owner)s::text IS NULL OR client_id = %(owner)s::text)
 
 -- name: get_many
 SELECT {columns} FROM hashmesh_tasks WHERE id = ANY(%(ids)s::uuid[])
@@ -194,6 +213,7 @@ SET status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
     input = CASE WHEN status <> 'running' AND algorithm = 'argon2id' THEN NULL ELSE input END,
     updated_at = now()
 WHERE id = %(id)s AND status IN ('pending', 'retrying', 'running')
+  AND (%(owner)s::text IS NULL OR client_id = %(owner)s::text)
 RETURNING {columns}
 
 -- name: requeue
@@ -201,6 +221,7 @@ UPDATE hashmesh_tasks
 SET status = 'pending', attempts = 0, run_after = now(), finished_at = NULL, started_at = NULL,
     cancel_requested = false, worker = NULL, last_error = NULL, updated_at = now()
 WHERE id = %(id)s AND status IN ('dead_letter', 'cancelled') AND input IS NOT NULL
+  AND (%(owner)s::text IS NULL OR client_id = %(owner)s::text)
 RETURNING {columns}
 
 -- name: list

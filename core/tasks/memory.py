@@ -56,6 +56,7 @@ class MemoryTaskStore:
         self._clock = clock
         self._rows: dict[str, _Row] = {}
         self._keys: dict[tuple[str, str], str] = {}
+        self._fingerprints: dict[str, bytes | None] = {}
         self._lease_seq = 0
         self._workers: dict[str, dict[str, Any]] = {}
 
@@ -81,7 +82,9 @@ class MemoryTaskStore:
         for task in tasks:
             key = (task.client_id, task.idempotency_key) if task.idempotency_key else None
             if key is not None and key in self._keys:
-                answers.append(Submitted(self._rows[self._keys[key]].record, created=False))
+                earlier = self._keys[key]
+                answers.append(Submitted(self._rows[earlier].record, created=False,
+                                         fingerprint=self._fingerprints.get(earlier)))
                 continue
             cached = task.cached_result
             record = TaskRecord(
@@ -97,14 +100,37 @@ class MemoryTaskStore:
             self._rows[record.id] = _Row(record, None if cached else task.data, dict(task.params))
             if key is not None:
                 self._keys[key] = record.id
-            answers.append(Submitted(record, created=True))
+                self._fingerprints[record.id] = task.fingerprint
+            answers.append(Submitted(record, created=True, fingerprint=task.fingerprint))
         return answers
 
-    async def get(self, task_id: str) -> TaskRecord:
+    async def live_keys(
+        self, client_id: str, keys: Sequence[str], *, window_seconds: float
+    ) -> dict[str, tuple[TaskRecord, bytes | None]]:
+        oldest = self._clock() - timedelta(seconds=window_seconds)
+        live = {}
+        for key in set(keys):
+            task_id = self._keys.get((client_id, key))
+            if task_id is None:
+                continue
+            row = self._rows[task_id]
+            if row.record.created_at < oldest:  # forgotten; the task stays, keyless
+                del self._keys[(client_id, key)]
+                self._fingerprints.pop(task_id, None)
+                row.record = replace(row.record, idempotency_key=None)
+                continue
+            live[key] = (row.record, self._fingerprints.get(task_id))
+        return live
+
+    def _owned(self, task_id: str, owner: str | None) -> _Row:
+        """The row, when ``owner`` may see it; another client's task reads as missing."""
         row = self._rows.get(task_id)
-        if row is None:
+        if row is None or (owner is not None and row.record.client_id != owner):
             raise NotFound(f"task {task_id} not found")
-        return row.record
+        return row
+
+    async def get(self, task_id: str, *, owner: str | None) -> TaskRecord:
+        return self._owned(task_id, owner).record
 
     async def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord]:
         return [self._rows[i].record for i in task_ids if i in self._rows]
@@ -161,10 +187,8 @@ class MemoryTaskStore:
 
     # -- caller transitions ------------------------------------------------------------------
 
-    async def cancel(self, task_id: str) -> TaskRecord:
-        row = self._rows.get(task_id)
-        if row is None:
-            raise NotFound(f"task {task_id} not found")
+    async def cancel(self, task_id: str, *, owner: str | None) -> TaskRecord:
+        row = self._owned(task_id, owner)
         if row.record.status in WAITING:
             self._set(row, status=TaskStatus.CANCELLED, finished_at=self._clock())
         elif row.record.status is TaskStatus.RUNNING:
@@ -175,10 +199,8 @@ class MemoryTaskStore:
             )
         return row.record
 
-    async def requeue(self, task_id: str) -> TaskRecord:
-        row = self._rows.get(task_id)
-        if row is None:
-            raise NotFound(f"task {task_id} not found")
+    async def requeue(self, task_id: str, *, owner: str | None) -> TaskRecord:
+        row = self._owned(task_id, owner)
         if (
             row.record.status not in (TaskStatus.DEAD_LETTER, TaskStatus.CANCELLED)
             or row.input is None

@@ -40,6 +40,9 @@ class NewTask:
     cached_result: tuple[bytes, str] | None = None
     """(digest, encoded) found in the shared result cache: the task is stored SUCCEEDED at once
     and never enters the queue."""
+    fingerprint: bytes | None = None
+    """Keyed HMAC of the request (``hashmesh.core.tasks.idempotency``), stored with a keyed
+    task so that a reuse of its key with another request can be told apart."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,9 @@ class Submitted:
 
     task: TaskRecord
     created: bool
+    fingerprint: bytes | None = None
+    """The stored request fingerprint of ``task`` (when ``created`` is False: the earlier
+    request's, to compare with the repeat's)."""
 
 
 @dataclass(frozen=True)
@@ -192,18 +198,26 @@ class QueueStats:
 
 class TaskStore(Protocol):
     """What hashd and workerd need from a task store: ``PostgresTaskStore`` in production,
-    ``MemoryTaskStore`` in unit tests."""
+    ``MemoryTaskStore`` in unit tests.
+
+    ``owner`` scopes a caller's reads and transitions to its own tasks: a task of another
+    client is NOT_FOUND, worded as for an id that does not exist. ``None`` (an operator) sees
+    every task; so does ``ListFilter.client_id=None``. ``live_keys`` forgets the caller's keys
+    older than the window (their tasks stay) and returns the others with their fingerprints."""
 
     async def submit_many(self, tasks: Sequence[NewTask]) -> list[Submitted]: ...
-    async def get(self, task_id: str) -> TaskRecord: ...
+    async def live_keys(
+        self, client_id: str, keys: Sequence[str], *, window_seconds: float
+    ) -> dict[str, tuple[TaskRecord, bytes | None]]: ...
+    async def get(self, task_id: str, *, owner: str | None) -> TaskRecord: ...
     async def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord]: ...
     async def list_tasks(
         self, filters: ListFilter, *, limit: int, after: ListCursor | None
     ) -> list[TaskRecord]: ...
     async def stats(self, *, alive_seconds: float) -> QueueStats: ...
     async def unfinished_by_client(self) -> dict[str, int]: ...
-    async def cancel(self, task_id: str) -> TaskRecord: ...
-    async def requeue(self, task_id: str) -> TaskRecord: ...
+    async def cancel(self, task_id: str, *, owner: str | None) -> TaskRecord: ...
+    async def requeue(self, task_id: str, *, owner: str | None) -> TaskRecord: ...
     async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedTask]: ...
     async def next_due(self) -> float | None: ...
     async def complete_many(self, done: Sequence[Completion]) -> set[str]: ...

@@ -109,12 +109,13 @@ class PostgresTaskStore:
             "status": ["succeeded" if t.cached_result else "pending" for t in tasks],
             "result_digest": [t.cached_result[0] if t.cached_result else None for t in tasks],
             "result_encoded": [t.cached_result[1] if t.cached_result else None for t in tasks],
+            "fingerprint": [t.fingerprint if t.idempotency_key else None for t in tasks],
         }
         async with connection(self._pool, what="submitting tasks") as conn:
             cur = await conn.execute(_q("submit"), params)
             inserted = {str(r["id"]): TaskRecord.from_row(r) for r in _rows(await cur.fetchall())}
             missing = [t for i, t in zip(ids, tasks, strict=True) if i not in inserted]
-            existing: dict[tuple[str, str], TaskRecord] = {}
+            existing: dict[tuple[str, str], tuple[TaskRecord, bytes | None]] = {}
             for client_id in {t.client_id for t in missing}:
                 keys = sorted(
                     {
@@ -127,23 +128,33 @@ class PostgresTaskStore:
                     _q("by_idempotency_keys"), {"client_id": client_id, "keys": keys}
                 )
                 for row in _rows(await cur.fetchall()):
-                    record = TaskRecord.from_row(row)
-                    existing[(client_id, row["idempotency_key"])] = record
+                    existing[(client_id, row["idempotency_key"])] = (
+                        TaskRecord.from_row(row), row["idempotency_fingerprint"]
+                    )
         answers = []
         for task_id, task in zip(ids, tasks, strict=True):
             if task_id in inserted:
-                answers.append(Submitted(inserted[task_id], created=True))
+                answers.append(Submitted(inserted[task_id], created=True, fingerprint=task.fingerprint))
             else:
                 assert task.idempotency_key is not None, "only a keyed task can be skipped"
-                answers.append(
-                    Submitted(existing[(task.client_id, task.idempotency_key)], created=False)
-                )
+                record, fingerprint = existing[(task.client_id, task.idempotency_key)]
+                answers.append(Submitted(record, created=False, fingerprint=fingerprint))
         return answers
+
+    async def live_keys(
+        self, client_id: str, keys: Sequence[str], *, window_seconds: float
+    ) -> dict[str, tuple[TaskRecord, bytes | None]]:
+        rows = await self._rows(
+            "live_keys",
+            {"client_id": client_id, "keys": sorted(set(keys)), "window": window_seconds},
+            what="reading idempotency keys",
+        )
+        return {r["idempotency_key"]: (TaskRecord.from_row(r), r["idempotency_fingerprint"]) for r in rows}
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def get(self, task_id: str) -> TaskRecord:
-        rows = await self._rows("get", {"id": task_id}, what="reading a task")
+    async def get(self, task_id: str, *, owner: str | None) -> TaskRecord:
+        rows = await self._rows("get", {"id": task_id, "owner": owner}, what="reading a task")
         if not rows:
             raise NotFound(f"task {task_id} not found")
         return TaskRecord.from_row(rows[0])
@@ -192,20 +203,20 @@ class PostgresTaskStore:
 
     # -- caller transitions ------------------------------------------------------------------
 
-    async def cancel(self, task_id: str) -> TaskRecord:
-        rows = await self._rows("cancel", {"id": task_id}, what="cancelling a task")
+    async def cancel(self, task_id: str, *, owner: str | None) -> TaskRecord:
+        rows = await self._rows("cancel", {"id": task_id, "owner": owner}, what="cancelling a task")
         if rows:
             return TaskRecord.from_row(rows[0])
-        current = await self.get(task_id)
+        current = await self.get(task_id, owner=owner)
         raise FailedPrecondition(
             f"task {task_id} is {current.status.value}; only unfinished tasks can be cancelled"
         )
 
-    async def requeue(self, task_id: str) -> TaskRecord:
-        rows = await self._rows("requeue", {"id": task_id}, what="requeueing a task")
+    async def requeue(self, task_id: str, *, owner: str | None) -> TaskRecord:
+        rows = await self._rows("requeue", {"id": task_id, "owner": owner}, what="requeueing a task")
         if rows:
             return TaskRecord.from_row(rows[0])
-        current = await self.get(task_id)
+        current = await self.get(task_id, owner=owner)
         if current.status in (TaskStatus.DEAD_LETTER, TaskStatus.CANCELLED):
             raise FailedPrecondition(
                 f"task {task_id} cannot be requeued: its input was erased when it ended (argon2 "

@@ -20,6 +20,11 @@ from hashmesh.core.embedded_pg import create_database
 from tests.cli_helpers import hashctl, hashctl_json
 from tests.conftest import Mesh, Processes
 
+ADMIN_TOKEN = "cli-mesh-operator-token"
+# hashctl acts as the operator here (cache clear, every client's tasks), and comes from
+# 127.0.0.1, trusted as a proxy so that --client-id names the client (rate-limit overrides).
+OPERATOR_ENV = {"HASHMESH_ADMIN_TOKEN": ADMIN_TOKEN}
+
 
 @pytest.fixture(scope="module")
 def cli_mesh(pg_admin_dsn: str, pg_template: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
@@ -28,8 +33,9 @@ def cli_mesh(pg_admin_dsn: str, pg_template: str, tmp_path_factory: pytest.TempP
     dsn = create_database(pg_admin_dsn, name, template=pg_template)
     processes = Processes(log_dir=tmp_path_factory.mktemp("cli-mesh"))
     try:
-        replicas = [processes.hashd(dsn) for _ in range(3)]
-        balancer = processes.balancer([r.address for r in replicas])
+        replicas = [processes.hashd(dsn, env=OPERATOR_ENV) for _ in range(3)]
+        balancer = processes.balancer([r.address for r in replicas],
+                                      env={**OPERATOR_ENV, "HASHMESH_BALANCER_TRUSTED_PROXIES": "127.0.0.1"})
         worker = processes.workerd(dsn)
         yield Mesh(dsn=dsn, hashd=replicas, balancer=balancer, workers=[worker])
     finally:
@@ -39,7 +45,7 @@ def cli_mesh(pg_admin_dsn: str, pg_template: str, tmp_path_factory: pytest.TempP
 
 
 def on(mesh: Mesh) -> list[str]:
-    return ["--target", mesh.address, "--admin-target", mesh.admin_address]
+    return ["--target", mesh.address, "--admin-target", mesh.admin_address, "--admin-token", ADMIN_TOKEN]
 
 
 def test_hash_through_the_balancer(cli_mesh: Mesh) -> None:

@@ -50,7 +50,10 @@ async def _paced(address: str, client: str, per_second: float, seconds: float) -
 
 def test_flooding_client_gets_its_limit_and_others_are_unaffected(tmp_path: Path) -> None:
     backends = start_backends(tmp_path, 2)
-    balancer = start_balancer(tmp_path, backends, "--rate-limit", "20/5")
+    # The test's clients come through 127.0.0.1, trusted here as a proxy so that x-client-id
+    # names each (tests/adversarial/test_identity.py: from an untrusted caller it counts for nothing).
+    balancer = start_balancer(tmp_path, backends, "--rate-limit", "20/5",
+                              env={"HASHMESH_BALANCER_TRUSTED_PROXIES": "127.0.0.1"})
     address = balancer.addresses["balancer"]
     try:
         async def both() -> tuple[tuple[int, int, float, list[grpc.aio.AioRpcError]], ...]:
@@ -128,12 +131,13 @@ def test_api_keys_identify_clients_and_bind_their_limit(tmp_path: Path) -> None:
                     call(REQUEST, timeout=5, metadata=metadata)
                 assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
             # Changing x-client-id does not dodge the key's limit (burst 3), and the replica
-            # sees the authenticated client, not the claimed one.
+            # hears the authenticated client from the stamp, never the claimed one.
             seen = set()
             for index in range(3):
                 _, done = call.with_call(REQUEST, timeout=5, metadata=[("x-api-key", key_a), ("x-client-id", f"fake-{index}")])
-                seen.add(dict(done.trailing_metadata())["x-seen-client-id"])
-            assert seen == {"team-a"}
+                trailing = dict(done.trailing_metadata())
+                seen.add((trailing["x-seen-identity"], trailing["x-seen-client-id"]))
+            assert seen == {("team-a", "")}
             with pytest.raises(grpc.RpcError) as limited:
                 call(REQUEST, timeout=5, metadata=[("x-api-key", key_a), ("x-client-id", "fake-9")])
             assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]

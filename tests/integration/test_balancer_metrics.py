@@ -55,7 +55,9 @@ def test_balancer_metrics_from_a_real_process(tmp_path: Path, started: Callable[
         # (ejection) before checks mark it unhealthy.
         env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "1.0", "HASHMESH_BALANCER_HEALTH_TIMEOUT": "5",
              "HASHMESH_ADMIN_TOKEN": TOKEN,
-             "HASHMESH_BALANCER_RATE_LIMIT_OVERRIDES": "flooder=0.2/5"},
+             "HASHMESH_BALANCER_RATE_LIMIT_OVERRIDES": "flooder=0.2/5",
+             # The test's clients all come from 127.0.0.1: trusted, so x-client-id tells them apart.
+             "HASHMESH_BALANCER_TRUSTED_PROXIES": "127.0.0.1"},
         expect=("balancer", "balancer admin", "balancer metrics"),
     ))
     # The two lines the test bed and `hashctl up` wait for come first, metrics last.

@@ -98,7 +98,8 @@ def test_unknown_task_exits_5(target: str) -> None:
 def test_submit_then_get(target: str) -> None:
     submitted = hashctl_json("--target", target, "--client-id", "cli-test", "submit", "md5", "hello",
                              "--priority", "5")
-    assert submitted["status"] == "pending" and submitted["client_id"] == "cli-test"
+    # --client-id is a claim only a trusted proxy may make: the task is the caller's address's.
+    assert submitted["status"] == "pending" and submitted["client_id"] == "ip:127.0.0.1"
     got = hashctl_json("--target", target, "task", "get", submitted["id"])
     assert got["id"] == submitted["id"] and got["algorithm"] == "md5" and got["priority"] == 5
     plain = hashctl("--target", target, "task", "get", submitted["id"])

@@ -15,6 +15,7 @@ from hashmesh.core.embedded_pg import EmbeddedPostgres
 from hashmesh.core.hashing import Algorithm, Argon2Params
 from hashmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, hash_pb2, hash_pb2_grpc
 from tests.conftest import Processes
+from tests.stamps import channel_as
 
 SECRET_ENV = {"HASHMESH_CACHE_SECRET": "integration-secret", "HASHMESH_LOG_LEVEL": "DEBUG"}
 SALTED = common_pb2.Argon2Params(
@@ -36,7 +37,7 @@ def _argon2(
 
 
 def _stats(address: str) -> dict[int, cache_pb2.CacheTierStats]:
-    with grpc.insecure_channel(address) as channel:
+    with channel_as(address, "ops", operator=True) as channel:  # the replica's address: operators
         reply = cache_pb2_grpc.CacheServiceStub(channel).GetCacheStats(
             cache_pb2.GetCacheStatsRequest(), timeout=10
         )
@@ -77,7 +78,7 @@ def test_cache_is_shared_by_replicas_holds_no_plaintext_and_clears_everywhere(
             assert form not in bytes(key) and form not in bytes(value)
 
     # Clearing through one replica empties the table and the other replica's memory tier.
-    with grpc.insecure_channel(first.address) as channel:
+    with channel_as(first.address, "ops", operator=True) as channel:
         cleared = cache_pb2_grpc.CacheServiceStub(channel).ClearCache(
             cache_pb2.ClearCacheRequest(), timeout=10
         )

@@ -23,6 +23,7 @@ from hashmesh.core.tasks.model import Completion, Lease, NewTask, TaskStatus
 from hashmesh.core.tasks.store import PostgresTaskStore
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc, task_pb2, task_pb2_grpc
 from tests.conftest import Processes
+from tests.stamps import channel_as
 
 T = TypeVar("T")
 MD5 = common_pb2.ALGORITHM_MD5
@@ -46,11 +47,16 @@ def with_store(dsn: str, body: Callable[[PostgresTaskStore], Awaitable[T]]) -> T
 
 
 @pytest.fixture
-def stub_for() -> Iterator[Callable[[str], task_pb2_grpc.TaskServiceStub]]:
+def stub_for() -> Iterator[Callable[..., task_pb2_grpc.TaskServiceStub]]:
+    """``stub_for(address)``: calls as whatever the address makes us; ``stub_for(address,
+    "c1")``: a replica's calls stamped as client ``c1`` (the balancer's word, tests.stamps)."""
     channels: list[grpc.Channel] = []
 
-    def make(address: str) -> task_pb2_grpc.TaskServiceStub:
-        channels.append(grpc.insecure_channel(address))
+    def make(address: str, identity: str | None = None, *, operator: bool = False) -> task_pb2_grpc.TaskServiceStub:
+        if identity is None:
+            channels.append(grpc.insecure_channel(address))
+        else:
+            channels.append(channel_as(address, identity, operator=operator))
         return task_pb2_grpc.TaskServiceStub(channels[-1])
 
     yield make
@@ -122,7 +128,7 @@ def test_completion_is_fenced_by_the_lease(dsn: str) -> None:
         assert not await store.complete(first.id, first.lease_id, b"late", "6c617465")
         assert await store.complete(second.id, second.lease_id, b"ok", "6f6b")
         assert not await store.complete(second.id, second.lease_id, b"again", "616761696e")
-        final = await store.get(sub.task.id)
+        final = await store.get(sub.task.id, owner=None)
         assert final.status is TaskStatus.SUCCEEDED and final.result_digest == b"ok"
         assert "lease expired" in (final.last_error or "")
 
@@ -135,7 +141,7 @@ def test_running_task_cancels_cooperatively_and_release_hands_back(dsn: str) -> 
     async def body(store: PostgresTaskStore) -> None:
         subs = await store.submit_many([NewTask("md5", b"a"), NewTask("md5", b"b")])
         a, b = await store.claim("w", 10, 30)
-        cancelling = await store.cancel(a.id)
+        cancelling = await store.cancel(a.id, owner=None)
         assert cancelling.status is TaskStatus.RUNNING and cancelling.cancel_requested
         renewed = await store.heartbeat(
             "w",
@@ -147,9 +153,9 @@ def test_running_task_cancels_cooperatively_and_release_hands_back(dsn: str) -> 
         assert renewed == {a.id: True, b.id: False}
         assert await store.acknowledge_cancel([Lease(a.id, a.lease_id)]) == {a.id}
         assert await store.release([Lease(b.id, b.lease_id)]) == {b.id}
-        released = await store.get(b.id)
+        released = await store.get(b.id, owner=None)
         assert released.status is TaskStatus.PENDING and released.attempts == 0
-        assert (await store.get(a.id)).status is TaskStatus.CANCELLED
+        assert (await store.get(a.id, owner=None)).status is TaskStatus.CANCELLED
         assert {s.task.id for s in subs} == {a.id, b.id}
 
     with_store(dsn, body)
@@ -159,11 +165,11 @@ def test_cancelled_while_running_result_is_dropped(dsn: str) -> None:
     async def body(store: PostgresTaskStore) -> None:
         await store.submit_many([NewTask("argon2id", b"pw", params={})])
         [task] = await store.claim("w", 1, 30)
-        await store.cancel(task.id)
+        await store.cancel(task.id, owner=None)
         assert await store.complete_many([Completion(task.id, task.lease_id, b"d", "e")]) == {
             task.id
         }
-        final = await store.get(task.id)
+        final = await store.get(task.id, owner=None)
         assert final.status is TaskStatus.CANCELLED and final.result_digest is None
 
     with_store(dsn, body)
@@ -182,7 +188,7 @@ def test_cancelled_while_running_result_is_dropped(dsn: str) -> None:
 def test_submit_watch_and_result_through_workerd(dsn: str, procs: Processes, stub_for: Any) -> None:
     hashd = procs.hashd(dsn)
     procs.workerd(dsn, "--name", "w-int")
-    stub = stub_for(hashd.address)
+    stub = stub_for(hashd.address, "c1")
     reply = stub.SubmitTask(
         task_pb2.SubmitTaskRequest(spec=md5_spec(b"hello"), client_id="c1"), timeout=10
     )
@@ -202,13 +208,18 @@ def test_submit_watch_and_result_through_workerd(dsn: str, procs: Processes, stu
         ].index,
     )
     stats = stub.GetQueueStats(task_pb2.GetQueueStatsRequest(), timeout=10)
+    assert stats.workers_alive == 1 and not stats.workers  # which workers: for operators
+    stats = stub_for(hashd.address, "ops", operator=True).GetQueueStats(
+        task_pb2.GetQueueStatsRequest(), timeout=10
+    )
     assert stats.workers_alive == 1 and stats.workers[0].name == "w-int"
     assert {c.status: c.count for c in stats.counts}[task_pb2.TASK_STATUS_SUCCEEDED] == 1
     assert stats.completed_last_minute == 1
 
 
 def test_batch_idempotency_and_validation(dsn: str, procs: Processes, stub_for: Any) -> None:
-    stub = stub_for(procs.hashd(dsn).address)
+    address = procs.hashd(dsn).address
+    stub = stub_for(address, "c")
     specs = [
         md5_spec(b"a", idempotency_key="k1"),
         md5_spec(b"b"),
@@ -219,7 +230,7 @@ def test_batch_idempotency_and_validation(dsn: str, procs: Processes, stub_for: 
     assert first.tasks[0].id == first.tasks[2].id != first.tasks[1].id
     again = stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=specs[0], client_id="c"), timeout=10)
     assert not again.created and again.task.id == first.tasks[0].id
-    other_client = stub.SubmitTask(
+    other_client = stub_for(address, "d").SubmitTask(
         task_pb2.SubmitTaskRequest(spec=specs[0], client_id="d"), timeout=10
     )
     assert other_client.created and other_client.task.id != first.tasks[0].id
@@ -269,14 +280,13 @@ def test_backpressure_refuses_whole_batches(dsn: str, procs: Processes, stub_for
     hashd = procs.hashd(
         dsn, env={"HASHMESH_MAX_PENDING_TASKS": "6", "HASHMESH_MAX_PENDING_PER_CLIENT": "4"}
     )
-    stub = stub_for(hashd.address)
-    stub.SubmitTasks(
+    stub_for(hashd.address, "a").SubmitTasks(
         task_pb2.SubmitTasksRequest(specs=[md5_spec(b"%d" % i) for i in range(4)], client_id="a"),
         timeout=10,
     )
     for client, size, reason in (("a", 1, "CLIENT_QUEUE_FULL"), ("b", 3, "QUEUE_FULL")):
         with pytest.raises(grpc.RpcError) as caught:
-            stub.SubmitTasks(
+            stub_for(hashd.address, client).SubmitTasks(
                 task_pb2.SubmitTasksRequest(specs=[md5_spec(b"x")] * size, client_id=client),
                 timeout=10,
             )
@@ -285,7 +295,7 @@ def test_backpressure_refuses_whole_batches(dsn: str, procs: Processes, stub_for
         assert status is not None
         kinds = {d.type_url.rsplit(".", 1)[-1] for d in status.details}
         assert {"RetryInfo", "ErrorInfo"} <= kinds and reason in str(status.details)
-    stub.SubmitTasks(
+    stub_for(hashd.address, "b").SubmitTasks(
         task_pb2.SubmitTasksRequest(specs=[md5_spec(b"y")] * 2, client_id="b"), timeout=10
     )
     with psycopg.connect(dsn) as conn:
@@ -329,7 +339,9 @@ def test_cached_result_finishes_at_once_and_argon2_input_is_erased(
 
 
 def test_cancel_requeue_list_and_pages(dsn: str, procs: Processes, stub_for: Any) -> None:
-    stub = stub_for(procs.hashd(dsn).address)
+    address = procs.hashd(dsn).address
+    stub = stub_for(address, "lister")
+    operator = stub_for(address, "ops", operator=True)
     md5_ids = [
         t.id
         for t in stub.SubmitTasks(
@@ -339,7 +351,7 @@ def test_cancel_requeue_list_and_pages(dsn: str, procs: Processes, stub_for: Any
             timeout=10,
         ).tasks
     ]
-    sha = stub.SubmitTask(
+    sha = stub_for(address, "other").SubmitTask(
         task_pb2.SubmitTaskRequest(
             spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA1, data=b"s"),
             client_id="other",
@@ -377,17 +389,20 @@ def test_cancel_requeue_list_and_pages(dsn: str, procs: Processes, stub_for: Any
     assert [len(p) for p in pages] == [10, 10, 5]
     listed = [i for p in pages for i in p]
     assert sorted(listed) == sorted(md5_ids)
-    by_algorithm = stub.ListTasks(
+    by_algorithm = operator.ListTasks(
         task_pb2.ListTasksRequest(algorithm=common_pb2.ALGORITHM_SHA1), timeout=10
     )
     assert [t.id for t in by_algorithm.tasks] == [sha.id]
-    by_status = stub.ListTasks(
+    assert not stub.ListTasks(  # lister's own: none of them is SHA-1
+        task_pb2.ListTasksRequest(algorithm=common_pb2.ALGORITHM_SHA1), timeout=10
+    ).tasks
+    by_status = operator.ListTasks(
         task_pb2.ListTasksRequest(statuses=[task_pb2.TASK_STATUS_PENDING], client_id="other"),
         timeout=10,
     )
     assert [t.id for t in by_status.tasks] == [sha.id]
     with pytest.raises(grpc.RpcError) as caught:
-        stub.ListTasks(
+        operator.ListTasks(
             task_pb2.ListTasksRequest(client_id="other", page_token=page.next_page_token or "x"),
             timeout=10,
         )

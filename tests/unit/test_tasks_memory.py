@@ -11,9 +11,11 @@ from typing import Any, TypeVar
 import pytest
 
 from hashmesh.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from hashmesh.core.identity import Caller
 from hashmesh.core.tasks.memory import MemoryTaskStore
 from hashmesh.core.tasks.model import Completion, Failure, Lease, NewTask, TaskStatus
 from hashmesh.hashd.config import HashdSettings
+from hashmesh.hashd.identity import acting_as
 from hashmesh.hashd.task_service import TaskService
 from hashmesh.hashd.watch import WatchHub
 from hashmesh.v1 import common_pb2, task_pb2
@@ -33,14 +35,19 @@ class Clock:
 
 
 class Context:
-    """The little of grpc.aio.ServicerContext that TaskService reads."""
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("x-client-id", "meta-client"),)
+    """Stands for grpc.aio.ServicerContext: TaskService reads the caller from
+    ``hashmesh.hashd.identity``, not from the context."""
 
 
-def run(body: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(body())  # type: ignore[arg-type]
+META_CLIENT = Caller("meta-client")
+
+
+def run(body: Callable[[], Awaitable[T]], caller: Caller = META_CLIENT) -> T:
+    async def as_caller() -> T:
+        with acting_as(caller):
+            return await body()
+
+    return asyncio.run(as_caller())
 
 
 def test_retries_back_off_then_dead_letter_and_fencing_holds() -> None:
@@ -64,11 +71,11 @@ def test_retries_back_off_then_dead_letter_and_fencing_holds() -> None:
                     3.0, 2 ** (attempt - 1)
                 )
                 clock.advance(wait)
-        final = await store.get(sub.task.id)
+        final = await store.get(sub.task.id, owner=None)
         assert final.status is TaskStatus.DEAD_LETTER and final.last_error == "boom"
         assert [f["attempt"] for f in store.failures(final.id)] == [1, 2, 3]
         assert store.completions(final.id) == 0
-        assert (await store.requeue(final.id)).status is TaskStatus.PENDING
+        assert (await store.requeue(final.id, owner=None)).status is TaskStatus.PENDING
 
     run(body)
 
@@ -147,7 +154,7 @@ def test_watch_streams_each_change_from_the_hub_until_final() -> None:
         assert hub.watchers == 0
         return seen
 
-    assert run(body) == [
+    assert run(body, Caller("anonymous")) == [
         task_pb2.TASK_STATUS_PENDING,
         task_pb2.TASK_STATUS_RUNNING,
         task_pb2.TASK_STATUS_SUCCEEDED,

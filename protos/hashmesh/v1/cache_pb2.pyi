@@ -112,7 +112,9 @@ class GetCacheStatsResponse(_message.Message):
     REPLICA_FIELD_NUMBER: _builtins.int
     CACHED_ALGORITHMS_FIELD_NUMBER: _builtins.int
     replica: _builtins.str
-    """Identity of the replica that answered (host:port)."""
+    """Address of the replica that answered (host:port); empty unless the caller is the operator
+    (an internal address).
+    """
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___CacheTierStats]:
         """One entry per tier."""

@@ -63,7 +63,8 @@ class CacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClearCache(self, request, context):
-        """ClearCache empties the shared tier and tells every replica to empty its memory tier.
+        """ClearCache empties the shared tier and tells every replica to empty its memory tier. An
+        operator call (`authorization: Bearer <HASHMESH_ADMIN_TOKEN>`): others get PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

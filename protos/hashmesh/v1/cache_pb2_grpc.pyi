@@ -39,7 +39,9 @@ class CacheServiceStub:
     GetCacheStats: _grpc.UnaryUnaryMultiCallable[_cache_pb2.GetCacheStatsRequest, _cache_pb2.GetCacheStatsResponse]
     """GetCacheStats returns the statistics of each tier as seen by the replica taking the call."""
     ClearCache: _grpc.UnaryUnaryMultiCallable[_cache_pb2.ClearCacheRequest, _cache_pb2.ClearCacheResponse]
-    """ClearCache empties the shared tier and tells every replica to empty its memory tier."""
+    """ClearCache empties the shared tier and tells every replica to empty its memory tier. An
+    operator call (`authorization: Bearer <HASHMESH_ADMIN_TOKEN>`): others get PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class CacheServiceAsyncStub(CacheServiceStub):
@@ -52,7 +54,9 @@ class CacheServiceAsyncStub(CacheServiceStub):
     GetCacheStats: _aio.UnaryUnaryMultiCallable[_cache_pb2.GetCacheStatsRequest, _cache_pb2.GetCacheStatsResponse]  # type: ignore[assignment]
     """GetCacheStats returns the statistics of each tier as seen by the replica taking the call."""
     ClearCache: _aio.UnaryUnaryMultiCallable[_cache_pb2.ClearCacheRequest, _cache_pb2.ClearCacheResponse]  # type: ignore[assignment]
-    """ClearCache empties the shared tier and tells every replica to empty its memory tier."""
+    """ClearCache empties the shared tier and tells every replica to empty its memory tier. An
+    operator call (`authorization: Bearer <HASHMESH_ADMIN_TOKEN>`): others get PERMISSION_DENIED.
+    """
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """CacheService inspects and clears the result cache of the hashd replicas: a bounded
@@ -74,6 +78,8 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_pb2.ClearCacheRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.ClearCacheResponse, _abc.Awaitable[_cache_pb2.ClearCacheResponse]]:
-        """ClearCache empties the shared tier and tells every replica to empty its memory tier."""
+        """ClearCache empties the shared tier and tells every replica to empty its memory tier. An
+        operator call (`authorization: Bearer <HASHMESH_ADMIN_TOKEN>`): others get PERMISSION_DENIED.
+        """
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -86,8 +86,9 @@ class TaskSpec(_message.Message):
     max_attempts: _builtins.int
     """Attempts before the task goes to DEAD_LETTER; from 1 to 100. 0 means the server default."""
     idempotency_key: _builtins.str
-    """Optional key (at most 200 characters): a second submission with the same key and client id
-    returns the first task instead of creating a new one.
+    """Optional key (at most 200 characters), in the caller's own namespace: a second submission
+    of the same request with the same key returns the first task instead of creating a new one;
+    another request with the key is ALREADY_EXISTS. Every field of this spec is the request.
     """
     @_builtins.property
     def argon2(self) -> _common_pb2.Argon2Params:
@@ -152,7 +153,9 @@ class Task(_message.Message):
     max_attempts: _builtins.int
     """Attempts allowed before DEAD_LETTER."""
     client_id: _builtins.str
-    """Client that submitted the task."""
+    """Identity of the client that submitted the task: an API key's client, an id a trusted proxy
+    vouched for, or `ip:<address>`.
+    """
     idempotency_key: _builtins.str
     """Idempotency key given at submission, if any."""
     last_error: _builtins.str
@@ -221,8 +224,8 @@ class SubmitTaskRequest(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
-    """Identifies the submitting client: scopes idempotency keys and per-client pending limits.
-    Empty means the `x-client-id` request metadata, or "anonymous".
+    """Leave empty: the task belongs to the caller's identity, decided by the balancer, never by
+    this field or by `x-client-id`. Set, it must equal that identity, else PERMISSION_DENIED.
     """
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
@@ -279,7 +282,7 @@ class SubmitTasksRequest(_message.Message):
     SPECS_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
-    """Client id for every task in the batch; see SubmitTaskRequest.client_id."""
+    """Leave empty; see SubmitTaskRequest.client_id (the same rule for the whole batch)."""
     @_builtins.property
     def specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskSpec]:
         """The tasks to queue, at most 10,000."""
@@ -432,7 +435,9 @@ class ListTasksRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
-    """Only tasks of this client. Empty means every client."""
+    """A filter. For a client it may only name itself (else PERMISSION_DENIED); empty means its
+    own tasks. For the operator, empty means every client's tasks.
+    """
     algorithm: _common_pb2.Algorithm.ValueType
     """Only tasks of this algorithm. Unspecified means every algorithm."""
     page_size: _builtins.int

@@ -30,10 +30,20 @@ class TaskServiceStub:
     A task accepted by SubmitTask reaches exactly one final state (SUCCEEDED, CANCELLED or
     DEAD_LETTER), whatever crashes on the way.
 
+    Tenancy: every call acts for the caller's identity, decided by the balancer (the API key's
+    client, else `ip:<peer address>`) and stamped for the replica; a replica called directly
+    takes `ip:<peer address>`. A caller sees and changes only its own tasks: another client's
+    task answers NOT_FOUND exactly as a task that does not exist. The operator (`authorization:
+    Bearer <HASHMESH_ADMIN_TOKEN>`) sees every task and the workers in GetQueueStats.
+
     Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id; FAILED_PRECONDITION for a transition the task's state does
-    not allow; RESOURCE_EXHAUSTED (google.rpc.RetryInfo) when pending-task limits are reached;
-    UNAVAILABLE when the database cannot be reached.
+    NOT_FOUND for an unknown task id (or another client's); FAILED_PRECONDITION for a transition
+    the task's state does not allow; ALREADY_EXISTS (google.rpc.ErrorInfo reason
+    IDEMPOTENCY_KEY_REUSED, metadata idempotency_key and task_id) for an idempotency key reused
+    with another request; PERMISSION_DENIED for a client_id that is not the caller's;
+    UNAUTHENTICATED for an identity stamp or admin token that does not verify; RESOURCE_EXHAUSTED
+    (google.rpc.RetryInfo) when pending-task limits are reached; UNAVAILABLE when the database
+    cannot be reached.
     """
 
     def __init__(self, channel):
@@ -89,16 +99,29 @@ class TaskServiceServicer:
     A task accepted by SubmitTask reaches exactly one final state (SUCCEEDED, CANCELLED or
     DEAD_LETTER), whatever crashes on the way.
 
+    Tenancy: every call acts for the caller's identity, decided by the balancer (the API key's
+    client, else `ip:<peer address>`) and stamped for the replica; a replica called directly
+    takes `ip:<peer address>`. A caller sees and changes only its own tasks: another client's
+    task answers NOT_FOUND exactly as a task that does not exist. The operator (`authorization:
+    Bearer <HASHMESH_ADMIN_TOKEN>`) sees every task and the workers in GetQueueStats.
+
     Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id; FAILED_PRECONDITION for a transition the task's state does
-    not allow; RESOURCE_EXHAUSTED (google.rpc.RetryInfo) when pending-task limits are reached;
-    UNAVAILABLE when the database cannot be reached.
+    NOT_FOUND for an unknown task id (or another client's); FAILED_PRECONDITION for a transition
+    the task's state does not allow; ALREADY_EXISTS (google.rpc.ErrorInfo reason
+    IDEMPOTENCY_KEY_REUSED, metadata idempotency_key and task_id) for an idempotency key reused
+    with another request; PERMISSION_DENIED for a client_id that is not the caller's;
+    UNAUTHENTICATED for an identity stamp or admin token that does not verify; RESOURCE_EXHAUSTED
+    (google.rpc.RetryInfo) when pending-task limits are reached; UNAVAILABLE when the database
+    cannot be reached.
     """
 
     def SubmitTask(self, request, context):
-        """SubmitTask queues one task. With an idempotency key, submitting again with the same key and
-        client id returns the first task instead of creating another. When the result is already
-        in the shared cache, the task is created SUCCEEDED at once, marked cached.
+        """SubmitTask queues one task. With an idempotency key, submitting the same request again with
+        the same key returns the first task (created false) instead of creating another; the same
+        key with a different request is ALREADY_EXISTS naming the first task. Keys are per caller
+        and remembered for HASHMESH_IDEMPOTENCY_WINDOW_SECONDS (default 24 h) after their task was
+        created. When the result is already in the shared cache, the task is created SUCCEEDED at
+        once, marked cached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,7 +135,7 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
-        """GetTask returns a task's current state.
+        """GetTask returns a task's current state (the caller's own tasks only).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,7 +150,8 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """ListTasks lists tasks, newest first, filtered and paged with opaque tokens.
+        """ListTasks lists the caller's tasks (an operator's: every client's), newest first,
+        filtered and paged with opaque tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,7 +174,8 @@ class TaskServiceServicer:
 
     def GetQueueStats(self, request, context):
         """GetQueueStats summarises the queue: tasks by state, the oldest pending task's age, workers
-        alive and recent completions.
+        alive and recent completions (totals over every client). The list of workers (names,
+        hosts, PIDs) is filled for the operator only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -212,10 +237,20 @@ class TaskService:
     A task accepted by SubmitTask reaches exactly one final state (SUCCEEDED, CANCELLED or
     DEAD_LETTER), whatever crashes on the way.
 
+    Tenancy: every call acts for the caller's identity, decided by the balancer (the API key's
+    client, else `ip:<peer address>`) and stamped for the replica; a replica called directly
+    takes `ip:<peer address>`. A caller sees and changes only its own tasks: another client's
+    task answers NOT_FOUND exactly as a task that does not exist. The operator (`authorization:
+    Bearer <HASHMESH_ADMIN_TOKEN>`) sees every task and the workers in GetQueueStats.
+
     Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id; FAILED_PRECONDITION for a transition the task's state does
-    not allow; RESOURCE_EXHAUSTED (google.rpc.RetryInfo) when pending-task limits are reached;
-    UNAVAILABLE when the database cannot be reached.
+    NOT_FOUND for an unknown task id (or another client's); FAILED_PRECONDITION for a transition
+    the task's state does not allow; ALREADY_EXISTS (google.rpc.ErrorInfo reason
+    IDEMPOTENCY_KEY_REUSED, metadata idempotency_key and task_id) for an idempotency key reused
+    with another request; PERMISSION_DENIED for a client_id that is not the caller's;
+    UNAUTHENTICATED for an identity stamp or admin token that does not verify; RESOURCE_EXHAUSTED
+    (google.rpc.RetryInfo) when pending-task limits are reached; UNAVAILABLE when the database
+    cannot be reached.
     """
 
     @staticmethod

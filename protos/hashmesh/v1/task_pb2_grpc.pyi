@@ -31,10 +31,20 @@ class TaskServiceStub:
     A task accepted by SubmitTask reaches exactly one final state (SUCCEEDED, CANCELLED or
     DEAD_LETTER), whatever crashes on the way.
 
+    Tenancy: every call acts for the caller's identity, decided by the balancer (the API key's
+    client, else `ip:<peer address>`) and stamped for the replica; a replica called directly
+    takes `ip:<peer address>`. A caller sees and changes only its own tasks: another client's
+    task answers NOT_FOUND exactly as a task that does not exist. The operator (`authorization:
+    Bearer <HASHMESH_ADMIN_TOKEN>`) sees every task and the workers in GetQueueStats.
+
     Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id; FAILED_PRECONDITION for a transition the task's state does
-    not allow; RESOURCE_EXHAUSTED (google.rpc.RetryInfo) when pending-task limits are reached;
-    UNAVAILABLE when the database cannot be reached.
+    NOT_FOUND for an unknown task id (or another client's); FAILED_PRECONDITION for a transition
+    the task's state does not allow; ALREADY_EXISTS (google.rpc.ErrorInfo reason
+    IDEMPOTENCY_KEY_REUSED, metadata idempotency_key and task_id) for an idempotency key reused
+    with another request; PERMISSION_DENIED for a client_id that is not the caller's;
+    UNAUTHENTICATED for an identity stamp or admin token that does not verify; RESOURCE_EXHAUSTED
+    (google.rpc.RetryInfo) when pending-task limits are reached; UNAVAILABLE when the database
+    cannot be reached.
     """
 
     @_typing.overload
@@ -42,20 +52,25 @@ class TaskServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TaskServiceAsyncStub: ...
     SubmitTask: _grpc.UnaryUnaryMultiCallable[_task_pb2.SubmitTaskRequest, _task_pb2.SubmitTaskResponse]
-    """SubmitTask queues one task. With an idempotency key, submitting again with the same key and
-    client id returns the first task instead of creating another. When the result is already
-    in the shared cache, the task is created SUCCEEDED at once, marked cached.
+    """SubmitTask queues one task. With an idempotency key, submitting the same request again with
+    the same key returns the first task (created false) instead of creating another; the same
+    key with a different request is ALREADY_EXISTS naming the first task. Keys are per caller
+    and remembered for HASHMESH_IDEMPOTENCY_WINDOW_SECONDS (default 24 h) after their task was
+    created. When the result is already in the shared cache, the task is created SUCCEEDED at
+    once, marked cached.
     """
     SubmitTasks: _grpc.UnaryUnaryMultiCallable[_task_pb2.SubmitTasksRequest, _task_pb2.SubmitTasksResponse]
     """SubmitTasks queues a batch of tasks in one statement: all are stored, or none are."""
     GetTask: _grpc.UnaryUnaryMultiCallable[_task_pb2.GetTaskRequest, _task_pb2.GetTaskResponse]
-    """GetTask returns a task's current state."""
+    """GetTask returns a task's current state (the caller's own tasks only)."""
     WatchTask: _grpc.UnaryStreamMultiCallable[_task_pb2.WatchTaskRequest, _task_pb2.WatchTaskResponse]
     """WatchTask streams the task's current state, then every change of status, and ends after
     the task reaches a final state.
     """
     ListTasks: _grpc.UnaryUnaryMultiCallable[_task_pb2.ListTasksRequest, _task_pb2.ListTasksResponse]
-    """ListTasks lists tasks, newest first, filtered and paged with opaque tokens."""
+    """ListTasks lists the caller's tasks (an operator's: every client's), newest first,
+    filtered and paged with opaque tokens.
+    """
     CancelTask: _grpc.UnaryUnaryMultiCallable[_task_pb2.CancelTaskRequest, _task_pb2.CancelTaskResponse]
     """CancelTask cancels a task: a pending one at once, a running one cooperatively (the worker
     drops its result). Cancelling a task in a final state is FAILED_PRECONDITION.
@@ -64,7 +79,8 @@ class TaskServiceStub:
     """RequeueTask puts a DEAD_LETTER (or CANCELLED) task back to PENDING with fresh attempts."""
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_task_pb2.GetQueueStatsRequest, _task_pb2.GetQueueStatsResponse]
     """GetQueueStats summarises the queue: tasks by state, the oldest pending task's age, workers
-    alive and recent completions.
+    alive and recent completions (totals over every client). The list of workers (names,
+    hosts, PIDs) is filled for the operator only.
     """
 
 @_typing.type_check_only
@@ -73,28 +89,43 @@ class TaskServiceAsyncStub(TaskServiceStub):
     A task accepted by SubmitTask reaches exactly one final state (SUCCEEDED, CANCELLED or
     DEAD_LETTER), whatever crashes on the way.
 
+    Tenancy: every call acts for the caller's identity, decided by the balancer (the API key's
+    client, else `ip:<peer address>`) and stamped for the replica; a replica called directly
+    takes `ip:<peer address>`. A caller sees and changes only its own tasks: another client's
+    task answers NOT_FOUND exactly as a task that does not exist. The operator (`authorization:
+    Bearer <HASHMESH_ADMIN_TOKEN>`) sees every task and the workers in GetQueueStats.
+
     Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id; FAILED_PRECONDITION for a transition the task's state does
-    not allow; RESOURCE_EXHAUSTED (google.rpc.RetryInfo) when pending-task limits are reached;
-    UNAVAILABLE when the database cannot be reached.
+    NOT_FOUND for an unknown task id (or another client's); FAILED_PRECONDITION for a transition
+    the task's state does not allow; ALREADY_EXISTS (google.rpc.ErrorInfo reason
+    IDEMPOTENCY_KEY_REUSED, metadata idempotency_key and task_id) for an idempotency key reused
+    with another request; PERMISSION_DENIED for a client_id that is not the caller's;
+    UNAUTHENTICATED for an identity stamp or admin token that does not verify; RESOURCE_EXHAUSTED
+    (google.rpc.RetryInfo) when pending-task limits are reached; UNAVAILABLE when the database
+    cannot be reached.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitTask: _aio.UnaryUnaryMultiCallable[_task_pb2.SubmitTaskRequest, _task_pb2.SubmitTaskResponse]  # type: ignore[assignment]
-    """SubmitTask queues one task. With an idempotency key, submitting again with the same key and
-    client id returns the first task instead of creating another. When the result is already
-    in the shared cache, the task is created SUCCEEDED at once, marked cached.
+    """SubmitTask queues one task. With an idempotency key, submitting the same request again with
+    the same key returns the first task (created false) instead of creating another; the same
+    key with a different request is ALREADY_EXISTS naming the first task. Keys are per caller
+    and remembered for HASHMESH_IDEMPOTENCY_WINDOW_SECONDS (default 24 h) after their task was
+    created. When the result is already in the shared cache, the task is created SUCCEEDED at
+    once, marked cached.
     """
     SubmitTasks: _aio.UnaryUnaryMultiCallable[_task_pb2.SubmitTasksRequest, _task_pb2.SubmitTasksResponse]  # type: ignore[assignment]
     """SubmitTasks queues a batch of tasks in one statement: all are stored, or none are."""
     GetTask: _aio.UnaryUnaryMultiCallable[_task_pb2.GetTaskRequest, _task_pb2.GetTaskResponse]  # type: ignore[assignment]
-    """GetTask returns a task's current state."""
+    """GetTask returns a task's current state (the caller's own tasks only)."""
     WatchTask: _aio.UnaryStreamMultiCallable[_task_pb2.WatchTaskRequest, _task_pb2.WatchTaskResponse]  # type: ignore[assignment]
     """WatchTask streams the task's current state, then every change of status, and ends after
     the task reaches a final state.
     """
     ListTasks: _aio.UnaryUnaryMultiCallable[_task_pb2.ListTasksRequest, _task_pb2.ListTasksResponse]  # type: ignore[assignment]
-    """ListTasks lists tasks, newest first, filtered and paged with opaque tokens."""
+    """ListTasks lists the caller's tasks (an operator's: every client's), newest first,
+    filtered and paged with opaque tokens.
+    """
     CancelTask: _aio.UnaryUnaryMultiCallable[_task_pb2.CancelTaskRequest, _task_pb2.CancelTaskResponse]  # type: ignore[assignment]
     """CancelTask cancels a task: a pending one at once, a running one cooperatively (the worker
     drops its result). Cancelling a task in a final state is FAILED_PRECONDITION.
@@ -103,7 +134,8 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """RequeueTask puts a DEAD_LETTER (or CANCELLED) task back to PENDING with fresh attempts."""
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_task_pb2.GetQueueStatsRequest, _task_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
     """GetQueueStats summarises the queue: tasks by state, the oldest pending task's age, workers
-    alive and recent completions.
+    alive and recent completions (totals over every client). The list of workers (names,
+    hosts, PIDs) is filled for the operator only.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -111,10 +143,20 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     A task accepted by SubmitTask reaches exactly one final state (SUCCEEDED, CANCELLED or
     DEAD_LETTER), whatever crashes on the way.
 
+    Tenancy: every call acts for the caller's identity, decided by the balancer (the API key's
+    client, else `ip:<peer address>`) and stamped for the replica; a replica called directly
+    takes `ip:<peer address>`. A caller sees and changes only its own tasks: another client's
+    task answers NOT_FOUND exactly as a task that does not exist. The operator (`authorization:
+    Bearer <HASHMESH_ADMIN_TOKEN>`) sees every task and the workers in GetQueueStats.
+
     Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id; FAILED_PRECONDITION for a transition the task's state does
-    not allow; RESOURCE_EXHAUSTED (google.rpc.RetryInfo) when pending-task limits are reached;
-    UNAVAILABLE when the database cannot be reached.
+    NOT_FOUND for an unknown task id (or another client's); FAILED_PRECONDITION for a transition
+    the task's state does not allow; ALREADY_EXISTS (google.rpc.ErrorInfo reason
+    IDEMPOTENCY_KEY_REUSED, metadata idempotency_key and task_id) for an idempotency key reused
+    with another request; PERMISSION_DENIED for a client_id that is not the caller's;
+    UNAUTHENTICATED for an identity stamp or admin token that does not verify; RESOURCE_EXHAUSTED
+    (google.rpc.RetryInfo) when pending-task limits are reached; UNAVAILABLE when the database
+    cannot be reached.
     """
 
     @_abc_1.abstractmethod
@@ -123,9 +165,12 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_pb2.SubmitTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_pb2.SubmitTaskResponse, _abc.Awaitable[_task_pb2.SubmitTaskResponse]]:
-        """SubmitTask queues one task. With an idempotency key, submitting again with the same key and
-        client id returns the first task instead of creating another. When the result is already
-        in the shared cache, the task is created SUCCEEDED at once, marked cached.
+        """SubmitTask queues one task. With an idempotency key, submitting the same request again with
+        the same key returns the first task (created false) instead of creating another; the same
+        key with a different request is ALREADY_EXISTS naming the first task. Keys are per caller
+        and remembered for HASHMESH_IDEMPOTENCY_WINDOW_SECONDS (default 24 h) after their task was
+        created. When the result is already in the shared cache, the task is created SUCCEEDED at
+        once, marked cached.
         """
 
     @_abc_1.abstractmethod
@@ -142,7 +187,7 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_pb2.GetTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_pb2.GetTaskResponse, _abc.Awaitable[_task_pb2.GetTaskResponse]]:
-        """GetTask returns a task's current state."""
+        """GetTask returns a task's current state (the caller's own tasks only)."""
 
     @_abc_1.abstractmethod
     def WatchTask(
@@ -160,7 +205,9 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_pb2.ListTasksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_pb2.ListTasksResponse, _abc.Awaitable[_task_pb2.ListTasksResponse]]:
-        """ListTasks lists tasks, newest first, filtered and paged with opaque tokens."""
+        """ListTasks lists the caller's tasks (an operator's: every client's), newest first,
+        filtered and paged with opaque tokens.
+        """
 
     @_abc_1.abstractmethod
     def CancelTask(
@@ -187,7 +234,8 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_pb2.GetQueueStatsResponse, _abc.Awaitable[_task_pb2.GetQueueStatsResponse]]:
         """GetQueueStats summarises the queue: tasks by state, the oldest pending task's age, workers
-        alive and recent completions.
+        alive and recent completions (totals over every client). The list of workers (names,
+        hosts, PIDs) is filled for the operator only.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
