@@ -10,7 +10,7 @@ import grpc
 import typer
 from typer.core import TyperGroup
 
-from hashmesh.cli import admin_cmds, bench, hash_cmds, task_cmds, up
+from hashmesh.cli import admin_cmds, bench, hash_cmds, key_cmds, task_cmds, up
 from hashmesh.cli.client import CliError, ExitCode, error_from_rpc
 from hashmesh.cli.options import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET, CliOptions
 from hashmesh.cli.output import print_error
@@ -123,6 +123,7 @@ app.add_typer(admin_cmds.ratelimit_app, name="ratelimit")
 app.add_typer(admin_cmds.cache_app, name="cache")
 app.command("health")(admin_cmds.health_command)
 app.add_typer(admin_cmds.db_app, name="db")
+app.add_typer(key_cmds.keys_app, name="keys")
 app.command("up")(up.up_command)
 app.command("bench", context_settings={"help_option_names": ["--help"]})(bench.bench_command)
 

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hashmesh.core.db import redact_dsn
 from hashmesh.core.embedded_pg import EmbeddedPostgres, free_port
+from hashmesh.core.sealing import KEY_FILE_ENV, KEYS_ENV, ensure_key_file
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ STABLE_AFTER = 30.0
 """A child that ran this long before crashing restarts with the first backoff again."""
 CACHE_SECRET_FILE = "cache-secret"
 """Under the state directory: the HMAC secret of the mesh's result cache (mode 0600)."""
+TASK_KEY_FILE = "task-keys"
+"""Under the state directory: the keys sealing task inputs at rest (mode 0600)."""
 IDENTITY_SECRET_FILE = "identity-secret"
 """Under the state directory: the mesh's ``HASHMESH_IDENTITY_SECRET`` (mode 0600), kept so that
 idempotency fingerprints stay comparable across runs."""
@@ -129,6 +133,7 @@ class Supervisor:
         self.target = ""
         self.admin_target = ""
         self.cache_secret = ""
+        self.task_key_file: Path | None = None
         self.identity_secret = ""
 
     # ---- start ---------------------------------------------------------------------------
@@ -136,6 +141,8 @@ class Supervisor:
         self.logs.mkdir(parents=True, exist_ok=True)
         if not os.environ.get("HASHMESH_CACHE_SECRET"):  # the user's own secret wins
             self.cache_secret = load_cache_secret(self.plan.state_dir)
+        if not (os.environ.get(KEY_FILE_ENV) or os.environ.get(KEYS_ENV)):  # the user's keys win
+            self.task_key_file = ensure_key_file(self.plan.state_dir / TASK_KEY_FILE)
         if not os.environ.get("HASHMESH_IDENTITY_SECRET"):  # signs identity stamps; keys fingerprints
             self.identity_secret = load_cache_secret(self.plan.state_dir, IDENTITY_SECRET_FILE)
         if not self.plan.database_url:
@@ -146,7 +153,7 @@ class Supervisor:
         await asyncio.to_thread(migrations.migrate, self.dsn)
         host = self.plan.host
         replicas = [self._child("hashd", f"hashd-{i}", ["hashmesh.hashd", "--listen",
-                    f"{host}:{free_port(host)}", "--database-url", self.dsn, *self._metrics_flag()],
+                    f"{host}:{free_port(host)}", *self._metrics_flag()],
                     ("hashd", *self._metrics_line("hashd")))
                     for i in range(1, self.plan.replicas + 1)]
         await asyncio.gather(*(self._launch(child) for child in replicas))
@@ -160,8 +167,7 @@ class Supervisor:
                                *self._metrics_flag()],
                                ("balancer", "balancer admin", *self._metrics_line("balancer")))
         await self._launch(balancer)
-        workers = [self._child("workerd", f"workerd-{i}", ["hashmesh.workerd", "--database-url", self.dsn,
-                               *self._metrics_flag()], ("workerd", *self._metrics_line("workerd")))
+        workers = [self._child("workerd", f"workerd-{i}", ["hashmesh.workerd", *self._metrics_flag()], ("workerd", *self._metrics_line("workerd")))
                    for i in range(1, self.plan.workers + 1)]
         await asyncio.gather(*(self._launch(child) for child in workers))
 
@@ -188,7 +194,7 @@ class Supervisor:
             log_path = self.database.log_file
             raise StartupError(f"PostgreSQL did not start (log {log_path}):\n{_reasons(log_path)}") from exc
         self.emit("running", name="postgres", pid=self.database.pid, address=f"{self.database.host}:"
-                  f"{self.database.port}", dsn=self.dsn)
+                  f"{self.database.port}", dsn=redact_dsn(self.dsn))
 
     def _child(self, kind: str, name: str, argv: list[str], expect: tuple[str, ...]) -> Child:
         child = Child(name=name, kind=kind, argv=argv, expect=expect, log_path=self.logs / f"{name}.log")
@@ -199,8 +205,12 @@ class Supervisor:
         child.ready = asyncio.Event()
         child.state = "starting"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.cache_secret and child.kind in ("hashd", "workerd"):
-            env["HASHMESH_CACHE_SECRET"] = self.cache_secret
+        if child.kind in ("hashd", "workerd"):
+            env["HASHMESH_DATABASE_URL"] = self.dsn  # not argv: every local user can read that
+            if self.cache_secret:
+                env["HASHMESH_CACHE_SECRET"] = self.cache_secret
+            if self.task_key_file is not None:
+                env[KEY_FILE_ENV] = str(self.task_key_file)
         if self.identity_secret and child.kind in ("hashd", "balancer"):
             env["HASHMESH_IDENTITY_SECRET"] = self.identity_secret
         child.process = await asyncio.create_subprocess_exec(

@@ -26,6 +26,7 @@ from hashmesh.cli.options import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET
 from hashmesh.cli.state import state_of
 from hashmesh.cli.state_lock import AlreadyRunning, StateLock
 from hashmesh.cli.supervisor import Event, MeshPlan, StartupError, Supervisor
+from hashmesh.core.db import redact_dsn
 
 _STATE_STYLE = {"running": "green", "starting": "yellow", "restarting": "yellow", "crashed": "red",
                 "down": "red", "stopping": "dim", "stopped": "dim"}
@@ -96,7 +97,7 @@ async def _run(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
             starting.result()  # StartupError propagates
             db_watch = asyncio.create_task(supervisor.watch_database())
             display.event({"event": "ready", "target": supervisor.target, "admin_target": supervisor.admin_target,
-                           "dsn": supervisor.dsn, "state_dir": str(plan.state_dir), "pids": supervisor.pids()})
+                           "dsn": redact_dsn(supervisor.dsn), "state_dir": str(plan.state_dir), "pids": supervisor.pids()})
             if not display.json_mode:
                 display.console.print(_ready_hint(supervisor), highlight=False, soft_wrap=True)
             if demo:

@@ -95,3 +95,14 @@ async def connection(
         raise Unavailable(
             f"database unavailable while {what}: {type(exc).__name__}", retry_after=1.0
         ) from exc
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` fit to show or log: its password replaced by ``***`` (URL or key=value form)."""
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(a connection string that does not parse)"
+    if "password" in parts:
+        parts["password"] = "***"
+    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in parts.items()})

@@ -2,8 +2,20 @@
 
 Uses the server binaries shipped in the ``pgserver`` wheel (or, failing that, the system's
 ``initdb``/``postgres`` on PATH), runs ``postgres`` as a child process on a loopback TCP port
-and keeps its data under a state directory. PostgreSQL refuses to run as root, so as root the
-server runs as an unprivileged system user (``pgserver``, created if missing)."""
+and keeps its data under a state directory.
+
+It is private to whoever can read the state directory: every connection (TCP on 127.0.0.1,
+no Unix socket) needs a password generated at the first start, checked with scram-sha-256
+(``pg_hba.conf`` is rewritten at every start; no ``trust`` line), and kept in
+``<data_dir>/password`` (mode 0600, in a 0700 directory). A data directory made by an older
+version (trust auth) gets its password set in single-user mode, before the server listens.
+
+PostgreSQL refuses to run as root, so as root the server runs as an unprivileged system user
+(``pgserver``, created if missing, with its own primary group and no supplementary groups —
+never group 0); the data directory is given to that user, and each parent directory of it
+that others cannot traverse gets a POSIX ACL entry letting that user alone traverse it (on a
+filesystem without ACLs: the traverse bit for everyone, ``o+x``, never read), each change
+logged."""
 
 from __future__ import annotations
 
@@ -11,18 +23,29 @@ import importlib.util
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from hashmesh.core import posix_acl
 
 log = logging.getLogger(__name__)
 
 RUN_AS_WHEN_ROOT = "pgserver"
+PASSWORD_FILE = "password"
+"""Under the data directory: the generated password of the ``postgres`` role (mode 0600)."""
+PG_HBA = """\
+# Written by hashmesh at every start: every connection needs the generated password.
+local all all scram-sha-256
+host  all all 127.0.0.1/32 scram-sha-256
+host  all all ::1/128 scram-sha-256
+"""
 
 
 def _bin_dir() -> Path:
@@ -44,16 +67,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _run_as_user() -> str | None:
+@dataclass(frozen=True)
+class ServerAccount:
+    """Who the server runs as when we are root: an unprivileged user and its own group."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def _server_account() -> ServerAccount | None:
     if os.geteuid() != 0:
         return None
     try:
-        pwd.getpwnam(RUN_AS_WHEN_ROOT)
+        entry = pwd.getpwnam(RUN_AS_WHEN_ROOT)
     except KeyError:
         subprocess.run(
             [
                 "useradd",
                 "--system",
+                "--user-group",
                 "--no-create-home",
                 "--shell",
                 "/usr/sbin/nologin",
@@ -62,18 +95,53 @@ def _run_as_user() -> str | None:
             check=True,
             capture_output=True,
         )
-    return RUN_AS_WHEN_ROOT
+        entry = pwd.getpwnam(RUN_AS_WHEN_ROOT)
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise RuntimeError(
+            f"user {RUN_AS_WHEN_ROOT!r} has uid or primary group 0; the embedded PostgreSQL "
+            "will not run with root's privileges (give it its own group, or run as non-root)"
+        )
+    return ServerAccount(RUN_AS_WHEN_ROOT, entry.pw_uid, entry.pw_gid)
 
 
-def _open_path_for(user: str, path: Path) -> None:
-    """Let ``user`` traverse to ``path`` and own it (we are root here)."""
-    entry = pwd.getpwnam(user)
+def _identity(account: ServerAccount | None) -> tuple[int | None, int | None, list[int] | None]:
+    """``user``, ``group``, ``extra_groups`` for subprocess: as root, the server's user with its
+    own group and no supplementary ones (``setgroups([])`` drops root's group 0)."""
+    if account is None:
+        return None, None, None
+    return account.uid, account.gid, []
+
+
+def _open_path_for(account: ServerAccount, path: Path) -> None:
+    """Let ``account`` traverse to ``path`` and own it (we are root here)."""
     for parent in reversed(path.parents):
         mode = parent.stat().st_mode
-        if not mode & 0o001:
-            parent.chmod(mode | 0o011)
+        if mode & 0o001:
+            continue
+        if posix_acl.grant_traverse(parent, account.uid):
+            log.info(
+                "let the embedded PostgreSQL's user traverse a directory (POSIX ACL entry)",
+                extra={"directory": str(parent), "user": account.name},
+            )
+        else:  # a filesystem without ACLs
+            parent.chmod(mode | 0o001)
+            log.warning(
+                "made a directory traversable by other users (o+x) so that the embedded "
+                "PostgreSQL's user reaches its data",
+                extra={"directory": str(parent), "user": account.name},
+            )
     for item in [path, *path.rglob("*")]:
-        os.chown(item, entry.pw_uid, entry.pw_gid)
+        os.chown(item, account.uid, account.gid, follow_symlinks=False)
+
+
+def _write_private(path: Path, text: str, account: ServerAccount | None) -> None:
+    """Write ``text`` to ``path`` with mode 0600, owned by the server's user."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as sink:
+        os.fchmod(sink.fileno(), 0o600)
+        if account is not None:
+            os.fchown(sink.fileno(), account.uid, account.gid)
+        sink.write(text)
 
 
 def _make_binaries_usable(bin_dir: Path) -> None:
@@ -99,6 +167,8 @@ class EmbeddedPostgres:
     port: int = 0
     host: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = None
+    password: str = field(default="", repr=False)
+    """Of the ``postgres`` role; read from (or made into) ``<data_dir>/password`` by start()."""
     log_path: Path | None = None
     """The server's log; ``None``: ``postgres.log`` in ``data_dir``."""
     preexec_fn: Callable[[], None] | None = None
@@ -110,7 +180,17 @@ class EmbeddedPostgres:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@{self.host}:{self.port}/postgres"
+        """Holds the password: pass it in the environment, never on a command line or a log."""
+        return f"postgresql://postgres:{self.password}@{self.host}:{self.port}/postgres"
+
+    @property
+    def redacted_dsn(self) -> str:
+        """The DSN to show: the password replaced by ``***``."""
+        return f"postgresql://postgres:***@{self.host}:{self.port}/postgres"
+
+    @property
+    def password_file(self) -> Path:
+        return self.data_dir / PASSWORD_FILE
 
     @property
     def pid(self) -> int | None:
@@ -118,15 +198,19 @@ class EmbeddedPostgres:
 
     def start(self, timeout: float = 30.0) -> str:
         bin_dir = _bin_dir()
-        user = _run_as_user()
+        account = _server_account()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if user:
+        self.data_dir.chmod(0o700)
+        if account is not None:
             _make_binaries_usable(bin_dir)
-            _open_path_for(user, self.data_dir)
+            _open_path_for(account, self.data_dir)
         pgdata = self.data_dir / "pgdata"
+        user, group, extra_groups = _identity(account)
         if not (pgdata / "PG_VERSION").exists():
             if pgdata.exists():
                 shutil.rmtree(pgdata)
+            self.password = self._saved_password() or secrets.token_hex(24)
+            _write_private(self.password_file, self.password + "\n", account)
             subprocess.run(
                 [
                     str(bin_dir / "initdb"),
@@ -134,17 +218,25 @@ class EmbeddedPostgres:
                     str(pgdata),
                     "-U",
                     "postgres",
-                    "--auth=trust",
+                    "--auth=scram-sha-256",
+                    f"--pwfile={self.password_file}",
                     "--encoding=UTF8",
                     "--no-sync",
                 ],
                 check=True,
                 capture_output=True,
                 user=user,
+                group=group,
+                extra_groups=extra_groups,
             )
+        else:
+            self.password = self._saved_password() or self._set_new_password(
+                bin_dir, pgdata, account
+            )
+        _write_private(pgdata / "pg_hba.conf", PG_HBA, account)
         if not self.port:
             self.port = free_port(self.host)
-        log_file = open(self.log_file, "ab")  # noqa: SIM115 - owned by the child
+        log_fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.process = subprocess.Popen(
             [
                 str(bin_dir / "postgres"),
@@ -157,6 +249,8 @@ class EmbeddedPostgres:
                 "-k",
                 "",
                 "-c",
+                "password_encryption=scram-sha-256",
+                "-c",
                 "max_connections=400",
                 "-c",
                 "fsync=on",
@@ -165,15 +259,40 @@ class EmbeddedPostgres:
                 "-c",
                 "synchronous_commit=on",
             ],
-            stdout=log_file,
+            stdout=log_fd,
             stderr=subprocess.STDOUT,
-            user=user,
             start_new_session=True,
+            user=user,
+            group=group,
+            extra_groups=extra_groups,
             preexec_fn=self.preexec_fn,
         )
-        log_file.close()
+        os.close(log_fd)
         self._wait_ready(timeout)
         return self.dsn
+
+    def _saved_password(self) -> str:
+        try:
+            return self.password_file.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return ""
+
+    def _set_new_password(self, bin_dir: Path, pgdata: Path, account: ServerAccount | None) -> str:
+        """A data directory without a password file (made with trust auth by an older version):
+        set one in single-user mode, where nothing listens, then save it."""
+        password = secrets.token_hex(24)
+        user, group, extra_groups = _identity(account)
+        subprocess.run(
+            [str(bin_dir / "postgres"), "--single", "-D", str(pgdata), "postgres"],
+            input=f"ALTER ROLE postgres PASSWORD '{password}';\n".encode(),
+            check=True,
+            capture_output=True,
+            user=user,
+            group=group,
+            extra_groups=extra_groups,
+        )
+        _write_private(self.password_file, password + "\n", account)
+        return password
 
     def _wait_ready(self, timeout: float) -> None:
         import psycopg

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 
 import psycopg
 
 from hashmesh.core import logs
+from hashmesh.core.sealing import TaskKeyring
 from hashmesh.core.settings import SettingsError
 from hashmesh.hashd.config import HashdSettings
 
@@ -18,7 +20,15 @@ def main(argv: list[str] | None = None) -> None:
         prog="hashd", description="hashmesh replica (HashService, TaskService)"
     )
     parser.add_argument("--listen", help="host:port to serve on (HASHMESH_HASHD_LISTEN)")
-    parser.add_argument("--database-url", help="PostgreSQL DSN (HASHMESH_DATABASE_URL)")
+    parser.add_argument(
+        "--database-url",
+        help="PostgreSQL DSN (HASHMESH_DATABASE_URL; prefer the variable when the DSN holds a "
+        "password: every local user can read a command line)",
+    )
+    parser.add_argument(
+        "--task-key-file",
+        help="keys sealing task inputs at rest, first one active (HASHMESH_TASK_KEY_FILE)",
+    )
     parser.add_argument(
         "--metrics-port",
         type=int,
@@ -36,7 +46,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = (
             HashdSettings.from_env()
-            .with_overrides(listen=args.listen, metrics_port=args.metrics_port)
+            .with_overrides(
+                listen=args.listen,
+                metrics_port=args.metrics_port,
+                task_keys=TaskKeyring.load_file(Path(args.task_key_file))
+                if args.task_key_file
+                else None,
+            )
             .with_tls_files(args.tls_cert, args.tls_key, args.tls_client_ca)
         )
         if args.database_url:

@@ -9,6 +9,7 @@ from hashmesh.core import resources
 from hashmesh.core.cache import CacheSettings
 from hashmesh.core.hashing import BOUNDS
 from hashmesh.core.identity import MIN_SECRET_LENGTH
+from hashmesh.core.sealing import TaskKeyring
 from hashmesh.core.settings import (
     DatabaseSettings,
     SettingsError,
@@ -81,6 +82,10 @@ class HashdSettings:
     tls: ServerTls | None = None
     """TLS of the listener (``HASHMESH_TLS_CERT_FILE``, ``HASHMESH_TLS_KEY_FILE``, and
     ``HASHMESH_TLS_CLIENT_CA_FILE`` for mutual TLS); ``None`` serves plaintext."""
+    task_keys: TaskKeyring | None = None
+    """Keys that seal every task input before it is stored (``HASHMESH_TASK_KEY_FILE`` or
+    ``HASHMESH_TASK_KEYS``). ``None``: digest inputs are stored as given and argon2 tasks are
+    refused with FAILED_PRECONDITION, since their input is a password."""
 
     def __post_init__(self) -> None:
         if self.cpu_workers < 1:
@@ -155,6 +160,7 @@ class HashdSettings:
                 "IDEMPOTENCY_WINDOW_SECONDS", cls.idempotency_window_seconds, minimum=1.0
             ),
             tls=ServerTls.from_env(),
+            task_keys=TaskKeyring.from_env(),
         )
 
     def with_overrides(self, **changes: Any) -> HashdSettings:

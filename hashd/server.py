@@ -62,7 +62,7 @@ class Hashd:
             cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name,
             CacheService(self.cache, lambda: self.grpc.address),
         )
-        task_store = PostgresTaskStore(self.pool)
+        task_store = PostgresTaskStore(self.pool, keyring=settings.task_keys)
         # One LISTEN connection fans task status changes out to every WatchTask stream.
         self.watch_hub = WatchHub(settings.database.require_dsn(), task_store)
         self.tasks = TaskService(task_store, settings, cache=self.cache, hub=self.watch_hub)

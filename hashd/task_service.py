@@ -19,7 +19,7 @@ from google.protobuf import timestamp_pb2
 
 from hashmesh.core import metrics
 from hashmesh.core.cache import ResultCache
-from hashmesh.core.errors import InvalidArgument, Unavailable
+from hashmesh.core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from hashmesh.core.hashing import Algorithm, Argon2Params
 from hashmesh.core.tasks.coalesce import SubmitCoalescer
 from hashmesh.core.tasks.idempotency import IdempotencyGuard
@@ -294,6 +294,12 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 spec, field=name, default_max_attempts=self._settings.default_max_attempts,
                 argon2_memory_kib=self._settings.argon2_memory_limit_kib,
             )
+            if params is not None and self._settings.task_keys is None:
+                # An argon2 input is a password: without a key it would be stored in clear.
+                raise FailedPrecondition(
+                    f"{name}: argon2id tasks are disabled on this replica: no task input key "
+                    "is configured (set HASHMESH_TASK_KEY_FILE on hashd and workerd)"
+                )
             task = self._keys.fingerprinted(task)
             tasks.append(await self._with_cached(replace(task, client_id=client_id), params))
         self._require_database()

@@ -17,6 +17,7 @@ import pytest
 
 from hashmesh.core import migrations
 from hashmesh.core.embedded_pg import EmbeddedPostgres, create_database
+from hashmesh.core.sealing import KEY_FILE_ENV, ensure_key_file
 from tests.procs import Proc, start_process, wait_serving
 
 TEMPLATE_DB = "hashmesh_test_template"
@@ -37,6 +38,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     own = session.config.stash.get(_OWN_BASETEMP, None)
     if own is not None and exitstatus == 0:
         shutil.rmtree(own, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def task_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every process a test starts seals task inputs with one key ring, as a mesh would (a
+    test that wants none sets ``HASHMESH_TASK_KEY_FILE`` to an empty value)."""
+    path = ensure_key_file(tmp_path_factory.mktemp("task-keys") / "task-keys")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KEY_FILE_ENV, str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -98,11 +109,12 @@ class Processes:
         self.started.append(proc)
         return proc
 
+    # The DSN travels in the environment: it holds the password, and argv is public.
     def hashd(self, dsn: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         proc = self._start(
             "hashd",
-            ["hashmesh.hashd", "--listen", "127.0.0.1:0", "--database-url", dsn, *args],
-            env,
+            ["hashmesh.hashd", "--listen", "127.0.0.1:0", *args],
+            {"HASHMESH_DATABASE_URL": dsn, **(env or {})},
             ("hashd",),
         )
         wait_serving(proc.address)
@@ -110,7 +122,10 @@ class Processes:
 
     def workerd(self, dsn: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         return self._start(
-            "workerd", ["hashmesh.workerd", "--database-url", dsn, *args], env, ("workerd",)
+            "workerd",
+            ["hashmesh.workerd", *args],
+            {"HASHMESH_DATABASE_URL": dsn, **(env or {})},
+            ("workerd",),
         )
 
     def balancer(self, backends: list[str], *args: str, env: dict[str, str] | None = None) -> Proc:

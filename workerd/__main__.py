@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 
 import psycopg
 
 from hashmesh.core import logs, metrics
 from hashmesh.core.rpc import wait_for_signal
+from hashmesh.core.sealing import TaskKeyring
 from hashmesh.core.settings import SettingsError
 from hashmesh.workerd.config import WorkerSettings
 from hashmesh.workerd.worker import Worker
@@ -38,7 +40,15 @@ async def serve(settings: WorkerSettings, endpoint: metrics.MetricsServer | None
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="workerd", description="hashmesh task worker")
-    parser.add_argument("--database-url", help="PostgreSQL DSN (HASHMESH_DATABASE_URL)")
+    parser.add_argument(
+        "--database-url",
+        help="PostgreSQL DSN (HASHMESH_DATABASE_URL; prefer the variable when the DSN holds a "
+        "password: every local user can read a command line)",
+    )
+    parser.add_argument(
+        "--task-key-file",
+        help="keys sealing task inputs at rest, first one active (HASHMESH_TASK_KEY_FILE)",
+    )
     parser.add_argument("--name", help="unique worker name (HASHMESH_WORKERD_NAME)")
     parser.add_argument(
         "--concurrency", type=int, help="most tasks held at once (HASHMESH_WORKERD_CONCURRENCY)"
@@ -74,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
             grace_seconds=args.grace,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            task_keys=TaskKeyring.load_file(Path(args.task_key_file))
+            if args.task_key_file
+            else None,
         )
     except SettingsError as exc:
         parser.error(str(exc))

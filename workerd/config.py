@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hashmesh.core import resources
+from hashmesh.core.sealing import TaskKeyring
 from hashmesh.core.settings import (
     DatabaseSettings,
     SettingsError,
@@ -65,6 +66,11 @@ class WorkerSettings:
     from, so it stays local unless set: ``0.0.0.0`` in containers, where Prometheus and the
     probes reach it from outside (``HASHMESH_WORKERD_METRICS_HOST``)."""
 
+    task_keys: TaskKeyring | None = None
+    """Keys that open sealed task inputs (``HASHMESH_TASK_KEY_FILE`` or ``HASHMESH_TASK_KEYS``):
+    the same ring as hashd's, or a superset during a rotation. ``None``: a sealed input fails
+    its attempt with a message naming the key id."""
+
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 200:
             raise SettingsError("HASHMESH_WORKERD_NAME must be 1 to 200 characters")
@@ -104,6 +110,7 @@ class WorkerSettings:
             fail_algorithms=env_list("WORKERD_FAIL_ALGORITHMS"),
             metrics_port=env_int("WORKERD_METRICS_PORT", 0, minimum=0) if metrics else None,
             metrics_host=env_optional("WORKERD_METRICS_HOST") or cls.metrics_host,
+            task_keys=TaskKeyring.from_env(),
         )
 
     def with_overrides(self, **changes: Any) -> WorkerSettings:

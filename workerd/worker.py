@@ -96,6 +96,7 @@ class Worker:
         self._cpu = asyncio.Semaphore(settings.cpu_workers)
         self._executor = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="workerd-cpu")
         self._fail = frozenset(settings.fail_algorithms)
+        self._keys = settings.task_keys
         self.task_metrics = WorkerMetrics()
         metrics.watch_pool(self.pool)
         # Read at scrape time (another thread): len() of a dict is safe there.
@@ -336,9 +337,7 @@ class Worker:
     def _compute_now(self, held: _Held) -> None:
         task = held.task
         try:
-            digest, encoded = handlers.compute(
-                task.algorithm, task.data, task.params, fail=self._fail
-            )
+            digest, encoded = handlers.run(task, self._keys, fail=self._fail)
         except Exception as exc:
             self._record_failure(task, exc)
         else:
@@ -355,9 +354,7 @@ class Worker:
             try:
                 digest, encoded = await loop.run_in_executor(
                     self._executor,
-                    lambda: handlers.compute(
-                        task.algorithm, task.data, task.params, fail=self._fail
-                    ),
+                    lambda: handlers.run(task, self._keys, fail=self._fail),
                 )
             except Exception as exc:
                 if not held.dropped:
@@ -444,9 +441,10 @@ class Worker:
                 else None
             )
             if self.cache.is_cacheable(algorithm, params):
-                await self.cache.store(
-                    algorithm, params, held.task.data, result.digest, result.encoded
-                )
+                # Keyed by an HMAC of the clear input (opened again: microseconds), so that
+                # hashd's lookups find it; the cache stores no input.
+                data = handlers.open_input(held.task, self._keys)
+                await self.cache.store(algorithm, params, data, result.digest, result.encoded)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -5,21 +5,22 @@
 -- One statement for a whole batch: all rows are stored or none. Ids are made by the caller so
 -- the answer maps back to the request's order; a repeated (client_id, idempotency_key) is
 -- skipped here and read back by `by_idempotency_keys`.
-INSERT INTO hashmesh_tasks (id, algorithm, input, input_size, params, priority, max_attempts,
-                            run_after, client_id, idempotency_key, status, result_digest,
-                            result_encoded, cached, finished_at, idempotency_fingerprint)
-SELECT s.id, s.algorithm, s.input, s.input_size, s.params::jsonb, s.priority, s.max_attempts,
-       coalesce(s.run_after, now()), s.client_id, s.idempotency_key, s.status, s.result_digest,
-       s.result_encoded, s.status = 'succeeded', CASE WHEN s.status = 'succeeded' THEN now() END,
-       s.fingerprint
-FROM unnest(%(id)s::uuid[], %(algorithm)s::text[], %(input)s::bytea[], %(input_size)s::bigint[],
-            %(params)s::text[], %(priority)s::integer[], %(max_attempts)s::integer[],
-            %(run_after)s::timestamptz[], %(client_id)s::text[], %(idempotency_key)s::text[],
-            %(status)s::text[], %(result_digest)s::bytea[], %(result_encoded)s::text[],
-            %(fingerprint)s::bytea[])
-     WITH ORDINALITY AS s(id, algorithm, input, input_size, params, priority, max_attempts,
-                          run_after, client_id, idempotency_key, status, result_digest,
-                          result_encoded, fingerprint, ord)
+INSERT INTO hashmesh_tasks (id, algorithm, input, input_key_id, input_size, params, priority,
+                            max_attempts, run_after, client_id, idempotency_key, status,
+                            result_digest, result_encoded, cached, finished_at,
+                            idempotency_fingerprint)
+SELECT s.id, s.algorithm, s.input, s.input_key_id, s.input_size, s.params::jsonb, s.priority,
+       s.max_attempts, coalesce(s.run_after, now()), s.client_id, s.idempotency_key, s.status,
+       s.result_digest, s.result_encoded, s.status = 'succeeded',
+       CASE WHEN s.status = 'succeeded' THEN now() END, s.fingerprint
+FROM unnest(%(id)s::uuid[], %(algorithm)s::text[], %(input)s::bytea[],
+            %(input_key_id)s::text[], %(input_size)s::bigint[], %(params)s::text[],
+            %(priority)s::integer[], %(max_attempts)s::integer[], %(run_after)s::timestamptz[],
+            %(client_id)s::text[], %(idempotency_key)s::text[], %(status)s::text[],
+            %(result_digest)s::bytea[], %(result_encoded)s::text[], %(fingerprint)s::bytea[])
+     WITH ORDINALITY AS s(id, algorithm, input, input_key_id, input_size, params, priority,
+                          max_attempts, run_after, client_id, idempotency_key, status,
+                          result_digest, result_encoded, fingerprint, ord)
 ORDER BY s.ord
 ON CONFLICT (client_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING {columns}
@@ -67,8 +68,8 @@ WITH picked AS (
         lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
         started_at = now(), updated_at = now()
     FROM picked WHERE t.id = picked.id
-    RETURNING t.id, t.algorithm, t.input, t.params, t.attempts, t.max_attempts, t.lease_id,
-              t.cancel_requested, t.priority, t.run_after
+    RETURNING t.id, t.algorithm, t.input, t.input_key_id, t.params, t.attempts,
+              t.max_attempts, t.lease_id, t.cancel_requested, t.priority, t.run_after
 )
 SELECT * FROM claimed ORDER BY priority DESC, run_after, id
 
@@ -257,3 +258,14 @@ ORDER BY alive DESC, name
 SELECT client_id, count(*) AS n FROM hashmesh_tasks
 WHERE status IN ('pending', 'retrying', 'running')
 GROUP BY client_id
+
+-- name: input_key_usage
+-- Key rotation (`hashctl keys usage`): rows holding an input sealed with each key. A key may
+-- be dropped once no unfinished task needs it; finished rows only matter to `requeue`.
+SELECT input_key_id AS key_id,
+       count(*) FILTER (WHERE status IN ('pending', 'retrying', 'running')) AS unfinished,
+       count(*) FILTER (WHERE status NOT IN ('pending', 'retrying', 'running')) AS finished
+FROM hashmesh_tasks
+WHERE input IS NOT NULL AND input_key_id IS NOT NULL
+GROUP BY input_key_id
+ORDER BY input_key_id

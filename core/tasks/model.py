@@ -101,11 +101,14 @@ class ClaimedTask:
     id: str
     algorithm: str
     data: bytes
+    """The input as stored: sealed when ``input_key_id`` is set (``hashmesh.core.sealing``)."""
     params: dict[str, Any]
     attempts: int
     max_attempts: int
     lease_id: int
     cancel_requested: bool = False
+    input_key_id: str | None = None
+    """Id of the key that sealed ``data``; ``None``: stored as given."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from psycopg import sql
 
 from hashmesh.core.db import connection
 from hashmesh.core.errors import FailedPrecondition, NotFound, Unavailable
+from hashmesh.core.sealing import TaskKeyring
 from hashmesh.core.tasks.model import (
     ClaimedTask,
     Completion,
@@ -73,10 +74,14 @@ def _q(name: str) -> str:
 
 
 class PostgresTaskStore:
-    """Tasks and workers in PostgreSQL, through a caller-owned (opened) pool."""
+    """Tasks and workers in PostgreSQL, through a caller-owned (opened) pool. With a
+    ``keyring``, every input is sealed before it is sent (hashd); workerd opens them."""
 
-    def __init__(self, pool: psycopg_pool.AsyncConnectionPool) -> None:
+    def __init__(
+        self, pool: psycopg_pool.AsyncConnectionPool, keyring: TaskKeyring | None = None
+    ) -> None:
         self._pool = pool
+        self._keyring = keyring
 
     async def _rows(self, query: str, params: dict[str, Any], *, what: str) -> list[dict[str, Any]]:
         async with connection(self._pool, what=what) as conn:
@@ -95,10 +100,12 @@ class PostgresTaskStore:
         if not tasks:
             return []
         ids = [str(uuid.uuid4()) for _ in tasks]
+        inputs = [_stored_input(self._keyring, i, t) for i, t in zip(ids, tasks, strict=True)]
         params = {
             "id": ids,
             "algorithm": [t.algorithm for t in tasks],
-            "input": [None if t.cached_result else t.data for t in tasks],
+            "input": [blob for blob, _ in inputs],
+            "input_key_id": [key_id for _, key_id in inputs],
             "input_size": [len(t.data) for t in tasks],
             "params": [json.dumps(t.params) for t in tasks],
             "priority": [t.priority for t in tasks],
@@ -366,6 +373,19 @@ def _outcome(row: dict[str, Any]) -> Outcome:
     )
 
 
+def _stored_input(
+    keyring: TaskKeyring | None, task_id: str, task: NewTask
+) -> tuple[bytes | None, str | None]:
+    """(input column, key id): sealed when a keyring is configured; nothing for a cache hit.
+    hashd refuses argon2 tasks without a keyring, and a CHECK constraint backs that up."""
+    if task.cached_result:
+        return None, None
+    if keyring is None:
+        return task.data, None
+    sealed = keyring.seal(task_id, task.algorithm, task.params, task.data)
+    return sealed.blob, sealed.key_id
+
+
 def _claimed(row: dict[str, Any]) -> ClaimedTask:
     return ClaimedTask(
         id=str(row["id"]),
@@ -376,6 +396,7 @@ def _claimed(row: dict[str, Any]) -> ClaimedTask:
         max_attempts=row["max_attempts"],
         lease_id=row["lease_id"],
         cancel_requested=row["cancel_requested"],
+        input_key_id=row["input_key_id"],
     )
 
 
@@ -432,6 +453,14 @@ class Listener:
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
                 await conn.close()
+
+
+def input_key_usage(dsn: str) -> list[tuple[str, int, int]]:
+    """(key id, unfinished, finished) rows still holding an input sealed with each key: the
+    check of a key rotation (``hashctl keys usage``). One short connection of its own."""
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        rows = conn.execute(_q("input_key_usage")).fetchall()
+    return [(str(key_id), int(unfinished), int(finished)) for key_id, unfinished, finished in rows]
 
 
 def _conforms(store: PostgresTaskStore) -> TaskStore:

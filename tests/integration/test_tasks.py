@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from hashmesh.core import db
+from hashmesh.core.sealing import TaskKeyring
 from hashmesh.core.settings import DatabaseSettings
 from hashmesh.core.tasks.model import Completion, Lease, NewTask, TaskStatus
 from hashmesh.core.tasks.store import PostgresTaskStore
@@ -39,7 +40,7 @@ def with_store(dsn: str, body: Callable[[PostgresTaskStore], Awaitable[T]]) -> T
         pool = db.make_pool(DatabaseSettings(dsn=dsn, pool_max=4), name="test")
         await pool.open()
         try:
-            return await body(PostgresTaskStore(pool))
+            return await body(PostgresTaskStore(pool, keyring=TaskKeyring.from_env()))
         finally:
             await pool.close()
 

@@ -248,7 +248,7 @@ def test_one_secret_holds_the_database_password_once() -> None:
 
     [secret] = load_yaml_documents(K8S / "secrets.example.yaml")
     assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "hashmesh-secrets"
-    assert set(secret["stringData"]) == {"POSTGRES_PASSWORD", "HASHMESH_CACHE_SECRET",
+    assert set(secret["stringData"]) == {"POSTGRES_PASSWORD", "HASHMESH_CACHE_SECRET", "HASHMESH_TASK_KEYS",
                                          "HASHMESH_IDENTITY_SECRET", "HASHMESH_ADMIN_TOKEN"}
     referenced = {ref["name"] for _, doc in manifests() for node in _walk(doc) if isinstance(node, dict)
                   for key, ref in node.items() if key in ("secretKeyRef", "secretRef")}
