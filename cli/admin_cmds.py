@@ -265,15 +265,18 @@ def cache_stats(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     """
     state = state_of(ctx)
     out = state.output(json_out)
-    replies, unreachable = _every_replicas_cache_stats(state)
+    by_address, unreachable = _every_replicas_cache_stats(state)
     scope = "partial" if unreachable else "mesh"
-    if not replies:
+    if not by_address:
         scope = "one replica"
-        replies = [state.session.cache().GetCacheStats(cache_pb2.GetCacheStatsRequest(),
-                                                       timeout=state.options.timeout,
-                                                       metadata=state.session.metadata())]
+        reply = state.session.cache().GetCacheStats(cache_pb2.GetCacheStatsRequest(),
+                                                    timeout=state.options.timeout,
+                                                    metadata=state.session.metadata())
+        # Only an operator is told which replica answered.
+        by_address = {reply.replica or f"one behind {state.options.target}": reply}
+    replies = list(by_address.values())
     tiers = merge_cache_stats(replies)
-    answered = [r.replica for r in replies]
+    answered = list(by_address)
     cached = list(replies[0].cached_algorithms)
     if out.json_mode:
         out.json({"scope": scope, "replicas": answered, "unreachable": unreachable, "replica": answered[0],
@@ -286,21 +289,25 @@ def cache_stats(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     out.table(["TIER", "HITS", "MISSES", "ENTRIES", "EVICTIONS", "ERRORS"], [list(t.values()) for t in tiers])
 
 
-def _every_replicas_cache_stats(state: CliState) -> tuple[list[cache_pb2.GetCacheStatsResponse], list[str]]:
-    """Each replica's own figures, asked directly; ``([], [])`` when the balancer's admin
+def _every_replicas_cache_stats(
+    state: CliState,
+) -> tuple[dict[str, cache_pb2.GetCacheStatsResponse], list[str]]:
+    """Each replica's own figures by its address (as the balancer lists it), asked directly,
+    and the addresses that could not be reached; ``({}, [])`` when the balancer's admin
     endpoint cannot list them."""
     try:
         listed = state.session.admin().ListBackends(admin_pb2.ListBackendsRequest(), timeout=state.options.timeout,
                                                     metadata=state.session.admin_metadata())
     except grpc.RpcError:
-        return [], []
-    replies, unreachable = [], []
+        return {}, []
+    replies: dict[str, cache_pb2.GetCacheStatsResponse] = {}
+    unreachable: list[str] = []
     for backend in listed.backends:
         with open_channel(backend.address, state.options) as channel:
             try:
-                replies.append(cache_pb2_grpc.CacheServiceStub(channel).GetCacheStats(
+                replies[backend.address] = cache_pb2_grpc.CacheServiceStub(channel).GetCacheStats(
                     cache_pb2.GetCacheStatsRequest(), timeout=state.options.timeout,
-                    metadata=state.session.metadata()))
+                    metadata=state.session.metadata())
             except grpc.RpcError:
                 unreachable.append(backend.address)
     return replies, unreachable

@@ -154,7 +154,7 @@ def test_cache_stats_add_up_every_replica(cli_mesh: Mesh) -> None:
             own.append(cache_pb2_grpc.CacheServiceStub(channel).GetCacheStats(
                 cache_pb2.GetCacheStatsRequest(), timeout=10))
     stats = hashctl_json(*on(cli_mesh), "cache", "stats")
-    assert stats["scope"] == "mesh" and sorted(stats["replicas"]) == sorted(r.replica for r in own)
+    assert stats["scope"] == "mesh" and sorted(stats["replicas"]) == sorted(r.address for r in cli_mesh.hashd)
     memory = next(t for t in stats["tiers"] if t["tier"] == "memory")
     assert memory["hits"] == sum(t.hits for r in own for t in r.tiers if t.tier == cache_pb2.CACHE_TIER_MEMORY)
     assert memory["hits"] >= 1
