@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -190,9 +191,13 @@ class Supervisor:
         self._database_start = asyncio.get_running_loop().run_in_executor(None, self.database.start)
         try:
             self.dsn = await asyncio.shield(self._database_start)
-        except RuntimeError as exc:  # the server exited: its own words, not the whole log
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            # The server (or a set-up step) exited: its own words, not the whole log.
             log_path = self.database.log_file
-            raise StartupError(f"PostgreSQL did not start (log {log_path}):\n{_reasons(log_path)}") from exc
+            output = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else None
+            said = output.decode(errors="replace") if isinstance(output, bytes) else ""
+            raise StartupError(f"PostgreSQL did not start (log {log_path}):\n"
+                               f"{_reasons_in(said) or _reasons(log_path)}") from exc
         self.emit("running", name="postgres", pid=self.database.pid, address=f"{self.database.host}:"
                   f"{self.database.port}", dsn=redact_dsn(self.dsn))
 
@@ -428,9 +433,15 @@ async def _terminate(process: asyncio.subprocess.Process) -> None:
 
 def _reasons(path: Path, most: int = 3) -> str:
     """The last FATAL/PANIC/ERROR lines of a PostgreSQL log (else its last line)."""
-    text = _tail(path, 200).splitlines()
-    found = [line for line in text if any(f"{level}:" in line for level in ("FATAL", "PANIC", "ERROR"))]
-    return "\n".join(found[-most:] or text[-1:])
+    text = _tail(path, 200)
+    return _reasons_in(text, most) or "\n".join(text.splitlines()[-1:])
+
+
+def _reasons_in(text: str, most: int = 3) -> str:
+    """The last FATAL/PANIC/ERROR lines of PostgreSQL's output, or ``""``."""
+    lines = text.strip().splitlines()
+    found = [line for line in lines if any(f"{level}:" in line for level in ("FATAL", "PANIC", "ERROR"))]
+    return "\n".join(found[-most:] or lines[-1:])
 
 
 def _tail(path: Path, lines: int = 20) -> str:
