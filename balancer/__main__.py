@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends-dns", help="name:port re-resolved periodically (HASHMESH_BALANCER_BACKENDS_DNS)")
     parser.add_argument("--strategy", choices=STRATEGIES, help="picking policy (HASHMESH_BALANCER_STRATEGY)")
     parser.add_argument("--rate-limit", help="default per-peer limit rate[/burst] (HASHMESH_BALANCER_RATE_LIMIT)")
+    parser.add_argument("--state-file", help="keeps strategy, limits and drains set at run time "
+                        "(HASHMESH_BALANCER_STATE_FILE)")
     parser.add_argument("--api-keys-file", help="client API keys, hashed (HASHMESH_BALANCER_API_KEYS_FILE)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port on the --listen host; "
                         "0 picks a free one (HASHMESH_BALANCER_METRICS_PORT)")
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             strategy=args.strategy,
             rate_limit=parse_limit(args.rate_limit) if args.rate_limit else None,
             api_keys_file=args.api_keys_file,
+            state_file=args.state_file,
             metrics_port=args.metrics_port,
         ).with_tls_files(args.tls_cert, args.tls_key, args.tls_client_ca).with_upstream_tls(
             args.upstream_tls_ca, args.upstream_tls_cert, args.upstream_tls_key, args.upstream_tls_server_name

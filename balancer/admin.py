@@ -16,7 +16,7 @@ from hashmesh.balancer.backends import BackendSet, Replica
 from hashmesh.balancer.config import MAX_RATE, MIN_RATE, RateLimitSettings, is_hash_key
 from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.stats import BalancerStats, ReplicaSnapshot, Snapshot
-from hashmesh.core.errors import HashmeshError, InvalidArgument, NotFound
+from hashmesh.core.errors import HashmeshError, InvalidArgument, NotFound, Violations
 from hashmesh.core.rpc import abort_with
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc
 
@@ -37,6 +37,8 @@ STATE_TO_PROTO = {
 Reply = TypeVar("Reply")
 MAX_CLIENT_ID_LENGTH = 200
 """As hashd's TaskService: a longer id cannot be a client of the mesh."""
+MAX_TOP_PEERS = 1000
+"""GetStats lists at most this many refused peers (larger asks are capped, AIP-158 style)."""
 
 
 def snapshot(stats: BalancerStats, backends: BackendSet, limiter: RateLimiter, top: int = 10, *,
@@ -63,7 +65,7 @@ def replica_snapshot(replica: Replica, percentiles: bool = True) -> ReplicaSnaps
         address=replica.address,
         source=replica.source,
         state=replica.shown_state,
-        in_flight=replica.in_flight,
+        in_flight=replica.in_flight + replica.streams,
         calls=replica.stats.calls,
         errors=replica.stats.errors,
         ejections=replica.stats.ejections,
@@ -116,6 +118,8 @@ def _limit_from_proto(field: str, limit: admin_pb2.RateLimit) -> RateLimitSettin
             f"{field}.rate_per_second",
             f"must be between {MIN_RATE:g} and {MAX_RATE:g}, got {limit.rate_per_second:g}",
         )
+    if limit.burst < 0:
+        raise InvalidArgument(f"{field}.burst", f"must not be negative, got {limit.burst}")
     return RateLimitSettings(limit.rate_per_second, limit.burst)
 
 
@@ -124,14 +128,24 @@ def _limit_proto(spec: RateLimitSettings) -> admin_pb2.RateLimit:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, stats: BalancerStats, backends: BackendSet, limiter: RateLimiter) -> None:
+    def __init__(self, stats: BalancerStats, backends: BackendSet, limiter: RateLimiter,
+                 changed: Callable[[], Awaitable[None]] | None = None) -> None:
         self._stats = stats
         self._backends = backends
         self._limiter = limiter
+        self._changed = changed
+
+    async def _saved(self) -> None:
+        """After a change: keep it (``balancer.state``) before answering."""
+        if self._changed is not None:
+            await self._changed()
 
     @_edge
     async def GetStats(self, request: admin_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.GetStatsResponse:
-        snap = snapshot(self._stats, self._backends, self._limiter, request.top_peers or 10)
+        if request.top_peers < 0:
+            raise InvalidArgument("top_peers", f"must not be negative, got {request.top_peers}")
+        top = min(request.top_peers or 10, MAX_TOP_PEERS)
+        snap = snapshot(self._stats, self._backends, self._limiter, top)
         return admin_pb2.GetStatsResponse(
             backends=[backend_proto(r) for r in snap.replicas],
             top_refused_peers=[admin_pb2.PeerRefusals(peer=p, refusals=n) for p, n in snap.top_refused],
@@ -169,6 +183,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 "hash_key", "must be a text metadata key: a-z, 0-9, '-', '_', '.' (not -bin, grpc-)"
             )
         self._backends.set_strategy(name, key or None)
+        await self._saved()
         strategy, key = self._strategy()
         return admin_pb2.SetStrategyResponse(strategy=strategy, hash_key=key)  # type: ignore[arg-type]
 
@@ -187,23 +202,31 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @_edge
     async def SetRateLimits(self, request: admin_pb2.SetRateLimitsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.SetRateLimitsResponse:
+        # Every bad field at once (a batch of overrides is fixed in one go).
+        violations = Violations()
         has_default = request.HasField("default_limit")
         if request.disable and has_default:
-            raise InvalidArgument("default_limit", "must be unset when disable is true")
-        default = _limit_from_proto("default_limit", request.default_limit) if has_default else None
+            violations.add("default_limit", "must be unset when disable is true")
+        default = None
+        if has_default:
+            with violations.check():
+                default = _limit_from_proto("default_limit", request.default_limit)
         upsert = {}
         for index, item in enumerate(request.upsert_overrides):
             if not item.client_id:
-                raise InvalidArgument(f"upsert_overrides[{index}].client_id", "is required")
-            if len(item.client_id) > MAX_CLIENT_ID_LENGTH:
-                raise InvalidArgument(
+                violations.add(f"upsert_overrides[{index}].client_id", "is required")
+            elif len(item.client_id) > MAX_CLIENT_ID_LENGTH:
+                violations.add(
                     f"upsert_overrides[{index}].client_id",
                     f"must be at most {MAX_CLIENT_ID_LENGTH} characters",
                 )
-            upsert[item.client_id] = _limit_from_proto(f"upsert_overrides[{index}].limit", item.limit)
+            with violations.check():
+                upsert[item.client_id] = _limit_from_proto(f"upsert_overrides[{index}].limit", item.limit)
+        violations.raise_if_any()
         self._limiter.configure(
             default=default, disable=request.disable, upsert=upsert, remove=tuple(request.remove_overrides)
         )
+        await self._saved()
         new_default, overrides = self._limits()
         return admin_pb2.SetRateLimitsResponse(default_limit=new_default, overrides=overrides)
 
@@ -212,8 +235,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if not request.address:
             raise InvalidArgument("address", "is required")
         if request.address not in self._backends.replicas:
-            raise NotFound(f"no replica {request.address!r}; see ListBackends")
+            raise NotFound(
+                f"no replica {request.address!r}; see ListBackends",
+                reason="BACKEND_NOT_FOUND",
+                resource_type="hashmesh.v1.Backend",
+                resource_name=request.address,
+            )
         replica = self._backends.drain(request.address, request.undrain)
+        await self._saved()
         return admin_pb2.DrainBackendResponse(backend=backend_proto(replica_snapshot(replica)))
 
 

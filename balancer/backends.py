@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hashmesh.balancer.config import BalancerSettings, upstream_credentials
 from hashmesh.balancer.pickers import Candidate, Picker, make_picker
 from hashmesh.balancer.stats import ReplicaStats
+from hashmesh.core.metrics import mesh_method_names
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ UNHEALTHY = "unhealthy"
 EJECTED = "ejected"
 DRAINING = "draining"
 UNHEALTHY_AFTER = 2  # failed health checks in a row (NOT_SERVING: at once)
+KNOWN_METHODS = mesh_method_names()
 
 
 def channel_options(settings: BalancerSettings) -> list[tuple[str, Any]]:
@@ -53,7 +55,9 @@ class Replica:
 
     __slots__ = (
         "_calls",
+        "_failed_over",
         "address",
+        "attempts",
         "bad_checks",
         "cap",
         "channel",
@@ -65,6 +69,8 @@ class Replica:
         "state",
         "state_since",
         "stats",
+        "stream_cap",
+        "streams",
     )
 
     def __init__(self, address: str, source: str, settings: BalancerSettings,
@@ -85,10 +91,31 @@ class Replica:
         self.removed = False
         self.in_flight = 0
         self.cap = settings.max_in_flight_per_backend
+        # Streams hold their slot for as long as the client likes: a separate count and cap,
+        # so they can never take the slots of unary calls.
+        self.streams = 0
+        self.stream_cap = settings.max_streams_per_backend
         self.failures = 0
         self.bad_checks = 0
         self.stats = ReplicaStats(settings.stats_window)
         self._calls: dict[tuple[str, str], Any] = {}
+        # Attempts of idempotent unary calls in flight here: cancelled and retried elsewhere
+        # when this replica goes down (``fail_over``).
+        self.attempts: set[Any] = set()
+        self._failed_over: set[Any] = set()
+
+    def fail_over(self) -> None:
+        for rpc in self.attempts:
+            if rpc.cancel():
+                self._failed_over.add(rpc)
+        self.attempts.clear()
+
+    def was_failed_over(self, rpc: Any) -> bool:
+        """``rpc`` ended because ``fail_over`` cancelled it (asked once per attempt)."""
+        if rpc in self._failed_over:
+            self._failed_over.discard(rpc)
+            return True
+        return False
 
     @property
     def ewma(self) -> float:
@@ -103,11 +130,15 @@ class Replica:
         return DRAINING if self.draining and self.state == READY else self.state
 
     def multicallable(self, kind: str, method: str) -> Any:
-        """``channel.unary_unary(method)`` and friends, made once per method: no serializers,
-        so bytes pass through untouched."""
+        """``channel.unary_unary(method)`` and friends, made once per method of the mesh: no
+        serializers, so bytes pass through untouched. Other names are the client's choice:
+        made per call and never registered with the channel (gRPC keeps a registered method
+        for the channel's life), so inventing names cannot grow memory."""
         key = (kind, method)
         found = self._calls.get(key)
         if found is None:
+            if method not in KNOWN_METHODS:
+                return getattr(self.channel, kind)(method)
             found = self._calls[key] = getattr(self.channel, kind)(method, _registered_method=True)
         return found
 
@@ -125,6 +156,8 @@ class BackendSet:
         self.fallback: tuple[Replica, ...] = ()
         self.picker: Picker = make_picker(settings.strategy, settings.hash_key)
         self.hash_key: str = settings.hash_key
+        # Drained by an operator, by address: also applies to a replica DNS finds later.
+        self.drained: set[str] = set()
         self._on_change = on_change
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._side: list[asyncio.Task[None]] = []
@@ -139,6 +172,15 @@ class BackendSet:
         # Panic routing (as Envoy does): with no replica known healthy, try them all rather
         # than refuse; the dead ones fail fast and the call is retried on another.
         chosen: Candidate | None = self.picker.pick(self.ready or self.fallback, key, exclude)
+        return chosen  # type: ignore[return-value]
+
+    def pick_stream(self, key: str | None, exclude: Collection[Replica]) -> Replica | None:
+        """``pick`` for a stream: replicas at their stream cap are left out as well."""
+        candidates = self.ready or self.fallback
+        full = [r for r in candidates if r.streams >= r.stream_cap]
+        if full:
+            exclude = [*exclude, *full]
+        chosen: Candidate | None = self.picker.pick(candidates, key, exclude)
         return chosen  # type: ignore[return-value]
 
     def set_strategy(self, name: str, hash_key: str | None = None) -> None:
@@ -162,6 +204,8 @@ class BackendSet:
         if replica.state == state:
             return
         log.info("replica state", extra={"replica": replica.address, "from": replica.state, "to": state})
+        if replica.state == READY and state in (UNHEALTHY, EJECTED):
+            replica.fail_over()
         replica.state = state
         replica.state_since = time.monotonic()
         if state == READY:
@@ -177,16 +221,27 @@ class BackendSet:
 
     def drain(self, address: str, undrain: bool = False) -> Replica:
         replica = self.replicas[address]
-        replica.draining = not undrain
-        log.info("replica drain", extra={"replica": address, "draining": replica.draining})
-        self._rebuild()
+        self.drain_address(address, undrain)
         return replica
+
+    def drain_address(self, address: str, undrain: bool = False) -> None:
+        """Drain (or undrain) ``address``, known yet or not."""
+        if undrain:
+            self.drained.discard(address)
+        else:
+            self.drained.add(address)
+        replica = self.replicas.get(address)
+        if replica is not None:
+            replica.draining = not undrain
+            self._rebuild()
+        log.info("replica drain", extra={"replica": address, "draining": not undrain})
 
     def add(self, address: str, source: str) -> Replica:
         replica = self.replicas.get(address)
         if replica is not None:
             return replica
         replica = self.replicas[address] = Replica(address, source, self.settings, self._credentials)
+        replica.draining = address in self.drained
         self._tasks[address] = asyncio.create_task(self._health_loop(replica), name=f"health {address}")
         return replica
 
@@ -201,7 +256,7 @@ class BackendSet:
         if task is not None:
             task.cancel()
         deadline = time.monotonic() + self.settings.grace_seconds
-        while replica.in_flight and time.monotonic() < deadline:
+        while (replica.in_flight or replica.streams) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.replicas.pop(address, None)
         await replica.channel.close()

@@ -9,6 +9,8 @@ from typing import Any
 
 import grpc
 
+from hashmesh.balancer.budgets import BudgetSettings
+from hashmesh.balancer.connections import ConnectionSettings
 from hashmesh.core.identity import MIN_SECRET_LENGTH, parse_networks
 from hashmesh.core.settings import (
     SettingsError,
@@ -25,6 +27,7 @@ STRATEGIES = ("round_robin", "least_connections", "p2c_ewma", "consistent_hash")
 # Safe to replay after UNAVAILABLE: they change nothing (HashStream is idempotent too, but a
 # stream cannot be replayed once a chunk was sent, so it is retried only before that).
 DEFAULT_IDEMPOTENT = (
+    "/hashmesh.v1.HashService/ComputeHash",
     "/hashmesh.v1.HashService/Hash",
     "/hashmesh.v1.HashService/Verify",
     "/hashmesh.v1.TaskService/GetTask",
@@ -133,6 +136,22 @@ class BalancerSettings:
     max_in_flight_per_backend: int = 512
     """Calls in flight to one replica before picks spill to others; when all are full calls
     fail fast with UNAVAILABLE (``BALANCER_MAX_IN_FLIGHT``)."""
+    max_streams_per_backend: int = 1024
+    """Streams (every kind but unary) in flight to one replica; counted apart from
+    ``max_in_flight_per_backend`` so held streams never take the unary calls' slots
+    (``BALANCER_MAX_STREAMS_PER_BACKEND``)."""
+    attempt_timeout: float = 10.0
+    """Seconds one attempt of an idempotent unary call may take before it is abandoned and
+    retried on another replica (gRFC A6 per-attempt timeout); a frozen replica costs a call
+    at most this. 0 turns it off (``BALANCER_ATTEMPT_TIMEOUT``)."""
+    state_file: str = ""
+    """File where strategy, rate limits and drains set through AdminService are kept and
+    read back at start; empty: run-time changes are lost at restart (``BALANCER_STATE_FILE``,
+    ``--state-file``)."""
+    budgets: BudgetSettings = field(default_factory=BudgetSettings)
+    """Per-peer and total budgets of calls, streams and bytes (``balancer.budgets``)."""
+    connections: ConnectionSettings = field(default_factory=ConnectionSettings)
+    """Connection limits of the public listener (``balancer.connections``)."""
     idempotent_methods: tuple[str, ...] = DEFAULT_IDEMPOTENT
     """Full method names retried after UNAVAILABLE (``BALANCER_IDEMPOTENT_METHODS``)."""
     retry_budget_ratio: float = 0.2
@@ -203,6 +222,8 @@ class BalancerSettings:
             raise SettingsError(
                 "the admin listener is not loopback: set HASHMESH_ADMIN_TOKEN or bind it to 127.0.0.1"
             )
+        if self.max_streams_per_backend < 1 or self.attempt_timeout < 0:
+            raise SettingsError("BALANCER_MAX_STREAMS_PER_BACKEND must be >= 1, BALANCER_ATTEMPT_TIMEOUT >= 0")
         if self.max_in_flight_per_backend < 1 or self.max_attempts < 1 or self.eject_after < 1:
             raise SettingsError("BALANCER_MAX_IN_FLIGHT, MAX_ATTEMPTS and EJECT_AFTER must be >= 1")
         if not 0 <= self.retry_budget_ratio <= 1:
@@ -239,6 +260,11 @@ class BalancerSettings:
             health_timeout=env_float("BALANCER_HEALTH_TIMEOUT", cls.health_timeout),
             eject_after=env_int("BALANCER_EJECT_AFTER", cls.eject_after, minimum=1),
             max_in_flight_per_backend=env_int("BALANCER_MAX_IN_FLIGHT", cls.max_in_flight_per_backend),
+            max_streams_per_backend=env_int("BALANCER_MAX_STREAMS_PER_BACKEND", cls.max_streams_per_backend),
+            attempt_timeout=env_float("BALANCER_ATTEMPT_TIMEOUT", cls.attempt_timeout, minimum=0.0),
+            state_file=env_str("BALANCER_STATE_FILE", ""),
+            budgets=BudgetSettings.from_env(),
+            connections=ConnectionSettings.from_env(),
             idempotent_methods=env_list("BALANCER_IDEMPOTENT_METHODS", DEFAULT_IDEMPOTENT),
             retry_budget_ratio=env_float("BALANCER_RETRY_RATIO", cls.retry_budget_ratio),
             retry_budget_min=env_float("BALANCER_RETRY_MIN", cls.retry_budget_min, minimum=0),

@@ -26,7 +26,7 @@ from typing import Protocol
 import grpc
 
 from hashmesh.balancer.keys import ApiKeys
-from hashmesh.balancer.ratelimit import RateLimiter
+from hashmesh.balancer.ratelimit import RateLimited, RateLimiter
 from hashmesh.balancer.stats import BalancerStats
 from hashmesh.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from hashmesh.core.identity import (
@@ -180,14 +180,17 @@ class Identify:
         if call.bearer is not None and self._admin_token:
             if not token_matches(call.bearer, self._admin_token):
                 self._stats.unauthenticated += 1
-                raise Unauthenticated("wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)")
+                raise Unauthenticated("wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)",
+                                      reason="ADMIN_TOKEN_INVALID")
             call.operator = True
         keys = self._keys
         if keys is not None and (call.api_key is not None or not call.operator):
             client = keys.client_for(call.api_key) if call.api_key else None
             if client is None:
                 self._stats.unauthenticated += 1
-                raise Unauthenticated("a valid x-api-key is required" if call.api_key is None else "unknown API key")
+                if call.api_key is None:
+                    raise Unauthenticated("a valid x-api-key is required", reason="API_KEY_MISSING")
+                raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
             call.client = client
             return
         host = _host_of(call.address)
@@ -208,13 +211,18 @@ class Identify:
 
 
 class RateLimit:
-    """One token from the caller's bucket; the allowance goes back as metadata."""
+    """One token from the caller's bucket; the allowance (IETF RateLimit fields) goes back in
+    the answer's initial metadata, refusals included."""
 
     def __init__(self, limiter: RateLimiter) -> None:
         self._limiter = limiter
 
     async def admit(self, call: CallInfo) -> None:
-        allowance = await self._limiter.admit(call.client)
+        try:
+            allowance = await self._limiter.admit(call.client)
+        except RateLimited as refusal:
+            call.reply_metadata = refusal.allowance.metadata()
+            raise
         if allowance is not None:
             call.reply_metadata = allowance.metadata()
 
@@ -261,12 +269,14 @@ class AdminPolicy:
         if not self._token:
             if self._open:
                 return
-            raise PermissionDenied("AdminService is served only on the admin listener (loopback)")
+            raise PermissionDenied("AdminService is served only on the admin listener (loopback)",
+                                   reason="ADMIN_LISTENER_ONLY")
         presented = bearer_token(metadata)
         if not presented:
-            raise Unauthenticated("AdminService needs 'authorization: Bearer <admin token>'")
+            raise Unauthenticated("AdminService needs 'authorization: Bearer <admin token>'",
+                                  reason="ADMIN_TOKEN_MISSING")
         if not token_matches(presented, self._token):
-            raise Unauthenticated("wrong admin token")
+            raise Unauthenticated("wrong admin token", reason="ADMIN_TOKEN_INVALID")
 
 
 def refusing_handler(error: Exception) -> grpc.RpcMethodHandler:

@@ -7,7 +7,10 @@ forwarded as a bidirectional stream, which carries every kind, and stays on one 
 its whole life. Request metadata goes through minus hop-by-hop headers, with the caller added
 to ``x-forwarded-for``; the remaining deadline goes as the backend call's timeout; a client
 cancelling cancels the backend call; the backend's status, details and metadata (with
-``grpc-status-details-bin``) come back as they are."""
+``grpc-status-details-bin``) come back as they are. After the interceptors, a call takes its
+budget (``balancer.budgets``) until it ends; streams hold a replica's stream slot, never a
+unary one; attempts of idempotent unary calls get the per-attempt timeout
+(``balancer.timeouts``) and are retried elsewhere when their replica goes down."""
 
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from typing import Any
 
 import grpc
 
-from hashmesh.balancer.backends import BackendSet, Replica
+from hashmesh.balancer.backends import KNOWN_METHODS, BackendSet, Replica
+from hashmesh.balancer.budgets import OTHER, UPLOAD, WATCH, Budgets
+from hashmesh.balancer.budgets import UNARY as UNARY_BUDGET
 from hashmesh.balancer.config import BalancerSettings
 from hashmesh.balancer.interceptors import (
     ADMIN_PREFIX,
@@ -32,6 +37,7 @@ from hashmesh.balancer.interceptors import (
 )
 from hashmesh.balancer.metrics import CallMetrics, MethodCalls
 from hashmesh.balancer.stats import BalancerStats
+from hashmesh.balancer.timeouts import AttemptTimeout, StreamIdle, idle_limited
 from hashmesh.core.errors import HashmeshError, Unavailable, to_grpc_status
 
 log = logging.getLogger(__name__)
@@ -123,35 +129,42 @@ class Proxy:
         self._idempotent = frozenset(settings.idempotent_methods)
         self._max_attempts = settings.max_attempts
         self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min)
+        self.budgets = Budgets(settings.budgets)
+        self._attempt = AttemptTimeout(settings.attempt_timeout, settings.idempotent_methods)
+        self._stream_idle = settings.budgets.stream_idle_seconds
 
     # -- shared steps ----------------------------------------------------------------------
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> CallInfo:
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext, kind: int, size: int = 0) -> CallInfo:
         self._stats.calls += 1
         self.budget.deposit()
         call = read_call(method, context.peer(), context.invocation_metadata(), self._backends.hash_key)
         try:
             for interceptor in self._chain:
                 await interceptor.admit(call)
+            self.budgets.hold(call.client, kind, size, call.metadata, context.add_done_callback)
         except HashmeshError as error:
             await _abort(context, error, call.reply_metadata)
         return call
 
-    def _pick(self, call: CallInfo, tried: list[Replica]) -> Replica:
-        replica = self._backends.pick(call.hash_value, tried)
+    def _pick(self, call: CallInfo, tried: list[Replica], stream: bool = False) -> Replica:
+        pick = self._backends.pick_stream if stream else self._backends.pick
+        replica = pick(call.hash_value, tried)
         if replica is None:
             if tried:
                 # Every other replica failed or is full: give the first one another go.
-                replica = self._backends.pick(call.hash_value, ())
+                replica = pick(call.hash_value, ())
             if replica is None:
                 self._stats.no_backend += 1
-                reason = "no replica is ready" if not self._backends.fallback else "every replica is at its in-flight cap"
-                raise Unavailable(reason, retry_after=0.1)
+                if self._backends.fallback:
+                    raise Unavailable("every replica is at its in-flight cap", retry_after=0.1, reason="REPLICAS_BUSY")
+                raise Unavailable("no replica is ready", retry_after=0.1, reason="NO_REPLICA")
         return replica
 
     def _may_retry(self, err: grpc.aio.AioRpcError, method: str, attempt: int, deadline: float | None,
                    replayable: bool) -> bool:
-        if err.code() is not grpc.StatusCode.UNAVAILABLE or attempt >= self._max_attempts:
+        if attempt >= self._max_attempts or (
+                err.code() is not grpc.StatusCode.UNAVAILABLE and not self._attempt.expired(err, method, deadline)):
             return False
         if deadline is not None and time.monotonic() >= deadline:
             return False
@@ -162,8 +175,17 @@ class Proxy:
         self._stats.retries += 1
         return True
 
-    def _failed(self, replica: Replica, err: grpc.aio.AioRpcError) -> None:
-        if err.code() is grpc.StatusCode.UNAVAILABLE and _TRANSPORT.search(err.details() or ""):
+    def _may_fail_over(self, attempt: int, deadline: float | None) -> bool:
+        if attempt >= self._max_attempts or (deadline is not None and time.monotonic() >= deadline):
+            return False
+        if not self.budget.withdraw():
+            return False
+        self._stats.retries += 1
+        return True
+
+    def _failed(self, replica: Replica, err: grpc.aio.AioRpcError, method: str = "", deadline: float | None = None) -> None:
+        if (err.code() is grpc.StatusCode.UNAVAILABLE and _TRANSPORT.search(err.details() or "")) or \
+                self._attempt.expired(err, method, deadline):
             self._backends.connection_failed(replica)
 
     # -- the four kinds --------------------------------------------------------------------
@@ -184,13 +206,14 @@ class Proxy:
 
     def _unary(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
         calls = self._method_calls(method)
+        idempotent = method in self._idempotent
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             arrived = time.perf_counter()
             if calls is not None:
                 calls.in_flight += 1
             try:
-                call = await self._admit(method, context)
+                call = await self._admit(method, context, UNARY_BUDGET, len(request))
                 timeout = context.time_remaining()
                 deadline = None if timeout is None else time.monotonic() + timeout
                 tried: list[Replica] = []
@@ -202,13 +225,17 @@ class Proxy:
                         await _abort(context, error, call.reply_metadata)
                     replica.in_flight += 1
                     started = time.perf_counter()
-                    rpc = replica.multicallable(UNARY, method)(request, timeout=timeout, metadata=call.metadata)
+                    rpc = replica.multicallable(UNARY, method)(
+                        request, timeout=self._attempt.cap(method, timeout), metadata=call.metadata)
+                    if idempotent:  # failed over if its replica goes down meanwhile
+                        replica.attempts.add(rpc)
                     try:
                         response = await rpc
                     except grpc.aio.AioRpcError as err:
+                        replica.attempts.discard(rpc)
                         replica.in_flight -= 1
                         replica.stats.record(time.perf_counter() - started, False)
-                        self._failed(replica, err)
+                        self._failed(replica, err, method, deadline)
                         if self._may_retry(err, method, attempt, deadline, True):
                             attempt += 1
                             tried.append(replica)
@@ -217,8 +244,18 @@ class Proxy:
                         await _relay_error(context, err, call.reply_metadata)
                     except BaseException:
                         replica.in_flight -= 1
+                        replica.attempts.discard(rpc)
+                        if replica.was_failed_over(rpc):
+                            if self._may_fail_over(attempt, deadline):
+                                attempt += 1
+                                tried.append(replica)
+                                timeout = None if deadline is None else deadline - time.monotonic()
+                                continue
+                            await _abort(context, Unavailable(f"replica {replica.address} went down during the call",
+                                                              retry_after=0.1), call.reply_metadata)
                         rpc.cancel()
                         raise
+                    replica.attempts.discard(rpc)
                     replica.in_flight -= 1
                     replica.stats.record(time.perf_counter() - started, True)
                     replica.failures = 0
@@ -241,8 +278,8 @@ class Proxy:
             if calls is not None:
                 calls.in_flight += 1
             try:
-                call = await self._admit(method, context)
-                source = _Replayable(requests)
+                call = await self._admit(method, context, UPLOAD)
+                source = _Replayable(requests, self._stream_idle)
                 attempts = _Attempts(self, call, method, context, source)
                 while True:
                     replica, timeout = await attempts.next()
@@ -257,6 +294,8 @@ class Proxy:
                     except BaseException:
                         attempts.abandoned(rpc)
                         await source.stop()
+                        if source.idle:
+                            await _abort(context, StreamIdle(self._stream_idle), call.reply_metadata)
                         raise
                     attempts.succeeded()
                     await source.stop()
@@ -279,16 +318,17 @@ class Proxy:
             if calls is not None:
                 calls.in_flight += 1
             try:
-                call = await self._admit(method, context)
+                call = await self._admit(method, context, WATCH)
                 source = _Replayable(_once(request))
                 attempts = _Attempts(self, call, method, context, source, timed=False)
                 while True:
                     replica, timeout = await attempts.next()
                     rpc = replica.multicallable(SERVER_STREAM, method)(request, timeout=timeout, metadata=call.metadata)
                     try:
-                        await _relay_initial(context, rpc, source)
+                        await _relay_initial(context, rpc, source, call.reply_metadata)
                         async for message in rpc:
-                            source.replied = True
+                            if not source.replied:
+                                await _first_reply(context, source, call.reply_metadata)
                             yield message
                     except grpc.aio.AioRpcError as err:
                         await attempts.failed(err)
@@ -317,17 +357,18 @@ class Proxy:
             if calls is not None:
                 calls.in_flight += 1
             try:
-                call = await self._admit(method, context)
-                source = _Replayable(requests)
+                call = await self._admit(method, context, OTHER)
+                source = _Replayable(requests, self._stream_idle)
                 attempts = _Attempts(self, call, method, context, source, timed=False)
                 while True:
                     replica, timeout = await attempts.next()
                     rpc = replica.multicallable(BIDI, method)(timeout=timeout, metadata=call.metadata)
                     source.start(rpc)
                     try:
-                        await _relay_initial(context, rpc, source)
+                        await _relay_initial(context, rpc, source, call.reply_metadata)
                         async for message in rpc:
-                            source.replied = True
+                            if not source.replied:
+                                await _first_reply(context, source, call.reply_metadata)
                             yield message
                     except grpc.aio.AioRpcError as err:
                         await source.stop()
@@ -336,6 +377,8 @@ class Proxy:
                     except BaseException:
                         attempts.abandoned(rpc)
                         await source.stop()
+                        if source.idle:
+                            await _abort(context, StreamIdle(self._stream_idle), call.reply_metadata)
                         raise
                     attempts.succeeded()
                     await source.stop()
@@ -364,8 +407,10 @@ class _Replayable:
     then the replica cannot have acted on more than that one message, and a retry happens
     only when the connection never came up or the method is idempotent."""
 
-    def __init__(self, requests: AsyncIterator[bytes]) -> None:
+    def __init__(self, requests: AsyncIterator[bytes], idle_seconds: float = 0.0) -> None:
         self._requests = requests
+        self._idle_seconds = idle_seconds
+        self.idle = False
         self._first: bytes | None = None
         self._pump: asyncio.Task[None] | None = None
         self.taken = 0
@@ -388,7 +433,7 @@ class _Replayable:
             send = getattr(getattr(rpc, "_cython_call", None), "send_serialized_message", None) or rpc.write
             if self._first is not None:
                 await send(self._first)
-            async for message in self._requests:
+            async for message in idle_limited(self._requests, self._idle_seconds, lambda: self._went_idle(rpc)):
                 self.taken += 1
                 self._first = message if self.taken == 1 else None
                 if rpc.done():
@@ -397,6 +442,10 @@ class _Replayable:
             await rpc.done_writing()
         except Exception:  # the backend call ended: its status says why
             log.debug("request stream stopped", exc_info=True)
+
+    def _went_idle(self, rpc: Any) -> None:
+        self.idle = True
+        rpc.cancel()
 
     async def stop(self) -> None:
         pump, self._pump = self._pump, None
@@ -426,10 +475,10 @@ class _Attempts:
 
     async def next(self) -> tuple[Replica, float | None]:
         try:
-            replica = self._proxy._pick(self._call, self._tried)
+            replica = self._proxy._pick(self._call, self._tried, stream=True)
         except HashmeshError as error:
             await _abort(self._context, error, self._call.reply_metadata)
-        replica.in_flight += 1
+        replica.streams += 1
         self._replica = replica
         self._started = time.perf_counter()
         timeout = None if self._deadline is None else self._deadline - time.monotonic()
@@ -438,7 +487,7 @@ class _Attempts:
     def _finish(self, ok: bool) -> Replica | None:
         replica, self._replica = self._replica, None
         if replica is not None:
-            replica.in_flight -= 1
+            replica.streams -= 1
             replica.stats.record(time.perf_counter() - self._started if self._timed else None, ok)
         return replica
 
@@ -469,35 +518,49 @@ class _Attempts:
 
 async def _relay_metadata(context: grpc.aio.ServicerContext, rpc: Any, reply: tuple[tuple[str, str], ...],
                           *, initial_sent: bool = False) -> None:
+    """The backend's headers plus ours (the rate-limit fields), then its trailers."""
     if not initial_sent:
-        initial = await rpc.initial_metadata()
+        initial = _pairs(await rpc.initial_metadata()) + reply
         if initial:
-            await context.send_initial_metadata(_pairs(initial))
+            await context.send_initial_metadata(initial)
     trailing = await rpc.trailing_metadata()
-    if trailing or reply:
-        context.set_trailing_metadata(_pairs(trailing) + reply)
+    if trailing:
+        context.set_trailing_metadata(_pairs(trailing))
 
 
-async def _relay_initial(context: grpc.aio.ServicerContext, rpc: Any, source: _Replayable) -> None:
-    """Streams: the backend's headers go to the client before its first message."""
+async def _relay_initial(context: grpc.aio.ServicerContext, rpc: Any, source: _Replayable,
+                         reply: tuple[tuple[str, str], ...]) -> None:
+    """Streams: the backend's headers (plus ours) go to the client before its first message."""
     initial = await rpc.initial_metadata()
     if initial:
         source.replied = True
-        await context.send_initial_metadata(_pairs(initial))
+        await context.send_initial_metadata(_pairs(initial) + reply)
+
+
+async def _first_reply(context: grpc.aio.ServicerContext, source: _Replayable,
+                       reply: tuple[tuple[str, str], ...]) -> None:
+    """Before the first message of a backend that sent no headers of its own: ours."""
+    source.replied = True
+    if reply:
+        await context.send_initial_metadata(reply)
 
 
 async def _relay_error(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError,
                        reply: tuple[tuple[str, str], ...], *, initial_sent: bool = False) -> None:
-    """The backend's status, details and trailing metadata, unchanged, then our own headers."""
-    initial = err.initial_metadata()
-    if initial and not initial_sent:
-        await context.send_initial_metadata(_pairs(initial))
-    await context.abort(err.code(), err.details() or "", trailing_metadata=_pairs(err.trailing_metadata()) + reply)
+    """The backend's status, details and trailing metadata, unchanged; our headers first."""
+    if not initial_sent:
+        initial = _pairs(err.initial_metadata()) + reply
+        if initial:
+            await context.send_initial_metadata(initial)
+    await context.abort(err.code(), err.details() or "", trailing_metadata=_pairs(err.trailing_metadata()))
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: HashmeshError, reply: tuple[tuple[str, str], ...]) -> Any:
+    """The balancer's own refusal: the rate-limit fields in the headers, as on every answer."""
     status = to_grpc_status(error)
-    await context.abort(status.code, status.details, trailing_metadata=tuple(status.trailing_metadata) + reply)
+    if reply:
+        await context.send_initial_metadata(reply)
+    await context.abort(status.code, status.details, trailing_metadata=tuple(status.trailing_metadata))
 
 
 class Router(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -522,7 +585,7 @@ class Router(grpc.GenericRpcHandler):  # type: ignore[misc]
                 return refusing_handler(error)
             return self._admin.get(method.rsplit("/", 1)[1])
         handler = self._proxy.handler(method, self._kinds.get(method, BIDI))
-        if len(self._handlers) < 4096:  # unknown method names must not grow this forever
+        if method in KNOWN_METHODS:  # other names are the client's choice: never kept
             self._handlers[method] = handler
         return handler
 

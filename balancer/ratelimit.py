@@ -15,6 +15,12 @@ from collections.abc import Callable
 from aiolimiter import AsyncLimiter
 
 from hashmesh.balancer.config import RateLimitSettings
+from hashmesh.balancer.ratelimit_fields import (
+    DEFAULT_POLICY,
+    OVERRIDE_POLICY,
+    policy_field,
+    remaining_field,
+)
 from hashmesh.core.errors import ResourceExhausted
 
 REFUSAL_TABLE_SIZE = 10_000
@@ -22,37 +28,44 @@ SWEEP_EVERY = 256
 
 
 class Allowance:
-    """What a call learns about its peer's limit: sent back as metadata. (A plain class: a
-    frozen dataclass costs a few microseconds per call to build.)"""
+    """What a call learns about its client's limit, sent back in the answer's initial metadata
+    as the IETF RateLimit fields (``balancer.ratelimit_fields``). (A plain class: a frozen
+    dataclass costs a few microseconds per call to build.)"""
 
-    __slots__ = ("limit", "remaining")
+    __slots__ = ("policy", "quota", "remaining", "reset", "window")
 
-    def __init__(self, limit: int, remaining: int) -> None:
-        self.limit = limit
+    def __init__(self, policy: str, quota: int, window: float, remaining: int, reset: float) -> None:
+        self.policy = policy
+        self.quota = quota
+        self.window = window
         self.remaining = remaining
+        self.reset = reset
 
     def metadata(self) -> tuple[tuple[str, str], tuple[str, str]]:
-        return (("x-ratelimit-limit", str(self.limit)), ("x-ratelimit-remaining", str(self.remaining)))
+        return (
+            policy_field(self.policy, self.quota, self.window),
+            remaining_field(self.policy, self.remaining, self.reset),
+        )
 
 
 class RateLimited(ResourceExhausted):
-    """A refusal by the limiter; its trailers also carry the limit and ``remaining: 0``."""
+    """A refusal by the limiter: RetryInfo, ``retry-after`` and ``grpc-retry-pushback-ms``;
+    ``allowance`` (``r=0``) goes in the answer's initial metadata like any other answer's."""
 
-    def __init__(self, message: str, *, retry_after: float, limit: int) -> None:
+    def __init__(self, message: str, *, retry_after: float, allowance: Allowance) -> None:
         super().__init__(message, retry_after=retry_after, reason="RATE_LIMITED")
-        self.limit = limit
-
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        return (*super().trailing_metadata(), *Allowance(self.limit, 0).metadata())
+        self.allowance = allowance
 
 
 class _Bucket:
-    __slots__ = ("limiter", "seen", "spec")
+    __slots__ = ("limiter", "policy", "seen", "spec", "window")
 
-    def __init__(self, spec: RateLimitSettings, now: float) -> None:
+    def __init__(self, spec: RateLimitSettings, now: float, policy: str) -> None:
         self.spec = spec
         self.limiter = AsyncLimiter(spec.capacity, spec.capacity / spec.rate)
         self.seen = now
+        self.policy = policy
+        self.window = spec.capacity / spec.rate
 
 
 class RateLimiter:
@@ -87,14 +100,15 @@ class RateLimiter:
 
     async def admit(self, peer: str) -> Allowance | None:
         """Take one token for ``peer``; ``None`` when the peer has no limit. Raises
-        ``ResourceExhausted`` (with RetryInfo and ``retry-after``) at once when empty."""
+        ``RateLimited`` (with RetryInfo and ``retry-after``) at once when empty."""
         now = self._clock()
         bucket = self._buckets.get(peer)
         if bucket is None:
             spec = self._spec(peer)
             if spec is None:
                 return None
-            bucket = self._buckets[peer] = _Bucket(spec, now)
+            policy = OVERRIDE_POLICY if peer in self.overrides else DEFAULT_POLICY
+            bucket = self._buckets[peer] = _Bucket(spec, now, policy)
             if len(self._buckets) > self._table_size:
                 self._buckets.popitem(last=False)
         else:
@@ -105,18 +119,22 @@ class RateLimiter:
             self._sweep(now)
         limiter = bucket.limiter
         capacity = limiter.max_rate
+        rate = bucket.spec.rate
         if not limiter.has_capacity(1):
             self._refuse(peer)
             # aiolimiter has no public reading of the bucket's level.
-            wait = (limiter._level + 1 - capacity) / bucket.spec.rate
+            level = limiter._level
             raise RateLimited(
-                f"rate limit of {bucket.spec.rate:g}/s exceeded for this client",
-                retry_after=max(wait, 0.001),
-                limit=int(capacity),
+                f"rate limit of {rate:g}/s exceeded for this client",
+                retry_after=max((level + 1 - capacity) / rate, 0.001),
+                allowance=Allowance(bucket.policy, int(capacity), bucket.window, 0, level / rate),
             )
         await limiter.acquire(1)
-        remaining = capacity - limiter._level
-        return Allowance(int(capacity), int(remaining) if remaining > 0 else 0)
+        level = limiter._level
+        remaining = capacity - level
+        return Allowance(
+            bucket.policy, int(capacity), bucket.window, int(remaining) if remaining > 0 else 0, level / rate
+        )
 
     def _refuse(self, peer: str) -> None:
         self.refused_total += 1

@@ -2,8 +2,9 @@
 
 The public listener has no grpc.aio interceptors (they would add a layer to every forwarded
 call): it serves the balancer's own grpc.health.v1, AdminService behind ``AdminPolicy``, and
-forwards everything else — server reflection included, so a reflection client pointed at the
-balancer sees the replicas' services. The admin listener is a ``GrpcServer`` with its own
+forwards everything else. Server reflection (v1 and v1alpha, from the contract's descriptor
+set, comments included) is answered by the balancer itself, like health: neither is forwarded
+nor rate limited, so a client over its limit can still list and describe the services. The admin listener is a ``GrpcServer`` with its own
 health, reflection (AdminService, Health) and AdminService behind ``AdminAuth``.
 
 Both listeners serve TLS (mutual TLS with a client CA) when ``settings.tls`` is set; the
@@ -19,25 +20,28 @@ import logging
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 
 from hashmesh.balancer.admin import AdminServicer, admin_handlers, snapshot
 from hashmesh.balancer.backends import BackendSet
 from hashmesh.balancer.config import BalancerSettings
+from hashmesh.balancer.connections import admin_options, public_options, raise_fd_limit
 from hashmesh.balancer.interceptors import AdminAuth, AdminPolicy, build_chain
 from hashmesh.balancer.keys import ApiKeys
 from hashmesh.balancer.metrics import CallMetrics, reading
 from hashmesh.balancer.proxy import Proxy, Router
 from hashmesh.balancer.ratelimit import RateLimiter
+from hashmesh.balancer.state import StateFile, capture, restore
 from hashmesh.balancer.stats import BalancerStats, Snapshot
 from hashmesh.core import metrics
-from hashmesh.core.rpc import LIVENESS_SERVICE, GrpcServer, server_options, wait_for_signal
+from hashmesh.core.reflection import HEALTH, add_reflection
+from hashmesh.core.rpc import LIVENESS_SERVICE, GrpcServer, Health, server_options, wait_for_signal
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 # Health names answered by the public listener besides "" (the whole balancer).
 PROXIED_SERVICES = ("hashmesh.v1.HashService", "hashmesh.v1.TaskService", "hashmesh.v1.CacheService")
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 KEYS_RELOAD_SECONDS = 5.0
 
 
@@ -57,11 +61,18 @@ class Balancer:
         chain = build_chain(self.keys, self.limiter, self.stats, trusted_proxies=settings.trusted_proxies,
                             admin_token=settings.admin_token, identity_secret=settings.identity_secret)
         self.proxy = Proxy(settings, self.backends, chain, self.stats, call_metrics)
-        admin = AdminServicer(self.stats, self.backends, self.limiter)
+        self.state_file = StateFile(settings.state_file) if settings.state_file else None
+        admin = AdminServicer(self.stats, self.backends, self.limiter,
+                              self._save_state if self.state_file is not None else None)
 
-        self.health = HealthServicer()
-        self.server = grpc.aio.server(options=server_options(settings.wire_message_bytes))
+        self.health = Health()
+        # Descriptors first: the connection cap is fitted to what the process may open.
+        self.connections = settings.connections.fitted(raise_fd_limit())
+        self.server = grpc.aio.server(
+            options=[*server_options(settings.wire_message_bytes), *public_options(self.connections)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # Answered here, before the Router: reflection and health are never rate limited.
+        add_reflection(self.server, [*PROXIED_SERVICES, ADMIN_SERVICE, HEALTH])
         public_policy = AdminPolicy(settings.admin_token, open_without_token=False)
         self.server.add_generic_rpc_handlers([Router(self.proxy, admin_handlers(admin), public_policy)])
         self.port = 0
@@ -76,9 +87,9 @@ class Balancer:
             settings.admin_listen,
             interceptors=admin_interceptors,
             credentials=settings.tls.credentials() if settings.tls is not None else None,
+            extra_options=admin_options(),
         )
-        self.admin.add(admin_pb2_grpc.add_AdminServiceServicer_to_server,
-                       admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name, admin)
+        self.admin.add(admin_pb2_grpc.add_AdminServiceServicer_to_server, ADMIN_SERVICE, admin)
         self._side: list[asyncio.Task[None]] = []
         self.metrics: metrics.MetricsServer | None = None
 
@@ -111,10 +122,19 @@ class Balancer:
             except ValueError as exc:  # a broken edit keeps the keys loaded before it
                 log.error("API keys file rejected", extra={"error": str(exc)})
 
+    async def _save_state(self) -> None:
+        assert self.state_file is not None
+        await asyncio.to_thread(self.state_file.save, capture(self.backends, self.limiter))
+
     async def start(self) -> None:
         for name in ("", *PROXIED_SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        if self.state_file is not None:  # before any replica takes a call: drains hold at once
+            saved = self.state_file.load()
+            if saved is not None:
+                restore(saved, self.backends, self.limiter)
+                log.info("admin state restored", extra={"path": str(self.state_file.path)})
         await self.backends.start()
         tls = self.settings.tls
         try:

@@ -3,7 +3,9 @@
 Fronts: direct to the replicas (client-side round robin), the hashmesh balancer with every
 feature on (rate limiting with a limit never reached, least connections, stats), the same with
 its Prometheus endpoint on (``balancer-metrics``: per-call counts by method and code and the
-latency histogram; compare its CPU per call with ``balancer`` for the cost of metrics), a bare
+latency histogram; compare its CPU per call with ``balancer`` for the cost of metrics), the same
+without per-peer budgets (``balancer-nobudgets``, ``HASHMESH_BALANCER_BUDGETS=off``: the
+cost of ``balancer.budgets``), a bare
 grpc.aio forwarder (``bench/bare_forwarder.py``, the Python floor) and Envoy. For each:
 calls/s, p50/p99 latency, and CPU time per call of the front process (from /proc), at 32 and at
 4 calls in flight; sha256 of 32 bytes.
@@ -252,13 +254,14 @@ def main() -> None:
                 procs.append(popen)
                 fronts.append(Front(name, [address], popen.pid))
         for name, loop, extra in (("balancer", "auto", []), ("balancer-metrics", "auto", ["--metrics-port", "0"]),
-                                  ("balancer-asyncio", "asyncio", [])):
+                                  ("balancer-asyncio", "asyncio", []), ("balancer-nobudgets", "auto", [])):
             if name in wanted:
                 popen, address = start(
                     [py, "-m", "hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
                      "--backends", ",".join(replicas), "--strategy", "least_connections",
                      "--rate-limit", "1000000/1000000", *extra],
-                    env={"HASHMESH_LOG_LEVEL": "WARNING", "HASHMESH_BALANCER_EVENT_LOOP": loop},
+                    env={"HASHMESH_LOG_LEVEL": "WARNING", "HASHMESH_BALANCER_EVENT_LOOP": loop,
+                         "HASHMESH_BALANCER_BUDGETS": "off" if name == "balancer-nobudgets" else "on"},
                 )
                 procs.append(popen)
                 fronts.append(Front(name, [address], popen.pid))

@@ -112,13 +112,13 @@ async def unary_round(daemon: Daemon, seconds: float, concurrency: int) -> dict[
     async with grpc.aio.insecure_channel(daemon.address) as channel:
         stub = hash_pb2_grpc.HashServiceStub(channel)
         for _ in range(200):  # warm up
-            await stub.Hash(request, timeout=10)
+            await stub.ComputeHash(request, timeout=10)
         stop_at = time.perf_counter() + seconds
 
         async def caller() -> None:
             while time.perf_counter() < stop_at:
                 started = time.perf_counter()
-                await stub.Hash(request, timeout=10)
+                await stub.ComputeHash(request, timeout=10)
                 latencies.append(time.perf_counter() - started)
 
         cpu_before, wall_before = daemon.cpu_seconds(), time.perf_counter()
@@ -166,7 +166,7 @@ async def argon2_p50(
         stub = hash_pb2_grpc.HashServiceStub(channel)
         for password in passwords:
             started = time.perf_counter()
-            reply = await stub.Hash(
+            reply = await stub.ComputeHash(
                 hash_pb2.HashRequest(
                     algorithm=common_pb2.ALGORITHM_ARGON2ID, data=password, argon2=params
                 ),
@@ -185,7 +185,7 @@ async def argon2_rate(address: str, count: int, concurrency: int) -> float:
         async def caller() -> None:
             while queue:
                 queue.pop()
-                await stub.Hash(
+                await stub.ComputeHash(
                     hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"pw"),
                     timeout=120,
                 )

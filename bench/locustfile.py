@@ -30,13 +30,13 @@ class HashUser(GrpcUser):
 
     @task(10)
     def hash_sha256(self) -> None:
-        reply = self.stub.Hash(hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=PAYLOAD),
+        reply = self.stub.ComputeHash(hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=PAYLOAD),
                                timeout=10, metadata=self.metadata)
         assert reply.result.encoded == PAYLOAD_SHA256
 
     @task(3)
     def hash_md5(self) -> None:
-        self.stub.Hash(hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_MD5, data=PAYLOAD), timeout=10,
+        self.stub.ComputeHash(hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_MD5, data=PAYLOAD), timeout=10,
                        metadata=self.metadata)
 
     @task(2)

@@ -35,7 +35,7 @@ async def round_trip(stub: Any, calls: int) -> float:
     request = hash_pb2.HashRequest(data=b"x")
     started = time.perf_counter()
     for _ in range(calls):
-        await stub.Hash(request, timeout=5)
+        await stub.ComputeHash(request, timeout=5)
     return (time.perf_counter() - started) / calls
 
 

@@ -15,6 +15,7 @@ from hashmesh.cli.client import CliError, ExitCode, open_channel, rpc_errors
 from hashmesh.cli.hash_cmds import JsonFlag
 from hashmesh.cli.naming import (
     STRATEGIES,
+    algorithm_name,
     backend_state_name,
     parse_strategy,
     strategy_name,
@@ -277,7 +278,7 @@ def cache_stats(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     replies = list(by_address.values())
     tiers = merge_cache_stats(replies)
     answered = list(by_address)
-    cached = list(replies[0].cached_algorithms)
+    cached = [algorithm_name(a) for a in replies[0].cached_algorithms]
     if out.json_mode:
         out.json({"scope": scope, "replicas": answered, "unreachable": unreachable, "replica": answered[0],
                   "cached_algorithms": cached, "tiers": tiers})

@@ -64,12 +64,12 @@ def parse_duration(text: str) -> float:
 
 
 def resolve_method(call: str) -> descriptor.MethodDescriptor:
-    """``hashmesh.v1.HashService.Hash`` (ghz form) or ``/hashmesh.v1.HashService/Hash``."""
+    """``hashmesh.v1.HashService.ComputeHash`` (ghz form) or ``/hashmesh.v1.HashService/ComputeHash``."""
     name = call.strip().lstrip("/").replace("/", ".")
     try:
         method = descriptor_pool.Default().FindMethodByName(name)
     except KeyError:
-        raise CliError(f"unknown method {call!r} (e.g. hashmesh.v1.HashService.Hash)",
+        raise CliError(f"unknown method {call!r} (e.g. hashmesh.v1.HashService.ComputeHash)",
                        ExitCode.INVALID_ARGUMENT) from None
     if method.client_streaming or method.server_streaming:
         raise CliError(f"{name} is a streaming method; bench drives unary methods", ExitCode.INVALID_ARGUMENT)
@@ -303,8 +303,8 @@ def report_options(plan: LoadPlan, call: str, request: Message, data: str | None
 def bench_command(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Argument(help="host:port to load (default: --target).")] = None,
-    call: Annotated[str, typer.Option("--call", help="Fully-qualified method, e.g. hashmesh.v1.HashService.Hash.")]
-    = "hashmesh.v1.HashService.Hash",
+    call: Annotated[str, typer.Option("--call", help="Fully-qualified method, e.g. hashmesh.v1.HashService.ComputeHash.")]
+    = "hashmesh.v1.HashService.ComputeHash",
     concurrency: Annotated[int, typer.Option("-c", "--concurrency", help="Concurrent callers.", min=1)] = 50,
     total: Annotated[int, typer.Option("-n", "--total", help="Calls to make (ignored with -z).", min=1)] = 200,
     duration: Annotated[str | None, typer.Option("-z", "--duration", help="Run for this long (e.g. 10s).")]
@@ -335,7 +335,7 @@ def bench_command(
 
     Examples:
 
-      hashctl bench --call hashmesh.v1.HashService.Hash -d '{"algorithm":"ALGORITHM_SHA256","data":"aGVsbG8="}' -n 2000 -c 50
+      hashctl bench --call hashmesh.v1.HashService.ComputeHash -d '{"algorithm":"ALGORITHM_SHA256","data":"aGVsbG8="}' -n 2000 -c 50
 
       hashctl bench -d '{"algorithm":"ALGORITHM_SHA256","data":"aGVsbG8="}' -z 10s --rps 500 --procs 2 -O json -o report.json 127.0.0.1:50050
 

@@ -27,7 +27,7 @@ def run_demo(target: str, say: Callable[[str, bool | None], None], timeout: floa
         hasher = hash_pb2_grpc.HashServiceStub(channel)
         for algorithm, name in ALGORITHMS:
             for data in INPUTS:
-                reply = hasher.Hash(hash_pb2.HashRequest(algorithm=algorithm, data=data), timeout=10)
+                reply = hasher.ComputeHash(hash_pb2.HashRequest(algorithm=algorithm, data=data), timeout=10)
                 expected = hashlib.new(name, data).hexdigest()
                 ok = reply.result.encoded == expected
                 passed &= ok

@@ -111,7 +111,7 @@ def hash_command(
             request = hash_pb2.HashRequest(algorithm=wire_algorithm, data=data)
             if wire_algorithm == common_pb2.ALGORITHM_ARGON2ID:
                 request.argon2.CopyFrom(argon2_params(time_cost, memory_cost, parallelism, hash_len, salt))
-            result = stub.Hash(request, timeout=timeout, metadata=metadata).result
+            result = stub.ComputeHash(request, timeout=timeout, metadata=metadata).result
             size = len(data)
         else:
             # No deadline: a large file takes as long as it takes; the server answers at the end.

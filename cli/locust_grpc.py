@@ -10,7 +10,7 @@ Import this module only inside a locust run: it switches grpc to gevent-compatib
 
         @task
         def hash(self) -> None:
-            self.stub.Hash(hash_pb2.HashRequest(...))
+            self.stub.ComputeHash(hash_pb2.HashRequest(...))
 """
 
 from __future__ import annotations

@@ -164,6 +164,7 @@ class Supervisor:
         backends = ",".join(child.addresses["hashd"] for child in replicas)
         balancer = self._child("balancer", "balancer", ["hashmesh.balancer", "--listen", self.target,
                                "--admin-listen", self.admin_target, "--backends", backends,
+                               "--state-file", str(self.plan.state_dir / "balancer-state.json"),
                                *(["--strategy", self.plan.strategy] if self.plan.strategy else []),
                                *self._metrics_flag()],
                                ("balancer", "balancer admin", *self._metrics_line("balancer")))

@@ -67,7 +67,8 @@ async def with_retries(
         except TRANSIENT as exc:
             if attempt + 1 >= settings.retry_attempts:
                 raise Unavailable(
-                    f"database unavailable while {what}: {type(exc).__name__}", retry_after=1.0
+                    f"database unavailable while {what}: {type(exc).__name__}", retry_after=1.0,
+                    reason="DATABASE_UNAVAILABLE",
                 ) from exc
             delay = backoff_delay(attempt, settings.retry_base, settings.retry_cap)
             log.warning(
@@ -89,11 +90,15 @@ async def connection(
             yield conn
     except psycopg_pool.PoolTimeout as exc:
         raise Unavailable(
-            f"no database connection free while {what} (pool exhausted)", retry_after=0.5
+            f"no database connection free while {what} (pool exhausted)",
+            retry_after=0.5,
+            reason="DATABASE_UNAVAILABLE",
         ) from exc
     except psycopg.OperationalError as exc:
         raise Unavailable(
-            f"database unavailable while {what}: {type(exc).__name__}", retry_after=1.0
+            f"database unavailable while {what}: {type(exc).__name__}",
+            retry_after=1.0,
+            reason="DATABASE_UNAVAILABLE",
         ) from exc
 
 

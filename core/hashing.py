@@ -16,7 +16,7 @@ from typing import Any
 import argon2
 from argon2.low_level import Type, hash_secret
 
-from hashmesh.core.errors import InvalidArgument
+from hashmesh.core.errors import InvalidArgument, Violations
 
 
 class Algorithm(str, Enum):
@@ -90,6 +90,8 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "hash_len": (16, 64),
 }
 SALT_BOUNDS = (8, 64)
+MAX_PHC_LENGTH = 512
+"""Longest PHC string read: the longest valid one (64-byte salt and hash) is under 250."""
 
 
 @dataclass(frozen=True)
@@ -121,22 +123,24 @@ class Argon2Params:
             "parallelism": parallelism or DEFAULT_PARALLELISM,
             "hash_len": hash_len or DEFAULT_HASH_LEN,
         }
+        violations = Violations()
         for name, value in values.items():
             low, high = BOUNDS[name]
             if not low <= value <= high:
-                raise InvalidArgument(
-                    f"{field_prefix}.{name}", f"must be between {low} and {high}, got {value}"
-                )
-        check_memory_limit(values["memory_cost_kib"], memory_limit_kib, f"{field_prefix}.memory_cost_kib")
-        if values["memory_cost_kib"] < 8 * values["parallelism"]:
-            raise InvalidArgument(
+                violations.add(f"{field_prefix}.{name}", f"must be between {low} and {high}, got {value}")
+        over = memory_over_limit(values["memory_cost_kib"], memory_limit_kib)
+        if over and BOUNDS["memory_cost_kib"][0] <= values["memory_cost_kib"] <= BOUNDS["memory_cost_kib"][1]:
+            violations.add(f"{field_prefix}.memory_cost_kib", over)
+        if BOUNDS["memory_cost_kib"][0] <= values["memory_cost_kib"] < 8 * values["parallelism"]:
+            violations.add(
                 f"{field_prefix}.memory_cost_kib", "must be at least 8 KiB per lane of parallelism"
             )
         if salt and not SALT_BOUNDS[0] <= len(salt) <= SALT_BOUNDS[1]:
-            raise InvalidArgument(
+            violations.add(
                 f"{field_prefix}.salt",
                 f"must be {SALT_BOUNDS[0]} to {SALT_BOUNDS[1]} bytes, got {len(salt)}",
             )
+        violations.raise_if_any()
         return cls(salt=salt or None, **values)
 
     @property
@@ -192,15 +196,13 @@ _default_hasher = argon2.PasswordHasher(
 )
 
 
-def check_memory_limit(memory_cost_kib: int, limit_kib: int | None, field: str) -> None:
-    """``InvalidArgument`` naming ``field`` when an argon2 call would need more memory than
-    this server keeps for one (its memory limit shared by its argon2 threads)."""
+def memory_over_limit(memory_cost_kib: int, limit_kib: int | None) -> str:
+    """Why an argon2 call would need more memory than this server keeps for one (its memory
+    limit shared by its argon2 threads), or ``""``."""
     if limit_kib is not None and memory_cost_kib > limit_kib:
-        raise InvalidArgument(
-            field,
-            f"must be at most {limit_kib} KiB on this server (its memory limit holds that much per "
-            f"argon2 thread), got {memory_cost_kib}",
-        )
+        return (f"must be at most {limit_kib} KiB on this server (its memory limit holds that much "
+                f"per argon2 thread), got {memory_cost_kib}")
+    return ""
 
 
 def validate_phc(
@@ -208,6 +210,8 @@ def validate_phc(
 ) -> argon2.Parameters:
     """Parse an Argon2 PHC string; malformed or out-of-bounds ones raise ``InvalidArgument``,
     as does a memory cost over ``memory_limit_kib``."""
+    if len(encoded) > MAX_PHC_LENGTH or not encoded.isascii():
+        raise InvalidArgument(field, f"not a valid Argon2 PHC string (ASCII, at most {MAX_PHC_LENGTH} characters)")
     try:
         parsed = argon2.extract_parameters(encoded)
     except (argon2.exceptions.InvalidHashError, ValueError) as exc:
@@ -224,7 +228,9 @@ def validate_phc(
             raise InvalidArgument(
                 field, f"{name}={value} is outside the server's bounds {low}..{high}"
             )
-    check_memory_limit(parsed.memory_cost, memory_limit_kib, field)
+    over = memory_over_limit(parsed.memory_cost, memory_limit_kib)
+    if over:
+        raise InvalidArgument(field, over)
     return parsed
 
 

@@ -1,7 +1,8 @@
 """The gRPC server frame every hashmesh daemon uses.
 
 One place decides: how domain errors become statuses (``ErrorInterceptor``), that every server
-serves grpc.health.v1 and server reflection, and how a daemon shuts down (NOT_SERVING first,
+serves grpc.health.v1 (``Health``, with ``List``) and server reflection v1 and v1alpha with the
+contract's comments (``hashmesh.core.reflection``), and how a daemon shuts down (NOT_SERVING first,
 then stop taking calls, then give in-flight calls a grace period)."""
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from hashmesh.core.errors import DeadlineExceeded, HashmeshError, InvalidArgument, to_grpc_status
+from hashmesh.core.reflection import HEALTH, add_reflection
 
 log = logging.getLogger(__name__)
 
 Behavior = Callable[..., Any]
+METADATA_LIMIT_BYTES = 64 * 1024
+"""Request metadata every server accepts; the balancer refuses far less with a clear status
+(``HASHMESH_BALANCER_MAX_METADATA_BYTES``), so what it forwards always fits."""
+MAX_WRAPPED_METHODS = 1024
+"""Handlers kept wrapped; far above the methods a server has, a bound whatever it routes."""
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -31,7 +37,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     refuses calls whose deadline already passed before any work starts."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -39,11 +45,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if method in self._wrapped:
-            return self._wrapped[method]
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
-        wrapped = _wrap_handler(handler, method) if handler is not None else None
-        self._wrapped[method] = wrapped
+        if handler is None:  # unknown names are the caller's choice: never remembered
+            return None
+        wrapped = _wrap_handler(handler, method)
+        if len(self._wrapped) < MAX_WRAPPED_METHODS:
+            self._wrapped[method] = wrapped
         return wrapped
 
 
@@ -56,7 +66,7 @@ async def _translate(context: grpc.aio.ServicerContext, method: str, exc: BaseEx
     if isinstance(exc, HashmeshError):
         await abort_with(context, exc)
     log.exception("unexpected error in %s", method, extra={"method": method})
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+    await abort_with(context, HashmeshError(f"internal error in {method}"))
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
@@ -87,7 +97,9 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 def _malformed(method: str) -> InvalidArgument:
-    return InvalidArgument("request", f"is not a valid request message for {method}")
+    return InvalidArgument(
+        "request", f"is not a valid request message for {method}", reason="MALFORMED_REQUEST"
+    )
 
 
 async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
@@ -161,6 +173,21 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
     )
 
 
+class Health(HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 with ``List`` too (grpcio-health-checking's asyncio servicer answers it
+    UNIMPLEMENTED): every service name set so far and its status."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._server_status.items()
+            }
+        )
+
+
 def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -168,6 +195,10 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        # gRPC refuses metadata between its soft (8 KiB) and hard (16 KiB) limits at random;
+        # one limit for both makes the answer the same every time.
+        ("grpc.max_metadata_size", METADATA_LIMIT_BYTES),
+        ("grpc.absolute_max_metadata_size", METADATA_LIMIT_BYTES),
     ]
 
 
@@ -195,7 +226,7 @@ class GrpcServer:
             interceptors=[*interceptors, ErrorInterceptor()],
             options=[*server_options(max_message_bytes), *extra_options],
         )
-        self.health = HealthServicer()
+        self.health = Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
         self._credentials = credentials
@@ -213,8 +244,7 @@ class GrpcServer:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
-        names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
+        add_reflection(self.server, [*self._service_names, HEALTH])
         try:
             if self._credentials is not None:
                 self.port = self.server.add_secure_port(self.listen, self._credentials)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 import grpc
 
 from hashmesh.core.cache import ResultCache, TierStats
+from hashmesh.core.hashing import Algorithm
+from hashmesh.core.wire import algorithm_to_wire
 from hashmesh.hashd.identity import current_caller, require_operator
 from hashmesh.v1 import cache_pb2, cache_pb2_grpc
 
@@ -40,7 +42,8 @@ class CacheService(cache_pb2_grpc.CacheServiceServicer):
                 _tier(cache_pb2.CACHE_TIER_SHARED, stats.shared),
             ],
             replica=self._replica() if current_caller().operator else "",
-            cached_algorithms=list(stats.algorithms),
+            cached_algorithm_names=list(stats.algorithms),
+            cached_algorithms=[algorithm_to_wire(Algorithm(name)) for name in stats.algorithms],
         )
 
     async def ClearCache(

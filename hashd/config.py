@@ -15,6 +15,7 @@ from hashmesh.core.settings import (
     SettingsError,
     env_float,
     env_int,
+    env_list,
     env_optional,
     env_str,
 )
@@ -56,6 +57,18 @@ class HashdSettings:
     (``HASHMESH_MAX_PENDING_TASKS``)."""
     max_pending_per_client: int = 100_000
     """Pending tasks allowed per client id (``HASHMESH_MAX_PENDING_PER_CLIENT``)."""
+    max_pending_cost: int = 1 << 44
+    """Work queued in the whole queue, in cost units (``core.tasks.limits.task_cost``: argon2id
+    time_cost x memory in bytes, a digest its input's bytes, +4096 per task), 16 TiB
+    (``HASHMESH_MAX_PENDING_COST``)."""
+    max_pending_cost_per_client: int = 1 << 40
+    """Work one client may have queued, in cost units: 1 TiB, about 5,000 default argon2id
+    tasks or 400 of the costliest (``HASHMESH_MAX_PENDING_COST_PER_CLIENT``)."""
+    max_priority: int = 10
+    """Highest task priority a client may ask for (``HASHMESH_MAX_PRIORITY``)."""
+    priority_overrides: dict[str, int] = field(default_factory=dict)
+    """Highest priority per named client, e.g. ``ops=100`` (``HASHMESH_PRIORITY_OVERRIDES``
+    as ``client=max,...``)."""
     default_max_attempts: int = 5
     """Attempts for a task that does not say (``HASHMESH_TASK_MAX_ATTEMPTS``)."""
     worker_alive_seconds: float = 30.0
@@ -111,6 +124,10 @@ class HashdSettings:
             raise SettingsError("HASHMESH_MAX_MESSAGE_BYTES must be >= 1024")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise SettingsError("HASHMESH_HASHD_METRICS_PORT must be a port (0 picks a free one)")
+        if not -100 <= self.max_priority <= 100 or any(
+            not -100 <= cap <= 100 for cap in self.priority_overrides.values()
+        ):
+            raise SettingsError("HASHMESH_MAX_PRIORITY and HASHMESH_PRIORITY_OVERRIDES: -100..100")
         if self.identity_secret and len(self.identity_secret) < MIN_SECRET_LENGTH:
             raise SettingsError(f"HASHMESH_IDENTITY_SECRET must be at least {MIN_SECRET_LENGTH} characters")
         if self.idempotency_window_seconds <= 0:
@@ -146,6 +163,12 @@ class HashdSettings:
             max_pending_per_client=env_int(
                 "MAX_PENDING_PER_CLIENT", cls.max_pending_per_client, minimum=1
             ),
+            max_pending_cost=env_int("MAX_PENDING_COST", cls.max_pending_cost, minimum=1),
+            max_pending_cost_per_client=env_int(
+                "MAX_PENDING_COST_PER_CLIENT", cls.max_pending_cost_per_client, minimum=1
+            ),
+            max_priority=env_int("MAX_PRIORITY", cls.max_priority),
+            priority_overrides=parse_priority_overrides(env_list("PRIORITY_OVERRIDES")),
             default_max_attempts=env_int("TASK_MAX_ATTEMPTS", cls.default_max_attempts, minimum=1),
             worker_alive_seconds=env_float(
                 "WORKER_ALIVE_SECONDS", cls.worker_alive_seconds, minimum=0.1
@@ -172,3 +195,19 @@ class HashdSettings:
     ) -> HashdSettings:
         """Apply ``--tls-cert/--tls-key/--tls-client-ca``: each flag replaces its variable."""
         return replace(self, tls=ServerTls.with_flags(self.tls, cert, key, client_ca))
+
+
+def parse_priority_overrides(items: tuple[str, ...]) -> dict[str, int]:
+    """``client=max`` items, e.g. ``ops=100``."""
+    caps: dict[str, int] = {}
+    for item in items:
+        client, sep, cap = item.partition("=")
+        try:
+            if not sep or not client:
+                raise ValueError
+            caps[client] = int(cap)
+        except ValueError:
+            raise SettingsError(
+                f"HASHMESH_PRIORITY_OVERRIDES item {item!r} is not client=max_priority"
+            ) from None
+    return caps

@@ -13,12 +13,10 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2
 
 from hashmesh.core import hashing
 from hashmesh.core.cache import ResultCache
-from hashmesh.core.errors import HashmeshError, InvalidArgument
+from hashmesh.core.errors import InputTooLarge, InvalidArgument, Violations
 from hashmesh.core.hashing import Algorithm
 from hashmesh.core.wire import algorithm_from_wire, algorithm_to_wire
 from hashmesh.hashd.executor import BoundedExecutor
@@ -48,43 +46,15 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-class InputTooLarge(HashmeshError):
-    """A unary input over the limit: the caller must use HashStream (not retry)."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(
-            f"data is {size} bytes, over the {limit}-byte limit for unary calls: "
-            f"send it with HashStream ({STREAM_METHOD}) instead"
-        )
-        self.size = size
-        self.limit = limit
-
-    def details(self) -> list[any_pb2.Any]:
-        info = any_pb2.Any()
-        info.Pack(
-            error_details_pb2.ErrorInfo(
-                reason="INPUT_TOO_LARGE",
-                domain="hashmesh.dev",
-                metadata={
-                    "limit_bytes": str(self.limit),
-                    "size_bytes": str(self.size),
-                    "use": STREAM_METHOD,
-                },
-            )
-        )
-        bad = any_pb2.Any()
-        bad.Pack(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field="data", description=f"over {self.limit} bytes; use HashStream"
-                    )
-                ]
-            )
-        )
-        return [info, bad]
+def input_too_large(field: str, size: int, limit: int) -> InputTooLarge:
+    """The answer for a unary input or a chunk over the limit (the same as SubmitTask's)."""
+    if field == "chunk":
+        advice = f"split the input into chunks of at most {limit} bytes"
+    else:
+        advice = f"send it with HashStream ({STREAM_METHOD}) instead"
+    error = InputTooLarge(field, size, limit, advice=advice)
+    error.info["use"] = STREAM_METHOD
+    return error
 
 
 _CHUNK_TAG = b"\x12"  # field 2 (chunk), wire type 2 (length-delimited)
@@ -110,12 +80,14 @@ def parse_stream_message(raw: bytes) -> hash_pb2.HashStreamRequest | memoryview:
 
 def add_hash_service(servicer: HashService, server: grpc.aio.Server) -> None:
     """``add_HashServiceServicer_to_server`` with the fast HashStream deserializer."""
+    compute = grpc.unary_unary_rpc_method_handler(
+        servicer.ComputeHash,
+        request_deserializer=hash_pb2.HashRequest.FromString,
+        response_serializer=hash_pb2.HashResponse.SerializeToString,
+    )
     handlers = {
-        "Hash": grpc.unary_unary_rpc_method_handler(
-            servicer.Hash,
-            request_deserializer=hash_pb2.HashRequest.FromString,
-            response_serializer=hash_pb2.HashResponse.SerializeToString,
-        ),
+        "ComputeHash": compute,
+        "Hash": compute,  # the deprecated name of ComputeHash
         "HashStream": grpc.stream_unary_rpc_method_handler(
             servicer.HashStream,
             request_deserializer=parse_stream_message,
@@ -169,19 +141,22 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         self._max_input = max_input_bytes
         self._argon2_memory_kib = argon2_memory_kib
 
-    async def Hash(
+    async def ComputeHash(
         self, request: hash_pb2.HashRequest, context: grpc.aio.ServicerContext
     ) -> hash_pb2.HashResponse:
-        algorithm = algorithm_from_wire(request.algorithm)
         data = request.data
-        if len(data) > self._max_input:
-            raise InputTooLarge(len(data), self._max_input)
-        if algorithm is Algorithm.ARGON2ID:
-            params: hashing.Argon2Params | None = argon2_params(
-                request.argon2, memory_limit_kib=self._argon2_memory_kib
-            )
-        else:
-            params = None
+        try:
+            algorithm: Algorithm | None = algorithm_from_wire(request.algorithm)
+        except InvalidArgument:
+            algorithm = None
+        params: hashing.Argon2Params | None = None
+        if (
+            algorithm is None
+            or algorithm is Algorithm.ARGON2ID
+            or len(data) > self._max_input
+            or request.HasField("argon2")
+        ):
+            algorithm, params = self._checked(request)
         cache = self._cache
         cacheable = cache is not None and cache.is_cacheable(algorithm, params)
         if cacheable:
@@ -210,6 +185,27 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
             result=common_pb2.HashResult(algorithm=request.algorithm, digest=raw, encoded=encoded)
         )
 
+    Hash = ComputeHash  # the deprecated name
+
+    def _checked(self, request: hash_pb2.HashRequest) -> tuple[Algorithm, hashing.Argon2Params | None]:
+        """The algorithm and argon2 parameters of ``request``, or every bad field at once.
+        (Off the fast path: a valid digest request never comes here.)"""
+        violations = Violations()
+        algorithm: Algorithm | None = None
+        params: hashing.Argon2Params | None = None
+        with violations.check():
+            algorithm = algorithm_from_wire(request.algorithm)
+        if algorithm is Algorithm.ARGON2ID:
+            with violations.check():
+                params = argon2_params(request.argon2, memory_limit_kib=self._argon2_memory_kib)
+        elif algorithm is not None and request.HasField("argon2"):
+            violations.add("argon2", f"applies only to ALGORITHM_ARGON2ID, not {algorithm.name}")
+        if len(request.data) > self._max_input:
+            violations.include(input_too_large("data", len(request.data), self._max_input))
+        violations.raise_if_any()
+        assert algorithm is not None
+        return algorithm, params
+
     async def HashStream(
         self,
         request_iterator: AsyncIterator[hash_pb2.HashStreamRequest | memoryview],
@@ -219,6 +215,7 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         hasher = None
         algorithm: Algorithm | None = None
         total = 0
+        count = 1  # messages read, the header included
         async for message in request_iterator:
             if hasher is None:
                 if isinstance(message, memoryview) or message.WhichOneof("kind") != "header":
@@ -226,12 +223,20 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
                 algorithm = algorithm_from_wire(message.header.algorithm, field="header.algorithm")
                 hasher = hashing.new_digest(algorithm)
                 continue
+            count += 1
             if isinstance(message, memoryview):
                 chunk: bytes | memoryview = message
-            elif message.WhichOneof("kind") == "header":
-                raise InvalidArgument("header", "only the first message may carry the header")
             else:
+                kind = message.WhichOneof("kind")
+                if kind == "header":
+                    raise InvalidArgument("header", "only the first message may carry the header")
+                if kind is None:
+                    raise InvalidArgument(
+                        "chunk", f"message {count} of the stream carries neither header nor chunk"
+                    )
                 chunk = message.chunk
+            if len(chunk) > self._max_input:
+                raise input_too_large("chunk", len(chunk), self._max_input)
             hasher.update(chunk)
             total += len(chunk)
         if hasher is None or algorithm is None:
@@ -249,8 +254,10 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
     ) -> hash_pb2.VerifyResponse:
         if not request.encoded:
             raise InvalidArgument("encoded", "is required")
+        if len(request.encoded) > hashing.MAX_PHC_LENGTH:  # a PHC string or a hex digest
+            raise InvalidArgument("encoded", f"must be at most {hashing.MAX_PHC_LENGTH} characters")
         if len(request.data) > self._max_input:
-            raise InputTooLarge(len(request.data), self._max_input)
+            raise input_too_large("data", len(request.data), self._max_input)
         if request.algorithm == common_pb2.ALGORITHM_UNSPECIFIED and request.encoded.startswith(
             "$argon2"
         ):

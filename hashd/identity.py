@@ -64,7 +64,8 @@ def require_operator(what: str) -> Caller:
     if not caller.operator:
         raise PermissionDenied(
             f"{what} is an operator call: send 'authorization: Bearer <HASHMESH_ADMIN_TOKEN>' "
-            "(hashctl --admin-token)"
+            "(hashctl --admin-token)",
+            reason="OPERATOR_ONLY",
         )
     return caller
 
@@ -73,7 +74,8 @@ def client_of(requested: str, caller: Caller) -> str:
     """The client a submission is stored under: always the caller's identity. A request's
     ``client_id`` may only repeat it (PERMISSION_DENIED otherwise), operators included."""
     if requested and requested != caller.identity:
-        raise PermissionDenied(f"client_id {requested!r} is not the caller ({caller.identity!r}); leave it empty")
+        raise PermissionDenied(f"client_id {requested!r} is not the caller ({caller.identity!r}); leave it empty",
+                               reason="CLIENT_ID_NOT_CALLER")
     return caller.identity
 
 
@@ -83,7 +85,7 @@ def list_scope(requested: str, caller: Caller) -> str | None:
         return requested or None
     if requested and requested != caller.identity:
         raise PermissionDenied(f"client_id {requested!r} is not the caller ({caller.identity!r}); only an "
-                               "operator lists other clients' tasks")
+                               "operator lists other clients' tasks", reason="CLIENT_ID_NOT_CALLER")
     return caller.identity
 
 
@@ -104,18 +106,20 @@ class CallerResolver:
                 identity = value
         if signature is not None:
             if not self._secret:
-                raise Unauthenticated("this replica has no HASHMESH_IDENTITY_SECRET: it cannot accept an identity stamp")
+                raise Unauthenticated("this replica has no HASHMESH_IDENTITY_SECRET: it cannot accept an identity stamp",
+                                      reason="IDENTITY_STAMP_INVALID")
             if not isinstance(signature, str) or not isinstance(identity, str):
-                raise Unauthenticated("malformed identity stamp")
+                raise Unauthenticated("malformed identity stamp", reason="IDENTITY_STAMP_INVALID")
             try:
                 return verify(self._secret, identity, signature, method, self._clock())
             except StampError as exc:
-                raise Unauthenticated(str(exc)) from None
+                raise Unauthenticated(str(exc), reason="IDENTITY_STAMP_INVALID") from None
         operator = False
         bearer = bearer_token(metadata)
         if bearer is not None and self._admin_token:
             if not token_matches(bearer, self._admin_token):
-                raise Unauthenticated("wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)")
+                raise Unauthenticated("wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)",
+                                      reason="ADMIN_TOKEN_INVALID")
             operator = True
         return Caller(address_identity(host_of(peer)), operator=operator)
 

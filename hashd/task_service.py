@@ -19,11 +19,17 @@ from google.protobuf import timestamp_pb2
 
 from hashmesh.core import metrics
 from hashmesh.core.cache import ResultCache
-from hashmesh.core.errors import FailedPrecondition, InvalidArgument, Unavailable
+from hashmesh.core.errors import (
+    FailedPrecondition,
+    InputTooLarge,
+    InvalidArgument,
+    Unavailable,
+    Violations,
+)
 from hashmesh.core.hashing import Algorithm, Argon2Params
 from hashmesh.core.tasks.coalesce import SubmitCoalescer
 from hashmesh.core.tasks.idempotency import IdempotencyGuard
-from hashmesh.core.tasks.limits import PendingLimits
+from hashmesh.core.tasks.limits import PendingLimits, PriorityCaps, task_cost
 from hashmesh.core.tasks.model import (
     ListCursor,
     ListFilter,
@@ -44,6 +50,11 @@ MAX_BATCH = 10_000
 MAX_KEY_LENGTH = 200
 MAX_RUN_AFTER = timedelta(days=366)
 MAX_CLIENT_ID_LENGTH = 200
+MAX_PAGE_TOKEN_LENGTH = 512
+"""Tokens this service issues are about 120 characters; a longer one is not ours."""
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+"""A larger ListTasks page_size is read as this (AIP-158), not refused."""
 WATCH_POLL_SECONDS = 5.0
 """Watchers re-read their task at least this often, in case a notification was lost."""
 
@@ -125,31 +136,40 @@ def validate_spec(
 ) -> tuple[NewTask, Argon2Params | None]:
     """A ``NewTask`` (client id filled in later) and its argon2 parameters, or
     ``InvalidArgument`` naming the field (``specs[3].priority``)."""
-    algorithm = algorithm_from_wire(spec.algorithm, field=f"{field}.algorithm")
-    params = (
-        argon2_params(spec.argon2, field_prefix=f"{field}.argon2", memory_limit_kib=argon2_memory_kib)
-        if algorithm is Algorithm.ARGON2ID
-        else None
-    )
-    if not -100 <= spec.priority <= 100:
-        raise InvalidArgument(
-            f"{field}.priority", f"must be between -100 and 100, got {spec.priority}"
+    violations = Violations()
+    algorithm: Algorithm | None = None
+    params: Argon2Params | None = None
+    with violations.check():
+        algorithm = algorithm_from_wire(spec.algorithm, field=f"{field}.algorithm")
+    if algorithm is Algorithm.ARGON2ID:
+        with violations.check():
+            params = argon2_params(
+                spec.argon2, field_prefix=f"{field}.argon2", memory_limit_kib=argon2_memory_kib
+            )
+    elif algorithm is not None and spec.HasField("argon2"):
+        violations.add(
+            f"{field}.argon2", f"applies only to ALGORITHM_ARGON2ID, not {algorithm.name}"
         )
-    if spec.max_attempts > 100:
-        raise InvalidArgument(
+    if not -100 <= spec.priority <= 100:
+        violations.add(f"{field}.priority", f"must be between -100 and 100, got {spec.priority}")
+    if not 0 <= spec.max_attempts <= 100:
+        violations.add(
             f"{field}.max_attempts",
             f"must be between 1 and 100 (0: default), got {spec.max_attempts}",
         )
-    text_field(spec.idempotency_key, f"{field}.idempotency_key", MAX_KEY_LENGTH)
+    with violations.check():
+        text_field(spec.idempotency_key, f"{field}.idempotency_key", MAX_KEY_LENGTH)
     run_after = None
     if spec.HasField("run_after"):
         try:
             run_after = spec.run_after.ToDatetime(tzinfo=UTC)
         except (ValueError, OverflowError):
-            raise InvalidArgument(f"{field}.run_after", "is not a valid timestamp") from None
+            violations.add(f"{field}.run_after", "is not a valid timestamp")
         # A task due in decades would hold a pending slot (and its input) all that time.
-        if run_after > datetime.now(UTC) + MAX_RUN_AFTER:
-            raise InvalidArgument(f"{field}.run_after", "must be at most 366 days from now")
+        if run_after is not None and run_after > datetime.now(UTC) + MAX_RUN_AFTER:
+            violations.add(f"{field}.run_after", "must be at most 366 days from now")
+    violations.raise_if_any()
+    assert algorithm is not None
     task = NewTask(
         algorithm=algorithm.value,
         data=spec.data,
@@ -182,13 +202,16 @@ def encode_page_token(cursor: ListCursor, filters: ListFilter) -> str:
 def decode_page_token(token: str, filters: ListFilter) -> ListCursor | None:
     if not token:
         return None
+    if len(token) > MAX_PAGE_TOKEN_LENGTH:
+        raise InvalidArgument("page_token", "is not a token this service issued (too long)")
     try:
+        # RecursionError: JSON nested deeper than the parser goes.
         body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         cursor = ListCursor(
             created_at=datetime.fromisoformat(body["c"]), id=str(uuid.UUID(body["i"]))
         )
         fingerprint = body["f"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise InvalidArgument("page_token", "is not a token this service issued") from None
     if fingerprint != _filter_fingerprint(filters):
         raise InvalidArgument(
@@ -247,7 +270,11 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             max_total=settings.max_pending_tasks,
             max_per_client=settings.max_pending_per_client,
             count=store.unfinished_by_client,
+            cost=store.unfinished_cost_by_client,
+            max_cost_total=settings.max_pending_cost,
+            max_cost_per_client=settings.max_pending_cost_per_client,
         )
+        self.priorities = PriorityCaps(settings.max_priority, settings.priority_overrides)
         self._submitter = SubmitCoalescer(store.submit_many, max_tasks=MAX_BATCH)
         # Without a configured secret (unit tests: the daemon requires one) a per-process key.
         self._keys = IdempotencyGuard(
@@ -263,7 +290,11 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         # The hub's LISTEN connection drops as soon as PostgreSQL goes away: answer at once
         # instead of waiting for a pool connection that cannot come.
         if self._hub is not None and not self._hub.connected:
-            raise Unavailable("database unreachable (reconnecting); retry shortly", retry_after=1.0)
+            raise Unavailable(
+                "database unreachable (reconnecting); retry shortly",
+                retry_after=1.0,
+                reason="DATABASE_UNAVAILABLE",
+            )
 
     async def _with_cached(self, task: NewTask, params: Argon2Params | None) -> NewTask:
         if self._cache is None:
@@ -279,42 +310,54 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     async def _submit(
         self, specs: Sequence[task_pb2.TaskSpec], client_id: str, *, field: str
     ) -> list[tuple[TaskRecord, bool]]:
-        tasks = []
+        # Every bad field of every spec is listed, not the first: a batch is fixed in one go.
+        violations = Violations()
+        validated: list[tuple[NewTask, Argon2Params | None]] = []
         for index, spec in enumerate(specs):
             name = field if field == "spec" else f"{field}[{index}]"
             # gRPC lets hashd receive twice the unary limit (so Hash can explain itself): a
             # task input is held to the limit too, or the queue would store what Hash refuses.
-            if len(spec.data) > self._settings.max_message_bytes:
-                raise InvalidArgument(
-                    f"{name}.data",
-                    f"is {len(spec.data)} bytes, over the "
-                    f"{self._settings.max_message_bytes}-byte limit for a task input",
+            limit = self._settings.max_message_bytes
+            if len(spec.data) > limit:
+                advice = "a task input is held to the unary limit; hash it with HashStream"
+                violations.include(InputTooLarge(f"{name}.data", len(spec.data), limit, advice=advice))
+            with violations.check():
+                validated.append(
+                    validate_spec(
+                        spec, field=name, default_max_attempts=self._settings.default_max_attempts,
+                        argon2_memory_kib=self._settings.argon2_memory_limit_kib,
+                    )
                 )
-            task, params = validate_spec(
-                spec, field=name, default_max_attempts=self._settings.default_max_attempts,
-                argon2_memory_kib=self._settings.argon2_memory_limit_kib,
-            )
+                self.priorities.check(client_id, validated[-1][0].priority, f"{name}.priority")
+        violations.raise_if_any()
+        tasks = []
+        for index, (task, params) in enumerate(validated):
             if params is not None and self._settings.task_keys is None:
                 # An argon2 input is a password: without a key it would be stored in clear.
+                name = field if field == "spec" else f"{field}[{index}]"
                 raise FailedPrecondition(
                     f"{name}: argon2id tasks are disabled on this replica: no task input key "
-                    "is configured (set HASHMESH_TASK_KEY_FILE on hashd and workerd)"
+                    "is configured (set HASHMESH_TASK_KEY_FILE on hashd and workerd)",
+                    reason="ARGON2_TASKS_DISABLED",
+                    subject="hashd/HASHMESH_TASK_KEY_FILE",
+                    violation_type="SETTING",
                 )
             task = self._keys.fingerprinted(task)
             tasks.append(await self._with_cached(replace(task, client_id=client_id), params))
         self._require_database()
         names = [field if field == "spec" else f"{field}[{i}]" for i in range(len(tasks))]
         await self._keys.check(tasks, names, client_id)
+        costs = [0 if t.cached_result else task_cost(t.algorithm, t.params, len(t.data)) for t in tasks]
         queued = sum(1 for t in tasks if t.cached_result is None)
-        await self.limits.admit(client_id, queued)
+        await self.limits.admit(client_id, queued, sum(costs))
         answers = await self._submitter.submit(tasks)
         self._keys.check_answers(tasks, answers, names)
         for answer in answers:  # idempotent repeats (created False) are not new submissions
             if answer.created:
                 metrics.TASKS_SUBMITTED.labels(answer.task.algorithm).inc()
-        self.limits.accepted(
-            client_id, sum(1 for a in answers if a.created and a.task.status is TaskStatus.PENDING)
-        )
+        new = [cost for a, cost in zip(answers, costs, strict=True)
+               if a.created and a.task.status is TaskStatus.PENDING]
+        self.limits.accepted(client_id, len(new), sum(new))
         return [(a.task, a.created) for a in answers]
 
     async def SubmitTask(
@@ -359,7 +402,11 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         task_id = task_id_of(request.id)
         owner = current_caller().scope
         if self._hub is None:
-            raise Unavailable("watching is not available on this replica")
+            raise Unavailable(
+                "watching is not available on this replica",
+                retry_after=1.0,
+                reason="DATABASE_UNAVAILABLE",
+            )
         with self._hub.subscribe(task_id) as sub:
             record = await self._store.get(task_id, owner=owner)
             last: tuple[TaskStatus, int, bool] | None = None
@@ -390,25 +437,36 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     async def ListTasks(
         self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.ListTasksResponse:
+        # Sizes first: a request of millions of packed statuses must not cost a loop over them.
+        if len(request.statuses) > len(STATUS_TO_WIRE):
+            raise InvalidArgument(
+                "statuses", f"at most {len(STATUS_TO_WIRE)} entries (one per status), got {len(request.statuses)}"
+            )
+        if len(request.page_token) > MAX_PAGE_TOKEN_LENGTH:
+            raise InvalidArgument("page_token", "is not a token this service issued (too long)")
+        violations = Violations()
         statuses = []
         for index, status in enumerate(request.statuses):
             if status not in STATUS_FROM_WIRE:
-                raise InvalidArgument(
-                    f"statuses[{index}]", "must be a task status (not UNSPECIFIED)"
-                )
-            statuses.append(STATUS_FROM_WIRE[status])
+                violations.add(f"statuses[{index}]", "must be a task status (not UNSPECIFIED)")
+            else:
+                statuses.append(STATUS_FROM_WIRE[status])
         algorithm = None
         if request.algorithm != common_pb2.ALGORITHM_UNSPECIFIED:
-            algorithm = algorithm_from_wire(request.algorithm).value
-        if request.page_size > 1000:
-            raise InvalidArgument("page_size", f"must be at most 1000, got {request.page_size}")
+            with violations.check():
+                algorithm = algorithm_from_wire(request.algorithm).value
+        if request.page_size < 0:
+            violations.add("page_size", f"must not be negative, got {request.page_size}")
+        with violations.check():
+            text_field(request.client_id, "client_id", MAX_CLIENT_ID_LENGTH)
+        violations.raise_if_any()
         filters = ListFilter(
             client_id=list_scope(self._client_id(request.client_id), current_caller()),
             statuses=tuple(statuses),
             algorithm=algorithm,
         )
         after = decode_page_token(request.page_token, filters)
-        size = request.page_size or 100
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)  # AIP-158: cap
         rows = await self._store.list_tasks(filters, limit=size + 1, after=after)
         reply = task_pb2.ListTasksResponse(tasks=[task_to_wire(r) for r in rows[:size]])
         if len(rows) > size:

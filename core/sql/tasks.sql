@@ -259,6 +259,18 @@ SELECT client_id, count(*) AS n FROM hashmesh_tasks
 WHERE status IN ('pending', 'retrying', 'running')
 GROUP BY client_id
 
+-- name: unfinished_cost_by_client
+-- Queued work per client, in the units of core.tasks.limits.task_cost (keep the two alike):
+-- argon2id costs time_cost x memory (bytes of memory passes), a digest its input's bytes,
+-- each task 4096 more.
+SELECT client_id,
+       sum(CASE WHEN algorithm = 'argon2id'
+                THEN (params->>'time_cost')::bigint * (params->>'memory_cost_kib')::bigint * 1024
+                ELSE input_size END + 4096)::bigint AS cost
+FROM hashmesh_tasks
+WHERE status IN ('pending', 'retrying', 'running')
+GROUP BY client_id
+
 -- name: input_key_usage
 -- Key rotation (`hashctl keys usage`): rows holding an input sealed with each key. A key may
 -- be dropped once no unfinished task needs it; finished rows only matter to `requeue`.

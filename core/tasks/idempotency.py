@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 
-from hashmesh.core.errors import ERROR_DOMAIN, HashmeshError, InvalidArgument
+from hashmesh.core.errors import HashmeshError, InvalidArgument
 from hashmesh.core.tasks.model import NewTask, Submitted, TaskStore
 
 _KEY_LABEL = b"hashmesh-idempotency-fingerprint-v1"
@@ -38,16 +38,17 @@ class IdempotencyKeyReused(HashmeshError):
     def __init__(self, key: str, task_id: str, field: str) -> None:
         super().__init__(
             f"{field} {key!r} was already used for another request (task {task_id}); "
-            "use a new key for a different request"
+            "use a new key for a different request",
+            reason="IDEMPOTENCY_KEY_REUSED",
+            info={"idempotency_key": key[:200], "task_id": task_id},
         )
         self.key = key
         self.task_id = task_id
 
-    def details(self) -> list[any_pb2.Any]:
+    def extra_details(self) -> list[any_pb2.Any]:
         info = any_pb2.Any()
-        info.Pack(error_details_pb2.ErrorInfo(
-            reason="IDEMPOTENCY_KEY_REUSED", domain=ERROR_DOMAIN,
-            metadata={"idempotency_key": self.key[:200], "task_id": self.task_id},
+        info.Pack(error_details_pb2.ResourceInfo(
+            resource_type="hashmesh.v1.Task", resource_name=self.task_id, description=self.message,
         ))
         return [info]
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hashmesh.core.errors import FailedPrecondition, NotFound
+from hashmesh.core.errors import FailedPrecondition, task_not_found
+from hashmesh.core.tasks.limits import task_cost
 from hashmesh.core.tasks.model import (
     FINAL_STATES,
     ClaimedTask,
@@ -126,7 +127,7 @@ class MemoryTaskStore:
         """The row, when ``owner`` may see it; another client's task reads as missing."""
         row = self._rows.get(task_id)
         if row is None or (owner is not None and row.record.client_id != owner):
-            raise NotFound(f"task {task_id} not found")
+            raise task_not_found(task_id)
         return row
 
     async def get(self, task_id: str, *, owner: str | None) -> TaskRecord:
@@ -185,6 +186,14 @@ class MemoryTaskStore:
                 counts[row.record.client_id] = counts.get(row.record.client_id, 0) + 1
         return counts
 
+    async def unfinished_cost_by_client(self) -> dict[str, int]:
+        costs: dict[str, int] = {}
+        for row in self._rows.values():
+            if row.record.status not in FINAL_STATES:
+                cost = task_cost(row.record.algorithm, row.params, row.record.input_size)
+                costs[row.record.client_id] = costs.get(row.record.client_id, 0) + cost
+        return costs
+
     # -- caller transitions ------------------------------------------------------------------
 
     async def cancel(self, task_id: str, *, owner: str | None) -> TaskRecord:
@@ -195,7 +204,9 @@ class MemoryTaskStore:
             self._set(row, cancel_requested=True)
         else:
             raise FailedPrecondition(
-                f"task {task_id} is {row.record.status.value}; only unfinished tasks can be cancelled"
+                f"task {task_id} is {row.record.status.value}; only unfinished tasks can be cancelled",
+                reason="TASK_FINISHED",
+                subject=f"tasks/{task_id}",
             )
         return row.record
 
@@ -205,7 +216,10 @@ class MemoryTaskStore:
             row.record.status not in (TaskStatus.DEAD_LETTER, TaskStatus.CANCELLED)
             or row.input is None
         ):
-            raise FailedPrecondition(f"task {task_id} cannot be requeued")
+            reason = "TASK_NOT_REQUEUEABLE" if row.input is not None else "TASK_INPUT_ERASED"
+            raise FailedPrecondition(
+                f"task {task_id} cannot be requeued", reason=reason, subject=f"tasks/{task_id}"
+            )
         self._set(row, status=TaskStatus.PENDING, attempts=0, run_after=self._clock(), finished_at=None,
                   started_at=None, cancel_requested=False, worker=None, last_error=None)  # fmt: skip
         return row.record

@@ -19,7 +19,7 @@ import psycopg_pool
 from psycopg import sql
 
 from hashmesh.core.db import connection
-from hashmesh.core.errors import FailedPrecondition, NotFound, Unavailable
+from hashmesh.core.errors import FailedPrecondition, Unavailable, task_not_found
 from hashmesh.core.sealing import TaskKeyring
 from hashmesh.core.tasks.model import (
     ClaimedTask,
@@ -163,7 +163,7 @@ class PostgresTaskStore:
     async def get(self, task_id: str, *, owner: str | None) -> TaskRecord:
         rows = await self._rows("get", {"id": task_id, "owner": owner}, what="reading a task")
         if not rows:
-            raise NotFound(f"task {task_id} not found")
+            raise task_not_found(task_id)
         return TaskRecord.from_row(rows[0])
 
     async def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord]:
@@ -208,6 +208,10 @@ class PostgresTaskStore:
         rows = await self._rows("unfinished_by_client", {}, what="counting pending tasks")
         return {r["client_id"]: int(r["n"]) for r in rows}
 
+    async def unfinished_cost_by_client(self) -> dict[str, int]:
+        rows = await self._rows("unfinished_cost_by_client", {}, what="summing the cost of pending tasks")
+        return {r["client_id"]: int(r["cost"]) for r in rows}
+
     # -- caller transitions ------------------------------------------------------------------
 
     async def cancel(self, task_id: str, *, owner: str | None) -> TaskRecord:
@@ -216,7 +220,9 @@ class PostgresTaskStore:
             return TaskRecord.from_row(rows[0])
         current = await self.get(task_id, owner=owner)
         raise FailedPrecondition(
-            f"task {task_id} is {current.status.value}; only unfinished tasks can be cancelled"
+            f"task {task_id} is {current.status.value}; only unfinished tasks can be cancelled",
+            reason="TASK_FINISHED",
+            subject=f"tasks/{task_id}",
         )
 
     async def requeue(self, task_id: str, *, owner: str | None) -> TaskRecord:
@@ -227,11 +233,15 @@ class PostgresTaskStore:
         if current.status in (TaskStatus.DEAD_LETTER, TaskStatus.CANCELLED):
             raise FailedPrecondition(
                 f"task {task_id} cannot be requeued: its input was erased when it ended (argon2 "
-                "inputs are secrets); submit it again"
+                "inputs are secrets); submit it again",
+                reason="TASK_INPUT_ERASED",
+                subject=f"tasks/{task_id}",
             )
         raise FailedPrecondition(
             f"task {task_id} is {current.status.value}; "
-            "only DEAD_LETTER or CANCELLED tasks can be requeued"
+            "only DEAD_LETTER or CANCELLED tasks can be requeued",
+            reason="TASK_NOT_REQUEUEABLE",
+            subject=f"tasks/{task_id}",
         )
 
     # -- worker side -------------------------------------------------------------------------
@@ -430,13 +440,19 @@ class Listener:
             for channel in self._channels:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except psycopg.Error as exc:
-            raise Unavailable(f"cannot LISTEN: {type(exc).__name__}", retry_after=1.0) from exc
+            raise Unavailable(
+                f"cannot LISTEN: {type(exc).__name__}",
+                retry_after=1.0,
+                reason="DATABASE_UNAVAILABLE",
+            ) from exc
         self._conn = conn
 
     async def wait(self, timeout: float) -> list[tuple[str, str]]:
         """(channel, payload) pairs received within ``timeout`` seconds (maybe none)."""
         if self._conn is None:
-            raise Unavailable("LISTEN connection not open")
+            raise Unavailable(
+                "LISTEN connection not open", retry_after=1.0, reason="DATABASE_UNAVAILABLE"
+            )
         received = []
         try:
             async for note in self._conn.notifies(timeout=timeout, stop_after=1):
@@ -444,7 +460,9 @@ class Listener:
         except psycopg.Error as exc:
             await self.close()
             raise Unavailable(
-                f"LISTEN connection lost: {type(exc).__name__}", retry_after=1.0
+                f"LISTEN connection lost: {type(exc).__name__}",
+                retry_after=1.0,
+                reason="DATABASE_UNAVAILABLE",
             ) from exc
         return received
 

@@ -67,13 +67,19 @@ def test_flooding_client_gets_its_limit_and_others_are_unaffected(tmp_path: Path
         assert most / 2 <= flooded <= most + 1, (flooded, most)
         assert refused > 0 and polite_refused == 0 and polite_ok > 0
         trailing = dict(refusals[0].trailing_metadata() or ())
-        assert float(trailing["retry-after"]) > 0 and "grpc-status-details-bin" in trailing
-        assert trailing["x-ratelimit-remaining"] == "0" and trailing["x-ratelimit-limit"] == "5"
+        assert int(trailing["retry-after"]) >= 1 and "grpc-status-details-bin" in trailing
+        assert 0 < int(trailing["grpc-retry-pushback-ms"]) <= 1000  # gRFC A6
+        # The IETF RateLimit fields, in the headers of every answer, refusals included.
+        refused_headers = dict(refusals[0].initial_metadata() or ())
+        assert refused_headers["ratelimit-policy"] == '"default";q=5;w=1'
+        assert refused_headers["ratelimit"].startswith('"default";r=0;t=')
 
         with grpc.insecure_channel(address) as channel:
             _, call = channel.unary_unary(HASH).with_call(REQUEST, timeout=5, metadata=[("x-client-id", "fresh")])
-            headers = dict(call.trailing_metadata())
-            assert headers["x-ratelimit-limit"] == "5" and headers["x-ratelimit-remaining"] == "4"
+            headers = dict(call.initial_metadata())
+            assert headers["ratelimit-policy"] == '"default";q=5;w=1'
+            assert headers["ratelimit"] == '"default";r=4;t=1'
+            assert "ratelimit" not in dict(call.trailing_metadata())
         with grpc.insecure_channel(balancer.addresses["balancer admin"]) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             stats = admin.GetStats(admin_pb2.GetStatsRequest(top_peers=1), timeout=5)
@@ -106,10 +112,10 @@ def test_flooding_client_gets_its_limit_and_others_are_unaffected(tmp_path: Path
             with pytest.raises(grpc.RpcError) as limited:
                 channel.unary_unary(HASH)(REQUEST, timeout=5, metadata=slowest)
             assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
-            assert 900 < float(dict(limited.value.trailing_metadata())["retry-after"]) <= 1000  # type: ignore[attr-defined]
+            assert 900 < int(dict(limited.value.trailing_metadata())["retry-after"]) <= 1000  # type: ignore[attr-defined]
         with grpc.insecure_channel(address) as channel:
             _, call = channel.unary_unary(HASH).with_call(REQUEST, timeout=5, metadata=[("x-client-id", "flooder")])
-            assert dict(call.trailing_metadata())["x-ratelimit-limit"] == "1000"
+            assert dict(call.initial_metadata())["ratelimit-policy"] == '"client";q=1000;w=1'
     finally:
         balancer.terminate()
         for backend in backends:

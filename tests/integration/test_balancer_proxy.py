@@ -163,7 +163,7 @@ def test_rich_error_details_and_trailers_pass_unchanged(shared: tuple[Proc, list
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
     assert status is not None
     bad = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(bad) and bad.field_violations[0].field == "data"
+    assert [d for d in status.details if d.Unpack(bad)] and bad.field_violations[0].field == "data"
 
 
 def test_deadline_and_cancellation_reach_the_replica(shared: tuple[Proc, list[Proc]]) -> None:
@@ -174,8 +174,9 @@ def test_deadline_and_cancellation_reach_the_replica(shared: tuple[Proc, list[Pr
         # gRPC rounds the timeout it sends up a little; what matters is that it arrived
         # (less what the hop took: up to a second or two on a loaded machine).
         assert 0.5 < float(trailers(call)["x-remaining"]) <= 3.1
+        # No deadline: an idempotent call's attempt still gets the per-attempt timeout.
         _, call = hashes.Hash.with_call(hash_request())
-        assert trailers(call)["x-remaining"] == "none"
+        assert 5.0 < float(trailers(call)["x-remaining"]) <= 10.1
         with pytest.raises(grpc.RpcError) as late:
             hashes.Hash(hash_request(), timeout=0.3, metadata=[("x-test-sleep", "5")])
         assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]

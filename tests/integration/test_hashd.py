@@ -288,10 +288,13 @@ def test_unary_over_the_limit_is_told_to_stream(stub: hash_pb2_grpc.HashServiceS
             timeout=10,
         )
     code, message, details = _error(caught.value)
-    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    # INVALID_ARGUMENT, as for a task's input: no retry policy retries it (RESOURCE_EXHAUSTED
+    # is often retried), and retrying cannot help.
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert "HashStream" in message
     info = [d for d in details if isinstance(d, error_details_pb2.ErrorInfo)]
     assert info and info[0].reason == "INPUT_TOO_LARGE"
+    assert info[0].metadata["limit_bytes"] == str(LIMIT)
     assert not [d for d in details if isinstance(d, error_details_pb2.RetryInfo)]
     # Far over the limit gRPC itself refuses before hashd's code runs: same code, its own text.
     with pytest.raises(grpc.RpcError) as caught:

@@ -42,7 +42,8 @@ def _stats(address: str) -> dict[int, cache_pb2.CacheTierStats]:
             cache_pb2.GetCacheStatsRequest(), timeout=10
         )
     assert reply.replica == address
-    assert list(reply.cached_algorithms) == ["argon2id"]
+    assert list(reply.cached_algorithms) == [common_pb2.ALGORITHM_ARGON2ID]
+    assert list(reply.cached_algorithm_names) == ["argon2id"]
     return {tier.tier: tier for tier in reply.tiers}
 
 

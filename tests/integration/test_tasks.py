@@ -462,6 +462,6 @@ def test_nul_text_and_oversized_input_are_invalid_arguments(
         hash_pb2_grpc.HashServiceStub(channel).Hash(
             hash_pb2.HashRequest(algorithm=MD5, data=b"z" * 3000), timeout=10
         )
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # as SubmitTask's
     assert "INPUT_TOO_LARGE" in str(rpc_status.from_call(caught.value))  # type: ignore[arg-type]
     assert "Traceback" not in hashd.log() and "Traceback" not in balancer.log()

@@ -35,7 +35,7 @@ def test_headless_locust_run_reports_grpc_calls(dsn: str, procs: Processes, tmp_
     assert sum(entry["num_requests"] for entry in entries) > 0
     assert sum(entry["num_failures"] for entry in entries) == 0, entries
     names = set(rows)
-    assert "/hashmesh.v1.HashService/Hash" in names
+    assert "/hashmesh.v1.HashService/ComputeHash" in names
     assert all(row["method"] == "grpc" for row in rows.values())
     # client-streaming and server-streaming calls are recorded too
     assert {"/hashmesh.v1.HashService/HashStream", "/hashmesh.v1.TaskService/WatchTask"} <= names, names

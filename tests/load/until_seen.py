@@ -10,7 +10,7 @@ import gevent
 from locust import events
 from locust.env import Environment
 
-WANTED = {"/hashmesh.v1.HashService/Hash", "/hashmesh.v1.HashService/HashStream",
+WANTED = {"/hashmesh.v1.HashService/ComputeHash", "/hashmesh.v1.HashService/HashStream",
           "/hashmesh.v1.TaskService/WatchTask"}
 _seen: set[str] = set()
 _environment: list[Environment] = []

@@ -14,7 +14,7 @@ import pytest
 from hashmesh.balancer import keys
 from hashmesh.balancer.config import BalancerSettings, RateLimitSettings, parse_overrides
 from hashmesh.balancer.proxy import RetryBudget
-from hashmesh.balancer.ratelimit import RateLimiter
+from hashmesh.balancer.ratelimit import RateLimited, RateLimiter
 from hashmesh.core.errors import (
     InvalidArgument,
     NotFound,
@@ -73,15 +73,20 @@ def test_refusal_is_immediate_with_retry_info_and_headers_count_down() -> None:
         remaining = []
         for _ in range(3):
             allowance = await limiter.admit("c")
-            assert allowance is not None and allowance.limit == 3
-            remaining.append(allowance.remaining)
-        assert remaining == [2, 1, 0]
-        with pytest.raises(ResourceExhausted) as refused:
+            assert allowance is not None and allowance.quota == 3
+            remaining.append(dict(allowance.metadata())["ratelimit"])
+        # rate 1/s, burst 3: q=3 per 3 s window; t is the seconds until the bucket is full.
+        assert dict(allowance.metadata())["ratelimit-policy"] == '"default";q=3;w=3'
+        assert remaining == ['"default";r=2;t=1', '"default";r=1;t=2', '"default";r=0;t=3']
+        with pytest.raises(RateLimited) as refused:
             await limiter.admit("c")
         status = to_grpc_status(refused.value)
         keys_ = dict(status.trailing_metadata)
-        assert "grpc-status-details-bin" in keys_ and 0 < float(keys_["retry-after"]) <= 1.0
-        assert (await limiter.admit("vip")).limit == 1000  # type: ignore[union-attr]
+        assert "grpc-status-details-bin" in keys_ and keys_["retry-after"] == "1"
+        assert 0 < int(keys_["grpc-retry-pushback-ms"]) <= 1000
+        assert dict(refused.value.allowance.metadata())["ratelimit"].startswith('"default";r=0;')
+        vip = await limiter.admit("vip")
+        assert vip is not None and vip.quota == 1000 and vip.policy == "client"
         limiter.configure(upsert={"c": RateLimitSettings(rate=50, burst=50)})
         assert (await limiter.admit("c")).remaining == 49  # type: ignore[union-attr]
         limiter.configure(disable=True)
@@ -92,10 +97,8 @@ def test_refusal_is_immediate_with_retry_info_and_headers_count_down() -> None:
 
 def test_limiter_table_stays_bounded_for_100k_distinct_clients() -> None:
     async def scenario() -> int:
-        # A clock that stands still: no bucket refills, so only the table's bound evicts.
-        limiter = RateLimiter(
-            RateLimitSettings(rate=10, burst=10), table_size=20_000, clock=lambda: 0.0
-        )
+        # A frozen clock: no bucket is idle long enough to be swept, whatever the machine speed.
+        limiter = RateLimiter(RateLimitSettings(rate=10, burst=10), table_size=20_000, clock=lambda: 0.0)
         gc.collect()
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
@@ -186,7 +189,8 @@ def test_rates_the_bucket_cannot_represent_are_refused_and_retry_after_stays_fin
 
 
 def test_error_messages_and_delays_are_bounded() -> None:
-    status = to_grpc_status(NotFound(f"no replica {'x' * 20_000!r}"))
+    status = to_grpc_status(NotFound(f"no replica {'x' * 20_000!r}", reason="BACKEND_NOT_FOUND",
+                                      resource_type="hashmesh.v1.Backend", resource_name="x" * 20_000))
     assert len(status.details) <= 1000
     assert sum(len(v) for _, v in status.trailing_metadata) < 8192
     invalid = InvalidArgument("address", "y" * 20_000)

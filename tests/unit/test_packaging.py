@@ -20,7 +20,8 @@ SOURCES = {
     "cli": "hashmesh/cli",
     "protos/hashmesh/v1": "hashmesh/v1",
 }
-SHIPPED = {".py", ".pyi", ".sql", ".typed"}
+SHIPPED = {".py", ".pyi", ".sql", ".typed", ".proto", ".binpb"}
+"""Client developers build from the .proto files in the wheel; reflection serves .binpb."""
 
 
 @pytest.mark.timeout(180)

@@ -101,9 +101,11 @@ class RateLimit(_message.Message):
     RATE_PER_SECOND_FIELD_NUMBER: _builtins.int
     BURST_FIELD_NUMBER: _builtins.int
     rate_per_second: _builtins.float
-    """Sustained calls per second allowed. Must be positive."""
+    """Sustained calls per second allowed, 0.001 to 1e9."""
     burst: _builtins.int
-    """Calls that may arrive at once above the sustained rate. 0 means equal to the rate."""
+    """Calls that may arrive at once above the sustained rate; not negative. 0 means equal
+    to the rate.
+    """
     def __init__(
         self,
         *,
@@ -244,7 +246,9 @@ class GetStatsRequest(_message.Message):
 
     TOP_PEERS_FIELD_NUMBER: _builtins.int
     top_peers: _builtins.int
-    """How many of the most-refused peers to list. 0 means 10."""
+    """How many of the most-refused peers to list; not negative. 0 means 10; values over 1000
+    are read as 1000.
+    """
     def __init__(
         self,
         *,

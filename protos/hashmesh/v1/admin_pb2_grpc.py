@@ -29,6 +29,18 @@ class AdminServiceStub:
     """AdminService controls the balancer. It is served only to callers presenting the admin token
     (metadata `authorization: Bearer <token>`) or on the admin listener bound to loopback;
     others get UNAUTHENTICATED or PERMISSION_DENIED.
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: GetStats, SetStrategy, SetRateLimits, DrainBackend
+    (BadRequest).
+    - NOT_FOUND BACKEND_NOT_FOUND: DrainBackend (ResourceInfo).
+    - UNAUTHENTICATED ADMIN_TOKEN_MISSING: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - PERMISSION_DENIED ADMIN_LISTENER_ONLY: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     def __init__(self, channel):
@@ -78,6 +90,18 @@ class AdminServiceServicer:
     """AdminService controls the balancer. It is served only to callers presenting the admin token
     (metadata `authorization: Bearer <token>`) or on the admin listener bound to loopback;
     others get UNAUTHENTICATED or PERMISSION_DENIED.
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: GetStats, SetStrategy, SetRateLimits, DrainBackend
+    (BadRequest).
+    - NOT_FOUND BACKEND_NOT_FOUND: DrainBackend (ResourceInfo).
+    - UNAUTHENTICATED ADMIN_TOKEN_MISSING: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - PERMISSION_DENIED ADMIN_LISTENER_ONLY: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     def GetStats(self, request, context):
@@ -179,6 +203,18 @@ class AdminService:
     """AdminService controls the balancer. It is served only to callers presenting the admin token
     (metadata `authorization: Bearer <token>`) or on the admin listener bound to loopback;
     others get UNAUTHENTICATED or PERMISSION_DENIED.
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: GetStats, SetStrategy, SetRateLimits, DrainBackend
+    (BadRequest).
+    - NOT_FOUND BACKEND_NOT_FOUND: DrainBackend (ResourceInfo).
+    - UNAUTHENTICATED ADMIN_TOKEN_MISSING: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - PERMISSION_DENIED ADMIN_LISTENER_ONLY: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @staticmethod

@@ -30,6 +30,18 @@ class AdminServiceStub:
     """AdminService controls the balancer. It is served only to callers presenting the admin token
     (metadata `authorization: Bearer <token>`) or on the admin listener bound to loopback;
     others get UNAUTHENTICATED or PERMISSION_DENIED.
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: GetStats, SetStrategy, SetRateLimits, DrainBackend
+      (BadRequest).
+    - NOT_FOUND BACKEND_NOT_FOUND: DrainBackend (ResourceInfo).
+    - UNAUTHENTICATED ADMIN_TOKEN_MISSING: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - PERMISSION_DENIED ADMIN_LISTENER_ONLY: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @_typing.overload
@@ -56,6 +68,18 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """AdminService controls the balancer. It is served only to callers presenting the admin token
     (metadata `authorization: Bearer <token>`) or on the admin listener bound to loopback;
     others get UNAUTHENTICATED or PERMISSION_DENIED.
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: GetStats, SetStrategy, SetRateLimits, DrainBackend
+      (BadRequest).
+    - NOT_FOUND BACKEND_NOT_FOUND: DrainBackend (ResourceInfo).
+    - UNAUTHENTICATED ADMIN_TOKEN_MISSING: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - PERMISSION_DENIED ADMIN_LISTENER_ONLY: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -78,6 +102,18 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService controls the balancer. It is served only to callers presenting the admin token
     (metadata `authorization: Bearer <token>`) or on the admin listener bound to loopback;
     others get UNAUTHENTICATED or PERMISSION_DENIED.
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: GetStats, SetStrategy, SetRateLimits, DrainBackend
+      (BadRequest).
+    - NOT_FOUND BACKEND_NOT_FOUND: DrainBackend (ResourceInfo).
+    - UNAUTHENTICATED ADMIN_TOKEN_MISSING: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - PERMISSION_DENIED ADMIN_LISTENER_ONLY: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @_abc_1.abstractmethod

@@ -22,28 +22,31 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from hashmesh.v1 import common_pb2 as hashmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hashmesh/v1/cache.proto\x12\x0bhashmesh.v1\"\x88\x01\n\x0e\x43\x61\x63heTierStats\x12$\n\x04tier\x18\x01 \x01(\x0e\x32\x16.hashmesh.v1.CacheTier\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\"\x16\n\x14GetCacheStatsRequest\"o\n\x15GetCacheStatsResponse\x12*\n\x05tiers\x18\x01 \x03(\x0b\x32\x1b.hashmesh.v1.CacheTierStats\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\x19\n\x11\x63\x61\x63hed_algorithms\x18\x03 \x03(\t\"\x13\n\x11\x43learCacheRequest\"T\n\x12\x43learCacheResponse\x12\x1e\n\x16shared_entries_removed\x18\x01 \x01(\x04\x12\x1e\n\x16memory_entries_removed\x18\x02 \x01(\x04*U\n\tCacheTier\x12\x1a\n\x16\x43\x41\x43HE_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_TIER_MEMORY\x10\x01\x12\x15\n\x11\x43\x41\x43HE_TIER_SHARED\x10\x02\x32\xb5\x01\n\x0c\x43\x61\x63heService\x12V\n\rGetCacheStats\x12!.hashmesh.v1.GetCacheStatsRequest\x1a\".hashmesh.v1.GetCacheStatsResponse\x12M\n\nClearCache\x12\x1e.hashmesh.v1.ClearCacheRequest\x1a\x1f.hashmesh.v1.ClearCacheResponseBO\n\x0f\x64\x65v.hashmesh.v1P\x01Z:github.com/hashmesh/hashmesh/gen/go/hashmesh/v1;hashmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hashmesh/v1/cache.proto\x12\x0bhashmesh.v1\x1a\x18hashmesh/v1/common.proto\"\x88\x01\n\x0e\x43\x61\x63heTierStats\x12$\n\x04tier\x18\x01 \x01(\x0e\x32\x16.hashmesh.v1.CacheTier\x12\x0c\n\x04hits\x18\x02 \x01(\x03\x12\x0e\n\x06misses\x18\x03 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\x03\x12\x11\n\tevictions\x18\x05 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x03\"\x16\n\x14GetCacheStatsRequest\"\xab\x01\n\x15GetCacheStatsResponse\x12*\n\x05tiers\x18\x01 \x03(\x0b\x32\x1b.hashmesh.v1.CacheTierStats\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\"\n\x16\x63\x61\x63hed_algorithm_names\x18\x03 \x03(\tB\x02\x18\x01\x12\x31\n\x11\x63\x61\x63hed_algorithms\x18\x04 \x03(\x0e\x32\x16.hashmesh.v1.Algorithm\"\x13\n\x11\x43learCacheRequest\"T\n\x12\x43learCacheResponse\x12\x1e\n\x16shared_entries_removed\x18\x01 \x01(\x03\x12\x1e\n\x16memory_entries_removed\x18\x02 \x01(\x03*U\n\tCacheTier\x12\x1a\n\x16\x43\x41\x43HE_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_TIER_MEMORY\x10\x01\x12\x15\n\x11\x43\x41\x43HE_TIER_SHARED\x10\x02\x32\xb5\x01\n\x0c\x43\x61\x63heService\x12V\n\rGetCacheStats\x12!.hashmesh.v1.GetCacheStatsRequest\x1a\".hashmesh.v1.GetCacheStatsResponse\x12M\n\nClearCache\x12\x1e.hashmesh.v1.ClearCacheRequest\x1a\x1f.hashmesh.v1.ClearCacheResponseBK\n\x0f\x64\x65v.hashmesh.v1B\nCacheProtoP\x01Z*hashmesh.dev/gen/go/hashmesh/v1;hashmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hashmesh.v1.cache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
-  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.hashmesh.v1P\001Z:github.com/hashmesh/hashmesh/gen/go/hashmesh/v1;hashmeshv1'
-  _globals['_CACHETIER']._serialized_start=423
-  _globals['_CACHETIER']._serialized_end=508
-  _globals['_CACHETIERSTATS']._serialized_start=41
-  _globals['_CACHETIERSTATS']._serialized_end=177
-  _globals['_GETCACHESTATSREQUEST']._serialized_start=179
-  _globals['_GETCACHESTATSREQUEST']._serialized_end=201
-  _globals['_GETCACHESTATSRESPONSE']._serialized_start=203
-  _globals['_GETCACHESTATSRESPONSE']._serialized_end=314
-  _globals['_CLEARCACHEREQUEST']._serialized_start=316
-  _globals['_CLEARCACHEREQUEST']._serialized_end=335
-  _globals['_CLEARCACHERESPONSE']._serialized_start=337
-  _globals['_CLEARCACHERESPONSE']._serialized_end=421
-  _globals['_CACHESERVICE']._serialized_start=511
-  _globals['_CACHESERVICE']._serialized_end=692
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.hashmesh.v1B\nCacheProtoP\001Z*hashmesh.dev/gen/go/hashmesh/v1;hashmeshv1'
+  _globals['_GETCACHESTATSRESPONSE'].fields_by_name['cached_algorithm_names']._loaded_options = None
+  _globals['_GETCACHESTATSRESPONSE'].fields_by_name['cached_algorithm_names']._serialized_options = b'\030\001'
+  _globals['_CACHETIER']._serialized_start=510
+  _globals['_CACHETIER']._serialized_end=595
+  _globals['_CACHETIERSTATS']._serialized_start=67
+  _globals['_CACHETIERSTATS']._serialized_end=203
+  _globals['_GETCACHESTATSREQUEST']._serialized_start=205
+  _globals['_GETCACHESTATSREQUEST']._serialized_end=227
+  _globals['_GETCACHESTATSRESPONSE']._serialized_start=230
+  _globals['_GETCACHESTATSRESPONSE']._serialized_end=401
+  _globals['_CLEARCACHEREQUEST']._serialized_start=403
+  _globals['_CLEARCACHEREQUEST']._serialized_end=422
+  _globals['_CLEARCACHERESPONSE']._serialized_start=424
+  _globals['_CLEARCACHERESPONSE']._serialized_end=508
+  _globals['_CACHESERVICE']._serialized_start=598
+  _globals['_CACHESERVICE']._serialized_end=779
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from hashmesh.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -16,6 +17,11 @@ if sys.version_info >= (3, 11):
     from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -110,6 +116,7 @@ class GetCacheStatsResponse(_message.Message):
 
     TIERS_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
+    CACHED_ALGORITHM_NAMES_FIELD_NUMBER: _builtins.int
     CACHED_ALGORITHMS_FIELD_NUMBER: _builtins.int
     replica: _builtins.str
     """Address of the replica that answered (host:port); empty unless the caller is the operator
@@ -120,7 +127,14 @@ class GetCacheStatsResponse(_message.Message):
         """One entry per tier."""
 
     @_builtins.property
-    def cached_algorithms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def cached_algorithm_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Deprecated: the names of `cached_algorithms` ("argon2id", "sha256", ...), kept filled for
+        clients built before field 4 existed. Read `cached_algorithms` instead.
+        """
+
+    @_builtins.property
+    def cached_algorithms(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Algorithm.ValueType]:
         """Algorithms whose results this replica caches, per its settings."""
 
     def __init__(
@@ -128,11 +142,12 @@ class GetCacheStatsResponse(_message.Message):
         *,
         tiers: _abc.Iterable[Global___CacheTierStats] | None = ...,
         replica: _builtins.str = ...,
-        cached_algorithms: _abc.Iterable[_builtins.str] | None = ...,
+        cached_algorithm_names: _abc.Iterable[_builtins.str] | None = ...,
+        cached_algorithms: _abc.Iterable[_common_pb2.Algorithm.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_algorithms", b"cached_algorithms", "replica", b"replica", "tiers", b"tiers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_algorithm_names", b"cached_algorithm_names", "cached_algorithms", b"cached_algorithms", "replica", b"replica", "tiers", b"tiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

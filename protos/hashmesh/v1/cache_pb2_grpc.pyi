@@ -30,6 +30,25 @@ class CacheServiceStub:
     """CacheService inspects and clears the result cache of the hashd replicas: a bounded
     in-process LRU (tier "memory", one per replica) in front of a PostgreSQL table shared by
     every replica (tier "shared").
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED OPERATOR_ONLY: ClearCache.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @_typing.overload
@@ -48,6 +67,25 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """CacheService inspects and clears the result cache of the hashd replicas: a bounded
     in-process LRU (tier "memory", one per replica) in front of a PostgreSQL table shared by
     every replica (tier "shared").
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED OPERATOR_ONLY: ClearCache.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -62,6 +100,25 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """CacheService inspects and clears the result cache of the hashd replicas: a bounded
     in-process LRU (tier "memory", one per replica) in front of a PostgreSQL table shared by
     every replica (tier "shared").
+
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED OPERATOR_ONLY: ClearCache.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @_abc_1.abstractmethod

@@ -24,14 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18hashmesh/v1/common.proto\x12\x0bhashmesh.v1\"o\n\x0c\x41rgon2Params\x12\x11\n\ttime_cost\x18\x01 \x01(\r\x12\x17\n\x0fmemory_cost_kib\x18\x02 \x01(\r\x12\x13\n\x0bparallelism\x18\x03 \x01(\r\x12\x10\n\x08hash_len\x18\x04 \x01(\r\x12\x0c\n\x04salt\x18\x05 \x01(\x0c\"h\n\nHashResult\x12)\n\talgorithm\x18\x01 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\x0f\n\x07\x65ncoded\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08*\xc0\x01\n\tAlgorithm\x12\x19\n\x15\x41LGORITHM_UNSPECIFIED\x10\x00\x12\x11\n\rALGORITHM_MD5\x10\x01\x12\x12\n\x0e\x41LGORITHM_SHA1\x10\x02\x12\x14\n\x10\x41LGORITHM_SHA256\x10\x03\x12\x14\n\x10\x41LGORITHM_SHA512\x10\x04\x12\x16\n\x12\x41LGORITHM_SHA3_256\x10\x05\x12\x15\n\x11\x41LGORITHM_BLAKE2B\x10\x06\x12\x16\n\x12\x41LGORITHM_ARGON2ID\x10\x07\x42O\n\x0f\x64\x65v.hashmesh.v1P\x01Z:github.com/hashmesh/hashmesh/gen/go/hashmesh/v1;hashmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18hashmesh/v1/common.proto\x12\x0bhashmesh.v1\"o\n\x0c\x41rgon2Params\x12\x11\n\ttime_cost\x18\x01 \x01(\x05\x12\x17\n\x0fmemory_cost_kib\x18\x02 \x01(\x05\x12\x13\n\x0bparallelism\x18\x03 \x01(\x05\x12\x10\n\x08hash_len\x18\x04 \x01(\x05\x12\x0c\n\x04salt\x18\x05 \x01(\x0c\"h\n\nHashResult\x12)\n\talgorithm\x18\x01 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\x0f\n\x07\x65ncoded\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08*\xc0\x01\n\tAlgorithm\x12\x19\n\x15\x41LGORITHM_UNSPECIFIED\x10\x00\x12\x11\n\rALGORITHM_MD5\x10\x01\x12\x12\n\x0e\x41LGORITHM_SHA1\x10\x02\x12\x14\n\x10\x41LGORITHM_SHA256\x10\x03\x12\x14\n\x10\x41LGORITHM_SHA512\x10\x04\x12\x16\n\x12\x41LGORITHM_SHA3_256\x10\x05\x12\x15\n\x11\x41LGORITHM_BLAKE2B\x10\x06\x12\x16\n\x12\x41LGORITHM_ARGON2ID\x10\x07\x42L\n\x0f\x64\x65v.hashmesh.v1B\x0b\x43ommonProtoP\x01Z*hashmesh.dev/gen/go/hashmesh/v1;hashmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hashmesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
-  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.hashmesh.v1P\001Z:github.com/hashmesh/hashmesh/gen/go/hashmesh/v1;hashmeshv1'
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.hashmesh.v1B\013CommonProtoP\001Z*hashmesh.dev/gen/go/hashmesh/v1;hashmeshv1'
   _globals['_ALGORITHM']._serialized_start=261
   _globals['_ALGORITHM']._serialized_end=453
   _globals['_ARGON2PARAMS']._serialized_start=41

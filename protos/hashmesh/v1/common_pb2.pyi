@@ -65,8 +65,10 @@ Global___Algorithm: _TypeAlias = Algorithm  # noqa: Y015
 class Argon2Params(_message.Message):
     """Argon2Params tunes an Argon2id computation. Every zero field takes the server's default
     (RFC 9106 / OWASP: time_cost 3, memory_cost_kib 65536, parallelism 4, hash_len 32, a random
-    16-byte salt). The server enforces bounds on each field and answers INVALID_ARGUMENT, naming
-    the field, when a value is outside them.
+    16-byte salt). The server enforces the bounds written on each field and answers
+    INVALID_ARGUMENT with a google.rpc.BadRequest listing every field outside them. Setting this
+    message with any algorithm other than ALGORITHM_ARGON2ID is refused the same way, naming
+    the field that holds it (`argon2`).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -77,15 +79,17 @@ class Argon2Params(_message.Message):
     HASH_LEN_FIELD_NUMBER: _builtins.int
     SALT_FIELD_NUMBER: _builtins.int
     time_cost: _builtins.int
-    """Number of passes over memory (t). 0 means the server default."""
+    """Number of passes over memory (t), 1 to 10. 0 means the server default (3)."""
     memory_cost_kib: _builtins.int
-    """Memory to use, in KiB (m). 0 means the server default."""
+    """Memory to use, in KiB (m), 8192 to 262144 and at least 8 per lane. 0 means the server
+    default (65536).
+    """
     parallelism: _builtins.int
-    """Degree of parallelism (p). 0 means the server default."""
+    """Degree of parallelism (p), 1 to 8. 0 means the server default (4)."""
     hash_len: _builtins.int
-    """Length of the raw hash in bytes. 0 means the server default."""
+    """Length of the raw hash in bytes, 16 to 64. 0 means the server default (32)."""
     salt: _builtins.bytes
-    """Salt to use, at least 8 bytes. Empty means a fresh random salt per call; only results made
+    """Salt to use, 8 to 64 bytes. Empty means a fresh random salt per call; only results made
     with a caller-supplied salt are deterministic, and only those may come from the cache.
     """
     def __init__(

@@ -25,14 +25,16 @@ _sym_db = _symbol_database.Default()
 from hashmesh.v1 import common_pb2 as hashmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hashmesh/v1/hash.proto\x12\x0bhashmesh.v1\x1a\x18hashmesh/v1/common.proto\"q\n\x0bHashRequest\x12)\n\talgorithm\x18\x01 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12)\n\x06\x61rgon2\x18\x03 \x01(\x0b\x32\x19.hashmesh.v1.Argon2Params\"7\n\x0cHashResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.hashmesh.v1.HashResult\"=\n\x10HashStreamHeader\x12)\n\talgorithm\x18\x01 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\"]\n\x11HashStreamRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.hashmesh.v1.HashStreamHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"R\n\x12HashStreamResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.hashmesh.v1.HashResult\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"Y\n\rVerifyRequest\x12)\n\talgorithm\x18\x01 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07\x65ncoded\x18\x03 \x01(\t\"5\n\x0eVerifyResponse\x12\r\n\x05match\x18\x01 \x01(\x08\x12\x14\n\x0cneeds_rehash\x18\x02 \x01(\x08\x32\xde\x01\n\x0bHashService\x12;\n\x04Hash\x12\x18.hashmesh.v1.HashRequest\x1a\x19.hashmesh.v1.HashResponse\x12O\n\nHashStream\x12\x1e.hashmesh.v1.HashStreamRequest\x1a\x1f.hashmesh.v1.HashStreamResponse(\x01\x12\x41\n\x06Verify\x12\x1a.hashmesh.v1.VerifyRequest\x1a\x1b.hashmesh.v1.VerifyResponseBO\n\x0f\x64\x65v.hashmesh.v1P\x01Z:github.com/hashmesh/hashmesh/gen/go/hashmesh/v1;hashmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hashmesh/v1/hash.proto\x12\x0bhashmesh.v1\x1a\x18hashmesh/v1/common.proto\"q\n\x0bHashRequest\x12)\n\talgorithm\x18\x01 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12)\n\x06\x61rgon2\x18\x03 \x01(\x0b\x32\x19.hashmesh.v1.Argon2Params\"7\n\x0cHashResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.hashmesh.v1.HashResult\"=\n\x10HashStreamHeader\x12)\n\talgorithm\x18\x01 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\"]\n\x11HashStreamRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.hashmesh.v1.HashStreamHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"R\n\x12HashStreamResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.hashmesh.v1.HashResult\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"Y\n\rVerifyRequest\x12)\n\talgorithm\x18\x01 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07\x65ncoded\x18\x03 \x01(\t\"5\n\x0eVerifyResponse\x12\r\n\x05match\x18\x01 \x01(\x08\x12\x14\n\x0cneeds_rehash\x18\x02 \x01(\x08\x32\xa7\x02\n\x0bHashService\x12\x42\n\x0b\x43omputeHash\x12\x18.hashmesh.v1.HashRequest\x1a\x19.hashmesh.v1.HashResponse\x12@\n\x04Hash\x12\x18.hashmesh.v1.HashRequest\x1a\x19.hashmesh.v1.HashResponse\"\x03\x88\x02\x01\x12O\n\nHashStream\x12\x1e.hashmesh.v1.HashStreamRequest\x1a\x1f.hashmesh.v1.HashStreamResponse(\x01\x12\x41\n\x06Verify\x12\x1a.hashmesh.v1.VerifyRequest\x1a\x1b.hashmesh.v1.VerifyResponseBJ\n\x0f\x64\x65v.hashmesh.v1B\tHashProtoP\x01Z*hashmesh.dev/gen/go/hashmesh/v1;hashmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hashmesh.v1.hash_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
-  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.hashmesh.v1P\001Z:github.com/hashmesh/hashmesh/gen/go/hashmesh/v1;hashmeshv1'
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.hashmesh.v1B\tHashProtoP\001Z*hashmesh.dev/gen/go/hashmesh/v1;hashmeshv1'
+  _globals['_HASHSERVICE'].methods_by_name['Hash']._loaded_options = None
+  _globals['_HASHSERVICE'].methods_by_name['Hash']._serialized_options = b'\210\002\001'
   _globals['_HASHREQUEST']._serialized_start=65
   _globals['_HASHREQUEST']._serialized_end=178
   _globals['_HASHRESPONSE']._serialized_start=180
@@ -48,5 +50,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERIFYRESPONSE']._serialized_start=570
   _globals['_VERIFYRESPONSE']._serialized_end=623
   _globals['_HASHSERVICE']._serialized_start=626
-  _globals['_HASHSERVICE']._serialized_end=848
+  _globals['_HASHSERVICE']._serialized_end=921
 # @@protoc_insertion_point(module_scope)

@@ -29,12 +29,15 @@ class HashRequest(_message.Message):
     algorithm: _common_pb2.Algorithm.ValueType
     """Algorithm to use. Required."""
     data: _builtins.bytes
-    """Input bytes; any content, not only UTF-8. For Argon2id this is the password: it is never
-    logged, never cached in clear and never stored.
+    """Input bytes; any content, not only UTF-8. At most the server's unary limit
+    (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default); larger inputs go through HashStream. For
+    Argon2id this is the password: it is never logged, never cached in clear and never stored.
     """
     @_builtins.property
     def argon2(self) -> _common_pb2.Argon2Params:
-        """Argon2id parameters; ignored for other algorithms."""
+        """Argon2id parameters; only with ALGORITHM_ARGON2ID (set with another algorithm it is
+        refused with INVALID_ARGUMENT naming `argon2`).
+        """
 
     def __init__(
         self,
@@ -106,8 +109,10 @@ class HashStreamRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
-    """The next piece of the input, folded into the hash as it arrives. Any size up to the
-    unary limit; 1 MiB streams fastest (below ~256 KiB the per-message cost dominates).
+    """The next piece of the input, folded into the hash as it arrives. 0 bytes up to the
+    unary limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default); a larger chunk is refused
+    with INVALID_ARGUMENT reason INPUT_TOO_LARGE naming `chunk`. 1 MiB streams fastest
+    (below ~256 KiB the per-message cost dominates).
     """
     @_builtins.property
     def header(self) -> Global___HashStreamHeader:
@@ -169,7 +174,7 @@ class VerifyRequest(_message.Message):
     algorithm: _common_pb2.Algorithm.ValueType
     """Algorithm of the expected hash. May be left unspecified when `encoded` is a PHC string."""
     data: _builtins.bytes
-    """Input bytes (for Argon2id, the password)."""
+    """Input bytes (for Argon2id, the password), at most the unary limit as in HashRequest.data."""
     encoded: _builtins.str
     """Expected result: a hex digest (case-insensitive) or an Argon2id PHC string. Required."""
     def __init__(

@@ -28,9 +28,23 @@ if _version_not_supported:
 class HashServiceStub:
     """HashService hashes data at once, on the replica that takes the call.
 
-    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest naming the field) for bad input;
-    RESOURCE_EXHAUSTED (with google.rpc.RetryInfo) when the replica's CPU-bound executor is
-    full; DEADLINE_EXCEEDED when the call's deadline passed before work started.
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: every method (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED OVERLOADED: ComputeHash, Hash, Verify (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     def __init__(self, channel):
@@ -39,6 +53,11 @@ class HashServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.ComputeHash = channel.unary_unary(
+                '/hashmesh.v1.HashService/ComputeHash',
+                request_serializer=hashmesh_dot_v1_dot_hash__pb2.HashRequest.SerializeToString,
+                response_deserializer=hashmesh_dot_v1_dot_hash__pb2.HashResponse.FromString,
+                _registered_method=True)
         self.Hash = channel.unary_unary(
                 '/hashmesh.v1.HashService/Hash',
                 request_serializer=hashmesh_dot_v1_dot_hash__pb2.HashRequest.SerializeToString,
@@ -59,18 +78,41 @@ class HashServiceStub:
 class HashServiceServicer:
     """HashService hashes data at once, on the replica that takes the call.
 
-    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest naming the field) for bad input;
-    RESOURCE_EXHAUSTED (with google.rpc.RetryInfo) when the replica's CPU-bound executor is
-    full; DEADLINE_EXCEEDED when the call's deadline passed before work started.
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: every method (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED OVERLOADED: ComputeHash, Hash, Verify (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
+    def ComputeHash(self, request, context):
+        """ComputeHash hashes one input held in a single message. Inputs larger than the server's
+        unary limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default) are refused with
+        INVALID_ARGUMENT, google.rpc.ErrorInfo reason INPUT_TOO_LARGE and a message saying to use
+        HashStream (retrying will not help). Messages over twice the limit are refused by gRPC
+        itself with RESOURCE_EXHAUSTED and no details. Argon2id results made with a
+        caller-supplied salt may come from the result cache (HashResult.cached).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Hash(self, request, context):
-        """Hash hashes one input held in a single message. Inputs larger than the server's unary
-        limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default) are refused with RESOURCE_EXHAUSTED,
-        a message saying to use HashStream and google.rpc.ErrorInfo reason INPUT_TOO_LARGE (no
-        RetryInfo: retrying will not help). Messages over twice the limit are refused by gRPC
-        itself, also with RESOURCE_EXHAUSTED. Argon2id results made with a caller-supplied salt
-        may come from the result cache (HashResult.cached).
+        """Hash is ComputeHash under its first name, answered the same way. Deprecated: generated
+        Ruby stubs name it `hash`, which overrides Ruby's Object#hash (such a stub cannot be a key
+        of a Hash or a member of a Set); call ComputeHash instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +137,11 @@ class HashServiceServicer:
 
 def add_HashServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'ComputeHash': grpc.unary_unary_rpc_method_handler(
+                    servicer.ComputeHash,
+                    request_deserializer=hashmesh_dot_v1_dot_hash__pb2.HashRequest.FromString,
+                    response_serializer=hashmesh_dot_v1_dot_hash__pb2.HashResponse.SerializeToString,
+            ),
             'Hash': grpc.unary_unary_rpc_method_handler(
                     servicer.Hash,
                     request_deserializer=hashmesh_dot_v1_dot_hash__pb2.HashRequest.FromString,
@@ -121,10 +168,51 @@ def add_HashServiceServicer_to_server(servicer, server):
 class HashService:
     """HashService hashes data at once, on the replica that takes the call.
 
-    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest naming the field) for bad input;
-    RESOURCE_EXHAUSTED (with google.rpc.RetryInfo) when the replica's CPU-bound executor is
-    full; DEADLINE_EXCEEDED when the call's deadline passed before work started.
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: every method (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED OVERLOADED: ComputeHash, Hash, Verify (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
+
+    @staticmethod
+    def ComputeHash(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hashmesh.v1.HashService/ComputeHash',
+            hashmesh_dot_v1_dot_hash__pb2.HashRequest.SerializeToString,
+            hashmesh_dot_v1_dot_hash__pb2.HashResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Hash(request,

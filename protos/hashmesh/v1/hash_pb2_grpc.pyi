@@ -7,6 +7,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 from hashmesh.v1 import hash_pb2 as _hash_pb2
 import abc as _abc_1
+import builtins as _builtins
 import grpc as _grpc
 import sys
 import typing as _typing
@@ -15,6 +16,11 @@ if sys.version_info >= (3, 11):
     from typing import Self as _Self
 else:
     from typing_extensions import Self as _Self
+
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
 
 _T = _typing.TypeVar("_T")
 
@@ -29,23 +35,44 @@ GRPC_VERSION: str
 class HashServiceStub:
     """HashService hashes data at once, on the replica that takes the call.
 
-    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest naming the field) for bad input;
-    RESOURCE_EXHAUSTED (with google.rpc.RetryInfo) when the replica's CPU-bound executor is
-    full; DEADLINE_EXCEEDED when the call's deadline passed before work started.
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: every method (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED OVERLOADED: ComputeHash, Hash, Verify (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> HashServiceAsyncStub: ...
-    Hash: _grpc.UnaryUnaryMultiCallable[_hash_pb2.HashRequest, _hash_pb2.HashResponse]
-    """Hash hashes one input held in a single message. Inputs larger than the server's unary
-    limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default) are refused with RESOURCE_EXHAUSTED,
-    a message saying to use HashStream and google.rpc.ErrorInfo reason INPUT_TOO_LARGE (no
-    RetryInfo: retrying will not help). Messages over twice the limit are refused by gRPC
-    itself, also with RESOURCE_EXHAUSTED. Argon2id results made with a caller-supplied salt
-    may come from the result cache (HashResult.cached).
+    ComputeHash: _grpc.UnaryUnaryMultiCallable[_hash_pb2.HashRequest, _hash_pb2.HashResponse]
+    """ComputeHash hashes one input held in a single message. Inputs larger than the server's
+    unary limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default) are refused with
+    INVALID_ARGUMENT, google.rpc.ErrorInfo reason INPUT_TOO_LARGE and a message saying to use
+    HashStream (retrying will not help). Messages over twice the limit are refused by gRPC
+    itself with RESOURCE_EXHAUSTED and no details. Argon2id results made with a
+    caller-supplied salt may come from the result cache (HashResult.cached).
     """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def Hash(self) -> _grpc.UnaryUnaryMultiCallable[_hash_pb2.HashRequest, _hash_pb2.HashResponse]:
+        """Hash is ComputeHash under its first name, answered the same way. Deprecated: generated
+        Ruby stubs name it `hash`, which overrides Ruby's Object#hash (such a stub cannot be a key
+        of a Hash or a member of a Set); call ComputeHash instead.
+        """
     HashStream: _grpc.StreamUnaryMultiCallable[_hash_pb2.HashStreamRequest, _hash_pb2.HashStreamResponse]
     """HashStream hashes an input of any size sent as a stream of chunks, in constant memory.
     The first message carries the header; every later message carries a chunk. Argon2id is
@@ -58,20 +85,41 @@ class HashServiceStub:
 class HashServiceAsyncStub(HashServiceStub):
     """HashService hashes data at once, on the replica that takes the call.
 
-    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest naming the field) for bad input;
-    RESOURCE_EXHAUSTED (with google.rpc.RetryInfo) when the replica's CPU-bound executor is
-    full; DEADLINE_EXCEEDED when the call's deadline passed before work started.
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: every method (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED OVERLOADED: ComputeHash, Hash, Verify (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Hash: _aio.UnaryUnaryMultiCallable[_hash_pb2.HashRequest, _hash_pb2.HashResponse]  # type: ignore[assignment]
-    """Hash hashes one input held in a single message. Inputs larger than the server's unary
-    limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default) are refused with RESOURCE_EXHAUSTED,
-    a message saying to use HashStream and google.rpc.ErrorInfo reason INPUT_TOO_LARGE (no
-    RetryInfo: retrying will not help). Messages over twice the limit are refused by gRPC
-    itself, also with RESOURCE_EXHAUSTED. Argon2id results made with a caller-supplied salt
-    may come from the result cache (HashResult.cached).
+    ComputeHash: _aio.UnaryUnaryMultiCallable[_hash_pb2.HashRequest, _hash_pb2.HashResponse]  # type: ignore[assignment]
+    """ComputeHash hashes one input held in a single message. Inputs larger than the server's
+    unary limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default) are refused with
+    INVALID_ARGUMENT, google.rpc.ErrorInfo reason INPUT_TOO_LARGE and a message saying to use
+    HashStream (retrying will not help). Messages over twice the limit are refused by gRPC
+    itself with RESOURCE_EXHAUSTED and no details. Argon2id results made with a
+    caller-supplied salt may come from the result cache (HashResult.cached).
     """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def Hash(self) -> _aio.UnaryUnaryMultiCallable[_hash_pb2.HashRequest, _hash_pb2.HashResponse]:  # type: ignore[override]
+        """Hash is ComputeHash under its first name, answered the same way. Deprecated: generated
+        Ruby stubs name it `hash`, which overrides Ruby's Object#hash (such a stub cannot be a key
+        of a Hash or a member of a Set); call ComputeHash instead.
+        """
     HashStream: _aio.StreamUnaryMultiCallable[_hash_pb2.HashStreamRequest, _hash_pb2.HashStreamResponse]  # type: ignore[assignment]
     """HashStream hashes an input of any size sent as a stream of chunks, in constant memory.
     The first message carries the header; every later message carries a chunk. Argon2id is
@@ -83,23 +131,49 @@ class HashServiceAsyncStub(HashServiceStub):
 class HashServiceServicer(metaclass=_abc_1.ABCMeta):
     """HashService hashes data at once, on the replica that takes the call.
 
-    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest naming the field) for bad input;
-    RESOURCE_EXHAUSTED (with google.rpc.RetryInfo) when the replica's CPU-bound executor is
-    full; DEADLINE_EXCEEDED when the call's deadline passed before work started.
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: every method (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED OVERLOADED: ComputeHash, Hash, Verify (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
+    @_abc_1.abstractmethod
+    def ComputeHash(
+        self,
+        request: _hash_pb2.HashRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hash_pb2.HashResponse, _abc.Awaitable[_hash_pb2.HashResponse]]:
+        """ComputeHash hashes one input held in a single message. Inputs larger than the server's
+        unary limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default) are refused with
+        INVALID_ARGUMENT, google.rpc.ErrorInfo reason INPUT_TOO_LARGE and a message saying to use
+        HashStream (retrying will not help). Messages over twice the limit are refused by gRPC
+        itself with RESOURCE_EXHAUSTED and no details. Argon2id results made with a
+        caller-supplied salt may come from the result cache (HashResult.cached).
+        """
+
+    @_deprecated("""Hash is ComputeHash under its first name, answered the same way. Deprecated: generated\nRuby stubs name it `hash`, which overrides Ruby's Object#hash (such a stub cannot be a key\nof a Hash or a member of a Set); call ComputeHash instead.""")
     @_abc_1.abstractmethod
     def Hash(
         self,
         request: _hash_pb2.HashRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_hash_pb2.HashResponse, _abc.Awaitable[_hash_pb2.HashResponse]]:
-        """Hash hashes one input held in a single message. Inputs larger than the server's unary
-        limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default) are refused with RESOURCE_EXHAUSTED,
-        a message saying to use HashStream and google.rpc.ErrorInfo reason INPUT_TOO_LARGE (no
-        RetryInfo: retrying will not help). Messages over twice the limit are refused by gRPC
-        itself, also with RESOURCE_EXHAUSTED. Argon2id results made with a caller-supplied salt
-        may come from the result cache (HashResult.cached).
+        """Hash is ComputeHash under its first name, answered the same way. Deprecated: generated
+        Ruby stubs name it `hash`, which overrides Ruby's Object#hash (such a stub cannot be a key
+        of a Hash or a member of a Set); call ComputeHash instead.
         """
 
     @_abc_1.abstractmethod

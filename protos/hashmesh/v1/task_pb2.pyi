@@ -78,8 +78,10 @@ class TaskSpec(_message.Message):
     algorithm: _common_pb2.Algorithm.ValueType
     """Algorithm to run. Required."""
     data: _builtins.bytes
-    """Input bytes. For Argon2id this is a password: it is erased from the database when the task
-    reaches a final state and never logged.
+    """Input bytes, at most the unary limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default); over
+    it the call is refused with INVALID_ARGUMENT reason INPUT_TOO_LARGE, as Hash is. For
+    Argon2id this is a password: it is erased from the database when the task reaches a final
+    state and never logged.
     """
     priority: _builtins.int
     """Higher runs first; from -100 to 100, default 0."""
@@ -92,7 +94,9 @@ class TaskSpec(_message.Message):
     """
     @_builtins.property
     def argon2(self) -> _common_pb2.Argon2Params:
-        """Argon2id parameters; ignored for other algorithms."""
+        """Argon2id parameters; only with ALGORITHM_ARGON2ID (set with another algorithm it is
+        refused with INVALID_ARGUMENT naming `spec.argon2` / `specs[i].argon2`).
+        """
 
     @_builtins.property
     def run_after(self) -> _timestamp_pb2.Timestamp:
@@ -441,7 +445,9 @@ class ListTasksRequest(_message.Message):
     algorithm: _common_pb2.Algorithm.ValueType
     """Only tasks of this algorithm. Unspecified means every algorithm."""
     page_size: _builtins.int
-    """Maximum tasks per page, 1 to 1000. 0 means 100."""
+    """Maximum tasks per page. 0 means 100; values over 1000 are read as 1000 (AIP-158);
+    negative values are refused with INVALID_ARGUMENT.
+    """
     page_token: _builtins.str
     """Token from a previous response's next_page_token; empty for the first page. A token is
     only valid with the same filters.

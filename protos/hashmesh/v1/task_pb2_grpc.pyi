@@ -37,14 +37,33 @@ class TaskServiceStub:
     task answers NOT_FOUND exactly as a task that does not exist. The operator (`authorization:
     Bearer <HASHMESH_ADMIN_TOKEN>`) sees every task and the workers in GetQueueStats.
 
-    Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id (or another client's); FAILED_PRECONDITION for a transition
-    the task's state does not allow; ALREADY_EXISTS (google.rpc.ErrorInfo reason
-    IDEMPOTENCY_KEY_REUSED, metadata idempotency_key and task_id) for an idempotency key reused
-    with another request; PERMISSION_DENIED for a client_id that is not the caller's;
-    UNAUTHENTICATED for an identity stamp or admin token that does not verify; RESOURCE_EXHAUSTED
-    (google.rpc.RetryInfo) when pending-task limits are reached; UNAVAILABLE when the database
-    cannot be reached.
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
+    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks (ResourceInfo).
+    - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, ListTasks.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @_typing.overload
@@ -95,14 +114,33 @@ class TaskServiceAsyncStub(TaskServiceStub):
     task answers NOT_FOUND exactly as a task that does not exist. The operator (`authorization:
     Bearer <HASHMESH_ADMIN_TOKEN>`) sees every task and the workers in GetQueueStats.
 
-    Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id (or another client's); FAILED_PRECONDITION for a transition
-    the task's state does not allow; ALREADY_EXISTS (google.rpc.ErrorInfo reason
-    IDEMPOTENCY_KEY_REUSED, metadata idempotency_key and task_id) for an idempotency key reused
-    with another request; PERMISSION_DENIED for a client_id that is not the caller's;
-    UNAUTHENTICATED for an identity stamp or admin token that does not verify; RESOURCE_EXHAUSTED
-    (google.rpc.RetryInfo) when pending-task limits are reached; UNAVAILABLE when the database
-    cannot be reached.
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
+    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks (ResourceInfo).
+    - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, ListTasks.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -149,14 +187,33 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     task answers NOT_FOUND exactly as a task that does not exist. The operator (`authorization:
     Bearer <HASHMESH_ADMIN_TOKEN>`) sees every task and the workers in GetQueueStats.
 
-    Errors: INVALID_ARGUMENT (google.rpc.BadRequest naming the field) for bad input;
-    NOT_FOUND for an unknown task id (or another client's); FAILED_PRECONDITION for a transition
-    the task's state does not allow; ALREADY_EXISTS (google.rpc.ErrorInfo reason
-    IDEMPOTENCY_KEY_REUSED, metadata idempotency_key and task_id) for an idempotency key reused
-    with another request; PERMISSION_DENIED for a client_id that is not the caller's;
-    UNAUTHENTICATED for an identity stamp or admin token that does not verify; RESOURCE_EXHAUSTED
-    (google.rpc.RetryInfo) when pending-task limits are reached; UNAVAILABLE when the database
-    cannot be reached.
+    Errors (generated from hashmesh.core.catalogue by protos/generate.py; see
+    docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
+    except those gRPC itself sends; CODE REASON: methods (details).
+    - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
+    - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
+    - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
+    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks (ResourceInfo).
+    - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
+    - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
+    - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
+    - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
+    - UNAUTHENTICATED API_KEY_MISSING: every method.
+    - UNAUTHENTICATED API_KEY_INVALID: every method.
+    - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
+    - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
+    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, ListTasks.
+    - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
+    - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
+    - INTERNAL INTERNAL: every method.
     """
 
     @_abc_1.abstractmethod
