@@ -37,8 +37,9 @@ def _refused_field(address: str, memory_kib: int) -> tuple[grpc.StatusCode, str,
         _argon2(address, memory_kib)
     status = rpc_status.from_call(refused.value)  # type: ignore[arg-type]
     assert status is not None
+    [detail] = [d for d in status.details if d.Is(error_details_pb2.BadRequest.DESCRIPTOR)]
     bad = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(bad)
+    assert detail.Unpack(bad)
     violation = bad.field_violations[0]
     return refused.value.code(), violation.field, violation.description  # type: ignore[attr-defined]
 
