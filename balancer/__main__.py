@@ -33,6 +33,9 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hashmesh-balancer", description="hashmesh gRPC balancer")
     parser.add_argument("--listen", help="host:port for clients (HASHMESH_BALANCER_LISTEN)")
+    parser.add_argument("--reuse-port", action="store_true", default=None,
+                        help="share --listen's port with other balancer processes (SO_REUSEPORT; "
+                        "HASHMESH_BALANCER_REUSE_PORT)")
     parser.add_argument("--admin-listen", help="host:port for AdminService (HASHMESH_BALANCER_ADMIN_LISTEN)")
     parser.add_argument("--backends", help="replicas, comma-separated (HASHMESH_BALANCER_BACKENDS)")
     parser.add_argument("--backends-dns", help="name:port re-resolved periodically (HASHMESH_BALANCER_BACKENDS_DNS)")
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate-limit", help="default per-peer limit rate[/burst] (HASHMESH_BALANCER_RATE_LIMIT)")
     parser.add_argument("--state-file", help="keeps strategy, limits and drains set at run time "
                         "(HASHMESH_BALANCER_STATE_FILE)")
+    parser.add_argument("--redis-url", help="share rate limits among balancers through this Redis "
+                        "(HASHMESH_BALANCER_REDIS_URL)")
     parser.add_argument("--api-keys-file", help="client API keys, hashed (HASHMESH_BALANCER_API_KEYS_FILE)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port on the --listen host; "
                         "0 picks a free one (HASHMESH_BALANCER_METRICS_PORT)")
@@ -60,11 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = BalancerSettings.from_env().with_overrides(
             listen=args.listen,
+            reuse_port=args.reuse_port,
             admin_listen=args.admin_listen,
             backends=_csv(args.backends),
             backends_dns=_csv(args.backends_dns),
             strategy=args.strategy,
             rate_limit=parse_limit(args.rate_limit) if args.rate_limit else None,
+            redis_url=args.redis_url,
             api_keys_file=args.api_keys_file,
             state_file=args.state_file,
             metrics_port=args.metrics_port,

@@ -14,6 +14,7 @@ from hashmesh.balancer.connections import ConnectionSettings
 from hashmesh.core.identity import MIN_SECRET_LENGTH, parse_networks
 from hashmesh.core.settings import (
     SettingsError,
+    env_bool,
     env_float,
     env_int,
     env_list,
@@ -107,6 +108,10 @@ class BalancerSettings:
 
     listen: str = "127.0.0.1:50050"
     """host:port for clients; port 0 picks a free one (``BALANCER_LISTEN``, ``--listen``)."""
+    reuse_port: bool = False
+    """Bind ``listen`` with SO_REUSEPORT, so several balancer processes share one port and the
+    kernel spreads connections among them (``BALANCER_REUSE_PORT``, ``--reuse-port``). Each
+    process still needs an admin listener of its own."""
     admin_listen: str = "127.0.0.1:50060"
     """host:port of the admin listener (AdminService, health, reflection). Without an admin
     token it must be loopback (``BALANCER_ADMIN_LISTEN``, ``--admin-listen``)."""
@@ -176,6 +181,20 @@ class BalancerSettings:
     limiter_table_size: int = 20_000
     """Most peers with a limiter at once; the least recently seen is evicted first
     (``BALANCER_LIMITER_TABLE_SIZE``)."""
+    redis_url: str = ""
+    """Share every client's limit among all balancer processes through this Redis
+    (``redis://[:password@]host:port/db``); empty: each process limits alone. While Redis is
+    down each process falls back to its own buckets (``BALANCER_REDIS_URL``, ``--redis-url``)."""
+    redis_timeout: float = 0.25
+    """Seconds one Redis request may take before the limiter fails open to local buckets
+    (``BALANCER_REDIS_TIMEOUT``)."""
+    redis_lease_seconds: float = 0.02
+    """Tokens a process takes from Redis at once, in seconds of the client's rate (at least
+    one, at most a quarter of the burst): larger asks Redis less often, smaller is exacter
+    (``BALANCER_REDIS_LEASE``)."""
+    tunnel: bool = True
+    """Send small unary calls to each replica over one long-lived stream, batched
+    (``hashmesh.core.tunnel``); off: one gRPC call per call (``BALANCER_TUNNEL``)."""
     api_keys_file: str = ""
     """File of ``client_id sha256:<hex>`` lines; set: every proxied call needs a valid
     ``x-api-key`` and the limiter keys on its client (``BALANCER_API_KEYS_FILE``)."""
@@ -230,6 +249,11 @@ class BalancerSettings:
             raise SettingsError("HASHMESH_BALANCER_RETRY_RATIO must be between 0 and 1")
         if self.health_interval <= 0 or self.dns_interval <= 0 or self.health_timeout <= 0:
             raise SettingsError("health and DNS intervals must be positive")
+        if self.redis_timeout <= 0 or not 0 <= self.redis_lease_seconds <= 1:
+            raise SettingsError("HASHMESH_BALANCER_REDIS_TIMEOUT must be positive and "
+                                "HASHMESH_BALANCER_REDIS_LEASE between 0 and 1 s")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("HASHMESH_BALANCER_REDIS_URL must start with redis://, rediss:// or unix://")
         if self.limiter_table_size < 1 or self.stats_window < 16:
             raise SettingsError("LIMITER_TABLE_SIZE must be >= 1 and STATS_WINDOW >= 16")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -249,6 +273,7 @@ class BalancerSettings:
         metrics = env_optional("BALANCER_METRICS_PORT")
         return cls(
             listen=env_str("BALANCER_LISTEN", cls.listen),
+            reuse_port=env_bool("BALANCER_REUSE_PORT", cls.reuse_port),
             admin_listen=env_str("BALANCER_ADMIN_LISTEN", cls.admin_listen),
             admin_token=env_str("ADMIN_TOKEN", ""),
             backends=env_list("BALANCER_BACKENDS"),
@@ -274,6 +299,10 @@ class BalancerSettings:
             trusted_proxies=env_list("BALANCER_TRUSTED_PROXIES"),
             identity_secret=env_str("IDENTITY_SECRET", ""),
             limiter_table_size=env_int("BALANCER_LIMITER_TABLE_SIZE", cls.limiter_table_size),
+            redis_url=env_str("BALANCER_REDIS_URL", ""),
+            redis_timeout=env_float("BALANCER_REDIS_TIMEOUT", cls.redis_timeout),
+            redis_lease_seconds=env_float("BALANCER_REDIS_LEASE", cls.redis_lease_seconds),
+            tunnel=env_bool("BALANCER_TUNNEL", cls.tunnel),
             api_keys_file=env_str("BALANCER_API_KEYS_FILE", ""),
             max_message_bytes=env_int("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024),
             grace_seconds=env_float("GRACE_SECONDS", cls.grace_seconds, minimum=0.0),

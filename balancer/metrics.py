@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from hashmesh.balancer.stats import Snapshot
 from hashmesh.core import metrics
+
+if TYPE_CHECKING:
+    from hashmesh.balancer.ratelimit import RateLimiter
 
 
 def reading(snap: Snapshot) -> metrics.BalancerReading:
@@ -105,3 +112,41 @@ class CallMetrics:
         if found is None:
             found = self._methods[full_method] = MethodCalls(*metrics.split_method(full_method))
         return found
+
+
+class SharedLimitCollector(Collector):
+    """The shared rate-limit store's state, read at scrape time (nothing when it is off)."""
+
+    def __init__(self) -> None:
+        self._limiter: RateLimiter | None = None
+
+    def watch(self, limiter: RateLimiter | None) -> None:
+        self._limiter = limiter
+
+    def collect(self) -> Iterator[Any]:
+        limiter = self._limiter
+        shared = limiter.shared if limiter is not None else None
+        if limiter is None or shared is None:
+            return
+        up = GaugeMetricFamily("hashmesh_balancer_shared_limit_up", "1 while rate limits are "
+                               "shared through Redis, 0 while Redis is down and each balancer "
+                               "process limits alone (fail open to local limits).")
+        up.add_metric([], float(shared.up))
+        yield up
+        local = CounterMetricFamily("hashmesh_balancer_shared_limit_fail_open_calls", "Calls "
+                                    "decided by the process's local bucket because Redis was down.")
+        local.add_metric([], float(limiter.fail_open_calls))
+        yield local
+        failures = CounterMetricFamily("hashmesh_balancer_shared_limit_failures", "Times Redis "
+                                       "stopped answering (each one fails open until it is back).")
+        failures.add_metric([], float(shared.failures))
+        yield failures
+
+
+SHARED_LIMIT = SharedLimitCollector()
+REGISTRY.register(SHARED_LIMIT)
+
+
+def watch_shared_limit(limiter: RateLimiter | None) -> None:
+    """Export ``limiter``'s shared-store state at each scrape (``None`` stops)."""
+    SHARED_LIMIT.watch(limiter)

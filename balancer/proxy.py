@@ -4,7 +4,9 @@ Handlers have no (de)serializers, so payloads are never decoded. Methods of the 
 contract get a handler of their own kind (a unary call is not pushed through the slower
 generic streaming path); any other method (server reflection, a newer replica's methods) is
 forwarded as a bidirectional stream, which carries every kind, and stays on one replica for
-its whole life. Request metadata goes through minus hop-by-hop headers, with the caller added
+its whole life. Small unary calls reach the replica through its tunnel (``balancer.tunnel``:
+one long-lived stream per replica carrying many calls), everything else as calls of their
+own. Request metadata goes through minus hop-by-hop headers, with the caller added
 to ``x-forwarded-for``; the remaining deadline goes as the backend call's timeout; a client
 cancelling cancels the backend call; the backend's status, details and metadata (with
 ``grpc-status-details-bin``) come back as they are. After the interceptors, a call takes its
@@ -38,7 +40,9 @@ from hashmesh.balancer.interceptors import (
 from hashmesh.balancer.metrics import CallMetrics, MethodCalls
 from hashmesh.balancer.stats import BalancerStats
 from hashmesh.balancer.timeouts import AttemptTimeout, StreamIdle, idle_limited
+from hashmesh.balancer.tunnel import NOT_SENT, Tunnels
 from hashmesh.core.errors import HashmeshError, Unavailable, to_grpc_status
+from hashmesh.core.tunnel import INTERNAL_PREFIX, Reply
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,10 @@ UNARY, CLIENT_STREAM, SERVER_STREAM, BIDI = "unary_unary", "stream_unary", "unar
 # Failures where the request never reached a replica: safe to send elsewhere for any method.
 _NOT_CONNECTED = re.compile(
     r"failed to connect|connection refused|connections to all backends failing|"
-    r"name resolution|no route to host|connect failed",
+    r"name resolution|no route to host|connect failed|" + re.escape(NOT_SENT),
     re.IGNORECASE,
 )
+_OK = grpc.StatusCode.OK
 # Transport failures (the above, or a connection lost): they count toward passive ejection.
 _TRANSPORT = re.compile(
     _NOT_CONNECTED.pattern + r"|socket closed|connection reset|broken pipe|goaway|"
@@ -132,6 +137,12 @@ class Proxy:
         self.budgets = Budgets(settings.budgets)
         self._attempt = AttemptTimeout(settings.attempt_timeout, settings.idempotent_methods)
         self._stream_idle = settings.budgets.stream_idle_seconds
+        self._tunnels = Tunnels(settings.wire_message_bytes) if settings.tunnel else None
+
+    def close(self) -> None:
+        """End the tunnels (calls still waiting on them fail with UNAVAILABLE)."""
+        if self._tunnels is not None:
+            self._tunnels.close()
 
     # -- shared steps ----------------------------------------------------------------------
 
@@ -161,14 +172,14 @@ class Proxy:
                 raise Unavailable("no replica is ready", retry_after=0.1, reason="NO_REPLICA")
         return replica
 
-    def _may_retry(self, err: grpc.aio.AioRpcError, method: str, attempt: int, deadline: float | None,
-                   replayable: bool) -> bool:
+    def _may_retry(self, code: grpc.StatusCode, details: str, method: str, attempt: int,
+                   deadline: float | None, replayable: bool) -> bool:
         if attempt >= self._max_attempts or (
-                err.code() is not grpc.StatusCode.UNAVAILABLE and not self._attempt.expired(err, method, deadline)):
+                code is not grpc.StatusCode.UNAVAILABLE and not self._attempt.expired(code, method, deadline)):
             return False
         if deadline is not None and time.monotonic() >= deadline:
             return False
-        if not (replayable and method in self._idempotent) and not _NOT_CONNECTED.search(err.details() or ""):
+        if not (replayable and method in self._idempotent) and not _NOT_CONNECTED.search(details):
             return False
         if not self.budget.withdraw():
             return False
@@ -183,9 +194,10 @@ class Proxy:
         self._stats.retries += 1
         return True
 
-    def _failed(self, replica: Replica, err: grpc.aio.AioRpcError, method: str = "", deadline: float | None = None) -> None:
-        if (err.code() is grpc.StatusCode.UNAVAILABLE and _TRANSPORT.search(err.details() or "")) or \
-                self._attempt.expired(err, method, deadline):
+    def _failed(self, replica: Replica, code: grpc.StatusCode, details: str, method: str = "",
+                deadline: float | None = None) -> None:
+        if (code is grpc.StatusCode.UNAVAILABLE and _TRANSPORT.search(details)) or \
+                self._attempt.expired(code, method, deadline):
             self._backends.connection_failed(replica)
 
     # -- the four kinds --------------------------------------------------------------------
@@ -209,6 +221,7 @@ class Proxy:
         idempotent = method in self._idempotent
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            """The one entry point of every proxied unary call."""
             arrived = time.perf_counter()
             if calls is not None:
                 calls.in_flight += 1
@@ -225,50 +238,82 @@ class Proxy:
                         await _abort(context, error, call.reply_metadata)
                     replica.in_flight += 1
                     started = time.perf_counter()
-                    rpc = replica.multicallable(UNARY, method)(
-                        request, timeout=self._attempt.cap(method, timeout), metadata=call.metadata)
-                    if idempotent:  # failed over if its replica goes down meanwhile
-                        replica.attempts.add(rpc)
+                    # An idempotent attempt is failed over if its replica goes down meanwhile:
+                    # ``Replica.fail_over`` cancels this handler's task, which is taken back here.
+                    handler = asyncio.current_task() if idempotent else None
+                    if handler is not None:
+                        replica.attempts.add(handler)
                     try:
-                        response = await rpc
-                    except grpc.aio.AioRpcError as err:
-                        replica.attempts.discard(rpc)
-                        replica.in_flight -= 1
-                        replica.stats.record(time.perf_counter() - started, False)
-                        self._failed(replica, err, method, deadline)
-                        if self._may_retry(err, method, attempt, deadline, True):
+                        reply = await self._send_unary(replica, method, request,
+                                                       self._attempt.cap(method, timeout), call.metadata)
+                    except asyncio.CancelledError:
+                        if handler is None or not replica.was_failed_over(handler):
+                            raise
+                        handler.uncancel()
+                        if self._may_fail_over(attempt, deadline):
                             attempt += 1
                             tried.append(replica)
                             timeout = None if deadline is None else deadline - time.monotonic()
                             continue
-                        await _relay_error(context, err, call.reply_metadata)
-                    except BaseException:
+                        await _abort(context, Unavailable(f"replica {replica.address} went down during the call",
+                                                          retry_after=0.1), call.reply_metadata)
+                    finally:
                         replica.in_flight -= 1
-                        replica.attempts.discard(rpc)
-                        if replica.was_failed_over(rpc):
-                            if self._may_fail_over(attempt, deadline):
-                                attempt += 1
-                                tried.append(replica)
-                                timeout = None if deadline is None else deadline - time.monotonic()
-                                continue
-                            await _abort(context, Unavailable(f"replica {replica.address} went down during the call",
-                                                              retry_after=0.1), call.reply_metadata)
-                        rpc.cancel()
-                        raise
-                    replica.attempts.discard(rpc)
-                    replica.in_flight -= 1
-                    replica.stats.record(time.perf_counter() - started, True)
-                    replica.failures = 0
-                    await _relay_metadata(context, rpc, call.reply_metadata)
-                    if calls is not None:
-                        calls.ok(arrived)
-                    return response  # type: ignore[no-any-return]
+                        if handler is not None:
+                            replica.attempts.discard(handler)
+                    code = reply.code
+                    if code is _OK:
+                        replica.stats.record(time.perf_counter() - started, True)
+                        replica.failures = 0
+                        # The replica's headers plus ours (the rate-limit fields), its trailers.
+                        initial = reply.initial + call.reply_metadata
+                        if initial:
+                            await context.send_initial_metadata(initial)
+                        if reply.trailing:
+                            context.set_trailing_metadata(reply.trailing)
+                        if calls is not None:
+                            calls.ok(arrived)
+                        return reply.payload
+                    replica.stats.record(time.perf_counter() - started, False)
+                    self._failed(replica, code, reply.details, method, deadline)
+                    if self._may_retry(code, reply.details, method, attempt, deadline, True):
+                        attempt += 1
+                        tried.append(replica)
+                        timeout = None if deadline is None else deadline - time.monotonic()
+                        continue
+                    initial = reply.initial + call.reply_metadata
+                    if initial:
+                        await context.send_initial_metadata(initial)
+                    await context.abort(code, reply.details, trailing_metadata=reply.trailing)
             except BaseException as exc:
                 if calls is not None:
                     calls.ended(context, exc, arrived)
                 raise
 
         return forward
+
+    async def _send_unary(self, replica: Replica, method: str, request: bytes, timeout: float | None,
+                          metadata: Sequence[tuple[str, str | bytes]]) -> Reply:
+        """One attempt on ``replica``: through its tunnel when it has one and the request is
+        small, else as a call of its own. Errors come back as the ``Reply``, not raised."""
+        if self._tunnels is not None:
+            tunnel = self._tunnels.of(replica.address, replica.channel, len(self._backends.replicas))
+            if not tunnel.unsupported and len(request) <= tunnel.max_payload:
+                reply = await tunnel.unary(method, metadata, timeout, request)
+                if not tunnel.unsupported:
+                    return reply
+                # The replica has no tunnel: nothing reached a handler; send it on its own.
+        rpc = replica.multicallable(UNARY, method)(request, timeout=timeout, metadata=metadata)
+        try:
+            response = await rpc
+        except grpc.aio.AioRpcError as err:
+            return Reply(0, err.code(), err.details() or "", _pairs(err.initial_metadata()),
+                         _pairs(err.trailing_metadata()), b"")
+        except BaseException:
+            rpc.cancel()
+            raise
+        return Reply(0, _OK, "", _pairs(await rpc.initial_metadata()), _pairs(await rpc.trailing_metadata()),
+                     response)
 
     def _client_stream(self, method: str) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]:
         calls = self._method_calls(method)
@@ -506,10 +551,11 @@ class _Attempts:
         """Returns to retry on another replica; otherwise relays ``err`` (which raises)."""
         replica = self._finish(False)
         assert replica is not None
-        self._proxy._failed(replica, err)
+        code, details = err.code(), err.details() or ""
+        self._proxy._failed(replica, code, details)
         attempt = len(self._tried) + 1
         if self._source.replayable and self._proxy._may_retry(
-            err, self._method, attempt, self._deadline, self._source.replayable
+            code, details, self._method, attempt, self._deadline, self._source.replayable
         ):
             self._tried.append(replica)
             return
@@ -578,6 +624,8 @@ class Router(grpc.GenericRpcHandler):  # type: ignore[misc]
         handler = self._handlers.get(method)
         if handler is not None:
             return handler
+        if method.startswith(INTERNAL_PREFIX):
+            return None  # the tunnel is the balancer's own: a client may not reach it (UNIMPLEMENTED)
         if method.startswith(ADMIN_PREFIX):
             try:
                 self._policy.check(details.invocation_metadata)

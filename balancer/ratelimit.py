@@ -3,7 +3,11 @@
 A bucket left idle long enough to refill completely is the same as a fresh one, so dropping it
 loses nothing: the table keeps only peers seen recently (and at most ``table_size`` of them,
 least recently seen evicted first). A refusal never waits inside the limiter: ``has_capacity``
-decides, ``acquire`` then takes the token without suspending."""
+decides, ``acquire`` then takes the token without suspending.
+
+With a ``SharedLimit`` (Redis), the limit is one for every balancer process: the shared bucket
+decides, and these local buckets decide only while Redis is down (fail open to local limits:
+each process then enforces the whole limit by itself)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from hashmesh.balancer.ratelimit_fields import (
     policy_field,
     remaining_field,
 )
+from hashmesh.balancer.shared_limit import Refusal, SharedLimit, StoreDown
 from hashmesh.core.errors import ResourceExhausted
 
 REFUSAL_TABLE_SIZE = 10_000
@@ -78,7 +83,11 @@ class RateLimiter:
         *,
         table_size: int = 20_000,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedLimit | None = None,
     ) -> None:
+        self.shared = shared
+        self.fail_open_calls = 0
+        """Calls decided by a local bucket because the shared store was down."""
         self.default = default
         self.overrides: dict[str, RateLimitSettings] = dict(overrides or {})
         self._table_size = table_size
@@ -101,6 +110,33 @@ class RateLimiter:
     async def admit(self, peer: str) -> Allowance | None:
         """Take one token for ``peer``; ``None`` when the peer has no limit. Raises
         ``RateLimited`` (with RetryInfo and ``retry-after``) at once when empty."""
+        shared = self.shared
+        if shared is not None:
+            spec = self.overrides.get(peer, self.default)
+            if spec is None:
+                return None
+            if shared.usable():
+                policy = OVERRIDE_POLICY if peer in self.overrides else DEFAULT_POLICY
+                quota, window = int(spec.capacity), spec.capacity / spec.rate
+                try:
+                    grant = await shared.admit(peer, spec)
+                except Refusal as refusal:
+                    self._refuse(peer)
+                    raise RateLimited(
+                        f"rate limit of {spec.rate:g}/s exceeded for this client",
+                        retry_after=max(refusal.retry_after, 0.001),
+                        allowance=Allowance(policy, quota, window, 0,
+                                            refusal.retry_after + (spec.capacity - 1) / spec.rate),
+                    ) from None
+                except StoreDown:
+                    pass
+                else:
+                    return Allowance(policy, quota, window, grant.remaining,
+                                     max(0.0, spec.capacity - grant.remaining) / spec.rate)
+            self.fail_open_calls += 1
+        return await self._admit_locally(peer)
+
+    async def _admit_locally(self, peer: str) -> Allowance | None:
         now = self._clock()
         bucket = self._buckets.get(peer)
         if bucket is None:
@@ -168,6 +204,8 @@ class RateLimiter:
         remove: tuple[str, ...] = (),
     ) -> None:
         """Change limits at run time; buckets of peers whose limit changed start afresh."""
+        if self.shared is not None:
+            self.shared.forget()
         if disable:
             self.default = None
             self.overrides.clear()

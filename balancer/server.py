@@ -27,9 +27,10 @@ from hashmesh.balancer.config import BalancerSettings
 from hashmesh.balancer.connections import admin_options, public_options, raise_fd_limit
 from hashmesh.balancer.interceptors import AdminAuth, AdminPolicy, build_chain
 from hashmesh.balancer.keys import ApiKeys
-from hashmesh.balancer.metrics import CallMetrics, reading
+from hashmesh.balancer.metrics import CallMetrics, reading, watch_shared_limit
 from hashmesh.balancer.proxy import Proxy, Router
 from hashmesh.balancer.ratelimit import RateLimiter
+from hashmesh.balancer.shared_limit import SharedLimit
 from hashmesh.balancer.state import StateFile, capture, restore
 from hashmesh.balancer.stats import BalancerStats, Snapshot
 from hashmesh.core import metrics
@@ -51,8 +52,13 @@ class Balancer:
     def __init__(self, settings: BalancerSettings) -> None:
         self.settings = settings
         self.stats = BalancerStats()
+        shared = SharedLimit.from_url(
+            settings.redis_url, timeout=settings.redis_timeout, lease_seconds=settings.redis_lease_seconds,
+            table_size=settings.limiter_table_size,
+        ) if settings.redis_url else None
         self.limiter = RateLimiter(
-            settings.rate_limit, settings.rate_limit_overrides, table_size=settings.limiter_table_size
+            settings.rate_limit, settings.rate_limit_overrides, table_size=settings.limiter_table_size,
+            shared=shared,
         )
         self.keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
         self.backends = BackendSet(settings, on_change=self._serving_changed)
@@ -68,8 +74,10 @@ class Balancer:
         self.health = Health()
         # Descriptors first: the connection cap is fitted to what the process may open.
         self.connections = settings.connections.fitted(raise_fd_limit())
-        self.server = grpc.aio.server(
-            options=[*server_options(settings.wire_message_bytes), *public_options(self.connections)])
+        options = [*server_options(settings.wire_message_bytes), *public_options(self.connections)]
+        if settings.reuse_port:
+            options = [(key, 1 if key == "grpc.so_reuseport" else value) for key, value in options]
+        self.server = grpc.aio.server(options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # Answered here, before the Router: reflection and health are never rate limited.
         add_reflection(self.server, [*PROXIED_SERVICES, ADMIN_SERVICE, HEALTH])
@@ -151,6 +159,7 @@ class Balancer:
         if self.settings.metrics_port is not None:
             host = self.settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
             metrics.watch_balancer(self.metrics_reading)
+            watch_shared_limit(self.limiter)
             self.metrics = metrics.start_metrics_server(self.settings.metrics_port, host=host)
         if self.keys is not None:
             self._side.append(asyncio.create_task(self._reload_keys(), name="keys"))
@@ -162,7 +171,11 @@ class Balancer:
         if self.metrics is not None:  # scraped until the calls in flight are done
             self.metrics.close()
             metrics.watch_balancer(None)
+            watch_shared_limit(None)
+        self.proxy.close()
         await self.backends.stop()
+        if self.limiter.shared is not None:
+            await self.limiter.shared.close()
         for task in self._side:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

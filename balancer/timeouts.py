@@ -32,9 +32,9 @@ class AttemptTimeout:
         seconds = self._seconds
         return seconds if remaining is None or remaining > seconds else remaining
 
-    def expired(self, err: grpc.aio.AioRpcError, method: str, deadline: float | None) -> bool:
-        """``err`` is this attempt's timeout running out, not the call's deadline."""
-        if err.code() is not grpc.StatusCode.DEADLINE_EXCEEDED or method not in self._idempotent:
+    def expired(self, code: grpc.StatusCode, method: str, deadline: float | None) -> bool:
+        """An attempt that ended with ``code`` ran out of its own timeout, not the call's deadline."""
+        if code is not grpc.StatusCode.DEADLINE_EXCEEDED or method not in self._idempotent:
             return False
         return deadline is None or time.monotonic() < deadline - 0.01
 

@@ -219,8 +219,9 @@ def main() -> None:
     parser.add_argument("--dsn")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--fronts", default="direct,bare,bare-uvloop,balancer,balancer-metrics,balancer-asyncio,envoy",
-                        help="balancer = every feature on, uvloop when installed (the default)")
+    parser.add_argument("--fronts", default="direct,bare,bare-uvloop,balancer,balancer-metrics,balancer-asyncio,"
+                        "balancer-percall,envoy",
+                        help="balancer = every feature on, uvloop when installed, tunnel on (the defaults)")
     parser.add_argument("--in-flight", default="32,4")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--light-rate", type=float, default=200.0,
@@ -254,14 +255,18 @@ def main() -> None:
                 procs.append(popen)
                 fronts.append(Front(name, [address], popen.pid))
         for name, loop, extra in (("balancer", "auto", []), ("balancer-metrics", "auto", ["--metrics-port", "0"]),
-                                  ("balancer-asyncio", "asyncio", []), ("balancer-nobudgets", "auto", [])):
+                                  ("balancer-asyncio", "asyncio", []), ("balancer-nobudgets", "auto", []),
+                                  ("balancer-percall", "auto", [])):
             if name in wanted:
+                # balancer-percall: the tunnel off, one upstream gRPC call per call (the old path).
+                tunnel = "0" if name == "balancer-percall" else "1"
                 popen, address = start(
                     [py, "-m", "hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
                      "--backends", ",".join(replicas), "--strategy", "least_connections",
                      "--rate-limit", "1000000/1000000", *extra],
                     env={"HASHMESH_LOG_LEVEL": "WARNING", "HASHMESH_BALANCER_EVENT_LOOP": loop,
-                         "HASHMESH_BALANCER_BUDGETS": "off" if name == "balancer-nobudgets" else "on"},
+                         "HASHMESH_BALANCER_BUDGETS": "off" if name == "balancer-nobudgets" else "on",
+                         "HASHMESH_BALANCER_TUNNEL": tunnel},
                 )
                 procs.append(popen)
                 fronts.append(Front(name, [address], popen.pid))

@@ -64,13 +64,16 @@ class MeshPlan:
     """AdminService port; 0 picks a free one."""
     strategy: str | None = None
     """Balancer strategy (``round_robin``, ...); ``None`` keeps the balancer's default."""
+    balancers: int = 1
+    """Balancer processes sharing the public port (SO_REUSEPORT); the first one's admin
+    listener is ``admin_port``, the others' are free ports (AdminService acts per process)."""
     metrics: bool = False
     """Every child also serves Prometheus /metrics on a free loopback port (kept across
     restarts); the addresses show as ``<kind> metrics``."""
 
     def __post_init__(self) -> None:
-        if self.replicas < 1 or self.workers < 0:
-            raise ValueError("need --replicas >= 1 and --workers >= 0")
+        if self.replicas < 1 or self.workers < 0 or self.balancers < 1:
+            raise ValueError("need --replicas >= 1, --workers >= 0 and --balancers >= 1")
 
 
 PR_SET_PDEATHSIG = 1
@@ -162,13 +165,18 @@ class Supervisor:
         admin_port = self.plan.admin_port or free_port(host)
         self.target, self.admin_target = f"{host}:{port}", f"{host}:{admin_port}"
         backends = ",".join(child.addresses["hashd"] for child in replicas)
-        balancer = self._child("balancer", "balancer", ["hashmesh.balancer", "--listen", self.target,
-                               "--admin-listen", self.admin_target, "--backends", backends,
-                               "--state-file", str(self.plan.state_dir / "balancer-state.json"),
-                               *(["--strategy", self.plan.strategy] if self.plan.strategy else []),
-                               *self._metrics_flag()],
-                               ("balancer", "balancer admin", *self._metrics_line("balancer")))
-        await self._launch(balancer)
+        shared_port = ["--reuse-port"] if self.plan.balancers > 1 else []
+        balancers = [self._child("balancer", "balancer" if i == 1 else f"balancer-{i}", [
+                     "hashmesh.balancer", "--listen", self.target, *shared_port, "--admin-listen",
+                     self.admin_target if i == 1 else f"{host}:{free_port(host)}", "--backends", backends,
+                     # One state file per process: each keeps what was set on its own admin listener.
+                     "--state-file", str(self.plan.state_dir / ("balancer-state.json" if i == 1
+                                                                 else f"balancer-{i}-state.json")),
+                     *(["--strategy", self.plan.strategy] if self.plan.strategy else []),
+                     *self._metrics_flag()],
+                     ("balancer", "balancer admin", *self._metrics_line("balancer")))
+                     for i in range(1, self.plan.balancers + 1)]
+        await asyncio.gather(*(self._launch(child) for child in balancers))
         workers = [self._child("workerd", f"workerd-{i}", ["hashmesh.workerd", *self._metrics_flag()], ("workerd", *self._metrics_line("workerd")))
                    for i in range(1, self.plan.workers + 1)]
         await asyncio.gather(*(self._launch(child) for child in workers))

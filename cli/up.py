@@ -167,6 +167,8 @@ def up_command(
     ctx: typer.Context,
     replicas: Annotated[int, typer.Option("--replicas", "-r", help="hashd replicas.", min=1)] = 3,
     workers: Annotated[int, typer.Option("--workers", "-w", help="workerd processes.", min=0)] = 1,
+    balancers: Annotated[int, typer.Option("--balancers", help="Balancer processes sharing the public "
+                                           "port (SO_REUSEPORT).", min=1)] = 1,
     strategy: Annotated[str | None, typer.Option(help=f"Balancer strategy: {', '.join(STRATEGIES)}.")] = None,
     port: Annotated[int, typer.Option(help="Public (balancer) port; 0 picks a free one.", min=0,
                                  max=65535)] = 50050,
@@ -209,6 +211,7 @@ def up_command(
         database_url=database_url,
         replicas=replicas,
         workers=workers,
+        balancers=balancers,
         port=port,
         admin_port=admin_port,
         metrics=metrics,

@@ -21,6 +21,7 @@ from grpc_health.v1._async import HealthServicer
 
 from hashmesh.core.errors import DeadlineExceeded, HashmeshError, InvalidArgument, to_grpc_status
 from hashmesh.core.reflection import HEALTH, add_reflection
+from hashmesh.core.tunnel import TunnelServer
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +223,14 @@ class GrpcServer:
         extra_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.listen = listen
+        chain = [*interceptors, ErrorInterceptor()]
         self.server = grpc.aio.server(
-            interceptors=[*interceptors, ErrorInterceptor()],
+            interceptors=chain,
             options=[*server_options(max_message_bytes), *extra_options],
         )
+        # The balancer's unary calls arrive batched on one stream (hashmesh.core.tunnel).
+        self.tunnel = TunnelServer(chain, max_message_bytes)
+        self.server.add_generic_rpc_handlers([self.tunnel])
         self.health = Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
@@ -236,6 +241,7 @@ class GrpcServer:
         self, register: Callable[[Any, grpc.aio.Server], None], service_name: str, servicer: Any
     ) -> None:
         register(servicer, self.server)
+        self.tunnel.record(register, servicer)
         self._service_names.append(service_name)
 
     @property

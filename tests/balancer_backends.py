@@ -7,7 +7,7 @@ answering, or between streamed messages), ``x-test-error: rich`` (INVALID_ARGUME
 google.rpc.BadRequest and a custom trailer), ``x-test-count`` (WatchTask messages). It sends
 back: initial ``x-initial: NAME``; trailing ``x-backend: NAME``, ``x-remaining`` (the deadline
 left when the call arrived, or ``none``), ``x-seen-forwarded-for``, ``x-seen-client-id``,
-``x-seen-identity`` (the balancer's stamp).
+``x-seen-identity`` (the balancer's stamp), ``x-path`` (``tunnel`` or ``call``: how the call reached it).
 It prints ``sleeping METHOD`` when a call starts its ``x-test-sleep`` (the call has arrived)
 and ``cancelled METHOD`` when a call is cancelled under it."""
 
@@ -22,6 +22,7 @@ import grpc
 
 from hashmesh.core.errors import InvalidArgument, to_grpc_status
 from hashmesh.core.rpc import GrpcServer, wait_for_signal
+from hashmesh.core.tunnel import TunnelContext
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc, task_pb2, task_pb2_grpc
 
 
@@ -44,6 +45,7 @@ class Behaviour:
                 ("x-seen-forwarded-for", meta.get("x-forwarded-for", "")),
                 ("x-seen-client-id", meta.get("x-client-id", "")),
                 ("x-seen-identity", meta.get("x-hashmesh-identity", "")),
+                ("x-path", "tunnel" if isinstance(context, TunnelContext) else "call"),
             )
         )
         await context.send_initial_metadata((("x-initial", self.name),))

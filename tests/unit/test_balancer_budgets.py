@@ -128,9 +128,10 @@ def test_attempt_timeout_applies_to_idempotent_methods_within_the_deadline() -> 
     assert attempt.cap("/s/Idem", None) == 2.0
     assert attempt.cap("/s/Idem", 0.5) == 0.5
     assert attempt.cap("/s/Other", 30.0) == 30.0
-    expired = grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata())
+    expired = grpc.StatusCode.DEADLINE_EXCEEDED
     assert attempt.expired(expired, "/s/Idem", None)
     assert attempt.expired(expired, "/s/Idem", time.monotonic() + 5)
     assert not attempt.expired(expired, "/s/Idem", time.monotonic() - 1)  # the call's own deadline
     assert not attempt.expired(expired, "/s/Other", None)
+    assert not attempt.expired(grpc.StatusCode.UNAVAILABLE, "/s/Idem", None)
     assert AttemptTimeout(0, ["/s/Idem"]).cap("/s/Idem", None) is None

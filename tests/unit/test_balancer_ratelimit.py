@@ -199,3 +199,18 @@ def test_error_messages_and_delays_are_bounded() -> None:
         assert to_grpc_status(ResourceExhausted("slow", retry_after=delay)).code.name == (
             "RESOURCE_EXHAUSTED")
         assert to_grpc_status(Unavailable("down", retry_after=delay)).code.name == "UNAVAILABLE"
+
+
+def test_shared_limit_leases_are_small_and_its_settings_are_checked() -> None:
+    from hashmesh.balancer.shared_limit import lease_size
+
+    assert lease_size(RateLimitSettings(rate=50, burst=20), 0.02) == 1
+    assert lease_size(RateLimitSettings(rate=10_000, burst=10_000), 0.02) == 200
+    # Never more than a quarter of the burst, so one process cannot take it all at once.
+    assert lease_size(RateLimitSettings(rate=10_000, burst=40), 0.02) == 10
+    assert lease_size(RateLimitSettings(rate=0.5), 0.02) == 1
+    with pytest.raises(SettingsError, match="REDIS_URL"):
+        BalancerSettings(redis_url="http://redis:6379")
+    with pytest.raises(SettingsError, match="REDIS_TIMEOUT"):
+        BalancerSettings(redis_timeout=0)
+    assert BalancerSettings(redis_url="redis://127.0.0.1:6379/0").redis_url

@@ -249,7 +249,8 @@ def test_one_secret_holds_the_database_password_once() -> None:
     [secret] = load_yaml_documents(K8S / "secrets.example.yaml")
     assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "hashmesh-secrets"
     assert set(secret["stringData"]) == {"POSTGRES_PASSWORD", "HASHMESH_CACHE_SECRET", "HASHMESH_TASK_KEYS",
-                                         "HASHMESH_IDENTITY_SECRET", "HASHMESH_ADMIN_TOKEN"}
+                                         "HASHMESH_IDENTITY_SECRET", "HASHMESH_ADMIN_TOKEN",
+                                         "REDIS_PASSWORD", "HASHMESH_BALANCER_REDIS_URL"}
     referenced = {ref["name"] for _, doc in manifests() for node in _walk(doc) if isinstance(node, dict)
                   for key, ref in node.items() if key in ("secretKeyRef", "secretRef")}
     assert referenced == {"hashmesh-secrets"}
@@ -459,3 +460,14 @@ def test_alert_rules_use_defined_metrics() -> None:
     assert exprs
     problems = {expr: check_promql(expr) for expr in exprs}
     assert not {e: p for e, p in problems.items() if p}
+
+
+def test_balancer_replicas_share_their_rate_limits_through_redis() -> None:
+    assert by_kind()[("Deployment", "balancer")]["spec"]["replicas"] >= 2
+    url = by_kind()[("Secret", "hashmesh-secrets")]["stringData"]["HASHMESH_BALANCER_REDIS_URL"]
+    password = by_kind()[("Secret", "hashmesh-secrets")]["stringData"]["REDIS_PASSWORD"]
+    assert url == f"redis://:{password}@redis:6379/0"
+    service = by_kind()[("Service", "redis")]
+    assert service["spec"]["selector"] == by_kind()[("Deployment", "redis")]["spec"]["selector"]["matchLabels"]
+    allowed = by_kind()[("NetworkPolicy", "redis")]["spec"]["ingress"][0]["from"][0]["podSelector"]
+    assert allowed["matchLabels"] == by_kind()[("Deployment", "balancer")]["spec"]["selector"]["matchLabels"]
