@@ -7,7 +7,7 @@
    ``trusted_proxies``, the ``x-client-id`` or the first untrusted ``x-forwarded-for`` hop it
    vouches for; else the caller's address as ``ip:<host>``. A valid
    ``authorization: Bearer <admin token>`` adds the operator role (a wrong one →
-   UNAUTHENTICATED).
+   UNAUTHENTICATED). A refused credential costs a token of the caller's address.
 2. ``RateLimit`` — one token from that identity's bucket, or RESOURCE_EXHAUSTED at once.
 3. ``Stamp``     — the identity goes to the replica signed (``hashmesh.core.identity``); any
    stamp, ``x-client-id``, API key or bearer token the caller sent is never forwarded.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import grpc
 
@@ -128,6 +128,12 @@ class CallInterceptor(Protocol):
         """Raise a ``HashmeshError`` to refuse the call; may add ``call.reply_metadata``."""
 
 
+def _plain(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4-mapped IPv6 address (a dual-stack socket's spelling of an IPv4 peer) as IPv4."""
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
+
+
 class TrustedProxies:
     """Which addresses may speak for the callers behind them (bounded memo per address)."""
 
@@ -142,7 +148,7 @@ class TrustedProxies:
         known = self._seen.get(host)
         if known is None:
             try:
-                address = ipaddress.ip_address(host)
+                address = _plain(ipaddress.ip_address(host))
             except ValueError:
                 known = False
             else:
@@ -156,41 +162,41 @@ class TrustedProxies:
         """The rightmost ``x-forwarded-for`` hop that is not one of ours (the hops to its
         left were written by callers nobody vouches for); ``None`` if a hop is malformed."""
         hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+        address = None
         for hop in reversed(hops):
-            try:
-                ipaddress.ip_address(hop)
+            try:  # one spelling per address: '::ffff:10.0.0.1' is 10.0.0.1
+                address = str(_plain(ipaddress.ip_address(hop)))
             except ValueError:
                 return None
-            if not self.trusts(hop):
-                return hop
-        return hops[0] if hops else None
+            if not self.trusts(address):
+                return address
+        return address
 
 
 class Identify:
     """Sets ``call.client`` (the identity) and ``call.operator``; see the module docstring."""
 
     def __init__(self, keys: ApiKeys | None, trusted: TrustedProxies, admin_token: str,
-                 stats: BalancerStats) -> None:
+                 stats: BalancerStats, limiter: RateLimiter) -> None:
         self._keys = keys
         self._trusted = trusted
         self._admin_token = admin_token
         self._stats = stats
+        self._limiter = limiter
 
     async def admit(self, call: CallInfo) -> None:
         if call.bearer is not None and self._admin_token:
             if not token_matches(call.bearer, self._admin_token):
-                self._stats.unauthenticated += 1
-                raise Unauthenticated("wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)",
-                                      reason="ADMIN_TOKEN_INVALID")
+                await self._refuse(call, "wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)",
+                                   reason="ADMIN_TOKEN_INVALID")
             call.operator = True
         keys = self._keys
         if keys is not None and (call.api_key is not None or not call.operator):
             client = keys.client_for(call.api_key) if call.api_key else None
             if client is None:
-                self._stats.unauthenticated += 1
                 if call.api_key is None:
-                    raise Unauthenticated("a valid x-api-key is required", reason="API_KEY_MISSING")
-                raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
+                    await self._refuse(call, "a valid x-api-key is required", reason="API_KEY_MISSING")
+                await self._refuse(call, "unknown API key", reason="API_KEY_INVALID")
             call.client = client
             return
         host = _host_of(call.address)
@@ -198,6 +204,13 @@ class Identify:
             call.client = self._vouched(call) or address_identity(host)
             return
         call.client = address_identity(host)
+
+    async def _refuse(self, call: CallInfo, message: str, *, reason: str) -> NoReturn:
+        """UNAUTHENTICATED, for a token of the caller's address first (RESOURCE_EXHAUSTED when
+        spent): credentials cannot be guessed faster than the rate limit."""
+        await self._limiter.admit(address_identity(_host_of(call.address)))
+        self._stats.unauthenticated += 1
+        raise Unauthenticated(message, reason=reason)
 
     def _vouched(self, call: CallInfo) -> str | None:
         """The identity a trusted proxy states for its caller."""
@@ -249,7 +262,7 @@ def build_chain(
     """The order of the interceptors, outermost first. Without a secret (only in-process
     tests: the daemon refuses to start without one) calls go unstamped."""
     trusted = TrustedProxies(parse_networks(trusted_proxies, "HASHMESH_BALANCER_TRUSTED_PROXIES"))
-    chain: list[CallInterceptor] = [Identify(keys, trusted, admin_token, stats), RateLimit(limiter)]
+    chain: list[CallInterceptor] = [Identify(keys, trusted, admin_token, stats, limiter), RateLimit(limiter)]
     if identity_secret:
         chain.append(Stamp(Stamper(identity_secret)))
     return tuple(chain)

@@ -81,7 +81,7 @@ async def run(dsn: str) -> None:
             ("argon2id default (t=3 m=64MiB p=4)", Argon2Params.build(salt=b"saltsalt")),
         ):
             raw, encoded = hashing.argon2id(b"password", params)
-            await shared.store(Algorithm.ARGON2ID, params, b"password", raw, encoded)
+            await shared.store(Algorithm.ARGON2ID, params, b"password", raw, encoded, tenant="t")
             compute = statistics.median(
                 _timed(functools.partial(hashing.argon2id, b"password", params)) for _ in range(5)
             )

@@ -9,15 +9,17 @@ Stable interface (other modules depend on it)::
     cache = ResultCache(pool, CacheSettings.from_env())   # no I/O here
     await cache.start()                                    # secret, sweeper, clear listener
     if cache.is_cacheable(algorithm, params):
-        hit = await cache.lookup(algorithm, params, data)  # CachedResult | None, never raises
+        hit = await cache.lookup(algorithm, params, data, tenant=caller)  # never raises
         ...
-        await cache.store(algorithm, params, data, digest, encoded)  # never raises
+        await cache.store(algorithm, params, data, digest, encoded, tenant=caller)
     await cache.stats() / await cache.clear()
     await cache.stop()
 
 Rules it keeps:
-- The key is HMAC-SHA256(secret, algorithm, parameters, input): no input is stored in clear,
-  and without the secret the table cannot be used to test guesses. Values hold only outputs.
+- The key is HMAC-SHA256(secret, tenant, algorithm, parameters, input): no input is stored in
+  clear, and without the secret the table cannot be used to test guesses. Values hold only
+  outputs. An entry answers only the tenant (caller identity) that made it: shared across
+  tenants, a hit would confirm to one tenant what another hashed (a password, given its salt).
 - Never caches what is not deterministic (argon2id with a random salt), and only algorithms
   named in ``CacheSettings.algorithms``.
 - Fails open: every database step has a short timeout; after a failure the shared tier is
@@ -64,7 +66,7 @@ CLEAR_CHANNEL = "hashmesh_cache_clear"
 # this key; cache keys are 32-byte HMACs, so it cannot collide with one, and its expiry is
 # 'infinity', so the sweeper never removes it.
 SECRET_KEY = b"hashmesh:cache-secret:v1"
-_KEY_DOMAIN = b"hashmesh-cache-v1\x00"
+_KEY_DOMAIN = b"hashmesh-cache-v2\x00"
 
 _SQL = {
     "lookup": """UPDATE hashmesh_cache
@@ -180,11 +182,14 @@ class ClearResult:
 
 
 def cache_key(
-    secret: bytes, algorithm: Algorithm, params: Argon2Params | None, data: bytes
+    secret: bytes, algorithm: Algorithm, params: Argon2Params | None, data: bytes, *, tenant: str
 ) -> bytes:
-    """HMAC-SHA256 over a canonical, unambiguous encoding of (algorithm, parameters, input).
-    The input comes last, so no choice of input can shift the fields before it."""
+    """HMAC-SHA256 over a canonical, unambiguous encoding of (tenant, algorithm, parameters,
+    input). Identities hold no NUL; the input comes last, so no choice of input can shift the
+    fields before it."""
     mac = hmac.new(secret, _KEY_DOMAIN, hashlib.sha256)
+    mac.update(tenant.encode())
+    mac.update(b"\x00")
     mac.update(algorithm.value.encode())
     mac.update(b"\x00")
     if params is not None:
@@ -326,13 +331,13 @@ class ResultCache:
         return self._secret is not None
 
     async def lookup(
-        self, algorithm: Algorithm, params: Argon2Params | None, data: bytes
+        self, algorithm: Algorithm, params: Argon2Params | None, data: bytes, *, tenant: str
     ) -> CachedResult | None:
-        """The cached result, or ``None`` on a miss, when not cacheable, or when the shared tier
-        is down or slow. Never raises for database trouble."""
-        if self._secret is None or not self.is_cacheable(algorithm, params):
+        """The result ``tenant`` cached, or ``None`` on a miss, when not cacheable (or no
+        tenant), or when the shared tier is down or slow. Never raises for database trouble."""
+        if self._secret is None or not tenant or not self.is_cacheable(algorithm, params):
             return None
-        key = cache_key(self._secret, algorithm, params, data)
+        key = cache_key(self._secret, algorithm, params, data, tenant=tenant)
         found = self.memory.get(key)
         if found is not None:
             return found
@@ -358,12 +363,14 @@ class ResultCache:
         data: bytes,
         digest: bytes,
         encoded: str,
+        *,
+        tenant: str,
     ) -> bool:
-        """Remember a computed result in both tiers (when cacheable). Returns whether the shared
-        tier took it; never raises for database trouble."""
-        if self._secret is None or not self.is_cacheable(algorithm, params):
+        """Remember a result ``tenant`` computed, in both tiers (when cacheable). Returns whether
+        the shared tier took it; never raises for database trouble."""
+        if self._secret is None or not tenant or not self.is_cacheable(algorithm, params):
             return False
-        key = cache_key(self._secret, algorithm, params, data)
+        key = cache_key(self._secret, algorithm, params, data, tenant=tenant)
         result = CachedResult(digest=digest, encoded=encoded)
         self.memory.put(key, result)
         try:

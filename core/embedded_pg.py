@@ -15,10 +15,13 @@ PostgreSQL refuses to run as root, so as root the server runs as an unprivileged
 never group 0); the data directory is given to that user, and each parent directory of it
 that others cannot traverse gets a POSIX ACL entry letting that user alone traverse it (on a
 filesystem without ACLs: the traverse bit for everyone, ``o+x``, never read), each change
-logged."""
+logged. That user owns the data directory, so root never follows a symlink in it: the files
+root writes there (``password``, ``pg_hba.conf``, ``postgres.log``) are opened without
+following one, and replaced rather than written through."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -27,6 +30,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -112,8 +116,8 @@ def _identity(account: ServerAccount | None) -> tuple[int | None, int | None, li
     return account.uid, account.gid, []
 
 
-def _open_path_for(account: ServerAccount, path: Path) -> None:
-    """Let ``account`` traverse to ``path`` and own it (we are root here)."""
+def _let_traverse(account: ServerAccount, path: Path) -> None:
+    """Let ``account`` reach ``path`` through each of its parents (we are root here)."""
     for parent in reversed(path.parents):
         mode = parent.stat().st_mode
         if mode & 0o001:
@@ -130,13 +134,38 @@ def _open_path_for(account: ServerAccount, path: Path) -> None:
                 "PostgreSQL's user reaches its data",
                 extra={"directory": str(parent), "user": account.name},
             )
+
+
+def _open_path_for(account: ServerAccount, path: Path) -> None:
+    """Let ``account`` traverse to ``path`` and own it (we are root here)."""
+    _let_traverse(account, path)
     for item in [path, *path.rglob("*")]:
         os.chown(item, account.uid, account.gid, follow_symlinks=False)
 
 
+def _open_here(path: Path, flags: int, mode: int = 0o600, *, replace: bool = False) -> int:
+    """``os.open`` of a file under the data directory that never follows a symlink, in the
+    name or its directory: as root, the server's user owns these directories and could point
+    a name at a file of root's (``/etc/shadow``) for root to write or give away. ``replace``
+    unlinks what is there first (a planted symlink or hard link) and creates a new file."""
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        if replace:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path.name, dir_fd=parent)
+            flags |= os.O_CREAT | os.O_EXCL
+        fd = os.open(path.name, flags | os.O_NOFOLLOW, mode, dir_fd=parent)
+    finally:
+        os.close(parent)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RuntimeError(f"{path} is not a regular file; remove it and start again")
+    return fd
+
+
 def _write_private(path: Path, text: str, account: ServerAccount | None) -> None:
-    """Write ``text`` to ``path`` with mode 0600, owned by the server's user."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write ``text`` to a new ``path`` with mode 0600, owned by the server's user."""
+    fd = _open_here(path, os.O_WRONLY, replace=True)
     with os.fdopen(fd, "w", encoding="ascii") as sink:
         os.fchmod(sink.fileno(), 0o600)
         if account is not None:
@@ -144,18 +173,16 @@ def _write_private(path: Path, text: str, account: ServerAccount | None) -> None
         sink.write(text)
 
 
-def _make_binaries_usable(bin_dir: Path) -> None:
-    """pgserver unpacks its files readable by the owner only in some installs."""
+def _make_binaries_usable(bin_dir: Path, account: ServerAccount) -> None:
+    """pgserver unpacks its files readable by the owner only in some installs; the
+    directories above them (a virtualenv under ``/root``) open to ``account`` alone."""
     root = bin_dir.parent
     for item in [root, *root.rglob("*")]:
         mode = item.stat().st_mode
         wanted = mode | 0o044 | (0o011 if item.is_dir() or mode & 0o100 else 0)
         if wanted != mode:
             item.chmod(wanted)
-    for parent in root.parents:
-        mode = parent.stat().st_mode
-        if not mode & 0o001:
-            parent.chmod(mode | 0o011)
+    _let_traverse(account, root)
 
 
 @dataclass
@@ -202,7 +229,7 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)
         if account is not None:
-            _make_binaries_usable(bin_dir)
+            _make_binaries_usable(bin_dir, account)
             _open_path_for(account, self.data_dir)
         pgdata = self.data_dir / "pgdata"
         user, group, extra_groups = _identity(account)
@@ -236,7 +263,10 @@ class EmbeddedPostgres:
         _write_private(pgdata / "pg_hba.conf", PG_HBA, account)
         if not self.port:
             self.port = free_port(self.host)
-        log_fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log = self.log_file
+        if log.is_symlink():  # planted by the server's user: root must not append through it
+            log.unlink()
+        log_fd = _open_here(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         self.process = subprocess.Popen(
             [
                 str(bin_dir / "postgres"),
@@ -272,10 +302,13 @@ class EmbeddedPostgres:
         return self.dsn
 
     def _saved_password(self) -> str:
+        """The saved password; ``""`` without a regular file (a symlink is not followed)."""
         try:
-            return self.password_file.read_text(encoding="ascii").strip()
-        except FileNotFoundError:
+            fd = _open_here(self.password_file, os.O_RDONLY)
+        except (FileNotFoundError, OSError, RuntimeError):
             return ""
+        with os.fdopen(fd, encoding="ascii") as source:
+            return source.read().strip()
 
     def _set_new_password(self, bin_dir: Path, pgdata: Path, account: ServerAccount | None) -> str:
         """A data directory without a password file (made with trust auth by an older version):

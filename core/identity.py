@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ lag the balancer's by up to this many seconds."""
 MAX_IDENTITY_LENGTH = 200
 ADDRESS_PREFIX = "ip:"
 MIN_SECRET_LENGTH = 16
+_EXPIRES = re.compile(r"[0-9]{1,20}")
 
 
 class StampError(ValueError):
@@ -144,7 +146,10 @@ class Stamper:
 def verify(secret: str, identity: str, signature: str, method: str, now: float) -> Caller:
     """The caller a stamp vouches for, or ``StampError``."""
     parts = signature.split(";")
-    if len(parts) != 4 or parts[0] != VERSION or parts[1] not in ROLES or not parts[2].isdigit():
+    # ASCII digits only, and few: str.isdigit() also accepts "²" (which int() refuses) and
+    # int() refuses more than 4300 digits; either would escape as a traceback, not a status.
+    if (len(parts) != 4 or parts[0] != VERSION or parts[1] not in ROLES
+            or not _EXPIRES.fullmatch(parts[2])):
         raise StampError("malformed identity stamp")
     role, expires = parts[1], int(parts[2])
     expected = _mac(secret.encode(), role, expires, method, identity)

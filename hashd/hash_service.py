@@ -20,9 +20,11 @@ from hashmesh.core.errors import InputTooLarge, InvalidArgument, Violations
 from hashmesh.core.hashing import Algorithm
 from hashmesh.core.wire import algorithm_from_wire, algorithm_to_wire
 from hashmesh.hashd.executor import BoundedExecutor
+from hashmesh.hashd.identity import CallerResolver
 from hashmesh.v1 import common_pb2, hash_pb2, hash_pb2_grpc
 
 STREAM_METHOD = "/hashmesh.v1.HashService/HashStream"
+HASH_METHOD = "/hashmesh.v1.HashService/Hash"
 # After a stream this long, hand freed heap pages back to the OS: glibc keeps them otherwise,
 # and RSS would drift up with the chunk buffers of large streams (peak stays bounded anyway).
 TRIM_AFTER_BYTES = 32 * 1024 * 1024
@@ -134,12 +136,19 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         cache: ResultCache | None,
         *,
         max_input_bytes: int,
+        callers: CallerResolver,
         argon2_memory_kib: int | None = None,
     ) -> None:
         self._executor = executor
         self._cache = cache
         self._max_input = max_input_bytes
+        self._callers = callers
         self._argon2_memory_kib = argon2_memory_kib
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """Whose cache entries a call may read: resolved here, and only for a cacheable
+        request, so that uncached digests (the hot path) skip the stamp check."""
+        return self._callers.resolve(HASH_METHOD, context.peer(), context.invocation_metadata()).identity
 
     async def ComputeHash(
         self, request: hash_pb2.HashRequest, context: grpc.aio.ServicerContext
@@ -161,7 +170,8 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         cacheable = cache is not None and cache.is_cacheable(algorithm, params)
         if cacheable:
             assert cache is not None
-            hit = await cache.lookup(algorithm, params, data)
+            tenant = self._tenant(context)
+            hit = await cache.lookup(algorithm, params, data, tenant=tenant)
             if hit is not None:
                 return hash_pb2.HashResponse(
                     result=common_pb2.HashResult(
@@ -180,7 +190,7 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
             encoded = raw.hex()
         if cacheable:
             assert cache is not None
-            await cache.store(algorithm, params, data, raw, encoded)
+            await cache.store(algorithm, params, data, raw, encoded, tenant=tenant)
         return hash_pb2.HashResponse(
             result=common_pb2.HashResult(algorithm=request.algorithm, digest=raw, encoded=encoded)
         )

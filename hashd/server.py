@@ -34,6 +34,7 @@ class Hashd:
     def __init__(self, settings: HashdSettings) -> None:
         self.settings = settings
         self.pool = db.make_pool(settings.database, name="hashd")
+        callers = CallerResolver(settings.identity_secret, settings.admin_token)
         metrics.watch_pool(self.pool)
         # Receive up to twice the unary limit, so a caller a little over it gets HashService's
         # "use HashStream" status instead of gRPC's bare "message larger than max".
@@ -43,7 +44,7 @@ class Hashd:
             # Metrics first (it sees every status); then who the caller is, before any handler.
             interceptors=[
                 metrics.MetricsInterceptor(),
-                IdentityInterceptor(CallerResolver(settings.identity_secret, settings.admin_token)),
+                IdentityInterceptor(callers),
             ],
             credentials=settings.tls.credentials() if settings.tls is not None else None,
         )
@@ -55,7 +56,7 @@ class Hashd:
             add_hash_service,
             hash_pb2.DESCRIPTOR.services_by_name["HashService"].full_name,
             HashService(self.executor, self.cache, max_input_bytes=settings.max_message_bytes,
-                        argon2_memory_kib=settings.argon2_memory_limit_kib),
+                        callers=callers, argon2_memory_kib=settings.argon2_memory_limit_kib),
         )
         self.grpc.add(
             cache_pb2_grpc.add_CacheServiceServicer_to_server,

@@ -302,7 +302,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         algorithm = Algorithm(task.algorithm)
         if not self._cache.is_cacheable(algorithm, params):
             return task
-        hit = await self._cache.lookup(algorithm, params, task.data)
+        hit = await self._cache.lookup(algorithm, params, task.data, tenant=task.client_id)
         if hit is None:
             return task
         return replace(task, cached_result=(hit.digest, hit.encoded))

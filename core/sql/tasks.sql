@@ -69,7 +69,8 @@ WITH picked AS (
         started_at = now(), updated_at = now()
     FROM picked WHERE t.id = picked.id
     RETURNING t.id, t.algorithm, t.input, t.input_key_id, t.params, t.attempts,
-              t.max_attempts, t.lease_id, t.cancel_requested, t.priority, t.run_after
+              t.max_attempts, t.lease_id, t.cancel_requested, t.priority, t.run_after,
+              t.client_id
 )
 SELECT * FROM claimed ORDER BY priority DESC, run_after, id
 

@@ -249,7 +249,7 @@ class MemoryTaskStore:
             claimed.append(ClaimedTask(
                 id=row.record.id, algorithm=row.record.algorithm, data=row.input or b"", params=dict(row.params),
                 attempts=row.record.attempts, max_attempts=row.record.max_attempts, lease_id=row.lease_id,
-                cancel_requested=row.record.cancel_requested,
+                cancel_requested=row.record.cancel_requested, client_id=row.record.client_id,
             ))  # fmt: skip
         return claimed
 

@@ -109,6 +109,8 @@ class ClaimedTask:
     cancel_requested: bool = False
     input_key_id: str | None = None
     """Id of the key that sealed ``data``; ``None``: stored as given."""
+    client_id: str = ""
+    """Whose task it is: the tenant its result is cached for."""
 
 
 @dataclass(frozen=True)

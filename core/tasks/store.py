@@ -407,6 +407,7 @@ def _claimed(row: dict[str, Any]) -> ClaimedTask:
         lease_id=row["lease_id"],
         cancel_requested=row["cancel_requested"],
         input_key_id=row["input_key_id"],
+        client_id=row["client_id"],
     )
 
 

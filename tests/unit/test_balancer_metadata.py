@@ -15,6 +15,7 @@ from hashmesh.balancer.interceptors import (
     read_call,
 )
 from hashmesh.balancer.keys import ApiKeys, generate_key, key_line
+from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.stats import BalancerStats, LatencyWindow
 from hashmesh.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from hashmesh.core.identity import parse_networks
@@ -41,7 +42,7 @@ def _identify(peer: str, metadata: list[tuple[str, str | bytes]], *, trusted: tu
               admin_token: str = "", keys: ApiKeys | None = None) -> CallInfo:
     call = read_call("/m", peer, metadata, "x-client-id")
     networks = TrustedProxies(parse_networks(trusted, "test"))
-    asyncio.run(Identify(keys, networks, admin_token, BalancerStats()).admit(call))
+    asyncio.run(Identify(keys, networks, admin_token, BalancerStats(), RateLimiter(None)).admit(call))
     return call
 
 

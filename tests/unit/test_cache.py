@@ -54,20 +54,23 @@ def test_memory_tier_honours_a_shorter_remaining_ttl() -> None:
 
 
 def test_cache_key_covers_every_input_and_the_secret() -> None:
-    base = cache_key(b"s", Algorithm.ARGON2ID, SALTED, b"pw")
-    assert base == cache_key(b"s", Algorithm.ARGON2ID, SALTED, b"pw")
+    base = cache_key(b"s", Algorithm.ARGON2ID, SALTED, b"pw", tenant="t")
+    assert base == cache_key(b"s", Algorithm.ARGON2ID, SALTED, b"pw", tenant="t")
     assert len(base) == 32
     others = {
-        cache_key(b"t", Algorithm.ARGON2ID, SALTED, b"pw"),
-        cache_key(b"s", Algorithm.ARGON2ID, SALTED, b"pw2"),
-        cache_key(b"s", Algorithm.ARGON2ID, Argon2Params.build(salt=b"saltsalX"), b"pw"),
+        cache_key(b"t", Algorithm.ARGON2ID, SALTED, b"pw", tenant="t"),
+        cache_key(b"s", Algorithm.ARGON2ID, SALTED, b"pw2", tenant="t"),
+        cache_key(b"s", Algorithm.ARGON2ID, Argon2Params.build(salt=b"saltsalX"), b"pw", tenant="t"),
         cache_key(
-            b"s", Algorithm.ARGON2ID, Argon2Params.build(salt=b"saltsalt", hash_len=33), b"pw"
+            b"s", Algorithm.ARGON2ID, Argon2Params.build(salt=b"saltsalt", hash_len=33), b"pw",
+            tenant="t",
         ),
-        cache_key(b"s", Algorithm.SHA256, None, b"pw"),
-        cache_key(b"s", Algorithm.MD5, None, b"pw"),
+        cache_key(b"s", Algorithm.SHA256, None, b"pw", tenant="t"),
+        cache_key(b"s", Algorithm.MD5, None, b"pw", tenant="t"),
+        # Another tenant's entry for the same input is another key (no cross-tenant oracle).
+        cache_key(b"s", Algorithm.ARGON2ID, SALTED, b"pw", tenant="u"),
     }
-    assert base not in others and len(others) == 6
+    assert base not in others and len(others) == 7
     assert b"pw" not in base
 
 
@@ -88,11 +91,11 @@ def test_only_listed_deterministic_algorithms_are_cacheable() -> None:
 def test_memory_only_cache_stores_and_finds() -> None:
     async def scenario() -> None:
         cache = ResultCache(None, CacheSettings(secret="k"))
-        assert await cache.lookup(Algorithm.ARGON2ID, SALTED, b"pw") is None
-        assert not await cache.store(Algorithm.ARGON2ID, SALTED, b"pw", b"d", "e")
-        assert await cache.lookup(Algorithm.ARGON2ID, SALTED, b"pw") == CachedResult(b"d", "e")
-        await cache.store(Algorithm.ARGON2ID, RANDOM, b"pw2", b"d", "e")
-        assert await cache.lookup(Algorithm.ARGON2ID, RANDOM, b"pw2") is None
+        assert await cache.lookup(Algorithm.ARGON2ID, SALTED, b"pw", tenant="t") is None
+        assert not await cache.store(Algorithm.ARGON2ID, SALTED, b"pw", b"d", "e", tenant="t")
+        assert await cache.lookup(Algorithm.ARGON2ID, SALTED, b"pw", tenant="t") == CachedResult(b"d", "e")
+        await cache.store(Algorithm.ARGON2ID, RANDOM, b"pw2", b"d", "e", tenant="t")
+        assert await cache.lookup(Algorithm.ARGON2ID, RANDOM, b"pw2", tenant="t") is None
         stats = await cache.stats()
         assert (stats.memory.hits, stats.memory.entries) == (1, 1)
         assert (await cache.clear()).memory_removed == 1
@@ -103,8 +106,8 @@ def test_memory_only_cache_stores_and_finds() -> None:
 def test_no_secret_means_no_caching_until_loaded() -> None:
     async def scenario() -> None:
         cache = ResultCache(None, CacheSettings())
-        await cache.store(Algorithm.ARGON2ID, SALTED, b"pw", b"d", "e")
-        assert await cache.lookup(Algorithm.ARGON2ID, SALTED, b"pw") is None
+        await cache.store(Algorithm.ARGON2ID, SALTED, b"pw", b"d", "e", tenant="t")
+        assert await cache.lookup(Algorithm.ARGON2ID, SALTED, b"pw", tenant="t") is None
         assert not cache.ready
 
     asyncio.run(scenario())
