@@ -35,7 +35,7 @@ from hashmesh.balancer.state import StateFile, capture, restore
 from hashmesh.balancer.stats import BalancerStats, Snapshot
 from hashmesh.core import metrics
 from hashmesh.core.reflection import HEALTH, add_reflection
-from hashmesh.core.rpc import GrpcServer, Health, server_options, wait_for_signal
+from hashmesh.core.rpc import LIVENESS_SERVICE, GrpcServer, Health, server_options, wait_for_signal
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class Balancer:
     async def start(self) -> None:
         for name in ("", *PROXIED_SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self.state_file is not None:  # before any replica takes a call: drains hold at once
             saved = self.state_file.load()
             if saved is not None:
