@@ -366,7 +366,7 @@ class Proxy:
             try:
                 call = await self._admit(method, context, WATCH)
                 source = _Replayable(_once(request))
-                attempts = _Attempts(self, call, method, context, source)
+                attempts = _Attempts(self, call, method, context, source, timed=False)
                 while True:
                     replica, timeout = await attempts.next()
                     rpc = replica.multicallable(SERVER_STREAM, method)(request, timeout=timeout, metadata=call.metadata)
@@ -405,7 +405,7 @@ class Proxy:
             try:
                 call = await self._admit(method, context, OTHER)
                 source = _Replayable(requests, self._stream_idle)
-                attempts = _Attempts(self, call, method, context, source)
+                attempts = _Attempts(self, call, method, context, source, timed=False)
                 while True:
                     replica, timeout = await attempts.next()
                     rpc = replica.multicallable(BIDI, method)(timeout=timeout, metadata=call.metadata)
@@ -505,8 +505,10 @@ class _Attempts:
     relaying the final error, cancelling the backend call when the client goes away."""
 
     def __init__(self, proxy: Proxy, call: CallInfo, method: str, context: grpc.aio.ServicerContext,
-                 source: _Replayable) -> None:
+                 source: _Replayable, *, timed: bool = True) -> None:
         self._proxy = proxy
+        # A response stream lasts as long as the client watches: its length is no latency.
+        self._timed = timed
         self._call = call
         self._method = method
         self._context = context
@@ -532,7 +534,7 @@ class _Attempts:
         replica, self._replica = self._replica, None
         if replica is not None:
             replica.streams -= 1
-            replica.stats.record(time.perf_counter() - self._started, ok)
+            replica.stats.record(time.perf_counter() - self._started if self._timed else None, ok)
         return replica
 
     def succeeded(self) -> None:

@@ -36,7 +36,7 @@ from hashmesh.balancer.state import StateFile, capture, restore
 from hashmesh.balancer.stats import BalancerStats, Snapshot
 from hashmesh.core import metrics
 from hashmesh.core.reflection import HEALTH, add_reflection
-from hashmesh.core.rpc import GrpcServer, Health, server_options
+from hashmesh.core.rpc import LIVENESS_SERVICE, GrpcServer, Health, server_options
 from hashmesh.core.signals import wait_for_signal
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc
 
@@ -139,6 +139,7 @@ class Balancer:
     async def start(self) -> None:
         for name in ("", *PROXIED_SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self.state_file is not None:  # before any replica takes a call: drains hold at once
             saved = self.state_file.load()
             if saved is not None:

@@ -50,10 +50,14 @@ class ReplicaStats:
         self.ewma = 0.0
         self.latencies = LatencyWindow(window)
 
-    def record(self, seconds: float, ok: bool) -> None:
+    def record(self, seconds: float | None, ok: bool) -> None:
+        """One finished call; ``seconds`` is ``None`` for calls whose length is not a latency
+        (response streams such as WatchTask), kept out of the percentiles and the EWMA."""
         self.calls += 1
         if not ok:
             self.errors += 1
+        if seconds is None:
+            return
         self.latencies.record(seconds)
         ewma = self.ewma
         self.ewma = seconds if ewma == 0.0 else ewma + self.EWMA_WEIGHT * (seconds - ewma)

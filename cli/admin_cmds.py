@@ -5,22 +5,23 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any
 
+import grpc
 import typer
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hashmesh.cli.client import CliError, ExitCode, rpc_errors
+from hashmesh.cli.cache_stats import merge as merge_cache_stats
+from hashmesh.cli.client import CliError, ExitCode, open_channel, rpc_errors
 from hashmesh.cli.hash_cmds import JsonFlag
 from hashmesh.cli.naming import (
     STRATEGIES,
     algorithm_name,
     backend_state_name,
-    cache_tier_name,
     parse_strategy,
     strategy_name,
 )
-from hashmesh.cli.state import state_of
-from hashmesh.v1 import admin_pb2, cache_pb2
+from hashmesh.cli.state import CliState, state_of
+from hashmesh.v1 import admin_pb2, cache_pb2, cache_pb2_grpc
 
 lb_app = typer.Typer(help="The balancer's AdminService (on --admin-target).", no_args_is_help=True)
 ratelimit_app = typer.Typer(help="Per-client rate limits of the balancer (on --admin-target).",
@@ -253,7 +254,11 @@ def ratelimit_set(
 
 @cache_app.command("stats")
 def cache_stats(ctx: typer.Context, json_out: JsonFlag = False) -> None:
-    """Hit, miss and size figures of the cache tiers, from the replica taking the call.
+    """Hit, miss and size figures of the cache tiers, summed over every replica.
+
+    The replicas come from the balancer (--admin-target) and are asked one by one; where
+    they cannot be reached from here (or there is no balancer), the figures are those of the
+    one replica that took the call, and the output says so.
 
     Example:
 
@@ -261,16 +266,52 @@ def cache_stats(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     """
     state = state_of(ctx)
     out = state.output(json_out)
-    reply = state.session.cache().GetCacheStats(cache_pb2.GetCacheStatsRequest(), timeout=state.options.timeout,
-                                                metadata=state.session.metadata())
-    tiers = [{"tier": cache_tier_name(t.tier), "hits": t.hits, "misses": t.misses, "entries": t.entries,
-              "evictions": t.evictions, "errors": t.errors} for t in reply.tiers]
+    by_address, unreachable = _every_replicas_cache_stats(state)
+    scope = "partial" if unreachable else "mesh"
+    if not by_address:
+        scope = "one replica"
+        reply = state.session.cache().GetCacheStats(cache_pb2.GetCacheStatsRequest(),
+                                                    timeout=state.options.timeout,
+                                                    metadata=state.session.metadata())
+        # Only an operator is told which replica answered.
+        by_address = {reply.replica or f"one behind {state.options.target}": reply}
+    replies = list(by_address.values())
+    tiers = merge_cache_stats(replies)
+    answered = list(by_address)
+    cached = [algorithm_name(a) for a in replies[0].cached_algorithms]
     if out.json_mode:
-        names = [algorithm_name(a) for a in reply.cached_algorithms]
-        out.json({"replica": reply.replica, "cached_algorithms": names, "tiers": tiers})
+        out.json({"scope": scope, "replicas": answered, "unreachable": unreachable, "replica": answered[0],
+                  "cached_algorithms": cached, "tiers": tiers})
         return
-    out.fields({"replica": reply.replica, "cached algorithms": ", ".join(algorithm_name(a) for a in reply.cached_algorithms) or "none"})
+    which = {"mesh": "every replica", "one replica": "this replica only", "partial": "some replicas"}[scope]
+    out.fields({"figures of": f"{which}: {', '.join(answered)}",
+                **({"not reachable from here": ", ".join(unreachable)} if unreachable else {}),
+                "cached algorithms": ", ".join(cached) or "none"})
     out.table(["TIER", "HITS", "MISSES", "ENTRIES", "EVICTIONS", "ERRORS"], [list(t.values()) for t in tiers])
+
+
+def _every_replicas_cache_stats(
+    state: CliState,
+) -> tuple[dict[str, cache_pb2.GetCacheStatsResponse], list[str]]:
+    """Each replica's own figures by its address (as the balancer lists it), asked directly,
+    and the addresses that could not be reached; ``({}, [])`` when the balancer's admin
+    endpoint cannot list them."""
+    try:
+        listed = state.session.admin().ListBackends(admin_pb2.ListBackendsRequest(), timeout=state.options.timeout,
+                                                    metadata=state.session.admin_metadata())
+    except grpc.RpcError:
+        return {}, []
+    replies: dict[str, cache_pb2.GetCacheStatsResponse] = {}
+    unreachable: list[str] = []
+    for backend in listed.backends:
+        with open_channel(backend.address, state.options) as channel:
+            try:
+                replies[backend.address] = cache_pb2_grpc.CacheServiceStub(channel).GetCacheStats(
+                    cache_pb2.GetCacheStatsRequest(), timeout=state.options.timeout,
+                    metadata=state.session.metadata())
+            except grpc.RpcError:
+                unreachable.append(backend.address)
+    return replies, unreachable
 
 
 @cache_app.command("clear")

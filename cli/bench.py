@@ -33,12 +33,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hashmesh.cli.bench_report import (
     CallResults,
     build_report,
+    every_call_failed,
     format_csv,
     format_summary,
     go_error,
     go_status,
 )
-from hashmesh.cli.client import CliError, ExitCode, aio_channel, channel_security
+from hashmesh.cli.client import CliError, ExitCode, aio_channel, channel_security, exit_code_of
 from hashmesh.cli.state import state_of
 from hashmesh.core.tls import ClientTls
 from hashmesh.v1 import admin_pb2, cache_pb2, common_pb2, hash_pb2, task_pb2
@@ -336,7 +337,9 @@ def bench_command(
 
       hashctl bench --call hashmesh.v1.HashService.ComputeHash -d '{"algorithm":"ALGORITHM_SHA256","data":"aGVsbG8="}' -n 2000 -c 50
 
-      hashctl bench -z 10s --rps 500 --procs 2 -O json -o report.json 127.0.0.1:50050
+      hashctl bench -d '{"algorithm":"ALGORITHM_SHA256","data":"aGVsbG8="}' -z 10s --rps 500 --procs 2 -O json -o report.json 127.0.0.1:50050
+
+    Exits non-zero (with the code of the most frequent status) when no call succeeded.
     """
     state = state_of(ctx)
     if output_format not in ("summary", "json", "pretty", "csv"):
@@ -386,3 +389,8 @@ def bench_command(
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
+    failed = every_call_failed(report)
+    if failed is not None:
+        status, error = failed
+        hint = " (the request is built from -d; see `hashctl bench --help`)" if status == "INVALID_ARGUMENT" else ""
+        raise CliError(f"every call failed: {error}{hint}", exit_code_of(grpc.StatusCode[status]))

@@ -4,7 +4,8 @@ Field names, units and rules follow ghz's runner/reporter.go so tools that read 
 read ours: durations are integer nanoseconds, histogram marks are seconds, the latency
 distribution has the fixed percentiles 10/25/50/75/90/95/99, status keys are spelled as
 gRPC-Go spells codes (``OK``, ``ResourceExhausted``), errors as ``rpc error: code = X desc = Y``.
-Fastest, slowest, the histogram and the distribution count successful calls only, as ghz's do."""
+Fastest, slowest, average, the histogram and the distribution count successful calls only, as
+ghz's do (so the average always lies between the fastest and the slowest)."""
 
 from __future__ import annotations
 
@@ -128,10 +129,11 @@ def build_report(results: CallResults, total_ns: int, options: dict[str, Any], e
         "details": None,
     })
     if count:
-        report["average"] = int(sum(results.latencies_ns) / count)
         report["rps"] = count / (total_ns / 1e9) if total_ns else 0.0
-        ok = sorted(lat / 1e9 for lat, err in zip(results.latencies_ns, results.errors, strict=True) if not err)
+        ok_ns = [lat for lat, err in zip(results.latencies_ns, results.errors, strict=True) if not err]
+        ok = sorted(lat / 1e9 for lat in ok_ns)
         if ok:
+            report["average"] = int(sum(ok_ns) / len(ok_ns))
             report["fastest"] = int(ok[0] * 1e9)
             report["slowest"] = int(ok[-1] * 1e9)
             report["histogram"] = histogram(ok)
@@ -142,6 +144,21 @@ def build_report(results: CallResults, total_ns: int, options: dict[str, Any], e
                                             results.errors, results.statuses, strict=False)
         ]
     return report
+
+
+def every_call_failed(report: dict[str, Any]) -> tuple[str, str] | None:
+    """``(python status name, most frequent error)`` when no call succeeded (or none was
+    made), else ``None``: such a run must not exit 0."""
+    statuses: dict[str, int] = report["statusCodeDistribution"]
+    if statuses.get("OK", 0):
+        return None
+    if not statuses:
+        return "UNKNOWN", "no call was made"
+    go_name = max(statuses, key=lambda name: statuses[name])
+    python_name = {go: py for py, go in GO_STATUS_NAMES.items()}.get(go_name, "UNKNOWN")
+    errors: dict[str, int] = report["errorDistribution"]
+    error = max(errors, key=lambda text: errors[text]) if errors else go_name
+    return python_name, error
 
 
 def _rfc3339(ns: int) -> str:

@@ -87,6 +87,11 @@ def retry_after_of(err: grpc.RpcError) -> float | None:
     return None
 
 
+def exit_code_of(code: grpc.StatusCode) -> ExitCode:
+    """The exit code scripts see for a call that ended with ``code``."""
+    return _EXIT_BY_STATUS.get(code, ExitCode.OTHER)
+
+
 def error_from_rpc(err: grpc.RpcError, target: str) -> CliError:
     """The one-line message and exit code for a failed call to ``target``."""
     code: grpc.StatusCode = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
@@ -96,7 +101,10 @@ def error_from_rpc(err: grpc.RpcError, target: str) -> CliError:
         message = f"UNAVAILABLE: cannot reach {target} ({details})"
         if any(word in details.lower() for word in ("ssl", "tls", "handshake", "certificate")):
             message += "; check --tls-ca / --tls-cert / --tls-key / --tls-server-name"
-    exit_code = _EXIT_BY_STATUS.get(code, ExitCode.OTHER)
+        else:
+            message += ("; is a mesh running there? `hashctl up` starts one on this machine, "
+                        "--target (or HASHMESH_TARGET) points at another")
+    exit_code = exit_code_of(code)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         delay = retry_after_of(err)
         if delay is not None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import re
 import secrets
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,10 +76,22 @@ class MeshPlan:
             raise ValueError("need --replicas >= 1, --workers >= 0 and --balancers >= 1")
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: on Linux, SIGTERM it if the supervisor dies abruptly."""
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(signum: int, parent: int) -> None:
+    """Runs in a child before exec (Linux): the kernel sends it ``signum`` when the thread that
+    started it dies, however the supervisor dies (``kill -9``, a closed terminal). Children
+    are started from threads that live as long as the supervisor: the event loop's, or the
+    default executor's (for the database)."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    if os.getppid() != parent:  # the supervisor died before the line above
+        os.kill(os.getpid(), signum)
+
+
+def _children_die_with_us(signum: int) -> Callable[[], None] | None:
+    return functools.partial(_die_with_parent, signum, os.getpid()) if sys.platform == "linux" else None
 
 
 @dataclass
@@ -173,11 +188,25 @@ class Supervisor:
         return (f"{kind} metrics",) if self.plan.metrics else ()
 
     async def _start_database(self) -> None:
-        self.database = EmbeddedPostgres(data_dir=self.plan.state_dir / "postgres")
+        # SIGINT is PostgreSQL's fast shutdown (SIGTERM would wait for every client to leave).
+        self.database = EmbeddedPostgres(data_dir=self.plan.state_dir / "postgres",
+                                         log_path=self.logs / "postgres.log",
+                                         preexec_fn=_children_die_with_us(signal.SIGINT))
+        stale = await asyncio.to_thread(stop_stale_server, self.database.data_dir / "pgdata")
+        if stale:
+            self.emit("stopped", name="postgres", pid=stale, reason="left running by an earlier up")
         self.emit("starting", name="postgres")
         # Shielded: a stop during start-up waits for the server to be up, then stops it.
         self._database_start = asyncio.get_running_loop().run_in_executor(None, self.database.start)
-        self.dsn = await asyncio.shield(self._database_start)
+        try:
+            self.dsn = await asyncio.shield(self._database_start)
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            # The server (or a set-up step) exited: its own words, not the whole log.
+            log_path = self.database.log_file
+            output = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else None
+            said = output.decode(errors="replace") if isinstance(output, bytes) else ""
+            raise StartupError(f"PostgreSQL did not start (log {log_path}):\n"
+                               f"{_reasons_in(said) or _reasons(log_path)}") from exc
         self.emit("running", name="postgres", pid=self.database.pid, address=f"{self.database.host}:"
                   f"{self.database.port}", dsn=redact_dsn(self.dsn))
 
@@ -202,7 +231,7 @@ class Supervisor:
             sys.executable, "-m", *child.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL, env=env,
             # Own session: a Ctrl-C on the terminal reaches only us, so we stop children in order.
-            start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            start_new_session=True, preexec_fn=_children_die_with_us(signal.SIGTERM),
         )
         self.emit("starting", name=child.name, pid=child.pid)
         child.pump = asyncio.create_task(self._pump(child, child.process))
@@ -340,6 +369,42 @@ class Supervisor:
         return {row["name"]: row["pid"] for row in self.rows() if row["pid"]}
 
 
+def stop_stale_server(pgdata: Path, timeout: float = STOP_TIMEOUT) -> int | None:
+    """Clear what an earlier ``up`` that died may have left in ``pgdata``: a stale
+    ``postmaster.pid`` is removed; a server still running from it (an orphan: the caller holds
+    the state directory's lock, so no live ``up`` owns it) is shut down. Returns its PID."""
+    lock = pgdata / "postmaster.pid"
+    try:
+        first = lock.read_text(errors="replace").split("\n", 1)[0].strip()
+    except OSError:
+        return None
+    pid = int(first) if first.isdigit() else 0
+    if not pid or not _is_postgres_on(pid, pgdata):
+        lock.unlink(missing_ok=True)
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGINT)  # fast shutdown
+    deadline = time.monotonic() + timeout
+    while _is_postgres_on(pid, pgdata):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + timeout
+        time.sleep(0.05)
+    lock.unlink(missing_ok=True)
+    return pid
+
+
+def _is_postgres_on(pid: int, pgdata: Path) -> bool:
+    """Whether ``pid`` is a live postgres serving ``pgdata`` (not a recycled PID)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and bool(argv) and argv[0].endswith(b"postgres") and str(pgdata).encode() in argv
+
+
 def load_cache_secret(state_dir: Path, name: str = CACHE_SECRET_FILE) -> str:
     """The local mesh's cache secret (or another one, by file ``name``): read from
     ``state_dir``, or made once (random) and kept there, readable by the owner only. Without
@@ -373,6 +438,19 @@ async def _terminate(process: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
+
+
+def _reasons(path: Path, most: int = 3) -> str:
+    """The last FATAL/PANIC/ERROR lines of a PostgreSQL log (else its last line)."""
+    text = _tail(path, 200)
+    return _reasons_in(text, most) or "\n".join(text.splitlines()[-1:])
+
+
+def _reasons_in(text: str, most: int = 3) -> str:
+    """The last FATAL/PANIC/ERROR lines of PostgreSQL's output, or ``""``."""
+    lines = text.strip().splitlines()
+    found = [line for line in lines if any(f"{level}:" in line for level in ("FATAL", "PANIC", "ERROR"))]
+    return "\n".join(found[-most:] or lines[-1:])
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -21,7 +21,9 @@ from rich.table import Table
 
 from hashmesh.cli.client import CliError, ExitCode
 from hashmesh.cli.naming import STRATEGIES, parse_strategy
+from hashmesh.cli.options import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET
 from hashmesh.cli.state import state_of
+from hashmesh.cli.state_lock import AlreadyRunning, StateLock
 from hashmesh.cli.supervisor import Event, MeshPlan, StartupError, Supervisor
 from hashmesh.core.errors import Unavailable
 from hashmesh.core.queue.db import redact_dsn
@@ -83,7 +85,8 @@ async def _run(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
     display.supervisor = supervisor
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal was closed. Stop in order, as for Ctrl-C.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     code = 0
     starting = asyncio.create_task(supervisor.start())
@@ -96,10 +99,7 @@ async def _run(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
             display.event({"event": "ready", "target": supervisor.target, "admin_target": supervisor.admin_target,
                            "dsn": redact_dsn(supervisor.dsn), "state_dir": str(plan.state_dir), "pids": supervisor.pids()})
             if not display.json_mode:
-                display.console.print(
-                    f"hashmesh is up: [bold]{supervisor.target}[/] (admin {supervisor.admin_target}), "
-                    f"logs in {supervisor.logs}\n  try: hashctl hash sha256 hello · hashctl submit md5 hello "
-                    "--wait · Ctrl-C stops everything", highlight=False, soft_wrap=True)
+                display.console.print(_ready_hint(supervisor), highlight=False, soft_wrap=True)
             if demo:
                 passed = await asyncio.to_thread(_demo, supervisor.target, display)
                 display.event({"event": "demo_done", "ok": passed})
@@ -129,6 +129,18 @@ async def _run(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
         await supervisor.stop()
         display.event({"event": "down"})
     return code
+
+
+def _ready_hint(supervisor: Supervisor) -> str:
+    """What to type next; the flags say where whenever the mesh is not on the default ports."""
+    flags = ""
+    if supervisor.target != DEFAULT_TARGET:
+        flags += f"--target {supervisor.target} "
+    hashctl = f"hashctl {flags}"
+    admin = "" if supervisor.admin_target == DEFAULT_ADMIN_TARGET else f"--admin-target {supervisor.admin_target} "
+    return (f"hashmesh is up: [bold]{supervisor.target}[/] (admin {supervisor.admin_target}), logs in "
+            f"{supervisor.logs}\n  try: {hashctl}hash sha256 hello · {hashctl}submit md5 hello --wait · "
+            f"hashctl {admin}lb stats · Ctrl-C stops everything")
 
 
 def _demo(target: str, display: Display) -> bool:
@@ -194,21 +206,41 @@ def up_command(
         parse_strategy(strategy)
     if once and not demo:
         raise CliError("--once only makes sense with --demo", ExitCode.USAGE)
-    for flag, number in (("--port", port), ("--admin-port", admin_port)):
-        if number and not _port_free("127.0.0.1", number):
-            raise CliError(f"port {number} is in use (another `hashctl up`?); choose another with {flag}, "
-                           "or 0 for any free port")
-    plan = MeshPlan(state_dir=state_dir.resolve(), database_url=database_url, replicas=replicas,
-                    workers=workers, balancers=balancers, port=port, admin_port=admin_port, metrics=metrics,
-                    strategy=strategy.strip().lower().replace("-", "_") if strategy else None)
-    display = Display(json_mode=state.options.json or json_out)
-    if display.live_mode:
-        with Live(display.table(), console=display.console, refresh_per_second=4) as live:
-            display.live = live
-            code = asyncio.run(_run(plan, display, demo, once))
-    else:
-        code = asyncio.run(_run(plan, display, demo, once))
+    plan = MeshPlan(
+        state_dir=state_dir.resolve(),
+        database_url=database_url,
+        replicas=replicas,
+        workers=workers,
+        balancers=balancers,
+        port=port,
+        admin_port=admin_port,
+        metrics=metrics,
+        strategy=strategy.strip().lower().replace("-", "_") if strategy else None,
+    )
+    lock = StateLock(plan.state_dir)
+    try:
+        lock.check_free()  # first: "already running" explains a busy port too
+        for flag, number in (("--port", port), ("--admin-port", admin_port)):
+            if number and not _port_free(plan.host, number):
+                raise CliError(f"port {number} is in use (another `hashctl up`?); choose another with "
+                               f"{flag}, or 0 for any free port")
+        lock.acquire()
+    except AlreadyRunning as exc:
+        raise CliError(str(exc), ExitCode.FAILED_PRECONDITION) from None
+    try:
+        code = _show(plan, Display(json_mode=state.options.json or json_out), demo, once)
+    finally:
+        lock.release()
     if code:
         raise typer.Exit(code)
+
+
+def _show(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
+    """Run the mesh under a live table on a terminal, plain lines or JSON otherwise."""
+    if not display.live_mode:
+        return asyncio.run(_run(plan, display, demo, once))
+    with Live(display.table(), console=display.console, refresh_per_second=4) as live:
+        display.live = live
+        return asyncio.run(_run(plan, display, demo, once))
 
 

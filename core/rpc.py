@@ -214,6 +214,11 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+LIVENESS_SERVICE = "hashmesh.liveness"
+"""A grpc.health.v1 service name that is SERVING for as long as the process runs, whatever
+it can serve: what a liveness probe asks (the empty name says whether it can serve)."""
+
+
 class GrpcServer:
     """A grpc.aio server with health and reflection, bound to one address.
 
@@ -272,6 +277,7 @@ class GrpcServer:
             self.port = 0
         if not self.port:
             raise OSError(f"cannot listen on {self.listen} (address in use or not local)")
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.server.start()
 
     async def set_serving(self, serving: bool) -> None:

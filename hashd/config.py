@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hashmesh.core import resources
+from hashmesh.core.hashing.algorithms import BOUNDS
 from hashmesh.core.hashing.cache import CacheSettings
 from hashmesh.core.identity import MIN_SECRET_LENGTH
 from hashmesh.core.queue.sealing import TaskKeyring
@@ -35,8 +36,17 @@ class HashdSettings:
     """Largest unary input; larger inputs must use HashStream (``HASHMESH_MAX_MESSAGE_BYTES``).
     The gRPC receive limit is set to twice this, so that a caller slightly over it gets a
     status telling it to stream; beyond twice, gRPC itself refuses with RESOURCE_EXHAUSTED."""
-    cpu_workers: int = max(1, (os.cpu_count() or 2))
-    """Threads for CPU-heavy work such as argon2 (``HASHMESH_HASHD_CPU_WORKERS``)."""
+    resources: resources.Resources = field(default_factory=resources.detect)
+    """CPUs and memory this replica may use: its cgroup's limits (a container's), else the
+    host's. The two settings below default from it."""
+    cpu_workers: int = field(default_factory=lambda: resources.detect().cpu_threads)
+    """Threads for CPU-heavy work such as argon2 (``HASHMESH_HASHD_CPU_WORKERS``); default:
+    the cgroup's CPU limit rounded up, else the CPUs this process may run on."""
+    argon2_max_memory_kib: int | None = None
+    """Largest argon2 ``memory_cost_kib`` accepted (``HASHMESH_HASHD_ARGON2_MAX_MEMORY_KIB``);
+    default (``None``): what lets ``cpu_workers`` such calls run at once within the memory
+    limit, beside the process itself, at most the protocol's 256 MiB. Larger requests get
+    INVALID_ARGUMENT naming ``memory_cost_kib``, never an out-of-memory kill."""
     cpu_queue: int = 32
     """Calls that may wait for a CPU thread before new ones are refused with RESOURCE_EXHAUSTED
     (``HASHMESH_HASHD_CPU_QUEUE``)."""
@@ -93,6 +103,21 @@ class HashdSettings:
     def __post_init__(self) -> None:
         if self.cpu_workers < 1:
             raise SettingsError("HASHMESH_HASHD_CPU_WORKERS must be >= 1")
+        low, high = BOUNDS["memory_cost_kib"]
+        derived = self.resources.argon2_memory_kib(self.cpu_workers, high)
+        if self.argon2_max_memory_kib is None and derived < low:
+            raise SettingsError(
+                f"a memory limit of {self.resources.memory_bytes // 2**20} MiB cannot hold "
+                f"{self.cpu_workers} argon2 calls of {low // 1024} MiB at once: raise the limit or "
+                "lower HASHMESH_HASHD_CPU_WORKERS")
+        explicit = self.argon2_max_memory_kib
+        if explicit is not None and not low <= explicit <= high:
+            raise SettingsError(f"HASHMESH_HASHD_ARGON2_MAX_MEMORY_KIB must be between {low} and {high}")
+        if explicit is not None and explicit > self.resources.argon2_memory_kib(self.cpu_workers, explicit):
+            raise SettingsError(
+                f"HASHMESH_HASHD_ARGON2_MAX_MEMORY_KIB={explicit} x HASHMESH_HASHD_CPU_WORKERS="
+                f"{self.cpu_workers} does not fit the memory limit of "
+                f"{self.resources.memory_bytes // 2**20} MiB (at most {derived} KiB fits)")
         if self.cpu_queue < 0:
             raise SettingsError("HASHMESH_HASHD_CPU_QUEUE must be >= 0")
         if self.max_message_bytes < 1024:
@@ -110,15 +135,28 @@ class HashdSettings:
         if self.queue_metrics_seconds <= 0:
             raise SettingsError("HASHMESH_HASHD_QUEUE_METRICS_SECONDS must be positive")
 
+    @property
+    def argon2_memory_limit_kib(self) -> int:
+        """The largest argon2 ``memory_cost_kib`` this replica accepts."""
+        if self.argon2_max_memory_kib is not None:
+            return self.argon2_max_memory_kib
+        return self.resources.argon2_memory_kib(self.cpu_workers, BOUNDS["memory_cost_kib"][1])
+
     @classmethod
     def from_env(cls) -> HashdSettings:
         metrics = env_optional("HASHD_METRICS_PORT")
+        found = resources.detect()
+        argon2_memory = env_optional("HASHD_ARGON2_MAX_MEMORY_KIB")
         return cls(
             listen=env_str("HASHD_LISTEN", cls.listen),
             database=DatabaseSettings.from_env(),
             grace_seconds=env_float("GRACE_SECONDS", cls.grace_seconds, minimum=0.0),
             max_message_bytes=env_int("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024),
-            cpu_workers=env_int("HASHD_CPU_WORKERS", max(1, os.cpu_count() or 2), minimum=1),
+            resources=found,
+            cpu_workers=env_int("HASHD_CPU_WORKERS", found.cpu_threads, minimum=1),
+            argon2_max_memory_kib=(
+                env_int("HASHD_ARGON2_MAX_MEMORY_KIB", 0, minimum=1) if argon2_memory else None
+            ),
             cpu_queue=env_int("HASHD_CPU_QUEUE", cls.cpu_queue, minimum=0),
             cache=CacheSettings.from_env(),
             max_pending_tasks=env_int("MAX_PENDING_TASKS", cls.max_pending_tasks, minimum=1),

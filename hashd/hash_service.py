@@ -120,11 +120,13 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         *,
         max_input_bytes: int,
         callers: CallerResolver,
+        argon2_memory_kib: int | None = None,
     ) -> None:
         self._executor = executor
         self._cache = cache
         self._max_input = max_input_bytes
         self._callers = callers
+        self._argon2_memory_kib = argon2_memory_kib
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """Whose cache entries a call may read: resolved here, and only for a cacheable
@@ -188,7 +190,7 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
             algorithm = algorithm_from_wire(request.algorithm)
         if algorithm is Algorithm.ARGON2ID:
             with violations.check():
-                params = argon2_params(request.argon2)
+                params = argon2_params(request.argon2, memory_limit_kib=self._argon2_memory_kib)
         elif algorithm is not None and request.HasField("argon2"):
             violations.add("argon2", f"applies only to ALGORITHM_ARGON2ID, not {algorithm.name}")
         if len(request.data) > self._max_input:
@@ -256,7 +258,7 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         else:
             algorithm = algorithm_from_wire(request.algorithm)
         if algorithm is Algorithm.ARGON2ID:
-            algorithms.validate_phc(request.encoded)
+            algorithms.validate_phc(request.encoded, memory_limit_kib=self._argon2_memory_kib)
             match, rehash = await self._executor.run(
                 algorithms.argon2id_verify, request.encoded, request.data, deadline=_deadline(context)
             )

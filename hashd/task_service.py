@@ -127,7 +127,11 @@ def task_id_of(value: str, field: str = "id") -> str:
 
 
 def validate_spec(
-    spec: task_pb2.TaskSpec, *, field: str, default_max_attempts: int
+    spec: task_pb2.TaskSpec,
+    *,
+    field: str,
+    default_max_attempts: int,
+    argon2_memory_kib: int | None = None,
 ) -> tuple[NewTask, Argon2Params | None]:
     """A ``NewTask`` (client id filled in later) and its argon2 parameters, or
     ``InvalidArgument`` naming the field (``specs[3].priority``)."""
@@ -138,7 +142,9 @@ def validate_spec(
         algorithm = algorithm_from_wire(spec.algorithm, field=f"{field}.algorithm")
     if algorithm is Algorithm.ARGON2ID:
         with violations.check():
-            params = argon2_params(spec.argon2, field_prefix=f"{field}.argon2")
+            params = argon2_params(
+                spec.argon2, field_prefix=f"{field}.argon2", memory_limit_kib=argon2_memory_kib
+            )
     elif algorithm is not None and spec.HasField("argon2"):
         violations.add(
             f"{field}.argon2", f"applies only to ALGORITHM_ARGON2ID, not {algorithm.name}"
@@ -317,7 +323,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             with violations.check():
                 validated.append(
                     validate_spec(
-                        spec, field=name, default_max_attempts=self._settings.default_max_attempts
+                        spec, field=name, default_max_attempts=self._settings.default_max_attempts,
+                        argon2_memory_kib=self._settings.argon2_memory_limit_kib,
                     )
                 )
                 self.priorities.check(client_id, validated[-1][0].priority, f"{name}.priority")

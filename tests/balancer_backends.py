@@ -8,7 +8,8 @@ google.rpc.BadRequest and a custom trailer), ``x-test-count`` (WatchTask message
 back: initial ``x-initial: NAME``; trailing ``x-backend: NAME``, ``x-remaining`` (the deadline
 left when the call arrived, or ``none``), ``x-seen-forwarded-for``, ``x-seen-client-id``,
 ``x-seen-identity`` (the balancer's stamp), ``x-path`` (``tunnel`` or ``call``: how the call reached it).
-It prints ``cancelled METHOD`` when a call is cancelled under it."""
+It prints ``sleeping METHOD`` when a call starts its ``x-test-sleep`` (the call has arrived)
+and ``cancelled METHOD`` when a call is cancelled under it."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class Behaviour:
             )
         sleep = float(meta.get("x-test-sleep", "0")) + self.delay
         if sleep and method != "WatchTask":
+            print(f"sleeping {method}", flush=True)
             try:
                 await asyncio.sleep(sleep)
             except asyncio.CancelledError:

@@ -5,6 +5,8 @@ start real hashd / workerd / balancer processes on free loopback ports and stop 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +21,23 @@ from hashmesh.core.queue.sealing import KEY_FILE_ENV, ensure_key_file
 from tests.procs import Proc, start_process, wait_serving
 
 TEMPLATE_DB = "hashmesh_test_template"
+_OWN_BASETEMP = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give this run a temporary root of its own. pytest's default, /tmp/pytest-of-USER,
+    keeps only the last 3 runs of that user: a second run on the machine (another terminal,
+    another checkout) deletes the first one's directories, its embedded PostgreSQL included."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="hashmesh-tests-")
+        config.stash[_OWN_BASETEMP] = config.option.basetemp
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A green run leaves nothing in /tmp; a red one keeps its logs for a look."""
+    own = session.config.stash.get(_OWN_BASETEMP, None)
+    if own is not None and exitstatus == 0:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -122,7 +141,9 @@ class Processes:
                 ",".join(backends),
                 *args,
             ],
-            env,
+            # Two slow health answers in a row on a loaded machine must not take a live replica
+            # out of rotation; a dead one still fails its check at once.
+            {"HASHMESH_BALANCER_HEALTH_TIMEOUT": "5", **(env or {})},
             ("balancer", "balancer admin"),
         )
         wait_serving(proc.addresses["balancer"])

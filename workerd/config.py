@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hashmesh.core import resources
 from hashmesh.core.queue.retention import RetentionPolicy
 from hashmesh.core.queue.sealing import TaskKeyring
 from hashmesh.core.settings import (
@@ -35,8 +36,9 @@ class WorkerSettings:
     concurrency: int = 128
     """Most tasks held at once: claimed and not yet written back. Claims never ask for more
     than the free slots (bounded prefetch) (``HASHMESH_WORKERD_CONCURRENCY``)."""
-    cpu_workers: int = max(1, os.cpu_count() or 2)
-    """Threads running argon2 tasks; digests run inline (``HASHMESH_WORKERD_CPU_WORKERS``)."""
+    cpu_workers: int = field(default_factory=lambda: resources.detect().cpu_threads)
+    """Threads running argon2 tasks; digests run inline (``HASHMESH_WORKERD_CPU_WORKERS``);
+    default: the cgroup's CPU limit rounded up, else the CPUs this process may run on."""
     lease_seconds: float = 30.0
     """Lease of a claimed task; a task whose lease expires is put back and retried
     (``HASHMESH_TASK_LEASE_SECONDS``)."""
@@ -104,7 +106,7 @@ class WorkerSettings:
             database=DatabaseSettings.from_env(),
             name=env_optional("WORKERD_NAME") or default_name(),
             concurrency=env_int("WORKERD_CONCURRENCY", cls.concurrency, minimum=1),
-            cpu_workers=env_int("WORKERD_CPU_WORKERS", max(1, os.cpu_count() or 2), minimum=1),
+            cpu_workers=env_int("WORKERD_CPU_WORKERS", resources.detect().cpu_threads, minimum=1),
             lease_seconds=env_float("TASK_LEASE_SECONDS", cls.lease_seconds, minimum=0.1),
             heartbeat_seconds=env_float(
                 "WORKERD_HEARTBEAT_SECONDS", cls.heartbeat_seconds, minimum=0.05

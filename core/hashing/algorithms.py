@@ -115,8 +115,10 @@ class Argon2Params:
         hash_len: int = 0,
         salt: bytes = b"",
         field_prefix: str = "argon2",
+        memory_limit_kib: int | None = None,
     ) -> Argon2Params:
-        """Zeros take the defaults; out-of-bounds values raise ``InvalidArgument``."""
+        """Zeros take the defaults; out-of-bounds values raise ``InvalidArgument``, and so does
+        a ``memory_cost_kib`` over ``memory_limit_kib`` (what this server's memory can hold)."""
         values = {
             "time_cost": time_cost or DEFAULT_TIME_COST,
             "memory_cost_kib": memory_cost_kib or DEFAULT_MEMORY_KIB,
@@ -128,6 +130,9 @@ class Argon2Params:
             low, high = BOUNDS[name]
             if not low <= value <= high:
                 violations.add(f"{field_prefix}.{name}", f"must be between {low} and {high}, got {value}")
+        over = memory_over_limit(values["memory_cost_kib"], memory_limit_kib)
+        if over and BOUNDS["memory_cost_kib"][0] <= values["memory_cost_kib"] <= BOUNDS["memory_cost_kib"][1]:
+            violations.add(f"{field_prefix}.memory_cost_kib", over)
         if BOUNDS["memory_cost_kib"][0] <= values["memory_cost_kib"] < 8 * values["parallelism"]:
             violations.add(
                 f"{field_prefix}.memory_cost_kib", "must be at least 8 KiB per lane of parallelism"
@@ -193,8 +198,20 @@ _default_hasher = argon2.PasswordHasher(
 )
 
 
-def validate_phc(encoded: str, *, field: str = "encoded") -> argon2.Parameters:
-    """Parse an Argon2 PHC string; malformed or out-of-bounds ones raise ``InvalidArgument``."""
+def memory_over_limit(memory_cost_kib: int, limit_kib: int | None) -> str:
+    """Why an argon2 call would need more memory than this server keeps for one (its memory
+    limit shared by its argon2 threads), or ``""``."""
+    if limit_kib is not None and memory_cost_kib > limit_kib:
+        return (f"must be at most {limit_kib} KiB on this server (its memory limit holds that much "
+                f"per argon2 thread), got {memory_cost_kib}")
+    return ""
+
+
+def validate_phc(
+    encoded: str, *, field: str = "encoded", memory_limit_kib: int | None = None
+) -> argon2.Parameters:
+    """Parse an Argon2 PHC string; malformed or out-of-bounds ones raise ``InvalidArgument``,
+    as does a memory cost over ``memory_limit_kib``."""
     if len(encoded) > MAX_PHC_LENGTH or not encoded.isascii():
         raise InvalidArgument(field, f"not a valid Argon2 PHC string (ASCII, at most {MAX_PHC_LENGTH} characters)")
     try:
@@ -213,6 +230,9 @@ def validate_phc(encoded: str, *, field: str = "encoded") -> argon2.Parameters:
             raise InvalidArgument(
                 field, f"{name}={value} is outside the server's bounds {low}..{high}"
             )
+    over = memory_over_limit(parsed.memory_cost, memory_limit_kib)
+    if over:
+        raise InvalidArgument(field, over)
     return parsed
 
 

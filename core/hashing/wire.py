@@ -40,10 +40,15 @@ def algorithm_from_name(name: str, *, field: str = "algorithm") -> common_pb2.Al
 
 
 def argon2_params(
-    message: common_pb2.Argon2Params, *, field_prefix: str = "argon2"
+    message: common_pb2.Argon2Params,
+    *,
+    field_prefix: str = "argon2",
+    memory_limit_kib: int | None = None,
 ) -> Argon2Params:
-    """The wire's argon2 parameters, validated; errors name ``field_prefix``'s fields."""
+    """The wire's argon2 parameters, validated (``memory_limit_kib``: this process's bound);
+    errors name ``field_prefix``'s fields."""
     return Argon2Params.build(
+        memory_limit_kib=memory_limit_kib,
         time_cost=message.time_cost,
         memory_cost_kib=message.memory_cost_kib,
         parallelism=message.parallelism,

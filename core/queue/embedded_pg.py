@@ -33,6 +33,7 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,6 +196,14 @@ class EmbeddedPostgres:
     process: subprocess.Popen[bytes] | None = None
     password: str = field(default="", repr=False)
     """Of the ``postgres`` role; read from (or made into) ``<data_dir>/password`` by start()."""
+    log_path: Path | None = None
+    """The server's log; ``None``: ``postgres.log`` in ``data_dir``."""
+    preexec_fn: Callable[[], None] | None = None
+    """Run in the server's process before exec (``hashctl up``: die with the supervisor)."""
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_path or self.data_dir / "postgres.log"
 
     @property
     def dsn(self) -> str:
@@ -254,7 +263,7 @@ class EmbeddedPostgres:
         _write_private(pgdata / "pg_hba.conf", PG_HBA, account)
         if not self.port:
             self.port = free_port(self.host)
-        log = self.data_dir / "postgres.log"
+        log = self.log_file
         if log.is_symlink():  # planted by the server's user: root must not append through it
             log.unlink()
         log_fd = _open_here(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -286,6 +295,7 @@ class EmbeddedPostgres:
             user=user,
             group=group,
             extra_groups=extra_groups,
+            preexec_fn=self.preexec_fn,
         )
         os.close(log_fd)
         self._wait_ready(timeout)
@@ -323,7 +333,7 @@ class EmbeddedPostgres:
         deadline = time.monotonic() + timeout
         while True:
             if self.process is not None and self.process.poll() is not None:
-                tail = (self.data_dir / "postgres.log").read_text(errors="replace")[-2000:]
+                tail = self.log_file.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"embedded PostgreSQL exited at start:\n{tail}")
             try:
                 with psycopg.connect(self.dsn, connect_timeout=2):

@@ -10,6 +10,7 @@ import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import psycopg
 
@@ -46,10 +47,28 @@ def load_migrations() -> list[Migration]:
     return found
 
 
+def require_utf8(conn: psycopg.Connection[Any]) -> None:
+    """Refuse a database not encoded in UTF8: with SQL_ASCII, for one, every text column
+    hashmesh reads fails to decode and every task call would end INTERNAL."""
+    row = conn.execute(
+        "SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = current_database()"
+    ).fetchone()
+    found = row[0] if row else "unknown"
+    # A SQL_ASCII connection hands text back as bytes: that alone says what is wrong.
+    encoding = found.decode("ascii", "replace") if isinstance(found, bytes) else str(found)
+    if encoding != "UTF8":
+        raise psycopg.NotSupportedError(
+            f"database {conn.info.dbname!r} is encoded in {encoding}; hashmesh needs UTF8 "
+            "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
+        )
+
+
 def migrate(dsn: str) -> list[Migration]:
-    """Apply pending migrations to ``dsn``; returns those applied by this call."""
+    """Apply pending migrations to ``dsn``; returns those applied by this call. Every
+    hashmesh process runs it at start, so a database it cannot use is refused here."""
     applied: list[Migration] = []
     with sync_errors("applying migrations"), psycopg.connect(dsn, autocommit=True) as conn:
+        require_utf8(conn)
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
         try:
             conn.execute(

@@ -47,8 +47,9 @@ def quantiles(metric: str, by: str, selector: str = "") -> list[tuple[str, str]]
 
 
 CALLS = "hashmesh_grpc_server_handled_total"
-SEL = '{job=~"$job"}'
-ERR_SEL = '{job=~"$job", grpc_code!="OK"}'
+# Health checks (probes, the balancer's checks) are not calls: they would water the ratios down.
+SEL = '{job=~"$job", grpc_service!="grpc.health.v1.Health"}'
+ERR_SEL = '{job=~"$job", grpc_service!="grpc.health.v1.Health", grpc_code!="OK"}'
 
 PANELS: list[dict[str, Any]] = [
     row("Throughput and errors"),

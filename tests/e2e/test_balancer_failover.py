@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 from google.protobuf.descriptor_pool import DescriptorPool
@@ -16,6 +17,13 @@ from hashmesh.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hash_pb2, hash_pb
 from tests.conftest import Processes
 
 FAST_HEALTH = {"HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2"}
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not reached within {timeout}s: {what}"
+        time.sleep(0.02)
 
 
 def test_killing_two_of_three_replicas_under_load_fails_no_call(dsn: str, procs: Processes) -> None:
@@ -39,25 +47,31 @@ def test_killing_two_of_three_replicas_under_load_fails_no_call(dsn: str, procs:
     workers = [threading.Thread(target=steady_load) for _ in range(4)]
     for worker in workers:
         worker.start()
+    admin_channel = grpc.insecure_channel(balancer.addresses["balancer admin"])
+    admin = admin_pb2_grpc.AdminServiceStub(admin_channel)
+
+    def states() -> dict[str, int]:
+        listed = admin.ListBackends(admin_pb2.ListBackendsRequest(), timeout=5)
+        return {b.address: b.state for b in listed.backends}
+
+    # Each step waits for calls to have gone through (the load is running), not for time.
     try:
-        time.sleep(1.0)
+        wait_until(lambda: len(outcomes) >= 50, "load through three replicas")
         replicas[0].kill()
-        time.sleep(1.0)
+        seen = len(outcomes)
+        wait_until(lambda: len(outcomes) >= seen + 50, "load after the first kill")
         replicas[1].kill()
         before_last = len(outcomes)
-        time.sleep(1.5)
+        wait_until(lambda: len(outcomes) > before_last + 50, "the survivor serving alone")
+        gone = (admin_pb2.BACKEND_STATE_UNHEALTHY, admin_pb2.BACKEND_STATE_EJECTED)
+        wait_until(lambda: states()[replicas[0].address] in gone, "the first dead replica out")
     finally:
         stop.set()
         for worker in workers:
             worker.join(30)
     assert not failures, [(e.code(), e.details()) for e in failures[:3]]  # type: ignore[attr-defined]
-    assert len(outcomes) > before_last + 20  # the survivor kept serving
-
-    with grpc.insecure_channel(balancer.addresses["balancer admin"]) as channel:
-        listed = admin_pb2_grpc.AdminServiceStub(channel).ListBackends(admin_pb2.ListBackendsRequest(), timeout=5)
-    states = {b.address: b.state for b in listed.backends}
-    assert states[replicas[2].address] == admin_pb2.BACKEND_STATE_READY
-    assert states[replicas[0].address] in (admin_pb2.BACKEND_STATE_UNHEALTHY, admin_pb2.BACKEND_STATE_EJECTED)
+    with admin_channel:
+        assert states()[replicas[2].address] == admin_pb2.BACKEND_STATE_READY
 
     # The last replica gone: the balancer reports NOT_SERVING and fails fast with UNAVAILABLE.
     replicas[2].kill()

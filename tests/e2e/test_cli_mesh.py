@@ -95,8 +95,10 @@ def test_cancel_requeue_and_stats(cli_mesh: Mesh) -> None:
 def test_lb_commands(cli_mesh: Mesh) -> None:
     backends = hashctl_json(*on(cli_mesh), "lb", "backends")["backends"]
     assert sorted(b["address"] for b in backends) == sorted(r.address for r in cli_mesh.hashd)
+    before = hashctl_json(*on(cli_mesh), "lb", "stats")["calls"]
+    assert hashctl(*on(cli_mesh), "hash", "md5", "counted").exit_code == 0  # whatever ran before
     stats = hashctl_json(*on(cli_mesh), "lb", "stats")
-    assert stats["calls"] >= 1 and len(stats["backends"]) == 3
+    assert stats["calls"] >= before + 1 and len(stats["backends"]) == 3
     assert hashctl_json(*on(cli_mesh), "lb", "strategy", "least_connections")["strategy"] == "least_connections"
     assert hashctl_json(*on(cli_mesh), "lb", "strategy")["strategy"] == "least_connections"
     hashctl_json(*on(cli_mesh), "lb", "strategy", "round_robin")
@@ -133,6 +135,34 @@ def test_cache_and_health(cli_mesh: Mesh) -> None:
     assert "shared_entries_removed" in cleared
     assert hashctl_json(*on(cli_mesh), "health")["status"] == "SERVING"
     assert hashctl_json(*on(cli_mesh), "health", "--admin")["status"] == "SERVING"
+
+
+def test_cache_stats_add_up_every_replica(cli_mesh: Mesh) -> None:
+    import grpc
+
+    from hashmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, hash_pb2, hash_pb2_grpc
+
+    # Two identical calls straight to the last replica: a hit there, wherever stats land.
+    request = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"stats-pw", argon2=(
+        common_pb2.Argon2Params(time_cost=1, memory_cost_kib=8192, parallelism=1, salt=b"stats-salt-16byt")))
+    with grpc.insecure_channel(cli_mesh.hashd[-1].address) as channel:
+        for _ in range(2):
+            hash_pb2_grpc.HashServiceStub(channel).Hash(request, timeout=30)
+    own = []
+    for replica in cli_mesh.hashd:
+        with grpc.insecure_channel(replica.address) as channel:
+            own.append(cache_pb2_grpc.CacheServiceStub(channel).GetCacheStats(
+                cache_pb2.GetCacheStatsRequest(), timeout=10))
+    stats = hashctl_json(*on(cli_mesh), "cache", "stats")
+    assert stats["scope"] == "mesh" and sorted(stats["replicas"]) == sorted(r.address for r in cli_mesh.hashd)
+    memory = next(t for t in stats["tiers"] if t["tier"] == "memory")
+    assert memory["hits"] == sum(t.hits for r in own for t in r.tiers if t.tier == cache_pb2.CACHE_TIER_MEMORY)
+    assert memory["hits"] >= 1
+    # No balancer to list the replicas: the one that answered, and the output says so.
+    alone = hashctl_json("--target", cli_mesh.address, "--admin-target", "127.0.0.1:1", "cache", "stats")
+    assert alone["scope"] == "one replica" and len(alone["replicas"]) == 1
+    text = hashctl("--target", cli_mesh.address, "--admin-target", "127.0.0.1:1", "cache", "stats")
+    assert "this replica only" in text.stdout
 
 
 def _hashctl_process(*args: str) -> subprocess.CompletedProcess[str]:
@@ -183,6 +213,9 @@ def test_bench_duration_rate_and_csv(cli_mesh: Mesh) -> None:
 
 def test_bench_counts_failures_by_status(cli_mesh: Mesh) -> None:
     result = hashctl("bench", "-d", '{"data": "eA=="}', "-n", "6", "-c", "2", "-O", "json", cli_mesh.address)
+    # Every call failed: the report is still printed, and the exit code says so.
+    assert result.exit_code == ExitCode.INVALID_ARGUMENT, result.stderr
+    assert result.stderr.startswith("error: every call failed: rpc error: code = InvalidArgument")
     report = json.loads(result.stdout)
     assert report["statusCodeDistribution"] == {"InvalidArgument": 6}
     [(error, count)] = report["errorDistribution"].items()

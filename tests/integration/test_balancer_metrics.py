@@ -53,8 +53,9 @@ def test_balancer_metrics_from_a_real_process(tmp_path: Path, started: Callable[
         log_dir=tmp_path,
         # Health checks slow enough that the killed replica is caught by failing calls
         # (ejection) before checks mark it unhealthy.
-        env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "1.0", "HASHMESH_ADMIN_TOKEN": TOKEN,
-             "HASHMESH_BALANCER_RATE_LIMIT_OVERRIDES": "flooder=5/5",
+        env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "1.0", "HASHMESH_BALANCER_HEALTH_TIMEOUT": "5",
+             "HASHMESH_ADMIN_TOKEN": TOKEN,
+             "HASHMESH_BALANCER_RATE_LIMIT_OVERRIDES": "flooder=0.2/5",
              # The test's clients all come from 127.0.0.1: trusted, so x-client-id tells them apart.
              "HASHMESH_BALANCER_TRUSTED_PROXIES": "127.0.0.1"},
         expect=("balancer", "balancer admin", "balancer metrics"),
@@ -81,9 +82,10 @@ def test_balancer_metrics_from_a_real_process(tmp_path: Path, started: Callable[
         assert [call(stub, "polite") for _ in range(10)] == [grpc.StatusCode.OK] * 10
         assert call(stub, "polite", ("x-test-error", "rich")) is grpc.StatusCode.INVALID_ARGUMENT
         handled = "hashmesh_grpc_server_handled_total"
-        # abort() sends the status before the handler records it: the scrape may lag a call.
+        # A call is counted once its status is sent, which may be just after the client has
+        # it: wait for the count to reach the calls made, then compare every figure exactly.
         after_calls = eventually(lambda: scrape(metrics_address), lambda s: value(
-            s, handled, **HASH, grpc_code="INVALID_ARGUMENT") == 1.0)
+            s, "hashmesh_grpc_server_handling_seconds_count", **HASH) == 11.0)
         assert value(after_calls, handled, **HASH, grpc_code="OK") == 10.0
         assert value(after_calls, handled, **HASH, grpc_code="INVALID_ARGUMENT") == 1.0
         assert value(after_calls, "hashmesh_grpc_server_handling_seconds_count", **HASH) == 11.0
@@ -104,7 +106,8 @@ def test_balancer_metrics_from_a_real_process(tmp_path: Path, started: Callable[
         assert value(holding, "hashmesh_grpc_server_in_flight_calls", **HASH) == 4.0
         for future in slow:
             future.result()
-        done = scrape(metrics_address)
+        done = eventually(lambda: scrape(metrics_address), lambda s: value(
+            s, "hashmesh_grpc_server_in_flight_calls", **HASH) == 0.0)
         assert value(done, "hashmesh_grpc_server_in_flight_calls", **HASH) == 0.0
         assert all(value(done, "hashmesh_balancer_backend_in_flight_calls", backend=a) == 0.0
                    for a in addresses)
@@ -113,7 +116,8 @@ def test_balancer_metrics_from_a_real_process(tmp_path: Path, started: Callable[
         codes = [call(stub, "flooder") for _ in range(30)]
         refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert refused >= 15 and codes.count(grpc.StatusCode.OK) == 30 - refused
-        flooded = scrape(metrics_address)
+        flooded = eventually(lambda: scrape(metrics_address), lambda s: value(
+            s, handled, **HASH, grpc_code="RESOURCE_EXHAUSTED") == float(refused))
         assert value(flooded, "hashmesh_balancer_rate_limited_total") == float(refused)
         assert value(flooded, handled, **HASH, grpc_code="RESOURCE_EXHAUSTED") == float(refused)
 
@@ -146,7 +150,9 @@ def test_balancer_metrics_from_a_real_process(tmp_path: Path, started: Callable[
         assert refusal.value.code() is grpc.StatusCode.UNAUTHENTICATED
     finally:
         admin_channel.close()
-    final = scrape(metrics_address)
+    final = eventually(lambda: scrape(metrics_address), lambda s: value(
+        s, "hashmesh_grpc_server_handled_total", grpc_service="hashmesh.v1.AdminService",
+        grpc_method="GetStats", grpc_code="OK") == 1.0)
     assert value(final, "hashmesh_grpc_server_handled_total", grpc_service="hashmesh.v1.AdminService",
                  grpc_method="GetStats", grpc_code="OK") == 1.0
     # Labels never carry a client's identity.

@@ -61,3 +61,45 @@ def test_probe_speaks_mutual_tls(tmp_path: Path) -> None:
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_liveness_stays_serving_while_the_server_cannot_serve() -> None:
+    async def scenario() -> None:
+        server = GrpcServer("127.0.0.1:0")
+        await server.start()
+        try:
+            await server.set_serving(False)  # e.g. draining, or its database gone
+            assert await probe(server.address) == 1
+            assert await probe_args(server.address, "--liveness") == 0
+        finally:
+            await server.stop(0)
+        assert await probe_args(server.address, "--liveness") == 1  # a dead process is not alive
+
+    asyncio.run(scenario())
+
+
+async def probe_args(*args: str, env: dict[str, str] | None = None) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(PROBE), *args, env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    return await asyncio.wait_for(proc.wait(), timeout=30)
+
+
+def test_a_balancer_without_ready_replicas_is_alive_but_not_ready(tmp_path: Path) -> None:
+    """What the Kubernetes probes ask: readiness on the public port follows the replicas,
+    liveness (on either listener) only the process, so no replica ready restarts nothing."""
+    from hashmesh.core.queue.embedded_pg import free_port
+    from tests.procs import start_process
+
+    dead = f"127.0.0.1:{free_port()}"
+    balancer = start_process(
+        "balancer", ["hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                     "--backends", dead], log_dir=tmp_path,
+        env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2"}, expect=("balancer", "balancer admin"))
+    try:
+        public, admin = balancer.addresses["balancer"], balancer.addresses["balancer admin"]
+        assert asyncio.run(probe_args(public)) == 1
+        assert asyncio.run(probe_args(public, "--liveness")) == 0
+        assert asyncio.run(probe_args(admin, "--liveness")) == 0
+    finally:
+        balancer.terminate()

@@ -335,7 +335,10 @@ def test_stream_hashes_256_mib_in_constant_memory(
         expected.update(block)
     assert reply.total_bytes == count * LIMIT
     assert reply.result.digest == expected.digest()
-    assert after - before < 8 * 1024, f"RSS grew by {after - before} KiB"
+    # Bounds far below the 256 MiB streamed (a copy of the stream would break both), with
+    # room for what a loaded machine adds: gRPC reads ahead more chunks while the hashing
+    # thread waits for a CPU, and the allocator keeps some of those pages afterwards.
+    assert after - before < 32 * 1024, f"RSS grew by {after - before} KiB"
     # Peak: gRPC's receive buffers and a few chunks in flight, never the stream itself.
     assert peak - before < 64 * 1024, f"peak RSS {peak - before} KiB over the start"
 

@@ -188,8 +188,11 @@ def test_per_database_secret_ttl_sweep_and_slow_database(dsn: str) -> None:
                 assert not await b.store(Algorithm.ARGON2ID, PARAMS, b"pw2", b"d", "e", tenant="t")
                 await locker.rollback()
             assert b.shared.errors == 1  # the store after it was skipped: the breaker is open
-            await asyncio.sleep(2.5)  # the breaker's back-off (at most 2 s here)
-            assert await b.lookup(Algorithm.ARGON2ID, PARAMS, b"pw", tenant="t") is not None
+            # The breaker closes again after its back-off (at most 2 s here): the hit returns.
+            deadline = asyncio.get_running_loop().time() + 20
+            while await b.lookup(Algorithm.ARGON2ID, PARAMS, b"pw", tenant="t") is None:
+                assert asyncio.get_running_loop().time() < deadline, "the breaker stayed open"
+                await asyncio.sleep(0.1)
 
             # TTL: the row expires, lookups miss, the sweep removes it (not the secret).
             assert await short.store(Algorithm.ARGON2ID, PARAMS, b"brief", b"d", "e", tenant="t")

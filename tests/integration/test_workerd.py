@@ -103,8 +103,14 @@ def test_scheduled_task_runs_at_its_time_without_polling(
     dsn: str, procs: Processes, stub: task_pb2_grpc.TaskServiceStub
 ) -> None:
     # The safety poll is 60 s: only the NOTIFY-announced due time can start it within the watch.
-    procs.workerd(dsn, env={"HASHMESH_WORKERD_POLL_SECONDS": "60"})
-    time.sleep(0.3)  # let the worker reach its idle wait
+    procs.workerd(dsn, "--name", "scheduler", env={"HASHMESH_WORKERD_POLL_SECONDS": "60"})
+    # The worker LISTENs before it says it is ready: the NOTIFY below cannot be missed.
+    with psycopg.connect(dsn) as conn:
+        listening = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            ("workerd-listen:scheduler",),
+        ).fetchone()
+    assert listening == (1,)
     spec = task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA256, data=b"later")
     spec.run_after.GetCurrentTime()
     spec.run_after.nanos = (spec.run_after.nanos + 500_000_000) % 1_000_000_000
@@ -130,10 +136,16 @@ def test_sigterm_while_waiting_for_the_database_exits_cleanly() -> None:
         text=True,
     )
     try:
-        time.sleep(1.5)  # retrying its start-up with backoff by now
-        assert worker.poll() is None
+        assert worker.stdout is not None
+        early = []
+        for line in worker.stdout:  # until it says it retries (the test's timeout bounds it)
+            early.append(line)
+            if "retrying" in line:
+                break
+        assert worker.poll() is None, "".join(early)
         worker.send_signal(signal.SIGTERM)
-        output, _ = worker.communicate(timeout=15)
+        rest, _ = worker.communicate(timeout=15)
+        output = "".join(early) + rest
     finally:
         if worker.poll() is None:
             worker.kill()

@@ -157,8 +157,10 @@ def test_deploy_binds_workerd_metrics_where_the_probes_reach_them() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     env = compose["services"]["workerd"]["environment"]
     assert env["HASHMESH_WORKERD_METRICS_HOST"] == "0.0.0.0"
-    probe = " ".join(compose["services"]["workerd"]["healthcheck"]["test"])
-    assert f":{env['HASHMESH_WORKERD_METRICS_PORT']}/metrics" in probe
+    # The image's role-aware probe: for workerd it fetches the metrics on the port this very
+    # environment gives (tests/unit/test_deploy_healthcheck_roles.py runs it against a server).
+    assert compose["services"]["workerd"]["healthcheck"]["test"] == ["CMD", "hashmesh-healthcheck"]
+    assert env["HASHMESH_WORKERD_METRICS_PORT"] == "9100"
 
     config = next(
         doc

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 import tracemalloc
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,36 +25,46 @@ from hashmesh.core.errors import (
 from hashmesh.core.settings import SettingsError
 
 
-async def _flood(limiter: RateLimiter, peer: str, per_second: float, seconds: float) -> tuple[int, float]:
-    accepted = 0
-    started = time.monotonic()
-    sent = 0
-    while (elapsed := time.monotonic() - started) < seconds:
-        # Keep the offered rate at per_second on average, whatever the sleep granularity.
-        while sent < elapsed * per_second:
-            sent += 1
-            try:
-                await limiter.admit(peer)
-                accepted += 1
-            except ResourceExhausted:
-                pass
-        await asyncio.sleep(0.002)
-    return accepted, time.monotonic() - started
+class _FrozenTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when the test says so: aiolimiter's buckets
+    read ``loop.time()``, so a test can offer calls at exact instants."""
+
+    now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def _frozen_time_run(scenario: Callable[[_FrozenTimeLoop], Coroutine[Any, Any, None]]) -> None:
+    loop = _FrozenTimeLoop()
+    with asyncio.Runner(loop_factory=lambda: loop) as runner:
+        runner.run(scenario(loop))
 
 
 def test_flooding_at_ten_times_the_limit_gets_the_limit_and_others_are_unaffected() -> None:
-    async def scenario() -> None:
-        limiter = RateLimiter(RateLimitSettings(rate=100, burst=10))
-        (flooder, elapsed), (polite, _) = await asyncio.gather(
-            _flood(limiter, "flooder", 1000, 1.5), _flood(limiter, "polite", 50, 1.5)
-        )
-        expected = 10 + 100 * elapsed
-        assert abs(flooder - expected) <= 0.1 * expected, (flooder, expected)
-        assert polite >= int(50 * elapsed) - 1
-        assert limiter.refused_total > 0 and limiter.top_refused(1)[0][0] == "flooder"
+    async def scenario(loop: _FrozenTimeLoop) -> None:
+        now = [0.0]
+        limiter = RateLimiter(RateLimitSettings(rate=100, burst=10), clock=lambda: now[0])
+        flooder = polite = 0
+        # 1.5 s in steps of 1 ms: the flooder offers 1000/s, the polite client 50/s.
+        for step in range(1500):
+            now[0] = loop.now = step / 1000
+            try:
+                await limiter.admit("flooder")
+                flooder += 1
+            except ResourceExhausted:
+                pass
+            if step % 20 == 0:
+                await limiter.admit("polite")  # never refused: raises otherwise
+                polite += 1
+        # The burst, then exactly the rate: 10 + 100/s over the 1.499 s of offers.
+        assert 10 + 149 <= flooder <= 10 + 150, flooder
+        assert polite == 75
+        assert limiter.refused_total == 1500 - flooder
+        assert limiter.top_refused(1)[0][0] == "flooder"
         assert "polite" not in limiter.refusals
 
-    asyncio.run(scenario())
+    _frozen_time_run(scenario)
 
 
 def test_refusal_is_immediate_with_retry_info_and_headers_count_down() -> None:

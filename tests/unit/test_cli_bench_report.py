@@ -18,6 +18,7 @@ from hashmesh.cli.bench_report import (
     PERCENTILES,
     CallResults,
     build_report,
+    every_call_failed,
     format_csv,
     format_summary,
     go_error,
@@ -131,3 +132,25 @@ def test_load_is_split_over_processes() -> None:
     assert sum(s.total or 0 for s in shares) == 11
     assert all(s.rps == 50.0 for s in shares)
     assert len(plan_shares(plan, 50)) == 5  # never more processes than callers
+
+
+def test_average_counts_successful_calls_only_and_lies_between_fastest_and_slowest() -> None:
+    # Fast failures (a refused call answers in microseconds) must not drag the average down.
+    results = _results([10.0, 20.0, 30.0, 0.01, 0.01, 0.01], ["OK"] * 3 + ["ResourceExhausted"] * 3)
+    report = build_report(results, total_ns=1_000_000_000, options={}, end_reason="normal")
+    assert report["average"] == 20_000_000
+    assert report["fastest"] <= report["average"] <= report["slowest"]
+    assert "Average:\t20.00 ms" in format_summary(report)
+
+
+def test_a_run_where_every_call_failed_is_a_failure() -> None:
+    refused = build_report(_results([0.1, 0.2], ["ResourceExhausted"] * 2), total_ns=1, options={},
+                           end_reason="normal")
+    assert every_call_failed(refused) == (
+        "RESOURCE_EXHAUSTED", "rpc error: code = ResourceExhausted desc = slow down")
+    assert refused["average"] == 0 and refused["fastest"] == 0
+    one_ok = build_report(_results([0.1, 5.0], ["ResourceExhausted", "OK"]), total_ns=1, options={},
+                          end_reason="normal")
+    assert every_call_failed(one_ok) is None
+    nothing = build_report(CallResults(), total_ns=1, options={}, end_reason="normal")
+    assert every_call_failed(nothing) == ("UNKNOWN", "no call was made")

@@ -68,6 +68,22 @@ def test_unreachable_names_the_target() -> None:
     failure = error_from_rpc(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"),
                              "10.0.0.1:5")
     assert failure.message.startswith("UNAVAILABLE: cannot reach 10.0.0.1:5")
+    # A new user's first call with nothing running: say how to get a mesh.
+    assert "`hashctl up` starts one on this machine" in failure.message and "--target" in failure.message
+
+
+def test_the_ready_hint_carries_the_target_off_the_default_ports(tmp_path: Any) -> None:
+    from hashmesh.cli.supervisor import MeshPlan, Supervisor
+    from hashmesh.cli.up import _ready_hint
+
+    supervisor = Supervisor(MeshPlan(state_dir=tmp_path, port=0, admin_port=0), lambda event: None)
+    supervisor.target, supervisor.admin_target = "127.0.0.1:41234", "127.0.0.1:41235"
+    hint = _ready_hint(supervisor)
+    assert "hashctl --target 127.0.0.1:41234 hash sha256 hello" in hint
+    assert "hashctl --target 127.0.0.1:41234 submit md5 hello --wait" in hint
+    assert "hashctl --admin-target 127.0.0.1:41235 lb stats" in hint
+    supervisor.target, supervisor.admin_target = "127.0.0.1:50050", "127.0.0.1:50060"
+    assert "try: hashctl hash sha256 hello" in _ready_hint(supervisor)
 
 
 def test_user_names_of_enums() -> None:

@@ -103,6 +103,70 @@ def test_compose_runs_the_whole_mesh_and_scales(compose: dict[str, Any]) -> None
             assert (ROOT / source).exists(), source
 
 
+def test_compose_file_is_read_by_compose_v1_too(compose: dict[str, Any]) -> None:
+    # docker-compose 1.29 (Debian's) knows only these top-level keys (and x- extensions).
+    assert {k for k in compose if not k.startswith("x-")} <= {"version", "services", "volumes",
+                                                              "networks", "secrets", "configs"}
+
+
+def test_compose_sets_argon2_to_fit_its_limits_and_a_healthcheck_per_service(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    hashd = services["hashd"]
+    limits = hashd["deploy"]["resources"]["limits"]
+    _hashd_settings_fit(hashd["environment"], float(limits["cpus"]), _bytes(limits["memory"]))
+    for name in ("hashd", "balancer", "workerd"):
+        # Per service, not only the image's HEALTHCHECK (podman drops it without --format docker).
+        assert services[name]["healthcheck"]["test"] == ["CMD", "hashmesh-healthcheck"], name
+        assert "HASHMESH_HEALTH_TARGET" not in services[name]["environment"], name
+    assert services["migrate"]["healthcheck"] == {"disable": True}
+    # Images a registry-less machine can replace with locally made ones.
+    assert hashd["build"]["args"]["BASE_IMAGE"] == "${BASE_IMAGE:-python:3.11-slim}"
+    assert services["postgres"]["image"] == "${POSTGRES_IMAGE:-postgres:17-alpine}"
+
+
+def test_dockerfile_builds_offline_from_the_lock_without_the_embedded_database() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    # No frontend image to fetch, nothing only BuildKit understands (classic builder, podman).
+    assert "# syntax" not in text and "--mount" not in text
+    assert re.search(r"^ARG BASE_IMAGE=", text, re.M)
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
+    assert "pip install --no-deps -r deploy/requirements.lock" in text
+    assert re.search(r"pip install --no-deps /wheels/hashmesh-\*\.whl", text)
+    assert "!deploy/requirements.lock" in (DEPLOY / "Dockerfile.dockerignore").read_text()
+
+
+def test_the_lock_pins_every_runtime_dependency_but_pgserver() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (DEPLOY / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not pinned: {line}"
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
+    assert needed - set(pins) == {"pgserver"}  # the image has no embedded PostgreSQL
+    assert not {"pgserver", "fasteners", "platformdirs", "psutil"} & set(pins)
+    for requirement in map(Requirement, project["dependencies"]):
+        name = canonicalize_name(requirement.name)
+        if name in pins:
+            assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
+
+
+def test_health_checks_are_not_counted_as_calls_in_error_ratios() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    [ratio] = [r["expr"] for g in rules["groups"] for r in g["rules"] if r["alert"] == "HashmeshHighErrorRatio"]
+    assert ratio.count('grpc_service!="grpc.health.v1.Health"') == 2  # numerator and denominator
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "hashmesh.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
+    calls = [e for e in exprs if "hashmesh_grpc_server_handled_total" in e]
+    assert calls and all('grpc_service!="grpc.health.v1.Health"' in e for e in calls)
+
+
 def test_dockerfile_is_multi_stage_non_root_with_a_grpc_health_check() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert len(re.findall(r"^FROM ", text, re.M)) >= 2
@@ -137,11 +201,16 @@ def manifests() -> Iterator[tuple[str, dict[str, Any]]]:
 
 @cache
 def by_kind() -> dict[tuple[str, str], dict[str, Any]]:
-    return {(doc["kind"], doc["metadata"]["name"]): doc for _, doc in manifests()}
+    return {(doc["kind"], name_of(doc)): doc for _, doc in manifests()}
+
+
+def name_of(doc: dict[str, Any]) -> str:
+    """``metadata.name``, or the ``generateName`` prefix of a manifest meant for ``create``."""
+    return str(doc["metadata"].get("name") or doc["metadata"]["generateName"].rstrip("-"))
 
 
 @pytest.mark.parametrize(("filename", "doc"), list(manifests()),
-                         ids=[f"{f}:{d['kind']}/{d['metadata']['name']}" for f, d in manifests()])
+                         ids=[f"{f}:{d['kind']}/{name_of(d)}" for f, d in manifests()])
 def test_manifest_matches_the_kubernetes_schema(filename: str, doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -153,11 +222,115 @@ def test_kubernetes_schema_rejects_a_broken_manifest() -> None:
         kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
 
 
-def test_kustomization_lists_every_manifest() -> None:
+# Manifests applied by hand, never by `kubectl apply -k`: the Secret (an apply would overwrite
+# the real one with placeholders) and the on-demand migration Job (its template is immutable).
+OUT_OF_BAND = {"secrets.example.yaml", "migrate-job.yaml"}
+
+
+def test_kustomization_lists_every_manifest_but_the_out_of_band_ones() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
     present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == present
+    assert listed == present - OUT_OF_BAND and present >= OUT_OF_BAND
+    applied = [doc for name in listed for doc in load_yaml_documents(K8S / name)]
+    assert not [doc for doc in applied if doc["kind"] == "Secret"]
+
+
+def _walk(node: Any) -> Iterator[Any]:
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        yield from _walk(child)
+
+
+def test_one_secret_holds_the_database_password_once() -> None:
+    from urllib.parse import urlsplit
+
+    [secret] = load_yaml_documents(K8S / "secrets.example.yaml")
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "hashmesh-secrets"
+    assert set(secret["stringData"]) == {"POSTGRES_PASSWORD", "HASHMESH_CACHE_SECRET", "HASHMESH_TASK_KEYS",
+                                         "HASHMESH_IDENTITY_SECRET", "HASHMESH_ADMIN_TOKEN",
+                                         "REDIS_PASSWORD", "HASHMESH_BALANCER_REDIS_URL"}
+    referenced = {ref["name"] for _, doc in manifests() for node in _walk(doc) if isinstance(node, dict)
+                  for key, ref in node.items() if key in ("secretKeyRef", "secretRef")}
+    assert referenced == {"hashmesh-secrets"}
+    url = by_kind()[("ConfigMap", "hashmesh-config")]["data"]["HASHMESH_DATABASE_URL"]
+    assert urlsplit(url).password is None  # from PGPASSWORD, the Secret's one copy
+    for name in ("hashd", "balancer", "workerd"):
+        env = {e["name"]: e for e in containers(by_kind()[("Deployment", name)])[0]["env"]}
+        assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "hashmesh-secrets",
+                                                                  "key": "POSTGRES_PASSWORD"}
+
+
+@pytest.mark.parametrize("name", ["hashd", "workerd"])
+def test_deployments_an_autoscaler_owns_set_no_replicas(name: str) -> None:
+    assert by_kind()[("HorizontalPodAutoscaler", name)]["spec"]["scaleTargetRef"]["name"] == name
+    assert "replicas" not in by_kind()[("Deployment", name)]["spec"]
+
+
+def test_images_are_versioned_and_need_no_registry_once_present() -> None:
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert version is not None
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kustomization["images"] == [{"name": "hashmesh", "newTag": version.group(1)}]
+    pods = [doc for _, doc in manifests() if doc["kind"] in ("Deployment", "Job")]
+    hashmesh = [c for doc in pods for c in containers(doc) if c["image"].startswith("hashmesh")]
+    assert len(hashmesh) == 4
+    for container in hashmesh:
+        assert container["image"] == f"hashmesh:{version.group(1)}"
+        assert container["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_probes_ask_alive_for_liveness_and_serving_for_readiness() -> None:
+    from hashmesh.core.rpc import LIVENESS_SERVICE
+
+    for name, live_port, ready_port in (("hashd", 50051, 50051), ("balancer", 50060, 50050)):
+        container = containers(by_kind()[("Deployment", name)])[0]
+        live, ready = container["livenessProbe"], container["readinessProbe"]
+        assert live["grpc"] == {"port": live_port, "service": LIVENESS_SERVICE}, name
+        assert ready["grpc"] == {"port": ready_port}, name  # the whole server: can it serve
+        # One slow answer does not take a pod out: a few misses, each given a few seconds.
+        assert ready["failureThreshold"] >= 2 and ready["timeoutSeconds"] >= 2, name
+
+
+def test_the_balancer_sees_unready_replicas_too() -> None:
+    # Without it DNS lists only ready pods: an unready replica vanishes instead of showing as
+    # down (hashmesh_balancer_backend_up 0), and HashmeshReplicasEjected can never fire.
+    assert by_kind()[("Service", "hashd")]["spec"]["publishNotReadyAddresses"] is True
+
+
+def _cpus(value: str) -> float:
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def _bytes(value: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 2**20, "G": 2**30}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return int(float(value[: -len(suffix)]) * factor)
+    return int(value)
+
+
+def _hashd_settings_fit(env: dict[str, str], cpus: float, memory: int) -> None:
+    """hashd's own start-up check, run on the limits a manifest gives it: refuses what cannot fit."""
+    from hashmesh.core.resources import Resources
+    from hashmesh.hashd.config import HashdSettings
+
+    workers = int(env["HASHMESH_HASHD_CPU_WORKERS"])
+    limit = Resources(cpus=cpus, memory_bytes=memory, limited=True)
+    assert workers == limit.cpu_threads  # one argon2 thread per CPU of the limit
+    settings = HashdSettings(resources=limit, cpu_workers=workers,
+                             argon2_max_memory_kib=int(env["HASHMESH_HASHD_ARGON2_MAX_MEMORY_KIB"]))
+    # What it accepts is what it would derive from the limits on its own.
+    assert settings.argon2_memory_limit_kib == HashdSettings(resources=limit, cpu_workers=workers
+                                                             ).argon2_memory_limit_kib
+
+
+def test_hashd_argon2_settings_agree_with_the_pod_limits() -> None:
+    container = containers(by_kind()[("Deployment", "hashd")])[0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    limits = container["resources"]["limits"]
+    _hashd_settings_fit(env, _cpus(limits["cpu"]), _bytes(limits["memory"]))
 
 
 def containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
@@ -202,9 +375,12 @@ def test_hashd_and_workerd_autoscale(name: str) -> None:
     assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
 
 
-def test_migration_job_runs_hashctl_db_migrate() -> None:
+def test_migration_job_runs_hashctl_db_migrate_and_can_run_again() -> None:
     job = by_kind()[("Job", "hashmesh-migrate")]
     assert containers(job)[0]["command"] == ["hashctl", "db", "migrate"]
+    # `kubectl create -f` names each run afresh: no clash with a finished one within its TTL.
+    assert "name" not in job["metadata"] and job["metadata"]["generateName"] == "hashmesh-migrate-"
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
 
 
 # --- Grafana and Prometheus -------------------------------------------------------------------
@@ -289,7 +465,7 @@ def test_alert_rules_use_defined_metrics() -> None:
 def test_balancer_replicas_share_their_rate_limits_through_redis() -> None:
     assert by_kind()[("Deployment", "balancer")]["spec"]["replicas"] >= 2
     url = by_kind()[("Secret", "hashmesh-secrets")]["stringData"]["HASHMESH_BALANCER_REDIS_URL"]
-    password = by_kind()[("Secret", "redis-credentials")]["stringData"]["REDIS_PASSWORD"]
+    password = by_kind()[("Secret", "hashmesh-secrets")]["stringData"]["REDIS_PASSWORD"]
     assert url == f"redis://:{password}@redis:6379/0"
     service = by_kind()[("Service", "redis")]
     assert service["spec"]["selector"] == by_kind()[("Deployment", "redis")]["spec"]["selector"]["matchLabels"]
