@@ -40,7 +40,7 @@ from hashmesh.balancer.interceptors import (
 from hashmesh.balancer.metrics import CallMetrics, MethodCalls
 from hashmesh.balancer.stats import BalancerStats
 from hashmesh.balancer.timeouts import AttemptTimeout, StreamIdle, idle_limited
-from hashmesh.balancer.tunnel import NOT_SENT, Tunnels
+from hashmesh.balancer.tunnel import LOST, NOT_SENT, Tunnels
 from hashmesh.core.errors import HashmeshError, Unavailable
 from hashmesh.core.rpc import abort_with
 from hashmesh.core.tunnel import INTERNAL_PREFIX, Reply
@@ -301,9 +301,14 @@ class Proxy:
             tunnel = self._tunnels.of(replica.address, replica.channel, len(self._backends.replicas))
             if not tunnel.unsupported and len(request) <= tunnel.max_payload:
                 reply = await tunnel.unary(method, metadata, timeout, request)
-                if not tunnel.unsupported:
+                # A tunnel that ended is never the call's answer: the call goes again on its own
+                # when that is safe (never sent, or idempotent); a replica that is really gone
+                # then fails that call as any call, and the usual retries apply.
+                ended = reply.code is not _OK and reply.details.startswith((NOT_SENT, LOST))
+                if not tunnel.unsupported and not (
+                        ended and (reply.details.startswith(NOT_SENT) or method in self._idempotent)):
                     return reply
-                # The replica has no tunnel: nothing reached a handler; send it on its own.
+                # The replica has no tunnel (nothing reached a handler), or the tunnel broke.
         rpc = replica.multicallable(UNARY, method)(request, timeout=timeout, metadata=metadata)
         try:
             response = await rpc

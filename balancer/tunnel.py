@@ -35,6 +35,7 @@ from hashmesh.core.tunnel import (
 log = logging.getLogger(__name__)
 
 NOT_SENT = "the tunnel closed before the call was sent"
+LOST = "the tunnel closed while the call was in it"
 RETRY_UNSUPPORTED = 60.0
 """Seconds a replica without the tunnel gets calls of their own before it is asked again."""
 
@@ -148,7 +149,7 @@ class Tunnel:
             code = grpc.StatusCode.UNAVAILABLE
         for call_id, future in pending.items():
             if not future.done():
-                text = details if call_id in sent else f"{NOT_SENT}: {details}"
+                text = f"{LOST if call_id in sent else NOT_SENT}: {details}"
                 future.set_result(Reply(call_id, code, text, (), (), b""))
         if pending:
             log.warning("tunnel to a replica closed", extra={"calls_failed": len(pending), "reason": details})

@@ -48,17 +48,21 @@ def call_unknown_methods(address: str, first: int, count: int, in_flight: int = 
     return codes
 
 
-NAMES = 10_000
+NAMES = 15_000
+WARM_UP = 5_000
 
 
 def test_invented_method_names_keep_memory_flat(dsn: str, procs: Processes) -> None:
     replica = procs.hashd(dsn)
     balancer = procs.balancer([replica.address])
     address = balancer.addresses["balancer"]
-    call_unknown_methods(address, 0, 2000)  # warm up: allocator arenas, grpc's pools
+    # Warm up at the same concurrency: allocator arenas, grpc's pools and the high-water mark of
+    # calls in flight (which a loaded machine raises) are reached before measuring.
+    call_unknown_methods(address, 0, WARM_UP)
     balancer_before, replica_before = rss(balancer.pid), rss(replica.pid)
-    codes = call_unknown_methods(address, 2000, NAMES)
+    codes = call_unknown_methods(address, WARM_UP, NAMES)
     assert codes == {grpc.StatusCode.UNIMPLEMENTED: NAMES}
     balancer_growth, replica_growth = rss(balancer.pid) - balancer_before, rss(replica.pid) - replica_before
-    assert balancer_growth < 10 * MIB, f"balancer grew {balancer_growth / MIB:.1f} MiB"
-    assert replica_growth < 10 * MIB, f"replica grew {replica_growth / MIB:.1f} MiB"
+    # Caching every name cost ~1.7 KiB a name (25 MiB for these 15,000); flat stays well under half.
+    assert balancer_growth < 12 * MIB, f"balancer grew {balancer_growth / MIB:.1f} MiB"
+    assert replica_growth < 12 * MIB, f"replica grew {replica_growth / MIB:.1f} MiB"
