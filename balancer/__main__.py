@@ -25,7 +25,9 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
         import uvloop
     except ImportError:
         if name == "uvloop":
-            sys.exit("hashmesh-balancer: HASHMESH_BALANCER_EVENT_LOOP=uvloop but uvloop is not installed")
+            sys.exit(
+                "hashmesh-balancer: HASHMESH_BALANCER_EVENT_LOOP=uvloop but uvloop is not installed"
+            )
         return None
     return uvloop.new_event_loop
 
@@ -33,57 +35,104 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hashmesh-balancer", description="hashmesh gRPC balancer")
     parser.add_argument("--listen", help="host:port for clients (HASHMESH_BALANCER_LISTEN)")
-    parser.add_argument("--reuse-port", action="store_true", default=None,
-                        help="share --listen's port with other balancer processes (SO_REUSEPORT; "
-                        "HASHMESH_BALANCER_REUSE_PORT)")
-    parser.add_argument("--admin-listen", help="host:port for AdminService (HASHMESH_BALANCER_ADMIN_LISTEN)")
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=None,
+        help="share --listen's port with other balancer processes (SO_REUSEPORT; "
+        "HASHMESH_BALANCER_REUSE_PORT)",
+    )
+    parser.add_argument(
+        "--admin-listen", help="host:port for AdminService (HASHMESH_BALANCER_ADMIN_LISTEN)"
+    )
     parser.add_argument("--backends", help="replicas, comma-separated (HASHMESH_BALANCER_BACKENDS)")
-    parser.add_argument("--backends-dns", help="name:port re-resolved periodically (HASHMESH_BALANCER_BACKENDS_DNS)")
-    parser.add_argument("--strategy", choices=STRATEGIES, help="picking policy (HASHMESH_BALANCER_STRATEGY)")
-    parser.add_argument("--rate-limit", help="default per-peer limit rate[/burst] (HASHMESH_BALANCER_RATE_LIMIT)")
-    parser.add_argument("--state-file", help="keeps strategy, limits and drains set at run time "
-                        "(HASHMESH_BALANCER_STATE_FILE)")
-    parser.add_argument("--redis-url", help="share rate limits among balancers through this Redis "
-                        "(HASHMESH_BALANCER_REDIS_URL)")
-    parser.add_argument("--api-keys-file", help="client API keys, hashed (HASHMESH_BALANCER_API_KEYS_FILE)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port on the --listen host; "
-                        "0 picks a free one (HASHMESH_BALANCER_METRICS_PORT)")
-    parser.add_argument("--tls-cert", help="PEM server certificate of both listeners (HASHMESH_TLS_CERT_FILE)")
+    parser.add_argument(
+        "--backends-dns", help="name:port re-resolved periodically (HASHMESH_BALANCER_BACKENDS_DNS)"
+    )
+    parser.add_argument(
+        "--strategy", choices=STRATEGIES, help="picking policy (HASHMESH_BALANCER_STRATEGY)"
+    )
+    parser.add_argument(
+        "--rate-limit", help="default per-peer limit rate[/burst] (HASHMESH_BALANCER_RATE_LIMIT)"
+    )
+    parser.add_argument(
+        "--state-file",
+        help="keeps strategy, limits and drains set at run time (HASHMESH_BALANCER_STATE_FILE)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        help="share rate limits among balancers through this Redis (HASHMESH_BALANCER_REDIS_URL)",
+    )
+    parser.add_argument(
+        "--api-keys-file", help="client API keys, hashed (HASHMESH_BALANCER_API_KEYS_FILE)"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus /metrics port on the --listen host; "
+        "0 picks a free one (HASHMESH_BALANCER_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--tls-cert", help="PEM server certificate of both listeners (HASHMESH_TLS_CERT_FILE)"
+    )
     parser.add_argument("--tls-key", help="PEM key of --tls-cert (HASHMESH_TLS_KEY_FILE)")
-    parser.add_argument("--tls-client-ca", help="PEM CA of client certificates: turns on mutual TLS "
-                        "(HASHMESH_TLS_CLIENT_CA_FILE)")
-    parser.add_argument("--upstream-tls-ca", help="dial replicas with TLS; PEM CA of their certificates "
-                        "(HASHMESH_BALANCER_UPSTREAM_TLS_CA_FILE)")
-    parser.add_argument("--upstream-tls-cert", help="PEM client certificate for mutual TLS with replicas "
-                        "(HASHMESH_BALANCER_UPSTREAM_TLS_CLIENT_CERT_FILE)")
-    parser.add_argument("--upstream-tls-key", help="PEM key of --upstream-tls-cert "
-                        "(HASHMESH_BALANCER_UPSTREAM_TLS_CLIENT_KEY_FILE)")
-    parser.add_argument("--upstream-tls-server-name", help="name to check in replica certificates "
-                        "instead of the dialled address (HASHMESH_BALANCER_UPSTREAM_TLS_SERVER_NAME)")
+    parser.add_argument(
+        "--tls-client-ca",
+        help="PEM CA of client certificates: turns on mutual TLS (HASHMESH_TLS_CLIENT_CA_FILE)",
+    )
+    parser.add_argument(
+        "--upstream-tls-ca",
+        help="dial replicas with TLS; PEM CA of their certificates "
+        "(HASHMESH_BALANCER_UPSTREAM_TLS_CA_FILE)",
+    )
+    parser.add_argument(
+        "--upstream-tls-cert",
+        help="PEM client certificate for mutual TLS with replicas "
+        "(HASHMESH_BALANCER_UPSTREAM_TLS_CLIENT_CERT_FILE)",
+    )
+    parser.add_argument(
+        "--upstream-tls-key",
+        help="PEM key of --upstream-tls-cert (HASHMESH_BALANCER_UPSTREAM_TLS_CLIENT_KEY_FILE)",
+    )
+    parser.add_argument(
+        "--upstream-tls-server-name",
+        help="name to check in replica certificates "
+        "instead of the dialled address (HASHMESH_BALANCER_UPSTREAM_TLS_SERVER_NAME)",
+    )
     args = parser.parse_args(argv)
     logs.configure("balancer")
     try:
-        settings = BalancerSettings.from_env().with_overrides(
-            listen=args.listen,
-            reuse_port=args.reuse_port,
-            admin_listen=args.admin_listen,
-            backends=_csv(args.backends),
-            backends_dns=_csv(args.backends_dns),
-            strategy=args.strategy,
-            rate_limit=parse_limit(args.rate_limit) if args.rate_limit else None,
-            redis_url=args.redis_url,
-            api_keys_file=args.api_keys_file,
-            state_file=args.state_file,
-            metrics_port=args.metrics_port,
-        ).with_tls_files(args.tls_cert, args.tls_key, args.tls_client_ca).with_upstream_tls(
-            args.upstream_tls_ca, args.upstream_tls_cert, args.upstream_tls_key, args.upstream_tls_server_name
+        settings = (
+            BalancerSettings.from_env()
+            .with_overrides(
+                listen=args.listen,
+                reuse_port=args.reuse_port,
+                admin_listen=args.admin_listen,
+                backends=_csv(args.backends),
+                backends_dns=_csv(args.backends_dns),
+                strategy=args.strategy,
+                rate_limit=parse_limit(args.rate_limit) if args.rate_limit else None,
+                redis_url=args.redis_url,
+                api_keys_file=args.api_keys_file,
+                state_file=args.state_file,
+                metrics_port=args.metrics_port,
+            )
+            .with_tls_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+            .with_upstream_tls(
+                args.upstream_tls_ca,
+                args.upstream_tls_cert,
+                args.upstream_tls_key,
+                args.upstream_tls_server_name,
+            )
         )
     except SettingsError as exc:
         sys.exit(f"hashmesh-balancer: {exc}")
     if not settings.identity_secret:
-        sys.exit("hashmesh-balancer: HASHMESH_IDENTITY_SECRET is not set: the replicas need it to tell "
-                 "the balancer's identity stamp from a forged one (any random string of 16+ characters, "
-                 "the same for every balancer and hashd of the mesh)")
+        sys.exit(
+            "hashmesh-balancer: HASHMESH_IDENTITY_SECRET is not set: the replicas need it to tell "
+            "the balancer's identity stamp from a forged one (any random string of 16+ characters, "
+            "the same for every balancer and hashd of the mesh)"
+        )
     if not settings.backends and not settings.backends_dns:
         sys.exit("hashmesh-balancer: no replicas: pass --backends or --backends-dns")
     from hashmesh.balancer.server import run

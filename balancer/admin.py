@@ -41,8 +41,14 @@ MAX_TOP_PEERS = 1000
 """GetStats lists at most this many refused peers (larger asks are capped, AIP-158 style)."""
 
 
-def snapshot(stats: BalancerStats, backends: BackendSet, limiter: RateLimiter, top: int = 10, *,
-             percentiles: bool = True) -> Snapshot:
+def snapshot(
+    stats: BalancerStats,
+    backends: BackendSet,
+    limiter: RateLimiter,
+    top: int = 10,
+    *,
+    percentiles: bool = True,
+) -> Snapshot:
     """Every counter at once: what GetStats and a metrics exporter read. The exporter asks
     for ``top=0, percentiles=False``: it runs on the scrape thread and must not sort."""
     replicas = [replica_snapshot(r, percentiles) for r in list(backends.replicas.values())]
@@ -128,8 +134,13 @@ def _limit_proto(spec: RateLimitSettings) -> admin_pb2.RateLimit:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, stats: BalancerStats, backends: BackendSet, limiter: RateLimiter,
-                 changed: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        stats: BalancerStats,
+        backends: BackendSet,
+        limiter: RateLimiter,
+        changed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._stats = stats
         self._backends = backends
         self._limiter = limiter
@@ -141,14 +152,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await self._changed()
 
     @_edge
-    async def GetStats(self, request: admin_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.GetStatsResponse:
+    async def GetStats(
+        self, request: admin_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetStatsResponse:
         if request.top_peers < 0:
             raise InvalidArgument("top_peers", f"must not be negative, got {request.top_peers}")
         top = min(request.top_peers or 10, MAX_TOP_PEERS)
         snap = snapshot(self._stats, self._backends, self._limiter, top)
         return admin_pb2.GetStatsResponse(
             backends=[backend_proto(r) for r in snap.replicas],
-            top_refused_peers=[admin_pb2.PeerRefusals(peer=p, refusals=n) for p, n in snap.top_refused],
+            top_refused_peers=[
+                admin_pb2.PeerRefusals(peer=p, refusals=n) for p, n in snap.top_refused
+            ],
             calls=snap.calls,
             rate_limited=snap.rate_limited,
             retries=snap.retries,
@@ -158,7 +173,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
 
     @_edge
-    async def ListBackends(self, request: admin_pb2.ListBackendsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ListBackendsResponse:
+    async def ListBackends(
+        self, request: admin_pb2.ListBackendsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListBackendsResponse:
         return admin_pb2.ListBackendsResponse(
             backends=[backend_proto(replica_snapshot(r)) for r in self._backends.replicas.values()]
         )
@@ -168,12 +185,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return STRATEGY_TO_PROTO[name], self._backends.hash_key if name == "consistent_hash" else ""
 
     @_edge
-    async def GetStrategy(self, request: admin_pb2.GetStrategyRequest, context: grpc.aio.ServicerContext) -> admin_pb2.GetStrategyResponse:
+    async def GetStrategy(
+        self, request: admin_pb2.GetStrategyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetStrategyResponse:
         strategy, key = self._strategy()
         return admin_pb2.GetStrategyResponse(strategy=strategy, hash_key=key)  # type: ignore[arg-type]
 
     @_edge
-    async def SetStrategy(self, request: admin_pb2.SetStrategyRequest, context: grpc.aio.ServicerContext) -> admin_pb2.SetStrategyResponse:
+    async def SetStrategy(
+        self, request: admin_pb2.SetStrategyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SetStrategyResponse:
         name = PROTO_TO_STRATEGY.get(request.strategy)
         if name is None:
             raise InvalidArgument("strategy", "is required (one of the STRATEGY_* values)")
@@ -196,12 +217,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return default, overrides
 
     @_edge
-    async def GetRateLimits(self, request: admin_pb2.GetRateLimitsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.GetRateLimitsResponse:
+    async def GetRateLimits(
+        self, request: admin_pb2.GetRateLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetRateLimitsResponse:
         default, overrides = self._limits()
         return admin_pb2.GetRateLimitsResponse(default_limit=default, overrides=overrides)
 
     @_edge
-    async def SetRateLimits(self, request: admin_pb2.SetRateLimitsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.SetRateLimitsResponse:
+    async def SetRateLimits(
+        self, request: admin_pb2.SetRateLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SetRateLimitsResponse:
         # Every bad field at once (a batch of overrides is fixed in one go).
         violations = Violations()
         has_default = request.HasField("default_limit")
@@ -221,17 +246,24 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     f"must be at most {MAX_CLIENT_ID_LENGTH} characters",
                 )
             with violations.check():
-                upsert[item.client_id] = _limit_from_proto(f"upsert_overrides[{index}].limit", item.limit)
+                upsert[item.client_id] = _limit_from_proto(
+                    f"upsert_overrides[{index}].limit", item.limit
+                )
         violations.raise_if_any()
         self._limiter.configure(
-            default=default, disable=request.disable, upsert=upsert, remove=tuple(request.remove_overrides)
+            default=default,
+            disable=request.disable,
+            upsert=upsert,
+            remove=tuple(request.remove_overrides),
         )
         await self._saved()
         new_default, overrides = self._limits()
         return admin_pb2.SetRateLimitsResponse(default_limit=new_default, overrides=overrides)
 
     @_edge
-    async def DrainBackend(self, request: admin_pb2.DrainBackendRequest, context: grpc.aio.ServicerContext) -> admin_pb2.DrainBackendResponse:
+    async def DrainBackend(
+        self, request: admin_pb2.DrainBackendRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DrainBackendResponse:
         if not request.address:
             raise InvalidArgument("address", "is required")
         if request.address not in self._backends.replicas:
@@ -255,7 +287,9 @@ class _Capture:
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         pass
 
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
         self.handlers.update(handlers)
 
 

@@ -73,8 +73,13 @@ class Replica:
         "streams",
     )
 
-    def __init__(self, address: str, source: str, settings: BalancerSettings,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        source: str,
+        settings: BalancerSettings,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.address = address
         self.source = source
         # One channel carries both the forwarded calls and the health checks, so a check
@@ -84,7 +89,9 @@ class Replica:
             self.channel = grpc.aio.insecure_channel(address, options=options)
         else:
             tls_options = settings.upstream_tls.channel_options() if settings.upstream_tls else []
-            self.channel = grpc.aio.secure_channel(address, credentials, options=[*options, *tls_options])
+            self.channel = grpc.aio.secure_channel(
+                address, credentials, options=[*options, *tls_options]
+            )
         self.state = UNHEALTHY
         self.state_since = time.monotonic()
         self.draining = False
@@ -149,7 +156,9 @@ class Replica:
 class BackendSet:
     """Every known replica, the picker in force, and the loops that keep states current."""
 
-    def __init__(self, settings: BalancerSettings, on_change: Callable[[bool], Any] | None = None) -> None:
+    def __init__(
+        self, settings: BalancerSettings, on_change: Callable[[bool], Any] | None = None
+    ) -> None:
         self.settings = settings
         self.replicas: dict[str, Replica] = {}
         self.ready: tuple[Replica, ...] = ()
@@ -164,7 +173,9 @@ class BackendSet:
         self._stopping = asyncio.Event()
         self._serving: bool | None = None
         # Read once: replicas found later by DNS use the same files' contents.
-        self._credentials = upstream_credentials(settings.upstream_tls) if settings.upstream_tls else None
+        self._credentials = (
+            upstream_credentials(settings.upstream_tls) if settings.upstream_tls else None
+        )
 
     # -- picking ---------------------------------------------------------------------------
 
@@ -203,7 +214,9 @@ class BackendSet:
     def _set_state(self, replica: Replica, state: str) -> None:
         if replica.state == state:
             return
-        log.info("replica state", extra={"replica": replica.address, "from": replica.state, "to": state})
+        log.info(
+            "replica state", extra={"replica": replica.address, "from": replica.state, "to": state}
+        )
         if replica.state == READY and state in (UNHEALTHY, EJECTED):
             replica.fail_over()
         replica.state = state
@@ -240,9 +253,13 @@ class BackendSet:
         replica = self.replicas.get(address)
         if replica is not None:
             return replica
-        replica = self.replicas[address] = Replica(address, source, self.settings, self._credentials)
+        replica = self.replicas[address] = Replica(
+            address, source, self.settings, self._credentials
+        )
         replica.draining = address in self.drained
-        self._tasks[address] = asyncio.create_task(self._health_loop(replica), name=f"health {address}")
+        self._tasks[address] = asyncio.create_task(
+            self._health_loop(replica), name=f"health {address}"
+        )
         return replica
 
     async def remove(self, address: str) -> None:
@@ -266,7 +283,9 @@ class BackendSet:
     async def check(self, replica: Replica) -> None:
         stub = health_pb2_grpc.HealthStub(replica.channel)
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=self.settings.health_timeout)
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(), timeout=self.settings.health_timeout
+            )
             healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
             replica.bad_checks = 0 if healthy else UNHEALTHY_AFTER  # NOT_SERVING counts at once
         except grpc.aio.AioRpcError:
@@ -274,7 +293,9 @@ class BackendSet:
             replica.bad_checks += 1
             healthy = False
         if healthy:
-            ejected_long_enough = time.monotonic() - replica.state_since >= self.settings.health_interval
+            ejected_long_enough = (
+                time.monotonic() - replica.state_since >= self.settings.health_interval
+            )
             if replica.state != EJECTED or ejected_long_enough:
                 self._set_state(replica, READY)
         elif replica.state == READY and replica.bad_checks >= UNHEALTHY_AFTER:
@@ -335,4 +356,6 @@ class BackendSet:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(r.channel.close() for r in self.replicas.values()), return_exceptions=True)
+        await asyncio.gather(
+            *(r.channel.close() for r in self.replicas.values()), return_exceptions=True
+        )

@@ -23,12 +23,24 @@ from hashmesh.core.errors import InvalidArgument, ResourceExhausted
 from hashmesh.core.settings import SettingsError, env_bool, env_float, env_int
 
 UNARY, UPLOAD, WATCH, OTHER = 0, 1, 2, 3
-KIND_NAMES = ("unary calls", "upload streams (HashStream)", "watch streams (WatchTask)",
-              "other streams (bidirectional, reflection, unknown methods)")
-_PEER_ENV = ("BALANCER_PEER_CALLS", "BALANCER_PEER_UPLOAD_STREAMS", "BALANCER_PEER_WATCH_STREAMS",
-             "BALANCER_PEER_OTHER_STREAMS")
-_TOTAL_ENV = ("BALANCER_TOTAL_CALLS", "BALANCER_TOTAL_UPLOAD_STREAMS", "BALANCER_TOTAL_WATCH_STREAMS",
-              "BALANCER_TOTAL_OTHER_STREAMS")
+KIND_NAMES = (
+    "unary calls",
+    "upload streams (HashStream)",
+    "watch streams (WatchTask)",
+    "other streams (bidirectional, reflection, unknown methods)",
+)
+_PEER_ENV = (
+    "BALANCER_PEER_CALLS",
+    "BALANCER_PEER_UPLOAD_STREAMS",
+    "BALANCER_PEER_WATCH_STREAMS",
+    "BALANCER_PEER_OTHER_STREAMS",
+)
+_TOTAL_ENV = (
+    "BALANCER_TOTAL_CALLS",
+    "BALANCER_TOTAL_UPLOAD_STREAMS",
+    "BALANCER_TOTAL_WATCH_STREAMS",
+    "BALANCER_TOTAL_OTHER_STREAMS",
+)
 RETRY_AFTER = 1.0
 """Seconds a refused caller is told to wait: held calls end at their own pace."""
 METADATA_ENTRY_OVERHEAD = 32
@@ -71,7 +83,9 @@ class BudgetSettings:
 
     def __post_init__(self) -> None:
         if min(self.peer_caps + self.total_caps + (self.peer_bytes, self.total_bytes)) < 1:
-            raise SettingsError("HASHMESH_BALANCER_PEER_* and HASHMESH_BALANCER_TOTAL_* budgets must be >= 1")
+            raise SettingsError(
+                "HASHMESH_BALANCER_PEER_* and HASHMESH_BALANCER_TOTAL_* budgets must be >= 1"
+            )
         if self.stream_idle_seconds < 0:
             raise SettingsError("HASHMESH_BALANCER_STREAM_IDLE_SECONDS must be >= 0")
         if self.max_metadata_bytes < 1024:
@@ -79,11 +93,21 @@ class BudgetSettings:
 
     @property
     def peer_caps(self) -> tuple[int, int, int, int]:
-        return (self.peer_calls, self.peer_upload_streams, self.peer_watch_streams, self.peer_other_streams)
+        return (
+            self.peer_calls,
+            self.peer_upload_streams,
+            self.peer_watch_streams,
+            self.peer_other_streams,
+        )
 
     @property
     def total_caps(self) -> tuple[int, int, int, int]:
-        return (self.total_calls, self.total_upload_streams, self.total_watch_streams, self.total_other_streams)
+        return (
+            self.total_calls,
+            self.total_upload_streams,
+            self.total_watch_streams,
+            self.total_other_streams,
+        )
 
     @classmethod
     def from_env(cls) -> BudgetSettings:
@@ -146,20 +170,32 @@ class Budgets:
         """Count one call of ``kind`` (with ``size`` request bytes) for ``peer``, or raise
         ``OverBudget`` and count nothing."""
         if self.totals[kind] >= self._total_caps[kind]:
-            raise self._refused(f"the balancer holds {self.totals[kind]} {KIND_NAMES[kind]}, its limit "
-                                f"(HASHMESH_{_TOTAL_ENV[kind]})", "BALANCER_BUDGET_EXCEEDED")
+            raise self._refused(
+                f"the balancer holds {self.totals[kind]} {KIND_NAMES[kind]}, its limit "
+                f"(HASHMESH_{_TOTAL_ENV[kind]})",
+                "BALANCER_BUDGET_EXCEEDED",
+            )
         use = self._peers.get(peer)
         if use is not None and use.counts[kind] >= self._peer_caps[kind]:
-            raise self._refused(f"this client holds {use.counts[kind]} {KIND_NAMES[kind]}, the limit per "
-                                f"client (HASHMESH_{_PEER_ENV[kind]})", "PEER_BUDGET_EXCEEDED")
+            raise self._refused(
+                f"this client holds {use.counts[kind]} {KIND_NAMES[kind]}, the limit per "
+                f"client (HASHMESH_{_PEER_ENV[kind]})",
+                "PEER_BUDGET_EXCEEDED",
+            )
         if size:
             if self.bytes + size > self._total_bytes:
-                raise self._refused(f"the balancer holds {self.bytes} request bytes in flight; the limit is "
-                                    f"{self._total_bytes} (HASHMESH_BALANCER_TOTAL_BYTES)", "BALANCER_BUDGET_EXCEEDED")
+                raise self._refused(
+                    f"the balancer holds {self.bytes} request bytes in flight; the limit is "
+                    f"{self._total_bytes} (HASHMESH_BALANCER_TOTAL_BYTES)",
+                    "BALANCER_BUDGET_EXCEEDED",
+                )
             mine = use.bytes if use is not None else 0
             if mine + size > self._peer_bytes:
-                raise self._refused(f"this client has {mine} request bytes in flight; the limit per client is "
-                                    f"{self._peer_bytes} (HASHMESH_BALANCER_PEER_BYTES)", "PEER_BUDGET_EXCEEDED")
+                raise self._refused(
+                    f"this client has {mine} request bytes in flight; the limit per client is "
+                    f"{self._peer_bytes} (HASHMESH_BALANCER_PEER_BYTES)",
+                    "PEER_BUDGET_EXCEEDED",
+                )
         if use is None:
             use = self._peers[peer] = _Use()
         use.counts[kind] += 1
@@ -182,8 +218,14 @@ class Budgets:
         self.refused += 1
         return OverBudget(message, retry_after=RETRY_AFTER, reason=reason)
 
-    def hold(self, peer: str, kind: int, size: int, metadata: Sequence[tuple[str, Any]],
-             on_done: Callable[[Callable[[Any], None]], None]) -> None:
+    def hold(
+        self,
+        peer: str,
+        kind: int,
+        size: int,
+        metadata: Sequence[tuple[str, Any]],
+        on_done: Callable[[Callable[[Any], None]], None],
+    ) -> None:
         """Check the call's metadata, take its budget, and give it back when the call ends
         (``on_done`` is the call's ``add_done_callback``)."""
         check_metadata(metadata, self._max_metadata)
@@ -200,8 +242,14 @@ def check_metadata(metadata: Sequence[tuple[str, Any]], limit: int) -> None:
     for key, value in metadata:
         total += len(key) + len(value) + METADATA_ENTRY_OVERHEAD
         if isinstance(value, str) and not (value.isascii() and value.isprintable()):
-            raise InvalidArgument(f"metadata[{key[:100]!r}]", "a text metadata value must be printable ASCII; "
-                                  "send other bytes under a key ending in -bin")
+            raise InvalidArgument(
+                f"metadata[{key[:100]!r}]",
+                "a text metadata value must be printable ASCII; "
+                "send other bytes under a key ending in -bin",
+            )
     if total > limit:
-        raise InvalidArgument("metadata", f"is {total} bytes; at most {limit} are accepted "
-                              "(HASHMESH_BALANCER_MAX_METADATA_BYTES)")
+        raise InvalidArgument(
+            "metadata",
+            f"is {total} bytes; at most {limit} are accepted "
+            "(HASHMESH_BALANCER_MAX_METADATA_BYTES)",
+        )

@@ -74,50 +74,88 @@ class BalancerCollector(Collector):
     def _families(self, reading: BalancerReading | None) -> Iterator[Any]:
         backends = reading.backends if reading is not None else ()
         per_backend: tuple[tuple[Any, str, str, Callable[[BackendReading], float]], ...] = (
-            (GaugeMetricFamily, "hashmesh_balancer_backend_up", "1 while the replica is in rotation, "
-             "0 while it is unhealthy, ejected or draining.", lambda b: float(b.up)),
-            (GaugeMetricFamily, "hashmesh_balancer_backend_in_flight_calls", "Calls the balancer "
-             "has open to the replica.", lambda b: float(b.in_flight)),
-            (CounterMetricFamily, "hashmesh_balancer_picks", "Attempts forwarded to the replica "
-             "(each retry counts), counted when they finish.", lambda b: float(b.calls)),
-            (CounterMetricFamily, "hashmesh_balancer_backend_errors", "Attempts to the replica "
-             "that ended in an error status.", lambda b: float(b.errors)),
-            (CounterMetricFamily, "hashmesh_balancer_ejections", "Times the replica was ejected "
-             "after consecutive connection failures.", lambda b: float(b.ejections)),
+            (
+                GaugeMetricFamily,
+                "hashmesh_balancer_backend_up",
+                "1 while the replica is in rotation, 0 while it is unhealthy, ejected or draining.",
+                lambda b: float(b.up),
+            ),
+            (
+                GaugeMetricFamily,
+                "hashmesh_balancer_backend_in_flight_calls",
+                "Calls the balancer has open to the replica.",
+                lambda b: float(b.in_flight),
+            ),
+            (
+                CounterMetricFamily,
+                "hashmesh_balancer_picks",
+                "Attempts forwarded to the replica (each retry counts), counted when they finish.",
+                lambda b: float(b.calls),
+            ),
+            (
+                CounterMetricFamily,
+                "hashmesh_balancer_backend_errors",
+                "Attempts to the replica that ended in an error status.",
+                lambda b: float(b.errors),
+            ),
+            (
+                CounterMetricFamily,
+                "hashmesh_balancer_ejections",
+                "Times the replica was ejected after consecutive connection failures.",
+                lambda b: float(b.ejections),
+            ),
         )
         for kind, name, doc, read in per_backend:
             family = kind(name, doc, labels=["backend"])
             for backend in backends:
                 family.add_metric([backend.address], read(backend))
             yield family
-        states = GaugeMetricFamily("hashmesh_balancer_backend_state", "1 for the replica's "
-                                   "current state, 0 for the others.", labels=["backend", "state"])
+        states = GaugeMetricFamily(
+            "hashmesh_balancer_backend_state",
+            "1 for the replica's current state, 0 for the others.",
+            labels=["backend", "state"],
+        )
         for backend in backends:
             if backend.state:
                 for state in BACKEND_STATES:
                     states.add_metric([backend.address, state], float(backend.state == state))
         yield states
-        known = GaugeMetricFamily("hashmesh_balancer_backends", "Replicas the balancer knows "
-                                  "(from --backends or DNS), whatever their state.")
+        known = GaugeMetricFamily(
+            "hashmesh_balancer_backends",
+            "Replicas the balancer knows (from --backends or DNS), whatever their state.",
+        )
         known.add_metric([], float(len(backends)))
         yield known
         totals = (
             ("hashmesh_balancer_calls", "Calls the balancer admitted.", "calls"),
-            ("hashmesh_balancer_retries", "Attempts sent again to another replica after "
-             "UNAVAILABLE (within the retry budget).", "retries"),
-            ("hashmesh_balancer_no_backend", "Calls refused with UNAVAILABLE because no replica "
-             "was ready or all were at their in-flight cap.", "no_backend"),
-            ("hashmesh_balancer_rate_limited", "Calls refused with RESOURCE_EXHAUSTED by the "
-             "rate limiter.", "rate_limited"),
-            ("hashmesh_balancer_auth_failures", "Calls refused with UNAUTHENTICATED (API key "
-             "missing or wrong).", "unauthenticated"),
+            (
+                "hashmesh_balancer_retries",
+                "Attempts sent again to another replica after "
+                "UNAVAILABLE (within the retry budget).",
+                "retries",
+            ),
+            (
+                "hashmesh_balancer_no_backend",
+                "Calls refused with UNAVAILABLE because no replica "
+                "was ready or all were at their in-flight cap.",
+                "no_backend",
+            ),
+            (
+                "hashmesh_balancer_rate_limited",
+                "Calls refused with RESOURCE_EXHAUSTED by the rate limiter.",
+                "rate_limited",
+            ),
+            (
+                "hashmesh_balancer_auth_failures",
+                "Calls refused with UNAUTHENTICATED (API key missing or wrong).",
+                "unauthenticated",
+            ),
         )
         for name, doc, field in totals:
             counter = CounterMetricFamily(name, doc)
             if reading is not None:
                 counter.add_metric([], float(getattr(reading, field)))
             yield counter
-
 
 
 BALANCER = BalancerCollector()

@@ -88,7 +88,11 @@ _METADATA_KEY = re.compile(r"[0-9a-z_.-]{1,100}")
 
 def is_hash_key(key: str) -> bool:
     """A text metadata key consistent hashing can read: lowercase, not binary, not grpc's own."""
-    return bool(_METADATA_KEY.fullmatch(key)) and not key.endswith("-bin") and not key.startswith("grpc-")
+    return (
+        bool(_METADATA_KEY.fullmatch(key))
+        and not key.endswith("-bin")
+        and not key.startswith("grpc-")
+    )
 
 
 def is_loopback(listen: str) -> bool:
@@ -236,13 +240,17 @@ class BalancerSettings:
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
         if self.identity_secret and len(self.identity_secret) < MIN_SECRET_LENGTH:
-            raise SettingsError(f"HASHMESH_IDENTITY_SECRET must be at least {MIN_SECRET_LENGTH} characters")
+            raise SettingsError(
+                f"HASHMESH_IDENTITY_SECRET must be at least {MIN_SECRET_LENGTH} characters"
+            )
         if not self.admin_token and not is_loopback(self.admin_listen):
             raise SettingsError(
                 "the admin listener is not loopback: set HASHMESH_ADMIN_TOKEN or bind it to 127.0.0.1"
             )
         if self.max_streams_per_backend < 1 or self.attempt_timeout < 0:
-            raise SettingsError("BALANCER_MAX_STREAMS_PER_BACKEND must be >= 1, BALANCER_ATTEMPT_TIMEOUT >= 0")
+            raise SettingsError(
+                "BALANCER_MAX_STREAMS_PER_BACKEND must be >= 1, BALANCER_ATTEMPT_TIMEOUT >= 0"
+            )
         if self.max_in_flight_per_backend < 1 or self.max_attempts < 1 or self.eject_after < 1:
             raise SettingsError("BALANCER_MAX_IN_FLIGHT, MAX_ATTEMPTS and EJECT_AFTER must be >= 1")
         if not 0 <= self.retry_budget_ratio <= 1:
@@ -250,10 +258,14 @@ class BalancerSettings:
         if self.health_interval <= 0 or self.dns_interval <= 0 or self.health_timeout <= 0:
             raise SettingsError("health and DNS intervals must be positive")
         if self.redis_timeout <= 0 or not 0 <= self.redis_lease_seconds <= 1:
-            raise SettingsError("HASHMESH_BALANCER_REDIS_TIMEOUT must be positive and "
-                                "HASHMESH_BALANCER_REDIS_LEASE between 0 and 1 s")
+            raise SettingsError(
+                "HASHMESH_BALANCER_REDIS_TIMEOUT must be positive and "
+                "HASHMESH_BALANCER_REDIS_LEASE between 0 and 1 s"
+            )
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError("HASHMESH_BALANCER_REDIS_URL must start with redis://, rediss:// or unix://")
+            raise SettingsError(
+                "HASHMESH_BALANCER_REDIS_URL must start with redis://, rediss:// or unix://"
+            )
         if self.limiter_table_size < 1 or self.stats_window < 16:
             raise SettingsError("LIMITER_TABLE_SIZE must be >= 1 and STATS_WINDOW >= 16")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -284,8 +296,12 @@ class BalancerSettings:
             health_interval=env_float("BALANCER_HEALTH_INTERVAL", cls.health_interval),
             health_timeout=env_float("BALANCER_HEALTH_TIMEOUT", cls.health_timeout),
             eject_after=env_int("BALANCER_EJECT_AFTER", cls.eject_after, minimum=1),
-            max_in_flight_per_backend=env_int("BALANCER_MAX_IN_FLIGHT", cls.max_in_flight_per_backend),
-            max_streams_per_backend=env_int("BALANCER_MAX_STREAMS_PER_BACKEND", cls.max_streams_per_backend),
+            max_in_flight_per_backend=env_int(
+                "BALANCER_MAX_IN_FLIGHT", cls.max_in_flight_per_backend
+            ),
+            max_streams_per_backend=env_int(
+                "BALANCER_MAX_STREAMS_PER_BACKEND", cls.max_streams_per_backend
+            ),
             attempt_timeout=env_float("BALANCER_ATTEMPT_TIMEOUT", cls.attempt_timeout, minimum=0.0),
             state_file=env_str("BALANCER_STATE_FILE", ""),
             budgets=BudgetSettings.from_env(),
@@ -328,20 +344,28 @@ class BalancerSettings:
         """Apply command-line flags; ``None`` values leave a setting as it is."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def with_tls_files(self, cert: str | None, key: str | None, client_ca: str | None) -> BalancerSettings:
+    def with_tls_files(
+        self, cert: str | None, key: str | None, client_ca: str | None
+    ) -> BalancerSettings:
         """Apply ``--tls-cert/--tls-key/--tls-client-ca``: each flag replaces its variable."""
         return replace(self, tls=ServerTls.with_flags(self.tls, cert, key, client_ca))
 
-    def with_upstream_tls(self, ca: str | None, cert: str | None, key: str | None,
-                          server_name: str | None) -> BalancerSettings:
+    def with_upstream_tls(
+        self, ca: str | None, cert: str | None, key: str | None, server_name: str | None
+    ) -> BalancerSettings:
         """Apply ``--upstream-tls-*``: each flag replaces its variable."""
         if ca is None and cert is None and key is None and server_name is None:
             return self
         current = self.upstream_tls or ClientTls()
-        return replace(self, upstream_tls=upstream_tls(
-            ca or current.ca_file, cert or current.cert_file, key or current.key_file,
-            server_name or current.server_name,
-        ))
+        return replace(
+            self,
+            upstream_tls=upstream_tls(
+                ca or current.ca_file,
+                cert or current.cert_file,
+                key or current.key_file,
+                server_name or current.server_name,
+            ),
+        )
 
 
 # The balancer's own names for its caller side (see ``BalancerSettings.upstream_tls``).
@@ -353,14 +377,17 @@ UPSTREAM_TLS_ENV = {
 }
 
 
-def upstream_tls(ca: str | None, cert: str | None, key: str | None,
-                 server_name: str | None) -> ClientTls | None:
+def upstream_tls(
+    ca: str | None, cert: str | None, key: str | None, server_name: str | None
+) -> ClientTls | None:
     """A ``ClientTls`` for the replicas, ``None`` when nothing is set (plaintext)."""
     if ca is None and cert is None and key is None and server_name is None:
         return None
     if (cert is None) != (key is None):
-        raise SettingsError(f"HASHMESH_{UPSTREAM_TLS_ENV['cert']} and HASHMESH_{UPSTREAM_TLS_ENV['key']} "
-                            "(--upstream-tls-cert, --upstream-tls-key) go together")
+        raise SettingsError(
+            f"HASHMESH_{UPSTREAM_TLS_ENV['cert']} and HASHMESH_{UPSTREAM_TLS_ENV['key']} "
+            "(--upstream-tls-cert, --upstream-tls-key) go together"
+        )
     return ClientTls(ca_file=ca, cert_file=cert, key_file=key, server_name=server_name)
 
 
@@ -370,7 +397,9 @@ def upstream_credentials(tls: ClientTls) -> grpc.ChannelCredentials:
     try:
         return tls.credentials()
     except SettingsError as exc:
-        raise SettingsError(str(exc).replace("HASHMESH_TLS_", "HASHMESH_BALANCER_UPSTREAM_TLS_")) from exc
+        raise SettingsError(
+            str(exc).replace("HASHMESH_TLS_", "HASHMESH_BALANCER_UPSTREAM_TLS_")
+        ) from exc
 
 
 def parse_limit(spec: str) -> RateLimitSettings:
@@ -380,4 +409,3 @@ def parse_limit(spec: str) -> RateLimitSettings:
         return RateLimitSettings(float(rate), int(burst or 0))
     except ValueError as exc:
         raise SettingsError(f"rate limit {spec!r} is not rate[/burst]: {exc}") from exc
-

@@ -48,7 +48,9 @@ class ConnectionSettings:
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.streams_per_connection < 1:
-            raise SettingsError("HASHMESH_BALANCER_MAX_CONNECTIONS and _STREAMS_PER_CONNECTION must be >= 1")
+            raise SettingsError(
+                "HASHMESH_BALANCER_MAX_CONNECTIONS and _STREAMS_PER_CONNECTION must be >= 1"
+            )
         if min(self.idle_seconds, self.age_seconds, self.age_grace_seconds) <= 0:
             raise SettingsError("HASHMESH_BALANCER_CONNECTION_* durations must be positive")
 
@@ -59,8 +61,12 @@ class ConnectionSettings:
             max_connections=env_int("BALANCER_MAX_CONNECTIONS", d.max_connections),
             idle_seconds=env_float("BALANCER_CONNECTION_IDLE_SECONDS", d.idle_seconds),
             age_seconds=env_float("BALANCER_CONNECTION_AGE_SECONDS", d.age_seconds),
-            age_grace_seconds=env_float("BALANCER_CONNECTION_AGE_GRACE_SECONDS", d.age_grace_seconds),
-            streams_per_connection=env_int("BALANCER_STREAMS_PER_CONNECTION", d.streams_per_connection),
+            age_grace_seconds=env_float(
+                "BALANCER_CONNECTION_AGE_GRACE_SECONDS", d.age_grace_seconds
+            ),
+            streams_per_connection=env_int(
+                "BALANCER_STREAMS_PER_CONNECTION", d.streams_per_connection
+            ),
         )
 
     def fitted(self, fd_limit: int) -> ConnectionSettings:
@@ -68,8 +74,10 @@ class ConnectionSettings:
         room = max(1, fd_limit - FD_RESERVE - ADMIN_MAX_CONNECTIONS)
         if self.max_connections <= room:
             return self
-        log.warning("fewer connections than asked: file descriptor limit",
-                    extra={"asked": self.max_connections, "allowed": room, "fd_limit": fd_limit})
+        log.warning(
+            "fewer connections than asked: file descriptor limit",
+            extra={"asked": self.max_connections, "allowed": room, "fd_limit": fd_limit},
+        )
         return replace(self, max_connections=room)
 
 

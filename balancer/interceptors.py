@@ -53,9 +53,23 @@ ADMIN_PREFIX = "/hashmesh.v1.AdminService/"
 # (the replica hears that from the stamp only).
 HOP_BY_HOP = frozenset(
     {
-        "connection", "keep-alive", "proxy-connection", "proxy-authorization", "te",
-        "transfer-encoding", "upgrade", "host", "user-agent", "content-type", "grpc-timeout",
-        "grpc-encoding", "grpc-accept-encoding", API_KEY, AUTHORIZATION, CLIENT_ID, *STAMP_HEADERS,
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "user-agent",
+        "content-type",
+        "grpc-timeout",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+        API_KEY,
+        AUTHORIZATION,
+        CLIENT_ID,
+        *STAMP_HEADERS,
     }
 )
 
@@ -65,8 +79,19 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class CallInfo:
     """What interceptors and the proxy know about one incoming call."""
 
-    __slots__ = ("address", "api_key", "bearer", "client", "client_id", "forwarded_for", "hash_value",
-                 "metadata", "method", "operator", "reply_metadata")
+    __slots__ = (
+        "address",
+        "api_key",
+        "bearer",
+        "client",
+        "client_id",
+        "forwarded_for",
+        "hash_value",
+        "metadata",
+        "method",
+        "operator",
+        "reply_metadata",
+    )
 
     def __init__(self, method: str, address: str) -> None:
         self.method = method
@@ -128,7 +153,9 @@ class CallInterceptor(Protocol):
         """Raise a ``HashmeshError`` to refuse the call; may add ``call.reply_metadata``."""
 
 
-def _plain(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def _plain(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An IPv4-mapped IPv6 address (a dual-stack socket's spelling of an IPv4 peer) as IPv4."""
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
     return mapped or address
@@ -176,8 +203,14 @@ class TrustedProxies:
 class Identify:
     """Sets ``call.client`` (the identity) and ``call.operator``; see the module docstring."""
 
-    def __init__(self, keys: ApiKeys | None, trusted: TrustedProxies, admin_token: str,
-                 stats: BalancerStats, limiter: RateLimiter) -> None:
+    def __init__(
+        self,
+        keys: ApiKeys | None,
+        trusted: TrustedProxies,
+        admin_token: str,
+        stats: BalancerStats,
+        limiter: RateLimiter,
+    ) -> None:
         self._keys = keys
         self._trusted = trusted
         self._admin_token = admin_token
@@ -187,15 +220,20 @@ class Identify:
     async def admit(self, call: CallInfo) -> None:
         if call.bearer is not None and self._admin_token:
             if not token_matches(call.bearer, self._admin_token):
-                await self._refuse(call, "wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)",
-                                   reason="ADMIN_TOKEN_INVALID")
+                await self._refuse(
+                    call,
+                    "wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)",
+                    reason="ADMIN_TOKEN_INVALID",
+                )
             call.operator = True
         keys = self._keys
         if keys is not None and (call.api_key is not None or not call.operator):
             client = keys.client_for(call.api_key) if call.api_key else None
             if client is None:
                 if call.api_key is None:
-                    await self._refuse(call, "a valid x-api-key is required", reason="API_KEY_MISSING")
+                    await self._refuse(
+                        call, "a valid x-api-key is required", reason="API_KEY_MISSING"
+                    )
                 await self._refuse(call, "unknown API key", reason="API_KEY_INVALID")
             call.client = client
             return
@@ -216,8 +254,11 @@ class Identify:
         """The identity a trusted proxy states for its caller."""
         if call.client_id:
             if not valid_identity(call.client_id) or call.client_id.startswith(ADDRESS_PREFIX):
-                raise InvalidArgument(CLIENT_ID, "must be 1-200 printable ASCII characters without spaces, "
-                                      f"not starting with {ADDRESS_PREFIX!r}")
+                raise InvalidArgument(
+                    CLIENT_ID,
+                    "must be 1-200 printable ASCII characters without spaces, "
+                    f"not starting with {ADDRESS_PREFIX!r}",
+                )
             return call.client_id
         origin = self._trusted.origin(call.forwarded_for) if call.forwarded_for else None
         return address_identity(origin) if origin else None
@@ -262,7 +303,10 @@ def build_chain(
     """The order of the interceptors, outermost first. Without a secret (only in-process
     tests: the daemon refuses to start without one) calls go unstamped."""
     trusted = TrustedProxies(parse_networks(trusted_proxies, "HASHMESH_BALANCER_TRUSTED_PROXIES"))
-    chain: list[CallInterceptor] = [Identify(keys, trusted, admin_token, stats, limiter), RateLimit(limiter)]
+    chain: list[CallInterceptor] = [
+        Identify(keys, trusted, admin_token, stats, limiter),
+        RateLimit(limiter),
+    ]
     if identity_secret:
         chain.append(Stamp(Stamper(identity_secret)))
     return tuple(chain)
@@ -282,12 +326,16 @@ class AdminPolicy:
         if not self._token:
             if self._open:
                 return
-            raise PermissionDenied("AdminService is served only on the admin listener (loopback)",
-                                   reason="ADMIN_LISTENER_ONLY")
+            raise PermissionDenied(
+                "AdminService is served only on the admin listener (loopback)",
+                reason="ADMIN_LISTENER_ONLY",
+            )
         presented = bearer_token(metadata)
         if not presented:
-            raise Unauthenticated("AdminService needs 'authorization: Bearer <admin token>'",
-                                  reason="ADMIN_TOKEN_MISSING")
+            raise Unauthenticated(
+                "AdminService needs 'authorization: Bearer <admin token>'",
+                reason="ADMIN_TOKEN_MISSING",
+            )
         if not token_matches(presented, self._token):
             raise Unauthenticated("wrong admin token", reason="ADMIN_TOKEN_INVALID")
 

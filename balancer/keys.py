@@ -45,8 +45,10 @@ def parse(text: str, source: str = "keys file") -> dict[str, str]:
         if len(parts) != 2 or not parts[1].startswith(PREFIX) or len(parts[1]) != len(PREFIX) + 64:
             raise SettingsError(f"{source}:{number}: expected 'client_id sha256:<64 hex digits>'")
         if not valid_identity(parts[0]) or parts[0].startswith(ADDRESS_PREFIX):
-            raise SettingsError(f"{source}:{number}: a client id is 1-200 printable ASCII characters, "
-                                f"not starting with {ADDRESS_PREFIX!r} (kept for peer addresses)")
+            raise SettingsError(
+                f"{source}:{number}: a client id is 1-200 printable ASCII characters, "
+                f"not starting with {ADDRESS_PREFIX!r} (kept for peer addresses)"
+            )
         table[parts[1].lower()] = parts[0]
     return table
 
@@ -66,7 +68,9 @@ class ApiKeys:
         except OSError as exc:
             if not self._table:
                 raise SettingsError(f"cannot read API keys file {self.path}: {exc}") from exc
-            log.warning("API keys file unreadable; keeping the keys loaded", extra={"path": str(self.path)})
+            log.warning(
+                "API keys file unreadable; keeping the keys loaded", extra={"path": str(self.path)}
+            )
             return
         if mtime == self._mtime:
             return

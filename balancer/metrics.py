@@ -31,8 +31,13 @@ def reading(snap: Snapshot) -> BalancerReading:
     return BalancerReading(
         backends=[
             BackendReading(
-                address=r.address, up=r.state == "ready", in_flight=r.in_flight, calls=r.calls,
-                errors=r.errors, ejections=r.ejections, state=r.state,
+                address=r.address,
+                up=r.state == "ready",
+                in_flight=r.in_flight,
+                calls=r.calls,
+                errors=r.errors,
+                ejections=r.ejections,
+                state=r.state,
             )
             for r in snap.replicas
         ],
@@ -72,8 +77,9 @@ class MethodCalls:
         code = metrics.final_code(context, exc)
         child = self._by_code.get(code)
         if child is None:
-            child = self._by_code[code] = metrics.GRPC_HANDLED.labels(self._service, self._method,
-                                                                      code.name)
+            child = self._by_code[code] = metrics.GRPC_HANDLED.labels(
+                self._service, self._method, code.name
+            )
         child.inc()
 
 
@@ -110,17 +116,24 @@ class SharedLimitCollector(Collector):
         shared = limiter.shared if limiter is not None else None
         if limiter is None or shared is None:
             return
-        up = GaugeMetricFamily("hashmesh_balancer_shared_limit_up", "1 while rate limits are "
-                               "shared through Redis, 0 while Redis is down and each balancer "
-                               "process limits alone (fail open to local limits).")
+        up = GaugeMetricFamily(
+            "hashmesh_balancer_shared_limit_up",
+            "1 while rate limits are "
+            "shared through Redis, 0 while Redis is down and each balancer "
+            "process limits alone (fail open to local limits).",
+        )
         up.add_metric([], float(shared.up))
         yield up
-        local = CounterMetricFamily("hashmesh_balancer_shared_limit_fail_open_calls", "Calls "
-                                    "decided by the process's local bucket because Redis was down.")
+        local = CounterMetricFamily(
+            "hashmesh_balancer_shared_limit_fail_open_calls",
+            "Calls decided by the process's local bucket because Redis was down.",
+        )
         local.add_metric([], float(limiter.fail_open_calls))
         yield local
-        failures = CounterMetricFamily("hashmesh_balancer_shared_limit_failures", "Times Redis "
-                                       "stopped answering (each one fails open until it is back).")
+        failures = CounterMetricFamily(
+            "hashmesh_balancer_shared_limit_failures",
+            "Times Redis stopped answering (each one fails open until it is back).",
+        )
         failures.add_metric([], float(shared.failures))
         yield failures
 

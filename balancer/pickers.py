@@ -99,9 +99,11 @@ class P2cEwma:
     def pick(
         self, ready: Sequence[Candidate], key: str | None, exclude: Collection[Candidate]
     ) -> Candidate | None:
-        usable = [c for c in ready if c.has_room and c not in exclude] if exclude else [
-            c for c in ready if c.has_room
-        ]
+        usable = (
+            [c for c in ready if c.has_room and c not in exclude]
+            if exclude
+            else [c for c in ready if c.has_room]
+        )
         if len(usable) < 2:
             return usable[0] if usable else None
         first, second = self._rng.sample(usable, 2)
@@ -130,7 +132,11 @@ class ConsistentHash:
         addresses = tuple(sorted(c.address for c in ready))
         if addresses == self._ring_for:
             return
-        ring = sorted((_point(f"{address}#{v}"), address) for address in addresses for v in range(self._vnodes))
+        ring = sorted(
+            (_point(f"{address}#{v}"), address)
+            for address in addresses
+            for v in range(self._vnodes)
+        )
         self._points = [point for point, _ in ring]
         self._owners = [address for _, address in ring]
         self._ring_for = addresses

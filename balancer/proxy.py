@@ -47,7 +47,12 @@ from hashmesh.core.tunnel import INTERNAL_PREFIX, Reply
 
 log = logging.getLogger(__name__)
 
-UNARY, CLIENT_STREAM, SERVER_STREAM, BIDI = "unary_unary", "stream_unary", "unary_stream", "stream_stream"
+UNARY, CLIENT_STREAM, SERVER_STREAM, BIDI = (
+    "unary_unary",
+    "stream_unary",
+    "unary_stream",
+    "stream_stream",
+)
 
 # Failures where the request never reached a replica: safe to send elsewhere for any method.
 _NOT_CONNECTED = re.compile(
@@ -86,7 +91,9 @@ class RetryBudget:
     """Finagle's retry budget: each call deposits ``ratio`` of a retry, each retry withdraws
     one, plus ``min_per_second`` always allowed, so a failing mesh is not hammered."""
 
-    def __init__(self, ratio: float, min_per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, ratio: float, min_per_second: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._ratio = ratio
         self._min = min_per_second
         self._clock = clock
@@ -147,10 +154,14 @@ class Proxy:
 
     # -- shared steps ----------------------------------------------------------------------
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext, kind: int, size: int = 0) -> CallInfo:
+    async def _admit(
+        self, method: str, context: grpc.aio.ServicerContext, kind: int, size: int = 0
+    ) -> CallInfo:
         self._stats.calls += 1
         self.budget.deposit()
-        call = read_call(method, context.peer(), context.invocation_metadata(), self._backends.hash_key)
+        call = read_call(
+            method, context.peer(), context.invocation_metadata(), self._backends.hash_key
+        )
         try:
             for interceptor in self._chain:
                 await interceptor.admit(call)
@@ -169,14 +180,27 @@ class Proxy:
             if replica is None:
                 self._stats.no_backend += 1
                 if self._backends.fallback:
-                    raise Unavailable("every replica is at its in-flight cap", retry_after=0.1, reason="REPLICAS_BUSY")
+                    raise Unavailable(
+                        "every replica is at its in-flight cap",
+                        retry_after=0.1,
+                        reason="REPLICAS_BUSY",
+                    )
                 raise Unavailable("no replica is ready", retry_after=0.1, reason="NO_REPLICA")
         return replica
 
-    def _may_retry(self, code: grpc.StatusCode, details: str, method: str, attempt: int,
-                   deadline: float | None, replayable: bool) -> bool:
+    def _may_retry(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        method: str,
+        attempt: int,
+        deadline: float | None,
+        replayable: bool,
+    ) -> bool:
         if attempt >= self._max_attempts or (
-                code is not grpc.StatusCode.UNAVAILABLE and not self._attempt.expired(code, method, deadline)):
+            code is not grpc.StatusCode.UNAVAILABLE
+            and not self._attempt.expired(code, method, deadline)
+        ):
             return False
         if deadline is not None and time.monotonic() >= deadline:
             return False
@@ -195,10 +219,17 @@ class Proxy:
         self._stats.retries += 1
         return True
 
-    def _failed(self, replica: Replica, code: grpc.StatusCode, details: str, method: str = "",
-                deadline: float | None = None) -> None:
-        if (code is grpc.StatusCode.UNAVAILABLE and _TRANSPORT.search(details)) or \
-                self._attempt.expired(code, method, deadline):
+    def _failed(
+        self,
+        replica: Replica,
+        code: grpc.StatusCode,
+        details: str,
+        method: str = "",
+        deadline: float | None = None,
+    ) -> None:
+        if (
+            code is grpc.StatusCode.UNAVAILABLE and _TRANSPORT.search(details)
+        ) or self._attempt.expired(code, method, deadline):
             self._backends.connection_failed(replica)
 
     # -- the four kinds --------------------------------------------------------------------
@@ -245,8 +276,13 @@ class Proxy:
                     if handler is not None:
                         replica.attempts.add(handler)
                     try:
-                        reply = await self._send_unary(replica, method, request,
-                                                       self._attempt.cap(method, timeout), call.metadata)
+                        reply = await self._send_unary(
+                            replica,
+                            method,
+                            request,
+                            self._attempt.cap(method, timeout),
+                            call.metadata,
+                        )
                     except asyncio.CancelledError:
                         if handler is None or not replica.was_failed_over(handler):
                             raise
@@ -256,8 +292,14 @@ class Proxy:
                             tried.append(replica)
                             timeout = None if deadline is None else deadline - time.monotonic()
                             continue
-                        await _abort(context, Unavailable(f"replica {replica.address} went down during the call",
-                                                          retry_after=0.1), call.reply_metadata)
+                        await _abort(
+                            context,
+                            Unavailable(
+                                f"replica {replica.address} went down during the call",
+                                retry_after=0.1,
+                            ),
+                            call.reply_metadata,
+                        )
                     finally:
                         replica.in_flight -= 1
                         if handler is not None:
@@ -293,12 +335,20 @@ class Proxy:
 
         return forward
 
-    async def _send_unary(self, replica: Replica, method: str, request: bytes, timeout: float | None,
-                          metadata: Sequence[tuple[str, str | bytes]]) -> Reply:
+    async def _send_unary(
+        self,
+        replica: Replica,
+        method: str,
+        request: bytes,
+        timeout: float | None,
+        metadata: Sequence[tuple[str, str | bytes]],
+    ) -> Reply:
         """One attempt on ``replica``: through its tunnel when it has one and the request is
         small, else as a call of its own. Errors come back as the ``Reply``, not raised."""
         if self._tunnels is not None:
-            tunnel = self._tunnels.of(replica.address, replica.channel, len(self._backends.replicas))
+            tunnel = self._tunnels.of(
+                replica.address, replica.channel, len(self._backends.replicas)
+            )
             if not tunnel.unsupported and len(request) <= tunnel.max_payload:
                 reply = await tunnel.unary(method, metadata, timeout, request)
                 # A tunnel that ended is never the call's answer: the call goes again on its own
@@ -306,25 +356,42 @@ class Proxy:
                 # then fails that call as any call, and the usual retries apply.
                 ended = reply.code is not _OK and reply.details.startswith((NOT_SENT, LOST))
                 if not tunnel.unsupported and not (
-                        ended and (reply.details.startswith(NOT_SENT) or method in self._idempotent)):
+                    ended and (reply.details.startswith(NOT_SENT) or method in self._idempotent)
+                ):
                     return reply
                 # The replica has no tunnel (nothing reached a handler), or the tunnel broke.
         rpc = replica.multicallable(UNARY, method)(request, timeout=timeout, metadata=metadata)
         try:
             response = await rpc
         except grpc.aio.AioRpcError as err:
-            return Reply(0, err.code(), err.details() or "", _pairs(err.initial_metadata()),
-                         _pairs(err.trailing_metadata()), b"")
+            return Reply(
+                0,
+                err.code(),
+                err.details() or "",
+                _pairs(err.initial_metadata()),
+                _pairs(err.trailing_metadata()),
+                b"",
+            )
         except BaseException:
             rpc.cancel()
             raise
-        return Reply(0, _OK, "", _pairs(await rpc.initial_metadata()), _pairs(await rpc.trailing_metadata()),
-                     response)
+        return Reply(
+            0,
+            _OK,
+            "",
+            _pairs(await rpc.initial_metadata()),
+            _pairs(await rpc.trailing_metadata()),
+            response,
+        )
 
-    def _client_stream(self, method: str) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]:
+    def _client_stream(
+        self, method: str
+    ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]:
         calls = self._method_calls(method)
 
-        async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        async def forward(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> bytes:
             arrived = time.perf_counter()
             if calls is not None:
                 calls.in_flight += 1
@@ -334,7 +401,9 @@ class Proxy:
                 attempts = _Attempts(self, call, method, context, source)
                 while True:
                     replica, timeout = await attempts.next()
-                    rpc = replica.multicallable(CLIENT_STREAM, method)(timeout=timeout, metadata=call.metadata)
+                    rpc = replica.multicallable(CLIENT_STREAM, method)(
+                        timeout=timeout, metadata=call.metadata
+                    )
                     source.start(rpc)
                     try:
                         response = await rpc
@@ -346,7 +415,9 @@ class Proxy:
                         attempts.abandoned(rpc)
                         await source.stop()
                         if source.idle:
-                            await _abort(context, StreamIdle(self._stream_idle), call.reply_metadata)
+                            await _abort(
+                                context, StreamIdle(self._stream_idle), call.reply_metadata
+                            )
                         raise
                     attempts.succeeded()
                     await source.stop()
@@ -361,10 +432,14 @@ class Proxy:
 
         return forward
 
-    def _server_stream(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+    def _server_stream(
+        self, method: str
+    ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
         calls = self._method_calls(method)
 
-        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async def forward(
+            request: bytes, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[bytes]:
             arrived = time.perf_counter()
             if calls is not None:
                 calls.in_flight += 1
@@ -374,7 +449,9 @@ class Proxy:
                 attempts = _Attempts(self, call, method, context, source, timed=False)
                 while True:
                     replica, timeout = await attempts.next()
-                    rpc = replica.multicallable(SERVER_STREAM, method)(request, timeout=timeout, metadata=call.metadata)
+                    rpc = replica.multicallable(SERVER_STREAM, method)(
+                        request, timeout=timeout, metadata=call.metadata
+                    )
                     try:
                         await _relay_initial(context, rpc, source, call.reply_metadata)
                         async for message in rpc:
@@ -389,7 +466,9 @@ class Proxy:
                         await source.stop()
                         raise
                     attempts.succeeded()
-                    await _relay_metadata(context, rpc, call.reply_metadata, initial_sent=source.replied)
+                    await _relay_metadata(
+                        context, rpc, call.reply_metadata, initial_sent=source.replied
+                    )
                     if calls is not None:
                         calls.ok(arrived)
                     return
@@ -400,10 +479,14 @@ class Proxy:
 
         return forward
 
-    def _bidi(self, method: str) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+    def _bidi(
+        self, method: str
+    ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
         calls = self._method_calls(method)
 
-        async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async def forward(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[bytes]:
             arrived = time.perf_counter()
             if calls is not None:
                 calls.in_flight += 1
@@ -413,7 +496,9 @@ class Proxy:
                 attempts = _Attempts(self, call, method, context, source, timed=False)
                 while True:
                     replica, timeout = await attempts.next()
-                    rpc = replica.multicallable(BIDI, method)(timeout=timeout, metadata=call.metadata)
+                    rpc = replica.multicallable(BIDI, method)(
+                        timeout=timeout, metadata=call.metadata
+                    )
                     source.start(rpc)
                     try:
                         await _relay_initial(context, rpc, source, call.reply_metadata)
@@ -429,11 +514,15 @@ class Proxy:
                         attempts.abandoned(rpc)
                         await source.stop()
                         if source.idle:
-                            await _abort(context, StreamIdle(self._stream_idle), call.reply_metadata)
+                            await _abort(
+                                context, StreamIdle(self._stream_idle), call.reply_metadata
+                            )
                         raise
                     attempts.succeeded()
                     await source.stop()
-                    await _relay_metadata(context, rpc, call.reply_metadata, initial_sent=source.replied)
+                    await _relay_metadata(
+                        context, rpc, call.reply_metadata, initial_sent=source.replied
+                    )
                     if calls is not None:
                         calls.ok(arrived)
                     return
@@ -481,10 +570,15 @@ class _Replayable:
             # status (it answered before reading, e.g. UNIMPLEMENTED) into INTERNAL for the
             # whole call, hiding the real status; sending through the call object beneath
             # lets that write fail alone. Public write() if that object ever goes away.
-            send = getattr(getattr(rpc, "_cython_call", None), "send_serialized_message", None) or rpc.write
+            send = (
+                getattr(getattr(rpc, "_cython_call", None), "send_serialized_message", None)
+                or rpc.write
+            )
             if self._first is not None:
                 await send(self._first)
-            async for message in idle_limited(self._requests, self._idle_seconds, lambda: self._went_idle(rpc)):
+            async for message in idle_limited(
+                self._requests, self._idle_seconds, lambda: self._went_idle(rpc)
+            ):
                 self.taken += 1
                 self._first = message if self.taken == 1 else None
                 if rpc.done():
@@ -509,8 +603,16 @@ class _Attempts:
     """Bookkeeping of a streaming call's attempts: picks, in-flight counts, stats, retries,
     relaying the final error, cancelling the backend call when the client goes away."""
 
-    def __init__(self, proxy: Proxy, call: CallInfo, method: str, context: grpc.aio.ServicerContext,
-                 source: _Replayable, *, timed: bool = True) -> None:
+    def __init__(
+        self,
+        proxy: Proxy,
+        call: CallInfo,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        source: _Replayable,
+        *,
+        timed: bool = True,
+    ) -> None:
         self._proxy = proxy
         # A response stream lasts as long as the client watches: its length is no latency.
         self._timed = timed
@@ -565,11 +667,18 @@ class _Attempts:
         ):
             self._tried.append(replica)
             return
-        await _relay_error(self._context, err, self._call.reply_metadata, initial_sent=self._source.replied)
+        await _relay_error(
+            self._context, err, self._call.reply_metadata, initial_sent=self._source.replied
+        )
 
 
-async def _relay_metadata(context: grpc.aio.ServicerContext, rpc: Any, reply: tuple[tuple[str, str], ...],
-                          *, initial_sent: bool = False) -> None:
+async def _relay_metadata(
+    context: grpc.aio.ServicerContext,
+    rpc: Any,
+    reply: tuple[tuple[str, str], ...],
+    *,
+    initial_sent: bool = False,
+) -> None:
     """The backend's headers plus ours (the rate-limit fields), then its trailers."""
     if not initial_sent:
         initial = _pairs(await rpc.initial_metadata()) + reply
@@ -580,8 +689,12 @@ async def _relay_metadata(context: grpc.aio.ServicerContext, rpc: Any, reply: tu
         context.set_trailing_metadata(_pairs(trailing))
 
 
-async def _relay_initial(context: grpc.aio.ServicerContext, rpc: Any, source: _Replayable,
-                         reply: tuple[tuple[str, str], ...]) -> None:
+async def _relay_initial(
+    context: grpc.aio.ServicerContext,
+    rpc: Any,
+    source: _Replayable,
+    reply: tuple[tuple[str, str], ...],
+) -> None:
     """Streams: the backend's headers (plus ours) go to the client before its first message."""
     initial = await rpc.initial_metadata()
     if initial:
@@ -589,25 +702,35 @@ async def _relay_initial(context: grpc.aio.ServicerContext, rpc: Any, source: _R
         await context.send_initial_metadata(_pairs(initial) + reply)
 
 
-async def _first_reply(context: grpc.aio.ServicerContext, source: _Replayable,
-                       reply: tuple[tuple[str, str], ...]) -> None:
+async def _first_reply(
+    context: grpc.aio.ServicerContext, source: _Replayable, reply: tuple[tuple[str, str], ...]
+) -> None:
     """Before the first message of a backend that sent no headers of its own: ours."""
     source.replied = True
     if reply:
         await context.send_initial_metadata(reply)
 
 
-async def _relay_error(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError,
-                       reply: tuple[tuple[str, str], ...], *, initial_sent: bool = False) -> None:
+async def _relay_error(
+    context: grpc.aio.ServicerContext,
+    err: grpc.aio.AioRpcError,
+    reply: tuple[tuple[str, str], ...],
+    *,
+    initial_sent: bool = False,
+) -> None:
     """The backend's status, details and trailing metadata, unchanged; our headers first."""
     if not initial_sent:
         initial = _pairs(err.initial_metadata()) + reply
         if initial:
             await context.send_initial_metadata(initial)
-    await context.abort(err.code(), err.details() or "", trailing_metadata=_pairs(err.trailing_metadata()))
+    await context.abort(
+        err.code(), err.details() or "", trailing_metadata=_pairs(err.trailing_metadata())
+    )
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: HashmeshError, reply: tuple[tuple[str, str], ...]) -> Any:
+async def _abort(
+    context: grpc.aio.ServicerContext, error: HashmeshError, reply: tuple[tuple[str, str], ...]
+) -> Any:
     """The balancer's own refusal, through the one gRPC edge; the rate-limit fields go in the
     headers, as on every answer."""
     await abort_with(context, error, initial_metadata=reply)
@@ -616,7 +739,9 @@ async def _abort(context: grpc.aio.ServicerContext, error: HashmeshError, reply:
 class Router(grpc.GenericRpcHandler):  # type: ignore[misc]
     """The public listener's catch-all: AdminService behind its policy, the rest proxied."""
 
-    def __init__(self, proxy: Proxy, admin_handlers: dict[str, grpc.RpcMethodHandler], policy: AdminPolicy) -> None:
+    def __init__(
+        self, proxy: Proxy, admin_handlers: dict[str, grpc.RpcMethodHandler], policy: AdminPolicy
+    ) -> None:
         self._proxy = proxy
         self._kinds = method_kinds()
         self._admin = admin_handlers
@@ -629,7 +754,9 @@ class Router(grpc.GenericRpcHandler):  # type: ignore[misc]
         if handler is not None:
             return handler
         if method.startswith(INTERNAL_PREFIX):
-            return None  # the tunnel is the balancer's own: a client may not reach it (UNIMPLEMENTED)
+            return (
+                None  # the tunnel is the balancer's own: a client may not reach it (UNIMPLEMENTED)
+            )
         if method.startswith(ADMIN_PREFIX):
             try:
                 self._policy.check(details.invocation_metadata)
@@ -640,4 +767,3 @@ class Router(grpc.GenericRpcHandler):  # type: ignore[misc]
         if method in KNOWN_METHODS:  # other names are the client's choice: never kept
             self._handlers[method] = handler
         return handler
-

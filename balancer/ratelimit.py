@@ -39,7 +39,9 @@ class Allowance:
 
     __slots__ = ("policy", "quota", "remaining", "reset", "window")
 
-    def __init__(self, policy: str, quota: int, window: float, remaining: int, reset: float) -> None:
+    def __init__(
+        self, policy: str, quota: int, window: float, remaining: int, reset: float
+    ) -> None:
         self.policy = policy
         self.quota = quota
         self.window = window
@@ -125,14 +127,24 @@ class RateLimiter:
                     raise RateLimited(
                         f"rate limit of {spec.rate:g}/s exceeded for this client",
                         retry_after=max(refusal.retry_after, 0.001),
-                        allowance=Allowance(policy, quota, window, 0,
-                                            refusal.retry_after + (spec.capacity - 1) / spec.rate),
+                        allowance=Allowance(
+                            policy,
+                            quota,
+                            window,
+                            0,
+                            refusal.retry_after + (spec.capacity - 1) / spec.rate,
+                        ),
                     ) from None
                 except StoreDown:
                     pass
                 else:
-                    return Allowance(policy, quota, window, grant.remaining,
-                                     max(0.0, spec.capacity - grant.remaining) / spec.rate)
+                    return Allowance(
+                        policy,
+                        quota,
+                        window,
+                        grant.remaining,
+                        max(0.0, spec.capacity - grant.remaining) / spec.rate,
+                    )
             self.fail_open_calls += 1
         return await self._admit_locally(peer)
 
@@ -169,7 +181,11 @@ class RateLimiter:
         level = limiter._level
         remaining = capacity - level
         return Allowance(
-            bucket.policy, int(capacity), bucket.window, int(remaining) if remaining > 0 else 0, level / rate
+            bucket.policy,
+            int(capacity),
+            bucket.window,
+            int(remaining) if remaining > 0 else 0,
+            level / rate,
         )
 
     def _refuse(self, peer: str) -> None:

@@ -43,7 +43,11 @@ from hashmesh.v1 import admin_pb2, admin_pb2_grpc
 log = logging.getLogger(__name__)
 
 # Health names answered by the public listener besides "" (the whole balancer).
-PROXIED_SERVICES = ("hashmesh.v1.HashService", "hashmesh.v1.TaskService", "hashmesh.v1.CacheService")
+PROXIED_SERVICES = (
+    "hashmesh.v1.HashService",
+    "hashmesh.v1.TaskService",
+    "hashmesh.v1.CacheService",
+)
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 KEYS_RELOAD_SECONDS = 5.0
 
@@ -54,24 +58,42 @@ class Balancer:
     def __init__(self, settings: BalancerSettings) -> None:
         self.settings = settings
         self.stats = BalancerStats()
-        shared = SharedLimit.from_url(
-            settings.redis_url, timeout=settings.redis_timeout, lease_seconds=settings.redis_lease_seconds,
-            table_size=settings.limiter_table_size,
-        ) if settings.redis_url else None
+        shared = (
+            SharedLimit.from_url(
+                settings.redis_url,
+                timeout=settings.redis_timeout,
+                lease_seconds=settings.redis_lease_seconds,
+                table_size=settings.limiter_table_size,
+            )
+            if settings.redis_url
+            else None
+        )
         self.limiter = RateLimiter(
-            settings.rate_limit, settings.rate_limit_overrides, table_size=settings.limiter_table_size,
+            settings.rate_limit,
+            settings.rate_limit_overrides,
+            table_size=settings.limiter_table_size,
             shared=shared,
         )
         self.keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
         self.backends = BackendSet(settings, on_change=self._serving_changed)
         # Per-call metrics only when something will read them.
         call_metrics = CallMetrics() if settings.metrics_port is not None else None
-        chain = build_chain(self.keys, self.limiter, self.stats, trusted_proxies=settings.trusted_proxies,
-                            admin_token=settings.admin_token, identity_secret=settings.identity_secret)
+        chain = build_chain(
+            self.keys,
+            self.limiter,
+            self.stats,
+            trusted_proxies=settings.trusted_proxies,
+            admin_token=settings.admin_token,
+            identity_secret=settings.identity_secret,
+        )
         self.proxy = Proxy(settings, self.backends, chain, self.stats, call_metrics)
         self.state_file = StateFile(settings.state_file) if settings.state_file else None
-        admin = AdminServicer(self.stats, self.backends, self.limiter,
-                              self._save_state if self.state_file is not None else None)
+        admin = AdminServicer(
+            self.stats,
+            self.backends,
+            self.limiter,
+            self._save_state if self.state_file is not None else None,
+        )
 
         self.health = Health()
         # Descriptors first: the connection cap is fitted to what the process may open.
@@ -84,13 +106,16 @@ class Balancer:
         # Answered here, before the Router: reflection and health are never rate limited.
         add_reflection(self.server, [*PROXIED_SERVICES, ADMIN_SERVICE, HEALTH])
         public_policy = AdminPolicy(settings.admin_token, open_without_token=False)
-        self.server.add_generic_rpc_handlers([Router(self.proxy, admin_handlers(admin), public_policy)])
+        self.server.add_generic_rpc_handlers(
+            [Router(self.proxy, admin_handlers(admin), public_policy)]
+        )
         self.port = 0
 
         # AdminAuth first: a call without the admin token is refused before anything else
         # runs (MetricsInterceptor runs the rest of the chain on every call either way).
         admin_interceptors: list[grpc.aio.ServerInterceptor] = [
-            AdminAuth(AdminPolicy(settings.admin_token, open_without_token=True))]
+            AdminAuth(AdminPolicy(settings.admin_token, open_without_token=True))
+        ]
         if settings.metrics_port is not None:
             admin_interceptors.append(metrics.MetricsInterceptor())
         self.admin = GrpcServer(
@@ -117,7 +142,11 @@ class Balancer:
         return f"{self.settings.listen.rsplit(':', 1)[0]}:{self.port}"
 
     def _serving_changed(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         log.info("balancer health", extra={"serving": serving})
         for name in ("", *PROXIED_SERVICES):
             self._side.append(asyncio.create_task(self.health.set(name, status)))

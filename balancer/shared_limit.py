@@ -144,7 +144,10 @@ class SharedLimit:
     def from_url(cls, url: str, *, timeout: float, **options: Any) -> SharedLimit:
         """A client for ``redis://host:port/db`` (or ``rediss://``, ``unix://``); no I/O yet."""
         client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False,
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry_on_timeout=False,
             health_check_interval=0,
         )
         return cls(client, **options)
@@ -212,8 +215,10 @@ class SharedLimit:
         if self.up:
             self.up = False
             self.failures += 1
-            log.warning("shared rate-limit store down: failing open to local limits",
-                        extra={"error": str(exc)})
+            log.warning(
+                "shared rate-limit store down: failing open to local limits",
+                extra={"error": str(exc)},
+            )
         self._leases.clear()
         self._retry_at = self._clock() + self._retry_seconds
 

@@ -35,7 +35,9 @@ def capture(backends: BackendSet, limiter: RateLimiter) -> dict[str, Any]:
         "strategy": backends.picker.name,
         "hash_key": backends.hash_key,
         "rate_limit": _limit(limiter.default) if limiter.default is not None else None,
-        "rate_limit_overrides": {client: _limit(spec) for client, spec in sorted(limiter.overrides.items())},
+        "rate_limit_overrides": {
+            client: _limit(spec) for client, spec in sorted(limiter.overrides.items())
+        },
         "drained": sorted(backends.drained),
     }
 
@@ -49,9 +51,13 @@ def restore(state: dict[str, Any], backends: BackendSet, limiter: RateLimiter) -
         if strategy not in STRATEGIES or not is_hash_key(hash_key):
             raise ValueError(f"strategy {strategy!r} / hash key {hash_key!r}")
         default = state["rate_limit"]
-        default_spec = RateLimitSettings(float(default["rate"]), int(default["burst"])) if default else None
-        overrides = {str(client): RateLimitSettings(float(spec["rate"]), int(spec["burst"]))
-                     for client, spec in dict(state["rate_limit_overrides"]).items()}
+        default_spec = (
+            RateLimitSettings(float(default["rate"]), int(default["burst"])) if default else None
+        )
+        overrides = {
+            str(client): RateLimitSettings(float(spec["rate"]), int(spec["burst"]))
+            for client, spec in dict(state["rate_limit_overrides"]).items()
+        }
         drained = [str(address) for address in state["drained"]]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SettingsError(f"balancer state file is not usable: {exc}") from exc

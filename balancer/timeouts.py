@@ -41,12 +41,15 @@ class AttemptTimeout:
 
 class StreamIdle(DeadlineExceeded):
     def __init__(self, seconds: float) -> None:
-        super().__init__(f"the client sent no message for {seconds:g} s; an idle stream is closed "
-                         "(HASHMESH_BALANCER_STREAM_IDLE_SECONDS)")
+        super().__init__(
+            f"the client sent no message for {seconds:g} s; an idle stream is closed "
+            "(HASHMESH_BALANCER_STREAM_IDLE_SECONDS)"
+        )
 
 
-async def idle_limited(messages: AsyncIterator[bytes], seconds: float,
-                       on_idle: Callable[[], None]) -> AsyncIterator[bytes]:
+async def idle_limited(
+    messages: AsyncIterator[bytes], seconds: float, on_idle: Callable[[], None]
+) -> AsyncIterator[bytes]:
     """``messages`` until the client waits more than ``seconds`` between two of them; then
     ``on_idle()`` and the end. ``seconds`` 0: no limit."""
     if seconds <= 0:

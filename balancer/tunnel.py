@@ -67,11 +67,18 @@ class Tunnel:
     def _open(self) -> None:
         stream = self._stream = self.channel.stream_stream(TUNNEL_METHOD, _registered_method=True)()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._write(stream), name="tunnel-write"),
-                       loop.create_task(self._read(stream), name="tunnel-read")]
+        self._tasks = [
+            loop.create_task(self._write(stream), name="tunnel-write"),
+            loop.create_task(self._read(stream), name="tunnel-read"),
+        ]
 
-    async def unary(self, method: str, metadata: Sequence[tuple[str, str | bytes]], timeout: float | None,
-                    payload: bytes) -> Reply:
+    async def unary(
+        self,
+        method: str,
+        metadata: Sequence[tuple[str, str | bytes]],
+        timeout: float | None,
+        payload: bytes,
+    ) -> Reply:
         if self._stream is None:
             self._open()
         call_id = self._next_id = (self._next_id + 1) & 0xFFFFFFFF
@@ -119,7 +126,10 @@ class Tunnel:
                     future = self._pending.pop(reply.call_id, None)
                     if future is not None and not future.done():
                         future.set_result(reply)
-            code, details = grpc.StatusCode.UNAVAILABLE, "the tunnel to the replica ended (connection closed)"
+            code, details = (
+                grpc.StatusCode.UNAVAILABLE,
+                "the tunnel to the replica ended (connection closed)",
+            )
         except grpc.aio.AioRpcError as err:
             code, details = err.code(), err.details() or ""
             if code is grpc.StatusCode.UNIMPLEMENTED:
@@ -152,7 +162,10 @@ class Tunnel:
                 text = f"{LOST if call_id in sent else NOT_SENT}: {details}"
                 future.set_result(Reply(call_id, code, text, (), (), b""))
         if pending:
-            log.warning("tunnel to a replica closed", extra={"calls_failed": len(pending), "reason": details})
+            log.warning(
+                "tunnel to a replica closed",
+                extra={"calls_failed": len(pending), "reason": details},
+            )
 
     def close(self) -> None:
         self._close(self._stream, grpc.StatusCode.UNAVAILABLE, "the balancer is stopping")

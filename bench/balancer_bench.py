@@ -72,8 +72,9 @@ def cpu_seconds(pid: int) -> float:
 
 def start(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
     errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 - outlives this function with the process
-    popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True,
-                             env={**os.environ, **(env or {})})
+    popen = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=errors, text=True, env={**os.environ, **(env or {})}
+    )
     assert popen.stdout is not None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -88,11 +89,14 @@ def start(argv: list[str], env: dict[str, str] | None = None) -> tuple[subproces
     raise RuntimeError(f"{argv} did not start: {errors.read()[-2000:]}")
 
 
-async def load(addresses: list[str], in_flight: int, seconds: float, rate: float = 0.0
-               ) -> tuple[int, int, list[float], float]:
+async def load(
+    addresses: list[str], in_flight: int, seconds: float, rate: float = 0.0
+) -> tuple[int, int, list[float], float]:
     """``in_flight`` callers in a closed loop; with ``rate``, paced to that many calls/s in all
     (light load: the machine is not saturated, so latency shows the hop itself)."""
-    request = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"x" * 32).SerializeToString()
+    request = hash_pb2.HashRequest(
+        algorithm=common_pb2.ALGORITHM_SHA256, data=b"x" * 32
+    ).SerializeToString()
     channels = [grpc.aio.insecure_channel(a) for a in addresses]
     calls = [c.unary_unary(METHOD) for c in channels]
     latencies: list[float] = []
@@ -108,7 +112,9 @@ async def load(addresses: list[str], in_flight: int, seconds: float, rate: float
                 next_at += in_flight / rate
             started = time.perf_counter()
             try:
-                await calls[turn % len(calls)](request, timeout=10, metadata=(("x-client-id", "bench"),))
+                await calls[turn % len(calls)](
+                    request, timeout=10, metadata=(("x-client-id", "bench"),)
+                )
                 counts[0] += 1
             except grpc.aio.AioRpcError:
                 counts[1] += 1
@@ -130,7 +136,11 @@ def measure(front: Front, in_flight: int, seconds: float, rate: float = 0.0) -> 
     cpu = (cpu_seconds(front.pid) - before) if front.pid else None
     latencies.sort()
     return Result(
-        front=front.name + (f" @{rate:g}/s" if rate else ""), in_flight=in_flight, calls=ok, errors=errors, seconds=elapsed,
+        front=front.name + (f" @{rate:g}/s" if rate else ""),
+        in_flight=in_flight,
+        calls=ok,
+        errors=errors,
+        seconds=elapsed,
         p50_ms=statistics.median(latencies) * 1e3,
         p99_ms=latencies[int(0.99 * len(latencies))] * 1e3,
         cpu_us_per_call=None if cpu is None else cpu / max(ok, 1) * 1e6,
@@ -194,9 +204,22 @@ def start_envoy(replicas: list[str], workdir: Path) -> tuple[subprocess.Popen[st
     )
     config = workdir / "envoy.yaml"
     config.write_text(ENVOY_CONFIG.format(port=port, endpoints=endpoints))
-    popen = subprocess.Popen([binary, "-c", str(config), "--concurrency", "2", "-l", "error",
-                              "--base-id", str(os.getpid() % 60000)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    popen = subprocess.Popen(
+        [
+            binary,
+            "-c",
+            str(config),
+            "--concurrency",
+            "2",
+            "-l",
+            "error",
+            "--base-id",
+            str(os.getpid() % 60000),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -215,17 +238,26 @@ def start_envoy(replicas: list[str], workdir: Path) -> tuple[subprocess.Popen[st
 def main() -> None:
     # The daemons refuse to start without one (it signs the balancer's identity stamps).
     os.environ.setdefault("HASHMESH_IDENTITY_SECRET", os.urandom(16).hex())
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dsn")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--fronts", default="direct,bare,bare-uvloop,balancer,balancer-metrics,balancer-asyncio,"
-                        "balancer-percall,envoy",
-                        help="balancer = every feature on, uvloop when installed, tunnel on (the defaults)")
+    parser.add_argument(
+        "--fronts",
+        default="direct,bare,bare-uvloop,balancer,balancer-metrics,balancer-asyncio,"
+        "balancer-percall,envoy",
+        help="balancer = every feature on, uvloop when installed, tunnel on (the defaults)",
+    )
     parser.add_argument("--in-flight", default="32,4")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--light-rate", type=float, default=200.0,
-                        help="calls/s of the light-load rows (4 in flight, paced); 0 skips them")
+    parser.add_argument(
+        "--light-rate",
+        type=float,
+        default=200.0,
+        help="calls/s of the light-load rows (4 in flight, paced); 0 skips them",
+    )
     args = parser.parse_args()
     py = sys.executable
     procs: list[subprocess.Popen[str]] = []
@@ -243,30 +275,61 @@ def main() -> None:
             dsn = pg.dsn
         replicas = []
         for _ in range(args.replicas):
-            popen, address = start([py, "-m", "hashmesh.hashd", "--listen", "127.0.0.1:0", "--database-url", dsn])
+            popen, address = start(
+                [py, "-m", "hashmesh.hashd", "--listen", "127.0.0.1:0", "--database-url", dsn]
+            )
             procs.append(popen)
             replicas.append(address)
         fronts: list[Front] = [Front("direct", replicas, None)]
         wanted = args.fronts.split(",")
         for name, env in (("bare", {}), ("bare-uvloop", {"BARE_UVLOOP": "1"})):
             if name in wanted:
-                popen, address = start([py, str(REPO / "bench" / "bare_forwarder.py"), "--backends", ",".join(replicas)],
-                                       env=env)
+                popen, address = start(
+                    [
+                        py,
+                        str(REPO / "bench" / "bare_forwarder.py"),
+                        "--backends",
+                        ",".join(replicas),
+                    ],
+                    env=env,
+                )
                 procs.append(popen)
                 fronts.append(Front(name, [address], popen.pid))
-        for name, loop, extra in (("balancer", "auto", []), ("balancer-metrics", "auto", ["--metrics-port", "0"]),
-                                  ("balancer-asyncio", "asyncio", []), ("balancer-nobudgets", "auto", []),
-                                  ("balancer-percall", "auto", [])):
+        for name, loop, extra in (
+            ("balancer", "auto", []),
+            ("balancer-metrics", "auto", ["--metrics-port", "0"]),
+            ("balancer-asyncio", "asyncio", []),
+            ("balancer-nobudgets", "auto", []),
+            ("balancer-percall", "auto", []),
+        ):
             if name in wanted:
                 # balancer-percall: the tunnel off, one upstream gRPC call per call (the old path).
                 tunnel = "0" if name == "balancer-percall" else "1"
                 popen, address = start(
-                    [py, "-m", "hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-                     "--backends", ",".join(replicas), "--strategy", "least_connections",
-                     "--rate-limit", "1000000/1000000", *extra],
-                    env={"HASHMESH_LOG_LEVEL": "WARNING", "HASHMESH_BALANCER_EVENT_LOOP": loop,
-                         "HASHMESH_BALANCER_BUDGETS": "off" if name == "balancer-nobudgets" else "on",
-                         "HASHMESH_BALANCER_TUNNEL": tunnel},
+                    [
+                        py,
+                        "-m",
+                        "hashmesh.balancer",
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--admin-listen",
+                        "127.0.0.1:0",
+                        "--backends",
+                        ",".join(replicas),
+                        "--strategy",
+                        "least_connections",
+                        "--rate-limit",
+                        "1000000/1000000",
+                        *extra,
+                    ],
+                    env={
+                        "HASHMESH_LOG_LEVEL": "WARNING",
+                        "HASHMESH_BALANCER_EVENT_LOOP": loop,
+                        "HASHMESH_BALANCER_BUDGETS": "off"
+                        if name == "balancer-nobudgets"
+                        else "on",
+                        "HASHMESH_BALANCER_TUNNEL": tunnel,
+                    },
                 )
                 procs.append(popen)
                 fronts.append(Front(name, [address], popen.pid))
@@ -277,7 +340,11 @@ def main() -> None:
             else:
                 procs.append(popen_envoy)
                 fronts.append(Front("envoy", [address], popen_envoy.pid))
-        fronts = [f for f in fronts if f.name.split()[0] in wanted or (f.name == "direct" and "direct" in wanted)]
+        fronts = [
+            f
+            for f in fronts
+            if f.name.split()[0] in wanted or (f.name == "direct" and "direct" in wanted)
+        ]
         # Rounds interleave the fronts so that load from elsewhere on the machine hits them
         # alike; each row is the round with the median CPU per call (or calls/s for direct).
         results = []
@@ -291,15 +358,25 @@ def main() -> None:
                 for front in fronts if index % 2 == 0 else fronts[::-1]:
                     by_front[front.name].append(measure(front, n, args.seconds, rate))
             for rounds in by_front.values():
-                rounds.sort(key=lambda r: r.cpu_us_per_call if r.cpu_us_per_call is not None else -r.calls / r.seconds)
+                rounds.sort(
+                    key=lambda r: (
+                        r.cpu_us_per_call if r.cpu_us_per_call is not None else -r.calls / r.seconds
+                    )
+                )
                 results.append(rounds[len(rounds) // 2])
-        print(f"# sha256 of 32 bytes, {args.replicas} hashd replicas, {args.seconds:g}s per row, "
-              f"median of {args.rounds} rounds, {os.cpu_count()} cores")
-        print(f"{'front':24} {'in flight':>9} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/call':>12} {'errors':>7}")
+        print(
+            f"# sha256 of 32 bytes, {args.replicas} hashd replicas, {args.seconds:g}s per row, "
+            f"median of {args.rounds} rounds, {os.cpu_count()} cores"
+        )
+        print(
+            f"{'front':24} {'in flight':>9} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/call':>12} {'errors':>7}"
+        )
         for r in results:
             cpu = f"{r.cpu_us_per_call:.0f}" if r.cpu_us_per_call is not None else "-"
-            print(f"{r.front:24} {r.in_flight:>9} {r.calls / r.seconds:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-                  f"{cpu:>12} {r.errors:>7}")
+            print(
+                f"{r.front:24} {r.in_flight:>9} {r.calls / r.seconds:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
+                f"{cpu:>12} {r.errors:>7}"
+            )
     finally:
         for popen in procs:
             popen.send_signal(signal.SIGTERM)

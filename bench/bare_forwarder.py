@@ -35,7 +35,9 @@ class Forwarder(grpc.GenericRpcHandler):
             return grpc.unary_unary_rpc_method_handler(unary)
         streams = [c.stream_stream(method) for c in self.channels]
 
-        async def bidi(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def bidi(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
             async for reply in streams[next(self.turn)](requests, timeout=context.time_remaining()):
                 yield reply
 

@@ -84,7 +84,8 @@ async def run(dsn: str) -> None:
             raw, encoded = algorithms.argon2id(b"password", params)
             await shared.store(Algorithm.ARGON2ID, params, b"password", raw, encoded, tenant="t")
             compute = statistics.median(
-                _timed(functools.partial(algorithms.argon2id, b"password", params)) for _ in range(5)
+                _timed(functools.partial(algorithms.argon2id, b"password", params))
+                for _ in range(5)
             )
             pg = await async_per_call(
                 functools.partial(shared.lookup, Algorithm.ARGON2ID, params, b"password")

@@ -82,7 +82,9 @@ async def load(port: int, calls: int, in_flight: int = 32) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls", type=int, default=15_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
@@ -93,7 +95,9 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {kind: [] for kind in SERVERS}
     for _ in range(args.rounds):
         for kind in SERVERS:
-            server = subprocess.Popen([sys.executable, __file__, "--serve", kind], stdout=subprocess.PIPE, text=True)
+            server = subprocess.Popen(
+                [sys.executable, __file__, "--serve", kind], stdout=subprocess.PIPE, text=True
+            )
             try:
                 assert server.stdout is not None
                 port = int(server.stdout.readline())
@@ -106,7 +110,9 @@ def main() -> None:
     print(f"# echo server, 40 B, 32 in flight, {args.calls} calls, median of {args.rounds} rounds")
     print(f"{'server':10} {'CPU us/call':>12} {'calls/s':>9}")
     for kind, rows in results.items():
-        print(f"{kind:10} {statistics.median(r[0] for r in rows):>12.0f} {statistics.median(r[1] for r in rows):>9.0f}")
+        print(
+            f"{kind:10} {statistics.median(r[0] for r in rows):>12.0f} {statistics.median(r[1] for r in rows):>9.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,24 +30,37 @@ class HashUser(GrpcUser):
 
     @task(10)
     def hash_sha256(self) -> None:
-        reply = self.stub.ComputeHash(hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=PAYLOAD),
-                               timeout=10, metadata=self.metadata)
+        reply = self.stub.ComputeHash(
+            hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=PAYLOAD),
+            timeout=10,
+            metadata=self.metadata,
+        )
         assert reply.result.encoded == PAYLOAD_SHA256
 
     @task(3)
     def hash_md5(self) -> None:
-        self.stub.ComputeHash(hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_MD5, data=PAYLOAD), timeout=10,
-                       metadata=self.metadata)
+        self.stub.ComputeHash(
+            hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_MD5, data=PAYLOAD),
+            timeout=10,
+            metadata=self.metadata,
+        )
 
     @task(2)
     def verify(self) -> None:
-        self.stub.Verify(hash_pb2.VerifyRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=PAYLOAD,
-                                                encoded=PAYLOAD_SHA256), timeout=10, metadata=self.metadata)
+        self.stub.Verify(
+            hash_pb2.VerifyRequest(
+                algorithm=common_pb2.ALGORITHM_SHA256, data=PAYLOAD, encoded=PAYLOAD_SHA256
+            ),
+            timeout=10,
+            metadata=self.metadata,
+        )
 
     @task(1)
     def hash_stream(self) -> None:
         def messages():  # type: ignore[no-untyped-def]
-            yield hash_pb2.HashStreamRequest(header=hash_pb2.HashStreamHeader(algorithm=common_pb2.ALGORITHM_SHA256))
+            yield hash_pb2.HashStreamRequest(
+                header=hash_pb2.HashStreamHeader(algorithm=common_pb2.ALGORITHM_SHA256)
+            )
             for _ in range(STREAM_CHUNKS):
                 yield hash_pb2.HashStreamRequest(chunk=STREAM_CHUNK)
 
@@ -61,17 +74,28 @@ class TaskUser(GrpcUser):
 
     @task
     def submit_and_get(self) -> None:
-        reply = self.stub.SubmitTask(task_pb2.SubmitTaskRequest(
-            spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, data=PAYLOAD)), timeout=10,
-            metadata=self.metadata)
-        self.stub.GetTask(task_pb2.GetTaskRequest(id=reply.task.id), timeout=10, metadata=self.metadata)
+        reply = self.stub.SubmitTask(
+            task_pb2.SubmitTaskRequest(
+                spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, data=PAYLOAD)
+            ),
+            timeout=10,
+            metadata=self.metadata,
+        )
+        self.stub.GetTask(
+            task_pb2.GetTaskRequest(id=reply.task.id), timeout=10, metadata=self.metadata
+        )
 
     @task
     def submit_and_watch(self) -> None:
-        reply = self.stub.SubmitTask(task_pb2.SubmitTaskRequest(
-            spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA256, data=PAYLOAD)), timeout=10,
-            metadata=self.metadata)
-        for update in self.stub.WatchTask(task_pb2.WatchTaskRequest(id=reply.task.id), timeout=30,
-                                          metadata=self.metadata):
+        reply = self.stub.SubmitTask(
+            task_pb2.SubmitTaskRequest(
+                spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA256, data=PAYLOAD)
+            ),
+            timeout=10,
+            metadata=self.metadata,
+        )
+        for update in self.stub.WatchTask(
+            task_pb2.WatchTaskRequest(id=reply.task.id), timeout=30, metadata=self.metadata
+        ):
             last = update.task
         assert last.status == task_pb2.TASK_STATUS_SUCCEEDED

@@ -37,6 +37,7 @@ def flood(address: str, first: int, count: int, in_flight: int = 16) -> dict[str
     lock = threading.Lock()
     slots = threading.Semaphore(in_flight)
     with grpc.insecure_channel(address) as channel:
+
         def done(future: grpc.Future) -> None:
             with lock:
                 codes[future.code().name] = codes.get(future.code().name, 0) + 1
@@ -44,14 +45,18 @@ def flood(address: str, first: int, count: int, in_flight: int = 16) -> dict[str
 
         for index in range(first, first + count):
             slots.acquire()
-            channel.unary_unary(f"/hashmesh.v1.HashService/Invented{index}").future(b"", timeout=30).add_done_callback(done)
+            channel.unary_unary(f"/hashmesh.v1.HashService/Invented{index}").future(
+                b"", timeout=30
+            ).add_done_callback(done)
         for _ in range(in_flight):
             slots.acquire()
     return codes
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--names", type=int, default=50_000)
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--dsn")
@@ -72,22 +77,41 @@ def main() -> None:
             dsn = pg.dsn
         replicas = []
         for _ in range(args.replicas):
-            popen, address = start([py, "-m", "hashmesh.hashd", "--listen", "127.0.0.1:0", "--database-url", dsn])
+            popen, address = start(
+                [py, "-m", "hashmesh.hashd", "--listen", "127.0.0.1:0", "--database-url", dsn]
+            )
             procs.append(popen)
             replicas.append(address)
-        balancer, address = start([py, "-m", "hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen",
-                                   "127.0.0.1:0", "--backends", ",".join(replicas)])
+        balancer, address = start(
+            [
+                py,
+                "-m",
+                "hashmesh.balancer",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--backends",
+                ",".join(replicas),
+            ]
+        )
         procs.append(balancer)
         flood(address, 0, 2000)  # warm up
         before = [rss(p.pid) for p in procs]
         codes = flood(address, 2000, args.names)
         after = [rss(p.pid) for p in procs]
-        print(f"# {args.names} distinct method names through the balancer, {args.replicas} replicas: {codes}")
-        print(f"balancer RSS {before[-1] / MIB:.0f} -> {after[-1] / MIB:.0f} MiB "
-              f"(+{(after[-1] - before[-1]) / MIB:.1f})")
+        print(
+            f"# {args.names} distinct method names through the balancer, {args.replicas} replicas: {codes}"
+        )
+        print(
+            f"balancer RSS {before[-1] / MIB:.0f} -> {after[-1] / MIB:.0f} MiB "
+            f"(+{(after[-1] - before[-1]) / MIB:.1f})"
+        )
         for index in range(args.replicas):
-            print(f"replica {index} RSS {before[index] / MIB:.0f} -> {after[index] / MIB:.0f} MiB "
-                  f"(+{(after[index] - before[index]) / MIB:.1f})")
+            print(
+                f"replica {index} RSS {before[index] / MIB:.0f} -> {after[index] / MIB:.0f} MiB "
+                f"(+{(after[index] - before[index]) / MIB:.1f})"
+            )
     finally:
         for popen in procs:
             popen.send_signal(signal.SIGTERM)

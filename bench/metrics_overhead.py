@@ -42,8 +42,14 @@ async def round_trip(stub: Any, calls: int) -> float:
 async def main(calls: int, rounds: int) -> None:
     plain, metered = await start([]), await start([MetricsInterceptor()])
     try:
-        async with grpc.aio.insecure_channel(plain.address) as a, grpc.aio.insecure_channel(metered.address) as b:
-            stubs = {"plain": hash_pb2_grpc.HashServiceStub(a), "metered": hash_pb2_grpc.HashServiceStub(b)}
+        async with (
+            grpc.aio.insecure_channel(plain.address) as a,
+            grpc.aio.insecure_channel(metered.address) as b,
+        ):
+            stubs = {
+                "plain": hash_pb2_grpc.HashServiceStub(a),
+                "metered": hash_pb2_grpc.HashServiceStub(b),
+            }
             for stub in stubs.values():
                 await round_trip(stub, 200)  # warm-up
             results: dict[str, list[float]] = {"plain": [], "metered": []}
@@ -54,8 +60,10 @@ async def main(calls: int, rounds: int) -> None:
         await plain.stop(0)
         await metered.stop(0)
     p, m = statistics.median(results["plain"]), statistics.median(results["metered"])
-    print(f"plain {p * 1e6:.0f} us/call, with MetricsInterceptor {m * 1e6:.0f} us/call, "
-          f"ratio {m / p:.3f} (median of {rounds} rounds x {calls} calls)")
+    print(
+        f"plain {p * 1e6:.0f} us/call, with MetricsInterceptor {m * 1e6:.0f} us/call, "
+        f"ratio {m / p:.3f} (median of {rounds} rounds x {calls} calls)"
+    )
 
 
 if __name__ == "__main__":

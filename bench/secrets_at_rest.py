@@ -53,8 +53,13 @@ print(json.dumps(out))
 
 
 def _start(argv: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen([sys.executable, "-m", *argv], env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", *argv],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     assert process.stdout is not None
     with log.open("w") as sink:
         for line in process.stdout:
@@ -76,8 +81,15 @@ def _nobody(port: int) -> dict[str, object]:
     if os.geteuid() != 0:
         return {"skipped": "not root"}
     env = {"PYTHONPATH": str(Path(psycopg.__file__).parent.parent), "PATH": "/usr/bin:/bin"}
-    run = subprocess.run(["/usr/bin/python3", "-c", NOBODY, str(port)], capture_output=True,
-                         text=True, env=env, timeout=60, preexec_fn=_as_nobody, cwd="/")
+    run = subprocess.run(
+        ["/usr/bin/python3", "-c", NOBODY, str(port)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        preexec_fn=_as_nobody,
+        cwd="/",
+    )
     return json.loads(run.stdout) if run.returncode == 0 else {"error": run.stderr[-500:]}
 
 
@@ -92,8 +104,13 @@ def _copies(root: Path, needle: bytes) -> dict[str, int]:
         if path.is_file() and not path.is_symlink():
             count = path.read_bytes().count(needle)
             relative = path.relative_to(root).as_posix()
-            kind = ("heap (base/)" if "/base/" in f"/{relative}" else
-                    "WAL (pg_wal/)" if "/pg_wal/" in f"/{relative}" else "elsewhere")
+            kind = (
+                "heap (base/)"
+                if "/base/" in f"/{relative}"
+                else "WAL (pg_wal/)"
+                if "/pg_wal/" in f"/{relative}"
+                else "elsewhere"
+            )
             where[kind] += count
     return where
 
@@ -108,9 +125,16 @@ def main() -> None:
         key_file = work / "task-keys"
         key_file.write_text(f"bench:{base64.b64encode(os.urandom(32)).decode()}\n")
         key_file.chmod(0o600)
-        env = {**os.environ, "HASHMESH_DATABASE_URL": dsn, "HASHMESH_TASK_KEY_FILE": str(key_file),
-               "HASHMESH_IDENTITY_SECRET": os.urandom(24).hex(), "PYTHONUNBUFFERED": "1"}
-        hashd, address = _start(["hashmesh.hashd", "--listen", "127.0.0.1:0"], env, work / "hashd.log")
+        env = {
+            **os.environ,
+            "HASHMESH_DATABASE_URL": dsn,
+            "HASHMESH_TASK_KEY_FILE": str(key_file),
+            "HASHMESH_IDENTITY_SECRET": os.urandom(24).hex(),
+            "PYTHONUNBUFFERED": "1",
+        }
+        hashd, address = _start(
+            ["hashmesh.hashd", "--listen", "127.0.0.1:0"], env, work / "hashd.log"
+        )
         children.append(hashd)
         worker, _ = _start(["hashmesh.workerd"], env, work / "workerd.log")
         children.append(worker)
@@ -118,23 +142,37 @@ def main() -> None:
         params = common_pb2.Argon2Params(time_cost=1, memory_cost_kib=8192, parallelism=1)
         with grpc.insecure_channel(address) as channel:
             stub = task_pb2_grpc.TaskServiceStub(channel)
-            ids = [stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=task_pb2.TaskSpec(
-                algorithm=common_pb2.ALGORITHM_ARGON2ID, data=password, argon2=params)),
-                timeout=10).task.id for _ in range(TASKS)]
+            ids = [
+                stub.SubmitTask(
+                    task_pb2.SubmitTaskRequest(
+                        spec=task_pb2.TaskSpec(
+                            algorithm=common_pb2.ALGORITHM_ARGON2ID, data=password, argon2=params
+                        )
+                    ),
+                    timeout=10,
+                ).task.id
+                for _ in range(TASKS)
+            ]
             deadline = time.monotonic() + 60
-            while any(stub.GetTask(task_pb2.GetTaskRequest(id=i), timeout=10).task.status
-                      != task_pb2.TASK_STATUS_SUCCEEDED for i in ids):
+            while any(
+                stub.GetTask(task_pb2.GetTaskRequest(id=i), timeout=10).task.status
+                != task_pb2.TASK_STATUS_SUCCEEDED
+                for i in ids
+            ):
                 assert time.monotonic() < deadline, "tasks did not succeed"
                 time.sleep(0.1)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            visible = conn.execute("SELECT count(*) FROM hashmesh_tasks WHERE input IS NOT NULL"
-                                   ).fetchone()
+            visible = conn.execute(
+                "SELECT count(*) FROM hashmesh_tasks WHERE input IS NOT NULL"
+            ).fetchone()
             conn.execute("VACUUM hashmesh_tasks")
             conn.execute("CHECKPOINT")
             conn.execute("SELECT pg_switch_wal()")
             conn.execute("CHECKPOINT")
         copies = _copies(server.data_dir, password)
-        print(f"argon2id tasks: {TASKS} succeeded; rows with an input in SQL: {visible[0] if visible else '?'}")
+        print(
+            f"argon2id tasks: {TASKS} succeeded; rows with an input in SQL: {visible[0] if visible else '?'}"
+        )
         print(f"copies of the password in the data directory: {sum(copies.values())} {copies}")
         assert server.pid is not None
         print(f"postgres server identity: {_groups(server.pid)}")

@@ -43,16 +43,20 @@ def main() -> None:
         seal = per_call(lambda: keys.seal(task_id, "md5", {}, data))  # noqa: B023
         opened = per_call(lambda: keys.open(sealed.key_id, task_id, "md5", {}, sealed.blob))  # noqa: B023
         md5 = per_call(lambda: algorithms.digest(Algorithm.MD5, data))  # noqa: B023
-        print(f"{size:>9} {seal * 1e6:>9.1f} {opened * 1e6:>9.1f} {md5 * 1e6:>9.1f} "
-              f"{(seal + opened) / md5:>16.2f}")
+        print(
+            f"{size:>9} {seal * 1e6:>9.1f} {opened * 1e6:>9.1f} {md5 * 1e6:>9.1f} "
+            f"{(seal + opened) / md5:>16.2f}"
+        )
     password = b"correct horse battery staple"
     sealed = keys.seal(task_id, "argon2id", params, password)
     seal = per_call(lambda: keys.seal(task_id, "argon2id", params, password))
     opened = per_call(lambda: keys.open(sealed.key_id, task_id, "argon2id", params, sealed.blob))
     argon2 = per_call(lambda: algorithms.argon2id(password, Argon2Params()), budget=2.0)
-    print(f"argon2id (default parameters, 28-byte password): seal {seal * 1e6:.1f} µs + open "
-          f"{opened * 1e6:.1f} µs against {argon2 * 1e3:.1f} ms of hashing "
-          f"({(seal + opened) / argon2 * 100:.3f} %)")
+    print(
+        f"argon2id (default parameters, 28-byte password): seal {seal * 1e6:.1f} µs + open "
+        f"{opened * 1e6:.1f} µs against {argon2 * 1e3:.1f} ms of hashing "
+        f"({(seal + opened) / argon2 * 100:.3f} %)"
+    )
 
 
 if __name__ == "__main__":

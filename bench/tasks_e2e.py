@@ -136,9 +136,7 @@ async def submit_single(stub: task_pb2_grpc.TaskServiceStub, n: int, in_flight: 
         while next_index < n:
             i = next_index
             next_index += 1
-            await stub.SubmitTask(
-                task_pb2.SubmitTaskRequest(spec=spec(i)), timeout=30
-            )
+            await stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec(i)), timeout=30)
 
     await asyncio.gather(*(lane() for _ in range(in_flight)))
 
@@ -151,9 +149,7 @@ async def submit_batches(
     async def lane() -> None:
         for start in starts:
             batch = [spec(i) for i in range(start, min(n, start + size))]
-            await stub.SubmitTasks(
-                task_pb2.SubmitTasksRequest(specs=batch), timeout=60
-            )
+            await stub.SubmitTasks(task_pb2.SubmitTasksRequest(specs=batch), timeout=60)
 
     await asyncio.gather(*(lane() for _ in range(in_flight)))
 

@@ -24,8 +24,9 @@ from hashmesh.cli.state import CliState, state_of
 from hashmesh.v1 import admin_pb2, cache_pb2, cache_pb2_grpc
 
 lb_app = typer.Typer(help="The balancer's AdminService (on --admin-target).", no_args_is_help=True)
-ratelimit_app = typer.Typer(help="Per-client rate limits of the balancer (on --admin-target).",
-                            no_args_is_help=True)
+ratelimit_app = typer.Typer(
+    help="Per-client rate limits of the balancer (on --admin-target).", no_args_is_help=True
+)
 cache_app = typer.Typer(help="The hashd result cache.", no_args_is_help=True)
 db_app = typer.Typer(help="The PostgreSQL schema.", no_args_is_help=True)
 
@@ -36,17 +37,34 @@ def _ms(value: duration_pb2.Duration) -> float:
 
 def backend_dict(backend: admin_pb2.Backend) -> dict[str, Any]:
     return {
-        "address": backend.address, "state": backend_state_name(backend.state), "in_flight": backend.in_flight,
-        "calls": backend.calls, "errors": backend.errors, "latency_p50_ms": _ms(backend.latency_p50),
-        "latency_p99_ms": _ms(backend.latency_p99), "latency_ewma_ms": _ms(backend.latency_ewma),
-        "ejections": backend.ejections, "source": backend.source,
+        "address": backend.address,
+        "state": backend_state_name(backend.state),
+        "in_flight": backend.in_flight,
+        "calls": backend.calls,
+        "errors": backend.errors,
+        "latency_p50_ms": _ms(backend.latency_p50),
+        "latency_p99_ms": _ms(backend.latency_p99),
+        "latency_ewma_ms": _ms(backend.latency_ewma),
+        "ejections": backend.ejections,
+        "source": backend.source,
     }
 
 
 def _backend_table(backends: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     columns = ["ADDRESS", "STATE", "IN FLIGHT", "CALLS", "ERRORS", "P50 MS", "P99 MS", "EJECTIONS"]
-    rows = [[b["address"], b["state"], b["in_flight"], b["calls"], b["errors"], b["latency_p50_ms"],
-             b["latency_p99_ms"], b["ejections"]] for b in backends]
+    rows = [
+        [
+            b["address"],
+            b["state"],
+            b["in_flight"],
+            b["calls"],
+            b["errors"],
+            b["latency_p50_ms"],
+            b["latency_p99_ms"],
+            b["ejections"],
+        ]
+        for b in backends
+    ]
     return columns, rows
 
 
@@ -65,23 +83,35 @@ def lb_stats(
     state = state_of(ctx)
     out = state.output(json_out)
     with rpc_errors(state.options.admin_target):
-        reply = state.session.admin().GetStats(admin_pb2.GetStatsRequest(top_peers=top),
-                                               timeout=state.options.timeout,
-                                               metadata=state.session.admin_metadata())
+        reply = state.session.admin().GetStats(
+            admin_pb2.GetStatsRequest(top_peers=top),
+            timeout=state.options.timeout,
+            metadata=state.session.admin_metadata(),
+        )
     data = {
-        "calls": reply.calls, "rate_limited": reply.rate_limited, "retries": reply.retries,
-        "no_backend": reply.no_backend, "strategy": strategy_name(reply.strategy),
+        "calls": reply.calls,
+        "rate_limited": reply.rate_limited,
+        "retries": reply.retries,
+        "no_backend": reply.no_backend,
+        "strategy": strategy_name(reply.strategy),
         "uptime_seconds": reply.uptime.ToNanoseconds() / 1e9,
         "backends": [backend_dict(b) for b in reply.backends],
-        "top_refused_peers": [{"peer": p.peer, "refusals": p.refusals} for p in reply.top_refused_peers],
+        "top_refused_peers": [
+            {"peer": p.peer, "refusals": p.refusals} for p in reply.top_refused_peers
+        ],
     }
     if out.json_mode:
         out.json(data)
         return
-    out.fields({k: v for k, v in data.items() if k not in ("backends", "top_refused_peers")}, title="balancer")
+    out.fields(
+        {k: v for k, v in data.items() if k not in ("backends", "top_refused_peers")},
+        title="balancer",
+    )
     out.table(*_backend_table(data["backends"]))
     if data["top_refused_peers"]:
-        out.table(["PEER", "REFUSALS"], [[p["peer"], p["refusals"]] for p in data["top_refused_peers"]])
+        out.table(
+            ["PEER", "REFUSALS"], [[p["peer"], p["refusals"]] for p in data["top_refused_peers"]]
+        )
 
 
 @lb_app.command("backends")
@@ -95,8 +125,11 @@ def lb_backends(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     state = state_of(ctx)
     out = state.output(json_out)
     with rpc_errors(state.options.admin_target):
-        reply = state.session.admin().ListBackends(admin_pb2.ListBackendsRequest(), timeout=state.options.timeout,
-                                                   metadata=state.session.admin_metadata())
+        reply = state.session.admin().ListBackends(
+            admin_pb2.ListBackendsRequest(),
+            timeout=state.options.timeout,
+            metadata=state.session.admin_metadata(),
+        )
     backends = [backend_dict(b) for b in reply.backends]
     if out.json_mode:
         out.json({"backends": backends})
@@ -107,10 +140,16 @@ def lb_backends(ctx: typer.Context, json_out: JsonFlag = False) -> None:
 @lb_app.command("strategy")
 def lb_strategy(
     ctx: typer.Context,
-    name: Annotated[str | None, typer.Argument(help=f"New strategy: {', '.join(STRATEGIES)}. "
-                                               "Omit to show the current one.")] = None,
-    hash_key: Annotated[str | None, typer.Option(help="consistent_hash: metadata key to hash "
-                                                 "(default x-client-id).")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help=f"New strategy: {', '.join(STRATEGIES)}. Omit to show the current one."
+        ),
+    ] = None,
+    hash_key: Annotated[
+        str | None,
+        typer.Option(help="consistent_hash: metadata key to hash (default x-client-id)."),
+    ] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Show or switch the balancer's picking strategy.
@@ -128,25 +167,37 @@ def lb_strategy(
     admin = state.session.admin()
     with rpc_errors(state.options.admin_target):
         if name is None:
-            reply: Any = admin.GetStrategy(admin_pb2.GetStrategyRequest(), timeout=state.options.timeout,
-                                           metadata=state.session.admin_metadata())
+            reply: Any = admin.GetStrategy(
+                admin_pb2.GetStrategyRequest(),
+                timeout=state.options.timeout,
+                metadata=state.session.admin_metadata(),
+            )
         else:
             reply = admin.SetStrategy(
-                admin_pb2.SetStrategyRequest(strategy=parse_strategy(name), hash_key=hash_key or ""),
-                timeout=state.options.timeout, metadata=state.session.admin_metadata(),
+                admin_pb2.SetStrategyRequest(
+                    strategy=parse_strategy(name), hash_key=hash_key or ""
+                ),
+                timeout=state.options.timeout,
+                metadata=state.session.admin_metadata(),
             )
     data = {"strategy": strategy_name(reply.strategy), "hash_key": reply.hash_key or None}
     if out.json_mode:
         out.json(data)
     else:
-        out.line(strategy_name(reply.strategy) + (f" (key {reply.hash_key})" if reply.hash_key else ""))
+        out.line(
+            strategy_name(reply.strategy) + (f" (key {reply.hash_key})" if reply.hash_key else "")
+        )
 
 
 @lb_app.command("drain")
 def lb_drain(
     ctx: typer.Context,
-    address: Annotated[str, typer.Argument(help="Replica address as `hashctl lb backends` shows it.")],
-    undrain: Annotated[bool, typer.Option("--undrain", help="Resume picking the replica instead.")] = False,
+    address: Annotated[
+        str, typer.Argument(help="Replica address as `hashctl lb backends` shows it.")
+    ],
+    undrain: Annotated[
+        bool, typer.Option("--undrain", help="Resume picking the replica instead.")
+    ] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Stop new picks of one replica (calls in flight finish), or resume them.
@@ -162,7 +213,8 @@ def lb_drain(
     with rpc_errors(state.options.admin_target):
         reply = state.session.admin().DrainBackend(
             admin_pb2.DrainBackendRequest(address=address, undrain=undrain),
-            timeout=state.options.timeout, metadata=state.session.admin_metadata(),
+            timeout=state.options.timeout,
+            metadata=state.session.admin_metadata(),
         )
     data = backend_dict(reply.backend)
     if out.json_mode:
@@ -171,7 +223,9 @@ def lb_drain(
         out.line(f"{data['address']}: {data['state']}")
 
 
-def _limits_dict(reply: admin_pb2.GetRateLimitsResponse | admin_pb2.SetRateLimitsResponse) -> dict[str, Any]:
+def _limits_dict(
+    reply: admin_pb2.GetRateLimitsResponse | admin_pb2.SetRateLimitsResponse,
+) -> dict[str, Any]:
     def limit(value: admin_pb2.RateLimit) -> dict[str, Any]:
         return {"rate_per_second": value.rate_per_second, "burst": value.burst}
 
@@ -186,7 +240,11 @@ def _show_limits(out: Any, data: dict[str, Any]) -> None:
         out.json(data)
         return
     default = data["default"]
-    rows = [["(default)", default["rate_per_second"], default["burst"]] if default else ["(default)", "off", "-"]]
+    rows = [
+        ["(default)", default["rate_per_second"], default["burst"]]
+        if default
+        else ["(default)", "off", "-"]
+    ]
     rows += [[o["client_id"], o["rate_per_second"], o["burst"]] for o in data["overrides"]]
     out.table(["CLIENT", "RATE/S", "BURST"], rows)
 
@@ -201,20 +259,29 @@ def ratelimit_get(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     """
     state = state_of(ctx)
     with rpc_errors(state.options.admin_target):
-        reply = state.session.admin().GetRateLimits(admin_pb2.GetRateLimitsRequest(),
-                                                    timeout=state.options.timeout,
-                                                    metadata=state.session.admin_metadata())
+        reply = state.session.admin().GetRateLimits(
+            admin_pb2.GetRateLimitsRequest(),
+            timeout=state.options.timeout,
+            metadata=state.session.admin_metadata(),
+        )
     _show_limits(state.output(json_out), _limits_dict(reply))
 
 
 @ratelimit_app.command("set")
 def ratelimit_set(
     ctx: typer.Context,
-    rate: Annotated[float | None, typer.Option(help="Calls per second (the default, or --client's).")] = None,
-    burst: Annotated[int, typer.Option(help="Calls allowed at once above the rate (0 = rate).", min=0)] = 0,
-    client: Annotated[str | None, typer.Option(help="Set an override for this client id instead.")] = None,
-    remove: Annotated[list[str] | None, typer.Option(help="Remove this client's override (repeatable).")]
-    = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Calls per second (the default, or --client's).")
+    ] = None,
+    burst: Annotated[
+        int, typer.Option(help="Calls allowed at once above the rate (0 = rate).", min=0)
+    ] = 0,
+    client: Annotated[
+        str | None, typer.Option(help="Set an override for this client id instead.")
+    ] = None,
+    remove: Annotated[
+        list[str] | None, typer.Option(help="Remove this client's override (repeatable).")
+    ] = None,
     off: Annotated[bool, typer.Option("--off", help="Turn rate limiting off.")] = False,
     json_out: JsonFlag = False,
 ) -> None:
@@ -237,7 +304,9 @@ def ratelimit_set(
             raise CliError("--rate must be positive", ExitCode.INVALID_ARGUMENT)
         limit = admin_pb2.RateLimit(rate_per_second=rate, burst=burst)
         if client:
-            request.upsert_overrides.append(admin_pb2.ClientRateLimit(client_id=client, limit=limit))
+            request.upsert_overrides.append(
+                admin_pb2.ClientRateLimit(client_id=client, limit=limit)
+            )
         else:
             request.default_limit.CopyFrom(limit)
     elif client:
@@ -247,8 +316,9 @@ def ratelimit_set(
     if rate is None and not remove and not off:
         raise CliError("nothing to change: give --rate, --remove or --off", ExitCode.USAGE)
     with rpc_errors(state.options.admin_target):
-        reply = state.session.admin().SetRateLimits(request, timeout=state.options.timeout,
-                                                    metadata=state.session.admin_metadata())
+        reply = state.session.admin().SetRateLimits(
+            request, timeout=state.options.timeout, metadata=state.session.admin_metadata()
+        )
     _show_limits(state.output(json_out), _limits_dict(reply))
 
 
@@ -270,9 +340,11 @@ def cache_stats(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     scope = "partial" if unreachable else "mesh"
     if not by_address:
         scope = "one replica"
-        reply = state.session.cache().GetCacheStats(cache_pb2.GetCacheStatsRequest(),
-                                                    timeout=state.options.timeout,
-                                                    metadata=state.session.metadata())
+        reply = state.session.cache().GetCacheStats(
+            cache_pb2.GetCacheStatsRequest(),
+            timeout=state.options.timeout,
+            metadata=state.session.metadata(),
+        )
         # Only an operator is told which replica answered.
         by_address = {reply.replica or f"one behind {state.options.target}": reply}
     replies = list(by_address.values())
@@ -280,14 +352,33 @@ def cache_stats(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     answered = list(by_address)
     cached = [algorithm_name(a) for a in replies[0].cached_algorithms]
     if out.json_mode:
-        out.json({"scope": scope, "replicas": answered, "unreachable": unreachable, "replica": answered[0],
-                  "cached_algorithms": cached, "tiers": tiers})
+        out.json(
+            {
+                "scope": scope,
+                "replicas": answered,
+                "unreachable": unreachable,
+                "replica": answered[0],
+                "cached_algorithms": cached,
+                "tiers": tiers,
+            }
+        )
         return
-    which = {"mesh": "every replica", "one replica": "this replica only", "partial": "some replicas"}[scope]
-    out.fields({"figures of": f"{which}: {', '.join(answered)}",
-                **({"not reachable from here": ", ".join(unreachable)} if unreachable else {}),
-                "cached algorithms": ", ".join(cached) or "none"})
-    out.table(["TIER", "HITS", "MISSES", "ENTRIES", "EVICTIONS", "ERRORS"], [list(t.values()) for t in tiers])
+    which = {
+        "mesh": "every replica",
+        "one replica": "this replica only",
+        "partial": "some replicas",
+    }[scope]
+    out.fields(
+        {
+            "figures of": f"{which}: {', '.join(answered)}",
+            **({"not reachable from here": ", ".join(unreachable)} if unreachable else {}),
+            "cached algorithms": ", ".join(cached) or "none",
+        }
+    )
+    out.table(
+        ["TIER", "HITS", "MISSES", "ENTRIES", "EVICTIONS", "ERRORS"],
+        [list(t.values()) for t in tiers],
+    )
 
 
 def _every_replicas_cache_stats(
@@ -297,8 +388,11 @@ def _every_replicas_cache_stats(
     and the addresses that could not be reached; ``({}, [])`` when the balancer's admin
     endpoint cannot list them."""
     try:
-        listed = state.session.admin().ListBackends(admin_pb2.ListBackendsRequest(), timeout=state.options.timeout,
-                                                    metadata=state.session.admin_metadata())
+        listed = state.session.admin().ListBackends(
+            admin_pb2.ListBackendsRequest(),
+            timeout=state.options.timeout,
+            metadata=state.session.admin_metadata(),
+        )
     except grpc.RpcError:
         return {}, []
     replies: dict[str, cache_pb2.GetCacheStatsResponse] = {}
@@ -307,8 +401,10 @@ def _every_replicas_cache_stats(
         with open_channel(backend.address, state.options) as channel:
             try:
                 replies[backend.address] = cache_pb2_grpc.CacheServiceStub(channel).GetCacheStats(
-                    cache_pb2.GetCacheStatsRequest(), timeout=state.options.timeout,
-                    metadata=state.session.metadata())
+                    cache_pb2.GetCacheStatsRequest(),
+                    timeout=state.options.timeout,
+                    metadata=state.session.metadata(),
+                )
             except grpc.RpcError:
                 unreachable.append(backend.address)
     return replies, unreachable
@@ -328,23 +424,41 @@ def cache_clear(
     """
     state = state_of(ctx)
     out = state.output(json_out)
-    if not yes and out.interactive and not typer.confirm("Clear the result cache of the whole mesh?"):
+    if (
+        not yes
+        and out.interactive
+        and not typer.confirm("Clear the result cache of the whole mesh?")
+    ):
         raise typer.Exit(ExitCode.OTHER)
-    reply = state.session.cache().ClearCache(cache_pb2.ClearCacheRequest(), timeout=state.options.timeout,
-                                             metadata=state.session.metadata())
-    data = {"shared_entries_removed": reply.shared_entries_removed,
-            "memory_entries_removed": reply.memory_entries_removed}
+    reply = state.session.cache().ClearCache(
+        cache_pb2.ClearCacheRequest(),
+        timeout=state.options.timeout,
+        metadata=state.session.metadata(),
+    )
+    data = {
+        "shared_entries_removed": reply.shared_entries_removed,
+        "memory_entries_removed": reply.memory_entries_removed,
+    }
     if out.json_mode:
         out.json(data)
     else:
-        out.line(f"removed {reply.shared_entries_removed} shared and {reply.memory_entries_removed} memory entries")
+        out.line(
+            f"removed {reply.shared_entries_removed} shared and {reply.memory_entries_removed} memory entries"
+        )
 
 
 def health_command(
     ctx: typer.Context,
-    service: Annotated[str, typer.Argument(help="Service to check, e.g. hashmesh.v1.HashService; "
-                                           "empty checks the server as a whole.")] = "",
-    admin: Annotated[bool, typer.Option("--admin", help="Check --admin-target instead of --target.")] = False,
+    service: Annotated[
+        str,
+        typer.Argument(
+            help="Service to check, e.g. hashmesh.v1.HashService; "
+            "empty checks the server as a whole."
+        ),
+    ] = "",
+    admin: Annotated[
+        bool, typer.Option("--admin", help="Check --admin-target instead of --target.")
+    ] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Ask grpc.health.v1 whether the target serves; exits 3 unless SERVING.
@@ -361,12 +475,16 @@ def health_command(
     channel = state.session.admin_channel if admin else state.session.channel
     with rpc_errors(target):
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=state.options.timeout)
+            health_pb2.HealthCheckRequest(service=service), timeout=state.options.timeout
+        )
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     if out.json_mode:
         out.json({"target": target, "service": service, "status": status})
     else:
-        out.line(f"{target} {service or '(server)'}: {status}", style="green" if status == "SERVING" else "red")
+        out.line(
+            f"{target} {service or '(server)'}: {status}",
+            style="green" if status == "SERVING" else "red",
+        )
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         raise typer.Exit(ExitCode.UNAVAILABLE)
 
@@ -374,8 +492,12 @@ def health_command(
 @db_app.command("migrate")
 def db_migrate(
     ctx: typer.Context,
-    dsn: Annotated[str | None, typer.Option("--dsn", envvar="HASHMESH_DATABASE_URL",
-                                            help="PostgreSQL DSN (HASHMESH_DATABASE_URL).")] = None,
+    dsn: Annotated[
+        str | None,
+        typer.Option(
+            "--dsn", envvar="HASHMESH_DATABASE_URL", help="PostgreSQL DSN (HASHMESH_DATABASE_URL)."
+        ),
+    ] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Apply pending schema migrations (safe while daemons start: advisory lock).
@@ -400,7 +522,12 @@ def db_migrate(
     except DatabaseError as exc:
         raise CliError(f"migration failed: {exc}") from None
     if out.json_mode:
-        out.json({"applied": [{"version": m.version, "name": m.name} for m in applied], "version": version})
+        out.json(
+            {
+                "applied": [{"version": m.version, "name": m.name} for m in applied],
+                "version": version,
+            }
+        )
         return
     for migration in applied:
         out.line(f"applied {migration.version:04d}_{migration.name}")

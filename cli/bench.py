@@ -59,7 +59,9 @@ def parse_duration(text: str) -> float:
         pass
     parts = _DURATION_PART.findall(cleaned)
     if not parts or "".join(n + u for n, u in parts) != cleaned:
-        raise CliError(f"bad duration {text!r} (use e.g. 10s, 500ms, 1m30s)", ExitCode.INVALID_ARGUMENT)
+        raise CliError(
+            f"bad duration {text!r} (use e.g. 10s, 500ms, 1m30s)", ExitCode.INVALID_ARGUMENT
+        )
     return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
@@ -69,10 +71,14 @@ def resolve_method(call: str) -> descriptor.MethodDescriptor:
     try:
         method = descriptor_pool.Default().FindMethodByName(name)
     except KeyError:
-        raise CliError(f"unknown method {call!r} (e.g. hashmesh.v1.HashService.ComputeHash)",
-                       ExitCode.INVALID_ARGUMENT) from None
+        raise CliError(
+            f"unknown method {call!r} (e.g. hashmesh.v1.HashService.ComputeHash)",
+            ExitCode.INVALID_ARGUMENT,
+        ) from None
     if method.client_streaming or method.server_streaming:
-        raise CliError(f"{name} is a streaming method; bench drives unary methods", ExitCode.INVALID_ARGUMENT)
+        raise CliError(
+            f"{name} is a streaming method; bench drives unary methods", ExitCode.INVALID_ARGUMENT
+        )
     return method
 
 
@@ -82,8 +88,9 @@ def build_request(method: descriptor.MethodDescriptor, data: str | None) -> Mess
         try:
             json_format.ParseDict(json.loads(data), request)
         except (json.JSONDecodeError, json_format.ParseError) as exc:
-            raise CliError(f"bad -d data for {method.input_type.full_name}: {exc}",
-                           ExitCode.INVALID_ARGUMENT) from None
+            raise CliError(
+                f"bad -d data for {method.input_type.full_name}: {exc}", ExitCode.INVALID_ARGUMENT
+            ) from None
     return request
 
 
@@ -128,9 +135,22 @@ def plan_shares(plan: LoadPlan, procs: int) -> list[LoadPlan]:
     concurrency = split(plan.concurrency, procs)
     totals = split(plan.total, procs) if plan.total is not None else [None] * procs
     rps = plan.rps / procs if plan.rps else None
-    return [LoadPlan(plan.target, plan.path, plan.payload, plan.metadata, c, t, plan.duration, rps,
-                     plan.timeout, plan.connections, plan.tls)
-            for c, t in zip(concurrency, totals, strict=True)]
+    return [
+        LoadPlan(
+            plan.target,
+            plan.path,
+            plan.payload,
+            plan.metadata,
+            c,
+            t,
+            plan.duration,
+            rps,
+            plan.timeout,
+            plan.connections,
+            plan.tls,
+        )
+        for c, t in zip(concurrency, totals, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -146,9 +166,14 @@ class Signals:
 async def _drive(plan: LoadPlan, signals: Signals) -> CallResults:
     loop = asyncio.get_running_loop()
     # Same transport security as every other hashctl channel.
-    channels = [aio_channel(plan.target, plan.tls, [("grpc.use_local_subchannel_pool", 1),
-                                                    ("grpc.enable_retries", 0)])
-                for _ in range(max(1, plan.connections))]
+    channels = [
+        aio_channel(
+            plan.target,
+            plan.tls,
+            [("grpc.use_local_subchannel_pool", 1), ("grpc.enable_retries", 0)],
+        )
+        for _ in range(max(1, plan.connections))
+    ]
     calls = [channel.unary_unary(plan.path) for channel in channels]  # bytes in, bytes out
     results = CallResults()
     remaining = [plan.total]
@@ -178,7 +203,10 @@ async def _drive(plan: LoadPlan, signals: Signals) -> CallResults:
                 await call(plan.payload, timeout=plan.timeout, metadata=metadata)
                 status, error = "OK", ""
             except grpc.aio.AioRpcError as err:
-                status, error = go_status(err.code().name), go_error(err.code().name, err.details() or "")
+                status, error = (
+                    go_status(err.code().name),
+                    go_error(err.code().name, err.details() or ""),
+                )
             results.add(started_wall, time.perf_counter_ns() - started, status, error)
             unreported += 1
             if unreported >= PROGRESS_EVERY:
@@ -218,22 +246,30 @@ def run_load(plan: LoadPlan, procs: int, progress: Progress | None) -> tuple[Cal
     """Run ``plan`` over ``procs`` processes; returns the merged results, the wall time (ns)
     and ghz's end reason (normal, timeout or cancel)."""
     context = multiprocessing.get_context("spawn")
-    signals = Signals(done=context.Value("q", 0), ready=context.Value("i", 0), go=context.Event(),
-                      stop=context.Event())
+    signals = Signals(
+        done=context.Value("q", 0),
+        ready=context.Value("i", 0),
+        go=context.Event(),
+        stop=context.Event(),
+    )
     done = signals.done
     shares = plan_shares(plan, procs)
     merged = CallResults()
     outputs: list[CallResults] = []
     started = time.perf_counter_ns()
     if len(shares) == 1:
-        runner = threading.Thread(target=lambda: outputs.append(run_share(shares[0], signals)), daemon=True)
+        runner = threading.Thread(
+            target=lambda: outputs.append(run_share(shares[0], signals)), daemon=True
+        )
         runner.start()
         workers: list[Any] = [runner]
         queue = None
     else:
         queue = context.Queue()
-        workers = [context.Process(target=_process_main, args=(share, signals, queue), daemon=True)
-                   for share in shares]
+        workers = [
+            context.Process(target=_process_main, args=(share, signals, queue), daemon=True)
+            for share in shares
+        ]
         for worker in workers:
             worker.start()
     bar = progress.add_task("bench", total=plan.total) if progress is not None else None
@@ -251,8 +287,12 @@ def run_load(plan: LoadPlan, procs: int, progress: Progress | None) -> tuple[Cal
             else:
                 workers[0].join(0.1)
             collected = len(outputs)
-            if queue is not None and collected < len(shares) and not any(w.is_alive() for w in workers) \
-                    and queue.empty():
+            if (
+                queue is not None
+                and collected < len(shares)
+                and not any(w.is_alive() for w in workers)
+                and queue.empty()
+            ):
                 raise CliError("a load process died before reporting")
     except KeyboardInterrupt:
         reason = "cancel"
@@ -275,8 +315,15 @@ def run_load(plan: LoadPlan, procs: int, progress: Progress | None) -> tuple[Cal
     return merged, total_ns, reason
 
 
-def report_options(plan: LoadPlan, call: str, request: Message, data: str | None, metadata: dict[str, str],
-                   procs: int, name: str | None) -> dict[str, Any]:
+def report_options(
+    plan: LoadPlan,
+    call: str,
+    request: Message,
+    data: str | None,
+    metadata: dict[str, str],
+    procs: int,
+    name: str | None,
+) -> dict[str, Any]:
     """ghz's ``options`` object; request data is left out when it holds an argon2id password."""
     options: dict[str, Any] = {"host": plan.target, "call": call, "insecure": plan.tls is None}
     if plan.total is not None and not plan.duration:
@@ -292,7 +339,9 @@ def report_options(plan: LoadPlan, call: str, request: Message, data: str | None
         options["data"] = json.loads(data)
     options["binary"] = False
     if metadata:
-        options["metadata"] = {k: ("<redacted>" if k.lower() == "authorization" else v) for k, v in metadata.items()}
+        options["metadata"] = {
+            k: ("<redacted>" if k.lower() == "authorization" else v) for k, v in metadata.items()
+        }
     options["CPUs"] = os.cpu_count() or 1
     options["procs"] = procs
     if name:
@@ -302,31 +351,58 @@ def report_options(plan: LoadPlan, call: str, request: Message, data: str | None
 
 def bench_command(
     ctx: typer.Context,
-    host: Annotated[str | None, typer.Argument(help="host:port to load (default: --target).")] = None,
-    call: Annotated[str, typer.Option("--call", help="Fully-qualified method, e.g. hashmesh.v1.HashService.ComputeHash.")]
-    = "hashmesh.v1.HashService.ComputeHash",
-    concurrency: Annotated[int, typer.Option("-c", "--concurrency", help="Concurrent callers.", min=1)] = 50,
-    total: Annotated[int, typer.Option("-n", "--total", help="Calls to make (ignored with -z).", min=1)] = 200,
-    duration: Annotated[str | None, typer.Option("-z", "--duration", help="Run for this long (e.g. 10s).")]
-    = None,
-    rps: Annotated[float | None, typer.Option("-r", "--rps", help="Rate limit, calls per second in total.",
-                                              min=0.001)] = None,
-    data: Annotated[str | None, typer.Option("-d", "--data", help="Request as JSON (bytes base64).")] = None,
-    data_file: Annotated[Path | None, typer.Option("-D", "--data-file", help="Read -d JSON from this file.")]
-    = None,
-    metadata: Annotated[str | None, typer.Option("-m", "--metadata", help="Request metadata as a JSON object.")]
-    = None,
-    output_format: Annotated[str, typer.Option("-O", "--format", help="summary, json, pretty or csv.")]
-    = "summary",
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the report here, not stdout.")]
-    = None,
-    call_timeout: Annotated[str, typer.Option("-t", "--timeout", help="Deadline of each call.")] = "20s",
-    connections: Annotated[int, typer.Option("--connections", help="Connections per process.", min=1)] = 1,
-    procs: Annotated[int, typer.Option("--procs", help="Processes generating load (merged report).", min=1)]
-    = 1,
-    name: Annotated[str | None, typer.Option("--name", help="Name of the run, kept in the report.")] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext (accepted for ghz compatibility).")]
-    = True,
+    host: Annotated[
+        str | None, typer.Argument(help="host:port to load (default: --target).")
+    ] = None,
+    call: Annotated[
+        str,
+        typer.Option(
+            "--call", help="Fully-qualified method, e.g. hashmesh.v1.HashService.ComputeHash."
+        ),
+    ] = "hashmesh.v1.HashService.ComputeHash",
+    concurrency: Annotated[
+        int, typer.Option("-c", "--concurrency", help="Concurrent callers.", min=1)
+    ] = 50,
+    total: Annotated[
+        int, typer.Option("-n", "--total", help="Calls to make (ignored with -z).", min=1)
+    ] = 200,
+    duration: Annotated[
+        str | None, typer.Option("-z", "--duration", help="Run for this long (e.g. 10s).")
+    ] = None,
+    rps: Annotated[
+        float | None,
+        typer.Option("-r", "--rps", help="Rate limit, calls per second in total.", min=0.001),
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("-d", "--data", help="Request as JSON (bytes base64).")
+    ] = None,
+    data_file: Annotated[
+        Path | None, typer.Option("-D", "--data-file", help="Read -d JSON from this file.")
+    ] = None,
+    metadata: Annotated[
+        str | None, typer.Option("-m", "--metadata", help="Request metadata as a JSON object.")
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option("-O", "--format", help="summary, json, pretty or csv.")
+    ] = "summary",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the report here, not stdout.")
+    ] = None,
+    call_timeout: Annotated[
+        str, typer.Option("-t", "--timeout", help="Deadline of each call.")
+    ] = "20s",
+    connections: Annotated[
+        int, typer.Option("--connections", help="Connections per process.", min=1)
+    ] = 1,
+    procs: Annotated[
+        int, typer.Option("--procs", help="Processes generating load (merged report).", min=1)
+    ] = 1,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Name of the run, kept in the report.")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Plaintext (accepted for ghz compatibility).")
+    ] = True,
 ) -> None:
     """Load-test a unary method, ghz-style, and print ghz's report.
 
@@ -343,7 +419,9 @@ def bench_command(
     """
     state = state_of(ctx)
     if output_format not in ("summary", "json", "pretty", "csv"):
-        raise CliError(f"unknown -O {output_format!r}: use summary, json, pretty or csv", ExitCode.USAGE)
+        raise CliError(
+            f"unknown -O {output_format!r}: use summary, json, pretty or csv", ExitCode.USAGE
+        )
     if data_file is not None:
         data = data_file.read_text(encoding="utf-8")
     method = resolve_method(call)
@@ -353,7 +431,9 @@ def bench_command(
         if not isinstance(meta, dict):
             raise ValueError("not an object")
     except ValueError as exc:
-        raise CliError(f"bad -m metadata (a JSON object of strings): {exc}", ExitCode.INVALID_ARGUMENT) from None
+        raise CliError(
+            f"bad -m metadata (a JSON object of strings): {exc}", ExitCode.INVALID_ARGUMENT
+        ) from None
     if state.options.client_id and "x-client-id" not in meta:
         meta["x-client-id"] = state.options.client_id
     if state.options.api_key and "x-api-key" not in meta:
@@ -364,18 +444,35 @@ def bench_command(
         path=f"/{method.containing_service.full_name}/{method.name}",
         payload=request.SerializeToString(),
         metadata=tuple((k.lower(), str(v)) for k, v in meta.items()),
-        concurrency=concurrency, total=None if seconds else total, duration=seconds, rps=rps,
-        timeout=parse_duration(call_timeout), connections=connections, tls=state.options.tls,
+        concurrency=concurrency,
+        total=None if seconds else total,
+        duration=seconds,
+        rps=rps,
+        timeout=parse_duration(call_timeout),
+        connections=connections,
+        tls=state.options.tls,
     )
     channel_security(plan.tls)  # an unreadable certificate fails here, not in every load process
     err_console = Console(file=sys.stderr)
-    progress = Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err_console, transient=True, disable=not sys.stderr.isatty())
+    progress = Progress(
+        TextColumn("bench"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    )
     with progress:
         results, total_ns, reason = run_load(plan, procs, progress)
     method_name = f"{method.containing_service.full_name}.{method.name}"
-    report = build_report(results, total_ns, report_options(plan, method_name, request, data, meta, procs, name),
-                          reason, name=name)
+    report = build_report(
+        results,
+        total_ns,
+        report_options(plan, method_name, request, data, meta, procs, name),
+        reason,
+        name=name,
+    )
     if output_format == "json":
         text = json.dumps(report) + "\n"
     elif output_format == "pretty":
@@ -392,5 +489,9 @@ def bench_command(
     failed = every_call_failed(report)
     if failed is not None:
         status, error = failed
-        hint = " (the request is built from -d; see `hashctl bench --help`)" if status == "INVALID_ARGUMENT" else ""
+        hint = (
+            " (the request is built from -d; see `hashctl bench --help`)"
+            if status == "INVALID_ARGUMENT"
+            else ""
+        )
         raise CliError(f"every call failed: {error}{hint}", exit_code_of(grpc.StatusCode[status]))

@@ -20,12 +20,23 @@ MAX_DETAILS = 1_000_000
 
 # grpc.StatusCode names (Python) -> codes.Code.String() (gRPC-Go, as ghz prints them).
 GO_STATUS_NAMES = {
-    "OK": "OK", "CANCELLED": "Canceled", "UNKNOWN": "Unknown", "INVALID_ARGUMENT": "InvalidArgument",
-    "DEADLINE_EXCEEDED": "DeadlineExceeded", "NOT_FOUND": "NotFound", "ALREADY_EXISTS": "AlreadyExists",
-    "PERMISSION_DENIED": "PermissionDenied", "RESOURCE_EXHAUSTED": "ResourceExhausted",
-    "FAILED_PRECONDITION": "FailedPrecondition", "ABORTED": "Aborted", "OUT_OF_RANGE": "OutOfRange",
-    "UNIMPLEMENTED": "Unimplemented", "INTERNAL": "Internal", "UNAVAILABLE": "Unavailable",
-    "DATA_LOSS": "DataLoss", "UNAUTHENTICATED": "Unauthenticated",
+    "OK": "OK",
+    "CANCELLED": "Canceled",
+    "UNKNOWN": "Unknown",
+    "INVALID_ARGUMENT": "InvalidArgument",
+    "DEADLINE_EXCEEDED": "DeadlineExceeded",
+    "NOT_FOUND": "NotFound",
+    "ALREADY_EXISTS": "AlreadyExists",
+    "PERMISSION_DENIED": "PermissionDenied",
+    "RESOURCE_EXHAUSTED": "ResourceExhausted",
+    "FAILED_PRECONDITION": "FailedPrecondition",
+    "ABORTED": "Aborted",
+    "OUT_OF_RANGE": "OutOfRange",
+    "UNIMPLEMENTED": "Unimplemented",
+    "INTERNAL": "Internal",
+    "UNAVAILABLE": "Unavailable",
+    "DATA_LOSS": "DataLoss",
+    "UNAUTHENTICATED": "Unauthenticated",
 }
 
 
@@ -102,35 +113,48 @@ def histogram(sorted_seconds: list[float]) -> list[dict[str, float | int]]:
             bucket += 1
         counts[bucket] += 1
     total = len(sorted_seconds)
-    return [{"mark": mark, "count": n, "frequency": n / total} for mark, n in zip(marks, counts, strict=True)]
+    return [
+        {"mark": mark, "count": n, "frequency": n / total}
+        for mark, n in zip(marks, counts, strict=True)
+    ]
 
 
-def build_report(results: CallResults, total_ns: int, options: dict[str, Any], end_reason: str,
-                 name: str | None = None, date: datetime | None = None) -> dict[str, Any]:
+def build_report(
+    results: CallResults,
+    total_ns: int,
+    options: dict[str, Any],
+    end_reason: str,
+    name: str | None = None,
+    date: datetime | None = None,
+) -> dict[str, Any]:
     """The report ghz's ``-O json`` prints, from every call's result."""
     count = len(results)
     report: dict[str, Any] = {}
     if name:
         report["name"] = name
-    report.update({
-        "endReason": end_reason,
-        "options": options,
-        "date": (date or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "count": count,
-        "total": int(total_ns),
-        "average": 0,
-        "fastest": 0,
-        "slowest": 0,
-        "rps": 0.0,
-        "errorDistribution": dict(Counter(e for e in results.errors if e)),
-        "statusCodeDistribution": dict(Counter(results.statuses)),
-        "latencyDistribution": None,
-        "histogram": None,
-        "details": None,
-    })
+    report.update(
+        {
+            "endReason": end_reason,
+            "options": options,
+            "date": (date or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "count": count,
+            "total": int(total_ns),
+            "average": 0,
+            "fastest": 0,
+            "slowest": 0,
+            "rps": 0.0,
+            "errorDistribution": dict(Counter(e for e in results.errors if e)),
+            "statusCodeDistribution": dict(Counter(results.statuses)),
+            "latencyDistribution": None,
+            "histogram": None,
+            "details": None,
+        }
+    )
     if count:
         report["rps"] = count / (total_ns / 1e9) if total_ns else 0.0
-        ok_ns = [lat for lat, err in zip(results.latencies_ns, results.errors, strict=True) if not err]
+        ok_ns = [
+            lat for lat, err in zip(results.latencies_ns, results.errors, strict=True) if not err
+        ]
         ok = sorted(lat / 1e9 for lat in ok_ns)
         if ok:
             report["average"] = int(sum(ok_ns) / len(ok_ns))
@@ -140,8 +164,13 @@ def build_report(results: CallResults, total_ns: int, options: dict[str, Any], e
             report["latencyDistribution"] = latency_distribution(ok)
         report["details"] = [
             {"timestamp": _rfc3339(ts), "latency": lat, "error": err, "status": status}
-            for ts, lat, err, status in zip(results.timestamps_ns[:MAX_DETAILS], results.latencies_ns,
-                                            results.errors, results.statuses, strict=False)
+            for ts, lat, err, status in zip(
+                results.timestamps_ns[:MAX_DETAILS],
+                results.latencies_ns,
+                results.errors,
+                results.statuses,
+                strict=False,
+            )
         ]
     return report
 

@@ -14,8 +14,10 @@ COUNTERS = ("hits", "misses", "entries", "evictions", "errors")
 
 
 def tier_rows(reply: cache_pb2.GetCacheStatsResponse) -> list[dict[str, Any]]:
-    return [{"tier": cache_tier_name(t.tier), **{name: getattr(t, name) for name in COUNTERS}}
-            for t in reply.tiers]
+    return [
+        {"tier": cache_tier_name(t.tier), **{name: getattr(t, name) for name in COUNTERS}}
+        for t in reply.tiers
+    ]
 
 
 def merge(replies: Sequence[cache_pb2.GetCacheStatsResponse]) -> list[dict[str, Any]]:
@@ -23,7 +25,9 @@ def merge(replies: Sequence[cache_pb2.GetCacheStatsResponse]) -> list[dict[str, 
     merged: dict[str, dict[str, Any]] = {}
     for reply in replies:
         for row in tier_rows(reply):
-            total = merged.setdefault(row["tier"], {"tier": row["tier"], **dict.fromkeys(COUNTERS, 0)})
+            total = merged.setdefault(
+                row["tier"], {"tier": row["tier"], **dict.fromkeys(COUNTERS, 0)}
+            )
             for name in COUNTERS:
                 if row["tier"] == "shared" and name == "entries":
                     total[name] = max(total[name], row[name])  # the same rows, not more of them

@@ -102,8 +102,10 @@ def error_from_rpc(err: grpc.RpcError, target: str) -> CliError:
         if any(word in details.lower() for word in ("ssl", "tls", "handshake", "certificate")):
             message += "; check --tls-ca / --tls-cert / --tls-key / --tls-server-name"
         else:
-            message += ("; is a mesh running there? `hashctl up` starts one on this machine, "
-                        "--target (or HASHMESH_TARGET) points at another")
+            message += (
+                "; is a mesh running there? `hashctl up` starts one on this machine, "
+                "--target (or HASHMESH_TARGET) points at another"
+            )
     exit_code = exit_code_of(code)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         delay = retry_after_of(err)
@@ -190,7 +192,11 @@ class Session:
         return [*sent, *self.admin_metadata()]
 
     def admin_metadata(self) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.options.admin_token}")] if self.options.admin_token else []
+        return (
+            [("authorization", f"Bearer {self.options.admin_token}")]
+            if self.options.admin_token
+            else []
+        )
 
     def hash(self) -> hash_pb2_grpc.HashServiceStub:
         return hash_pb2_grpc.HashServiceStub(self.channel)

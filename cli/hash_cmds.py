@@ -19,19 +19,28 @@ CHUNK_BYTES = 256 * 1024
 MAX_PASSWORD_BYTES = 1024 * 1024
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
-TimeCost = Annotated[int, typer.Option(help="argon2id: passes over memory (0 = server default).", min=0)]
-MemoryCost = Annotated[int, typer.Option(help="argon2id: memory in KiB (0 = server default).", min=0)]
+TimeCost = Annotated[
+    int, typer.Option(help="argon2id: passes over memory (0 = server default).", min=0)
+]
+MemoryCost = Annotated[
+    int, typer.Option(help="argon2id: memory in KiB (0 = server default).", min=0)
+]
 Parallelism = Annotated[int, typer.Option(help="argon2id: lanes (0 = server default).", min=0)]
 HashLen = Annotated[int, typer.Option(help="argon2id: raw hash bytes (0 = server default).", min=0)]
 Salt = Annotated[
-    str | None, typer.Option(help="argon2id: salt (UTF-8 text, >= 8 bytes); makes the result deterministic.")
+    str | None,
+    typer.Option(help="argon2id: salt (UTF-8 text, >= 8 bytes); makes the result deterministic."),
 ]
 
 
-def argon2_params(time_cost: int, memory_cost: int, parallelism: int, hash_len: int, salt: str | None
-                  ) -> common_pb2.Argon2Params:
+def argon2_params(
+    time_cost: int, memory_cost: int, parallelism: int, hash_len: int, salt: str | None
+) -> common_pb2.Argon2Params:
     return common_pb2.Argon2Params(
-        time_cost=time_cost, memory_cost_kib=memory_cost, parallelism=parallelism, hash_len=hash_len,
+        time_cost=time_cost,
+        memory_cost_kib=memory_cost,
+        parallelism=parallelism,
+        hash_len=hash_len,
         salt=salt.encode() if salt else b"",
     )
 
@@ -41,8 +50,9 @@ def _chunks(source: BinaryIO) -> Iterator[bytes]:
         yield chunk
 
 
-def _stream_requests(algorithm: common_pb2.Algorithm.ValueType, source: BinaryIO
-                     ) -> Iterator[hash_pb2.HashStreamRequest]:
+def _stream_requests(
+    algorithm: common_pb2.Algorithm.ValueType, source: BinaryIO
+) -> Iterator[hash_pb2.HashStreamRequest]:
     yield hash_pb2.HashStreamRequest(header=hash_pb2.HashStreamHeader(algorithm=algorithm))
     for chunk in _chunks(source):
         yield hash_pb2.HashStreamRequest(chunk=chunk)
@@ -51,7 +61,9 @@ def _stream_requests(algorithm: common_pb2.Algorithm.ValueType, source: BinaryIO
 def _read_bounded(source: BinaryIO, what: str) -> bytes:
     data = source.read(MAX_PASSWORD_BYTES + 1)
     if len(data) > MAX_PASSWORD_BYTES:
-        raise CliError(f"{what} is larger than {MAX_PASSWORD_BYTES} bytes", ExitCode.INVALID_ARGUMENT)
+        raise CliError(
+            f"{what} is larger than {MAX_PASSWORD_BYTES} bytes", ExitCode.INVALID_ARGUMENT
+        )
     return data
 
 
@@ -63,7 +75,9 @@ def _open_source(text: str | None, file: Path | None) -> tuple[BinaryIO | None, 
         try:
             return open(file, "rb"), str(file)
         except OSError as exc:
-            raise CliError(f"cannot read {file}: {exc.strerror}", ExitCode.INVALID_ARGUMENT) from None
+            raise CliError(
+                f"cannot read {file}: {exc.strerror}", ExitCode.INVALID_ARGUMENT
+            ) from None
     if text == "-" or (text is None and not sys.stdin.isatty()):
         return sys.stdin.buffer, "-"
     if text is None:
@@ -73,10 +87,16 @@ def _open_source(text: str | None, file: Path | None) -> tuple[BinaryIO | None, 
 
 def hash_command(
     ctx: typer.Context,
-    algorithm: Annotated[str, typer.Argument(help=f"One of: {', '.join(ALGORITHMS)}.", show_default=False)],
-    text: Annotated[str | None, typer.Argument(help="Text to hash; '-' (or no TEXT with piped input) reads stdin.")]
-    = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="Hash this file (streamed).")] = None,
+    algorithm: Annotated[
+        str, typer.Argument(help=f"One of: {', '.join(ALGORITHMS)}.", show_default=False)
+    ],
+    text: Annotated[
+        str | None,
+        typer.Argument(help="Text to hash; '-' (or no TEXT with piped input) reads stdin."),
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Hash this file (streamed).")
+    ] = None,
     time_cost: TimeCost = 0,
     memory_cost: MemoryCost = 0,
     parallelism: Parallelism = 0,
@@ -107,10 +127,16 @@ def hash_command(
     size: int
     try:
         if source is None or wire_algorithm == common_pb2.ALGORITHM_ARGON2ID:
-            data = text.encode() if source is None and text is not None else _read_bounded(source, label)  # type: ignore[arg-type]
+            data = (
+                text.encode()
+                if source is None and text is not None
+                else _read_bounded(source, label)  # type: ignore[arg-type]
+            )
             request = hash_pb2.HashRequest(algorithm=wire_algorithm, data=data)
             if wire_algorithm == common_pb2.ALGORITHM_ARGON2ID:
-                request.argon2.CopyFrom(argon2_params(time_cost, memory_cost, parallelism, hash_len, salt))
+                request.argon2.CopyFrom(
+                    argon2_params(time_cost, memory_cost, parallelism, hash_len, salt)
+                )
             result = stub.ComputeHash(request, timeout=timeout, metadata=metadata).result
             size = len(data)
         else:
@@ -121,8 +147,15 @@ def hash_command(
         if source is not None and source is not sys.stdin.buffer:
             source.close()
     if out.json_mode:
-        out.json({"algorithm": algorithm_name(result.algorithm), "encoded": result.encoded,
-                  "cached": result.cached, "bytes": size, **({"file": label} if label else {})})
+        out.json(
+            {
+                "algorithm": algorithm_name(result.algorithm),
+                "encoded": result.encoded,
+                "cached": result.cached,
+                "bytes": size,
+                **({"file": label} if label else {}),
+            }
+        )
         return
     out.line(f"{result.encoded}  {label}" if file is not None else result.encoded)
     if result.cached and out.rich:
@@ -131,9 +164,15 @@ def hash_command(
 
 def verify_command(
     ctx: typer.Context,
-    algorithm: Annotated[str, typer.Argument(help="Algorithm of EXPECTED (argon2id for a PHC string).")],
-    expected: Annotated[str, typer.Argument(help="Hex digest or argon2id PHC string to check against.")],
-    text: Annotated[str | None, typer.Argument(help="Data to check; '-' or piped input reads stdin.")] = None,
+    algorithm: Annotated[
+        str, typer.Argument(help="Algorithm of EXPECTED (argon2id for a PHC string).")
+    ],
+    expected: Annotated[
+        str, typer.Argument(help="Hex digest or argon2id PHC string to check against.")
+    ],
+    text: Annotated[
+        str | None, typer.Argument(help="Data to check; '-' or piped input reads stdin.")
+    ] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Check data against a digest or PHC string (constant time, on the server).
@@ -153,7 +192,8 @@ def verify_command(
     data = text.encode() if source is None and text is not None else _read_bounded(source, label)  # type: ignore[arg-type]
     reply = state.session.hash().Verify(
         hash_pb2.VerifyRequest(algorithm=wire_algorithm, data=data, encoded=expected),
-        timeout=state.options.timeout, metadata=state.session.metadata(),
+        timeout=state.options.timeout,
+        metadata=state.session.metadata(),
     )
     if out.json_mode:
         out.json({"match": reply.match, "needs_rehash": reply.needs_rehash})

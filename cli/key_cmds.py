@@ -13,13 +13,16 @@ from hashmesh.cli.state import state_of
 from hashmesh.core.queue.sealing import new_key_line
 from hashmesh.core.settings import SettingsError
 
-keys_app = typer.Typer(help="Keys sealing task inputs at rest (HASHMESH_TASK_KEY_FILE).",
-                       no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Keys sealing task inputs at rest (HASHMESH_TASK_KEY_FILE).", no_args_is_help=True
+)
 
 
 @keys_app.command("new")
 def keys_new(
-    key_id: Annotated[str, typer.Argument(help="Id stored in each row it seals (1-32 of A-Z a-z 0-9 . _ -).")],
+    key_id: Annotated[
+        str, typer.Argument(help="Id stored in each row it seals (1-32 of A-Z a-z 0-9 . _ -).")
+    ],
 ) -> None:
     """Print a new key line, ``<id>:<base64>``, to add to every key file (first line: active).
 
@@ -37,8 +40,12 @@ def keys_new(
 @keys_app.command("usage")
 def keys_usage(
     ctx: typer.Context,
-    dsn: Annotated[str | None, typer.Option("--dsn", envvar="HASHMESH_DATABASE_URL",
-                                            help="PostgreSQL DSN (HASHMESH_DATABASE_URL).")] = None,
+    dsn: Annotated[
+        str | None,
+        typer.Option(
+            "--dsn", envvar="HASHMESH_DATABASE_URL", help="PostgreSQL DSN (HASHMESH_DATABASE_URL)."
+        ),
+    ] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Rows still holding an input sealed with each key id. A key may leave the key files once
@@ -63,13 +70,17 @@ def keys_usage(
         raise CliError(f"cannot reach the database: {exc}", ExitCode.UNAVAILABLE) from None
     except DatabaseError as exc:
         raise CliError(str(exc)) from None
-    usage = [{"key_id": key_id, "unfinished": unfinished, "finished": finished}
-             for key_id, unfinished, finished in rows]
+    usage = [
+        {"key_id": key_id, "unfinished": unfinished, "finished": finished}
+        for key_id, unfinished, finished in rows
+    ]
     if out.json_mode:
         out.json({"keys": usage})
         return
     if not usage:
         out.line("no row holds a sealed input")
         return
-    out.table(["KEY ID", "UNFINISHED", "FINISHED"],
-              [[u["key_id"], u["unfinished"], u["finished"]] for u in usage])
+    out.table(
+        ["KEY ID", "UNFINISHED", "FINISHED"],
+        [[u["key_id"], u["unfinished"], u["finished"]] for u in usage],
+    )

@@ -83,20 +83,25 @@ class LocustInterceptor(
             self._fire(details.method, started, 0, err)
         return call
 
-    def intercept_unary_unary(self, continuation: Callable[..., Any], client_call_details: Any,
-                              request: Any) -> Any:
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
         return self._unary_response(continuation, client_call_details, request)
 
-    def intercept_stream_unary(self, continuation: Callable[..., Any], client_call_details: Any,
-                               request_iterator: Any) -> Any:
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return self._unary_response(continuation, client_call_details, request_iterator)
 
-    def intercept_unary_stream(self, continuation: Callable[..., Any], client_call_details: Any,
-                               request: Any) -> Any:
+    def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
         started = time.perf_counter()
         responses = continuation(client_call_details, request)
-        return _TimedStream(responses, lambda length, err: self._fire(client_call_details.method, started,
-                                                                      length, err))
+        return _TimedStream(
+            responses,
+            lambda length, err: self._fire(client_call_details.method, started, length, err),
+        )
 
 
 class _TimedStream:
@@ -137,7 +142,7 @@ def target_of(host: str | None) -> str:
     value = host or os.environ.get("HASHMESH_TARGET", "127.0.0.1:50050")
     for scheme in ("grpc://", "http://", "https://"):
         if value.startswith(scheme):
-            value = value[len(scheme):]
+            value = value[len(scheme) :]
     return value.rstrip("/")
 
 

@@ -11,7 +11,7 @@ ALGORITHMS = ["md5", "sha1", "sha256", "sha512", "sha3_256", "blake2b", "argon2i
 
 
 def _short(full: str, prefix: str) -> str:
-    return full[len(prefix):].lower() if full.startswith(prefix) else full.lower()
+    return full[len(prefix) :].lower() if full.startswith(prefix) else full.lower()
 
 
 def algorithm_name(value: int) -> str:
@@ -24,7 +24,8 @@ def parse_algorithm(name: str) -> common_pb2.Algorithm.ValueType:
         return algorithm_from_name(name)
     except InvalidArgument:
         raise CliError(
-            f"unknown algorithm {name!r}; expected one of {', '.join(ALGORITHMS)}", ExitCode.INVALID_ARGUMENT
+            f"unknown algorithm {name!r}; expected one of {', '.join(ALGORITHMS)}",
+            ExitCode.INVALID_ARGUMENT,
         ) from None
 
 
@@ -38,13 +39,20 @@ def status_name(value: int) -> str:
 def parse_status(name: str) -> task_pb2.TaskStatus.ValueType:
     cleaned = name.strip().lower().replace("-", "_")
     if cleaned not in STATUSES:
-        raise CliError(f"unknown status {name!r}; expected one of {', '.join(STATUSES)}", ExitCode.INVALID_ARGUMENT)
+        raise CliError(
+            f"unknown status {name!r}; expected one of {', '.join(STATUSES)}",
+            ExitCode.INVALID_ARGUMENT,
+        )
     return task_pb2.TaskStatus.Value("TASK_STATUS_" + cleaned.upper())
 
 
-FINAL_STATUSES = frozenset({
-    task_pb2.TASK_STATUS_SUCCEEDED, task_pb2.TASK_STATUS_CANCELLED, task_pb2.TASK_STATUS_DEAD_LETTER,
-})
+FINAL_STATUSES = frozenset(
+    {
+        task_pb2.TASK_STATUS_SUCCEEDED,
+        task_pb2.TASK_STATUS_CANCELLED,
+        task_pb2.TASK_STATUS_DEAD_LETTER,
+    }
+)
 
 STRATEGIES = ["round_robin", "least_connections", "p2c_ewma", "consistent_hash"]
 
@@ -57,7 +65,8 @@ def parse_strategy(name: str) -> admin_pb2.Strategy.ValueType:
     cleaned = name.strip().lower().replace("-", "_")
     if cleaned not in STRATEGIES:
         raise CliError(
-            f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}", ExitCode.INVALID_ARGUMENT
+            f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}",
+            ExitCode.INVALID_ARGUMENT,
         )
     return admin_pb2.Strategy.Value("STRATEGY_" + cleaned.upper())
 

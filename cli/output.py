@@ -52,7 +52,9 @@ class Output:
         """A remark for humans, on stderr so stdout stays parseable."""
         self.err_console.print(text, style="dim", markup=False, soft_wrap=True)
 
-    def table(self, columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+    def table(
+        self, columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None
+    ) -> None:
         if self.rich:
             table = Table(title=title, header_style="bold")
             for column in columns:
@@ -84,7 +86,9 @@ class Output:
 def print_error(message: str) -> None:
     """One line on stderr, red on a terminal."""
     if sys.stderr.isatty():
-        Console(file=sys.stderr, highlight=False).print(f"error: {message}", style="bold red", markup=False)
+        Console(file=sys.stderr, highlight=False).print(
+            f"error: {message}", style="bold red", markup=False
+        )
     else:
         sys.stderr.write(f"error: {message}\n")
         sys.stderr.flush()

@@ -18,8 +18,10 @@ class AlreadyRunning(RuntimeError):
     def __init__(self, state_dir: Path, pid: int | None) -> None:
         self.pid = pid
         owner = f"PID {pid}" if pid else "PID unknown"
-        super().__init__(f"hashctl up is already running on {state_dir} ({owner}); stop it first "
-                         "(Ctrl-C in its terminal, or kill that PID), or pass another --state-dir")
+        super().__init__(
+            f"hashctl up is already running on {state_dir} ({owner}); stop it first "
+            "(Ctrl-C in its terminal, or kill that PID), or pass another --state-dir"
+        )
 
 
 class StateLock:

@@ -91,7 +91,11 @@ def _die_with_parent(signum: int, parent: int) -> None:
 
 
 def _children_die_with_us(signum: int) -> Callable[[], None] | None:
-    return functools.partial(_die_with_parent, signum, os.getpid()) if sys.platform == "linux" else None
+    return (
+        functools.partial(_die_with_parent, signum, os.getpid())
+        if sys.platform == "linux"
+        else None
+    )
 
 
 @dataclass
@@ -147,7 +151,9 @@ class Supervisor:
             self.cache_secret = load_cache_secret(self.plan.state_dir)
         if not (os.environ.get(KEY_FILE_ENV) or os.environ.get(KEYS_ENV)):  # the user's keys win
             self.task_key_file = ensure_key_file(self.plan.state_dir / TASK_KEY_FILE)
-        if not os.environ.get("HASHMESH_IDENTITY_SECRET"):  # signs identity stamps; keys fingerprints
+        if not os.environ.get(
+            "HASHMESH_IDENTITY_SECRET"
+        ):  # signs identity stamps; keys fingerprints
             self.identity_secret = load_cache_secret(self.plan.state_dir, IDENTITY_SECRET_FILE)
         if not self.plan.database_url:
             await self._start_database()
@@ -156,29 +162,57 @@ class Supervisor:
 
         await asyncio.to_thread(migrations.migrate, self.dsn)
         host = self.plan.host
-        replicas = [self._child("hashd", f"hashd-{i}", ["hashmesh.hashd", "--listen",
-                    f"{host}:{free_port(host)}", *self._metrics_flag()],
-                    ("hashd", *self._metrics_line("hashd")))
-                    for i in range(1, self.plan.replicas + 1)]
+        replicas = [
+            self._child(
+                "hashd",
+                f"hashd-{i}",
+                ["hashmesh.hashd", "--listen", f"{host}:{free_port(host)}", *self._metrics_flag()],
+                ("hashd", *self._metrics_line("hashd")),
+            )
+            for i in range(1, self.plan.replicas + 1)
+        ]
         await asyncio.gather(*(self._launch(child) for child in replicas))
         port = self.plan.port or free_port(host)
         admin_port = self.plan.admin_port or free_port(host)
         self.target, self.admin_target = f"{host}:{port}", f"{host}:{admin_port}"
         backends = ",".join(child.addresses["hashd"] for child in replicas)
         shared_port = ["--reuse-port"] if self.plan.balancers > 1 else []
-        balancers = [self._child("balancer", "balancer" if i == 1 else f"balancer-{i}", [
-                     "hashmesh.balancer", "--listen", self.target, *shared_port, "--admin-listen",
-                     self.admin_target if i == 1 else f"{host}:{free_port(host)}", "--backends", backends,
-                     # One state file per process: each keeps what was set on its own admin listener.
-                     "--state-file", str(self.plan.state_dir / ("balancer-state.json" if i == 1
-                                                                 else f"balancer-{i}-state.json")),
-                     *(["--strategy", self.plan.strategy] if self.plan.strategy else []),
-                     *self._metrics_flag()],
-                     ("balancer", "balancer admin", *self._metrics_line("balancer")))
-                     for i in range(1, self.plan.balancers + 1)]
+        balancers = [
+            self._child(
+                "balancer",
+                "balancer" if i == 1 else f"balancer-{i}",
+                [
+                    "hashmesh.balancer",
+                    "--listen",
+                    self.target,
+                    *shared_port,
+                    "--admin-listen",
+                    self.admin_target if i == 1 else f"{host}:{free_port(host)}",
+                    "--backends",
+                    backends,
+                    # One state file per process: each keeps what was set on its own admin listener.
+                    "--state-file",
+                    str(
+                        self.plan.state_dir
+                        / ("balancer-state.json" if i == 1 else f"balancer-{i}-state.json")
+                    ),
+                    *(["--strategy", self.plan.strategy] if self.plan.strategy else []),
+                    *self._metrics_flag(),
+                ],
+                ("balancer", "balancer admin", *self._metrics_line("balancer")),
+            )
+            for i in range(1, self.plan.balancers + 1)
+        ]
         await asyncio.gather(*(self._launch(child) for child in balancers))
-        workers = [self._child("workerd", f"workerd-{i}", ["hashmesh.workerd", *self._metrics_flag()], ("workerd", *self._metrics_line("workerd")))
-                   for i in range(1, self.plan.workers + 1)]
+        workers = [
+            self._child(
+                "workerd",
+                f"workerd-{i}",
+                ["hashmesh.workerd", *self._metrics_flag()],
+                ("workerd", *self._metrics_line("workerd")),
+            )
+            for i in range(1, self.plan.workers + 1)
+        ]
         await asyncio.gather(*(self._launch(child) for child in workers))
 
     def _metrics_flag(self) -> list[str]:
@@ -189,9 +223,11 @@ class Supervisor:
 
     async def _start_database(self) -> None:
         # SIGINT is PostgreSQL's fast shutdown (SIGTERM would wait for every client to leave).
-        self.database = EmbeddedPostgres(data_dir=self.plan.state_dir / "postgres",
-                                         log_path=self.logs / "postgres.log",
-                                         preexec_fn=_children_die_with_us(signal.SIGINT))
+        self.database = EmbeddedPostgres(
+            data_dir=self.plan.state_dir / "postgres",
+            log_path=self.logs / "postgres.log",
+            preexec_fn=_children_die_with_us(signal.SIGINT),
+        )
         stale = await asyncio.to_thread(stop_stale_server, self.database.data_dir / "pgdata")
         if stale:
             self.emit("stopped", name="postgres", pid=stale, reason="left running by an earlier up")
@@ -205,13 +241,22 @@ class Supervisor:
             log_path = self.database.log_file
             output = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else None
             said = output.decode(errors="replace") if isinstance(output, bytes) else ""
-            raise StartupError(f"PostgreSQL did not start (log {log_path}):\n"
-                               f"{_reasons_in(said) or _reasons(log_path)}") from exc
-        self.emit("running", name="postgres", pid=self.database.pid, address=f"{self.database.host}:"
-                  f"{self.database.port}", dsn=redact_dsn(self.dsn))
+            raise StartupError(
+                f"PostgreSQL did not start (log {log_path}):\n"
+                f"{_reasons_in(said) or _reasons(log_path)}"
+            ) from exc
+        self.emit(
+            "running",
+            name="postgres",
+            pid=self.database.pid,
+            address=f"{self.database.host}:{self.database.port}",
+            dsn=redact_dsn(self.dsn),
+        )
 
     def _child(self, kind: str, name: str, argv: list[str], expect: tuple[str, ...]) -> Child:
-        child = Child(name=name, kind=kind, argv=argv, expect=expect, log_path=self.logs / f"{name}.log")
+        child = Child(
+            name=name, kind=kind, argv=argv, expect=expect, log_path=self.logs / f"{name}.log"
+        )
         self.children.append(child)
         return child
 
@@ -228,10 +273,16 @@ class Supervisor:
         if self.identity_secret and child.kind in ("hashd", "balancer"):
             env["HASHMESH_IDENTITY_SECRET"] = self.identity_secret
         child.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", *child.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL, env=env,
+            sys.executable,
+            "-m",
+            *child.argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=env,
             # Own session: a Ctrl-C on the terminal reaches only us, so we stop children in order.
-            start_new_session=True, preexec_fn=_children_die_with_us(signal.SIGTERM),
+            start_new_session=True,
+            preexec_fn=_children_die_with_us(signal.SIGTERM),
         )
         self.emit("starting", name=child.name, pid=child.pid)
         child.pump = asyncio.create_task(self._pump(child, child.process))
@@ -260,17 +311,26 @@ class Supervisor:
         process = child.process
         exited = asyncio.create_task(process.wait())
         ready = asyncio.create_task(child.ready.wait())
-        await asyncio.wait({exited, ready}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {exited, ready}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
         if not child.ready.is_set():
             ready.cancel()
             await _terminate(process)
             if child.pump is not None:  # let the log catch up before quoting it
                 await asyncio.wait({child.pump}, timeout=2)
-            raise StartupError(f"{child.name} did not start (log {child.log_path}):\n{_tail(child.log_path)}")
+            raise StartupError(
+                f"{child.name} did not start (log {child.log_path}):\n{_tail(child.log_path)}"
+            )
         exited.cancel()
         child.state = "running"
-        self.emit("running", name=child.name, pid=child.pid, address=child.address,
-                  addresses=dict(child.addresses))
+        self.emit(
+            "running",
+            name=child.name,
+            pid=child.pid,
+            address=child.address,
+            addresses=dict(child.addresses),
+        )
         self._watchers.append(asyncio.create_task(self._watch(child, process)))
 
     async def _watch(self, child: Child, process: asyncio.subprocess.Process) -> None:
@@ -282,7 +342,9 @@ class Supervisor:
             if self.stopping:
                 return
             child.state = "crashed"
-            self.emit("exited", name=child.name, pid=process.pid, code=code, log=str(child.log_path))
+            self.emit(
+                "exited", name=child.name, pid=process.pid, code=code, log=str(child.log_path)
+            )
             if asyncio.get_running_loop().time() - started > STABLE_AFTER:
                 backoff = BACKOFF_FIRST
             child.state = "restarting"
@@ -297,13 +359,20 @@ class Supervisor:
             process = child.process
             waiter = asyncio.create_task(child.ready.wait())
             exited = asyncio.create_task(process.wait())
-            await asyncio.wait({waiter, exited}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {waiter, exited}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
             waiter.cancel()
             exited.cancel()
             if child.ready.is_set():
                 child.state = "running"
-                self.emit("running", name=child.name, pid=child.pid, address=child.address,
-                          restarts=child.restarts)
+                self.emit(
+                    "running",
+                    name=child.name,
+                    pid=child.pid,
+                    address=child.address,
+                    restarts=child.restarts,
+                )
             elif process.returncode is None:
                 await _terminate(process)
 
@@ -321,8 +390,12 @@ class Supervisor:
             backoff = min(backoff * 2, BACKOFF_MAX)
             try:
                 await asyncio.to_thread(self.database.start)
-                self.emit("running", name="postgres", pid=self.database.pid, address=f"{self.database.host}:"
-                          f"{self.database.port}")
+                self.emit(
+                    "running",
+                    name="postgres",
+                    pid=self.database.pid,
+                    address=f"{self.database.host}:{self.database.port}",
+                )
             except Exception as exc:
                 self.emit("restart_failed", name="postgres", error=str(exc).splitlines()[0])
 
@@ -359,10 +432,25 @@ class Supervisor:
         rows: list[dict[str, Any]] = []
         if self.database is not None:
             alive = self.database.process is not None and self.database.process.poll() is None
-            rows.append({"name": "postgres", "pid": self.database.pid, "address": f"{self.database.host}:"
-                         f"{self.database.port}", "state": "running" if alive else "down", "restarts": 0})
-        rows += [{"name": c.name, "pid": c.pid, "address": c.address, "state": c.state, "restarts": c.restarts}
-                 for c in self.children]
+            rows.append(
+                {
+                    "name": "postgres",
+                    "pid": self.database.pid,
+                    "address": f"{self.database.host}:{self.database.port}",
+                    "state": "running" if alive else "down",
+                    "restarts": 0,
+                }
+            )
+        rows += [
+            {
+                "name": c.name,
+                "pid": c.pid,
+                "address": c.address,
+                "state": c.state,
+                "restarts": c.restarts,
+            }
+            for c in self.children
+        ]
         return rows
 
     def pids(self) -> dict[str, int]:
@@ -402,7 +490,12 @@ def _is_postgres_on(pid: int, pgdata: Path) -> bool:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return state != "Z" and bool(argv) and argv[0].endswith(b"postgres") and str(pgdata).encode() in argv
+    return (
+        state != "Z"
+        and bool(argv)
+        and argv[0].endswith(b"postgres")
+        and str(pgdata).encode() in argv
+    )
 
 
 def load_cache_secret(state_dir: Path, name: str = CACHE_SECRET_FILE) -> str:
@@ -449,7 +542,9 @@ def _reasons(path: Path, most: int = 3) -> str:
 def _reasons_in(text: str, most: int = 3) -> str:
     """The last FATAL/PANIC/ERROR lines of PostgreSQL's output, or ``""``."""
     lines = text.strip().splitlines()
-    found = [line for line in lines if any(f"{level}:" in line for level in ("FATAL", "PANIC", "ERROR"))]
+    found = [
+        line for line in lines if any(f"{level}:" in line for level in ("FATAL", "PANIC", "ERROR"))
+    ]
     return "\n".join(found[-most:] or lines[-1:])
 
 

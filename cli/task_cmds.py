@@ -60,8 +60,11 @@ def task_dict(task: task_pb2.Task) -> dict[str, Any]:
         "max_attempts": task.max_attempts,
         "client_id": task.client_id,
         "idempotency_key": task.idempotency_key or None,
-        "result": ({"encoded": task.result.encoded, "cached": task.result.cached}
-                   if task.HasField("result") else None),
+        "result": (
+            {"encoded": task.result.encoded, "cached": task.result.cached}
+            if task.HasField("result")
+            else None
+        ),
         "last_error": task.last_error or None,
         "input_size": task.input_size,
         "worker": task.worker or None,
@@ -75,8 +78,10 @@ def task_dict(task: task_pb2.Task) -> dict[str, Any]:
 
 def _status_style(status: int) -> str:
     styles: dict[int, str] = {
-        task_pb2.TASK_STATUS_SUCCEEDED: "green", task_pb2.TASK_STATUS_DEAD_LETTER: "red",
-        task_pb2.TASK_STATUS_CANCELLED: "yellow", task_pb2.TASK_STATUS_RUNNING: "cyan",
+        task_pb2.TASK_STATUS_SUCCEEDED: "green",
+        task_pb2.TASK_STATUS_DEAD_LETTER: "red",
+        task_pb2.TASK_STATUS_CANCELLED: "yellow",
+        task_pb2.TASK_STATUS_RUNNING: "cyan",
     }
     return styles.get(status, "")
 
@@ -107,7 +112,9 @@ def follow_task(state: CliState, task_id: str, timeout: float | None) -> Iterato
         raise CliError(str(exc), ExitCode.DEADLINE_EXCEEDED) from None
 
 
-def wait_for(state: CliState, out: Output, task: task_pb2.Task, timeout: float | None) -> task_pb2.Task:
+def wait_for(
+    state: CliState, out: Output, task: task_pb2.Task, timeout: float | None
+) -> task_pb2.Task:
     if task.status in FINAL_STATUSES:
         return task
     last = task
@@ -121,10 +128,22 @@ def wait_for(state: CliState, out: Output, task: task_pb2.Task, timeout: float |
     return last
 
 
-def _spec(algorithm: common_pb2.Algorithm.ValueType, data: bytes, priority: int, max_attempts: int,
-          idempotency_key: str | None, delay: float, argon2: common_pb2.Argon2Params) -> task_pb2.TaskSpec:
-    spec = task_pb2.TaskSpec(algorithm=algorithm, data=data, priority=priority, max_attempts=max_attempts,
-                             idempotency_key=idempotency_key or "")
+def _spec(
+    algorithm: common_pb2.Algorithm.ValueType,
+    data: bytes,
+    priority: int,
+    max_attempts: int,
+    idempotency_key: str | None,
+    delay: float,
+    argon2: common_pb2.Argon2Params,
+) -> task_pb2.TaskSpec:
+    spec = task_pb2.TaskSpec(
+        algorithm=algorithm,
+        data=data,
+        priority=priority,
+        max_attempts=max_attempts,
+        idempotency_key=idempotency_key or "",
+    )
     if algorithm == common_pb2.ALGORITHM_ARGON2ID:
         spec.argon2.CopyFrom(argon2)
     if delay > 0:
@@ -141,19 +160,29 @@ def _batch_lines(path: Path) -> list[bytes]:
     return [line for line in raw.splitlines() if line.strip()]
 
 
-def submit_batch(state: CliState, out: Output, specs: list[task_pb2.TaskSpec], chunk: int) -> list[task_pb2.Task]:
+def submit_batch(
+    state: CliState, out: Output, specs: list[task_pb2.TaskSpec], chunk: int
+) -> list[task_pb2.Task]:
     """SubmitTasks in chunks of ``chunk``, with a progress bar on a terminal."""
     stub = state.session.tasks()
     tasks: list[task_pb2.Task] = []
-    progress = Progress(TextColumn("submitting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=out.err_console, disable=not out.interactive, transient=True)
+    progress = Progress(
+        TextColumn("submitting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=out.err_console,
+        disable=not out.interactive,
+        transient=True,
+    )
     with progress:
         bar = progress.add_task("submit", total=len(specs))
         for start in range(0, len(specs), chunk):
-            part = specs[start:start + chunk]
+            part = specs[start : start + chunk]
             reply = stub.SubmitTasks(
                 task_pb2.SubmitTasksRequest(specs=part),
-                timeout=state.options.timeout, metadata=state.session.metadata(),
+                timeout=state.options.timeout,
+                metadata=state.session.metadata(),
             )
             tasks.extend(reply.tasks)
             progress.advance(bar, len(part))
@@ -162,21 +191,41 @@ def submit_batch(state: CliState, out: Output, specs: list[task_pb2.TaskSpec], c
 
 def submit_command(
     ctx: typer.Context,
-    algorithm: Annotated[str, typer.Argument(help=f"One of: {', '.join(ALGORITHMS)}.", show_default=False)],
+    algorithm: Annotated[
+        str, typer.Argument(help=f"One of: {', '.join(ALGORITHMS)}.", show_default=False)
+    ],
     text: Annotated[str | None, typer.Argument(help="Input to hash; '-' reads stdin.")] = None,
-    batch: Annotated[Path | None, typer.Option("--batch", "-b",
-                     help="Submit one task per line of this file ('-' for stdin), in batches.")] = None,
-    chunk: Annotated[int, typer.Option(help="Tasks per SubmitTasks call with --batch.", min=1, max=10_000)] = 500,
+    batch: Annotated[
+        Path | None,
+        typer.Option(
+            "--batch",
+            "-b",
+            help="Submit one task per line of this file ('-' for stdin), in batches.",
+        ),
+    ] = None,
+    chunk: Annotated[
+        int, typer.Option(help="Tasks per SubmitTasks call with --batch.", min=1, max=10_000)
+    ] = 500,
     priority: Annotated[int, typer.Option(help="Higher runs first (-100..100).")] = 0,
-    max_attempts: Annotated[int, typer.Option(help="Attempts before dead-letter (0 = server default).", min=0)]
-    = 0,
-    idempotency_key: Annotated[str | None, typer.Option(help="Submitting again with this key returns the "
-                               "first task (with --batch: KEY:LINE per line).")] = None,
-    delay: Annotated[float, typer.Option(help="Do not run before this many seconds from now.", min=0)] = 0.0,
-    wait: Annotated[bool, typer.Option("--wait", "-w", help="Wait for the result (spinner on a terminal).")]
-    = False,
-    wait_timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")]
-    = None,
+    max_attempts: Annotated[
+        int, typer.Option(help="Attempts before dead-letter (0 = server default).", min=0)
+    ] = 0,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Submitting again with this key returns the "
+            "first task (with --batch: KEY:LINE per line)."
+        ),
+    ] = None,
+    delay: Annotated[
+        float, typer.Option(help="Do not run before this many seconds from now.", min=0)
+    ] = 0.0,
+    wait: Annotated[
+        bool, typer.Option("--wait", "-w", help="Wait for the result (spinner on a terminal).")
+    ] = False,
+    wait_timeout: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = None,
     time_cost: TimeCost = 0,
     memory_cost: MemoryCost = 0,
     parallelism: Parallelism = 0,
@@ -202,9 +251,18 @@ def submit_command(
         if text is not None:
             raise CliError("give TEXT or --batch, not both", ExitCode.USAGE)
         lines = _batch_lines(batch)
-        specs = [_spec(wire_algorithm, line, priority, max_attempts,
-                       f"{idempotency_key}:{number}" if idempotency_key else None, delay, params)
-                 for number, line in enumerate(lines, start=1)]
+        specs = [
+            _spec(
+                wire_algorithm,
+                line,
+                priority,
+                max_attempts,
+                f"{idempotency_key}:{number}" if idempotency_key else None,
+                delay,
+                params,
+            )
+            for number, line in enumerate(lines, start=1)
+        ]
         tasks = submit_batch(state, out, specs, chunk)
         if wait:
             tasks = [wait_for(state, out, task, wait_timeout) for task in tasks]
@@ -216,13 +274,18 @@ def submit_command(
                 out.line(f"{task.id}\t{status_name(task.status)}\t{result}".rstrip())
         return
     if text is None and sys.stdin.isatty():
-        raise CliError("nothing to submit: give TEXT, '-' for stdin, or --batch FILE", ExitCode.USAGE)
+        raise CliError(
+            "nothing to submit: give TEXT, '-' for stdin, or --batch FILE", ExitCode.USAGE
+        )
     data = sys.stdin.buffer.read() if text is None or text == "-" else text.encode()
     reply = state.session.tasks().SubmitTask(
         task_pb2.SubmitTaskRequest(
-            spec=_spec(wire_algorithm, data, priority, max_attempts, idempotency_key, delay, params),
+            spec=_spec(
+                wire_algorithm, data, priority, max_attempts, idempotency_key, delay, params
+            ),
         ),
-        timeout=state.options.timeout, metadata=state.session.metadata(),
+        timeout=state.options.timeout,
+        metadata=state.session.metadata(),
     )
     task = reply.task
     if not wait:
@@ -253,8 +316,11 @@ def get_command(ctx: typer.Context, task_id: TaskId, json_out: JsonFlag = False)
       hashctl task get 0b9e7c1e-3f0a-4c1b-9d6e-2a5f8c7d1e00
     """
     state = state_of(ctx)
-    reply = state.session.tasks().GetTask(task_pb2.GetTaskRequest(id=task_id), timeout=state.options.timeout,
-                                          metadata=state.session.metadata())
+    reply = state.session.tasks().GetTask(
+        task_pb2.GetTaskRequest(id=task_id),
+        timeout=state.options.timeout,
+        metadata=state.session.metadata(),
+    )
     show_task(state.output(json_out), reply.task)
 
 
@@ -262,8 +328,12 @@ def get_command(ctx: typer.Context, task_id: TaskId, json_out: JsonFlag = False)
 def watch_command(
     ctx: typer.Context,
     task_id: TaskId,
-    wait_timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per change (JSON Lines).")] = False,
+    wait_timeout: Annotated[
+        float | None, typer.Option(help="Give up after this many seconds.")
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object per change (JSON Lines).")
+    ] = False,
 ) -> None:
     """Print each status change of a task as it happens, until it ends.
 
@@ -282,9 +352,15 @@ def watch_command(
             out.json(task_dict(task))
             continue
         now = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
-        detail = task.result.encoded if task.HasField("result") else (task.last_error or task.worker or "")
-        out.line(f"{now}  {status_name(task.status):<12} attempt {task.attempts}/{task.max_attempts}  {detail}"
-                 .rstrip(), style=_status_style(task.status) or None)
+        detail = (
+            task.result.encoded
+            if task.HasField("result")
+            else (task.last_error or task.worker or "")
+        )
+        out.line(
+            f"{now}  {status_name(task.status):<12} attempt {task.attempts}/{task.max_attempts}  {detail}".rstrip(),
+            style=_status_style(task.status) or None,
+        )
     if last is not None:
         _exit_for_final(last)
 
@@ -292,8 +368,12 @@ def watch_command(
 @app.command("list")
 def list_command(
     ctx: typer.Context,
-    status: Annotated[list[str] | None, typer.Option("--status", "-s",
-                      help=f"Only these states (repeatable): {', '.join(STATUSES)}.")] = None,
+    status: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--status", "-s", help=f"Only these states (repeatable): {', '.join(STATUSES)}."
+        ),
+    ] = None,
     algorithm: Annotated[str | None, typer.Option(help="Only this algorithm.")] = None,
     client: Annotated[str | None, typer.Option(help="Only this client id.")] = None,
     limit: Annotated[int, typer.Option(help="Tasks per page (1..1000).", min=1, max=1000)] = 50,
@@ -312,26 +392,43 @@ def list_command(
     state = state_of(ctx)
     out = state.output(json_out)
     request = task_pb2.ListTasksRequest(
-        client_id=client or "", statuses=[parse_status(s) for s in status or []],
+        client_id=client or "",
+        statuses=[parse_status(s) for s in status or []],
         algorithm=parse_algorithm(algorithm) if algorithm else common_pb2.ALGORITHM_UNSPECIFIED,
-        page_size=limit, page_token=page_token or "",
+        page_size=limit,
+        page_token=page_token or "",
     )
     tasks: list[task_pb2.Task] = []
     while True:
-        reply = state.session.tasks().ListTasks(request, timeout=state.options.timeout,
-                                                metadata=state.session.metadata())
+        reply = state.session.tasks().ListTasks(
+            request, timeout=state.options.timeout, metadata=state.session.metadata()
+        )
         tasks.extend(reply.tasks)
         if not all_pages or not reply.next_page_token:
             break
         request.page_token = reply.next_page_token
     if out.json_mode:
-        out.json({"tasks": [task_dict(t) for t in tasks], "next_page_token": reply.next_page_token or None})
+        out.json(
+            {
+                "tasks": [task_dict(t) for t in tasks],
+                "next_page_token": reply.next_page_token or None,
+            }
+        )
         return
-    out.table(["ID", "STATUS", "ALGORITHM", "ATTEMPTS", "CREATED", "RESULT"], [
-        [t.id, status_name(t.status), algorithm_name(t.algorithm), f"{t.attempts}/{t.max_attempts}",
-         _time(t.created_at, t.HasField("created_at")), t.result.encoded if t.HasField("result") else None]
-        for t in tasks
-    ])
+    out.table(
+        ["ID", "STATUS", "ALGORITHM", "ATTEMPTS", "CREATED", "RESULT"],
+        [
+            [
+                t.id,
+                status_name(t.status),
+                algorithm_name(t.algorithm),
+                f"{t.attempts}/{t.max_attempts}",
+                _time(t.created_at, t.HasField("created_at")),
+                t.result.encoded if t.HasField("result") else None,
+            ]
+            for t in tasks
+        ],
+    )
     if reply.next_page_token:
         out.note(f"more: --page-token {reply.next_page_token}")
 
@@ -345,8 +442,11 @@ def cancel_command(ctx: typer.Context, task_id: TaskId, json_out: JsonFlag = Fal
       hashctl task cancel 0b9e7c1e-3f0a-4c1b-9d6e-2a5f8c7d1e00
     """
     state = state_of(ctx)
-    reply = state.session.tasks().CancelTask(task_pb2.CancelTaskRequest(id=task_id),
-                                             timeout=state.options.timeout, metadata=state.session.metadata())
+    reply = state.session.tasks().CancelTask(
+        task_pb2.CancelTaskRequest(id=task_id),
+        timeout=state.options.timeout,
+        metadata=state.session.metadata(),
+    )
     show_task(state.output(json_out), reply.task)
 
 
@@ -359,8 +459,11 @@ def requeue_command(ctx: typer.Context, task_id: TaskId, json_out: JsonFlag = Fa
       hashctl task requeue 0b9e7c1e-3f0a-4c1b-9d6e-2a5f8c7d1e00
     """
     state = state_of(ctx)
-    reply = state.session.tasks().RequeueTask(task_pb2.RequeueTaskRequest(id=task_id),
-                                              timeout=state.options.timeout, metadata=state.session.metadata())
+    reply = state.session.tasks().RequeueTask(
+        task_pb2.RequeueTaskRequest(id=task_id),
+        timeout=state.options.timeout,
+        metadata=state.session.metadata(),
+    )
     show_task(state.output(json_out), reply.task)
 
 
@@ -374,30 +477,62 @@ def stats_command(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     """
     state = state_of(ctx)
     out = state.output(json_out)
-    reply = state.session.tasks().GetQueueStats(task_pb2.GetQueueStatsRequest(), timeout=state.options.timeout,
-                                                metadata=state.session.metadata())
+    reply = state.session.tasks().GetQueueStats(
+        task_pb2.GetQueueStatsRequest(),
+        timeout=state.options.timeout,
+        metadata=state.session.metadata(),
+    )
     counts = {status_name(c.status): c.count for c in reply.counts}
-    workers = [{"name": w.name, "host": w.host, "pid": w.pid, "alive": w.alive, "in_flight": w.in_flight,
-                "processed": w.processed} for w in reply.workers]
+    workers = [
+        {
+            "name": w.name,
+            "host": w.host,
+            "pid": w.pid,
+            "alive": w.alive,
+            "in_flight": w.in_flight,
+            "processed": w.processed,
+        }
+        for w in reply.workers
+    ]
     age = reply.oldest_pending_age.ToNanoseconds() / 1e9
     if out.json_mode:
-        out.json({"counts": counts, "oldest_pending_seconds": age, "workers_alive": reply.workers_alive,
-                  "completed_last_minute": reply.completed_last_minute, "workers": workers})
+        out.json(
+            {
+                "counts": counts,
+                "oldest_pending_seconds": age,
+                "workers_alive": reply.workers_alive,
+                "completed_last_minute": reply.completed_last_minute,
+                "workers": workers,
+            }
+        )
         return
     out.table(["STATUS", "COUNT"], list(counts.items()))
-    out.fields({"oldest pending": f"{age:.1f}s", "workers alive": reply.workers_alive,
-                "completed last minute": reply.completed_last_minute})
+    out.fields(
+        {
+            "oldest pending": f"{age:.1f}s",
+            "workers alive": reply.workers_alive,
+            "completed last minute": reply.completed_last_minute,
+        }
+    )
     if workers:
-        out.table(["WORKER", "HOST", "PID", "ALIVE", "IN FLIGHT", "PROCESSED"],
-                  [list(w.values()) for w in workers])
+        out.table(
+            ["WORKER", "HOST", "PID", "ALIVE", "IN FLIGHT", "PROCESSED"],
+            [list(w.values()) for w in workers],
+        )
 
 
 @app.command("prune")
 def prune_command(
     ctx: typer.Context,
-    dsn: Annotated[str | None, typer.Option("--dsn", envvar="HASHMESH_DATABASE_URL",
-                                            help="PostgreSQL DSN (HASHMESH_DATABASE_URL).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go; delete nothing.")] = False,
+    dsn: Annotated[
+        str | None,
+        typer.Option(
+            "--dsn", envvar="HASHMESH_DATABASE_URL", help="PostgreSQL DSN (HASHMESH_DATABASE_URL)."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would go; delete nothing.")
+    ] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Delete finished tasks older than the retention ages (HASHMESH_RETENTION_*), as the
@@ -418,8 +553,10 @@ def prune_command(
         out.json(report)
         return
     verb = "would delete" if dry_run else "deleted"
-    out.table(["STATUS", "KEPT FOR", verb.upper()],
-              [[row["status"], row["kept_for"], row["count"]] for row in report["statuses"]])
+    out.table(
+        ["STATUS", "KEPT FOR", verb.upper()],
+        [[row["status"], row["kept_for"], row["count"]] for row in report["statuses"]],
+    )
     if report.get("skipped"):
         out.line("another pruner is running; nothing deleted", style="yellow")
     else:

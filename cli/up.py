@@ -28,8 +28,15 @@ from hashmesh.cli.supervisor import Event, MeshPlan, StartupError, Supervisor
 from hashmesh.core.errors import Unavailable
 from hashmesh.core.queue.db import redact_dsn
 
-_STATE_STYLE = {"running": "green", "starting": "yellow", "restarting": "yellow", "crashed": "red",
-                "down": "red", "stopping": "dim", "stopped": "dim"}
+_STATE_STYLE = {
+    "running": "green",
+    "starting": "yellow",
+    "restarting": "yellow",
+    "crashed": "red",
+    "down": "red",
+    "stopping": "dim",
+    "stopped": "dim",
+}
 
 
 class Display:
@@ -70,8 +77,13 @@ class Display:
         for column in ("PROCESS", "PID", "ADDRESS", "STATE", "RESTARTS"):
             table.add_column(column)
         for row in self.supervisor.rows() if self.supervisor else []:
-            table.add_row(row["name"], str(row["pid"] or "-"), row["address"] or "-",
-                          f"[{_STATE_STYLE.get(row['state'], '')}]{row['state']}[/]", str(row["restarts"]))
+            table.add_row(
+                row["name"],
+                str(row["pid"] or "-"),
+                row["address"] or "-",
+                f"[{_STATE_STYLE.get(row['state'], '')}]{row['state']}[/]",
+                str(row["restarts"]),
+            )
         return table
 
 
@@ -96,8 +108,16 @@ async def _run(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
         if starting.done():
             starting.result()  # StartupError propagates
             db_watch = asyncio.create_task(supervisor.watch_database())
-            display.event({"event": "ready", "target": supervisor.target, "admin_target": supervisor.admin_target,
-                           "dsn": redact_dsn(supervisor.dsn), "state_dir": str(plan.state_dir), "pids": supervisor.pids()})
+            display.event(
+                {
+                    "event": "ready",
+                    "target": supervisor.target,
+                    "admin_target": supervisor.admin_target,
+                    "dsn": redact_dsn(supervisor.dsn),
+                    "state_dir": str(plan.state_dir),
+                    "pids": supervisor.pids(),
+                }
+            )
             if not display.json_mode:
                 display.console.print(_ready_hint(supervisor), highlight=False, soft_wrap=True)
             if demo:
@@ -137,10 +157,16 @@ def _ready_hint(supervisor: Supervisor) -> str:
     if supervisor.target != DEFAULT_TARGET:
         flags += f"--target {supervisor.target} "
     hashctl = f"hashctl {flags}"
-    admin = "" if supervisor.admin_target == DEFAULT_ADMIN_TARGET else f"--admin-target {supervisor.admin_target} "
-    return (f"hashmesh is up: [bold]{supervisor.target}[/] (admin {supervisor.admin_target}), logs in "
-            f"{supervisor.logs}\n  try: {hashctl}hash sha256 hello · {hashctl}submit md5 hello --wait · "
-            f"hashctl {admin}lb stats · Ctrl-C stops everything")
+    admin = (
+        ""
+        if supervisor.admin_target == DEFAULT_ADMIN_TARGET
+        else f"--admin-target {supervisor.admin_target} "
+    )
+    return (
+        f"hashmesh is up: [bold]{supervisor.target}[/] (admin {supervisor.admin_target}), logs in "
+        f"{supervisor.logs}\n  try: {hashctl}hash sha256 hello · {hashctl}submit md5 hello --wait · "
+        f"hashctl {admin}lb stats · Ctrl-C stops everything"
+    )
 
 
 def _demo(target: str, display: Display) -> bool:
@@ -167,24 +193,53 @@ def up_command(
     ctx: typer.Context,
     replicas: Annotated[int, typer.Option("--replicas", "-r", help="hashd replicas.", min=1)] = 3,
     workers: Annotated[int, typer.Option("--workers", "-w", help="workerd processes.", min=0)] = 1,
-    balancers: Annotated[int, typer.Option("--balancers", help="Balancer processes sharing the public "
-                                           "port (SO_REUSEPORT).", min=1)] = 1,
-    strategy: Annotated[str | None, typer.Option(help=f"Balancer strategy: {', '.join(STRATEGIES)}.")] = None,
-    port: Annotated[int, typer.Option(help="Public (balancer) port; 0 picks a free one.", min=0,
-                                 max=65535)] = 50050,
-    admin_port: Annotated[int, typer.Option(help="Admin port; 0 picks a free one.", min=0,
-                                       max=65535)] = 50060,
-    database_url: Annotated[str | None, typer.Option(envvar="HASHMESH_DATABASE_URL", show_default=False,
-                            help="Use this PostgreSQL instead of an embedded one.")] = None,
-    state_dir: Annotated[Path, typer.Option(help="Embedded database data and logs.")] = Path(".hashmesh"),
-    demo: Annotated[bool, typer.Option("--demo", help="Once up, hash a few inputs and run a task.")] = False,
-    once: Annotated[bool, typer.Option("--once", help="With --demo: stop the mesh after the demo "
-                                       "(exit code says whether it passed).")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Events as JSON Lines (child PIDs included).")]
-    = False,
-    metrics: Annotated[bool, typer.Option("--metrics", help="Every process also serves Prometheus "
-                                          "/metrics on a free loopback port (shown with its address).")]
-    = False,
+    balancers: Annotated[
+        int,
+        typer.Option(
+            "--balancers", help="Balancer processes sharing the public port (SO_REUSEPORT).", min=1
+        ),
+    ] = 1,
+    strategy: Annotated[
+        str | None, typer.Option(help=f"Balancer strategy: {', '.join(STRATEGIES)}.")
+    ] = None,
+    port: Annotated[
+        int, typer.Option(help="Public (balancer) port; 0 picks a free one.", min=0, max=65535)
+    ] = 50050,
+    admin_port: Annotated[
+        int, typer.Option(help="Admin port; 0 picks a free one.", min=0, max=65535)
+    ] = 50060,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HASHMESH_DATABASE_URL",
+            show_default=False,
+            help="Use this PostgreSQL instead of an embedded one.",
+        ),
+    ] = None,
+    state_dir: Annotated[Path, typer.Option(help="Embedded database data and logs.")] = Path(
+        ".hashmesh"
+    ),
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Once up, hash a few inputs and run a task.")
+    ] = False,
+    once: Annotated[
+        bool,
+        typer.Option(
+            "--once",
+            help="With --demo: stop the mesh after the demo (exit code says whether it passed).",
+        ),
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Events as JSON Lines (child PIDs included).")
+    ] = False,
+    metrics: Annotated[
+        bool,
+        typer.Option(
+            "--metrics",
+            help="Every process also serves Prometheus "
+            "/metrics on a free loopback port (shown with its address).",
+        ),
+    ] = False,
 ) -> None:
     """Run the whole mesh on this machine, with a live status table.
 
@@ -222,8 +277,10 @@ def up_command(
         lock.check_free()  # first: "already running" explains a busy port too
         for flag, number in (("--port", port), ("--admin-port", admin_port)):
             if number and not _port_free(plan.host, number):
-                raise CliError(f"port {number} is in use (another `hashctl up`?); choose another with "
-                               f"{flag}, or 0 for any free port")
+                raise CliError(
+                    f"port {number} is in use (another `hashctl up`?); choose another with "
+                    f"{flag}, or 0 for any free port"
+                )
         lock.acquire()
     except AlreadyRunning as exc:
         raise CliError(str(exc), ExitCode.FAILED_PRECONDITION) from None
@@ -242,5 +299,3 @@ def _show(plan: MeshPlan, display: Display, demo: bool, once: bool) -> int:
     with Live(display.table(), console=display.console, refresh_per_second=4) as live:
         display.live = live
         return asyncio.run(_run(plan, display, demo, once))
-
-

@@ -31,7 +31,12 @@ class Retry(Enum):
     CREDENTIALS = "no: send valid credentials"
 
 
-HASH = ("HashService.ComputeHash", "HashService.Hash", "HashService.HashStream", "HashService.Verify")
+HASH = (
+    "HashService.ComputeHash",
+    "HashService.Hash",
+    "HashService.HashStream",
+    "HashService.Verify",
+)
 TASK = (
     "TaskService.SubmitTask",
     "TaskService.SubmitTasks",
@@ -121,182 +126,297 @@ class Entry:
 
 CATALOGUE: tuple[Entry, ...] = (
     Entry(
-        "INVALID_FIELD", "INVALID_ARGUMENT", "balancer or replica",
+        "INVALID_FIELD",
+        "INVALID_ARGUMENT",
+        "balancer or replica",
         "A field is missing, outside the bounds its comment states, or does not apply (argon2 "
         "parameters with another algorithm). BadRequest lists every bad field, of every spec of "
         "a batch, by path (`specs[3].argon2.time_cost`); at most 20 are listed and "
-        "ErrorInfo.metadata[\"violations\"] has the total when there are several. Also an "
+        'ErrorInfo.metadata["violations"] has the total when there are several. Also an '
         "`x-client-id` from a trusted proxy that is not a valid identity.",
-        ("ErrorInfo", "BadRequest"), Retry.NEVER, WITH_FIELDS,
+        ("ErrorInfo", "BadRequest"),
+        Retry.NEVER,
+        WITH_FIELDS,
     ),
     Entry(
-        "INPUT_TOO_LARGE", "INVALID_ARGUMENT", "replica",
+        "INPUT_TOO_LARGE",
+        "INVALID_ARGUMENT",
+        "replica",
         "An input is over the unary limit (HASHMESH_MAX_MESSAGE_BYTES, 4 MiB by default): "
         "`data`, a HashStream `chunk`, `spec.data` or `specs[i].data`. BadRequest names the "
         "field; ErrorInfo.metadata has `limit_bytes`, `size_bytes` and `use` (HashStream).",
-        ("ErrorInfo", "BadRequest"), Retry.NEVER,
-        ("HashService.ComputeHash", "HashService.Hash", "HashService.HashStream",
-         "HashService.Verify", "TaskService.SubmitTask", "TaskService.SubmitTasks"),
+        ("ErrorInfo", "BadRequest"),
+        Retry.NEVER,
+        (
+            "HashService.ComputeHash",
+            "HashService.Hash",
+            "HashService.HashStream",
+            "HashService.Verify",
+            "TaskService.SubmitTask",
+            "TaskService.SubmitTasks",
+        ),
     ),
     Entry(
-        "MALFORMED_REQUEST", "INVALID_ARGUMENT", "replica",
+        "MALFORMED_REQUEST",
+        "INVALID_ARGUMENT",
+        "replica",
         "The request bytes do not parse as the method's request message.",
-        ("ErrorInfo", "BadRequest"), Retry.NEVER, PROXIED,
+        ("ErrorInfo", "BadRequest"),
+        Retry.NEVER,
+        PROXIED,
     ),
     Entry(
-        "MESSAGE_TOO_LARGE", "RESOURCE_EXHAUSTED", "gRPC",
+        "MESSAGE_TOO_LARGE",
+        "RESOURCE_EXHAUSTED",
+        "gRPC",
         "A message over twice the unary limit: gRPC refuses it before any hashmesh code runs "
-        "(\"Received message larger than max\"), with no details.",
-        (), Retry.NEVER, PROXIED,
+        '("Received message larger than max"), with no details.',
+        (),
+        Retry.NEVER,
+        PROXIED,
     ),
     Entry(
-        "TASK_NOT_FOUND", "NOT_FOUND", "replica",
+        "TASK_NOT_FOUND",
+        "NOT_FOUND",
+        "replica",
         "No task has this id. ResourceInfo: resource_type `hashmesh.v1.Task`, resource_name "
         "the id.",
-        ("ErrorInfo", "ResourceInfo"), Retry.NEVER, TASK_BY_ID,
+        ("ErrorInfo", "ResourceInfo"),
+        Retry.NEVER,
+        TASK_BY_ID,
     ),
     Entry(
-        "BACKEND_NOT_FOUND", "NOT_FOUND", "balancer",
+        "BACKEND_NOT_FOUND",
+        "NOT_FOUND",
+        "balancer",
         "No replica has this address. ResourceInfo: resource_type `hashmesh.v1.Backend`.",
-        ("ErrorInfo", "ResourceInfo"), Retry.NEVER, ("AdminService.DrainBackend",),
+        ("ErrorInfo", "ResourceInfo"),
+        Retry.NEVER,
+        ("AdminService.DrainBackend",),
     ),
     Entry(
-        "IDEMPOTENCY_KEY_REUSED", "ALREADY_EXISTS", "replica",
+        "IDEMPOTENCY_KEY_REUSED",
+        "ALREADY_EXISTS",
+        "replica",
         "The idempotency key was used by this caller for a different request within "
         "HASHMESH_IDEMPOTENCY_WINDOW_SECONDS. ErrorInfo.metadata has `idempotency_key` and "
         "`task_id`; ResourceInfo names the first task.",
-        ("ErrorInfo", "ResourceInfo"), Retry.NEVER,
+        ("ErrorInfo", "ResourceInfo"),
+        Retry.NEVER,
         ("TaskService.SubmitTask", "TaskService.SubmitTasks"),
     ),
     Entry(
-        "TASK_FINISHED", "FAILED_PRECONDITION", "replica",
+        "TASK_FINISHED",
+        "FAILED_PRECONDITION",
+        "replica",
         "The task is already in a final state (SUCCEEDED, CANCELLED, DEAD_LETTER). "
         "PreconditionFailure: type `TASK_STATUS`, subject `tasks/<id>`.",
-        ("ErrorInfo", "PreconditionFailure"), Retry.NEVER, ("TaskService.CancelTask",),
+        ("ErrorInfo", "PreconditionFailure"),
+        Retry.NEVER,
+        ("TaskService.CancelTask",),
     ),
     Entry(
-        "TASK_NOT_REQUEUEABLE", "FAILED_PRECONDITION", "replica",
+        "TASK_NOT_REQUEUEABLE",
+        "FAILED_PRECONDITION",
+        "replica",
         "The task is neither DEAD_LETTER nor CANCELLED. PreconditionFailure: type "
         "`TASK_STATUS`, subject `tasks/<id>`.",
-        ("ErrorInfo", "PreconditionFailure"), Retry.NEVER, ("TaskService.RequeueTask",),
+        ("ErrorInfo", "PreconditionFailure"),
+        Retry.NEVER,
+        ("TaskService.RequeueTask",),
     ),
     Entry(
-        "TASK_INPUT_ERASED", "FAILED_PRECONDITION", "replica",
+        "TASK_INPUT_ERASED",
+        "FAILED_PRECONDITION",
+        "replica",
         "An argon2id task ended and its input (a password) was erased: submit it again. "
         "PreconditionFailure: type `TASK_STATUS`, subject `tasks/<id>`.",
-        ("ErrorInfo", "PreconditionFailure"), Retry.NEVER, ("TaskService.RequeueTask",),
+        ("ErrorInfo", "PreconditionFailure"),
+        Retry.NEVER,
+        ("TaskService.RequeueTask",),
     ),
     Entry(
-        "ARGON2_TASKS_DISABLED", "FAILED_PRECONDITION", "replica",
+        "ARGON2_TASKS_DISABLED",
+        "FAILED_PRECONDITION",
+        "replica",
         "An argon2id task sent to a replica with no task input key (HASHMESH_TASK_KEY_FILE): "
         "its password would be stored in clear. PreconditionFailure: type `SETTING`, subject "
         "`hashd/HASHMESH_TASK_KEY_FILE`. ComputeHash still hashes argon2id at once.",
-        ("ErrorInfo", "PreconditionFailure"), Retry.NEVER,
+        ("ErrorInfo", "PreconditionFailure"),
+        Retry.NEVER,
         ("TaskService.SubmitTask", "TaskService.SubmitTasks"),
     ),
     Entry(
-        "RATE_LIMITED", "RESOURCE_EXHAUSTED", "balancer",
+        "RATE_LIMITED",
+        "RESOURCE_EXHAUSTED",
+        "balancer",
         "The caller's rate limit is used up. The headers carry `ratelimit-policy` and "
         "`ratelimit` with `r=0`.",
-        ("ErrorInfo", "RetryInfo"), Retry.AFTER_DELAY, PROXIED,
+        ("ErrorInfo", "RetryInfo"),
+        Retry.AFTER_DELAY,
+        PROXIED,
     ),
     Entry(
-        "OVERLOADED", "RESOURCE_EXHAUSTED", "replica",
+        "OVERLOADED",
+        "RESOURCE_EXHAUSTED",
+        "replica",
         "The replica's argon2id executor (CPU threads and their queue) is full.",
-        ("ErrorInfo", "RetryInfo"), Retry.AFTER_DELAY,
+        ("ErrorInfo", "RetryInfo"),
+        Retry.AFTER_DELAY,
         ("HashService.ComputeHash", "HashService.Hash", "HashService.Verify"),
     ),
     Entry(
-        "QUEUE_FULL", "RESOURCE_EXHAUSTED", "replica",
+        "QUEUE_FULL",
+        "RESOURCE_EXHAUSTED",
+        "replica",
         "The queue holds HASHMESH_MAX_PENDING_TASKS unfinished tasks.",
-        ("ErrorInfo", "RetryInfo"), Retry.AFTER_DELAY,
+        ("ErrorInfo", "RetryInfo"),
+        Retry.AFTER_DELAY,
         ("TaskService.SubmitTask", "TaskService.SubmitTasks"),
     ),
     Entry(
-        "CLIENT_QUEUE_FULL", "RESOURCE_EXHAUSTED", "replica",
+        "CLIENT_QUEUE_FULL",
+        "RESOURCE_EXHAUSTED",
+        "replica",
         "This client has HASHMESH_MAX_PENDING_PER_CLIENT unfinished tasks.",
-        ("ErrorInfo", "RetryInfo"), Retry.AFTER_DELAY,
+        ("ErrorInfo", "RetryInfo"),
+        Retry.AFTER_DELAY,
         ("TaskService.SubmitTask", "TaskService.SubmitTasks"),
     ),
     Entry(
-        "NO_REPLICA", "UNAVAILABLE", "balancer",
+        "NO_REPLICA",
+        "UNAVAILABLE",
+        "balancer",
         "No replica can take the call (none configured, all drained or removed).",
-        ("ErrorInfo", "RetryInfo"), Retry.NOT_SENT, PROXIED,
+        ("ErrorInfo", "RetryInfo"),
+        Retry.NOT_SENT,
+        PROXIED,
     ),
     Entry(
-        "REPLICAS_BUSY", "UNAVAILABLE", "balancer",
+        "REPLICAS_BUSY",
+        "UNAVAILABLE",
+        "balancer",
         "Every replica is at its in-flight cap (HASHMESH_BALANCER_MAX_IN_FLIGHT for unary calls, HASHMESH_BALANCER_MAX_STREAMS_PER_BACKEND for streams).",
-        ("ErrorInfo", "RetryInfo"), Retry.NOT_SENT, PROXIED,
+        ("ErrorInfo", "RetryInfo"),
+        Retry.NOT_SENT,
+        PROXIED,
     ),
     Entry(
-        "DATABASE_UNAVAILABLE", "UNAVAILABLE", "replica",
+        "DATABASE_UNAVAILABLE",
+        "UNAVAILABLE",
+        "replica",
         "PostgreSQL cannot be reached (or no pooled connection is free) after the replica's "
         "own retries.",
-        ("ErrorInfo", "RetryInfo"), Retry.IF_SAFE, (*TASK, *CACHE),
+        ("ErrorInfo", "RetryInfo"),
+        Retry.IF_SAFE,
+        (*TASK, *CACHE),
     ),
     Entry(
-        "API_KEY_MISSING", "UNAUTHENTICATED", "balancer",
+        "API_KEY_MISSING",
+        "UNAUTHENTICATED",
+        "balancer",
         "API keys are on (HASHMESH_BALANCER_API_KEYS_FILE) and the call has no `x-api-key`.",
-        ("ErrorInfo",), Retry.CREDENTIALS, PROXIED,
+        ("ErrorInfo",),
+        Retry.CREDENTIALS,
+        PROXIED,
     ),
     Entry(
-        "API_KEY_INVALID", "UNAUTHENTICATED", "balancer",
+        "API_KEY_INVALID",
+        "UNAUTHENTICATED",
+        "balancer",
         "The `x-api-key` is not one the balancer knows.",
-        ("ErrorInfo",), Retry.CREDENTIALS, PROXIED,
+        ("ErrorInfo",),
+        Retry.CREDENTIALS,
+        PROXIED,
     ),
     Entry(
-        "ADMIN_TOKEN_MISSING", "UNAUTHENTICATED", "balancer",
+        "ADMIN_TOKEN_MISSING",
+        "UNAUTHENTICATED",
+        "balancer",
         "HASHMESH_ADMIN_TOKEN is set and the call has no `authorization: Bearer <token>`.",
-        ("ErrorInfo",), Retry.CREDENTIALS, ADMIN,
+        ("ErrorInfo",),
+        Retry.CREDENTIALS,
+        ADMIN,
     ),
     Entry(
-        "ADMIN_TOKEN_INVALID", "UNAUTHENTICATED", "balancer or replica",
+        "ADMIN_TOKEN_INVALID",
+        "UNAUTHENTICATED",
+        "balancer or replica",
         "A bearer token that is not the admin token, on AdminService or on any call (where a "
         "valid one makes the caller an operator).",
-        ("ErrorInfo",), Retry.CREDENTIALS, EVERY,
+        ("ErrorInfo",),
+        Retry.CREDENTIALS,
+        EVERY,
     ),
     Entry(
-        "IDENTITY_STAMP_INVALID", "UNAUTHENTICATED", "replica",
+        "IDENTITY_STAMP_INVALID",
+        "UNAUTHENTICATED",
+        "replica",
         "A replica was called with an identity stamp (`x-hashmesh-identity`) that does not "
         "verify: forged, expired, for another method, or the replica has no "
         "HASHMESH_IDENTITY_SECRET. Only the balancer stamps calls; clients never send one.",
-        ("ErrorInfo",), Retry.CREDENTIALS, (*TASK, *CACHE),
+        ("ErrorInfo",),
+        Retry.CREDENTIALS,
+        (*TASK, *CACHE),
     ),
     Entry(
-        "CLIENT_ID_NOT_CALLER", "PERMISSION_DENIED", "replica",
+        "CLIENT_ID_NOT_CALLER",
+        "PERMISSION_DENIED",
+        "replica",
         "A request's `client_id` names someone other than the caller (only an operator lists "
         "other clients' tasks). Leave it empty.",
-        ("ErrorInfo",), Retry.NEVER,
+        ("ErrorInfo",),
+        Retry.NEVER,
         ("TaskService.SubmitTask", "TaskService.SubmitTasks", "TaskService.ListTasks"),
     ),
     Entry(
-        "OPERATOR_ONLY", "PERMISSION_DENIED", "replica",
+        "OPERATOR_ONLY",
+        "PERMISSION_DENIED",
+        "replica",
         "An operator call without the admin token (`authorization: Bearer "
         "<HASHMESH_ADMIN_TOKEN>`).",
-        ("ErrorInfo",), Retry.CREDENTIALS, ("CacheService.ClearCache",),
+        ("ErrorInfo",),
+        Retry.CREDENTIALS,
+        ("CacheService.ClearCache",),
     ),
     Entry(
-        "ADMIN_LISTENER_ONLY", "PERMISSION_DENIED", "balancer",
+        "ADMIN_LISTENER_ONLY",
+        "PERMISSION_DENIED",
+        "balancer",
         "AdminService called on the public listener while no admin token is set: it is served "
         "only on the admin listener (loopback by default).",
-        ("ErrorInfo",), Retry.NEVER, ADMIN,
+        ("ErrorInfo",),
+        Retry.NEVER,
+        ADMIN,
     ),
     Entry(
-        "DEADLINE_PASSED", "DEADLINE_EXCEEDED", "replica",
+        "DEADLINE_PASSED",
+        "DEADLINE_EXCEEDED",
+        "replica",
         "The call's deadline passed before its work started (or while argon2id work waited "
         "for a thread). In practice the client's own deadline fires first, and the status "
         "comes from the client library, without details.",
-        ("ErrorInfo",), Retry.LONGER_DEADLINE, PROXIED,
+        ("ErrorInfo",),
+        Retry.LONGER_DEADLINE,
+        PROXIED,
     ),
     Entry(
-        "UNIMPLEMENTED", "UNIMPLEMENTED", "gRPC",
+        "UNIMPLEMENTED",
+        "UNIMPLEMENTED",
+        "gRPC",
         "The method does not exist (a typo, or a client newer than the mesh).",
-        (), Retry.NEVER, (),
+        (),
+        Retry.NEVER,
+        (),
     ),
     Entry(
-        "INTERNAL", "INTERNAL", "balancer or replica",
+        "INTERNAL",
+        "INTERNAL",
+        "balancer or replica",
         "A bug: the server logged the traceback. The message names the method only.",
-        ("ErrorInfo",), Retry.IF_SAFE, EVERY,
+        ("ErrorInfo",),
+        Retry.IF_SAFE,
+        EVERY,
     ),
 )
 
@@ -317,15 +437,15 @@ def proto_block(service: str) -> list[str]:
     """The "Errors" comment lines for ``service`` (``HashService``), ending a service comment."""
     lines = [
         BLOCK_START,
-        "// docs/errors.md). Every error carries google.rpc.ErrorInfo, domain \"hashmesh.dev\",",
+        '// docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",',
         "// except those gRPC itself sends; CODE REASON: methods (details).",
     ]
     prefix = f"{service}."
     for entry in CATALOGUE:
-        methods = [m[len(prefix):] for m in entry.methods if m.startswith(prefix)]
+        methods = [m[len(prefix) :] for m in entry.methods if m.startswith(prefix)]
         if not methods and entry.name != "UNIMPLEMENTED":
             continue
-        ours = [m[len(prefix):] for m in EVERY if m.startswith(prefix)]
+        ours = [m[len(prefix) :] for m in EVERY if m.startswith(prefix)]
         scope = "every method" if methods == ours or not methods else ", ".join(methods)
         extra = [d for d in entry.details if d != "ErrorInfo"]
         tail = f" ({', '.join(extra)})" if extra else ""

@@ -174,7 +174,9 @@ class Violations:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> bool:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: object
+    ) -> bool:
         if not isinstance(error, InvalidArgument):
             return False
         self.include(error)

@@ -82,7 +82,9 @@ def valid_identity(value: str) -> bool:
     return 0 < len(value) <= MAX_IDENTITY_LENGTH and all("!" <= ch <= "~" for ch in value)
 
 
-def parse_networks(items: Sequence[str], setting: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def parse_networks(
+    items: Sequence[str], setting: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """CIDR ranges (``10.0.0.0/8``, ``::1/128``); a bare address is a /32 or /128."""
     networks = []
     for item in items:
@@ -117,14 +119,18 @@ def _mac(secret: bytes, role: str, expires: int, method: str, identity: str) -> 
 class Stamper:
     """Signs stamps for the balancer, remembering those of the current time bucket (bounded)."""
 
-    def __init__(self, secret: str, *, clock: Callable[[], float] = time.time, cache_size: int = 8192) -> None:
+    def __init__(
+        self, secret: str, *, clock: Callable[[], float] = time.time, cache_size: int = 8192
+    ) -> None:
         self._secret = secret.encode()
         self._clock = clock
         self._cache_size = cache_size
         self._bucket = -1
         self._cache: dict[tuple[str, str, str], tuple[tuple[str, str], tuple[str, str]]] = {}
 
-    def stamp(self, identity: str, method: str, *, operator: bool = False) -> tuple[tuple[str, str], tuple[str, str]]:
+    def stamp(
+        self, identity: str, method: str, *, operator: bool = False
+    ) -> tuple[tuple[str, str], tuple[str, str]]:
         """The two metadata entries to send with a call of ``method`` made for ``identity``."""
         bucket = int(self._clock()) // STAMP_BUCKET
         if bucket != self._bucket:
@@ -135,7 +141,9 @@ class Stamper:
         entries = self._cache.get(key)
         if entries is None:
             expires = (bucket + 1) * STAMP_BUCKET + STAMP_TTL
-            signature = f"{VERSION};{role};{expires};{_mac(self._secret, role, expires, method, identity)}"
+            signature = (
+                f"{VERSION};{role};{expires};{_mac(self._secret, role, expires, method, identity)}"
+            )
             entries = ((IDENTITY, identity), (IDENTITY_SIG, signature))
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
@@ -148,15 +156,23 @@ def verify(secret: str, identity: str, signature: str, method: str, now: float) 
     parts = signature.split(";")
     # ASCII digits only, and few: str.isdigit() also accepts "²" (which int() refuses) and
     # int() refuses more than 4300 digits; either would escape as a traceback, not a status.
-    if (len(parts) != 4 or parts[0] != VERSION or parts[1] not in ROLES
-            or not _EXPIRES.fullmatch(parts[2])):
+    if (
+        len(parts) != 4
+        or parts[0] != VERSION
+        or parts[1] not in ROLES
+        or not _EXPIRES.fullmatch(parts[2])
+    ):
         raise StampError("malformed identity stamp")
     role, expires = parts[1], int(parts[2])
     expected = _mac(secret.encode(), role, expires, method, identity)
     if not hmac.compare_digest(expected, parts[3]):
-        raise StampError("identity stamp signature does not verify (HASHMESH_IDENTITY_SECRET differs?)")
+        raise StampError(
+            "identity stamp signature does not verify (HASHMESH_IDENTITY_SECRET differs?)"
+        )
     if expires < now:
-        raise StampError("identity stamp expired (are the balancer's and replica's clocks in sync?)")
+        raise StampError(
+            "identity stamp expired (are the balancer's and replica's clocks in sync?)"
+        )
     if expires > now + STAMP_TTL + STAMP_BUCKET + MAX_CLOCK_SKEW:
         raise StampError("identity stamp expires too far ahead (clock skew?)")
     if not valid_identity(identity):

@@ -40,11 +40,41 @@ from prometheus_client.registry import Collector, CollectorRegistry
 log = logging.getLogger(__name__)
 
 # Latency buckets from 0.5 ms (cached sha256) to 60 s (argon2 under load, long streams).
-RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-               10.0, 30.0, 60.0)
+RPC_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 # Submit→final covers queueing: seconds to hours.
-TASK_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
-                4 * 3600.0)
+TASK_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    4 * 3600.0,
+)
 
 UNKNOWN = "unknown"
 
@@ -164,6 +194,7 @@ def set_queue_depth(counts: Mapping[str, int]) -> None:
 
 # --- gRPC server interceptor -----------------------------------------------------------------
 
+
 def mesh_method_names() -> frozenset[str]:
     """Full method names (``/pkg.Service/Method``) of every service a hashmesh daemon serves:
     the hashmesh.v1 protos, grpc.health.v1 and server reflection. The bound on label values."""
@@ -196,8 +227,13 @@ class _MethodMetrics:
 
     @classmethod
     def bind(cls, service: str, method: str) -> _MethodMetrics:
-        return cls(service, method, GRPC_HANDLING_SECONDS.labels(service, method),
-                   GRPC_IN_FLIGHT.labels(service, method), {})
+        return cls(
+            service,
+            method,
+            GRPC_HANDLING_SECONDS.labels(service, method),
+            GRPC_IN_FLIGHT.labels(service, method),
+            {},
+        )
 
     def done(self, code: grpc.StatusCode, started: float) -> None:
         self.latency.observe(time.perf_counter() - started)
@@ -249,7 +285,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         return self.wrap(handler_call_details.method, await continuation(handler_call_details))
 
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler | None
+    ) -> grpc.RpcMethodHandler | None:
         """The instrumented ``handler`` of ``method``, cached for known methods while the
         same handler object comes back (a different one, e.g. a refusal, is wrapped anew).
         Also for servers that build handlers themselves (the balancer's generic proxy
@@ -288,14 +326,22 @@ def _wrap(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> grpc.RpcMe
             metrics.done(final_code(context, None), started)
             return result
 
-        factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
-                   else grpc.stream_unary_rpc_method_handler)
-        return factory(unary_response, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(
+            unary_response,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     inner_stream = handler.unary_stream or handler.stream_stream
 
-    async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream_response(
+        request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         started = time.perf_counter()
         metrics.in_flight.inc()
         try:
@@ -310,13 +356,20 @@ def _wrap(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> grpc.RpcMe
             raise
         metrics.done(final_code(context, None), started)
 
-    factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
-               else grpc.stream_stream_rpc_method_handler)
-    return factory(stream_response, request_deserializer=handler.request_deserializer,
-                   response_serializer=handler.response_serializer)
+    factory = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return factory(
+        stream_response,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 # --- database pools --------------------------------------------------------------------------
+
 
 class PoolCollector(Collector):
     """Reads ``AsyncConnectionPool.get_stats()`` at scrape time for every watched pool.
@@ -327,25 +380,55 @@ class PoolCollector(Collector):
     GAUGES = (
         ("pool_size", "hashmesh_db_pool_connections", "Connections the pool holds or is opening."),
         ("pool_available", "hashmesh_db_pool_idle_connections", "Idle connections in the pool."),
-        ("pool_max", "hashmesh_db_pool_max_connections", "Most connections the pool may open "
-         "(HASHMESH_DB_POOL_MAX)."),
-        ("requests_waiting", "hashmesh_db_pool_waiting_requests", "Callers waiting for a "
-         "connection right now."),
+        (
+            "pool_max",
+            "hashmesh_db_pool_max_connections",
+            "Most connections the pool may open (HASHMESH_DB_POOL_MAX).",
+        ),
+        (
+            "requests_waiting",
+            "hashmesh_db_pool_waiting_requests",
+            "Callers waiting for a connection right now.",
+        ),
     )
     COUNTERS = (
         ("requests_num", "hashmesh_db_pool_requests", "Connections requested from the pool.", 1.0),
-        ("requests_queued", "hashmesh_db_pool_requests_queued", "Requests that had to wait for a "
-         "connection.", 1.0),
-        ("requests_errors", "hashmesh_db_pool_request_errors", "Requests that failed (timed out "
-         "waiting, or the pool was closed).", 1.0),
-        ("requests_wait_ms", "hashmesh_db_pool_request_wait_seconds", "Time spent waiting for a "
-         "connection, summed.", 0.001),
-        ("connections_errors", "hashmesh_db_pool_connection_errors", "Failed attempts to open a "
-         "connection.", 1.0),
-        ("connections_lost", "hashmesh_db_pool_connections_lost", "Connections found broken "
-         "by a check.", 1.0),
-        ("returns_bad", "hashmesh_db_pool_returns_bad", "Connections returned in a bad state "
-         "and discarded.", 1.0),
+        (
+            "requests_queued",
+            "hashmesh_db_pool_requests_queued",
+            "Requests that had to wait for a connection.",
+            1.0,
+        ),
+        (
+            "requests_errors",
+            "hashmesh_db_pool_request_errors",
+            "Requests that failed (timed out waiting, or the pool was closed).",
+            1.0,
+        ),
+        (
+            "requests_wait_ms",
+            "hashmesh_db_pool_request_wait_seconds",
+            "Time spent waiting for a connection, summed.",
+            0.001,
+        ),
+        (
+            "connections_errors",
+            "hashmesh_db_pool_connection_errors",
+            "Failed attempts to open a connection.",
+            1.0,
+        ),
+        (
+            "connections_lost",
+            "hashmesh_db_pool_connections_lost",
+            "Connections found broken by a check.",
+            1.0,
+        ),
+        (
+            "returns_bad",
+            "hashmesh_db_pool_returns_bad",
+            "Connections returned in a bad state and discarded.",
+            1.0,
+        ),
     )
 
     def __init__(self) -> None:
@@ -410,6 +493,7 @@ def unwatch_pool(pool: Any) -> None:
 
 # --- the endpoint ----------------------------------------------------------------------------
 
+
 @dataclass
 class MetricsServer:
     """A running /metrics endpoint (a daemon thread of prometheus-client)."""
@@ -429,8 +513,9 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def start_metrics_server(port: int, host: str = "0.0.0.0",
-                         registry: CollectorRegistry = REGISTRY) -> MetricsServer:
+def start_metrics_server(
+    port: int, host: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY
+) -> MetricsServer:
     """Serve ``/metrics`` on ``host:port`` in a background thread; port 0 picks a free one
     (read it from ``.port``). Also records the build version once."""
     try:

@@ -293,4 +293,3 @@ class GrpcServer:
         """NOT_SERVING first, then refuse new calls and give in-flight ones ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-

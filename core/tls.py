@@ -64,14 +64,17 @@ class ServerTls:
         client_ca = env_optional("TLS_CLIENT_CA_FILE")
         if cert is None and key is None:
             if client_ca is not None:
-                raise SettingsError("HASHMESH_TLS_CLIENT_CA_FILE needs HASHMESH_TLS_CERT_FILE and "
-                                    "HASHMESH_TLS_KEY_FILE")
+                raise SettingsError(
+                    "HASHMESH_TLS_CLIENT_CA_FILE needs HASHMESH_TLS_CERT_FILE and "
+                    "HASHMESH_TLS_KEY_FILE"
+                )
             return None
         return cls(cert_file=cert or "", key_file=key or "", client_ca_file=client_ca)
 
     @staticmethod
-    def with_flags(current: ServerTls | None, cert: str | None, key: str | None,
-                   client_ca: str | None) -> ServerTls | None:
+    def with_flags(
+        current: ServerTls | None, cert: str | None, key: str | None, client_ca: str | None
+    ) -> ServerTls | None:
         """Apply ``--tls-cert/--tls-key/--tls-client-ca`` over ``current`` (from the
         environment): each flag given replaces its variable."""
         if cert is None and key is None and client_ca is None:
@@ -86,7 +89,11 @@ class ServerTls:
     def _material(self) -> tuple[bytes, bytes, bytes | None]:
         key = _read(self.key_file, "HASHMESH_TLS_KEY_FILE")
         cert = _read(self.cert_file, "HASHMESH_TLS_CERT_FILE")
-        roots = _read(self.client_ca_file, "HASHMESH_TLS_CLIENT_CA_FILE") if self.client_ca_file else None
+        roots = (
+            _read(self.client_ca_file, "HASHMESH_TLS_CLIENT_CA_FILE")
+            if self.client_ca_file
+            else None
+        )
         return key, cert, roots
 
     def _certificate_configuration(self) -> Any:
@@ -99,10 +106,14 @@ class ServerTls:
         read again on a new handshake after any of them changed."""
         if not reload:
             key, cert, roots = self._material()
-            return grpc.ssl_server_credentials([(key, cert)], root_certificates=roots,
-                                               require_client_auth=self.mutual)
-        return grpc.dynamic_ssl_server_credentials(self._certificate_configuration(), _Reloader(self),
-                                                   require_client_authentication=self.mutual)
+            return grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=roots, require_client_auth=self.mutual
+            )
+        return grpc.dynamic_ssl_server_credentials(
+            self._certificate_configuration(),
+            _Reloader(self),
+            require_client_authentication=self.mutual,
+        )
 
 
 class _Reloader:
@@ -160,8 +171,9 @@ class ClientTls:
 
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
-            raise SettingsError("HASHMESH_TLS_CLIENT_CERT_FILE and HASHMESH_TLS_CLIENT_KEY_FILE "
-                                "go together")
+            raise SettingsError(
+                "HASHMESH_TLS_CLIENT_CERT_FILE and HASHMESH_TLS_CLIENT_KEY_FILE go together"
+            )
 
     @classmethod
     def from_env(cls) -> ClientTls | None:
@@ -181,15 +193,18 @@ class ClientTls:
         roots = _read(self.ca_file, "HASHMESH_TLS_CA_FILE") if self.ca_file else None
         key = _read(self.key_file, "HASHMESH_TLS_CLIENT_KEY_FILE") if self.key_file else None
         cert = _read(self.cert_file, "HASHMESH_TLS_CLIENT_CERT_FILE") if self.cert_file else None
-        return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key,
-                                            certificate_chain=cert)
+        return grpc.ssl_channel_credentials(
+            root_certificates=roots, private_key=key, certificate_chain=cert
+        )
 
     def channel_options(self) -> list[tuple[str, Any]]:
         """Options to pass with the credentials (the server-name override, when set)."""
         if self.server_name is None:
             return []
-        return [("grpc.ssl_target_name_override", self.server_name),
-                ("grpc.default_authority", self.server_name)]
+        return [
+            ("grpc.ssl_target_name_override", self.server_name),
+            ("grpc.default_authority", self.server_name),
+        ]
 
 
 @dataclass(frozen=True)
@@ -209,10 +224,13 @@ class TlsSettings:
         return self.server.credentials() if self.server is not None else None
 
 
-def secure_channel(target: str, tls: ClientTls | None, *,
-                   options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
+def secure_channel(
+    target: str, tls: ClientTls | None, *, options: list[tuple[str, Any]] | None = None
+) -> grpc.aio.Channel:
     """A grpc.aio channel to ``target``: TLS when ``tls`` is given, plaintext otherwise."""
     opts = list(options or [])
     if tls is None:
         return grpc.aio.insecure_channel(target, options=opts)
-    return grpc.aio.secure_channel(target, tls.credentials(), options=[*opts, *tls.channel_options()])
+    return grpc.aio.secure_channel(
+        target, tls.credentials(), options=[*opts, *tls.channel_options()]
+    )

@@ -71,20 +71,34 @@ def _unpack_metadata(data: bytes, offset: int, count: int) -> tuple[Metadata, in
     for _ in range(count):
         key_length, value_length = _ENTRY.unpack_from(data, offset)
         offset += size
-        key = data[offset:offset + key_length].decode()
+        key = data[offset : offset + key_length].decode()
         offset += key_length
-        raw = data[offset:offset + value_length]
+        raw = data[offset : offset + value_length]
         offset += value_length
         entries.append((key, raw if key.endswith("-bin") else raw.decode()))
     return tuple(entries), offset
 
 
-def encode_call(call_id: int, method: str, metadata: Sequence[tuple[str, str | bytes]],
-                timeout: float | None, payload: bytes) -> bytes:
+def encode_call(
+    call_id: int,
+    method: str,
+    metadata: Sequence[tuple[str, str | bytes]],
+    timeout: float | None,
+    payload: bytes,
+) -> bytes:
     raw_method = method.encode()
     # A deadline already passed is 0 (expired), never negative (which would mean none).
-    parts = [_CALL.pack(call_id, CALL, -1.0 if timeout is None else max(timeout, 0.0), len(raw_method),
-                        len(metadata), len(payload)), raw_method]
+    parts = [
+        _CALL.pack(
+            call_id,
+            CALL,
+            -1.0 if timeout is None else max(timeout, 0.0),
+            len(raw_method),
+            len(metadata),
+            len(payload),
+        ),
+        raw_method,
+    ]
     _pack_metadata(parts, metadata)
     parts.append(payload)
     return b"".join(parts)
@@ -97,8 +111,15 @@ def encode_cancel(call_id: int) -> bytes:
 class CallFrame:
     __slots__ = ("call_id", "kind", "metadata", "method", "payload", "timeout")
 
-    def __init__(self, call_id: int, kind: int, timeout: float | None, method: str,
-                 metadata: Metadata, payload: bytes) -> None:
+    def __init__(
+        self,
+        call_id: int,
+        kind: int,
+        timeout: float | None,
+        method: str,
+        metadata: Metadata,
+        payload: bytes,
+    ) -> None:
         self.call_id = call_id
         self.kind = kind
         self.timeout = timeout
@@ -111,12 +132,14 @@ def decode_calls(data: bytes) -> Iterator[CallFrame]:
     offset, end = 0, len(data)
     try:
         while offset < end:
-            call_id, kind, timeout, method_length, count, payload_length = _CALL.unpack_from(data, offset)
+            call_id, kind, timeout, method_length, count, payload_length = _CALL.unpack_from(
+                data, offset
+            )
             offset += _CALL.size
-            method = data[offset:offset + method_length].decode()
+            method = data[offset : offset + method_length].decode()
             offset += method_length
             metadata, offset = _unpack_metadata(data, offset, count)
-            payload = data[offset:offset + payload_length]
+            payload = data[offset : offset + payload_length]
             offset += payload_length
             if offset > end or kind not in (CALL, CANCEL):
                 raise MalformedFrame("truncated or unknown tunnel frame")
@@ -132,8 +155,15 @@ class Reply:
 
     __slots__ = ("call_id", "code", "details", "initial", "payload", "trailing")
 
-    def __init__(self, call_id: int, code: grpc.StatusCode, details: str, initial: Metadata,
-                 trailing: Metadata, payload: bytes) -> None:
+    def __init__(
+        self,
+        call_id: int,
+        code: grpc.StatusCode,
+        details: str,
+        initial: Metadata,
+        trailing: Metadata,
+        payload: bytes,
+    ) -> None:
         self.call_id = call_id
         self.code = code
         self.details = details
@@ -144,8 +174,17 @@ class Reply:
 
 def encode_reply(reply: Reply) -> bytes:
     raw_details = reply.details.encode()
-    parts = [_REPLY.pack(reply.call_id, reply.code.value[0], len(raw_details), len(reply.initial),
-                         len(reply.trailing), len(reply.payload)), raw_details]
+    parts = [
+        _REPLY.pack(
+            reply.call_id,
+            reply.code.value[0],
+            len(raw_details),
+            len(reply.initial),
+            len(reply.trailing),
+            len(reply.payload),
+        ),
+        raw_details,
+    ]
     _pack_metadata(parts, reply.initial)
     _pack_metadata(parts, reply.trailing)
     parts.append(reply.payload)
@@ -157,18 +196,25 @@ def decode_replies(data: bytes) -> Iterator[Reply]:
     try:
         while offset < end:
             call_id, code, details_length, initial_count, trailing_count, payload_length = (
-                _REPLY.unpack_from(data, offset))
+                _REPLY.unpack_from(data, offset)
+            )
             offset += _REPLY.size
-            details = data[offset:offset + details_length].decode()
+            details = data[offset : offset + details_length].decode()
             offset += details_length
             initial, offset = _unpack_metadata(data, offset, initial_count)
             trailing, offset = _unpack_metadata(data, offset, trailing_count)
-            payload = data[offset:offset + payload_length]
+            payload = data[offset : offset + payload_length]
             offset += payload_length
             if offset > end:
                 raise MalformedFrame("truncated tunnel reply")
-            yield Reply(call_id, _CODES.get(code, grpc.StatusCode.UNKNOWN), details, initial, trailing,
-                        payload)
+            yield Reply(
+                call_id,
+                _CODES.get(code, grpc.StatusCode.UNKNOWN),
+                details,
+                initial,
+                trailing,
+                payload,
+            )
     except (struct.error, UnicodeDecodeError) as exc:
         raise MalformedFrame(f"malformed tunnel reply: {exc}") from exc
 
@@ -186,7 +232,9 @@ class TunnelContext:
     """What a unary handler sees of its call when it came through the tunnel: the subset of
     ``grpc.aio.ServicerContext`` a unary handler uses, with the stream's peer and auth."""
 
-    def __init__(self, stream: grpc.aio.ServicerContext, metadata: Metadata, timeout: float | None) -> None:
+    def __init__(
+        self, stream: grpc.aio.ServicerContext, metadata: Metadata, timeout: float | None
+    ) -> None:
         self._stream = stream
         self._metadata = metadata
         self._deadline = None if timeout is None else time.monotonic() + timeout
@@ -235,8 +283,12 @@ class TunnelContext:
     def details(self) -> str:
         return self._details
 
-    async def abort(self, code: grpc.StatusCode, details: str = "",
-                    trailing_metadata: Sequence[tuple[str, str | bytes]] = ()) -> None:
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str = "",
+        trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
+    ) -> None:
         if code is grpc.StatusCode.OK:
             code = grpc.StatusCode.UNKNOWN  # as grpc.aio does: abort never means success
         self._code = code
@@ -259,8 +311,14 @@ class TunnelContext:
 
     def reply(self, call_id: int, payload: bytes) -> Reply:
         code = self._code or grpc.StatusCode.OK
-        return Reply(call_id, code, self._details, self._initial, self._trailing,
-                     payload if code is grpc.StatusCode.OK else b"")
+        return Reply(
+            call_id,
+            code,
+            self._details,
+            self._initial,
+            self._trailing,
+            payload if code is grpc.StatusCode.OK else b"",
+        )
 
 
 class _Recorder:
@@ -269,7 +327,9 @@ class _Recorder:
     def __init__(self, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         self._handlers = handlers
 
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
         for name, handler in handlers.items():
             self._handlers[f"/{service}/{name}"] = handler
 
@@ -285,7 +345,9 @@ class TunnelServer(grpc.GenericRpcHandler):  # type: ignore[misc]
     """The replica's end: answers ``TUNNEL_METHOD`` by running each frame's unary method
     through ``interceptors`` (outermost first) and the handler ``record`` saw registered."""
 
-    def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor], max_message_bytes: int) -> None:
+    def __init__(
+        self, interceptors: Sequence[grpc.aio.ServerInterceptor], max_message_bytes: int
+    ) -> None:
         self._interceptors = tuple(interceptors)
         self.max_reply_bytes = max_message_bytes
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -301,11 +363,14 @@ class TunnelServer(grpc.GenericRpcHandler):  # type: ignore[misc]
         interceptors = self._interceptors
         handlers = self._handlers
 
-        async def continue_at(index: int, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        async def continue_at(
+            index: int, details: grpc.HandlerCallDetails
+        ) -> grpc.RpcMethodHandler | None:
             if index == len(interceptors):
                 return handlers.get(details.method)
             return await interceptors[index].intercept_service(
-                functools.partial(continue_at, index + 1), details)
+                functools.partial(continue_at, index + 1), details
+            )
 
         if handlers.get(method) is None:
             return None
@@ -329,7 +394,9 @@ class TunnelServer(grpc.GenericRpcHandler):  # type: ignore[misc]
         try:
             handler = await self._resolve(frame.method, frame.metadata)
             if handler is None or handler.unary_unary is None:
-                return Reply(frame.call_id, grpc.StatusCode.UNIMPLEMENTED, "Method not found!", (), (), b"")
+                return Reply(
+                    frame.call_id, grpc.StatusCode.UNIMPLEMENTED, "Method not found!", (), (), b""
+                )
             deserialize = handler.request_deserializer
             request = deserialize(frame.payload) if deserialize is not None else frame.payload
             async with asyncio.timeout(frame.timeout):
@@ -340,11 +407,19 @@ class TunnelServer(grpc.GenericRpcHandler):  # type: ignore[misc]
         except grpc.aio.AbortError:
             return context.reply(frame.call_id, b"")
         except TimeoutError:
-            return Reply(frame.call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", (), (), b"")
+            return Reply(
+                frame.call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", (), (), b""
+            )
         except Exception:
             log.exception("tunnelled call failed", extra={"method": frame.method})
-            return Reply(frame.call_id, grpc.StatusCode.UNKNOWN, "Unexpected error in the tunnelled call",
-                         (), (), b"")
+            return Reply(
+                frame.call_id,
+                grpc.StatusCode.UNKNOWN,
+                "Unexpected error in the tunnelled call",
+                (),
+                (),
+                b"",
+            )
 
 
 class _Session:
@@ -368,12 +443,27 @@ class _Session:
                         if task is not None:
                             task.cancel()
                     elif frame.call_id in self._calls:  # one task per id: the cap below holds
-                        self._send(Reply(frame.call_id, grpc.StatusCode.ALREADY_EXISTS,
-                                         "a call with this id is still running on this tunnel", (), (), b""))
+                        self._send(
+                            Reply(
+                                frame.call_id,
+                                grpc.StatusCode.ALREADY_EXISTS,
+                                "a call with this id is still running on this tunnel",
+                                (),
+                                (),
+                                b"",
+                            )
+                        )
                     elif len(self._calls) >= MAX_CALLS_PER_TUNNEL:
-                        self._send(Reply(frame.call_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                         f"more than {MAX_CALLS_PER_TUNNEL} calls in flight on one tunnel",
-                                         (), (), b""))
+                        self._send(
+                            Reply(
+                                frame.call_id,
+                                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"more than {MAX_CALLS_PER_TUNNEL} calls in flight on one tunnel",
+                                (),
+                                (),
+                                b"",
+                            )
+                        )
                     else:
                         self._calls[frame.call_id] = loop.create_task(self._call(frame))
         except MalformedFrame as exc:
@@ -386,8 +476,16 @@ class _Session:
             reply = await self._server.run(frame, self._context)
             encoded = encode_reply(reply)
             if len(encoded) > self._server.max_reply_bytes:  # would break the whole stream
-                encoded = encode_reply(Reply(frame.call_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                             "response larger than the message size limit", (), (), b""))
+                encoded = encode_reply(
+                    Reply(
+                        frame.call_id,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "response larger than the message size limit",
+                        (),
+                        (),
+                        b"",
+                    )
+                )
             self._outbox.append(encoded)
             self._wake.set()
         except asyncio.CancelledError:

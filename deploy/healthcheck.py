@@ -75,7 +75,8 @@ def check_grpc(target: str, service: str, timeout: float) -> int:
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError as err:
             print(f"{target}: {err.code().name}", file=sys.stderr)
             return 1
@@ -102,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hashmesh-healthcheck")
     parser.add_argument("target", nargs="?", default=os.environ.get("HASHMESH_HEALTH_TARGET"))
     parser.add_argument("--service", default="", help="service name; empty: the whole server")
-    parser.add_argument("--liveness", action="store_true",
-                        help=f"ask {LIVENESS_SERVICE!r}: alive, whether or not it can serve")
+    parser.add_argument(
+        "--liveness",
+        action="store_true",
+        help=f"ask {LIVENESS_SERVICE!r}: alive, whether or not it can serve",
+    )
     parser.add_argument("--timeout", type=float, default=2.0)
     args = parser.parse_args(argv)
     service = LIVENESS_SERVICE if args.liveness else args.service

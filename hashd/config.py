@@ -109,15 +109,21 @@ class HashdSettings:
             raise SettingsError(
                 f"a memory limit of {self.resources.memory_bytes // 2**20} MiB cannot hold "
                 f"{self.cpu_workers} argon2 calls of {low // 1024} MiB at once: raise the limit or "
-                "lower HASHMESH_HASHD_CPU_WORKERS")
+                "lower HASHMESH_HASHD_CPU_WORKERS"
+            )
         explicit = self.argon2_max_memory_kib
         if explicit is not None and not low <= explicit <= high:
-            raise SettingsError(f"HASHMESH_HASHD_ARGON2_MAX_MEMORY_KIB must be between {low} and {high}")
-        if explicit is not None and explicit > self.resources.argon2_memory_kib(self.cpu_workers, explicit):
+            raise SettingsError(
+                f"HASHMESH_HASHD_ARGON2_MAX_MEMORY_KIB must be between {low} and {high}"
+            )
+        if explicit is not None and explicit > self.resources.argon2_memory_kib(
+            self.cpu_workers, explicit
+        ):
             raise SettingsError(
                 f"HASHMESH_HASHD_ARGON2_MAX_MEMORY_KIB={explicit} x HASHMESH_HASHD_CPU_WORKERS="
                 f"{self.cpu_workers} does not fit the memory limit of "
-                f"{self.resources.memory_bytes // 2**20} MiB (at most {derived} KiB fits)")
+                f"{self.resources.memory_bytes // 2**20} MiB (at most {derived} KiB fits)"
+            )
         if self.cpu_queue < 0:
             raise SettingsError("HASHMESH_HASHD_CPU_QUEUE must be >= 0")
         if self.max_message_bytes < 1024:
@@ -129,7 +135,9 @@ class HashdSettings:
         ):
             raise SettingsError("HASHMESH_MAX_PRIORITY and HASHMESH_PRIORITY_OVERRIDES: -100..100")
         if self.identity_secret and len(self.identity_secret) < MIN_SECRET_LENGTH:
-            raise SettingsError(f"HASHMESH_IDENTITY_SECRET must be at least {MIN_SECRET_LENGTH} characters")
+            raise SettingsError(
+                f"HASHMESH_IDENTITY_SECRET must be at least {MIN_SECRET_LENGTH} characters"
+            )
         if self.idempotency_window_seconds <= 0:
             raise SettingsError("HASHMESH_IDEMPOTENCY_WINDOW_SECONDS must be positive")
         if self.queue_metrics_seconds <= 0:

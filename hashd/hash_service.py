@@ -131,7 +131,9 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """Whose cache entries a call may read: resolved here, and only for a cacheable
         request, so that uncached digests (the hot path) skip the stamp check."""
-        return self._callers.resolve(HASH_METHOD, context.peer(), context.invocation_metadata()).identity
+        return self._callers.resolve(
+            HASH_METHOD, context.peer(), context.invocation_metadata()
+        ).identity
 
     async def ComputeHash(
         self, request: hash_pb2.HashRequest, context: grpc.aio.ServicerContext
@@ -180,7 +182,9 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
 
     Hash = ComputeHash  # the deprecated name
 
-    def _checked(self, request: hash_pb2.HashRequest) -> tuple[Algorithm, algorithms.Argon2Params | None]:
+    def _checked(
+        self, request: hash_pb2.HashRequest
+    ) -> tuple[Algorithm, algorithms.Argon2Params | None]:
         """The algorithm and argon2 parameters of ``request``, or every bad field at once.
         (Off the fast path: a valid digest request never comes here.)"""
         violations = Violations()
@@ -248,7 +252,9 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         if not request.encoded:
             raise InvalidArgument("encoded", "is required")
         if len(request.encoded) > algorithms.MAX_PHC_LENGTH:  # a PHC string or a hex digest
-            raise InvalidArgument("encoded", f"must be at most {algorithms.MAX_PHC_LENGTH} characters")
+            raise InvalidArgument(
+                "encoded", f"must be at most {algorithms.MAX_PHC_LENGTH} characters"
+            )
         if len(request.data) > self._max_input:
             raise input_too_large("data", len(request.data), self._max_input)
         if request.algorithm == common_pb2.ALGORITHM_UNSPECIFIED and request.encoded.startswith(
@@ -260,7 +266,10 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         if algorithm is Algorithm.ARGON2ID:
             algorithms.validate_phc(request.encoded, memory_limit_kib=self._argon2_memory_kib)
             match, rehash = await self._executor.run(
-                algorithms.argon2id_verify, request.encoded, request.data, deadline=_deadline(context)
+                algorithms.argon2id_verify,
+                request.encoded,
+                request.data,
+                deadline=_deadline(context),
             )
             return hash_pb2.VerifyResponse(match=match, needs_rehash=rehash)
         return hash_pb2.VerifyResponse(

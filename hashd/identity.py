@@ -74,8 +74,10 @@ def client_of(requested: str, caller: Caller) -> str:
     """The client a submission is stored under: always the caller's identity. A request's
     ``client_id`` may only repeat it (PERMISSION_DENIED otherwise), operators included."""
     if requested and requested != caller.identity:
-        raise PermissionDenied(f"client_id {requested!r} is not the caller ({caller.identity!r}); leave it empty",
-                               reason="CLIENT_ID_NOT_CALLER")
+        raise PermissionDenied(
+            f"client_id {requested!r} is not the caller ({caller.identity!r}); leave it empty",
+            reason="CLIENT_ID_NOT_CALLER",
+        )
     return caller.identity
 
 
@@ -84,20 +86,27 @@ def list_scope(requested: str, caller: Caller) -> str | None:
     if caller.operator:
         return requested or None
     if requested and requested != caller.identity:
-        raise PermissionDenied(f"client_id {requested!r} is not the caller ({caller.identity!r}); only an "
-                               "operator lists other clients' tasks", reason="CLIENT_ID_NOT_CALLER")
+        raise PermissionDenied(
+            f"client_id {requested!r} is not the caller ({caller.identity!r}); only an "
+            "operator lists other clients' tasks",
+            reason="CLIENT_ID_NOT_CALLER",
+        )
     return caller.identity
 
 
 class CallerResolver:
     """Turns (method, peer, metadata) into a ``Caller``; pure, with an injectable clock."""
 
-    def __init__(self, secret: str, admin_token: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, secret: str, admin_token: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self._secret = secret
         self._admin_token = admin_token
         self._clock = clock
 
-    def resolve(self, method: str, peer: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> Caller:
+    def resolve(
+        self, method: str, peer: str, metadata: Sequence[tuple[str, str | bytes]] | None
+    ) -> Caller:
         identity = signature = None
         for key, value in metadata or ():
             if key == IDENTITY_SIG:
@@ -106,8 +115,10 @@ class CallerResolver:
                 identity = value
         if signature is not None:
             if not self._secret:
-                raise Unauthenticated("this replica has no HASHMESH_IDENTITY_SECRET: it cannot accept an identity stamp",
-                                      reason="IDENTITY_STAMP_INVALID")
+                raise Unauthenticated(
+                    "this replica has no HASHMESH_IDENTITY_SECRET: it cannot accept an identity stamp",
+                    reason="IDENTITY_STAMP_INVALID",
+                )
             if not isinstance(signature, str) or not isinstance(identity, str):
                 raise Unauthenticated("malformed identity stamp", reason="IDENTITY_STAMP_INVALID")
             try:
@@ -118,8 +129,10 @@ class CallerResolver:
         bearer = bearer_token(metadata)
         if bearer is not None and self._admin_token:
             if not token_matches(bearer, self._admin_token):
-                raise Unauthenticated("wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)",
-                                      reason="ADMIN_TOKEN_INVALID")
+                raise Unauthenticated(
+                    "wrong admin token (authorization: Bearer <HASHMESH_ADMIN_TOKEN>)",
+                    reason="ADMIN_TOKEN_INVALID",
+                )
             operator = True
         return Caller(address_identity(host_of(peer)), operator=operator)
 
@@ -162,10 +175,16 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await enter(context)
                 return await inner(request, context)
 
-            factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
-                       else grpc.stream_unary_rpc_method_handler)
-            return factory(unary, request_deserializer=handler.request_deserializer,
-                           response_serializer=handler.response_serializer)
+            factory = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary
+                else grpc.stream_unary_rpc_method_handler
+            )
+            return factory(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
 
         inner_stream = handler.unary_stream or handler.stream_stream
 
@@ -174,7 +193,13 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             async for item in inner_stream(request, context):
                 yield item
 
-        factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
-                   else grpc.stream_stream_rpc_method_handler)
-        return factory(stream, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream
+            else grpc.stream_stream_rpc_method_handler
+        )
+        return factory(
+            stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -55,8 +55,13 @@ class Hashd:
         self.grpc.add(
             add_hash_service,
             hash_pb2.DESCRIPTOR.services_by_name["HashService"].full_name,
-            HashService(self.executor, self.cache, max_input_bytes=settings.max_message_bytes,
-                        callers=callers, argon2_memory_kib=settings.argon2_memory_limit_kib),
+            HashService(
+                self.executor,
+                self.cache,
+                max_input_bytes=settings.max_message_bytes,
+                callers=callers,
+                argon2_memory_kib=settings.argon2_memory_limit_kib,
+            ),
         )
         self.grpc.add(
             cache_pb2_grpc.add_CacheServiceServicer_to_server,

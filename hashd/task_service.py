@@ -219,7 +219,9 @@ def decode_page_token(token: str, filters: ListFilter) -> ListCursor | None:
     return cursor
 
 
-def stats_to_wire(stats: QueueStats, *, with_workers: bool = True) -> task_pb2.GetQueueStatsResponse:
+def stats_to_wire(
+    stats: QueueStats, *, with_workers: bool = True
+) -> task_pb2.GetQueueStatsResponse:
     reply = task_pb2.GetQueueStatsResponse(
         counts=[
             task_pb2.StatusCount(status=STATUS_TO_WIRE[s], count=n) for s, n in stats.counts.items()
@@ -277,7 +279,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         self._submitter = SubmitCoalescer(store.submit_many, max_tasks=MAX_BATCH)
         # Without a configured secret (unit tests: the daemon requires one) a per-process key.
         self._keys = IdempotencyGuard(
-            store, settings.identity_secret or secrets.token_hex(32),
+            store,
+            settings.identity_secret or secrets.token_hex(32),
             window_seconds=settings.idempotency_window_seconds,
         )
 
@@ -319,11 +322,15 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             limit = self._settings.max_message_bytes
             if len(spec.data) > limit:
                 advice = "a task input is held to the unary limit; hash it with HashStream"
-                violations.include(InputTooLarge(f"{name}.data", len(spec.data), limit, advice=advice))
+                violations.include(
+                    InputTooLarge(f"{name}.data", len(spec.data), limit, advice=advice)
+                )
             with violations.check():
                 validated.append(
                     validate_spec(
-                        spec, field=name, default_max_attempts=self._settings.default_max_attempts,
+                        spec,
+                        field=name,
+                        default_max_attempts=self._settings.default_max_attempts,
                         argon2_memory_kib=self._settings.argon2_memory_limit_kib,
                     )
                 )
@@ -346,7 +353,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         self._require_database()
         names = [field if field == "spec" else f"{field}[{i}]" for i in range(len(tasks))]
         await self._keys.check(tasks, names, client_id)
-        costs = [0 if t.cached_result else task_cost(t.algorithm, t.params, len(t.data)) for t in tasks]
+        costs = [
+            0 if t.cached_result else task_cost(t.algorithm, t.params, len(t.data)) for t in tasks
+        ]
         queued = sum(1 for t in tasks if t.cached_result is None)
         await self.limits.admit(client_id, queued, sum(costs))
         answers = await self._submitter.submit(tasks)
@@ -354,8 +363,11 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         for answer in answers:  # idempotent repeats (created False) are not new submissions
             if answer.created:
                 metrics.TASKS_SUBMITTED.labels(answer.task.algorithm).inc()
-        new = [cost for a, cost in zip(answers, costs, strict=True)
-               if a.created and a.task.status is TaskStatus.PENDING]
+        new = [
+            cost
+            for a, cost in zip(answers, costs, strict=True)
+            if a.created and a.task.status is TaskStatus.PENDING
+        ]
         self.limits.accepted(client_id, len(new), sum(new))
         return [(a.task, a.created) for a in answers]
 
@@ -365,7 +377,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
         [(record, created)] = await self._submit(
-            [request.spec], client_of(self._client_id(request.client_id), current_caller()),
+            [request.spec],
+            client_of(self._client_id(request.client_id), current_caller()),
             field="spec",
         )
         return task_pb2.SubmitTaskResponse(task=task_to_wire(record), created=created)
@@ -380,7 +393,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 "specs", f"at most {MAX_BATCH} tasks per batch, got {len(request.specs)}"
             )
         answers = await self._submit(
-            request.specs, client_of(self._client_id(request.client_id), current_caller()),
+            request.specs,
+            client_of(self._client_id(request.client_id), current_caller()),
             field="specs",
         )
         return task_pb2.SubmitTasksResponse(
@@ -439,7 +453,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         # Sizes first: a request of millions of packed statuses must not cost a loop over them.
         if len(request.statuses) > len(STATUS_TO_WIRE):
             raise InvalidArgument(
-                "statuses", f"at most {len(STATUS_TO_WIRE)} entries (one per status), got {len(request.statuses)}"
+                "statuses",
+                f"at most {len(STATUS_TO_WIRE)} entries (one per status), got {len(request.statuses)}",
             )
         if len(request.page_token) > MAX_PAGE_TOKEN_LENGTH:
             raise InvalidArgument("page_token", "is not a token this service issued (too long)")

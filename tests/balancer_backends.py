@@ -53,8 +53,13 @@ class Behaviour:
         if meta.get("x-test-error") == "rich":
             status = to_grpc_status(InvalidArgument("data", "rich error on purpose"))
             await context.abort(
-                status.code, status.details,
-                trailing_metadata=(*status.trailing_metadata, ("x-custom", "kept"), ("x-backend", self.name)),
+                status.code,
+                status.details,
+                trailing_metadata=(
+                    *status.trailing_metadata,
+                    ("x-custom", "kept"),
+                    ("x-backend", self.name),
+                ),
             )
         sleep = float(meta.get("x-test-sleep", "0")) + self.delay
         if sleep and method != "WatchTask":
@@ -69,14 +74,18 @@ class Behaviour:
 
 def _result(data: bytes) -> common_pb2.HashResult:
     digest = hashlib.sha256(data).digest()
-    return common_pb2.HashResult(algorithm=common_pb2.ALGORITHM_SHA256, digest=digest, encoded=digest.hex())
+    return common_pb2.HashResult(
+        algorithm=common_pb2.ALGORITHM_SHA256, digest=digest, encoded=digest.hex()
+    )
 
 
 class TestHashService(hash_pb2_grpc.HashServiceServicer):  # type: ignore[misc]
     def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
 
-    async def Hash(self, request: hash_pb2.HashRequest, context: grpc.aio.ServicerContext) -> hash_pb2.HashResponse:
+    async def Hash(
+        self, request: hash_pb2.HashRequest, context: grpc.aio.ServicerContext
+    ) -> hash_pb2.HashResponse:
         await self.behaviour.begin(context, "Hash")
         return hash_pb2.HashResponse(result=_result(request.data))
 
@@ -111,8 +120,16 @@ class TestTaskService(task_pb2_grpc.TaskServiceServicer):  # type: ignore[misc]
 async def serve(listen: str, name: str, delay: float) -> None:
     behaviour = Behaviour(name, delay)
     server = GrpcServer(listen)
-    server.add(hash_pb2_grpc.add_HashServiceServicer_to_server, "hashmesh.v1.HashService", TestHashService(behaviour))
-    server.add(task_pb2_grpc.add_TaskServiceServicer_to_server, "hashmesh.v1.TaskService", TestTaskService(behaviour))
+    server.add(
+        hash_pb2_grpc.add_HashServiceServicer_to_server,
+        "hashmesh.v1.HashService",
+        TestHashService(behaviour),
+    )
+    server.add(
+        task_pb2_grpc.add_TaskServiceServicer_to_server,
+        "hashmesh.v1.TaskService",
+        TestTaskService(behaviour),
+    )
     await server.start()
     await server.set_serving(True)
     print(f"testbackend listening on {server.address}", flush=True)

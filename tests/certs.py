@@ -35,9 +35,13 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     path.chmod(0o600)
 
 
@@ -45,10 +49,16 @@ def _write_cert(cert: x509.Certificate, path: Path) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _issue(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
-           issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool,
-           usage: x509.ObjectIdentifier | None = None,
-           names: list[x509.GeneralName] | None = None) -> x509.Certificate:
+def _issue(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    usage: x509.ObjectIdentifier | None = None,
+    names: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -62,10 +72,19 @@ def _issue(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
     )
     if ca:
         builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                          content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, encipher_only=False,
-                          decipher_only=False), critical=True)
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     if usage is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if names:
@@ -73,8 +92,9 @@ def _issue(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def make_pki(directory: Path, *, name: str = "hashmesh-test",
-             server_names: tuple[str, ...] = ("localhost",)) -> Pki:
+def make_pki(
+    directory: Path, *, name: str = "hashmesh-test", server_names: tuple[str, ...] = ("localhost",)
+) -> Pki:
     """A CA plus a server certificate (for ``server_names`` and 127.0.0.1) and a client
     certificate, written under ``directory``. Each call makes an unrelated CA."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -83,14 +103,32 @@ def make_pki(directory: Path, *, name: str = "hashmesh-test",
     server_key = ec.generate_private_key(ec.SECP256R1())
     alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
     alt_names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    server_cert = _issue(server_names[0], server_key, ca_cert.subject, ca_key, ca=False,
-                         usage=ExtendedKeyUsageOID.SERVER_AUTH, names=alt_names)
+    server_cert = _issue(
+        server_names[0],
+        server_key,
+        ca_cert.subject,
+        ca_key,
+        ca=False,
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        names=alt_names,
+    )
     client_key = ec.generate_private_key(ec.SECP256R1())
-    client_cert = _issue(f"{name} client", client_key, ca_cert.subject, ca_key, ca=False,
-                         usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    pki = Pki(ca_cert=directory / "ca.pem", ca_key=directory / "ca-key.pem",
-              server_cert=directory / "server.pem", server_key=directory / "server-key.pem",
-              client_cert=directory / "client.pem", client_key=directory / "client-key.pem")
+    client_cert = _issue(
+        f"{name} client",
+        client_key,
+        ca_cert.subject,
+        ca_key,
+        ca=False,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+    )
+    pki = Pki(
+        ca_cert=directory / "ca.pem",
+        ca_key=directory / "ca-key.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server-key.pem",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client-key.pem",
+    )
     _write_cert(ca_cert, pki.ca_cert)
     _write_key(ca_key, pki.ca_key)
     _write_cert(server_cert, pki.server_cert)

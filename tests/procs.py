@@ -19,7 +19,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-IDENTITY_SECRET = os.environ.setdefault("HASHMESH_IDENTITY_SECRET", "hashmesh-tests-identity-secret")
+IDENTITY_SECRET = os.environ.setdefault(
+    "HASHMESH_IDENTITY_SECRET", "hashmesh-tests-identity-secret"
+)
 """Every balancer and hashd a test starts inherits it (the daemons refuse to start without one);
 tests that play the balancer sign with it (``tests.stamps``)."""
 

@@ -11,16 +11,32 @@ import h2.connection
 import h2.events
 
 
-def unary(address: str, path: str, message: bytes, headers: list[tuple[bytes, bytes]],
-          *, timeout: float = 10.0) -> dict[bytes, bytes]:
+def unary(
+    address: str,
+    path: str,
+    message: bytes,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    timeout: float = 10.0,
+) -> dict[bytes, bytes]:
     """Response headers and trailers of one call (``grpc-status``, ``grpc-message``, ...)."""
     host, port = address.rsplit(":", 1)
-    config = h2.config.H2Configuration(client_side=True, header_encoding=None,
-                                       validate_outbound_headers=False, normalize_outbound_headers=False)
+    config = h2.config.H2Configuration(
+        client_side=True,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+    )
     conn = h2.connection.H2Connection(config)
     conn.initiate_connection()
-    request = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()),
-               (b":authority", address.encode()), (b"content-type", b"application/grpc"), (b"te", b"trailers")]
+    request = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path.encode()),
+        (b":authority", address.encode()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
     conn.send_headers(1, request + headers)
     conn.send_data(1, b"\x00" + struct.pack(">I", len(message)) + message, end_stream=True)
     seen: dict[bytes, bytes] = {}

@@ -26,8 +26,10 @@ class RedisServer:
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not Path(binary).exists():
-            pytest.skip("redis-server is not installed (apt-get install redis-server): "
-                        "the shared rate-limit tests need a real Redis")
+            pytest.skip(
+                "redis-server is not installed (apt-get install redis-server): "
+                "the shared rate-limit tests need a real Redis"
+            )
         self.binary = binary
         self.workdir = workdir
         self.port = port or free_port()
@@ -39,9 +41,22 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.popen = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 20
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)

@@ -26,7 +26,9 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
-def eventually(read: Callable[[], Samples], check: Callable[[Samples], bool], timeout: float = 15.0) -> Samples:
+def eventually(
+    read: Callable[[], Samples], check: Callable[[Samples], bool], timeout: float = 15.0
+) -> Samples:
     """Scrape until ``check`` holds (metrics read at scrape time may lag a call), or return
     the last scrape after ``timeout`` for the test's assertions to explain."""
     deadline = time.monotonic() + timeout

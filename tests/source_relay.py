@@ -34,9 +34,13 @@ class SourceRelay:
         self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
 
-    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+    async def _relay(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
         try:
-            reader, writer = await asyncio.open_connection(*self._target, local_addr=(self.source, 0))
+            reader, writer = await asyncio.open_connection(
+                *self._target, local_addr=(self.source, 0)
+            )
         except OSError:
             client_writer.close()
             return
@@ -61,8 +65,12 @@ class SourceRelay:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)

@@ -50,4 +50,6 @@ class ActingAs(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercept
 
 def channel_as(address: str, identity: str, *, operator: bool = False) -> grpc.Channel:
     """A channel to a replica whose calls are stamped as ``identity``."""
-    return grpc.intercept_channel(grpc.insecure_channel(address), ActingAs(identity, operator=operator))
+    return grpc.intercept_channel(
+        grpc.insecure_channel(address), ActingAs(identity, operator=operator)
+    )

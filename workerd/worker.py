@@ -518,8 +518,14 @@ class Worker:
                 # Keyed by an HMAC of the clear input (opened again: microseconds), so that
                 # hashd's lookups find it; the cache stores no input.
                 data = handlers.open_input(held.task, self._keys)
-                await self.cache.store(algorithm, params, data, result.digest, result.encoded,
-                                       tenant=held.task.client_id)
+                await self.cache.store(
+                    algorithm,
+                    params,
+                    data,
+                    result.digest,
+                    result.encoded,
+                    tenant=held.task.client_id,
+                )
 
     async def _heartbeat_loop(self) -> None:
         while True:

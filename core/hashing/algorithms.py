@@ -129,9 +129,16 @@ class Argon2Params:
         for name, value in values.items():
             low, high = BOUNDS[name]
             if not low <= value <= high:
-                violations.add(f"{field_prefix}.{name}", f"must be between {low} and {high}, got {value}")
+                violations.add(
+                    f"{field_prefix}.{name}", f"must be between {low} and {high}, got {value}"
+                )
         over = memory_over_limit(values["memory_cost_kib"], memory_limit_kib)
-        if over and BOUNDS["memory_cost_kib"][0] <= values["memory_cost_kib"] <= BOUNDS["memory_cost_kib"][1]:
+        if (
+            over
+            and BOUNDS["memory_cost_kib"][0]
+            <= values["memory_cost_kib"]
+            <= BOUNDS["memory_cost_kib"][1]
+        ):
             violations.add(f"{field_prefix}.memory_cost_kib", over)
         if BOUNDS["memory_cost_kib"][0] <= values["memory_cost_kib"] < 8 * values["parallelism"]:
             violations.add(
@@ -202,8 +209,10 @@ def memory_over_limit(memory_cost_kib: int, limit_kib: int | None) -> str:
     """Why an argon2 call would need more memory than this server keeps for one (its memory
     limit shared by its argon2 threads), or ``""``."""
     if limit_kib is not None and memory_cost_kib > limit_kib:
-        return (f"must be at most {limit_kib} KiB on this server (its memory limit holds that much "
-                f"per argon2 thread), got {memory_cost_kib}")
+        return (
+            f"must be at most {limit_kib} KiB on this server (its memory limit holds that much "
+            f"per argon2 thread), got {memory_cost_kib}"
+        )
     return ""
 
 
@@ -213,7 +222,9 @@ def validate_phc(
     """Parse an Argon2 PHC string; malformed or out-of-bounds ones raise ``InvalidArgument``,
     as does a memory cost over ``memory_limit_kib``."""
     if len(encoded) > MAX_PHC_LENGTH or not encoded.isascii():
-        raise InvalidArgument(field, f"not a valid Argon2 PHC string (ASCII, at most {MAX_PHC_LENGTH} characters)")
+        raise InvalidArgument(
+            field, f"not a valid Argon2 PHC string (ASCII, at most {MAX_PHC_LENGTH} characters)"
+        )
     try:
         parsed = argon2.extract_parameters(encoded)
     except (argon2.exceptions.InvalidHashError, ValueError) as exc:

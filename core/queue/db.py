@@ -120,7 +120,8 @@ async def with_retries(
                 if isinstance(exc, Unavailable):
                     raise
                 raise Unavailable(
-                    f"database unavailable while {what}: {type(exc).__name__}", retry_after=1.0,
+                    f"database unavailable while {what}: {type(exc).__name__}",
+                    retry_after=1.0,
                     reason="DATABASE_UNAVAILABLE",
                 ) from exc
             delay = backoff_delay(attempt, settings.retry_base, settings.retry_cap)

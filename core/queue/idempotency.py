@@ -47,9 +47,13 @@ class IdempotencyKeyReused(HashmeshError):
 
     def extra_details(self) -> list[any_pb2.Any]:
         info = any_pb2.Any()
-        info.Pack(error_details_pb2.ResourceInfo(
-            resource_type="hashmesh.v1.Task", resource_name=self.task_id, description=self.message,
-        ))
+        info.Pack(
+            error_details_pb2.ResourceInfo(
+                resource_type="hashmesh.v1.Task",
+                resource_name=self.task_id,
+                description=self.message,
+            )
+        )
         return [info]
 
 
@@ -62,9 +66,15 @@ class Fingerprinter:
 
     def of(self, task: NewTask) -> bytes:
         header = json.dumps(
-            [task.algorithm, task.params, task.priority, task.max_attempts,
-             task.run_after.isoformat() if task.run_after else None],
-            sort_keys=True, separators=(",", ":"),
+            [
+                task.algorithm,
+                task.params,
+                task.priority,
+                task.max_attempts,
+                task.run_after.isoformat() if task.run_after else None,
+            ],
+            sort_keys=True,
+            separators=(",", ":"),
         ).encode()
         mac = hmac.new(self._key, len(header).to_bytes(4, "big") + header, hashlib.sha256)
         mac.update(task.data)
@@ -88,7 +98,9 @@ class IdempotencyGuard:
     def fingerprinted(self, task: NewTask) -> NewTask:
         """``task`` with the fingerprint of its request, when it has a key (before the input
         is transformed in any way for storage)."""
-        return replace(task, fingerprint=self._fingerprints.of(task)) if task.idempotency_key else task
+        return (
+            replace(task, fingerprint=self._fingerprints.of(task)) if task.idempotency_key else task
+        )
 
     async def check(self, tasks: Sequence[NewTask], fields: Sequence[str], client_id: str) -> None:
         """Refuse, before anything is stored, a key reused for another request: earlier in this
@@ -100,18 +112,28 @@ class IdempotencyGuard:
                 continue
             earlier = first.setdefault(task.idempotency_key, task)
             if not same(earlier.fingerprint, task.fingerprint):
-                raise InvalidArgument(f"{field}.idempotency_key", "is used earlier in this request for another task")
+                raise InvalidArgument(
+                    f"{field}.idempotency_key", "is used earlier in this request for another task"
+                )
         if not first:
             return
         live = await self._store.live_keys(client_id, list(first), window_seconds=self._window)
         for task, field in zip(tasks, fields, strict=True):
             found = live.get(task.idempotency_key or "")
             if found is not None and not same(found[1], task.fingerprint):
-                raise IdempotencyKeyReused(task.idempotency_key or "", found[0].id, f"{field}.idempotency_key")
+                raise IdempotencyKeyReused(
+                    task.idempotency_key or "", found[0].id, f"{field}.idempotency_key"
+                )
 
-    def check_answers(self, tasks: Sequence[NewTask], answers: Sequence[Submitted], fields: Sequence[str]) -> None:
+    def check_answers(
+        self, tasks: Sequence[NewTask], answers: Sequence[Submitted], fields: Sequence[str]
+    ) -> None:
         """After the insert: a concurrent submission with the key and another request got in
         between ``check`` and the insert."""
         for task, answer, field in zip(tasks, answers, fields, strict=True):
-            if not answer.created and not self._fingerprints.same_request(answer.fingerprint, task.fingerprint):
-                raise IdempotencyKeyReused(task.idempotency_key or "", answer.task.id, f"{field}.idempotency_key")
+            if not answer.created and not self._fingerprints.same_request(
+                answer.fingerprint, task.fingerprint
+            ):
+                raise IdempotencyKeyReused(
+                    task.idempotency_key or "", answer.task.id, f"{field}.idempotency_key"
+                )

@@ -48,8 +48,9 @@ class PriorityCaps:
         cap = self.overrides.get(client_id, self.default)
         if priority > cap:
             raise InvalidArgument(
-                field, f"must be at most {cap} for client {client_id!r}; higher priorities are given "
-                "per client by the operator (HASHMESH_PRIORITY_OVERRIDES)"
+                field,
+                f"must be at most {cap} for client {client_id!r}; higher priorities are given "
+                "per client by the operator (HASHMESH_PRIORITY_OVERRIDES)",
             )
 
 

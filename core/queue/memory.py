@@ -104,8 +104,13 @@ class MemoryTaskStore:
             key = (task.client_id, task.idempotency_key) if task.idempotency_key else None
             if key is not None and key in self._keys:
                 earlier = self._keys[key]
-                answers.append(Submitted(self._rows[earlier].record, created=False,
-                                         fingerprint=self._fingerprints.get(earlier)))
+                answers.append(
+                    Submitted(
+                        self._rows[earlier].record,
+                        created=False,
+                        fingerprint=self._fingerprints.get(earlier),
+                    )
+                )
                 continue
             cached = task.cached_result
             record = TaskRecord(
@@ -213,9 +218,7 @@ class MemoryTaskStore:
                 counts[row.record.client_id] = counts.get(row.record.client_id, 0) + 1
         return counts
 
-    async def prune(
-        self, ages: Mapping[TaskStatus, float], *, batch: int
-    ) -> PruneRun | None:
+    async def prune(self, ages: Mapping[TaskStatus, float], *, batch: int) -> PruneRun | None:
         due = self._due_for_pruning(ages)
         for row in due:
             del self._rows[row.record.id]
@@ -449,7 +452,6 @@ class MemoryTaskStore:
     async def unregister_worker(self, name: str, processed: int) -> None:
         if name in self._workers:
             self._workers[name].update(stopped_at=self._clock(), in_flight=0, processed=processed)
-
 
     # -- what the worker writes, with the outcome it had (for metrics) ----------------------
 

@@ -96,9 +96,7 @@ class PruneRun:
 
 
 class PruningStore(Protocol):
-    async def prune(
-        self, ages: Mapping[TaskStatus, float], *, batch: int
-    ) -> PruneRun | None: ...
+    async def prune(self, ages: Mapping[TaskStatus, float], *, batch: int) -> PruneRun | None: ...
 
 
 class Pruner:

@@ -71,7 +71,9 @@ def parse_sections(text: str) -> dict[str, str]:
 
 @cache
 def queries() -> dict[str, str]:
-    text = (resources.files("hashmesh.core.queue") / "sql" / "tasks.sql").read_text(encoding="utf-8")
+    text = (resources.files("hashmesh.core.queue") / "sql" / "tasks.sql").read_text(
+        encoding="utf-8"
+    )
     return parse_sections(text)
 
 
@@ -142,12 +144,15 @@ class PostgresTaskStore:
                 )
                 for row in _rows(await cur.fetchall()):
                     existing[(client_id, row["idempotency_key"])] = (
-                        TaskRecord.from_row(row), row["idempotency_fingerprint"]
+                        TaskRecord.from_row(row),
+                        row["idempotency_fingerprint"],
                     )
         answers = []
         for task_id, task in zip(ids, tasks, strict=True):
             if task_id in inserted:
-                answers.append(Submitted(inserted[task_id], created=True, fingerprint=task.fingerprint))
+                answers.append(
+                    Submitted(inserted[task_id], created=True, fingerprint=task.fingerprint)
+                )
             else:
                 assert task.idempotency_key is not None, "only a keyed task can be skipped"
                 record, fingerprint = existing[(task.client_id, task.idempotency_key)]
@@ -162,7 +167,10 @@ class PostgresTaskStore:
             {"client_id": client_id, "keys": sorted(set(keys)), "window": window_seconds},
             what="reading idempotency keys",
         )
-        return {r["idempotency_key"]: (TaskRecord.from_row(r), r["idempotency_fingerprint"]) for r in rows}
+        return {
+            r["idempotency_key"]: (TaskRecord.from_row(r), r["idempotency_fingerprint"])
+            for r in rows
+        }
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -224,9 +232,7 @@ class PostgresTaskStore:
 
     # -- retention ---------------------------------------------------------------------------
 
-    async def prune(
-        self, ages: Mapping[TaskStatus, float], *, batch: int
-    ) -> PruneRun | None:
+    async def prune(self, ages: Mapping[TaskStatus, float], *, batch: int) -> PruneRun | None:
         """Delete finished tasks older than their status's age, ``batch`` rows per statement,
         under the pruner's advisory lock; ``None`` when another process holds it. Also folds
         the counters' slots (the same lock keeps that to one process)."""
@@ -272,7 +278,9 @@ class PostgresTaskStore:
         return due
 
     async def unfinished_cost_by_client(self) -> dict[str, int]:
-        rows = await self._rows("unfinished_cost_by_client", {}, what="summing the cost of pending tasks")
+        rows = await self._rows(
+            "unfinished_cost_by_client", {}, what="summing the cost of pending tasks"
+        )
         return {r["client_id"]: int(r["cost"]) for r in rows}
 
     # -- caller transitions ------------------------------------------------------------------
@@ -289,7 +297,9 @@ class PostgresTaskStore:
         )
 
     async def requeue(self, task_id: str, *, owner: str | None) -> TaskRecord:
-        rows = await self._rows("requeue", {"id": task_id, "owner": owner}, what="requeueing a task")
+        rows = await self._rows(
+            "requeue", {"id": task_id, "owner": owner}, what="requeueing a task"
+        )
         if rows:
             return TaskRecord.from_row(rows[0])
         current = await self.get(task_id, owner=owner)

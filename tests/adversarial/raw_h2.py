@@ -40,7 +40,9 @@ class StreamResult:
         return self.trailers.get("grpc-message") or self.headers.get("grpc-message", "")
 
     def details(self) -> status_pb2.Status | None:
-        raw = self.trailers.get("grpc-status-details-bin") or self.headers.get("grpc-status-details-bin")
+        raw = self.trailers.get("grpc-status-details-bin") or self.headers.get(
+            "grpc-status-details-bin"
+        )
         if raw is None:
             return None
         return status_pb2.Status.FromString(base64.b64decode(raw + "=" * (-len(raw) % 4)))
@@ -51,7 +53,9 @@ class RawConnection:
 
     def __init__(self, address: str, source: str, timeout: float = 10.0) -> None:
         host, _, port = address.rpartition(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=timeout, source_address=(source, 0))
+        self.sock = socket.create_connection(
+            (host, int(port)), timeout=timeout, source_address=(source, 0)
+        )
         self.sock.settimeout(None)
         config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
         self.conn = h2.connection.H2Connection(config=config)
@@ -91,7 +95,11 @@ class RawConnection:
         elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
             result = self.results.get(event.stream_id)
             if result is not None:
-                target = result.headers if isinstance(event, h2.events.ResponseReceived) else result.trailers
+                target = (
+                    result.headers
+                    if isinstance(event, h2.events.ResponseReceived)
+                    else result.trailers
+                )
                 target.update({str(k): str(v) for k, v in event.headers})
         elif isinstance(event, h2.events.DataReceived):
             self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -105,11 +113,23 @@ class RawConnection:
                 result.reset = True
                 result.ended.set()
 
-    def open(self, method: str, metadata: Sequence[tuple[str, str]] = (), message: bytes | None = None,
-             end: bool = False) -> StreamResult:
+    def open(
+        self,
+        method: str,
+        metadata: Sequence[tuple[str, str]] = (),
+        message: bytes | None = None,
+        end: bool = False,
+    ) -> StreamResult:
         """Send the headers of a call to ``method`` (and ``message``, and end-of-stream if asked)."""
-        headers = [(":method", "POST"), (":scheme", "http"), (":path", method), (":authority", "hashmesh"),
-                   ("content-type", "application/grpc"), ("te", "trailers"), *metadata]
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", method),
+            (":authority", "hashmesh"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            *metadata,
+        ]
         with self._lock:
             stream_id = self.conn.get_next_available_stream_id()
             result = self.results[stream_id] = StreamResult()
@@ -127,8 +147,16 @@ class RawConnection:
         self._reader.join(5)
 
 
-def hold_streams(address: str, source: str, method: str, count: int, *, per_connection: int = 400,
-                 message: bytes | None = None, end: bool = False) -> tuple[list[RawConnection], list[StreamResult]]:
+def hold_streams(
+    address: str,
+    source: str,
+    method: str,
+    count: int,
+    *,
+    per_connection: int = 400,
+    message: bytes | None = None,
+    end: bool = False,
+) -> tuple[list[RawConnection], list[StreamResult]]:
     """Open ``count`` streams of ``method`` from ``source``, ``per_connection`` per connection
     (under the server's MAX_CONCURRENT_STREAMS), and leave them open."""
     connections: list[RawConnection] = []

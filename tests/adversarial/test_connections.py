@@ -35,11 +35,17 @@ def _wait_closed(connections: list[RawConnection], count: int, timeout: float) -
 
 
 def test_idle_connection_flood_leaves_admin_and_others_served(procs: Processes) -> None:
-    backend = start_process("testbackend", ["tests.balancer_backends"], log_dir=procs.log_dir,
-                            expect=("testbackend",))
+    backend = start_process(
+        "testbackend", ["tests.balancer_backends"], log_dir=procs.log_dir, expect=("testbackend",)
+    )
     procs.started.append(backend)
-    balancer = procs.balancer([backend.address], env={
-        "HASHMESH_BALANCER_MAX_CONNECTIONS": str(CAP), "HASHMESH_BALANCER_CONNECTION_IDLE_SECONDS": "2"})
+    balancer = procs.balancer(
+        [backend.address],
+        env={
+            "HASHMESH_BALANCER_MAX_CONNECTIONS": str(CAP),
+            "HASHMESH_BALANCER_CONNECTION_IDLE_SECONDS": "2",
+        },
+    )
     address = balancer.addresses["balancer"]
     flood = []
     try:
@@ -60,8 +66,9 @@ def test_idle_connection_flood_leaves_admin_and_others_served(procs: Processes) 
 
 
 def test_a_client_stream_that_sends_nothing_ends_with_a_clear_status(procs: Processes) -> None:
-    backend = start_process("testbackend", ["tests.balancer_backends"], log_dir=procs.log_dir,
-                            expect=("testbackend",))
+    backend = start_process(
+        "testbackend", ["tests.balancer_backends"], log_dir=procs.log_dir, expect=("testbackend",)
+    )
     procs.started.append(backend)
     balancer = procs.balancer([backend.address], env={"HASHMESH_BALANCER_STREAM_IDLE_SECONDS": "1"})
     connection = RawConnection(balancer.addresses["balancer"], "127.0.0.2")
@@ -78,13 +85,17 @@ def test_a_client_stream_that_sends_nothing_ends_with_a_clear_status(procs: Proc
 def test_descriptor_limit_is_raised_to_the_hard_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     lowered = min(soft, 256)
-    script = ("import resource\n"
-              f"resource.setrlimit(resource.RLIMIT_NOFILE, ({lowered}, {hard}))\n"
-              "from hashmesh.balancer.connections import ConnectionSettings, raise_fd_limit\n"
-              "limit = raise_fd_limit()\n"
-              "print(limit, resource.getrlimit(resource.RLIMIT_NOFILE)[0],"
-              " ConnectionSettings(max_connections=10**9).fitted(limit).max_connections)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True)
+    script = (
+        "import resource\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({lowered}, {hard}))\n"
+        "from hashmesh.balancer.connections import ConnectionSettings, raise_fd_limit\n"
+        "limit = raise_fd_limit()\n"
+        "print(limit, resource.getrlimit(resource.RLIMIT_NOFILE)[0],"
+        " ConnectionSettings(max_connections=10**9).fitted(limit).max_connections)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
     reported, in_force, fitted = (int(x) for x in out.stdout.split())
     expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
     assert reported == in_force == expected

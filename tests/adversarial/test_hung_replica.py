@@ -24,9 +24,15 @@ def test_frozen_replica_costs_at_most_the_attempt_timeout(dsn: str, procs: Proce
     replicas = [procs.hashd(dsn) for _ in range(3)]
     # Health checks as in production (1 s per check; the test bed's default is 5 s): they are
     # what takes the frozen replica out, the attempt timeout covers the calls before that.
-    balancer = procs.balancer([r.address for r in replicas], "--strategy", "round_robin",
-                              env={"HASHMESH_BALANCER_ATTEMPT_TIMEOUT": str(ATTEMPT_TIMEOUT),
-                                   "HASHMESH_BALANCER_HEALTH_TIMEOUT": "1"})
+    balancer = procs.balancer(
+        [r.address for r in replicas],
+        "--strategy",
+        "round_robin",
+        env={
+            "HASHMESH_BALANCER_ATTEMPT_TIMEOUT": str(ATTEMPT_TIMEOUT),
+            "HASHMESH_BALANCER_HEALTH_TIMEOUT": "1",
+        },
+    )
     address = balancer.addresses["balancer"]
     assert set(hash_codes(address, 30)) == {grpc.StatusCode.OK}
     frozen = replicas[0]
@@ -44,9 +50,16 @@ def test_calls_on_a_replica_that_goes_down_are_failed_over(dsn: str, procs: Proc
     """No attempt timeout: the calls held by the frozen replica are failed over as soon as
     health checks mark it down, well within their deadline."""
     replicas = [procs.hashd(dsn) for _ in range(3)]
-    balancer = procs.balancer([r.address for r in replicas], "--strategy", "round_robin", env={
-        "HASHMESH_BALANCER_ATTEMPT_TIMEOUT": "0", "HASHMESH_BALANCER_HEALTH_INTERVAL": "0.5",
-        "HASHMESH_BALANCER_HEALTH_TIMEOUT": "1"})
+    balancer = procs.balancer(
+        [r.address for r in replicas],
+        "--strategy",
+        "round_robin",
+        env={
+            "HASHMESH_BALANCER_ATTEMPT_TIMEOUT": "0",
+            "HASHMESH_BALANCER_HEALTH_INTERVAL": "0.5",
+            "HASHMESH_BALANCER_HEALTH_TIMEOUT": "1",
+        },
+    )
     address = balancer.addresses["balancer"]
     assert set(hash_codes(address, 30)) == {grpc.StatusCode.OK}
     frozen = replicas[0]

@@ -20,8 +20,12 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 REQUEST = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"x").SerializeToString()  # type: ignore[arg-type]
 
 
-def _send(connection: RawConnection, metadata: list[tuple[str, str]], count: int) -> list[StreamResult]:
-    results = [connection.open(HASH, metadata=metadata, message=REQUEST, end=True) for _ in range(count)]
+def _send(
+    connection: RawConnection, metadata: list[tuple[str, str]], count: int
+) -> list[StreamResult]:
+    results = [
+        connection.open(HASH, metadata=metadata, message=REQUEST, end=True) for _ in range(count)
+    ]
     # Each must end by itself: before, a non-ASCII value left the call open forever.
     assert wait_answered(results, count, timeout=30) == count
     return results

@@ -26,13 +26,16 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def call_unknown_methods(address: str, first: int, count: int, in_flight: int = 16) -> dict[grpc.StatusCode, int]:
+def call_unknown_methods(
+    address: str, first: int, count: int, in_flight: int = 16
+) -> dict[grpc.StatusCode, int]:
     """``count`` calls, each to a method name never used before; their statuses, counted.
     Fewer in flight than the peer's budget of other streams: unknown names are forwarded as those."""
     codes: dict[grpc.StatusCode, int] = {}
     lock = threading.Lock()
     slots = threading.Semaphore(in_flight)
     with grpc.insecure_channel(address) as channel:
+
         def done(future: grpc.Future) -> None:
             code = future.code()
             with lock:
@@ -62,7 +65,10 @@ def test_invented_method_names_keep_memory_flat(dsn: str, procs: Processes) -> N
     balancer_before, replica_before = rss(balancer.pid), rss(replica.pid)
     codes = call_unknown_methods(address, WARM_UP, NAMES)
     assert codes == {grpc.StatusCode.UNIMPLEMENTED: NAMES}
-    balancer_growth, replica_growth = rss(balancer.pid) - balancer_before, rss(replica.pid) - replica_before
+    balancer_growth, replica_growth = (
+        rss(balancer.pid) - balancer_before,
+        rss(replica.pid) - replica_before,
+    )
     # Caching every name cost ~1.7 KiB a name (25 MiB for these 15,000); flat stays well under half.
     assert balancer_growth < 12 * MIB, f"balancer grew {balancer_growth / MIB:.1f} MiB"
     assert replica_growth < 12 * MIB, f"replica grew {replica_growth / MIB:.1f} MiB"

@@ -22,10 +22,17 @@ COSTLIEST_UNITS = 10 * 256 * 1024 * 1024 + 4096
 
 
 def argon2_batch(count: int, priority: int = 0) -> task_pb2.SubmitTasksRequest:
-    return task_pb2.SubmitTasksRequest(specs=[
-        task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"pw%d" % i, argon2=COSTLIEST,
-                          priority=priority)
-        for i in range(count)])
+    return task_pb2.SubmitTasksRequest(
+        specs=[
+            task_pb2.TaskSpec(
+                algorithm=common_pb2.ALGORITHM_ARGON2ID,
+                data=b"pw%d" % i,
+                argon2=COSTLIEST,
+                priority=priority,
+            )
+            for i in range(count)
+        ]
+    )
 
 
 def refusal(err: grpc.RpcError) -> tuple[grpc.StatusCode, set[str], str]:
@@ -37,8 +44,14 @@ def refusal(err: grpc.RpcError) -> tuple[grpc.StatusCode, set[str], str]:
 
 def test_cost_budget_per_client_and_priority_caps(dsn: str, procs: Processes) -> None:
     budget = 120 * COSTLIEST_UNITS  # room for 120 of the costliest tasks per client
-    replica = procs.hashd(dsn, env={"HASHMESH_MAX_PENDING_COST_PER_CLIENT": str(budget),
-                                    "HASHMESH_PRIORITY_OVERRIDES": "ops=100"})
+    replica = procs.hashd(
+        dsn,
+        env={
+            "HASHMESH_MAX_PENDING_COST_PER_CLIENT": str(budget),
+            "HASHMESH_PRIORITY_OVERRIDES": "ops=100",
+        },
+    )
+
     def tasks_of(client: str) -> task_pb2_grpc.TaskServiceStub:
         """Calls stamped as the balancer does for ``client``."""
         return task_pb2_grpc.TaskServiceStub(channel_as(replica.address, client))
@@ -66,7 +79,10 @@ def test_cost_budget_per_client_and_priority_caps(dsn: str, procs: Processes) ->
     status = rpc_status.from_call(jumped.value)  # type: ignore[arg-type]
     assert status is not None
     bad = error_details_pb2.BadRequest()
-    assert any(d.Unpack(bad) for d in status.details) and bad.field_violations[0].field == "specs[0].priority"
+    assert (
+        any(d.Unpack(bad) for d in status.details)
+        and bad.field_violations[0].field == "specs[0].priority"
+    )
     granted = tasks_of("ops").SubmitTasks(argon2_batch(1, priority=100), timeout=10)
     assert granted.tasks[0].priority == 100
     assert "Traceback" not in replica.log()

@@ -43,8 +43,10 @@ def test_the_server_user_cannot_redirect_roots_writes(tmp_path: Path, planted: s
     try:
         with psycopg.connect(server.dsn) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
-        assert (victim.stat().st_uid, victim.read_text()) == (0, "root:$6$secret:19000:0:99999:7:::\n"), \
-            "root wrote through the server user's symlink"
+        assert (victim.stat().st_uid, victim.read_text()) == (
+            0,
+            "root:$6$secret:19000:0:99999:7:::\n",
+        ), "root wrote through the server user's symlink"
         assert not link.is_symlink()
     finally:
         server.stop()
@@ -71,12 +73,27 @@ def test_as_root_the_binaries_parents_open_to_the_server_user_alone(tmp_path: Pa
         "server = EmbeddedPostgres(data_dir=Path(sys.argv[1]))\nserver.start()\nserver.stop()\n"
     )
     env = {**os.environ, "PYTHONPATH": str(site)}
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "state")], env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "state")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     # (with an ACL entry the group bits show its mask, --x: the owning group still gets nothing)
     assert not home.stat().st_mode & 0o007, "a private directory was opened to every user"
-    probe = subprocess.run(["setpriv", f"--reuid={pwd.getpwnam('pgserver').pw_uid}", "--clear-groups",
-                            "--regid=65534", "ls", str(site / "pgserver" / "pginstall" / "bin" / "postgres")],
-                           capture_output=True, text=True, timeout=30)
+    probe = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={pwd.getpwnam('pgserver').pw_uid}",
+            "--clear-groups",
+            "--regid=65534",
+            "ls",
+            str(site / "pgserver" / "pginstall" / "bin" / "postgres"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert probe.returncode == 0, probe.stderr  # pgserver alone reaches them (an ACL entry)

@@ -19,17 +19,27 @@ from tests.source_relay import SourceRelay
 
 LIST = "/hashmesh.v1.TaskService/ListTasks"
 HASH = "/hashmesh.v1.HashService/Hash"
-HASH_REQUEST = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc").SerializeToString()
+HASH_REQUEST = hash_pb2.HashRequest(
+    algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc"
+).SerializeToString()
 
 
 @pytest.mark.parametrize("expires", ["\u00b2".encode(), "\u0661\u0662".encode(), b"9" * 5000])
-def test_a_stamp_with_odd_digits_is_refused_as_malformed(dsn: str, procs: Processes, expires: bytes) -> None:
+def test_a_stamp_with_odd_digits_is_refused_as_malformed(
+    dsn: str, procs: Processes, expires: bytes
+) -> None:
     """'²' passes str.isdigit() but not int(); 5000 digits pass neither int()'s limit: before,
     each escaped as ValueError (UNKNOWN, a traceback in the replica's log)."""
     replica = procs.hashd(dsn)
-    stamp = [(b"x-hashmesh-identity", b"bob"), (b"x-hashmesh-identity-sig", b"v1;operator;" + expires + b";00")]
+    stamp = [
+        (b"x-hashmesh-identity", b"bob"),
+        (b"x-hashmesh-identity-sig", b"v1;operator;" + expires + b";00"),
+    ]
     answer = unary(replica.address, LIST, b"", stamp)
-    assert (answer[b"grpc-status"], answer.get(b"grpc-message")) == (b"16", b"malformed identity stamp")
+    assert (answer[b"grpc-status"], answer.get(b"grpc-message")) == (
+        b"16",
+        b"malformed identity stamp",
+    )
     with grpc.insecure_channel(replica.address) as channel:  # the replica still serves
         task_pb2_grpc.TaskServiceStub(channel).ListTasks(task_pb2.ListTasksRequest(), timeout=10)
     replica.terminate()
@@ -42,7 +52,9 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     replica that echoes the identity it was stamped with."""
     log_dir = tmp_path_factory.mktemp("proxied")
     backends = start_backends(log_dir, 1)
-    balancer = start_balancer(log_dir, backends, env={"HASHMESH_BALANCER_TRUSTED_PROXIES": "127.0.0.0/8"})
+    balancer = start_balancer(
+        log_dir, backends, env={"HASHMESH_BALANCER_TRUSTED_PROXIES": "127.0.0.0/8"}
+    )
     try:
         yield balancer.addresses["balancer"]
     finally:
@@ -53,20 +65,26 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def _identity(address: str, forwarded: str) -> str:
     with grpc.insecure_channel(address) as channel:
         _, call = channel.unary_unary(HASH).with_call(
-            HASH_REQUEST, timeout=10, metadata=[("x-forwarded-for", forwarded)])
+            HASH_REQUEST, timeout=10, metadata=[("x-forwarded-for", forwarded)]
+        )
     return str(dict(call.trailing_metadata())["x-seen-identity"])
 
 
-@pytest.mark.parametrize("forwarded", [
-    # A proxy on a dual-stack socket writes IPv4 peers mapped (nginx: '::ffff:a.b.c.d'):
-    # before, the mapped spelling of a trusted proxy was not trusted, so every client behind
-    # it collapsed into it (one tenant, one rate limit)...
-    "203.0.113.7, ::ffff:127.0.0.5",
-    # ...and a client's mapped spelling was another identity than its plain one (overrides
-    # and tenancy keyed on 'ip:203.0.113.7' missed it).
-    "::ffff:203.0.113.7, 127.0.0.5",
-])
-def test_forwarded_for_behind_trusted_proxies_names_the_client(proxied: str, forwarded: str) -> None:
+@pytest.mark.parametrize(
+    "forwarded",
+    [
+        # A proxy on a dual-stack socket writes IPv4 peers mapped (nginx: '::ffff:a.b.c.d'):
+        # before, the mapped spelling of a trusted proxy was not trusted, so every client behind
+        # it collapsed into it (one tenant, one rate limit)...
+        "203.0.113.7, ::ffff:127.0.0.5",
+        # ...and a client's mapped spelling was another identity than its plain one (overrides
+        # and tenancy keyed on 'ip:203.0.113.7' missed it).
+        "::ffff:203.0.113.7, 127.0.0.5",
+    ],
+)
+def test_forwarded_for_behind_trusted_proxies_names_the_client(
+    proxied: str, forwarded: str
+) -> None:
     assert _identity(proxied, forwarded) == "ip:203.0.113.7"
 
 
@@ -78,7 +96,10 @@ def test_a_client_behind_trusted_proxies_still_cannot_pick_its_identity(proxied:
     # to the one line (as Envoy and nginx do), not add a second one.
     with grpc.insecure_channel(proxied) as channel:
         _, call = channel.unary_unary(HASH).with_call(
-            HASH_REQUEST, timeout=10, metadata=[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "203.0.113.7")])
+            HASH_REQUEST,
+            timeout=10,
+            metadata=[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "203.0.113.7")],
+        )
     assert dict(call.trailing_metadata())["x-seen-identity"] == "ip:203.0.113.7"
 
 
@@ -91,8 +112,15 @@ def test_guessing_credentials_is_rate_limited_like_any_call(tmp_path: Path) -> N
     keys_file = tmp_path / "keys"
     keys_file.write_text(keys.key_line("alice", alice) + "\n")
     backends = start_backends(tmp_path, 1)
-    balancer = start_balancer(tmp_path, backends, "--rate-limit", f"{rate}/{burst}", "--api-keys-file", str(keys_file),
-                              env={"HASHMESH_ADMIN_TOKEN": "the-real-operator-token"})
+    balancer = start_balancer(
+        tmp_path,
+        backends,
+        "--rate-limit",
+        f"{rate}/{burst}",
+        "--api-keys-file",
+        str(keys_file),
+        env={"HASHMESH_ADMIN_TOKEN": "the-real-operator-token"},
+    )
     try:
         with SourceRelay("127.0.0.2", balancer.addresses["balancer"]) as guesser:
             for guess in ("authorization", "x-api-key"):
@@ -109,15 +137,19 @@ def test_guessing_credentials_is_rate_limited_like_any_call(tmp_path: Path) -> N
                             codes.append(error.code())
                 elapsed = time.monotonic() - started
                 tried = codes.count(grpc.StatusCode.UNAUTHENTICATED)
-                print(f"\n{guess} guesses checked: {tried} of {guesses} in {elapsed:.2f}s (limit {rate}/s, burst {burst})")
+                print(
+                    f"\n{guess} guesses checked: {tried} of {guesses} in {elapsed:.2f}s (limit {rate}/s, burst {burst})"
+                )
                 assert grpc.StatusCode.OK not in codes
                 # The client's interval contains the balancer's, so this bound only grows with load.
                 assert tried <= burst + rate * elapsed + 1
                 assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == guesses - tried
                 time.sleep(burst / rate)  # the guesser's bucket refills before the next kind
         # Whoever holds a key is in its own bucket, whatever the guesser at the same address did.
-        with SourceRelay("127.0.0.2", balancer.addresses["balancer"]) as same_host, \
-                grpc.insecure_channel(same_host.address) as channel:
+        with (
+            SourceRelay("127.0.0.2", balancer.addresses["balancer"]) as same_host,
+            grpc.insecure_channel(same_host.address) as channel,
+        ):
             for _ in range(burst):
                 channel.unary_unary(HASH)(HASH_REQUEST, timeout=10, metadata=[("x-api-key", alice)])
     finally:

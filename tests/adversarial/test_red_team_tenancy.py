@@ -22,11 +22,15 @@ ARGON2ID = common_pb2.ALGORITHM_ARGON2ID
 # Salts are not secret (they sit next to the hash they made); the password is.
 KNOWN_SALT = b"bob's-user-record-salt"
 PASSWORD = b"correct horse battery staple"
-CHEAP = common_pb2.Argon2Params(time_cost=1, memory_cost_kib=8 * 1024, parallelism=1, salt=KNOWN_SALT)
+CHEAP = common_pb2.Argon2Params(
+    time_cost=1, memory_cost_kib=8 * 1024, parallelism=1, salt=KNOWN_SALT
+)
 
 
 @pytest.fixture
-def tenants(dsn: str, procs: Processes, tmp_path: Path, task_key_file: Path) -> Iterator[tuple[str, dict[str, list[tuple[str, str]]]]]:
+def tenants(
+    dsn: str, procs: Processes, tmp_path: Path, task_key_file: Path
+) -> Iterator[tuple[str, dict[str, list[tuple[str, str]]]]]:
     """hashd, workerd and a balancer with API keys for alice and bob; the cache as shipped
     (argon2id with a caller's salt)."""
     alice, bob = keys.generate_key(), keys.generate_key()
@@ -36,18 +40,29 @@ def tenants(dsn: str, procs: Processes, tmp_path: Path, task_key_file: Path) -> 
     hashd = procs.hashd(dsn, env=env)
     procs.workerd(dsn, env=env)
     balancer = procs.balancer([hashd.address], "--api-keys-file", str(keys_file))
-    yield balancer.addresses["balancer"], {"alice": [("x-api-key", alice)], "bob": [("x-api-key", bob)]}
+    yield (
+        balancer.addresses["balancer"],
+        {"alice": [("x-api-key", alice)], "bob": [("x-api-key", bob)]},
+    )
 
 
-def _hash(channel: grpc.Channel, metadata: list[tuple[str, str]], data: bytes) -> common_pb2.HashResult:
+def _hash(
+    channel: grpc.Channel, metadata: list[tuple[str, str]], data: bytes
+) -> common_pb2.HashResult:
     request = hash_pb2.HashRequest(algorithm=ARGON2ID, data=data, argon2=CHEAP)
-    return hash_pb2_grpc.HashServiceStub(channel).Hash(request, timeout=30, metadata=metadata).result
+    return (
+        hash_pb2_grpc.HashServiceStub(channel).Hash(request, timeout=30, metadata=metadata).result
+    )
 
 
-def _finished(tasks: task_pb2_grpc.TaskServiceStub, task_id: str, metadata: list[tuple[str, str]]) -> task_pb2.Task:
+def _finished(
+    tasks: task_pb2_grpc.TaskServiceStub, task_id: str, metadata: list[tuple[str, str]]
+) -> task_pb2.Task:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        task = tasks.GetTask(task_pb2.GetTaskRequest(id=task_id), timeout=10, metadata=metadata).task
+        task = tasks.GetTask(
+            task_pb2.GetTaskRequest(id=task_id), timeout=10, metadata=metadata
+        ).task
         if task.status == task_pb2.TASK_STATUS_SUCCEEDED:
             return task
         time.sleep(0.05)
@@ -63,7 +78,9 @@ def test_the_result_cache_does_not_confirm_another_tenants_password(
         # Bob hashes his password, once directly and once as a task (workerd stores that one).
         bobs = _hash(channel, who["bob"], PASSWORD)
         spec = task_pb2.TaskSpec(algorithm=ARGON2ID, data=PASSWORD + b"!", argon2=CHEAP)
-        bobs_task = tasks.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec), timeout=10, metadata=who["bob"]).task
+        bobs_task = tasks.SubmitTask(
+            task_pb2.SubmitTaskRequest(spec=spec), timeout=10, metadata=who["bob"]
+        ).task
         _finished(tasks, bobs_task.id, who["bob"])
         # Bob's own repeats are still served from the cache: it works, per tenant.
         assert _hash(channel, who["bob"], PASSWORD).cached
@@ -74,7 +91,10 @@ def test_the_result_cache_does_not_confirm_another_tenants_password(
         guessed = _hash(channel, who["alice"], PASSWORD)
         assert not guessed.cached, "the cache confirmed bob's password to alice"
         assert guessed.encoded == bobs.encoded  # the same answer, computed for her
-        again = tasks.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec), timeout=10, metadata=who["alice"]).task
-        assert again.status == task_pb2.TASK_STATUS_PENDING and not again.result.cached, \
+        again = tasks.SubmitTask(
+            task_pb2.SubmitTaskRequest(spec=spec), timeout=10, metadata=who["alice"]
+        ).task
+        assert again.status == task_pb2.TASK_STATUS_PENDING and not again.result.cached, (
             "a task answered at once from bob's cache entry confirmed his password to alice"
+        )
         assert not _finished(tasks, again.id, who["alice"]).result.cached

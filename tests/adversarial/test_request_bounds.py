@@ -55,8 +55,12 @@ def test_padded_list_tasks_is_refused_and_others_go_through(dsn: str, procs: Pro
     balancer = procs.balancer([r.address for r in replicas])
     address = balancer.addresses["balancer"]
     padded = padded_list_tasks(7_000_000)  # 7 MB: under the wire limit, millions of entries
-    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 16 << 20)]) as channel, \
-            ThreadPoolExecutor(6) as pool:
+    with (
+        grpc.insecure_channel(
+            address, options=[("grpc.max_send_message_length", 16 << 20)]
+        ) as channel,
+        ThreadPoolExecutor(6) as pool,
+    ):
         attacks = [pool.submit(_refused, channel, padded) for _ in range(6)]
         codes = hash_codes(address, 200, timeout=15)
         assert ok_share(codes) == 1.0, {c: codes.count(c) for c in set(codes)}
@@ -77,7 +81,10 @@ def test_oversized_fields_name_themselves_without_a_traceback(dsn: str, procs: P
             assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
             assert bad_field(refused.value) == "page_token"
         hashes = hash_pb2_grpc.HashServiceStub(channel)
-        for encoded in ("$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$é" + "x" * 40, "$argon2id$" + "a" * 5000):
+        for encoded in (
+            "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$é" + "x" * 40,
+            "$argon2id$" + "a" * 5000,
+        ):
             with pytest.raises(grpc.RpcError) as refused:
                 hashes.Verify(hash_pb2.VerifyRequest(data=b"pw", encoded=encoded), timeout=10)
             assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]

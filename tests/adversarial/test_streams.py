@@ -23,13 +23,18 @@ RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 def _refused_with_retry_info(result: StreamResult) -> bool:
     details = result.details()
-    return (result.status == RESOURCE_EXHAUSTED and details is not None
-            and any(d.type_url.endswith("google.rpc.RetryInfo") for d in details.details))
+    return (
+        result.status == RESOURCE_EXHAUSTED
+        and details is not None
+        and any(d.type_url.endswith("google.rpc.RetryInfo") for d in details.details)
+    )
 
 
 def _attack(address: str, method: str, held: int, message: bytes | None = None) -> None:
     """Hold ``STREAMS`` streams of ``method``; all but ``held`` must be refused as over budget."""
-    connections, results = hold_streams(address, ATTACKER, method, STREAMS, message=message, end=message is not None)
+    connections, results = hold_streams(
+        address, ATTACKER, method, STREAMS, message=message, end=message is not None
+    )
     try:
         wait_answered(results, STREAMS - held)
         # What the others see, while the streams are held.
@@ -52,22 +57,30 @@ def _attack(address: str, method: str, held: int, message: bytes | None = None) 
 def test_held_hash_streams_leave_other_peers_alone(dsn: str, procs: Processes) -> None:
     replicas = [procs.hashd(dsn) for _ in range(2)]
     # Small per-replica caps: without separate stream slots 2,000 held streams would fill them.
-    balancer = procs.balancer([r.address for r in replicas],
-                              env={"HASHMESH_BALANCER_MAX_IN_FLIGHT": "64"})
+    balancer = procs.balancer(
+        [r.address for r in replicas], env={"HASHMESH_BALANCER_MAX_IN_FLIGHT": "64"}
+    )
     _attack(balancer.addresses["balancer"], "/hashmesh.v1.HashService/HashStream", held=64)
     assert admin_answers(balancer.addresses["balancer admin"])
 
 
 def test_held_watch_streams_leave_other_peers_alone(dsn: str, procs: Processes) -> None:
     replicas = [procs.hashd(dsn) for _ in range(2)]
-    balancer = procs.balancer([r.address for r in replicas],
-                              env={"HASHMESH_BALANCER_MAX_IN_FLIGHT": "64"})
+    balancer = procs.balancer(
+        [r.address for r in replicas], env={"HASHMESH_BALANCER_MAX_IN_FLIGHT": "64"}
+    )
     address = balancer.addresses["balancer"]
     # The attacker's own task (tasks are private to their submitter), submitted to a replica
     # as the balancer would for 127.0.0.2; no worker runs, so it stays pending.
     with channel_as(replicas[0].address, address_identity(ATTACKER)) as channel:
-        task = task_pb2_grpc.TaskServiceStub(channel).SubmitTask(task_pb2.SubmitTaskRequest(
-            spec=task_pb2.TaskSpec(algorithm=1, data=b"pending")), timeout=10).task
+        task = (
+            task_pb2_grpc.TaskServiceStub(channel)
+            .SubmitTask(
+                task_pb2.SubmitTaskRequest(spec=task_pb2.TaskSpec(algorithm=1, data=b"pending")),
+                timeout=10,
+            )
+            .task
+        )
     watch = task_pb2.WatchTaskRequest(id=task.id).SerializeToString()
     _attack(address, "/hashmesh.v1.TaskService/WatchTask", held=256, message=watch)
     assert admin_answers(balancer.addresses["balancer admin"])

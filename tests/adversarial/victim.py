@@ -13,14 +13,18 @@ from hashmesh.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hash_pb2, hash_pb
 SHA256 = common_pb2.ALGORITHM_SHA256
 
 
-def hash_codes(address: str, count: int, *, timeout: float = 20.0, workers: int = 16) -> list[grpc.StatusCode]:
+def hash_codes(
+    address: str, count: int, *, timeout: float = 20.0, workers: int = 16
+) -> list[grpc.StatusCode]:
     """The status of each of ``count`` Hash calls (``workers`` at a time)."""
     with grpc.insecure_channel(address) as channel:
         stub = hash_pb2_grpc.HashServiceStub(channel)
 
         def one(index: int) -> grpc.StatusCode:
             try:
-                stub.Hash(hash_pb2.HashRequest(algorithm=SHA256, data=b"v%d" % index), timeout=timeout)  # type: ignore[arg-type]
+                stub.Hash(
+                    hash_pb2.HashRequest(algorithm=SHA256, data=b"v%d" % index), timeout=timeout
+                )  # type: ignore[arg-type]
                 return grpc.StatusCode.OK
             except grpc.RpcError as err:
                 return err.code()  # type: ignore[attr-defined,no-any-return]
@@ -31,6 +35,7 @@ def hash_codes(address: str, count: int, *, timeout: float = 20.0, workers: int 
 
 def stream_codes(address: str, count: int, *, timeout: float = 20.0) -> list[grpc.StatusCode]:
     """The status of each of ``count`` HashStream calls of three messages."""
+
     def messages() -> Iterator[hash_pb2.HashStreamRequest]:
         yield hash_pb2.HashStreamRequest(header=hash_pb2.HashStreamHeader(algorithm=SHA256))  # type: ignore[arg-type]
         yield hash_pb2.HashStreamRequest(chunk=b"a" * 1000)
@@ -50,7 +55,9 @@ def stream_codes(address: str, count: int, *, timeout: float = 20.0) -> list[grp
 
 def admin_answers(admin_address: str, timeout: float = 10.0) -> bool:
     with grpc.insecure_channel(admin_address) as channel:
-        admin_pb2_grpc.AdminServiceStub(channel).GetStats(admin_pb2.GetStatsRequest(), timeout=timeout)
+        admin_pb2_grpc.AdminServiceStub(channel).GetStats(
+            admin_pb2.GetStatsRequest(), timeout=timeout
+        )
     return True
 
 

@@ -38,7 +38,10 @@ def test_killing_two_of_three_replicas_under_load_fails_no_call(dsn: str, procs:
             hashes = hash_pb2_grpc.HashServiceStub(channel)
             while not stop.is_set():
                 try:
-                    hashes.Hash(hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"steady"), timeout=10)  # type: ignore[arg-type]
+                    hashes.Hash(
+                        hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"steady"),
+                        timeout=10,
+                    )  # type: ignore[arg-type]
                     outcomes.append("ok")
                 except grpc.RpcError as err:
                     failures.append(err)
@@ -84,7 +87,9 @@ def test_killing_two_of_three_replicas_under_load_fails_no_call(dsn: str, procs:
             time.sleep(0.1)
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         try:
-            hash_pb2_grpc.HashServiceStub(channel).Hash(hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"x"), timeout=5)  # type: ignore[arg-type]
+            hash_pb2_grpc.HashServiceStub(channel).Hash(
+                hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"x"), timeout=5
+            )  # type: ignore[arg-type]
         except grpc.RpcError as err:
             assert err.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
         else:
@@ -102,9 +107,12 @@ def test_reflection_through_the_balancer_describes_hashd(dsn: str, procs: Proces
         hash_service = pool.FindServiceByName("hashmesh.v1.HashService")
         assert hash_service.methods_by_name["HashStream"].client_streaming
         reply = hash_pb2_grpc.HashServiceStub(channel).Hash(
-            hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc"), timeout=5  # type: ignore[arg-type]
+            hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc"),
+            timeout=5,  # type: ignore[arg-type]
         )
         assert reply.result.encoded.startswith("ba7816bf")
     # The admin listener describes the balancer's own services.
     with grpc.insecure_channel(balancer.addresses["balancer admin"]) as channel:
-        assert "hashmesh.v1.AdminService" in ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert (
+            "hashmesh.v1.AdminService" in ProtoReflectionDescriptorDatabase(channel).get_services()
+        )

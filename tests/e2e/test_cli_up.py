@@ -65,7 +65,9 @@ def _processes_mentioning(text: str) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                    errors="replace"
+                ):
                     found.append(int(entry.name))
             except OSError:
                 continue
@@ -76,9 +78,29 @@ def test_up_demo_restart_and_clean_stop(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     env = {k: v for k, v in os.environ.items() if k != "HASHMESH_DATABASE_URL"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "hashmesh.cli", "up", "--json", "--port", "0", "--admin-port", "0",
-         "--replicas", "2", "--workers", "1", "--state-dir", str(state_dir), "--demo"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "hashmesh.cli",
+            "up",
+            "--json",
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--replicas",
+            "2",
+            "--workers",
+            "1",
+            "--state-dir",
+            str(state_dir),
+            "--demo",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
     reader = EventReader(process)
     try:
@@ -130,9 +152,26 @@ def test_sigterm_during_start_up_leaves_nothing_behind(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     env = {k: v for k, v in os.environ.items() if k != "HASHMESH_DATABASE_URL"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "hashmesh.cli", "up", "--json", "--port", "0", "--admin-port", "0",
-         "--replicas", "2", "--state-dir", str(state_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "hashmesh.cli",
+            "up",
+            "--json",
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--replicas",
+            "2",
+            "--state-dir",
+            str(state_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
     reader = EventReader(process)
     try:
@@ -152,9 +191,27 @@ def test_a_child_that_cannot_start_fails_up_cleanly(dsn: str, tmp_path: Path) ->
     """An existing database (--database-url), and a balancer whose settings are wrong."""
     env = {**os.environ, "HASHMESH_BALANCER_RATE_LIMIT": "not-a-rate"}
     run = subprocess.run(
-        [sys.executable, "-m", "hashmesh.cli", "up", "--json", "--port", "0", "--admin-port", "0",
-         "--replicas", "1", "--database-url", dsn, "--state-dir", str(tmp_path / "state")],
-        capture_output=True, text=True, env=env, timeout=90,
+        [
+            sys.executable,
+            "-m",
+            "hashmesh.cli",
+            "up",
+            "--json",
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--replicas",
+            "1",
+            "--database-url",
+            dsn,
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=90,
     )
     assert run.returncode == 1
     events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
@@ -169,16 +226,27 @@ def test_a_child_that_cannot_start_fails_up_cleanly(dsn: str, tmp_path: Path) ->
 def test_up_with_bad_port_or_unreachable_database_exits_with_its_code(tmp_path: Path) -> None:
     def up(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "hashmesh.cli", "up", "--json", "--state-dir",
-             str(tmp_path / "state"), *args],
-            capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "hashmesh.cli",
+                "up",
+                "--json",
+                "--state-dir",
+                str(tmp_path / "state"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     bad_port = up("--port", "99999", "--admin-port", "0")
     assert bad_port.returncode == 2 and "Traceback" not in bad_port.stderr, bad_port.stderr
     assert "--port" in bad_port.stderr
-    unreachable = up("--port", "0", "--admin-port", "0",
-                     "--database-url", "postgresql://nobody@127.0.0.1:1/none")
+    unreachable = up(
+        "--port", "0", "--admin-port", "0", "--database-url", "postgresql://nobody@127.0.0.1:1/none"
+    )
     assert unreachable.returncode == 3, unreachable.stderr
     assert "Traceback" not in unreachable.stderr and "mesh did not start" in unreachable.stderr
 
@@ -188,15 +256,40 @@ def test_up_with_metrics_serves_prometheus_from_every_process(tmp_path: Path) ->
 
     env = {k: v for k, v in os.environ.items() if k != "HASHMESH_DATABASE_URL"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "hashmesh.cli", "up", "--json", "--port", "0", "--admin-port", "0",
-         "--replicas", "1", "--workers", "1", "--metrics", "--state-dir", str(tmp_path / "state")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "hashmesh.cli",
+            "up",
+            "--json",
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--replicas",
+            "1",
+            "--workers",
+            "1",
+            "--metrics",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     reader = EventReader(process)
     try:
         reader.wait_for(lambda e: e.get("event") == "ready")
-        running = {e["name"]: e for e in reader.seen if e.get("event") == "running" and "addresses" in e}
-        for name, kind in (("hashd-1", "hashd"), ("balancer", "balancer"), ("workerd-1", "workerd")):
+        running = {
+            e["name"]: e for e in reader.seen if e.get("event") == "running" and "addresses" in e
+        }
+        for name, kind in (
+            ("hashd-1", "hashd"),
+            ("balancer", "balancer"),
+            ("workerd-1", "workerd"),
+        ):
             address = running[name]["addresses"][f"{kind} metrics"]
             names = {sample_name for sample_name, _ in scrape(address)}
             assert "hashmesh_build_info" in names, (name, sorted(names)[:5])

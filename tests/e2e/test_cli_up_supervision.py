@@ -19,9 +19,28 @@ from tests.e2e.test_cli_up import EventReader, _alive, _processes_mentioning
 def _up(state_dir: Path) -> tuple[subprocess.Popen[str], EventReader]:
     env = {k: v for k, v in os.environ.items() if k != "HASHMESH_DATABASE_URL"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "hashmesh.cli", "up", "--json", "--port", "0", "--admin-port", "0",
-         "--replicas", "1", "--workers", "1", "--state-dir", str(state_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "hashmesh.cli",
+            "up",
+            "--json",
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--replicas",
+            "1",
+            "--workers",
+            "1",
+            "--state-dir",
+            str(state_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
     return process, EventReader(process)
 
@@ -68,12 +87,27 @@ def test_kill_9_leaves_no_orphan_and_a_second_up_waits_its_turn(tmp_path: Path) 
         assert (state_dir / "up.pid").read_text().strip() == str(first.pid)
 
         second = subprocess.run(
-            [sys.executable, "-m", "hashmesh.cli", "up", "--port", "0", "--admin-port", "0",
-             "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=60)
+            [
+                sys.executable,
+                "-m",
+                "hashmesh.cli",
+                "up",
+                "--port",
+                "0",
+                "--admin-port",
+                "0",
+                "--state-dir",
+                str(state_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode == ExitCode.FAILED_PRECONDITION, second.stderr
         assert second.stderr.strip().splitlines() == [
             f"error: hashctl up is already running on {state_dir} (PID {first.pid}); stop it first "
-            "(Ctrl-C in its terminal, or kill that PID), or pass another --state-dir"]
+            "(Ctrl-C in its terminal, or kill that PID), or pass another --state-dir"
+        ]
 
         mesh = _descendants(set(ready["pids"].values()))
         assert set(ready["pids"]) == {"postgres", "hashd-1", "balancer", "workerd-1"}
@@ -141,10 +175,27 @@ def test_a_database_that_cannot_start_is_explained_in_a_few_lines(tmp_path: Path
     (broken / "PG_VERSION").write_text("15\n")  # looks initialised, has no configuration
     env = {k: v for k, v in os.environ.items() if k != "HASHMESH_DATABASE_URL"}
     run = subprocess.run(
-        [sys.executable, "-m", "hashmesh.cli", "up", "--port", "0", "--admin-port", "0",
-         "--state-dir", str(state_dir)], capture_output=True, text=True, env=env, timeout=90)
+        [
+            sys.executable,
+            "-m",
+            "hashmesh.cli",
+            "up",
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--state-dir",
+            str(state_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=90,
+    )
     assert run.returncode == ExitCode.OTHER
     lines = run.stderr.strip().splitlines()
-    assert lines[0] == f"error: PostgreSQL did not start (log {state_dir / 'logs' / 'postgres.log'}):"
+    assert (
+        lines[0] == f"error: PostgreSQL did not start (log {state_dir / 'logs' / 'postgres.log'}):"
+    )
     assert 2 <= len(lines) <= 4 and "postgresql.conf" in run.stderr, run.stderr
     assert _processes_mentioning(str(state_dir)) == []

@@ -37,7 +37,10 @@ def node_project(folder: Path) -> Path:
         pytest.skip("node and npm are not installed")
     done = subprocess.run(
         ["npm", "install", "--no-audit", "--no-fund", "--prefer-offline", "--silent", *PACKAGES],
-        cwd=folder, capture_output=True, text=True, timeout=300,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if done.returncode != 0:
         if NO_NETWORK.search(done.stderr):
@@ -58,16 +61,26 @@ def test_node_example_runs_against_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
         "GOOGLEAPIS_PROTOS": str(googleapis),
         "HASHMESH_ADDRESS": mesh.address,
     }
-    done = subprocess.run(["node", str(script)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=90)
+    done = subprocess.run(
+        ["node", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90
+    )
     assert done.returncode == 0, done.stderr
     steps = {line["step"]: line for line in map(json.loads, done.stdout.splitlines())}
     assert steps["hash"]["encoded"] == hashlib.sha256(b"hello").hexdigest()
-    assert steps["stream"] == {"step": "stream", "total_bytes": str(3 << 20),
-                               "encoded": hashlib.sha256(b"a" * (3 << 20)).hexdigest()}
-    assert steps["task"] == {"step": "task", "status": "TASK_STATUS_SUCCEEDED",
-                             "encoded": hashlib.md5(b"hello").hexdigest()}
+    assert steps["stream"] == {
+        "step": "stream",
+        "total_bytes": str(3 << 20),
+        "encoded": hashlib.sha256(b"a" * (3 << 20)).hexdigest(),
+    }
+    assert steps["task"] == {
+        "step": "task",
+        "status": "TASK_STATUS_SUCCEEDED",
+        "encoded": hashlib.md5(b"hello").hexdigest(),
+    }
     assert steps["error"] == {
-        "step": "error", "code": "INVALID_ARGUMENT", "reason": "INVALID_FIELD",
-        "domain": "hashmesh.dev", "fields": ["specs[0].algorithm", "specs[0].priority", "specs[1].argon2"],
+        "step": "error",
+        "code": "INVALID_ARGUMENT",
+        "reason": "INVALID_FIELD",
+        "domain": "hashmesh.dev",
+        "fields": ["specs[0].algorithm", "specs[0].priority", "specs[1].argon2"],
     }

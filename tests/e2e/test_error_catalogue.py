@@ -37,7 +37,11 @@ from tests.conftest import Processes
 
 LIMIT = 4096
 TOKEN = "the-admin-token"
-SHA256, MD5, ARGON2 = common_pb2.ALGORITHM_SHA256, common_pb2.ALGORITHM_MD5, common_pb2.ALGORITHM_ARGON2ID
+SHA256, MD5, ARGON2 = (
+    common_pb2.ALGORITHM_SHA256,
+    common_pb2.ALGORITHM_MD5,
+    common_pb2.ALGORITHM_ARGON2ID,
+)
 CANNOT_PROVOKE = {"INTERNAL": "a bug by definition: no request is meant to provoke it"}
 LAST = ("DATABASE_UNAVAILABLE",)
 """Provoked after the others: it stops a PostgreSQL server for good."""
@@ -83,7 +87,9 @@ def tasks(channel: grpc.Channel) -> task_pb2_grpc.TaskServiceStub:
 
 def pending(world: World, algorithm: int = MD5) -> str:
     spec = task_pb2.TaskSpec(algorithm=algorithm, data=b"secret", run_after=later())
-    return str(tasks(world.main).SubmitTask(task_pb2.SubmitTaskRequest(spec=spec), timeout=10).task.id)
+    return str(
+        tasks(world.main).SubmitTask(task_pb2.SubmitTaskRequest(spec=spec), timeout=10).task.id
+    )
 
 
 # -- one provocation per catalogue entry ------------------------------------------------------
@@ -94,12 +100,17 @@ def invalid_field(world: World) -> tuple[str, grpc.RpcError]:
         task_pb2.TaskSpec(priority=500),  # no algorithm, priority out of bounds
         task_pb2.TaskSpec(algorithm=SHA256, argon2=common_pb2.Argon2Params(time_cost=3)),
     ]
-    method, error = refused("TaskService.SubmitTasks", lambda: tasks(world.main).SubmitTasks(
-        task_pb2.SubmitTasksRequest(specs=specs), timeout=10))
+    method, error = refused(
+        "TaskService.SubmitTasks",
+        lambda: tasks(world.main).SubmitTasks(task_pb2.SubmitTasksRequest(specs=specs), timeout=10),
+    )
     bad = detail(error, error_details_pb2.BadRequest)
     # Every bad field of the batch, not the first one only.
     assert [v.field for v in bad.field_violations] == [
-        "specs[0].algorithm", "specs[0].priority", "specs[1].argon2"]
+        "specs[0].algorithm",
+        "specs[0].priority",
+        "specs[1].argon2",
+    ]
     assert detail(error, error_details_pb2.ErrorInfo).metadata["violations"] == "3"
     return method, error
 
@@ -107,13 +118,30 @@ def invalid_field(world: World) -> tuple[str, grpc.RpcError]:
 def input_too_large(world: World) -> tuple[str, grpc.RpcError]:
     big = b"x" * (LIMIT + 1)
     # The same answer for a unary hash, a task's input and a stream chunk.
-    _, task_error = refused("TaskService.SubmitTask", lambda: tasks(world.main).SubmitTask(
-        task_pb2.SubmitTaskRequest(spec=task_pb2.TaskSpec(algorithm=MD5, data=big)), timeout=10))
-    _, chunk_error = refused("HashService.HashStream", lambda: hashes(world.main).HashStream(iter([
-        hash_pb2.HashStreamRequest(header=hash_pb2.HashStreamHeader(algorithm=SHA256)),
-        hash_pb2.HashStreamRequest(chunk=big)]), timeout=10))
-    method, error = refused("HashService.ComputeHash", lambda: hashes(world.main).ComputeHash(
-        hash_pb2.HashRequest(algorithm=SHA256, data=big), timeout=10))
+    _, task_error = refused(
+        "TaskService.SubmitTask",
+        lambda: tasks(world.main).SubmitTask(
+            task_pb2.SubmitTaskRequest(spec=task_pb2.TaskSpec(algorithm=MD5, data=big)), timeout=10
+        ),
+    )
+    _, chunk_error = refused(
+        "HashService.HashStream",
+        lambda: hashes(world.main).HashStream(
+            iter(
+                [
+                    hash_pb2.HashStreamRequest(header=hash_pb2.HashStreamHeader(algorithm=SHA256)),
+                    hash_pb2.HashStreamRequest(chunk=big),
+                ]
+            ),
+            timeout=10,
+        ),
+    )
+    method, error = refused(
+        "HashService.ComputeHash",
+        lambda: hashes(world.main).ComputeHash(
+            hash_pb2.HashRequest(algorithm=SHA256, data=big), timeout=10
+        ),
+    )
     for other, field in ((task_error, "spec.data"), (chunk_error, "chunk"), (error, "data")):
         assert other.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
         info = detail(other, error_details_pb2.ErrorInfo)
@@ -128,33 +156,49 @@ def malformed_request(world: World) -> tuple[str, grpc.RpcError]:
 
 
 def message_too_large(world: World) -> tuple[str, grpc.RpcError]:
-    return refused("HashService.ComputeHash", lambda: hashes(world.main).ComputeHash(
-        hash_pb2.HashRequest(algorithm=SHA256, data=b"x" * (3 * LIMIT)), timeout=10))
+    return refused(
+        "HashService.ComputeHash",
+        lambda: hashes(world.main).ComputeHash(
+            hash_pb2.HashRequest(algorithm=SHA256, data=b"x" * (3 * LIMIT)), timeout=10
+        ),
+    )
 
 
 def task_not_found(world: World) -> tuple[str, grpc.RpcError]:
     missing = str(uuid.uuid4())
-    method, error = refused("TaskService.GetTask", lambda: tasks(world.main).GetTask(
-        task_pb2.GetTaskRequest(id=missing), timeout=10))
+    method, error = refused(
+        "TaskService.GetTask",
+        lambda: tasks(world.main).GetTask(task_pb2.GetTaskRequest(id=missing), timeout=10),
+    )
     info = detail(error, error_details_pb2.ResourceInfo)
     assert info.resource_type == "hashmesh.v1.Task" and info.resource_name == missing
     return method, error
 
 
 def backend_not_found(world: World) -> tuple[str, grpc.RpcError]:
-    method, error = refused("AdminService.DrainBackend", lambda: world.main_admin.DrainBackend(
-        admin_pb2.DrainBackendRequest(address="127.0.0.1:1"), timeout=10))
+    method, error = refused(
+        "AdminService.DrainBackend",
+        lambda: world.main_admin.DrainBackend(
+            admin_pb2.DrainBackendRequest(address="127.0.0.1:1"), timeout=10
+        ),
+    )
     assert detail(error, error_details_pb2.ResourceInfo).resource_name == "127.0.0.1:1"
     return method, error
 
 
 def idempotency_key_reused(world: World) -> tuple[str, grpc.RpcError]:
     stub = tasks(world.main)
-    first = task_pb2.TaskSpec(algorithm=MD5, data=b"one", idempotency_key="k-reused", run_after=later())
+    first = task_pb2.TaskSpec(
+        algorithm=MD5, data=b"one", idempotency_key="k-reused", run_after=later()
+    )
     task_id = stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=first), timeout=10).task.id
-    other = task_pb2.TaskSpec(algorithm=MD5, data=b"two", idempotency_key="k-reused", run_after=later())
-    method, error = refused("TaskService.SubmitTask", lambda: stub.SubmitTask(
-        task_pb2.SubmitTaskRequest(spec=other), timeout=10))
+    other = task_pb2.TaskSpec(
+        algorithm=MD5, data=b"two", idempotency_key="k-reused", run_after=later()
+    )
+    method, error = refused(
+        "TaskService.SubmitTask",
+        lambda: stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=other), timeout=10),
+    )
     assert detail(error, error_details_pb2.ErrorInfo).metadata["task_id"] == task_id
     assert detail(error, error_details_pb2.ResourceInfo).resource_name == task_id
     return method, error
@@ -163,60 +207,90 @@ def idempotency_key_reused(world: World) -> tuple[str, grpc.RpcError]:
 def identity_stamp_invalid(world: World) -> tuple[str, grpc.RpcError]:
     forged = (("x-hashmesh-identity", "alice"), ("x-hashmesh-identity-sig", "v1.0.forged"))
     with grpc.insecure_channel(world.replica) as channel:
-        return refused("TaskService.ListTasks", lambda: tasks(channel).ListTasks(
-            task_pb2.ListTasksRequest(), timeout=10, metadata=forged))
+        return refused(
+            "TaskService.ListTasks",
+            lambda: tasks(channel).ListTasks(
+                task_pb2.ListTasksRequest(), timeout=10, metadata=forged
+            ),
+        )
 
 
 def client_id_not_caller(world: World) -> tuple[str, grpc.RpcError]:
     spec = task_pb2.TaskSpec(algorithm=MD5, data=b"x", run_after=later())
-    return refused("TaskService.SubmitTask", lambda: tasks(world.main).SubmitTask(
-        task_pb2.SubmitTaskRequest(spec=spec, client_id="someone-else"), timeout=10))
+    return refused(
+        "TaskService.SubmitTask",
+        lambda: tasks(world.main).SubmitTask(
+            task_pb2.SubmitTaskRequest(spec=spec, client_id="someone-else"), timeout=10
+        ),
+    )
 
 
 def operator_only(world: World) -> tuple[str, grpc.RpcError]:
-    return refused("CacheService.ClearCache", lambda: cache_pb2_grpc.CacheServiceStub(world.main).ClearCache(
-        cache_pb2.ClearCacheRequest(), timeout=10))
+    return refused(
+        "CacheService.ClearCache",
+        lambda: cache_pb2_grpc.CacheServiceStub(world.main).ClearCache(
+            cache_pb2.ClearCacheRequest(), timeout=10
+        ),
+    )
 
 
 def task_finished(world: World) -> tuple[str, grpc.RpcError]:
     task_id = pending(world)
     stub = tasks(world.main)
     stub.CancelTask(task_pb2.CancelTaskRequest(id=task_id), timeout=10)
-    method, error = refused("TaskService.CancelTask", lambda: stub.CancelTask(
-        task_pb2.CancelTaskRequest(id=task_id), timeout=10))
-    assert detail(error, error_details_pb2.PreconditionFailure).violations[0].subject == f"tasks/{task_id}"
+    method, error = refused(
+        "TaskService.CancelTask",
+        lambda: stub.CancelTask(task_pb2.CancelTaskRequest(id=task_id), timeout=10),
+    )
+    assert (
+        detail(error, error_details_pb2.PreconditionFailure).violations[0].subject
+        == f"tasks/{task_id}"
+    )
     return method, error
 
 
 def task_not_requeueable(world: World) -> tuple[str, grpc.RpcError]:
     task_id = pending(world)
-    return refused("TaskService.RequeueTask", lambda: tasks(world.main).RequeueTask(
-        task_pb2.RequeueTaskRequest(id=task_id), timeout=10))
+    return refused(
+        "TaskService.RequeueTask",
+        lambda: tasks(world.main).RequeueTask(task_pb2.RequeueTaskRequest(id=task_id), timeout=10),
+    )
 
 
 def task_input_erased(world: World) -> tuple[str, grpc.RpcError]:
     task_id = pending(world, ARGON2)
     stub = tasks(world.main)
     stub.CancelTask(task_pb2.CancelTaskRequest(id=task_id), timeout=10)
-    return refused("TaskService.RequeueTask", lambda: stub.RequeueTask(
-        task_pb2.RequeueTaskRequest(id=task_id), timeout=10))
+    return refused(
+        "TaskService.RequeueTask",
+        lambda: stub.RequeueTask(task_pb2.RequeueTaskRequest(id=task_id), timeout=10),
+    )
 
 
 def argon2_tasks_disabled(world: World) -> tuple[str, grpc.RpcError]:
     spec = task_pb2.TaskSpec(algorithm=ARGON2, data=b"password", run_after=later())
-    return refused("TaskService.SubmitTask", lambda: tasks(world.guarded).SubmitTask(
-        task_pb2.SubmitTaskRequest(spec=spec), timeout=10, metadata=world.alice))
+    return refused(
+        "TaskService.SubmitTask",
+        lambda: tasks(world.guarded).SubmitTask(
+            task_pb2.SubmitTaskRequest(spec=spec), timeout=10, metadata=world.alice
+        ),
+    )
 
 
 def rate_limited(world: World) -> tuple[str, grpc.RpcError]:
-    world.main_admin.SetRateLimits(admin_pb2.SetRateLimitsRequest(
-        default_limit=admin_pb2.RateLimit(rate_per_second=0.001, burst=1)), timeout=10)
+    world.main_admin.SetRateLimits(
+        admin_pb2.SetRateLimitsRequest(
+            default_limit=admin_pb2.RateLimit(rate_per_second=0.001, burst=1)
+        ),
+        timeout=10,
+    )
     try:
         request = hash_pb2.HashRequest(algorithm=SHA256, data=b"x")
         _, call = hashes(world.main).ComputeHash.with_call(request, timeout=10)
         assert dict(call.initial_metadata())["ratelimit"].startswith('"default";r=0;')
-        method, error = refused("HashService.ComputeHash", lambda: hashes(world.main).ComputeHash(
-            request, timeout=10))
+        method, error = refused(
+            "HashService.ComputeHash", lambda: hashes(world.main).ComputeHash(request, timeout=10)
+        )
         headers = dict(error.initial_metadata())  # type: ignore[attr-defined]
         assert headers["ratelimit-policy"] == '"default";q=1;w=1000'
         assert headers["ratelimit"].startswith('"default";r=0;t=')
@@ -231,9 +305,11 @@ def overloaded(world: World) -> tuple[str, grpc.RpcError]:
         async with grpc.aio.insecure_channel(address_of(world.main)) as channel:
             stub = hash_pb2_grpc.HashServiceStub(channel)
             request = hash_pb2.HashRequest(
-                algorithm=ARGON2, data=b"pw", argon2=common_pb2.Argon2Params(time_cost=10))
-            return await asyncio.gather(*(stub.ComputeHash(request, timeout=60) for _ in range(4)),
-                                        return_exceptions=True)
+                algorithm=ARGON2, data=b"pw", argon2=common_pb2.Argon2Params(time_cost=10)
+            )
+            return await asyncio.gather(
+                *(stub.ComputeHash(request, timeout=60) for _ in range(4)), return_exceptions=True
+            )
 
     answers = asyncio.run(burst())
     errors = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
@@ -243,27 +319,42 @@ def overloaded(world: World) -> tuple[str, grpc.RpcError]:
 
 def queue_full(world: World) -> tuple[str, grpc.RpcError]:
     specs = [task_pb2.TaskSpec(algorithm=MD5, data=b"q", run_after=later()) for _ in range(5)]
-    return refused("TaskService.SubmitTasks", lambda: tasks(world.guarded).SubmitTasks(
-        task_pb2.SubmitTasksRequest(specs=specs), timeout=10, metadata=world.bob))
+    return refused(
+        "TaskService.SubmitTasks",
+        lambda: tasks(world.guarded).SubmitTasks(
+            task_pb2.SubmitTasksRequest(specs=specs), timeout=10, metadata=world.bob
+        ),
+    )
 
 
 def client_queue_full(world: World) -> tuple[str, grpc.RpcError]:
     stub = tasks(world.guarded)
-    request = task_pb2.SubmitTaskRequest(spec=task_pb2.TaskSpec(algorithm=MD5, data=b"c", run_after=later()))
+    request = task_pb2.SubmitTaskRequest(
+        spec=task_pb2.TaskSpec(algorithm=MD5, data=b"c", run_after=later())
+    )
     for _ in range(2):
         stub.SubmitTask(request, timeout=10, metadata=world.alice)
-    return refused("TaskService.SubmitTask", lambda: stub.SubmitTask(request, timeout=10, metadata=world.alice))
+    return refused(
+        "TaskService.SubmitTask", lambda: stub.SubmitTask(request, timeout=10, metadata=world.alice)
+    )
 
 
 def no_replica(world: World) -> tuple[str, grpc.RpcError]:
     [backend] = world.main_admin.ListBackends(admin_pb2.ListBackendsRequest(), timeout=10).backends
-    world.main_admin.DrainBackend(admin_pb2.DrainBackendRequest(address=backend.address), timeout=10)
+    world.main_admin.DrainBackend(
+        admin_pb2.DrainBackendRequest(address=backend.address), timeout=10
+    )
     try:
-        return refused("HashService.ComputeHash", lambda: hashes(world.main).ComputeHash(
-            hash_pb2.HashRequest(algorithm=SHA256, data=b"x"), timeout=10))
+        return refused(
+            "HashService.ComputeHash",
+            lambda: hashes(world.main).ComputeHash(
+                hash_pb2.HashRequest(algorithm=SHA256, data=b"x"), timeout=10
+            ),
+        )
     finally:
         world.main_admin.DrainBackend(
-            admin_pb2.DrainBackendRequest(address=backend.address, undrain=True), timeout=10)
+            admin_pb2.DrainBackendRequest(address=backend.address, undrain=True), timeout=10
+        )
 
 
 def replicas_busy(world: World) -> tuple[str, grpc.RpcError]:
@@ -271,12 +362,20 @@ def replicas_busy(world: World) -> tuple[str, grpc.RpcError]:
     # (streams have slots of their own: they never take a unary call's).
     stub = tasks(world.guarded)
     spec = task_pb2.TaskSpec(algorithm=MD5, data=b"w", run_after=later())
-    task_id = stub.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec), timeout=10, metadata=world.bob).task.id
+    task_id = stub.SubmitTask(
+        task_pb2.SubmitTaskRequest(spec=spec), timeout=10, metadata=world.bob
+    ).task.id
     watch = stub.WatchTask(task_pb2.WatchTaskRequest(id=task_id), timeout=30, metadata=world.bob)
     try:
         next(watch)  # the current state: the stream is open on the replica
-        return refused("TaskService.WatchTask", lambda: next(stub.WatchTask(
-            task_pb2.WatchTaskRequest(id=task_id), timeout=10, metadata=world.bob)))
+        return refused(
+            "TaskService.WatchTask",
+            lambda: next(
+                stub.WatchTask(
+                    task_pb2.WatchTaskRequest(id=task_id), timeout=10, metadata=world.bob
+                )
+            ),
+        )
     finally:
         watch.cancel()
 
@@ -287,20 +386,28 @@ def database_unavailable(world: World) -> tuple[str, grpc.RpcError]:
     # Until replica C notices; each answer comes at once or after its own bounded retries.
     give_up = time.monotonic() + 60
     while True:
-        method, error = refused("TaskService.GetQueueStats", lambda: stub.GetQueueStats(
-            task_pb2.GetQueueStatsRequest(), timeout=20, metadata=world.bob))
+        method, error = refused(
+            "TaskService.GetQueueStats",
+            lambda: stub.GetQueueStats(
+                task_pb2.GetQueueStatsRequest(), timeout=20, metadata=world.bob
+            ),
+        )
         if error.code() is grpc.StatusCode.UNAVAILABLE or time.monotonic() > give_up:  # type: ignore[attr-defined]
             return method, error
 
 
 def _hash_on(world: World, metadata: tuple[tuple[str, str], ...]) -> Callable[[], object]:
     return lambda: hashes(world.guarded).ComputeHash(
-        hash_pb2.HashRequest(algorithm=SHA256, data=b"x"), timeout=10, metadata=metadata)
+        hash_pb2.HashRequest(algorithm=SHA256, data=b"x"), timeout=10, metadata=metadata
+    )
 
 
-def _stats_on(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> Callable[[], object]:
+def _stats_on(
+    channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()
+) -> Callable[[], object]:
     return lambda: admin_pb2_grpc.AdminServiceStub(channel).GetStats(
-        admin_pb2.GetStatsRequest(), timeout=10, metadata=metadata)
+        admin_pb2.GetStatsRequest(), timeout=10, metadata=metadata
+    )
 
 
 def admin_token_invalid(world: World) -> tuple[str, grpc.RpcError]:
@@ -316,8 +423,12 @@ def deadline_passed(world: World) -> tuple[str, grpc.RpcError]:
     # A server can only see a deadline pass after the client's own has: what a client gets is
     # its library's DEADLINE_EXCEEDED (a tiny positive timeout may even win the race and
     # succeed, so the deadline is already past when the call starts).
-    return refused("HashService.ComputeHash", lambda: hashes(world.main).ComputeHash(
-        hash_pb2.HashRequest(algorithm=SHA256, data=b"x"), timeout=-1))
+    return refused(
+        "HashService.ComputeHash",
+        lambda: hashes(world.main).ComputeHash(
+            hash_pb2.HashRequest(algorithm=SHA256, data=b"x"), timeout=-1
+        ),
+    )
 
 
 def unimplemented(world: World) -> tuple[str, grpc.RpcError]:
@@ -348,7 +459,9 @@ PROVOKE: dict[str, Provocation] = {
     "REPLICAS_BUSY": replicas_busy,
     "DATABASE_UNAVAILABLE": database_unavailable,
     "API_KEY_MISSING": lambda w: refused("HashService.ComputeHash", _hash_on(w, ())),
-    "API_KEY_INVALID": lambda w: refused("HashService.ComputeHash", _hash_on(w, (("x-api-key", "hm_wrong"),))),
+    "API_KEY_INVALID": lambda w: refused(
+        "HashService.ComputeHash", _hash_on(w, (("x-api-key", "hm_wrong"),))
+    ),
     "ADMIN_TOKEN_MISSING": lambda w: refused("AdminService.GetStats", _stats_on(w.guarded)),
     "ADMIN_TOKEN_INVALID": admin_token_invalid,
     "ADMIN_LISTENER_ONLY": lambda w: refused("AdminService.GetStats", _stats_on(w.main)),
@@ -405,27 +518,49 @@ def check(entry: Entry, method: str, error: grpc.RpcError) -> None:
 
 
 @pytest.fixture
-def world(dsn: str, procs: Processes, owned_pg: EmbeddedPostgres, tmp_path: Path) -> Iterator[World]:
+def world(
+    dsn: str, procs: Processes, owned_pg: EmbeddedPostgres, tmp_path: Path
+) -> Iterator[World]:
     small = {"HASHMESH_MAX_MESSAGE_BYTES": str(LIMIT)}
-    replica_a = procs.hashd(dsn, env={**small, "HASHMESH_HASHD_CPU_WORKERS": "1", "HASHMESH_HASHD_CPU_QUEUE": "0"})
+    replica_a = procs.hashd(
+        dsn, env={**small, "HASHMESH_HASHD_CPU_WORKERS": "1", "HASHMESH_HASHD_CPU_QUEUE": "0"}
+    )
     procs.workerd(dsn)
     balancer_a = procs.balancer([replica_a.address], env=small)
-    replica_c = procs.hashd(owned_pg.dsn, env={
-        "HASHMESH_MAX_PENDING_TASKS": "4", "HASHMESH_MAX_PENDING_PER_CLIENT": "2",
-        "HASHMESH_TASK_KEY_FILE": ""})  # no task input key: argon2id tasks are refused
+    replica_c = procs.hashd(
+        owned_pg.dsn,
+        env={
+            "HASHMESH_MAX_PENDING_TASKS": "4",
+            "HASHMESH_MAX_PENDING_PER_CLIENT": "2",
+            "HASHMESH_TASK_KEY_FILE": "",
+        },
+    )  # no task input key: argon2id tasks are refused
     alice, bob = generate_key(), generate_key()
     keys = tmp_path / "keys"
     keys.write_text(f"{key_line('alice', alice)}\n{key_line('bob', bob)}\n")
-    balancer_b = procs.balancer([replica_c.address], env={
-        "HASHMESH_BALANCER_API_KEYS_FILE": str(keys), "HASHMESH_ADMIN_TOKEN": TOKEN,
-        "HASHMESH_BALANCER_MAX_IN_FLIGHT": "1", "HASHMESH_BALANCER_MAX_STREAMS_PER_BACKEND": "1"})
+    balancer_b = procs.balancer(
+        [replica_c.address],
+        env={
+            "HASHMESH_BALANCER_API_KEYS_FILE": str(keys),
+            "HASHMESH_ADMIN_TOKEN": TOKEN,
+            "HASHMESH_BALANCER_MAX_IN_FLIGHT": "1",
+            "HASHMESH_BALANCER_MAX_STREAMS_PER_BACKEND": "1",
+        },
+    )
     main = grpc.insecure_channel(balancer_a.addresses["balancer"])
     ADDRESSES[id(main)] = balancer_a.addresses["balancer"]
     guarded = grpc.insecure_channel(balancer_b.addresses["balancer"])
     admin = grpc.insecure_channel(balancer_a.addresses["balancer admin"])
     try:
-        yield World(main, admin_pb2_grpc.AdminServiceStub(admin), guarded,
-                    (("x-api-key", alice),), (("x-api-key", bob),), owned_pg, replica_a.address)
+        yield World(
+            main,
+            admin_pb2_grpc.AdminServiceStub(admin),
+            guarded,
+            (("x-api-key", alice),),
+            (("x-api-key", bob),),
+            owned_pg,
+            replica_a.address,
+        )
     finally:
         for channel in (main, guarded, admin):
             channel.close()
@@ -435,7 +570,9 @@ def world(dsn: str, procs: Processes, owned_pg: EmbeddedPostgres, tmp_path: Path
 @pytest.mark.timeout(300)
 def test_every_catalogue_entry_is_provoked_and_answers_as_documented(world: World) -> None:
     names = [e.name for e in CATALOGUE]
-    assert sorted(PROVOKE) == sorted(set(names) - set(CANNOT_PROVOKE)), "each entry needs a provocation"
+    assert sorted(PROVOKE) == sorted(set(names) - set(CANNOT_PROVOKE)), (
+        "each entry needs a provocation"
+    )
     order = [e for e in CATALOGUE if e.name not in LAST] + [e for e in CATALOGUE if e.name in LAST]
     checked = []
     for entry in order:

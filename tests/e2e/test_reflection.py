@@ -43,9 +43,7 @@ def method_comments() -> Iterator[tuple[str, str]]:
     for file in contract_files():
         if not file.name.startswith("hashmesh/"):
             continue
-        comments = {
-            tuple(loc.path): loc.leading_comments for loc in file.source_code_info.location
-        }
+        comments = {tuple(loc.path): loc.leading_comments for loc in file.source_code_info.location}
         for s, service in enumerate(file.service):
             for m, method in enumerate(service.method):
                 # 6 = FileDescriptorProto.service, 2 = ServiceDescriptorProto.method
@@ -53,7 +51,9 @@ def method_comments() -> Iterator[tuple[str, str]]:
                 yield f"{file.package}.{service.name}.{method.name}", comment.strip().split("\n")[0]
 
 
-def reflect(channel: grpc.Channel, service: str, request: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:
+def reflect(
+    channel: grpc.Channel, service: str, request: reflection_pb2.ServerReflectionRequest
+) -> reflection_pb2.ServerReflectionResponse:
     call = channel.stream_stream(
         f"/{service}/ServerReflectionInfo",
         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
@@ -65,24 +65,47 @@ def reflect(channel: grpc.Channel, service: str, request: reflection_pb2.ServerR
 
 def assert_reflection_with_comments(address: str, expected_services: set[str]) -> None:
     with grpc.insecure_channel(address) as channel:
-        for version in ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"):
-            listed = reflect(channel, version, reflection_pb2.ServerReflectionRequest(list_services=""))
+        for version in (
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ):
+            listed = reflect(
+                channel, version, reflection_pb2.ServerReflectionRequest(list_services="")
+            )
             names = {s.name for s in listed.list_services_response.service}
             assert expected_services <= names, (version, names)
-            answer = reflect(channel, version, reflection_pb2.ServerReflectionRequest(
-                file_containing_symbol="hashmesh.v1.TaskService.WatchTask"))
-            files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
-                     for raw in answer.file_descriptor_response.file_descriptor_proto]
+            answer = reflect(
+                channel,
+                version,
+                reflection_pb2.ServerReflectionRequest(
+                    file_containing_symbol="hashmesh.v1.TaskService.WatchTask"
+                ),
+            )
+            files = [
+                descriptor_pb2.FileDescriptorProto.FromString(raw)
+                for raw in answer.file_descriptor_response.file_descriptor_proto
+            ]
             task = next(f for f in files if f.name == "hashmesh/v1/task.proto")
-            assert {"hashmesh/v1/common.proto", "google/protobuf/timestamp.proto"} <= {f.name for f in files}
-            assert any("streams the task's current state" in loc.leading_comments
-                       for loc in task.source_code_info.location), version
-            missing = reflect(channel, version, reflection_pb2.ServerReflectionRequest(
-                file_containing_symbol="hashmesh.v1.NoSuchThing"))
+            assert {"hashmesh/v1/common.proto", "google/protobuf/timestamp.proto"} <= {
+                f.name for f in files
+            }
+            assert any(
+                "streams the task's current state" in loc.leading_comments
+                for loc in task.source_code_info.location
+            ), version
+            missing = reflect(
+                channel,
+                version,
+                reflection_pb2.ServerReflectionRequest(
+                    file_containing_symbol="hashmesh.v1.NoSuchThing"
+                ),
+            )
             assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
-def test_grpcurl_lists_and_describes_every_method_while_rate_limited(dsn: str, procs: Processes) -> None:
+def test_grpcurl_lists_and_describes_every_method_while_rate_limited(
+    dsn: str, procs: Processes
+) -> None:
     replica = procs.hashd(dsn)
     balancer = procs.balancer([replica.address], "--rate-limit", "0.001/1")
     address = balancer.addresses["balancer"]
@@ -99,11 +122,17 @@ def test_grpcurl_lists_and_describes_every_method_while_rate_limited(dsn: str, p
         assert statuses[""].status == health_pb2.HealthCheckResponse.SERVING
         assert set(PROXIED) <= set(statuses)
         assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == (
-            health_pb2.HealthCheckResponse.SERVING)
+            health_pb2.HealthCheckResponse.SERVING
+        )
 
     listed = set(grpcurl("-plaintext", address, "list").split())
-    assert {*PROXIED, ADMIN, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
-            "grpc.reflection.v1alpha.ServerReflection"} <= listed
+    assert {
+        *PROXIED,
+        ADMIN,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= listed
     described = 0
     for method, comment in method_comments():
         text = grpcurl("-plaintext", address, "describe", method)
@@ -114,12 +143,18 @@ def test_grpcurl_lists_and_describes_every_method_while_rate_limited(dsn: str, p
 
     # Still limited afterwards: reflection did not refill or bypass the bucket for real calls.
     with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as again:
-        hash_pb2_grpc.HashServiceStub(channel).ComputeHash(hash_pb2.HashRequest(algorithm=3, data=b"x"), timeout=10)
+        hash_pb2_grpc.HashServiceStub(channel).ComputeHash(
+            hash_pb2.HashRequest(algorithm=3, data=b"x"), timeout=10
+        )
     assert again.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
 
     assert_reflection_with_comments(address, {*PROXIED, ADMIN})
     assert_reflection_with_comments(replica.address, set(PROXIED))
     assert_reflection_with_comments(balancer.addresses["balancer admin"], {ADMIN})
     with grpc.insecure_channel(replica.address) as channel:
-        statuses = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=10).statuses
+        statuses = (
+            health_pb2_grpc.HealthStub(channel)
+            .List(health_pb2.HealthListRequest(), timeout=10)
+            .statuses
+        )
         assert statuses["hashmesh.v1.TaskService"].status == health_pb2.HealthCheckResponse.SERVING

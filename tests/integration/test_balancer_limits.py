@@ -15,10 +15,14 @@ from tests.integration.test_balancer_proxy import start_backends, start_balancer
 from tests.procs import start_process, wait_serving
 
 HASH = "/hashmesh.v1.HashService/Hash"
-REQUEST = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc").SerializeToString()  # type: ignore[arg-type]
+REQUEST = hash_pb2.HashRequest(
+    algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc"
+).SerializeToString()  # type: ignore[arg-type]
 
 
-async def _paced(address: str, client: str, per_second: float, seconds: float) -> tuple[int, int, float, list[grpc.aio.AioRpcError]]:
+async def _paced(
+    address: str, client: str, per_second: float, seconds: float
+) -> tuple[int, int, float, list[grpc.aio.AioRpcError]]:
     """Send at ``per_second`` for ``seconds`` without waiting for answers; count outcomes."""
     accepted = refused = 0
     refusals: list[grpc.aio.AioRpcError] = []
@@ -52,14 +56,26 @@ def test_flooding_client_gets_its_limit_and_others_are_unaffected(tmp_path: Path
     backends = start_backends(tmp_path, 2)
     # The test's clients come through 127.0.0.1, trusted here as a proxy so that x-client-id
     # names each (tests/adversarial/test_identity.py: from an untrusted caller it counts for nothing).
-    balancer = start_balancer(tmp_path, backends, "--rate-limit", "20/5",
-                              env={"HASHMESH_BALANCER_TRUSTED_PROXIES": "127.0.0.1"})
+    balancer = start_balancer(
+        tmp_path,
+        backends,
+        "--rate-limit",
+        "20/5",
+        env={"HASHMESH_BALANCER_TRUSTED_PROXIES": "127.0.0.1"},
+    )
     address = balancer.addresses["balancer"]
     try:
-        async def both() -> tuple[tuple[int, int, float, list[grpc.aio.AioRpcError]], ...]:
-            return tuple(await asyncio.gather(_paced(address, "flooder", 200, 2.0), _paced(address, "polite", 8, 2.0)))
 
-        (flooded, refused, elapsed, refusals), (polite_ok, polite_refused, _, _) = asyncio.run(both())
+        async def both() -> tuple[tuple[int, int, float, list[grpc.aio.AioRpcError]], ...]:
+            return tuple(
+                await asyncio.gather(
+                    _paced(address, "flooder", 200, 2.0), _paced(address, "polite", 8, 2.0)
+                )
+            )
+
+        (flooded, refused, elapsed, refusals), (polite_ok, polite_refused, _, _) = asyncio.run(
+            both()
+        )
         # A token bucket never admits more than burst + rate x the time the calls spanned; the
         # flood offers ten times that, so it gets most of it even when a loaded machine
         # bunches the calls up (arrivals in bursts waste some refill).
@@ -75,7 +91,9 @@ def test_flooding_client_gets_its_limit_and_others_are_unaffected(tmp_path: Path
         assert refused_headers["ratelimit"].startswith('"default";r=0;t=')
 
         with grpc.insecure_channel(address) as channel:
-            _, call = channel.unary_unary(HASH).with_call(REQUEST, timeout=5, metadata=[("x-client-id", "fresh")])
+            _, call = channel.unary_unary(HASH).with_call(
+                REQUEST, timeout=5, metadata=[("x-client-id", "fresh")]
+            )
             headers = dict(call.initial_metadata())
             assert headers["ratelimit-policy"] == '"default";q=5;w=1'
             assert headers["ratelimit"] == '"default";r=4;t=1'
@@ -85,27 +103,57 @@ def test_flooding_client_gets_its_limit_and_others_are_unaffected(tmp_path: Path
             stats = admin.GetStats(admin_pb2.GetStatsRequest(top_peers=1), timeout=5)
             assert stats.top_refused_peers[0].peer == "flooder" and stats.rate_limited == refused
             changed = admin.SetRateLimits(
-                admin_pb2.SetRateLimitsRequest(upsert_overrides=[admin_pb2.ClientRateLimit(
-                    client_id="flooder", limit=admin_pb2.RateLimit(rate_per_second=1000, burst=1000))]),
+                admin_pb2.SetRateLimitsRequest(
+                    upsert_overrides=[
+                        admin_pb2.ClientRateLimit(
+                            client_id="flooder",
+                            limit=admin_pb2.RateLimit(rate_per_second=1000, burst=1000),
+                        )
+                    ]
+                ),
                 timeout=5,
             )
             assert [o.client_id for o in changed.overrides] == ["flooder"]
             with pytest.raises(grpc.RpcError) as bad:
-                admin.SetRateLimits(admin_pb2.SetRateLimitsRequest(default_limit=admin_pb2.RateLimit()), timeout=5)
+                admin.SetRateLimits(
+                    admin_pb2.SetRateLimitsRequest(default_limit=admin_pb2.RateLimit()), timeout=5
+                )
             assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
             # Rates the bucket cannot represent are refused instead of failing every call.
             for rate in (float("inf"), 1e-300, float("nan")):
                 with pytest.raises(grpc.RpcError) as bad:
-                    admin.SetRateLimits(admin_pb2.SetRateLimitsRequest(
-                        default_limit=admin_pb2.RateLimit(rate_per_second=rate, burst=1)), timeout=5)
+                    admin.SetRateLimits(
+                        admin_pb2.SetRateLimitsRequest(
+                            default_limit=admin_pb2.RateLimit(rate_per_second=rate, burst=1)
+                        ),
+                        timeout=5,
+                    )
                 assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT, rate  # type: ignore[attr-defined]
             with pytest.raises(grpc.RpcError) as bad:
-                admin.SetRateLimits(admin_pb2.SetRateLimitsRequest(upsert_overrides=[admin_pb2.ClientRateLimit(
-                    client_id="c" * 100_000, limit=admin_pb2.RateLimit(rate_per_second=5))]), timeout=5)
+                admin.SetRateLimits(
+                    admin_pb2.SetRateLimitsRequest(
+                        upsert_overrides=[
+                            admin_pb2.ClientRateLimit(
+                                client_id="c" * 100_000,
+                                limit=admin_pb2.RateLimit(rate_per_second=5),
+                            )
+                        ]
+                    ),
+                    timeout=5,
+                )
             assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
             # The slowest allowed rate: a refusal carries a finite retry-after.
-            admin.SetRateLimits(admin_pb2.SetRateLimitsRequest(upsert_overrides=[admin_pb2.ClientRateLimit(
-                client_id="slowest", limit=admin_pb2.RateLimit(rate_per_second=1e-3, burst=1))]), timeout=5)
+            admin.SetRateLimits(
+                admin_pb2.SetRateLimitsRequest(
+                    upsert_overrides=[
+                        admin_pb2.ClientRateLimit(
+                            client_id="slowest",
+                            limit=admin_pb2.RateLimit(rate_per_second=1e-3, burst=1),
+                        )
+                    ]
+                ),
+                timeout=5,
+            )
         with grpc.insecure_channel(address) as channel:
             slowest = [("x-client-id", "slowest")]
             channel.unary_unary(HASH)(REQUEST, timeout=5, metadata=slowest)
@@ -114,7 +162,9 @@ def test_flooding_client_gets_its_limit_and_others_are_unaffected(tmp_path: Path
             assert limited.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
             assert 900 < int(dict(limited.value.trailing_metadata())["retry-after"]) <= 1000  # type: ignore[attr-defined]
         with grpc.insecure_channel(address) as channel:
-            _, call = channel.unary_unary(HASH).with_call(REQUEST, timeout=5, metadata=[("x-client-id", "flooder")])
+            _, call = channel.unary_unary(HASH).with_call(
+                REQUEST, timeout=5, metadata=[("x-client-id", "flooder")]
+            )
             assert dict(call.initial_metadata())["ratelimit-policy"] == '"client";q=1000;w=1'
     finally:
         balancer.terminate()
@@ -128,7 +178,9 @@ def test_api_keys_identify_clients_and_bind_their_limit(tmp_path: Path) -> None:
     keys_file.write_text(f"{keys.key_line('team-a', key_a)}\n{keys.key_line('team-b', key_b)}\n")
     assert key_a not in keys_file.read_text()
     backends = start_backends(tmp_path, 1)
-    balancer = start_balancer(tmp_path, backends, "--api-keys-file", str(keys_file), "--rate-limit", "1/3")
+    balancer = start_balancer(
+        tmp_path, backends, "--api-keys-file", str(keys_file), "--rate-limit", "1/3"
+    )
     try:
         with grpc.insecure_channel(balancer.addresses["balancer"]) as channel:
             call = channel.unary_unary(HASH)
@@ -140,7 +192,11 @@ def test_api_keys_identify_clients_and_bind_their_limit(tmp_path: Path) -> None:
             # hears the authenticated client from the stamp, never the claimed one.
             seen = set()
             for index in range(3):
-                _, done = call.with_call(REQUEST, timeout=5, metadata=[("x-api-key", key_a), ("x-client-id", f"fake-{index}")])
+                _, done = call.with_call(
+                    REQUEST,
+                    timeout=5,
+                    metadata=[("x-api-key", key_a), ("x-client-id", f"fake-{index}")],
+                )
                 trailing = dict(done.trailing_metadata())
                 seen.add((trailing["x-seen-identity"], trailing["x-seen-client-id"]))
             assert seen == {("team-a", "")}
@@ -159,17 +215,29 @@ def test_in_flight_cap_spills_then_fails_fast_and_dns_finds_replicas(tmp_path: P
     port = backends[0].address.rsplit(":", 1)[1]
     balancer = start_process(
         "balancer",
-        ["hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-         "--backends-dns", f"localhost:{port}"],
+        [
+            "hashmesh.balancer",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--backends-dns",
+            f"localhost:{port}",
+        ],
         log_dir=tmp_path,
-        env={"HASHMESH_BALANCER_MAX_IN_FLIGHT": "1", "HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2",
-             "HASHMESH_BALANCER_HEALTH_TIMEOUT": "5"},
+        env={
+            "HASHMESH_BALANCER_MAX_IN_FLIGHT": "1",
+            "HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2",
+            "HASHMESH_BALANCER_HEALTH_TIMEOUT": "5",
+        },
         expect=("balancer", "balancer admin"),
     )
     try:
         wait_serving(balancer.addresses["balancer"])
         with grpc.insecure_channel(balancer.addresses["balancer admin"]) as channel:
-            listed = admin_pb2_grpc.AdminServiceStub(channel).ListBackends(admin_pb2.ListBackendsRequest(), timeout=5)
+            listed = admin_pb2_grpc.AdminServiceStub(channel).ListBackends(
+                admin_pb2.ListBackendsRequest(), timeout=5
+            )
         ready = [b for b in listed.backends if b.state == admin_pb2.BACKEND_STATE_READY]
         assert [b.address for b in ready] == [f"127.0.0.1:{port}"] and ready[0].source == "dns"
         with grpc.insecure_channel(balancer.addresses["balancer"]) as channel:

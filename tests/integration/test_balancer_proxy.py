@@ -38,20 +38,35 @@ def start_backends(log_dir: Path, count: int, delays: dict[int, float] | None = 
         args = ["tests.balancer_backends", "--name", f"b{index}"]
         if delays and index in delays:
             args += ["--delay", str(delays[index])]
-        backends.append(start_process("testbackend", args, log_dir=log_dir, expect=("testbackend",)))
+        backends.append(
+            start_process("testbackend", args, log_dir=log_dir, expect=("testbackend",))
+        )
     return backends
 
 
-def start_balancer(log_dir: Path, backends: list[Proc], *args: str, env: dict[str, str] | None = None) -> Proc:
+def start_balancer(
+    log_dir: Path, backends: list[Proc], *args: str, env: dict[str, str] | None = None
+) -> Proc:
     proc = start_process(
         "balancer",
-        ["hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-         "--backends", ",".join(b.address for b in backends), *args],
+        [
+            "hashmesh.balancer",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--backends",
+            ",".join(b.address for b in backends),
+            *args,
+        ],
         log_dir=log_dir,
         # A generous check timeout: on a loaded machine two slow answers in a row would take a
         # live replica out of rotation. Dead replicas still fail at once (refused connections).
-        env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2", "HASHMESH_BALANCER_HEALTH_TIMEOUT": "5",
-             **(env or {})},
+        env={
+            "HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2",
+            "HASHMESH_BALANCER_HEALTH_TIMEOUT": "5",
+            **(env or {}),
+        },
         expect=("balancer", "balancer admin"),
     )
     wait_serving(proc.addresses["balancer"])
@@ -122,7 +137,9 @@ def test_every_method_kind_goes_through_with_metadata(shared: tuple[Proc, list[P
     balancer, _ = shared
     with grpc.insecure_channel(balancer.addresses["balancer"]) as channel:
         hashes = hash_pb2_grpc.HashServiceStub(channel)
-        reply, call = hashes.Hash.with_call(hash_request(), timeout=5, metadata=[("x-client-id", "alice")])
+        reply, call = hashes.Hash.with_call(
+            hash_request(), timeout=5, metadata=[("x-client-id", "alice")]
+        )
         assert reply.result.encoded.startswith("ba7816bf")
         seen = trailers(call)
         # The claimed client id is not forwarded; the replica hears the balancer's stamp.
@@ -135,7 +152,9 @@ def test_every_method_kind_goes_through_with_metadata(shared: tuple[Proc, list[P
         streamed = hashes.HashStream(iter(chunks), timeout=5)
         assert streamed.total_bytes == 3 and streamed.result.encoded == reply.result.encoded
 
-        watch = task_pb2_grpc.TaskServiceStub(channel).WatchTask(task_pb2.WatchTaskRequest(id="t"), timeout=5)
+        watch = task_pb2_grpc.TaskServiceStub(channel).WatchTask(
+            task_pb2.WatchTaskRequest(id="t"), timeout=5
+        )
         assert [m.task.id for m in watch] == ["t-0", "t-1", "t-2"]
         assert "x-backend" in trailers(watch)
 
@@ -143,7 +162,9 @@ def test_every_method_kind_goes_through_with_metadata(shared: tuple[Proc, list[P
         database = ProtoReflectionDescriptorDatabase(channel)
         services = set(database.get_services())
         assert {"hashmesh.v1.HashService", "hashmesh.v1.TaskService"} <= services
-        methods = DescriptorPool(database).FindServiceByName("hashmesh.v1.TaskService").methods_by_name
+        methods = (
+            DescriptorPool(database).FindServiceByName("hashmesh.v1.TaskService").methods_by_name
+        )
         assert methods["WatchTask"].server_streaming
 
         # A method the balancer has never heard of still goes through, and so does the answer.
@@ -154,8 +175,13 @@ def test_every_method_kind_goes_through_with_metadata(shared: tuple[Proc, list[P
 
 def test_rich_error_details_and_trailers_pass_unchanged(shared: tuple[Proc, list[Proc]]) -> None:
     balancer, _ = shared
-    with grpc.insecure_channel(balancer.addresses["balancer"]) as channel, pytest.raises(grpc.RpcError) as failed:
-        hash_pb2_grpc.HashServiceStub(channel).Hash(hash_request(), timeout=5, metadata=[("x-test-error", "rich")])
+    with (
+        grpc.insecure_channel(balancer.addresses["balancer"]) as channel,
+        pytest.raises(grpc.RpcError) as failed,
+    ):
+        hash_pb2_grpc.HashServiceStub(channel).Hash(
+            hash_request(), timeout=5, metadata=[("x-test-error", "rich")]
+        )
     err = failed.value
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert err.details() == "data: rich error on purpose"  # type: ignore[attr-defined]
@@ -186,7 +212,9 @@ def test_deadline_and_cancellation_reach_the_replica(shared: tuple[Proc, list[Pr
         wait_logged(backends, "sleeping Hash", sleeping + 1)  # it reached a replica
         assert future.cancel()
         watch = task_pb2_grpc.TaskServiceStub(channel).WatchTask(
-            task_pb2.WatchTaskRequest(id="t"), timeout=30, metadata=[("x-test-sleep", "10"), ("x-test-count", "5")]
+            task_pb2.WatchTaskRequest(id="t"),
+            timeout=30,
+            metadata=[("x-test-sleep", "10"), ("x-test-count", "5")],
         )
         assert next(watch).task.id == "t-0"
         watch.cancel()
@@ -203,27 +231,43 @@ def test_round_robin_spreads_evenly(tmp_path: Path) -> None:
     # A balancer of its own: no earlier test's calls, and health checked once only (a probe
     # timing out on a loaded machine would take a replica out of the rotation for a while).
     backends = start_backends(tmp_path, 3)
-    balancer = start_balancer(tmp_path, backends, "--strategy", "round_robin",
-                              env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "600"})
+    balancer = start_balancer(
+        tmp_path,
+        backends,
+        "--strategy",
+        "round_robin",
+        env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "600"},
+    )
     try:
         wait_all_ready(balancer.addresses["balancer admin"], 3)
         with grpc.insecure_channel(balancer.addresses["balancer"]) as channel:
             hashes = hash_pb2_grpc.HashServiceStub(channel)
-            counts = Counter(trailers(hashes.Hash.with_call(hash_request(), timeout=5)[1])["x-backend"]
-                             for _ in range(60))
+            counts = Counter(
+                trailers(hashes.Hash.with_call(hash_request(), timeout=5)[1])["x-backend"]
+                for _ in range(60)
+            )
     finally:
         for proc in (balancer, *backends):
             proc.terminate()
     assert sorted(counts) == ["b0", "b1", "b2"] and set(counts.values()) == {20}
 
 
-def test_admin_is_refused_on_the_public_listener_without_a_token(shared: tuple[Proc, list[Proc]]) -> None:
+def test_admin_is_refused_on_the_public_listener_without_a_token(
+    shared: tuple[Proc, list[Proc]],
+) -> None:
     balancer, _ = shared
-    with grpc.insecure_channel(balancer.addresses["balancer"]) as channel, pytest.raises(grpc.RpcError) as refused:
-        admin_pb2_grpc.AdminServiceStub(channel).ListBackends(admin_pb2.ListBackendsRequest(), timeout=5)
+    with (
+        grpc.insecure_channel(balancer.addresses["balancer"]) as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        admin_pb2_grpc.AdminServiceStub(channel).ListBackends(
+            admin_pb2.ListBackendsRequest(), timeout=5
+        )
     assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
     with grpc.insecure_channel(balancer.addresses["balancer admin"]) as channel:
-        listed = admin_pb2_grpc.AdminServiceStub(channel).ListBackends(admin_pb2.ListBackendsRequest(), timeout=5)
+        listed = admin_pb2_grpc.AdminServiceStub(channel).ListBackends(
+            admin_pb2.ListBackendsRequest(), timeout=5
+        )
     assert len(listed.backends) == 3
     assert {b.state for b in listed.backends} == {admin_pb2.BACKEND_STATE_READY}
 
@@ -237,10 +281,15 @@ def test_admin_token_is_required_everywhere_once_set(tmp_path: Path) -> None:
                 admin = admin_pb2_grpc.AdminServiceStub(channel)
                 for metadata in ([], [("authorization", "Bearer wrong")]):
                     with pytest.raises(grpc.RpcError) as refused:
-                        admin.GetStrategy(admin_pb2.GetStrategyRequest(), timeout=5, metadata=metadata)
+                        admin.GetStrategy(
+                            admin_pb2.GetStrategyRequest(), timeout=5, metadata=metadata
+                        )
                     assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
-                reply = admin.GetStrategy(admin_pb2.GetStrategyRequest(), timeout=5,
-                                          metadata=[("authorization", "Bearer s3cret")])
+                reply = admin.GetStrategy(
+                    admin_pb2.GetStrategyRequest(),
+                    timeout=5,
+                    metadata=[("authorization", "Bearer s3cret")],
+                )
                 assert reply.strategy == admin_pb2.STRATEGY_LEAST_CONNECTIONS
     finally:
         balancer.terminate()
@@ -256,7 +305,9 @@ def test_least_connections_avoids_a_slowed_replica_and_drain_stops_picks(tmp_pat
             hashes = hash_pb2_grpc.HashServiceStub(channel)
 
             def one(_: int) -> str:
-                return str(trailers(hashes.Hash.with_call(hash_request(), timeout=10)[1])["x-backend"])
+                return str(
+                    trailers(hashes.Hash.with_call(hash_request(), timeout=10)[1])["x-backend"]
+                )
 
             with ThreadPoolExecutor(6) as pool:
                 counts = Counter(pool.map(one, range(90)))
@@ -264,35 +315,52 @@ def test_least_connections_avoids_a_slowed_replica_and_drain_stops_picks(tmp_pat
 
             with grpc.insecure_channel(balancer.addresses["balancer admin"]) as admin_channel:
                 admin = admin_pb2_grpc.AdminServiceStub(admin_channel)
-                drained = admin.DrainBackend(admin_pb2.DrainBackendRequest(address=backends[1].address), timeout=5)
+                drained = admin.DrainBackend(
+                    admin_pb2.DrainBackendRequest(address=backends[1].address), timeout=5
+                )
                 assert drained.backend.state == admin_pb2.BACKEND_STATE_DRAINING
                 # Switching strategy at run time does not disturb a call in flight.
-                slow = hashes.Hash.future(hash_request(), timeout=10, metadata=[("x-test-sleep", "0.5")])
-                admin.SetStrategy(admin_pb2.SetStrategyRequest(strategy=admin_pb2.STRATEGY_ROUND_ROBIN), timeout=5)
+                slow = hashes.Hash.future(
+                    hash_request(), timeout=10, metadata=[("x-test-sleep", "0.5")]
+                )
+                admin.SetStrategy(
+                    admin_pb2.SetStrategyRequest(strategy=admin_pb2.STRATEGY_ROUND_ROBIN), timeout=5
+                )
                 assert slow.result().result.encoded
                 with ThreadPoolExecutor(4) as pool:
                     after = Counter(pool.map(one, range(30)))
                 assert after["b1"] == 0 and after["b2"] > 0, after
                 with pytest.raises(grpc.RpcError) as unknown:
-                    admin.DrainBackend(admin_pb2.DrainBackendRequest(address="10.9.9.9:1"), timeout=5)
+                    admin.DrainBackend(
+                        admin_pb2.DrainBackendRequest(address="10.9.9.9:1"), timeout=5
+                    )
                 assert unknown.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
                 # An unknown address of 10 KB: still NOT_FOUND (the echoed message is bounded,
                 # not a trailer overflow reported as RESOURCE_EXHAUSTED).
                 with pytest.raises(grpc.RpcError) as huge:
-                    admin.DrainBackend(admin_pb2.DrainBackendRequest(address="x" * 10_000), timeout=5)
+                    admin.DrainBackend(
+                        admin_pb2.DrainBackendRequest(address="x" * 10_000), timeout=5
+                    )
                 assert huge.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
                 assert len(huge.value.details()) <= 1000  # type: ignore[attr-defined]
                 for key in ("Bad Key!", "x-key-bin", "grpc-timeout"):
                     with pytest.raises(grpc.RpcError) as bad_key:
-                        admin.SetStrategy(admin_pb2.SetStrategyRequest(
-                            strategy=admin_pb2.STRATEGY_CONSISTENT_HASH, hash_key=key), timeout=5)
+                        admin.SetStrategy(
+                            admin_pb2.SetStrategyRequest(
+                                strategy=admin_pb2.STRATEGY_CONSISTENT_HASH, hash_key=key
+                            ),
+                            timeout=5,
+                        )
                     assert bad_key.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
                 assert admin.GetStrategy(admin_pb2.GetStrategyRequest(), timeout=5).strategy == (
-                    admin_pb2.STRATEGY_ROUND_ROBIN)
+                    admin_pb2.STRATEGY_ROUND_ROBIN
+                )
                 stats = admin.GetStats(admin_pb2.GetStatsRequest(), timeout=5)
                 assert stats.calls >= 121 and stats.strategy == admin_pb2.STRATEGY_ROUND_ROBIN
                 by_address = {b.address: b for b in stats.backends}
-                assert by_address[backends[0].address].latency_p50.ToTimedelta().total_seconds() >= 0.4
+                assert (
+                    by_address[backends[0].address].latency_p50.ToTimedelta().total_seconds() >= 0.4
+                )
     finally:
         balancer.terminate()
         for backend in backends:
@@ -309,11 +377,15 @@ def test_long_response_streams_stay_out_of_the_replica_latency(tmp_path: Path) -
                 hashes.Hash(hash_request(), timeout=5)
             # A watch held open for about 2 s: as long as its client keeps watching.
             watch = task_pb2_grpc.TaskServiceStub(channel).WatchTask(
-                task_pb2.WatchTaskRequest(id="w"), timeout=30,
-                metadata=[("x-test-sleep", "0.5"), ("x-test-count", "4")])
+                task_pb2.WatchTaskRequest(id="w"),
+                timeout=30,
+                metadata=[("x-test-sleep", "0.5"), ("x-test-count", "4")],
+            )
             assert [m.task.id for m in watch] == ["w-0", "w-1", "w-2", "w-3"]
         with grpc.insecure_channel(balancer.addresses["balancer admin"]) as channel:
-            stats = admin_pb2_grpc.AdminServiceStub(channel).GetStats(admin_pb2.GetStatsRequest(), timeout=5)
+            stats = admin_pb2_grpc.AdminServiceStub(channel).GetStats(
+                admin_pb2.GetStatsRequest(), timeout=5
+            )
     finally:
         for proc in (balancer, *backends):
             proc.terminate()

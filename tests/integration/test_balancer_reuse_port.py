@@ -12,19 +12,25 @@ from tests.integration.test_balancer_proxy import start_backends, start_balancer
 from tests.procs import Proc
 
 HASH = "/hashmesh.v1.HashService/Hash"
-REQUEST = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc").SerializeToString()  # type: ignore[arg-type]
+REQUEST = hash_pb2.HashRequest(
+    algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc"
+).SerializeToString()  # type: ignore[arg-type]
 
 
 def _calls_seen(balancer: Proc) -> int:
     with grpc.insecure_channel(balancer.addresses["balancer admin"]) as channel:
-        stats = admin_pb2_grpc.AdminServiceStub(channel).GetStats(admin_pb2.GetStatsRequest(), timeout=10)
+        stats = admin_pb2_grpc.AdminServiceStub(channel).GetStats(
+            admin_pb2.GetStatsRequest(), timeout=10
+        )
         return int(stats.calls)
 
 
 def _one_call_per_connection(address: str, connections: int) -> None:
     for _ in range(connections):
         # A local subchannel pool: every channel opens its own TCP connection.
-        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        with grpc.insecure_channel(
+            address, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
             channel.unary_unary(HASH)(REQUEST, timeout=10)
 
 
@@ -55,7 +61,9 @@ def test_without_reuse_port_a_second_balancer_cannot_take_the_port(tmp_path: Pat
     first = start_balancer(tmp_path, backends)
     try:
         with pytest.raises(RuntimeError, match="cannot listen on"):
-            start_balancer(tmp_path, backends, "--listen", first.addresses["balancer"], "--reuse-port")
+            start_balancer(
+                tmp_path, backends, "--listen", first.addresses["balancer"], "--reuse-port"
+            )
     finally:
         for proc in (first, *backends):
             proc.terminate()

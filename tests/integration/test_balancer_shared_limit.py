@@ -23,7 +23,9 @@ from tests.redis_server import RedisServer
 from tests.scrape import eventually, scrape, value
 
 HASH = "/hashmesh.v1.HashService/Hash"
-REQUEST = hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc").SerializeToString()  # type: ignore[arg-type]
+REQUEST = hash_pb2.HashRequest(
+    algorithm=common_pb2.ALGORITHM_SHA256, data=b"abc"
+).SerializeToString()  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -45,19 +47,34 @@ class Clock:
         return self.now
 
 
-def _limiters(url: str, clock: Clock, count: int, spec: RateLimitSettings, *,
-              lease_seconds: float = 0.02) -> list[RateLimiter]:
+def _limiters(
+    url: str, clock: Clock, count: int, spec: RateLimitSettings, *, lease_seconds: float = 0.02
+) -> list[RateLimiter]:
     return [
-        RateLimiter(spec, clock=clock, shared=SharedLimit.from_url(
-            url, timeout=1.0, lease_seconds=lease_seconds, clock=clock, store_clock=clock,
-            prefix=f"test:{id(clock)}:",
-        ))
+        RateLimiter(
+            spec,
+            clock=clock,
+            shared=SharedLimit.from_url(
+                url,
+                timeout=1.0,
+                lease_seconds=lease_seconds,
+                clock=clock,
+                store_clock=clock,
+                prefix=f"test:{id(clock)}:",
+            ),
+        )
         for _ in range(count)
     ]
 
 
-async def _flood_all(limiters: list[RateLimiter], clock: Clock, peer: str, seconds: float,
-                     per_step: int, step: float = 0.005) -> int:
+async def _flood_all(
+    limiters: list[RateLimiter],
+    clock: Clock,
+    peer: str,
+    seconds: float,
+    per_step: int,
+    step: float = 0.005,
+) -> int:
     """Every limiter gets ``per_step`` calls of ``peer`` every ``step`` of simulated time."""
     admitted = 0
     for _ in range(round(seconds / step)):
@@ -80,7 +97,8 @@ async def _close(limiters: list[RateLimiter]) -> None:
 
 @pytest.mark.parametrize("lease_seconds", [0.02, 0.2])
 def test_three_balancers_sharing_50_per_second_admit_50_per_second_in_total(
-        redis_server: RedisServer, lease_seconds: float) -> None:
+    redis_server: RedisServer, lease_seconds: float
+) -> None:
     async def scenario() -> None:
         clock = Clock()
         spec = RateLimitSettings(rate=50, burst=20)
@@ -90,7 +108,9 @@ def test_three_balancers_sharing_50_per_second_admit_50_per_second_in_total(
             admitted = await _flood_all(limiters, clock, "flooder", 4.0, per_step=2)
             expected = 20 + 50 * 4.0
             assert abs(admitted - expected) <= 0.1 * expected, (admitted, expected)
-            assert sum(limiter.refused_total for limiter in limiters) == 3 * 2 * 800 - admitted  # every call decided, none lost
+            assert (
+                sum(limiter.refused_total for limiter in limiters) == 3 * 2 * 800 - admitted
+            )  # every call decided, none lost
             # Another client, sharing nothing with the flooder, gets its burst, less at most
             # the tokens the two other processes hold leased.
             polite = 0
@@ -124,7 +144,9 @@ def test_redis_down_fails_open_to_local_limits_then_shares_again(redis_server: R
             assert 2 * 20 <= admitted <= 2 * (20 + 50 * real_elapsed) + 2, (admitted, real_elapsed)
             assert all(not limiter.shared.up for limiter in limiters if limiter.shared)
             # (a few calls are still refused from the last answer, until the next token was due)
-            assert all(limiter.fail_open_calls >= 390 for limiter in limiters), [limiter.fail_open_calls for limiter in limiters]
+            assert all(limiter.fail_open_calls >= 390 for limiter in limiters), [
+                limiter.fail_open_calls for limiter in limiters
+            ]
             assert all(limiter.shared.failures == 1 for limiter in limiters if limiter.shared)
 
             redis_server.start()  # same port
@@ -181,15 +203,26 @@ async def _flood(addresses: list[str], per_second: float, seconds: float) -> tup
 
 
 def test_balancer_processes_share_one_limit_and_fail_open_when_redis_dies(
-        tmp_path: Path, redis_server: RedisServer) -> None:
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
     backends = start_backends(tmp_path, 2)
     balancers: list[Proc] = []
     try:
         for _ in range(3):
             # A burst of one second's worth: a client stalled by a busy machine for less than
             # that loses no tokens, so the count depends on the limit, not on the machine.
-            balancers.append(start_balancer(tmp_path, backends, "--rate-limit", "50/50", "--redis-url",
-                                            redis_server.url, "--metrics-port", "0"))
+            balancers.append(
+                start_balancer(
+                    tmp_path,
+                    backends,
+                    "--rate-limit",
+                    "50/50",
+                    "--redis-url",
+                    redis_server.url,
+                    "--metrics-port",
+                    "0",
+                )
+            )
         addresses = [b.addresses["balancer"] for b in balancers]
         accepted, refused, elapsed = asyncio.run(_flood(addresses, 100, 3.0))
         expected = 50 + 50 * elapsed
@@ -200,10 +233,15 @@ def test_balancer_processes_share_one_limit_and_fail_open_when_redis_dies(
         accepted, refused, elapsed = asyncio.run(_flood(addresses, 40, 1.5))
         # Calls keep flowing under local limits: each process admits 50/s of its own, so 3 x 40/s
         # (above the shared 50/s) passes, bar a few refused when a stalled client sends in bunches.
-        assert accepted >= 0.8 * (accepted + refused) and accepted > 50 + 50 * elapsed, (accepted, refused)
+        assert accepted >= 0.8 * (accepted + refused) and accepted > 50 + 50 * elapsed, (
+            accepted,
+            refused,
+        )
         for balancer in balancers:
-            samples = eventually(lambda b=balancer: scrape(b.addresses["balancer metrics"]),
-                                 lambda s: value(s, "hashmesh_balancer_shared_limit_up") == 0.0)
+            samples = eventually(
+                lambda b=balancer: scrape(b.addresses["balancer metrics"]),
+                lambda s: value(s, "hashmesh_balancer_shared_limit_up") == 0.0,
+            )
             assert value(samples, "hashmesh_balancer_shared_limit_up") == 0.0
             assert (value(samples, "hashmesh_balancer_shared_limit_fail_open_calls_total") or 0) > 0
     finally:

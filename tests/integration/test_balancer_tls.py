@@ -26,20 +26,47 @@ HELLO_SHA256 = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824
 def mtls_hashd(procs: Processes, dsn: str, mesh: Pki) -> Proc:
     """hashd demanding a client certificate from ``mesh``'s CA. ``procs.hashd`` checks health
     over plaintext, so this waits for the ``listening on`` line (printed once serving)."""
-    proc = start_process("hashd", [
-        "hashmesh.hashd", "--listen", "127.0.0.1:0", "--database-url", dsn,
-        "--tls-cert", str(mesh.server_cert), "--tls-key", str(mesh.server_key),
-        "--tls-client-ca", str(mesh.ca_cert)], log_dir=procs.log_dir, expect=("hashd",))
+    proc = start_process(
+        "hashd",
+        [
+            "hashmesh.hashd",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            dsn,
+            "--tls-cert",
+            str(mesh.server_cert),
+            "--tls-key",
+            str(mesh.server_key),
+            "--tls-client-ca",
+            str(mesh.ca_cert),
+        ],
+        log_dir=procs.log_dir,
+        expect=("hashd",),
+    )
     procs.started.append(proc)
     return proc
 
 
-def start_balancer(procs: Processes, replicas: list[Proc], *args: str,
-                   env: dict[str, str] | None = None) -> Proc:
-    proc = start_process("balancer", [
-        "hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-        "--backends", ",".join(r.address for r in replicas), *args],
-        log_dir=procs.log_dir, env=env, expect=("balancer", "balancer admin"))
+def start_balancer(
+    procs: Processes, replicas: list[Proc], *args: str, env: dict[str, str] | None = None
+) -> Proc:
+    proc = start_process(
+        "balancer",
+        [
+            "hashmesh.balancer",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--backends",
+            ",".join(r.address for r in replicas),
+            *args,
+        ],
+        log_dir=procs.log_dir,
+        env=env,
+        expect=("balancer", "balancer admin"),
+    )
     procs.started.append(proc)
     return proc
 
@@ -48,22 +75,36 @@ def hash_hello(address: str, tls: ClientTls | None) -> str | grpc.StatusCode:
     with channel(address, tls) as ch:
         try:
             reply = hash_pb2_grpc.HashServiceStub(ch).Hash(
-                hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"hello"), timeout=10)
+                hash_pb2.HashRequest(algorithm=common_pb2.ALGORITHM_SHA256, data=b"hello"),
+                timeout=10,
+            )
         except grpc.RpcError as err:
             return err.code()  # type: ignore[no-any-return]
     return reply.result.encoded
 
 
-def test_tls_clients_through_the_balancer_to_mutual_tls_replicas(procs: Processes, dsn: str,
-                                                                 tmp_path: Path) -> None:
+def test_tls_clients_through_the_balancer_to_mutual_tls_replicas(
+    procs: Processes, dsn: str, tmp_path: Path
+) -> None:
     edge, mesh = make_pki(tmp_path / "edge"), make_pki(tmp_path / "mesh")
     replicas = [mtls_hashd(procs, dsn, mesh) for _ in range(2)]
     balancer = start_balancer(
-        procs, replicas,
-        "--tls-cert", str(edge.server_cert), "--tls-key", str(edge.server_key),
-        "--upstream-tls-ca", str(mesh.ca_cert), "--upstream-tls-cert", str(mesh.client_cert),
-        "--upstream-tls-key", str(mesh.client_key), "--upstream-tls-server-name", "localhost",
-        "--strategy", "round_robin",
+        procs,
+        replicas,
+        "--tls-cert",
+        str(edge.server_cert),
+        "--tls-key",
+        str(edge.server_key),
+        "--upstream-tls-ca",
+        str(mesh.ca_cert),
+        "--upstream-tls-cert",
+        str(mesh.client_cert),
+        "--upstream-tls-key",
+        str(mesh.client_key),
+        "--upstream-tls-server-name",
+        "localhost",
+        "--strategy",
+        "round_robin",
     )
     client = ClientTls(ca_file=str(edge.ca_cert))
     # The balancer's health says SERVING only once a replica passed a check: over mTLS.
@@ -72,79 +113,119 @@ def test_tls_clients_through_the_balancer_to_mutual_tls_replicas(procs: Processe
     assert [hash_hello(balancer.address, client) for _ in range(4)] == [HELLO_SHA256] * 4
     # The admin listener serves the same certificate, and sees both replicas ready.
     with channel(balancer.addresses["balancer admin"], client) as ch:
-        listed = admin_pb2_grpc.AdminServiceStub(ch).ListBackends(admin_pb2.ListBackendsRequest(),
-                                                                  timeout=10)
+        listed = admin_pb2_grpc.AdminServiceStub(ch).ListBackends(
+            admin_pb2.ListBackendsRequest(), timeout=10
+        )
     assert {(b.address, b.state) for b in listed.backends} == {
-        (r.address, admin_pb2.BACKEND_STATE_READY) for r in replicas}
+        (r.address, admin_pb2.BACKEND_STATE_READY) for r in replicas
+    }
     assert all(b.calls == 2 for b in listed.backends)
     # Plaintext callers, or callers trusting another CA, get nothing from the balancer.
     assert hash_hello(balancer.address, None) is grpc.StatusCode.UNAVAILABLE
-    assert hash_hello(balancer.address, ClientTls(ca_file=str(mesh.ca_cert))) is grpc.StatusCode.UNAVAILABLE
+    assert (
+        hash_hello(balancer.address, ClientTls(ca_file=str(mesh.ca_cert)))
+        is grpc.StatusCode.UNAVAILABLE
+    )
     assert health(balancer.addresses["balancer admin"], None) is grpc.StatusCode.UNAVAILABLE
     # A replica refuses a direct call without a client certificate, even from a caller that
     # trusts it; with the mesh's client certificate the same call goes through.
     replica = replicas[0].address
     assert hash_hello(replica, ClientTls(ca_file=str(mesh.ca_cert))) is grpc.StatusCode.UNAVAILABLE
-    edge_cert = ClientTls(ca_file=str(mesh.ca_cert), cert_file=str(edge.client_cert),
-                          key_file=str(edge.client_key))
+    edge_cert = ClientTls(
+        ca_file=str(mesh.ca_cert), cert_file=str(edge.client_cert), key_file=str(edge.client_key)
+    )
     assert hash_hello(replica, edge_cert) is grpc.StatusCode.UNAVAILABLE
-    mesh_cert = ClientTls(ca_file=str(mesh.ca_cert), cert_file=str(mesh.client_cert),
-                          key_file=str(mesh.client_key))
+    mesh_cert = ClientTls(
+        ca_file=str(mesh.ca_cert), cert_file=str(mesh.client_cert), key_file=str(mesh.client_key)
+    )
     assert hash_hello(replica, mesh_cert) == HELLO_SHA256
 
 
-def test_mutual_tls_at_the_balancer_from_environment_variables(procs: Processes, dsn: str,
-                                                               tmp_path: Path) -> None:
+def test_mutual_tls_at_the_balancer_from_environment_variables(
+    procs: Processes, dsn: str, tmp_path: Path
+) -> None:
     edge, mesh = make_pki(tmp_path / "edge"), make_pki(tmp_path / "mesh")
     replica = mtls_hashd(procs, dsn, mesh)
-    balancer = start_balancer(procs, [replica], env={
-        "HASHMESH_TLS_CERT_FILE": str(edge.server_cert),
-        "HASHMESH_TLS_KEY_FILE": str(edge.server_key),
-        "HASHMESH_TLS_CLIENT_CA_FILE": str(edge.ca_cert),
-        "HASHMESH_BALANCER_UPSTREAM_TLS_CA_FILE": str(mesh.ca_cert),
-        "HASHMESH_BALANCER_UPSTREAM_TLS_CLIENT_CERT_FILE": str(mesh.client_cert),
-        "HASHMESH_BALANCER_UPSTREAM_TLS_CLIENT_KEY_FILE": str(mesh.client_key),
-    })
+    balancer = start_balancer(
+        procs,
+        [replica],
+        env={
+            "HASHMESH_TLS_CERT_FILE": str(edge.server_cert),
+            "HASHMESH_TLS_KEY_FILE": str(edge.server_key),
+            "HASHMESH_TLS_CLIENT_CA_FILE": str(edge.ca_cert),
+            "HASHMESH_BALANCER_UPSTREAM_TLS_CA_FILE": str(mesh.ca_cert),
+            "HASHMESH_BALANCER_UPSTREAM_TLS_CLIENT_CERT_FILE": str(mesh.client_cert),
+            "HASHMESH_BALANCER_UPSTREAM_TLS_CLIENT_KEY_FILE": str(mesh.client_key),
+        },
+    )
     ca = str(edge.ca_cert)
-    with_cert = ClientTls(ca_file=ca, cert_file=str(edge.client_cert), key_file=str(edge.client_key))
+    with_cert = ClientTls(
+        ca_file=ca, cert_file=str(edge.client_cert), key_file=str(edge.client_key)
+    )
     assert hash_hello(balancer.address, with_cert) == HELLO_SHA256
     # The balancer demands a client certificate of its own CA, on both listeners.
     assert hash_hello(balancer.address, ClientTls(ca_file=ca)) is grpc.StatusCode.UNAVAILABLE
-    mesh_cert = ClientTls(ca_file=ca, cert_file=str(mesh.client_cert), key_file=str(mesh.client_key))
+    mesh_cert = ClientTls(
+        ca_file=ca, cert_file=str(mesh.client_cert), key_file=str(mesh.client_key)
+    )
     assert hash_hello(balancer.address, mesh_cert) is grpc.StatusCode.UNAVAILABLE
-    assert health(balancer.addresses["balancer admin"], ClientTls(ca_file=ca)) is grpc.StatusCode.UNAVAILABLE
+    assert (
+        health(balancer.addresses["balancer admin"], ClientTls(ca_file=ca))
+        is grpc.StatusCode.UNAVAILABLE
+    )
     assert health(balancer.addresses["balancer admin"], with_cert) is grpc.StatusCode.OK
 
 
-def test_balancer_without_upstream_tls_cannot_use_mutual_tls_replicas(procs: Processes, dsn: str,
-                                                                      tmp_path: Path) -> None:
+def test_balancer_without_upstream_tls_cannot_use_mutual_tls_replicas(
+    procs: Processes, dsn: str, tmp_path: Path
+) -> None:
     """The shared caller variables (a health probe's) do not turn on TLS to the replicas."""
     mesh = make_pki(tmp_path / "mesh")
     replica = mtls_hashd(procs, dsn, mesh)
-    balancer = start_balancer(procs, [replica], env={
-        "HASHMESH_TLS_CA_FILE": str(mesh.ca_cert),
-        "HASHMESH_TLS_CLIENT_CERT_FILE": str(mesh.client_cert),
-        "HASHMESH_TLS_CLIENT_KEY_FILE": str(mesh.client_key),
-    })
+    balancer = start_balancer(
+        procs,
+        [replica],
+        env={
+            "HASHMESH_TLS_CA_FILE": str(mesh.ca_cert),
+            "HASHMESH_TLS_CLIENT_CERT_FILE": str(mesh.client_cert),
+            "HASHMESH_TLS_CLIENT_KEY_FILE": str(mesh.client_key),
+        },
+    )
     assert hash_hello(balancer.address, None) is grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--upstream-tls-ca", "/nonexistent/ca.pem"],
-         "HASHMESH_BALANCER_UPSTREAM_TLS_CA_FILE: cannot read '/nonexistent/ca.pem'"),
+        (
+            ["--upstream-tls-ca", "/nonexistent/ca.pem"],
+            "HASHMESH_BALANCER_UPSTREAM_TLS_CA_FILE: cannot read '/nonexistent/ca.pem'",
+        ),
         (["--upstream-tls-cert", "/nonexistent/client.pem"], "--upstream-tls-key) go together"),
-        (["--tls-cert", "/nonexistent/server.pem", "--tls-key", "/nonexistent/key.pem"],
-         "HASHMESH_TLS_KEY_FILE: cannot read '/nonexistent/key.pem'"),
+        (
+            ["--tls-cert", "/nonexistent/server.pem", "--tls-key", "/nonexistent/key.pem"],
+            "HASHMESH_TLS_KEY_FILE: cannot read '/nonexistent/key.pem'",
+        ),
         (["--tls-client-ca", "/nonexistent/ca.pem"], "--tls-cert and --tls-key go together"),
     ],
 )
 def test_balancer_refuses_to_start_with_bad_tls_settings(flags: list[str], expected: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen",
-         "127.0.0.1:0", "--backends", "127.0.0.1:1", *flags],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "hashmesh.balancer",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--backends",
+            "127.0.0.1:1",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode != 0, done.stderr
     assert expected in done.stderr

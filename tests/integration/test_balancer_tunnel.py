@@ -39,12 +39,17 @@ def _hash(data: bytes) -> hash_pb2.HashRequest:
     return hash_pb2.HashRequest(algorithm=SHA256, data=data)  # type: ignore[arg-type]
 
 
-def test_small_unary_calls_ride_the_tunnel_with_metadata_deadline_and_errors(mesh: tuple[Proc, list[Proc]]) -> None:
+def test_small_unary_calls_ride_the_tunnel_with_metadata_deadline_and_errors(
+    mesh: tuple[Proc, list[Proc]],
+) -> None:
     balancer, _ = mesh
     with grpc.insecure_channel(balancer.addresses["balancer"]) as channel:
         hashes = hash_pb2_grpc.HashServiceStub(channel)
-        reply, call = hashes.Hash.with_call(_hash(b"abc"), timeout=4, metadata=[("x-client-id", "alice"),
-                                                                               ("trace-bin", b"\x00\x01")])
+        reply, call = hashes.Hash.with_call(
+            _hash(b"abc"),
+            timeout=4,
+            metadata=[("x-client-id", "alice"), ("trace-bin", b"\x00\x01")],
+        )
         seen = dict(call.trailing_metadata())
         assert reply.result.encoded.startswith("ba7816bf")
         # The balancer's stamp reaches the replica through the tunnel; the claimed id does not.
@@ -65,7 +70,9 @@ def test_small_unary_calls_ride_the_tunnel_with_metadata_deadline_and_errors(mes
 def test_a_large_request_goes_as_a_call_of_its_own(mesh: tuple[Proc, list[Proc]]) -> None:
     balancer, _ = mesh
     with grpc.insecure_channel(balancer.addresses["balancer"]) as channel:
-        _, call = hash_pb2_grpc.HashServiceStub(channel).Hash.with_call(_hash(b"x" * 300_000), timeout=10)
+        _, call = hash_pb2_grpc.HashServiceStub(channel).Hash.with_call(
+            _hash(b"x" * 300_000), timeout=10
+        )
         assert dict(call.trailing_metadata())["x-path"] == "call"
 
 
@@ -75,15 +82,21 @@ def test_calls_in_flight_together_each_get_their_own_answer(mesh: tuple[Proc, li
     async def many() -> list[bytes]:
         async with grpc.aio.insecure_channel(balancer.addresses["balancer"]) as channel:
             stub = hash_pb2_grpc.HashServiceStub(channel)
-            replies = await asyncio.gather(*(stub.Hash(_hash(str(i).encode()), timeout=20) for i in range(300)))
+            replies = await asyncio.gather(
+                *(stub.Hash(_hash(str(i).encode()), timeout=20) for i in range(300))
+            )
             return [r.result.digest for r in replies]
 
     assert asyncio.run(many()) == [hashlib.sha256(str(i).encode()).digest() for i in range(300)]
 
 
-def test_clients_cannot_reach_the_tunnel_through_the_balancer(mesh: tuple[Proc, list[Proc]]) -> None:
+def test_clients_cannot_reach_the_tunnel_through_the_balancer(
+    mesh: tuple[Proc, list[Proc]],
+) -> None:
     balancer, _ = mesh
-    frame = encode_call(1, HASH, (("x-client-id", "forged"),), None, _hash(b"abc").SerializeToString())
+    frame = encode_call(
+        1, HASH, (("x-client-id", "forged"),), None, _hash(b"abc").SerializeToString()
+    )
     with grpc.insecure_channel(balancer.addresses["balancer"]) as channel:
         stream = channel.stream_stream(TUNNEL_METHOD)(iter([frame]), timeout=5)
         with pytest.raises(grpc.RpcError) as refused:
@@ -99,12 +112,20 @@ def test_junk_on_a_replica_tunnel_ends_that_stream_only(mesh: tuple[Proc, list[P
             list(tunnel(iter([b"\x01\x02\x03"]), timeout=5))
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
         # A well-formed frame on a new stream is answered; an unknown method says so.
-        frames = [encode_call(1, HASH, (), 5.0, _hash(b"abc").SerializeToString()),
-                  encode_call(2, "/hashmesh.v1.HashService/Nope", (), 5.0, b"")]
-        replies = [r for message in tunnel(iter([b"".join(frames)]), timeout=5) for r in decode_replies(message)]
+        frames = [
+            encode_call(1, HASH, (), 5.0, _hash(b"abc").SerializeToString()),
+            encode_call(2, "/hashmesh.v1.HashService/Nope", (), 5.0, b""),
+        ]
+        replies = [
+            r
+            for message in tunnel(iter([b"".join(frames)]), timeout=5)
+            for r in decode_replies(message)
+        ]
         by_id = {r.call_id: r for r in replies}
         assert by_id[1].code is grpc.StatusCode.OK
-        assert hash_pb2.HashResponse.FromString(by_id[1].payload).result.encoded.startswith("ba7816bf")
+        assert hash_pb2.HashResponse.FromString(by_id[1].payload).result.encoded.startswith(
+            "ba7816bf"
+        )
         assert by_id[2].code is grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -115,8 +136,9 @@ def test_a_replica_without_the_tunnel_gets_calls_of_their_own(tmp_path: Path) ->
 
     def answer(request: bytes, context: grpc.ServicerContext) -> bytes:
         data = hash_pb2.HashRequest.FromString(request).data
-        return hash_pb2.HashResponse(result=common_pb2.HashResult(encoded=hashlib.sha256(data).hexdigest())
-                                     ).SerializeToString()
+        return hash_pb2.HashResponse(
+            result=common_pb2.HashResult(encoded=hashlib.sha256(data).hexdigest())
+        ).SerializeToString()
 
     class Plain(grpc.GenericRpcHandler):  # type: ignore[misc]
         def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -134,14 +156,19 @@ def test_a_replica_without_the_tunnel_gets_calls_of_their_own(tmp_path: Path) ->
             with grpc.insecure_channel(balancer.addresses["balancer"]) as channel:
                 stub = hash_pb2_grpc.HashServiceStub(channel)
                 for data in (b"abc", b"abd", b"abe"):
-                    assert stub.Hash(_hash(data), timeout=10).result.encoded == hashlib.sha256(data).hexdigest()
+                    assert (
+                        stub.Hash(_hash(data), timeout=10).result.encoded
+                        == hashlib.sha256(data).hexdigest()
+                    )
         finally:
             balancer.terminate()
     finally:
         server.stop(0)
 
 
-def test_a_call_id_in_use_is_refused_so_the_replica_runs_one_task_per_id(mesh: tuple[Proc, list[Proc]]) -> None:
+def test_a_call_id_in_use_is_refused_so_the_replica_runs_one_task_per_id(
+    mesh: tuple[Proc, list[Proc]],
+) -> None:
     _, backends = mesh
     request = _hash(b"abc").SerializeToString()
     slow = encode_call(5, HASH, (("x-test-sleep", "0.5"),), 5.0, request)

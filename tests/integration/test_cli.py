@@ -60,7 +60,10 @@ def test_argon2_hash_then_verify(target: str) -> None:
     args = ["--time-cost", "1", "--memory-cost", "8192", "--parallelism", "1", "--salt", "saltsalt"]
     phc = hashctl_json("--target", target, "hash", "argon2id", "-", *args, input="pw")["encoded"]
     assert phc.startswith("$argon2id$v=19$m=8192,t=1,p=1$")
-    assert hashctl_json("--target", target, "verify", "argon2id", phc, "-", input="pw")["match"] is True
+    assert (
+        hashctl_json("--target", target, "verify", "argon2id", phc, "-", input="pw")["match"]
+        is True
+    )
     wrong = hashctl("--target", target, "verify", "argon2id", phc, "nope")
     assert wrong.exit_code == ExitCode.MISMATCH and wrong.stdout.strip() == "no match"
     digest = hashlib.sha256(b"hello").hexdigest()
@@ -96,8 +99,9 @@ def test_unknown_task_exits_5(target: str) -> None:
 
 
 def test_submit_then_get(target: str) -> None:
-    submitted = hashctl_json("--target", target, "--client-id", "cli-test", "submit", "md5", "hello",
-                             "--priority", "5")
+    submitted = hashctl_json(
+        "--target", target, "--client-id", "cli-test", "submit", "md5", "hello", "--priority", "5"
+    )
     # --client-id is a claim only a trusted proxy may make: the task is the caller's address's.
     assert submitted["status"] == "pending" and submitted["client_id"] == "ip:127.0.0.1"
     got = hashctl_json("--target", target, "task", "get", submitted["id"])
@@ -120,5 +124,7 @@ def test_health_and_usage_errors(target: str) -> None:
 def test_db_migrate(cli_dsn: str) -> None:
     data = hashctl_json("db", "migrate", "--dsn", cli_dsn)
     assert data["applied"] == [] and data["version"] >= 1
-    unreachable = hashctl("db", "migrate", "--dsn", f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    unreachable = hashctl(
+        "db", "migrate", "--dsn", f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    )
     assert unreachable.exit_code == ExitCode.UNAVAILABLE and "Traceback" not in unreachable.stderr

@@ -14,16 +14,29 @@ from hashmesh.core.tls import ServerTls
 from tests.certs import make_pki
 
 PROBE = Path(__file__).resolve().parents[2] / "deploy" / "healthcheck.py"
-TLS_VARIABLES = ("CERT_FILE", "KEY_FILE", "CLIENT_CA_FILE", "CA_FILE", "CLIENT_CERT_FILE",
-                 "CLIENT_KEY_FILE", "SERVER_NAME")
+TLS_VARIABLES = (
+    "CERT_FILE",
+    "KEY_FILE",
+    "CLIENT_CA_FILE",
+    "CA_FILE",
+    "CLIENT_CERT_FILE",
+    "CLIENT_KEY_FILE",
+    "SERVER_NAME",
+)
 
 
 async def probe(target: str, env: dict[str, str] | None = None) -> int:
-    clean = {k: v for k, v in os.environ.items()
-             if k.removeprefix("HASHMESH_TLS_") not in TLS_VARIABLES}
+    clean = {
+        k: v for k, v in os.environ.items() if k.removeprefix("HASHMESH_TLS_") not in TLS_VARIABLES
+    }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(PROBE), target, env={**clean, **(env or {})},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        str(PROBE),
+        target,
+        env={**clean, **(env or {})},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     return await asyncio.wait_for(proc.wait(), timeout=30)
 
 
@@ -52,9 +65,11 @@ def test_probe_speaks_mutual_tls(tmp_path: Path) -> None:
         await server.start()
         await server.set_serving(True)
         try:
-            with_cert = {"HASHMESH_TLS_CA_FILE": str(pki.ca_cert),
-                         "HASHMESH_TLS_CLIENT_CERT_FILE": str(pki.client_cert),
-                         "HASHMESH_TLS_CLIENT_KEY_FILE": str(pki.client_key)}
+            with_cert = {
+                "HASHMESH_TLS_CA_FILE": str(pki.ca_cert),
+                "HASHMESH_TLS_CLIENT_CERT_FILE": str(pki.client_cert),
+                "HASHMESH_TLS_CLIENT_KEY_FILE": str(pki.client_key),
+            }
             assert await probe(server.address, with_cert) == 0
             assert await probe(server.address, {"HASHMESH_TLS_CA_FILE": str(pki.ca_cert)}) == 1
         finally:
@@ -80,8 +95,13 @@ def test_liveness_stays_serving_while_the_server_cannot_serve() -> None:
 
 async def probe_args(*args: str, env: dict[str, str] | None = None) -> int:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(PROBE), *args, env={**os.environ, **(env or {})},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        str(PROBE),
+        *args,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     return await asyncio.wait_for(proc.wait(), timeout=30)
 
 
@@ -93,9 +113,20 @@ def test_a_balancer_without_ready_replicas_is_alive_but_not_ready(tmp_path: Path
 
     dead = f"127.0.0.1:{free_port()}"
     balancer = start_process(
-        "balancer", ["hashmesh.balancer", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-                     "--backends", dead], log_dir=tmp_path,
-        env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2"}, expect=("balancer", "balancer admin"))
+        "balancer",
+        [
+            "hashmesh.balancer",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--backends",
+            dead,
+        ],
+        log_dir=tmp_path,
+        env={"HASHMESH_BALANCER_HEALTH_INTERVAL": "0.2"},
+        expect=("balancer", "balancer admin"),
+    )
     try:
         public, admin = balancer.addresses["balancer"], balancer.addresses["balancer admin"]
         assert asyncio.run(probe_args(public)) == 1

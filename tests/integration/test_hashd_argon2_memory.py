@@ -27,9 +27,16 @@ MiB = 1024 * 1024
 
 def _argon2(address: str, memory_kib: int) -> hash_pb2.HashResponse:
     with grpc.insecure_channel(address) as channel:
-        return hash_pb2_grpc.HashServiceStub(channel).Hash(hash_pb2.HashRequest(
-            algorithm=common_pb2.ALGORITHM_ARGON2ID, data=b"pw", argon2=common_pb2.Argon2Params(
-                time_cost=1, memory_cost_kib=memory_kib, parallelism=1)), timeout=60)
+        return hash_pb2_grpc.HashServiceStub(channel).Hash(
+            hash_pb2.HashRequest(
+                algorithm=common_pb2.ALGORITHM_ARGON2ID,
+                data=b"pw",
+                argon2=common_pb2.Argon2Params(
+                    time_cost=1, memory_cost_kib=memory_kib, parallelism=1
+                ),
+            ),
+            timeout=60,
+        )
 
 
 def _refused_field(address: str, memory_kib: int) -> tuple[grpc.StatusCode, str, str]:
@@ -72,12 +79,29 @@ def limited_cgroup() -> Iterator[list[Path]]:
             directory.rmdir()  # empty by then: the fixture's process has been stopped
 
 
-def test_limits_of_the_cgroup_size_argon2(dsn: str, tmp_path: Path, limited_cgroup: list[Path]) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HASHMESH_HASHD_CPU", "HASHMESH_HASHD_ARGON2"))}
+def test_limits_of_the_cgroup_size_argon2(
+    dsn: str, tmp_path: Path, limited_cgroup: list[Path]
+) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HASHMESH_HASHD_CPU", "HASHMESH_HASHD_ARGON2"))
+    }
     hashd = start_process(
-        "hashd", ["tests.in_cgroup", ",".join(map(str, limited_cgroup)), "hashmesh.hashd",
-                  "--listen", "127.0.0.1:0", "--database-url", dsn],
-        log_dir=tmp_path, env=env, expect=("hashd",))
+        "hashd",
+        [
+            "tests.in_cgroup",
+            ",".join(map(str, limited_cgroup)),
+            "hashmesh.hashd",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            dsn,
+        ],
+        log_dir=tmp_path,
+        env=env,
+        expect=("hashd",),
+    )
     try:
         wait_serving(hashd.address)
         # 2 CPUs → 2 argon2 threads; (256 - 128 reserved) MiB / 2 threads = 64 MiB per call.

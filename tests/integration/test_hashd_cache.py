@@ -178,7 +178,9 @@ def test_per_database_secret_ttl_sweep_and_slow_database(dsn: str) -> None:
                 assert await cache.wait_ready(10)
             # No secret configured: both found the same per-database one.
             assert await a.store(Algorithm.ARGON2ID, PARAMS, b"pw", b"d", "e", tenant="t")
-            assert await b.lookup(Algorithm.ARGON2ID, PARAMS, b"pw", tenant="t") == CachedResult(b"d", "e")
+            assert await b.lookup(Algorithm.ARGON2ID, PARAMS, b"pw", tenant="t") == CachedResult(
+                b"d", "e"
+            )
             assert (await b.stats()).shared.entries == 1  # the secret row is not counted
 
             # Slow PostgreSQL: a lock holds the table; lookups give up and answer a miss.

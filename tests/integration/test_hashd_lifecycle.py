@@ -101,8 +101,11 @@ def test_sigterm_goes_not_serving_refuses_new_calls_and_finishes_in_flight(
     worker.start()
     # Until the replica counts the call in flight (its argon2 takes well over a second).
     hash_in_flight = {"grpc_service": "hashmesh.v1.HashService", "grpc_method": "Hash"}
-    seen = eventually(lambda: scrape(replica.addresses["hashd metrics"]), lambda s: value(
-        s, "hashmesh_grpc_server_in_flight_calls", **hash_in_flight) == 1.0, timeout=30)
+    seen = eventually(
+        lambda: scrape(replica.addresses["hashd metrics"]),
+        lambda s: value(s, "hashmesh_grpc_server_in_flight_calls", **hash_in_flight) == 1.0,
+        timeout=30,
+    )
     assert value(seen, "hashmesh_grpc_server_in_flight_calls", **hash_in_flight) == 1.0
     assert worker.is_alive()
     replica.popen.send_signal(signal.SIGTERM)

@@ -30,9 +30,18 @@ def test_hashd_serves_sha256_and_rejects_missing_algorithm(dsn: str, procs: Proc
 def test_daemons_without_a_usable_database_exit_with_one_line() -> None:
     for dsn in ("postgresql://nobody@127.0.0.1:1/none", "not-a-dsn"):
         run = subprocess.run(
-            [sys.executable, "-m", "hashmesh.hashd", "--listen", "127.0.0.1:0",
-             "--database-url", dsn],
-            capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "hashmesh.hashd",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                dsn,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert run.returncode == 3, run.stderr
         assert "Traceback" not in run.stderr
@@ -40,7 +49,9 @@ def test_daemons_without_a_usable_database_exit_with_one_line() -> None:
     # workerd retries an unreachable database; a DSN that cannot parse ends it at once.
     run = subprocess.run(
         [sys.executable, "-m", "hashmesh.workerd", "--database-url", "not-a-dsn"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 3 and "Traceback" not in run.stderr, run.stderr
     assert "workerd: error: cannot use the database" in run.stderr
@@ -49,8 +60,15 @@ def test_daemons_without_a_usable_database_exit_with_one_line() -> None:
 def test_daemons_that_cannot_listen_exit_with_one_line(dsn: str) -> None:
     for argv in (
         ["hashmesh.hashd", "--listen", "no-such-host.invalid:0", "--database-url", dsn],
-        ["hashmesh.balancer", "--listen", "no-such-host.invalid:0", "--admin-listen",
-         "127.0.0.1:0", "--backends", "127.0.0.1:1"],
+        [
+            "hashmesh.balancer",
+            "--listen",
+            "no-such-host.invalid:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--backends",
+            "127.0.0.1:1",
+        ],
     ):
         run = subprocess.run(
             [sys.executable, "-m", *argv], capture_output=True, text=True, timeout=60

@@ -16,16 +16,21 @@ from hashmesh.core import metrics
 def pool_samples(endpoint: metrics.MetricsServer, pool: str) -> dict[str, float]:
     with urllib.request.urlopen(f"http://{endpoint.address}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if s.labels.get("pool") == pool}
+    return {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.labels.get("pool") == pool
+    }
 
 
 def test_pool_collector_reads_a_live_pool(dsn: str) -> None:
     endpoint = metrics.start_metrics_server(0, host="127.0.0.1")
 
     async def scenario() -> tuple[dict[str, float], dict[str, float]]:
-        pool = psycopg_pool.AsyncConnectionPool(dsn, min_size=1, max_size=2, timeout=0.5,
-                                                open=False, name="itest")
+        pool = psycopg_pool.AsyncConnectionPool(
+            dsn, min_size=1, max_size=2, timeout=0.5, open=False, name="itest"
+        )
         metrics.watch_pool(pool)
         try:
             await pool.open(wait=True)

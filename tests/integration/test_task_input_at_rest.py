@@ -108,9 +108,12 @@ def test_no_file_of_the_database_holds_an_argon2_password(
         # The worker stored the (salted, so deterministic) result in the shared cache: the scan
         # below covers a real cache entry too (keyed by an HMAC, valued by the output only).
         wait_until(
-            lambda: conn.execute(
-                "SELECT count(*) FROM hashmesh_cache WHERE octet_length(key) = 32"
-            ).fetchone() == (1,),
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) FROM hashmesh_cache WHERE octet_length(key) = 32"
+                ).fetchone()
+                == (1,)
+            ),
             "the result is in the shared cache",
         )
         [(stored, key_id)] = conn.execute(
@@ -135,9 +138,7 @@ def test_no_file_of_the_database_holds_an_argon2_password(
         assert done_password.decode() not in text and pending_password.decode() not in text
 
 
-def test_argon2_tasks_are_refused_by_a_replica_without_a_key(
-    dsn: str, procs: Processes
-) -> None:
+def test_argon2_tasks_are_refused_by_a_replica_without_a_key(dsn: str, procs: Processes) -> None:
     hashd = procs.hashd(dsn, env={KEY_FILE_ENV: ""})
     stub = stub_of(hashd.address)
     with pytest.raises(grpc.RpcError) as refused:
@@ -195,9 +196,11 @@ def test_key_rotation_as_the_readme_describes_it(
 
     # A task sealed under the old key waits for a worker.
     first = procs.hashd(dsn, env={KEY_FILE_ENV: str(before)})
-    sealed_old = stub_of(first.address).SubmitTask(
-        task_pb2.SubmitTaskRequest(spec=argon2_spec(b"old-secret")), timeout=10
-    ).task
+    sealed_old = (
+        stub_of(first.address)
+        .SubmitTask(task_pb2.SubmitTaskRequest(spec=argon2_spec(b"old-secret")), timeout=10)
+        .task
+    )
     # Steps 1-2: every process gets the ring with the new key first: new tasks use it.
     second = procs.hashd(dsn, "--task-key-file", str(rotated))  # the flag beats the variable
     stub = stub_of(second.address)
@@ -209,7 +212,9 @@ def test_key_rotation_as_the_readme_describes_it(
     early = procs.workerd(dsn, "--task-key-file", str(only_new), env=FAST)
     assert wait_final(stub, sealed_new.id).status == task_pb2.TASK_STATUS_SUCCEEDED
     wait_until(
-        lambda: "2026-01" in stub.GetTask(task_pb2.GetTaskRequest(id=sealed_old.id)).task.last_error,
+        lambda: (
+            "2026-01" in stub.GetTask(task_pb2.GetTaskRequest(id=sealed_old.id)).task.last_error
+        ),
         "the old row's attempt failed naming its key",
     )
     early.terminate()
@@ -230,19 +235,26 @@ def test_migration_0004_ends_clear_passwords_and_keeps_digest_inputs(pg_admin_ds
     target = create_database(pg_admin_dsn, name)
     try:
         with psycopg.connect(target, autocommit=True) as conn:
-            conn.execute("CREATE TABLE hashmesh_schema_migrations (version integer PRIMARY KEY, "
-                         "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            conn.execute(
+                "CREATE TABLE hashmesh_schema_migrations (version integer PRIMARY KEY, "
+                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
             for migration in migrations.load_migrations():
                 if migration.version < 4:  # as an older version left the schema
                     conn.execute(migration.sql.encode())
-                    conn.execute("INSERT INTO hashmesh_schema_migrations VALUES (%s, %s)",
-                                 (migration.version, migration.name))
-            conn.execute("INSERT INTO hashmesh_tasks (algorithm, input, input_size) VALUES "
-                         "('argon2id', 'clear-password', 14), ('md5', 'clear-digest-input', 18)")
+                    conn.execute(
+                        "INSERT INTO hashmesh_schema_migrations VALUES (%s, %s)",
+                        (migration.version, migration.name),
+                    )
+            conn.execute(
+                "INSERT INTO hashmesh_tasks (algorithm, input, input_size) VALUES "
+                "('argon2id', 'clear-password', 14), ('md5', 'clear-digest-input', 18)"
+            )
         migrations.migrate(target)
         with psycopg.connect(target) as conn:
-            rows = conn.execute("SELECT algorithm, status, input, last_error FROM hashmesh_tasks "
-                                "ORDER BY algorithm").fetchall()
+            rows = conn.execute(
+                "SELECT algorithm, status, input, last_error FROM hashmesh_tasks ORDER BY algorithm"
+            ).fetchall()
         assert rows[0][:3] == ("argon2id", "dead_letter", None)
         assert "migration 0004" in rows[0][3] and "submit the task again" in rows[0][3]
         assert rows[1][:3] == ("md5", "pending", b"clear-digest-input")

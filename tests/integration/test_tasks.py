@@ -53,7 +53,9 @@ def stub_for() -> Iterator[Callable[..., task_pb2_grpc.TaskServiceStub]]:
     "c1")``: a replica's calls stamped as client ``c1`` (the balancer's word, tests.stamps)."""
     channels: list[grpc.Channel] = []
 
-    def make(address: str, identity: str | None = None, *, operator: bool = False) -> task_pb2_grpc.TaskServiceStub:
+    def make(
+        address: str, identity: str | None = None, *, operator: bool = False
+    ) -> task_pb2_grpc.TaskServiceStub:
         if identity is None:
             channels.append(grpc.insecure_channel(address))
         else:
@@ -352,13 +354,17 @@ def test_cancel_requeue_list_and_pages(dsn: str, procs: Processes, stub_for: Any
             timeout=10,
         ).tasks
     ]
-    sha = stub_for(address, "other").SubmitTask(
-        task_pb2.SubmitTaskRequest(
-            spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA1, data=b"s"),
-            client_id="other",
-        ),
-        timeout=10,
-    ).task
+    sha = (
+        stub_for(address, "other")
+        .SubmitTask(
+            task_pb2.SubmitTaskRequest(
+                spec=task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA1, data=b"s"),
+                client_id="other",
+            ),
+            timeout=10,
+        )
+        .task
+    )
 
     cancelled = stub.CancelTask(task_pb2.CancelTaskRequest(id=md5_ids[0]), timeout=10).task
     assert cancelled.status == task_pb2.TASK_STATUS_CANCELLED

@@ -28,7 +28,8 @@ async def check(address: str, tls: ClientTls | None) -> grpc.StatusCode:
     async with secure_channel(address, tls) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=5)
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
         except grpc.aio.AioRpcError as err:
             return err.code()
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -48,7 +49,10 @@ def test_tls_server_answers_callers_that_trust_its_ca(pki: Pki, tmp_path: Path) 
     async def scenario() -> None:
         server = await serving(ServerTls(str(pki.server_cert), str(pki.server_key)))
         try:
-            assert await check(server.address, ClientTls(ca_file=str(pki.ca_cert))) is grpc.StatusCode.OK
+            assert (
+                await check(server.address, ClientTls(ca_file=str(pki.ca_cert)))
+                is grpc.StatusCode.OK
+            )
             # Dialled by a name that differs from the address: the override names the cert.
             named = ClientTls(ca_file=str(pki.ca_cert), server_name="localhost")
             assert await check(server.address, named) is grpc.StatusCode.OK
@@ -69,13 +73,19 @@ def test_mutual_tls_refuses_callers_without_a_client_certificate(pki: Pki, tmp_p
     async def scenario() -> None:
         server = await serving(tls)
         try:
-            with_cert = ClientTls(ca_file=str(pki.ca_cert), cert_file=str(pki.client_cert),
-                                  key_file=str(pki.client_key))
+            with_cert = ClientTls(
+                ca_file=str(pki.ca_cert),
+                cert_file=str(pki.client_cert),
+                key_file=str(pki.client_key),
+            )
             assert await check(server.address, with_cert) is grpc.StatusCode.OK
             without_cert = ClientTls(ca_file=str(pki.ca_cert))
             assert await check(server.address, without_cert) is grpc.StatusCode.UNAVAILABLE
-            foreign_cert = ClientTls(ca_file=str(pki.ca_cert), cert_file=str(other.client_cert),
-                                     key_file=str(other.client_key))
+            foreign_cert = ClientTls(
+                ca_file=str(pki.ca_cert),
+                cert_file=str(other.client_cert),
+                key_file=str(other.client_key),
+            )
             assert await check(server.address, foreign_cert) is grpc.StatusCode.UNAVAILABLE
         finally:
             await server.stop(0)
@@ -94,7 +104,10 @@ def test_server_certificate_rotates_without_restart(pki: Pki, tmp_path: Path) ->
     async def scenario() -> None:
         server = await serving(ServerTls(str(cert), str(key)))
         try:
-            old_trust, new_trust = ClientTls(ca_file=str(pki.ca_cert)), ClientTls(ca_file=str(rotated.ca_cert))
+            old_trust, new_trust = (
+                ClientTls(ca_file=str(pki.ca_cert)),
+                ClientTls(ca_file=str(rotated.ca_cert)),
+            )
             assert await check(server.address, old_trust) is grpc.StatusCode.OK
             assert await check(server.address, new_trust) is grpc.StatusCode.UNAVAILABLE
             # Rotate as an operator (or a Kubernetes secret update) would: replace by rename.
@@ -111,8 +124,15 @@ def test_server_certificate_rotates_without_restart(pki: Pki, tmp_path: Path) ->
 
 
 def test_settings_from_env(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CERT_FILE", "KEY_FILE", "CLIENT_CA_FILE", "CA_FILE", "CLIENT_CERT_FILE",
-                 "CLIENT_KEY_FILE", "SERVER_NAME"):
+    for name in (
+        "CERT_FILE",
+        "KEY_FILE",
+        "CLIENT_CA_FILE",
+        "CA_FILE",
+        "CLIENT_CERT_FILE",
+        "CLIENT_KEY_FILE",
+        "SERVER_NAME",
+    ):
         monkeypatch.delenv(f"HASHMESH_TLS_{name}", raising=False)
     assert TlsSettings.from_env() == TlsSettings(None, None)
     assert TlsSettings.from_env().server_credentials() is None

@@ -44,9 +44,7 @@ def metrics_address(worker: Proc) -> str:
     return worker.addresses["workerd metrics"]
 
 
-def test_workerd_metrics_count_claims_outcomes_latency_and_pool(
-    procs: Processes, dsn: str
-) -> None:
+def test_workerd_metrics_count_claims_outcomes_latency_and_pool(procs: Processes, dsn: str) -> None:
     hashd = procs.hashd(dsn)
     worker = procs.workerd(
         dsn,
@@ -74,7 +72,10 @@ def test_workerd_metrics_count_claims_outcomes_latency_and_pool(
     assert value(before, "hashmesh_worker_in_flight_tasks") == 0.0
 
     specs = [
-        *(task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, data=b"md5-%d" % i) for i in range(3)),
+        *(
+            task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_MD5, data=b"md5-%d" % i)
+            for i in range(3)
+        ),
         task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA256, data=b"sha256-secret"),
         # Fails on every attempt (fault injection): two attempts, then DEAD_LETTER.
         task_pb2.TaskSpec(algorithm=common_pb2.ALGORITHM_SHA1, data=b"doomed", max_attempts=2),
@@ -177,8 +178,9 @@ def test_deploy_binds_workerd_metrics_where_the_probes_reach_them() -> None:
     [container] = pod["spec"]["containers"]
     [port] = [p for p in container["ports"] if p["name"] == "metrics"]
     assert str(port["containerPort"]) == config["HASHMESH_WORKERD_METRICS_PORT"]
-    assert pod["metadata"]["annotations"]["prometheus.io/port"] == config[
-        "HASHMESH_WORKERD_METRICS_PORT"
-    ]
+    assert (
+        pod["metadata"]["annotations"]["prometheus.io/port"]
+        == config["HASHMESH_WORKERD_METRICS_PORT"]
+    )
     for probe_name in ("readinessProbe", "livenessProbe"):
         assert container[probe_name]["httpGet"] == {"path": "/metrics", "port": "metrics"}

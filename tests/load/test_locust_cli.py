@@ -23,10 +23,33 @@ def test_headless_locust_run_reports_grpc_calls(dsn: str, procs: Processes, tmp_
     run = subprocess.run(
         # Until every method looked for below has answered (until_seen.py); -t only caps it.
         # The JSON file is written once, at the end (the CSV files are refreshed every second).
-        [sys.executable, "-m", "locust", "-f", f"{LOCUSTFILE},{UNTIL_SEEN}", "--headless", "-u", "4", "-r", "4",
-         "-t", "60s", "--host", balancer.addresses["balancer"], "--json-file", str(prefix), "--only-summary",
-         "--stop-timeout", "5", "--loglevel", "WARNING"],
-        capture_output=True, text=True, timeout=90, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            f"{LOCUSTFILE},{UNTIL_SEEN}",
+            "--headless",
+            "-u",
+            "4",
+            "-r",
+            "4",
+            "-t",
+            "60s",
+            "--host",
+            balancer.addresses["balancer"],
+            "--json-file",
+            str(prefix),
+            "--only-summary",
+            "--stop-timeout",
+            "5",
+            "--loglevel",
+            "WARNING",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=tmp_path,
         env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -38,4 +61,6 @@ def test_headless_locust_run_reports_grpc_calls(dsn: str, procs: Processes, tmp_
     assert "/hashmesh.v1.HashService/ComputeHash" in names
     assert all(row["method"] == "grpc" for row in rows.values())
     # client-streaming and server-streaming calls are recorded too
-    assert {"/hashmesh.v1.HashService/HashStream", "/hashmesh.v1.TaskService/WatchTask"} <= names, names
+    assert {"/hashmesh.v1.HashService/HashStream", "/hashmesh.v1.TaskService/WatchTask"} <= names, (
+        names
+    )

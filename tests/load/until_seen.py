@@ -10,8 +10,11 @@ import gevent
 from locust import events
 from locust.env import Environment
 
-WANTED = {"/hashmesh.v1.HashService/ComputeHash", "/hashmesh.v1.HashService/HashStream",
-          "/hashmesh.v1.TaskService/WatchTask"}
+WANTED = {
+    "/hashmesh.v1.HashService/ComputeHash",
+    "/hashmesh.v1.HashService/HashStream",
+    "/hashmesh.v1.TaskService/WatchTask",
+}
 _seen: set[str] = set()
 _environment: list[Environment] = []
 

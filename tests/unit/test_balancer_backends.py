@@ -11,7 +11,9 @@ from hashmesh.balancer.config import BalancerSettings
 def test_ejection_drain_and_panic_routing() -> None:
     async def scenario() -> None:
         serving: list[bool] = []
-        settings = BalancerSettings(backends=("10.0.0.1:1", "10.0.0.2:1"), eject_after=3, strategy="round_robin")
+        settings = BalancerSettings(
+            backends=("10.0.0.1:1", "10.0.0.2:1"), eject_after=3, strategy="round_robin"
+        )
         backends = BackendSet(settings, on_change=serving.append)
         first, second = (Replica(a, "static", settings) for a in settings.backends)
         backends.replicas = {first.address: first, second.address: second}

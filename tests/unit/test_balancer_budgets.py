@@ -23,9 +23,20 @@ from hashmesh.core.settings import SettingsError
 
 
 def small() -> Budgets:
-    return Budgets(BudgetSettings(peer_calls=2, total_calls=3, peer_upload_streams=1, total_upload_streams=5,
-                                  peer_watch_streams=1, total_watch_streams=5, peer_other_streams=1,
-                                  total_other_streams=5, peer_bytes=100, total_bytes=150))
+    return Budgets(
+        BudgetSettings(
+            peer_calls=2,
+            total_calls=3,
+            peer_upload_streams=1,
+            total_upload_streams=5,
+            peer_watch_streams=1,
+            total_watch_streams=5,
+            peer_other_streams=1,
+            total_other_streams=5,
+            peer_bytes=100,
+            total_bytes=150,
+        )
+    )
 
 
 def test_a_peer_over_its_budget_is_refused_alone() -> None:

@@ -23,14 +23,22 @@ from hashmesh.core.identity import parse_networks
 
 def test_hop_by_hop_headers_credentials_and_claims_are_dropped_and_the_caller_is_appended() -> None:
     incoming = [
-        ("user-agent", "grpc-python"), ("te", "trailers"), ("x-api-key", "hm_secret"),
-        ("x-client-id", "alice"), ("x-forwarded-for", "10.1.1.1"), ("trace-bin", b"\x00\x01"),
-        ("x-shard", "7"), ("authorization", "bearer tok"), ("x-hashmesh-identity", "root"),
+        ("user-agent", "grpc-python"),
+        ("te", "trailers"),
+        ("x-api-key", "hm_secret"),
+        ("x-client-id", "alice"),
+        ("x-forwarded-for", "10.1.1.1"),
+        ("trace-bin", b"\x00\x01"),
+        ("x-shard", "7"),
+        ("authorization", "bearer tok"),
+        ("x-hashmesh-identity", "root"),
         ("x-hashmesh-identity-sig", "v1;operator;9999999999;00"),
     ]
     call = read_call("/hashmesh.v1.HashService/Hash", "ipv4:127.0.0.9:5555", incoming, "x-shard")
     assert call.metadata == [
-        ("trace-bin", b"\x00\x01"), ("x-shard", "7"), ("x-forwarded-for", "10.1.1.1, 127.0.0.9"),
+        ("trace-bin", b"\x00\x01"),
+        ("x-shard", "7"),
+        ("x-forwarded-for", "10.1.1.1, 127.0.0.9"),
     ]
     assert call.api_key == "hm_secret" and call.client_id == "alice" and call.hash_value == "7"
     assert call.bearer == "tok"  # the scheme is case-insensitive
@@ -38,16 +46,27 @@ def test_hop_by_hop_headers_credentials_and_claims_are_dropped_and_the_caller_is
     assert v6.metadata == [("x-forwarded-for", "::1")]
 
 
-def _identify(peer: str, metadata: list[tuple[str, str | bytes]], *, trusted: tuple[str, ...] = (),
-              admin_token: str = "", keys: ApiKeys | None = None) -> CallInfo:
+def _identify(
+    peer: str,
+    metadata: list[tuple[str, str | bytes]],
+    *,
+    trusted: tuple[str, ...] = (),
+    admin_token: str = "",
+    keys: ApiKeys | None = None,
+) -> CallInfo:
     call = read_call("/m", peer, metadata, "x-client-id")
     networks = TrustedProxies(parse_networks(trusted, "test"))
-    asyncio.run(Identify(keys, networks, admin_token, BalancerStats(), RateLimiter(None)).admit(call))
+    asyncio.run(
+        Identify(keys, networks, admin_token, BalancerStats(), RateLimiter(None)).admit(call)
+    )
     return call
 
 
 def test_identity_is_the_peer_address_whatever_the_caller_claims() -> None:
-    claims: list[tuple[str, str | bytes]] = [("x-client-id", "bob"), ("x-forwarded-for", "10.9.9.9")]
+    claims: list[tuple[str, str | bytes]] = [
+        ("x-client-id", "bob"),
+        ("x-forwarded-for", "10.9.9.9"),
+    ]
     assert _identify("ipv4:10.0.0.5:1", claims).client == "ip:10.0.0.5"
     assert _identify("ipv4:10.0.0.5:2", []).client == "ip:10.0.0.5"  # the port is not the peer
     assert _identify("ipv6:[::1]:7", claims).client == "ip:::1"
@@ -73,7 +92,9 @@ def test_api_keys_decide_and_the_admin_token_adds_the_operator_role(tmp_path: Pa
     assert alice.client == "alice" and not alice.operator
     with pytest.raises(Unauthenticated):
         _identify("ipv4:10.0.0.5:1", [("x-client-id", "bob")], keys=keys)
-    operator = _identify("ipv4:10.0.0.5:1", [("authorization", "BEARER tok")], keys=keys, admin_token="tok")
+    operator = _identify(
+        "ipv4:10.0.0.5:1", [("authorization", "BEARER tok")], keys=keys, admin_token="tok"
+    )
     assert operator.operator and operator.client == "ip:10.0.0.5"
     with pytest.raises(Unauthenticated):
         _identify("ipv4:10.0.0.5:1", [("authorization", "Bearer nope")], admin_token="tok")
@@ -88,8 +109,12 @@ def test_admin_policy() -> None:
     policy = AdminPolicy("tok", open_without_token=True)
     for scheme in ("Bearer", "bearer", "BEARER"):
         policy.check([("authorization", f"{scheme} tok")])
-    for metadata in (None, [("authorization", "Bearer nope")], [("authorization", "tok")],
-                     [("authorization", "Basic tok")]):
+    for metadata in (
+        None,
+        [("authorization", "Bearer nope")],
+        [("authorization", "tok")],
+        [("authorization", "Basic tok")],
+    ):
         with pytest.raises(Unauthenticated):
             policy.check(metadata)
 

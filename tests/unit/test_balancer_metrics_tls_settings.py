@@ -17,7 +17,9 @@ from hashmesh.core.tls import ClientTls, ServerTls
 UPSTREAM = "HASHMESH_BALANCER_UPSTREAM_TLS_"
 
 
-def test_upstream_tls_comes_from_the_balancers_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upstream_tls_comes_from_the_balancers_own_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv(UPSTREAM + "CA_FILE", "/pki/mesh-ca.pem")
     monkeypatch.setenv(UPSTREAM + "CLIENT_CERT_FILE", "/pki/balancer.pem")
     monkeypatch.setenv(UPSTREAM + "CLIENT_KEY_FILE", "/pki/balancer-key.pem")
@@ -25,8 +27,12 @@ def test_upstream_tls_comes_from_the_balancers_own_variables(monkeypatch: pytest
     monkeypatch.setenv("HASHMESH_TLS_CERT_FILE", "/pki/edge.pem")
     monkeypatch.setenv("HASHMESH_TLS_KEY_FILE", "/pki/edge-key.pem")
     settings = BalancerSettings.from_env()
-    assert settings.upstream_tls == ClientTls(ca_file="/pki/mesh-ca.pem", cert_file="/pki/balancer.pem",
-                                              key_file="/pki/balancer-key.pem", server_name="hashd")
+    assert settings.upstream_tls == ClientTls(
+        ca_file="/pki/mesh-ca.pem",
+        cert_file="/pki/balancer.pem",
+        key_file="/pki/balancer-key.pem",
+        server_name="hashd",
+    )
     assert settings.tls == ServerTls(cert_file="/pki/edge.pem", key_file="/pki/edge-key.pem")
     # A flag replaces its variable alone.
     flagged = settings.with_upstream_tls("/other/ca.pem", None, None, None)
@@ -35,7 +41,9 @@ def test_upstream_tls_comes_from_the_balancers_own_variables(monkeypatch: pytest
     assert flagged.upstream_tls.cert_file == "/pki/balancer.pem"
 
 
-def test_shared_caller_variables_do_not_turn_on_upstream_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shared_caller_variables_do_not_turn_on_upstream_tls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("HASHMESH_TLS_CA_FILE", "/pki/ca.pem")
     settings = BalancerSettings.from_env()
     assert settings.upstream_tls is None and settings.tls is None
@@ -63,14 +71,29 @@ def test_reading_maps_replica_states() -> None:
         ReplicaSnapshot("10.0.0.1:50051", "dns", "ready", 3, 100, 2, 0, 0.0, 0.0, 0.001),
         ReplicaSnapshot("10.0.0.2:50051", "dns", "draining", 1, 50, 0, 1, 0.0, 0.0, 0.001),
     ]
-    snap = Snapshot(calls=150, retries=4, no_backend=1, rate_limited=7, uptime=5.0,
-                    strategy="least_connections", replicas=replicas, top_refused=[],
-                    unauthenticated=2)
+    snap = Snapshot(
+        calls=150,
+        retries=4,
+        no_backend=1,
+        rate_limited=7,
+        uptime=5.0,
+        strategy="least_connections",
+        replicas=replicas,
+        top_refused=[],
+        unauthenticated=2,
+    )
     read = reading(snap)
     assert [(b.address, b.up, b.state, b.in_flight, b.calls) for b in read.backends] == [
-        ("10.0.0.1:50051", True, "ready", 3, 100), ("10.0.0.2:50051", False, "draining", 1, 50)]
+        ("10.0.0.1:50051", True, "ready", 3, 100),
+        ("10.0.0.2:50051", False, "draining", 1, 50),
+    ]
     assert (read.calls, read.retries, read.no_backend, read.rate_limited, read.unauthenticated) == (
-        150, 4, 1, 7, 2)
+        150,
+        4,
+        1,
+        7,
+        2,
+    )
 
 
 def test_call_metrics_labels_are_bounded_to_the_mesh_methods() -> None:
@@ -92,6 +115,9 @@ class _Context:
 
 def test_final_code() -> None:
     aborted = grpc.aio.AbortError()
-    assert final_code(_Context(grpc.StatusCode.RESOURCE_EXHAUSTED), aborted) is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[arg-type]
+    assert (
+        final_code(_Context(grpc.StatusCode.RESOURCE_EXHAUSTED), aborted)
+        is grpc.StatusCode.RESOURCE_EXHAUSTED
+    )  # type: ignore[arg-type]
     assert final_code(_Context(None), asyncio.CancelledError()) is grpc.StatusCode.CANCELLED  # type: ignore[arg-type]
     assert final_code(_Context(None), RuntimeError()) is grpc.StatusCode.UNKNOWN  # type: ignore[arg-type]

@@ -69,7 +69,9 @@ def test_flooding_at_ten_times_the_limit_gets_the_limit_and_others_are_unaffecte
 
 def test_refusal_is_immediate_with_retry_info_and_headers_count_down() -> None:
     async def scenario() -> None:
-        limiter = RateLimiter(RateLimitSettings(rate=1, burst=3), {"vip": RateLimitSettings(rate=1000)})
+        limiter = RateLimiter(
+            RateLimitSettings(rate=1, burst=3), {"vip": RateLimitSettings(rate=1000)}
+        )
         remaining = []
         for _ in range(3):
             allowance = await limiter.admit("c")
@@ -98,7 +100,9 @@ def test_refusal_is_immediate_with_retry_info_and_headers_count_down() -> None:
 def test_limiter_table_stays_bounded_for_100k_distinct_clients() -> None:
     async def scenario() -> int:
         # A frozen clock: no bucket is idle long enough to be swept, whatever the machine speed.
-        limiter = RateLimiter(RateLimitSettings(rate=10, burst=10), table_size=20_000, clock=lambda: 0.0)
+        limiter = RateLimiter(
+            RateLimitSettings(rate=10, burst=10), table_size=20_000, clock=lambda: 0.0
+        )
         gc.collect()
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
@@ -189,15 +193,22 @@ def test_rates_the_bucket_cannot_represent_are_refused_and_retry_after_stays_fin
 
 
 def test_error_messages_and_delays_are_bounded() -> None:
-    status = to_grpc_status(NotFound(f"no replica {'x' * 20_000!r}", reason="BACKEND_NOT_FOUND",
-                                      resource_type="hashmesh.v1.Backend", resource_name="x" * 20_000))
+    status = to_grpc_status(
+        NotFound(
+            f"no replica {'x' * 20_000!r}",
+            reason="BACKEND_NOT_FOUND",
+            resource_type="hashmesh.v1.Backend",
+            resource_name="x" * 20_000,
+        )
+    )
     assert len(status.details) <= 1000
     assert sum(len(v) for _, v in status.trailing_metadata) < 8192
     invalid = InvalidArgument("address", "y" * 20_000)
     assert len(invalid.description) <= 1000 and len(to_grpc_status(invalid).details) <= 2100
     for delay in (float("inf"), 1e300):
         assert to_grpc_status(ResourceExhausted("slow", retry_after=delay)).code.name == (
-            "RESOURCE_EXHAUSTED")
+            "RESOURCE_EXHAUSTED"
+        )
         assert to_grpc_status(Unavailable("down", retry_after=delay)).code.name == "UNAVAILABLE"
 
 

@@ -60,9 +60,14 @@ def test_cache_key_covers_every_input_and_the_secret() -> None:
     others = {
         cache_key(b"t", Algorithm.ARGON2ID, SALTED, b"pw", tenant="t"),
         cache_key(b"s", Algorithm.ARGON2ID, SALTED, b"pw2", tenant="t"),
-        cache_key(b"s", Algorithm.ARGON2ID, Argon2Params.build(salt=b"saltsalX"), b"pw", tenant="t"),
         cache_key(
-            b"s", Algorithm.ARGON2ID, Argon2Params.build(salt=b"saltsalt", hash_len=33), b"pw",
+            b"s", Algorithm.ARGON2ID, Argon2Params.build(salt=b"saltsalX"), b"pw", tenant="t"
+        ),
+        cache_key(
+            b"s",
+            Algorithm.ARGON2ID,
+            Argon2Params.build(salt=b"saltsalt", hash_len=33),
+            b"pw",
             tenant="t",
         ),
         cache_key(b"s", Algorithm.SHA256, None, b"pw", tenant="t"),
@@ -93,7 +98,9 @@ def test_memory_only_cache_stores_and_finds() -> None:
         cache = ResultCache(None, CacheSettings(secret="k"))
         assert await cache.lookup(Algorithm.ARGON2ID, SALTED, b"pw", tenant="t") is None
         assert not await cache.store(Algorithm.ARGON2ID, SALTED, b"pw", b"d", "e", tenant="t")
-        assert await cache.lookup(Algorithm.ARGON2ID, SALTED, b"pw", tenant="t") == CachedResult(b"d", "e")
+        assert await cache.lookup(Algorithm.ARGON2ID, SALTED, b"pw", tenant="t") == CachedResult(
+            b"d", "e"
+        )
         await cache.store(Algorithm.ARGON2ID, RANDOM, b"pw2", b"d", "e", tenant="t")
         assert await cache.lookup(Algorithm.ARGON2ID, RANDOM, b"pw2", tenant="t") is None
         stats = await cache.stats()

@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def contract_methods() -> set[str]:
     return {
         f"{service.name}.{method.name}"
-        for file in contract_files() if file.package == "hashmesh.v1"
-        for service in file.service for method in service.method
+        for file in contract_files()
+        if file.package == "hashmesh.v1"
+        for service in file.service
+        for method in service.method
     }
 
 
@@ -75,7 +77,11 @@ def test_argon2_bounds_report_every_field() -> None:
     with pytest.raises(InvalidArgument) as caught:
         Argon2Params.build(time_cost=-1, parallelism=99, hash_len=1, salt=b"s")
     assert [f for f, _ in caught.value.violations] == [
-        "argon2.time_cost", "argon2.parallelism", "argon2.hash_len", "argon2.salt"]
+        "argon2.time_cost",
+        "argon2.parallelism",
+        "argon2.hash_len",
+        "argon2.salt",
+    ]
 
 
 def test_retry_trailers_round_up_to_whole_units() -> None:
@@ -94,10 +100,16 @@ def test_ratelimit_fields_follow_the_ietf_syntax() -> None:
 
 def test_reflection_index_finds_methods_fields_and_dependencies() -> None:
     index = default_index()
-    for symbol in ("hashmesh.v1.TaskService.WatchTask", "hashmesh.v1.TaskService",
-                   "hashmesh.v1.Argon2Params.time_cost", "hashmesh.v1.ALGORITHM_MD5",
-                   "hashmesh.v1.HashStreamRequest.kind", "grpc.health.v1.Health.List",
-                   "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"):
+    for symbol in (
+        "hashmesh.v1.TaskService.WatchTask",
+        "hashmesh.v1.TaskService",
+        "hashmesh.v1.Argon2Params.time_cost",
+        "hashmesh.v1.ALGORITHM_MD5",
+        "hashmesh.v1.HashStreamRequest.kind",
+        "grpc.health.v1.Health.List",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ):
         assert index.file_of(symbol) is not None, symbol
     files = index.with_dependencies("hashmesh/v1/task.proto")
     assert files is not None and len(files) == 4  # task, duration, timestamp, common
@@ -106,8 +118,14 @@ def test_reflection_index_finds_methods_fields_and_dependencies() -> None:
 
 
 def test_every_reason_raised_in_the_code_is_catalogued() -> None:
-    sources = [p for folder in ("core", "hashd", "balancer", "workerd") for p in (ROOT / folder).rglob("*.py")]
-    raised = {match for path in sources for match in re.findall(r'reason="([A-Z_]+)"', path.read_text())}
+    sources = [
+        p
+        for folder in ("core", "hashd", "balancer", "workerd")
+        for p in (ROOT / folder).rglob("*.py")
+    ]
+    raised = {
+        match for path in sources for match in re.findall(r'reason="([A-Z_]+)"', path.read_text())
+    }
     assert raised, "no reason found: the pattern no longer matches the code"
     names = {e.name for e in catalogue.CATALOGUE}
     assert raised <= names, f"raised but not in core/catalogue.py: {sorted(raised - names)}"

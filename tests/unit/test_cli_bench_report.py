@@ -41,9 +41,24 @@ def _results(latencies_ms: list[float], statuses: list[str] | None = None) -> Ca
 def test_report_has_ghz_fields_and_units() -> None:
     latencies = [float(i) for i in range(1, 101)]  # 1..100 ms
     results = _results([*latencies, 500.0], ["OK"] * 100 + ["ResourceExhausted"])
-    report = build_report(results, total_ns=2_000_000_000, options={"call": "x"}, end_reason="normal")
-    for key in ("date", "count", "total", "average", "fastest", "slowest", "rps", "histogram",
-                "latencyDistribution", "statusCodeDistribution", "errorDistribution", "options", "details"):
+    report = build_report(
+        results, total_ns=2_000_000_000, options={"call": "x"}, end_reason="normal"
+    )
+    for key in (
+        "date",
+        "count",
+        "total",
+        "average",
+        "fastest",
+        "slowest",
+        "rps",
+        "histogram",
+        "latencyDistribution",
+        "statusCodeDistribution",
+        "errorDistribution",
+        "options",
+        "details",
+    ):
         assert key in report
     assert report["count"] == 101
     assert report["total"] == 2_000_000_000 and isinstance(report["total"], int)
@@ -51,14 +66,18 @@ def test_report_has_ghz_fields_and_units() -> None:
     assert report["fastest"] == 1_000_000 and report["slowest"] == 100_000_000
     assert report["rps"] == pytest.approx(50.5)
     assert report["statusCodeDistribution"] == {"OK": 100, "ResourceExhausted": 1}
-    assert report["errorDistribution"] == {"rpc error: code = ResourceExhausted desc = slow down": 1}
+    assert report["errorDistribution"] == {
+        "rpc error: code = ResourceExhausted desc = slow down": 1
+    }
     assert [p["percentage"] for p in report["latencyDistribution"]] == list(PERCENTILES)
     p50 = next(p for p in report["latencyDistribution"] if p["percentage"] == 50)
     assert p50["latency"] == 50_000_000
     marks = [b["mark"] for b in report["histogram"]]
     assert marks[0] == pytest.approx(0.001) and marks[-1] == pytest.approx(0.1)  # seconds
     assert sum(b["count"] for b in report["histogram"]) == 100
-    assert report["details"][0]["status"] == "OK" and report["details"][0]["timestamp"].endswith("Z")
+    assert report["details"][0]["status"] == "OK" and report["details"][0]["timestamp"].endswith(
+        "Z"
+    )
     json.dumps(report)
 
 
@@ -78,8 +97,15 @@ def test_empty_run_reports_zeroes() -> None:
 def test_summary_and_csv_look_like_ghz() -> None:
     report = build_report(_results([1.0, 2.0, 3.0]), 10_000_000, {}, "normal")
     text = format_summary(report)
-    for heading in ("Summary:", "Count:", "Requests/sec:", "Response time histogram:",
-                    "Latency distribution:", "Status code distribution:", "[OK]"):
+    for heading in (
+        "Summary:",
+        "Count:",
+        "Requests/sec:",
+        "Response time histogram:",
+        "Latency distribution:",
+        "Status code distribution:",
+        "[OK]",
+    ):
         assert heading in text
     lines = format_csv(report).splitlines()
     assert lines[0] == "duration (ms),status,error" and lines[1] == "1.00,OK,"
@@ -116,17 +142,33 @@ def test_method_resolution_and_request_building() -> None:
 
 def test_argon2_requests_are_recognised_as_secret() -> None:
     hash_method = resolve_method("hashmesh.v1.HashService.Hash")
-    assert carries_secret(build_request(hash_method, '{"algorithm": "ALGORITHM_ARGON2ID", "data": "cHc="}'))
-    assert not carries_secret(build_request(hash_method, '{"algorithm": "ALGORITHM_MD5", "data": "cHc="}'))
+    assert carries_secret(
+        build_request(hash_method, '{"algorithm": "ALGORITHM_ARGON2ID", "data": "cHc="}')
+    )
+    assert not carries_secret(
+        build_request(hash_method, '{"algorithm": "ALGORITHM_MD5", "data": "cHc="}')
+    )
     verify = resolve_method("hashmesh.v1.HashService.Verify")
-    assert carries_secret(build_request(verify, '{"data": "cHc=", "encoded": "$argon2id$v=19$m=8,t=1,p=1$x$y"}'))
+    assert carries_secret(
+        build_request(verify, '{"data": "cHc=", "encoded": "$argon2id$v=19$m=8,t=1,p=1$x$y"}')
+    )
     submit = resolve_method("hashmesh.v1.TaskService.SubmitTasks")
     assert carries_secret(build_request(submit, '{"specs": [{"algorithm": "ALGORITHM_ARGON2ID"}]}'))
 
 
 def test_load_is_split_over_processes() -> None:
-    plan = LoadPlan("t", "/p", b"", (), concurrency=5, total=11, duration=None, rps=100.0, timeout=1.0,
-                    connections=1)
+    plan = LoadPlan(
+        "t",
+        "/p",
+        b"",
+        (),
+        concurrency=5,
+        total=11,
+        duration=None,
+        rps=100.0,
+        timeout=1.0,
+        connections=1,
+    )
     shares = plan_shares(plan, 2)
     assert [s.concurrency for s in shares] == [3, 2]
     assert sum(s.total or 0 for s in shares) == 11
@@ -144,13 +186,20 @@ def test_average_counts_successful_calls_only_and_lies_between_fastest_and_slowe
 
 
 def test_a_run_where_every_call_failed_is_a_failure() -> None:
-    refused = build_report(_results([0.1, 0.2], ["ResourceExhausted"] * 2), total_ns=1, options={},
-                           end_reason="normal")
+    refused = build_report(
+        _results([0.1, 0.2], ["ResourceExhausted"] * 2), total_ns=1, options={}, end_reason="normal"
+    )
     assert every_call_failed(refused) == (
-        "RESOURCE_EXHAUSTED", "rpc error: code = ResourceExhausted desc = slow down")
+        "RESOURCE_EXHAUSTED",
+        "rpc error: code = ResourceExhausted desc = slow down",
+    )
     assert refused["average"] == 0 and refused["fastest"] == 0
-    one_ok = build_report(_results([0.1, 5.0], ["ResourceExhausted", "OK"]), total_ns=1, options={},
-                          end_reason="normal")
+    one_ok = build_report(
+        _results([0.1, 5.0], ["ResourceExhausted", "OK"]),
+        total_ns=1,
+        options={},
+        end_reason="normal",
+    )
     assert every_call_failed(one_ok) is None
     nothing = build_report(CallResults(), total_ns=1, options={}, end_reason="normal")
     assert every_call_failed(nothing) == ("UNKNOWN", "no call was made")

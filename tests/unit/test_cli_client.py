@@ -34,13 +34,16 @@ class FakeRpcError(grpc.RpcError):
         return self._trailing
 
 
-@pytest.mark.parametrize(("code", "exit_code"), [
-    (grpc.StatusCode.UNAVAILABLE, ExitCode.UNAVAILABLE),
-    (grpc.StatusCode.INVALID_ARGUMENT, ExitCode.INVALID_ARGUMENT),
-    (grpc.StatusCode.NOT_FOUND, ExitCode.NOT_FOUND),
-    (grpc.StatusCode.PERMISSION_DENIED, ExitCode.DENIED),
-    (grpc.StatusCode.INTERNAL, ExitCode.OTHER),
-])
+@pytest.mark.parametrize(
+    ("code", "exit_code"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, ExitCode.UNAVAILABLE),
+        (grpc.StatusCode.INVALID_ARGUMENT, ExitCode.INVALID_ARGUMENT),
+        (grpc.StatusCode.NOT_FOUND, ExitCode.NOT_FOUND),
+        (grpc.StatusCode.PERMISSION_DENIED, ExitCode.DENIED),
+        (grpc.StatusCode.INTERNAL, ExitCode.OTHER),
+    ],
+)
 def test_each_kind_of_failure_has_its_exit_code(code: grpc.StatusCode, exit_code: ExitCode) -> None:
     failure = error_from_rpc(FakeRpcError(code, "why"), "t:1")
     assert failure.exit_code == exit_code
@@ -50,10 +53,14 @@ def test_each_kind_of_failure_has_its_exit_code(code: grpc.StatusCode, exit_code
 
 def test_rate_limited_message_carries_the_retry_after() -> None:
     status = to_grpc_status(ResourceExhausted("slow down", retry_after=1.5))
-    failure = error_from_rpc(FakeRpcError(status.code, status.details, status.trailing_metadata), "t:1")
+    failure = error_from_rpc(
+        FakeRpcError(status.code, status.details, status.trailing_metadata), "t:1"
+    )
     assert failure.exit_code == ExitCode.RATE_LIMITED
     assert failure.message == "RESOURCE_EXHAUSTED: slow down (retry after 1.5s)"
-    bare = error_from_rpc(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", (("retry-after", "2"),)), "t")
+    bare = error_from_rpc(
+        FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", (("retry-after", "2"),)), "t"
+    )
     assert bare.message.endswith("(retry after 2s)")
     assert bare.exit_code == ExitCode.RATE_LIMITED
 
@@ -65,11 +72,16 @@ def test_resource_exhausted_without_retry_info_is_not_a_rate_limit() -> None:
 
 
 def test_unreachable_names_the_target() -> None:
-    failure = error_from_rpc(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"),
-                             "10.0.0.1:5")
+    failure = error_from_rpc(
+        FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"),
+        "10.0.0.1:5",
+    )
     assert failure.message.startswith("UNAVAILABLE: cannot reach 10.0.0.1:5")
     # A new user's first call with nothing running: say how to get a mesh.
-    assert "`hashctl up` starts one on this machine" in failure.message and "--target" in failure.message
+    assert (
+        "`hashctl up` starts one on this machine" in failure.message
+        and "--target" in failure.message
+    )
 
 
 def test_the_ready_hint_carries_the_target_off_the_default_ports(tmp_path: Any) -> None:
@@ -106,14 +118,39 @@ def _leaves(command: Any, path: str = "") -> list[tuple[str, Any]]:
     children = getattr(command, "commands", None)
     if not children:
         return [(path, command)]
-    return [leaf for name, child in children.items() for leaf in _leaves(child, f"{path} {name}".strip())]
+    return [
+        leaf
+        for name, child in children.items()
+        for leaf in _leaves(child, f"{path} {name}".strip())
+    ]
 
 
 def test_every_command_has_help_with_an_example() -> None:
     leaves = dict(_leaves(typer.main.get_command(app)))
-    assert {"hash", "verify", "submit", "health", "up", "bench", "task submit", "task get", "task watch",
-            "task list", "task cancel", "task requeue", "task stats", "lb stats", "lb backends", "lb strategy",
-            "lb drain", "ratelimit get", "ratelimit set", "cache stats", "cache clear", "db migrate"} <= set(leaves)
+    assert {
+        "hash",
+        "verify",
+        "submit",
+        "health",
+        "up",
+        "bench",
+        "task submit",
+        "task get",
+        "task watch",
+        "task list",
+        "task cancel",
+        "task requeue",
+        "task stats",
+        "lb stats",
+        "lb backends",
+        "lb strategy",
+        "lb drain",
+        "ratelimit get",
+        "ratelimit set",
+        "cache stats",
+        "cache clear",
+        "db migrate",
+    } <= set(leaves)
     for name, command in leaves.items():
         assert command.help and "Example" in command.help and "hashctl " in command.help, name
     assert "Example" in hashctl("task", "watch", "--help").stdout
@@ -121,7 +158,9 @@ def test_every_command_has_help_with_an_example() -> None:
 
 def test_usage_errors_exit_2_without_traceback() -> None:
     result = hashctl("ratelimit", "set")
-    assert result.exit_code == ExitCode.USAGE and result.stderr.startswith("error: nothing to change")
+    assert result.exit_code == ExitCode.USAGE and result.stderr.startswith(
+        "error: nothing to change"
+    )
     assert hashctl("bench", "-O", "xml").exit_code == ExitCode.USAGE
     assert hashctl("up", "--once").exit_code == ExitCode.USAGE
 
@@ -143,8 +182,16 @@ def test_empty_target_and_non_ascii_metadata_are_usage_errors() -> None:
 def test_shell_completion_completes_command_names() -> None:
     from typer.testing import CliRunner
 
-    result = CliRunner().invoke(app, [], prog_name="hashctl", env={
-        "_HASHCTL_COMPLETE": "complete_bash", "COMP_WORDS": "hashctl ratel", "COMP_CWORD": "1"})
+    result = CliRunner().invoke(
+        app,
+        [],
+        prog_name="hashctl",
+        env={
+            "_HASHCTL_COMPLETE": "complete_bash",
+            "COMP_WORDS": "hashctl ratel",
+            "COMP_CWORD": "1",
+        },
+    )
     assert result.stdout.split() == ["ratelimit"]
 
 

@@ -30,8 +30,13 @@ PRESTOP_SECONDS = 5
 K8S_VERSION = kubernetes_validate.latest_version()
 # Labels Prometheus or PromQL add on top of the metrics' own.
 TARGET_LABELS = {"job", "instance", "le", "namespace", "pod", "quantile"}
-SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",),
-            "info": ("_info",), "summary": ("_count", "_sum", "")}
+SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_count", "_sum"),
+    "gauge": ("",),
+    "info": ("_info",),
+    "summary": ("_count", "_sum", ""),
+}
 
 
 @cache
@@ -43,8 +48,9 @@ def defined_series() -> dict[str, frozenset[str]]:
             continue
         # Families built by custom collectors carry their label names even without samples.
         labels: set[str] = set(getattr(family, "_labelnames", ()))
-        collector = REGISTRY._names_to_collectors.get(family.name) or REGISTRY._names_to_collectors.get(
-            family.name + "_total")
+        collector = REGISTRY._names_to_collectors.get(
+            family.name
+        ) or REGISTRY._names_to_collectors.get(family.name + "_total")
         labels.update(getattr(collector, "_labelnames", ()))
         labels.update(*(s.labels for s in family.samples))
         for suffix in SUFFIXES[family.type]:
@@ -58,6 +64,7 @@ def load_yaml_documents(path: Path) -> list[Any]:
 
 # --- docker compose ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -66,7 +73,9 @@ def compose() -> dict[str, Any]:
 
 
 def test_compose_file_matches_the_compose_spec(compose: dict[str, Any]) -> None:
-    schema_text = (resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text()
+    schema_text = (
+        resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    ).read_text()
     schema = json.loads(schema_text)
     jsonschema.Draft202012Validator.check_schema(schema)
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(compose), key=str)
@@ -74,8 +83,11 @@ def test_compose_file_matches_the_compose_spec(compose: dict[str, Any]) -> None:
 
 
 def test_compose_schema_rejects_a_broken_file() -> None:
-    schema = json.loads((resources.files("check_jsonschema.builtin_schemas.vendor")
-                         / "compose-spec.json").read_text())
+    schema = json.loads(
+        (
+            resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+        ).read_text()
+    )
     broken = {"services": {"hashd": {"image": "x", "deploy": {"replicas": "three"}, "bogus": 1}}}
     assert list(jsonschema.Draft202012Validator(schema).iter_errors(broken))
 
@@ -105,11 +117,19 @@ def test_compose_runs_the_whole_mesh_and_scales(compose: dict[str, Any]) -> None
 
 def test_compose_file_is_read_by_compose_v1_too(compose: dict[str, Any]) -> None:
     # docker-compose 1.29 (Debian's) knows only these top-level keys (and x- extensions).
-    assert {k for k in compose if not k.startswith("x-")} <= {"version", "services", "volumes",
-                                                              "networks", "secrets", "configs"}
+    assert {k for k in compose if not k.startswith("x-")} <= {
+        "version",
+        "services",
+        "volumes",
+        "networks",
+        "secrets",
+        "configs",
+    }
 
 
-def test_compose_sets_argon2_to_fit_its_limits_and_a_healthcheck_per_service(compose: dict[str, Any]) -> None:
+def test_compose_sets_argon2_to_fit_its_limits_and_a_healthcheck_per_service(
+    compose: dict[str, Any],
+) -> None:
     services = compose["services"]
     hashd = services["hashd"]
     limits = hashd["deploy"]["resources"]["limits"]
@@ -159,7 +179,12 @@ def test_the_lock_pins_every_runtime_dependency_but_pgserver() -> None:
 
 def test_health_checks_are_not_counted_as_calls_in_error_ratios() -> None:
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    [ratio] = [r["expr"] for g in rules["groups"] for r in g["rules"] if r["alert"] == "HashmeshHighErrorRatio"]
+    [ratio] = [
+        r["expr"]
+        for g in rules["groups"]
+        for r in g["rules"]
+        if r["alert"] == "HashmeshHighErrorRatio"
+    ]
     assert ratio.count('grpc_service!="grpc.health.v1.Health"') == 2  # numerator and denominator
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "hashmesh.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
@@ -191,6 +216,7 @@ def test_health_probe_script_parses() -> None:
 
 # --- Kubernetes -------------------------------------------------------------------------------
 
+
 def manifests() -> Iterator[tuple[str, dict[str, Any]]]:
     for path in sorted(K8S.glob("*.yaml")):
         if path.name == "kustomization.yaml":
@@ -209,8 +235,11 @@ def name_of(doc: dict[str, Any]) -> str:
     return str(doc["metadata"].get("name") or doc["metadata"]["generateName"].rstrip("-"))
 
 
-@pytest.mark.parametrize(("filename", "doc"), list(manifests()),
-                         ids=[f"{f}:{d['kind']}/{name_of(d)}" for f, d in manifests()])
+@pytest.mark.parametrize(
+    ("filename", "doc"),
+    list(manifests()),
+    ids=[f"{f}:{d['kind']}/{name_of(d)}" for f, d in manifests()],
+)
 def test_manifest_matches_the_kubernetes_schema(filename: str, doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -248,18 +277,32 @@ def test_one_secret_holds_the_database_password_once() -> None:
 
     [secret] = load_yaml_documents(K8S / "secrets.example.yaml")
     assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "hashmesh-secrets"
-    assert set(secret["stringData"]) == {"POSTGRES_PASSWORD", "HASHMESH_CACHE_SECRET", "HASHMESH_TASK_KEYS",
-                                         "HASHMESH_IDENTITY_SECRET", "HASHMESH_ADMIN_TOKEN",
-                                         "REDIS_PASSWORD", "HASHMESH_BALANCER_REDIS_URL"}
-    referenced = {ref["name"] for _, doc in manifests() for node in _walk(doc) if isinstance(node, dict)
-                  for key, ref in node.items() if key in ("secretKeyRef", "secretRef")}
+    assert set(secret["stringData"]) == {
+        "POSTGRES_PASSWORD",
+        "HASHMESH_CACHE_SECRET",
+        "HASHMESH_TASK_KEYS",
+        "HASHMESH_IDENTITY_SECRET",
+        "HASHMESH_ADMIN_TOKEN",
+        "REDIS_PASSWORD",
+        "HASHMESH_BALANCER_REDIS_URL",
+    }
+    referenced = {
+        ref["name"]
+        for _, doc in manifests()
+        for node in _walk(doc)
+        if isinstance(node, dict)
+        for key, ref in node.items()
+        if key in ("secretKeyRef", "secretRef")
+    }
     assert referenced == {"hashmesh-secrets"}
     url = by_kind()[("ConfigMap", "hashmesh-config")]["data"]["HASHMESH_DATABASE_URL"]
     assert urlsplit(url).password is None  # from PGPASSWORD, the Secret's one copy
     for name in ("hashd", "balancer", "workerd"):
         env = {e["name"]: e for e in containers(by_kind()[("Deployment", name)])[0]["env"]}
-        assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "hashmesh-secrets",
-                                                                  "key": "POSTGRES_PASSWORD"}
+        assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "hashmesh-secrets",
+            "key": "POSTGRES_PASSWORD",
+        }
 
 
 @pytest.mark.parametrize("name", ["hashd", "workerd"])
@@ -319,11 +362,16 @@ def _hashd_settings_fit(env: dict[str, str], cpus: float, memory: int) -> None:
     workers = int(env["HASHMESH_HASHD_CPU_WORKERS"])
     limit = Resources(cpus=cpus, memory_bytes=memory, limited=True)
     assert workers == limit.cpu_threads  # one argon2 thread per CPU of the limit
-    settings = HashdSettings(resources=limit, cpu_workers=workers,
-                             argon2_max_memory_kib=int(env["HASHMESH_HASHD_ARGON2_MAX_MEMORY_KIB"]))
+    settings = HashdSettings(
+        resources=limit,
+        cpu_workers=workers,
+        argon2_max_memory_kib=int(env["HASHMESH_HASHD_ARGON2_MAX_MEMORY_KIB"]),
+    )
     # What it accepts is what it would derive from the limits on its own.
-    assert settings.argon2_memory_limit_kib == HashdSettings(resources=limit, cpu_workers=workers
-                                                             ).argon2_memory_limit_kib
+    assert (
+        settings.argon2_memory_limit_kib
+        == HashdSettings(resources=limit, cpu_workers=workers).argon2_memory_limit_kib
+    )
 
 
 def test_hashd_argon2_settings_agree_with_the_pod_limits() -> None:
@@ -340,7 +388,10 @@ def containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
 def test_hashd_is_discovered_through_a_headless_service() -> None:
     service = by_kind()[("Service", "hashd")]
     assert service["spec"]["clusterIP"] == "None"
-    assert service["spec"]["selector"] == by_kind()[("Deployment", "hashd")]["spec"]["selector"]["matchLabels"]
+    assert (
+        service["spec"]["selector"]
+        == by_kind()[("Deployment", "hashd")]["spec"]["selector"]["matchLabels"]
+    )
     balancer = containers(by_kind()[("Deployment", "balancer")])[0]
     command = balancer["command"]
     assert command[command.index("--backends-dns") + 1] == "hashd:50051"
@@ -371,7 +422,11 @@ def test_deployments_drain_within_their_grace_period(name: str) -> None:
 @pytest.mark.parametrize("name", ["hashd", "workerd"])
 def test_hashd_and_workerd_autoscale(name: str) -> None:
     hpa = by_kind()[("HorizontalPodAutoscaler", name)]
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": name,
+    }
     assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
 
 
@@ -393,9 +448,16 @@ PROMQL_MATCHER = re.compile(r"([a-z_][a-z0-9_]*)\s*(?:=~|!~|!=|=)\s*\"")
 def check_promql(expr: str) -> list[str]:
     """Problems with one expression: unknown hashmesh metrics, labels no metric has."""
     series = defined_series()
-    problems = [f"unknown metric {name}" for name in PROMQL_NAME.findall(expr) if name not in series]
+    problems = [
+        f"unknown metric {name}" for name in PROMQL_NAME.findall(expr) if name not in series
+    ]
     known_labels = set().union(*series.values()) | TARGET_LABELS
-    used = {label.strip() for group in PROMQL_BY.findall(expr) for label in group.split(",") if label.strip()}
+    used = {
+        label.strip()
+        for group in PROMQL_BY.findall(expr)
+        for label in group.split(",")
+        if label.strip()
+    }
     used |= set(PROMQL_MATCHER.findall(expr))
     problems += [f"unknown label {label}" for label in used - known_labels]
     return problems
@@ -418,8 +480,12 @@ def test_dashboard_queries_only_defined_metrics() -> None:
     problems = {expr: check_promql(expr) for expr in exprs}
     assert not {e: p for e, p in problems.items() if p}
     queried = {name for expr in exprs for name in PROMQL_NAME.findall(expr)}
-    for needed in ("hashmesh_grpc_server_handled_total", "hashmesh_grpc_server_handling_seconds_bucket",
-                   "hashmesh_task_queue_depth", "hashmesh_balancer_backend_up"):
+    for needed in (
+        "hashmesh_grpc_server_handled_total",
+        "hashmesh_grpc_server_handling_seconds_bucket",
+        "hashmesh_task_queue_depth",
+        "hashmesh_balancer_backend_up",
+    ):
         assert needed in queried
 
 
@@ -428,14 +494,17 @@ def test_dashboard_json_is_what_the_generator_writes() -> None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert (DEPLOY / "grafana" / "dashboards" / "hashmesh.json").read_text() == module.render(), \
+    assert (DEPLOY / "grafana" / "dashboards" / "hashmesh.json").read_text() == module.render(), (
         "run python deploy/grafana/dashboard.py"
+    )
     ids = [p["id"] for p in json.loads(module.render())["panels"]]
     assert len(ids) == len(set(ids))
 
 
 def test_grafana_provisioning_points_at_the_dashboard_folder(compose: dict[str, Any]) -> None:
-    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
     provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/hashmesh.yml").read_text())
     path = provider["providers"][0]["options"]["path"]
@@ -468,6 +537,12 @@ def test_balancer_replicas_share_their_rate_limits_through_redis() -> None:
     password = by_kind()[("Secret", "hashmesh-secrets")]["stringData"]["REDIS_PASSWORD"]
     assert url == f"redis://:{password}@redis:6379/0"
     service = by_kind()[("Service", "redis")]
-    assert service["spec"]["selector"] == by_kind()[("Deployment", "redis")]["spec"]["selector"]["matchLabels"]
+    assert (
+        service["spec"]["selector"]
+        == by_kind()[("Deployment", "redis")]["spec"]["selector"]["matchLabels"]
+    )
     allowed = by_kind()[("NetworkPolicy", "redis")]["spec"]["ingress"][0]["from"][0]["podSelector"]
-    assert allowed["matchLabels"] == by_kind()[("Deployment", "balancer")]["spec"]["selector"]["matchLabels"]
+    assert (
+        allowed["matchLabels"]
+        == by_kind()[("Deployment", "balancer")]["spec"]["selector"]["matchLabels"]
+    )

@@ -28,19 +28,44 @@ def _proc(root: Path, processes: dict[int, list[str]]) -> Path:
     return root
 
 
-@pytest.mark.parametrize(("argv", "role", "target"), [
-    (["/opt/hashmesh/bin/python", "/opt/hashmesh/bin/hashd"], "hashd", "127.0.0.1:50051"),
-    (["/opt/hashmesh/bin/python", "/opt/hashmesh/bin/hashmesh-balancer", "--listen", "0.0.0.0:7000",
-      "--admin-listen", "0.0.0.0:7001"], "balancer", "127.0.0.1:7000"),
-    (["python", "-m", "hashmesh.hashd", "--listen=0.0.0.0:6001"], "hashd", "127.0.0.1:6001"),
-    (["/opt/hashmesh/bin/python", "/opt/hashmesh/bin/workerd"], "workerd", None),
-])
-def test_each_role_is_found_with_its_port(probe: ModuleType, tmp_path: Path, argv: list[str], role: str,
-                                          target: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("argv", "role", "target"),
+    [
+        (["/opt/hashmesh/bin/python", "/opt/hashmesh/bin/hashd"], "hashd", "127.0.0.1:50051"),
+        (
+            [
+                "/opt/hashmesh/bin/python",
+                "/opt/hashmesh/bin/hashmesh-balancer",
+                "--listen",
+                "0.0.0.0:7000",
+                "--admin-listen",
+                "0.0.0.0:7001",
+            ],
+            "balancer",
+            "127.0.0.1:7000",
+        ),
+        (["python", "-m", "hashmesh.hashd", "--listen=0.0.0.0:6001"], "hashd", "127.0.0.1:6001"),
+        (["/opt/hashmesh/bin/python", "/opt/hashmesh/bin/workerd"], "workerd", None),
+    ],
+)
+def test_each_role_is_found_with_its_port(
+    probe: ModuleType,
+    tmp_path: Path,
+    argv: list[str],
+    role: str,
+    target: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("HASHMESH_HASHD_LISTEN", raising=False)
     monkeypatch.delenv("HASHMESH_BALANCER_LISTEN", raising=False)
-    root = _proc(tmp_path, {1: ["/sbin/docker-init", "--", *argv], 7: argv,
-                            9: ["/opt/hashmesh/bin/python", "/opt/hashmesh/bin/hashmesh-healthcheck"]})
+    root = _proc(
+        tmp_path,
+        {
+            1: ["/sbin/docker-init", "--", *argv],
+            7: argv,
+            9: ["/opt/hashmesh/bin/python", "/opt/hashmesh/bin/hashmesh-healthcheck"],
+        },
+    )
     found = probe.find_daemon(root)
     assert found is not None and found[0] == role
     if target is not None:
@@ -48,15 +73,19 @@ def test_each_role_is_found_with_its_port(probe: ModuleType, tmp_path: Path, arg
 
 
 def test_the_listen_variable_counts_and_a_one_shot_container_passes(
-        probe: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probe: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HASHMESH_HASHD_LISTEN", "0.0.0.0:50999")
     assert probe.target_of("hashd", ["hashd"]) == "127.0.0.1:50999"
-    root = _proc(tmp_path, {1: ["/opt/hashmesh/bin/python", "/opt/hashmesh/bin/hashctl", "db", "migrate"]})
+    root = _proc(
+        tmp_path, {1: ["/opt/hashmesh/bin/python", "/opt/hashmesh/bin/hashctl", "db", "migrate"]}
+    )
     assert probe.find_daemon(root) is None
 
 
 def test_workerd_is_checked_through_the_metrics_port_of_its_environment(
-        probe: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    probe: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

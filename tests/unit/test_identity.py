@@ -52,7 +52,7 @@ def test_a_stamp_verifies_for_its_method_until_it_expires() -> None:
     with pytest.raises(StampError, match="expired"):
         verify(SECRET, identity, signature, METHOD, clock.now + STAMP_TTL + STAMP_BUCKET + 1)
     for args in (
-        ("mallory", signature, METHOD),                               # another identity
+        ("mallory", signature, METHOD),  # another identity
         (identity, signature, "/hashmesh.v1.CacheService/ClearCache"),  # another method
         (identity, signature.replace(";client;", ";operator;"), METHOD),  # promoted role
     ):
@@ -87,15 +87,24 @@ def test_the_replica_reads_the_stamp_or_the_peer_never_a_claim() -> None:
     assert resolver.resolve(METHOD, "ipv4:10.0.0.1:5", stamped) == Caller("bob")
     claims = [(IDENTITY, "bob"), ("x-client-id", "bob")]
     assert resolver.resolve(METHOD, "ipv4:10.0.0.1:5", claims) == Caller("ip:10.0.0.1")
-    assert resolver.resolve(METHOD, "ipv6:[::1]:5", [("authorization", "bEaReR tok")]) == Caller("ip:::1", True)
-    for metadata in ([(IDENTITY, "bob"), (IDENTITY_SIG, "v1;operator;1;00")],
-                     [("authorization", "Bearer guess")], [(IDENTITY_SIG, b"\x00")]):
+    assert resolver.resolve(METHOD, "ipv6:[::1]:5", [("authorization", "bEaReR tok")]) == Caller(
+        "ip:::1", True
+    )
+    for metadata in (
+        [(IDENTITY, "bob"), (IDENTITY_SIG, "v1;operator;1;00")],
+        [("authorization", "Bearer guess")],
+        [(IDENTITY_SIG, b"\x00")],
+    ):
         with pytest.raises(Unauthenticated):
             resolver.resolve(METHOD, "ipv4:10.0.0.1:5", metadata)
     with pytest.raises(Unauthenticated, match="no HASHMESH_IDENTITY_SECRET"):
         CallerResolver("", "").resolve(METHOD, "ipv4:10.0.0.1:5", stamped)
     # Without an admin token nobody is an operator by header.
-    assert not CallerResolver(SECRET, "").resolve(METHOD, "ipv4:1.2.3.4:1", [("authorization", "Bearer x")]).operator
+    assert (
+        not CallerResolver(SECRET, "")
+        .resolve(METHOD, "ipv4:1.2.3.4:1", [("authorization", "Bearer x")])
+        .operator
+    )
 
 
 def test_bearer_scheme_and_peer_host_parsing() -> None:
@@ -112,9 +121,16 @@ def test_bearer_scheme_and_peer_host_parsing() -> None:
 def test_fingerprints_tell_requests_apart_under_a_key() -> None:
     one, other = Fingerprinter("secret-one-0123456789"), Fingerprinter("secret-two-0123456789")
     task = NewTask("md5", b"hunter2", idempotency_key="k")
-    assert one.same_request(one.of(task), one.of(NewTask("md5", b"hunter2", idempotency_key="other")))
-    for changed in (NewTask("md5", b"hunter3"), NewTask("sha1", b"hunter2"), NewTask("md5", b"hunter2", priority=1),
-                    NewTask("md5", b"hunter2", max_attempts=2), NewTask("md5", b"hunter2", params={"salt": "x"})):
+    assert one.same_request(
+        one.of(task), one.of(NewTask("md5", b"hunter2", idempotency_key="other"))
+    )
+    for changed in (
+        NewTask("md5", b"hunter3"),
+        NewTask("sha1", b"hunter2"),
+        NewTask("md5", b"hunter2", priority=1),
+        NewTask("md5", b"hunter2", max_attempts=2),
+        NewTask("md5", b"hunter2", params={"salt": "x"}),
+    ):
         assert not one.same_request(one.of(task), one.of(changed))
     # Made under another key (before a secret rotation): cannot be compared, taken as the same.
     assert one.same_request(other.of(task), one.of(NewTask("md5", b"different")))
@@ -122,7 +138,9 @@ def test_fingerprints_tell_requests_apart_under_a_key() -> None:
 
 
 def _service(store: MemoryTaskStore, window: float = 3600.0) -> TaskService:
-    return TaskService(store, HashdSettings(identity_secret=SECRET, idempotency_window_seconds=window))
+    return TaskService(
+        store, HashdSettings(identity_secret=SECRET, idempotency_window_seconds=window)
+    )
 
 
 def _spec(data: bytes, key: str = "") -> task_pb2.TaskSpec:
@@ -135,9 +153,13 @@ def test_tenants_are_scoped_and_keys_are_per_caller_and_windowed() -> None:
     service = _service(store)
     alice, bob, operator = Caller("alice"), Caller("bob"), Caller("ip:10.0.0.9", operator=True)
 
-    async def submit(caller: Caller, spec: task_pb2.TaskSpec, client_id: str = "") -> task_pb2.SubmitTaskResponse:
+    async def submit(
+        caller: Caller, spec: task_pb2.TaskSpec, client_id: str = ""
+    ) -> task_pb2.SubmitTaskResponse:
         with acting_as(caller):
-            return await service.SubmitTask(task_pb2.SubmitTaskRequest(spec=spec, client_id=client_id), None)  # type: ignore[arg-type]
+            return await service.SubmitTask(
+                task_pb2.SubmitTaskRequest(spec=spec, client_id=client_id), None
+            )  # type: ignore[arg-type]
 
     async def body() -> None:
         alices = await submit(alice, _spec(b"a", "shared-key"))
@@ -178,5 +200,7 @@ def test_tenants_are_scoped_and_keys_are_per_caller_and_windowed() -> None:
 
 def test_hashctl_up_keeps_its_identity_secret_apart_and_private(tmp_path: Path) -> None:
     identity = load_cache_secret(tmp_path, IDENTITY_SECRET_FILE)
-    assert identity == load_cache_secret(tmp_path, IDENTITY_SECRET_FILE) != load_cache_secret(tmp_path)
+    assert (
+        identity == load_cache_secret(tmp_path, IDENTITY_SECRET_FILE) != load_cache_secret(tmp_path)
+    )
     assert len(identity) >= 32 and (tmp_path / IDENTITY_SECRET_FILE).stat().st_mode & 0o777 == 0o600

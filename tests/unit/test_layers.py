@@ -60,8 +60,13 @@ def test_layering(path: str, tree: ast.Module) -> None:
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 assert not TASK_SQL.search(node.value), f"{path} holds task SQL"
     if path.startswith("balancer/"):
-        assert not uses(names, "hashmesh.core.queue", "hashmesh.core.hashing", "hashmesh.hashd",
-                        "hashmesh.workerd"), f"{path}: the balancer knows no queue or hashing"
+        assert not uses(
+            names,
+            "hashmesh.core.queue",
+            "hashmesh.core.hashing",
+            "hashmesh.hashd",
+            "hashmesh.workerd",
+        ), f"{path}: the balancer knows no queue or hashing"
     if not path.startswith("cli/"):
         assert not uses(names, "hashmesh.cli"), f"{path}: daemons and core never import the CLI"
     if path.startswith("core/"):

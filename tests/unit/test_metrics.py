@@ -33,8 +33,9 @@ class FakeHashService(hash_pb2_grpc.HashServiceServicer):
             raise InvalidArgument("data", "must not be empty")
         return hash_pb2.HashResponse()
 
-    async def HashStream(self, request_iterator: AsyncIterator[hash_pb2.HashStreamRequest],
-                         context: Any) -> hash_pb2.HashStreamResponse:
+    async def HashStream(
+        self, request_iterator: AsyncIterator[hash_pb2.HashStreamRequest], context: Any
+    ) -> hash_pb2.HashStreamResponse:
         async for _ in request_iterator:
             pass
         return hash_pb2.HashStreamResponse()
@@ -106,17 +107,28 @@ def test_interceptor_counts_calls_by_method_and_code(endpoint: metrics.MetricsSe
 
     handled = "hashmesh_grpc_server_handled_total"
     assert delta(handled, grpc_service=HASH_SERVICE, grpc_method="Hash", grpc_code="OK") == 3
-    assert delta(handled, grpc_service=HASH_SERVICE, grpc_method="Hash",
-                 grpc_code="INVALID_ARGUMENT") == 1
+    assert (
+        delta(handled, grpc_service=HASH_SERVICE, grpc_method="Hash", grpc_code="INVALID_ARGUMENT")
+        == 1
+    )
     assert delta(handled, grpc_service=HASH_SERVICE, grpc_method="HashStream", grpc_code="OK") == 1
-    assert delta(handled, grpc_service="grpc.health.v1.Health", grpc_method="Check",
-                 grpc_code="OK") == 1
+    assert (
+        delta(handled, grpc_service="grpc.health.v1.Health", grpc_method="Check", grpc_code="OK")
+        == 1
+    )
     latency = "hashmesh_grpc_server_handling_seconds"
     assert delta(f"{latency}_count", grpc_service=HASH_SERVICE, grpc_method="Hash") == 4
     assert delta(f"{latency}_bucket", grpc_service=HASH_SERVICE, grpc_method="Hash", le="+Inf") == 4
     assert delta(f"{latency}_sum", grpc_service=HASH_SERVICE, grpc_method="Hash") > 0
-    assert value(after, "hashmesh_grpc_server_in_flight_calls", grpc_service=HASH_SERVICE,
-                 grpc_method="Hash") == 0
+    assert (
+        value(
+            after,
+            "hashmesh_grpc_server_in_flight_calls",
+            grpc_service=HASH_SERVICE,
+            grpc_method="Hash",
+        )
+        == 0
+    )
     services = {dict(labels).get("grpc_service") for (name, labels) in after if name == handled}
     assert "evil.Service" not in services
 
@@ -152,22 +164,36 @@ def test_queue_depth_is_published_for_every_status(endpoint: metrics.MetricsServ
 
 
 def test_balancer_reading_becomes_metrics_and_gone_replicas_disappear(
-        endpoint: metrics.MetricsServer) -> None:
-    replicas = [collector.BackendReading("10.0.0.9:50051", True, 3, 120, 4, 1),
-                collector.BackendReading("10.0.0.10:50051", False, 0, 80, 9, 2)]
+    endpoint: metrics.MetricsServer,
+) -> None:
+    replicas = [
+        collector.BackendReading("10.0.0.9:50051", True, 3, 120, 4, 1),
+        collector.BackendReading("10.0.0.10:50051", False, 0, 80, 9, 2),
+    ]
 
     def read() -> collector.BalancerReading:
-        return collector.BalancerReading(backends=list(replicas), calls=200, retries=5, no_backend=1,
-                                       rate_limited=11, unauthenticated=2)
+        return collector.BalancerReading(
+            backends=list(replicas),
+            calls=200,
+            retries=5,
+            no_backend=1,
+            rate_limited=11,
+            unauthenticated=2,
+        )
 
     collector.watch_balancer(read)
     try:
         samples = scrape(endpoint)
         assert value(samples, "hashmesh_balancer_backend_up", backend="10.0.0.9:50051") == 1
         assert value(samples, "hashmesh_balancer_backend_up", backend="10.0.0.10:50051") == 0
-        assert value(samples, "hashmesh_balancer_backend_in_flight_calls", backend="10.0.0.9:50051") == 3
+        assert (
+            value(samples, "hashmesh_balancer_backend_in_flight_calls", backend="10.0.0.9:50051")
+            == 3
+        )
         assert value(samples, "hashmesh_balancer_picks_total", backend="10.0.0.10:50051") == 80
-        assert value(samples, "hashmesh_balancer_backend_errors_total", backend="10.0.0.10:50051") == 9
+        assert (
+            value(samples, "hashmesh_balancer_backend_errors_total", backend="10.0.0.10:50051") == 9
+        )
         assert value(samples, "hashmesh_balancer_ejections_total", backend="10.0.0.10:50051") == 2
         assert value(samples, "hashmesh_balancer_backends") == 2
         assert value(samples, "hashmesh_balancer_calls_total") == 200
@@ -228,8 +254,9 @@ def test_wrap_instruments_generic_handlers(endpoint: metrics.MetricsServer) -> N
 
 
 def test_pool_collector_reports_an_unopened_pool(endpoint: metrics.MetricsServer) -> None:
-    pool = psycopg_pool.AsyncConnectionPool("postgresql://nowhere.invalid/x", min_size=2,
-                                            max_size=6, open=False, name="unit-pool")
+    pool = psycopg_pool.AsyncConnectionPool(
+        "postgresql://nowhere.invalid/x", min_size=2, max_size=6, open=False, name="unit-pool"
+    )
     metrics.watch_pool(pool)
     try:
         samples = scrape(endpoint)

@@ -8,7 +8,9 @@ from pathlib import Path
 from hashmesh.balancer.config import UPSTREAM_TLS_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
-READ_WITH_PREFIX = re.compile(r"""env_(?:str|int|float|bool|list|optional)\(\s*["']([A-Z0-9_]+)["']""")
+READ_WITH_PREFIX = re.compile(
+    r"""env_(?:str|int|float|bool|list|optional)\(\s*["']([A-Z0-9_]+)["']"""
+)
 SPELLED_OUT = re.compile(r"""["'](HASHMESH_[A-Z0-9_]*[A-Z0-9])["']""")
 
 

@@ -40,13 +40,18 @@ def test_no_limit_falls_back_to_the_host(tmp_path: Path) -> None:
 
 
 def test_cgroup_v1_and_the_smallest_limit_on_the_way_up(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000",
-        "cpu/app/cpu.cfs_quota_us": "100000", "cpu/app/cpu.cfs_period_us": "100000",
-        "memory/memory.limit_in_bytes": "9223372036854771712",  # v1's "no limit"
-        "memory/app/memory.limit_in_bytes": str(768 * MiB),
-        "memory/app/job/memory.limit_in_bytes": str(1024 * MiB),  # the parent's 768 MiB wins
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "cpu/cpu.cfs_quota_us": "-1",
+            "cpu/cpu.cfs_period_us": "100000",
+            "cpu/app/cpu.cfs_quota_us": "100000",
+            "cpu/app/cpu.cfs_period_us": "100000",
+            "memory/memory.limit_in_bytes": "9223372036854771712",  # v1's "no limit"
+            "memory/app/memory.limit_in_bytes": str(768 * MiB),
+            "memory/app/job/memory.limit_in_bytes": str(1024 * MiB),  # the parent's 768 MiB wins
+        },
+    )
     paths = resources.own_cgroups("4:memory:/app/job\n1:cpu,cpuacct:/app\n0::/\n")
     assert paths == {"memory": "/app/job", "cpu": "/app", "cpuacct": "/app", "": "/"}
     found = resources.detect(root, paths)
@@ -77,16 +82,21 @@ def test_settings_that_cannot_fit_are_refused_at_start() -> None:
     roomy = Resources(cpus=2.0, memory_bytes=512 * MiB, limited=True)
     with pytest.raises(SettingsError, match="does not fit the memory limit of 512 MiB"):
         HashdSettings(resources=roomy, cpu_workers=2, argon2_max_memory_kib=256 * 1024)
-    assert HashdSettings(resources=roomy, cpu_workers=2,
-                         argon2_max_memory_kib=64 * 1024).argon2_memory_limit_kib == 64 * 1024
+    assert (
+        HashdSettings(
+            resources=roomy, cpu_workers=2, argon2_max_memory_kib=64 * 1024
+        ).argon2_memory_limit_kib
+        == 64 * 1024
+    )
     with pytest.raises(SettingsError, match="between 8192 and 262144"):
         HashdSettings(resources=roomy, cpu_workers=1, argon2_max_memory_kib=1024)
 
 
 def test_threads_default_from_the_cpu_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HASHMESH_HASHD_CPU_WORKERS", raising=False)
-    monkeypatch.setattr(resources, "detect",
-                        lambda *_: Resources(cpus=1.5, memory_bytes=1024 * MiB, limited=True))
+    monkeypatch.setattr(
+        resources, "detect", lambda *_: Resources(cpus=1.5, memory_bytes=1024 * MiB, limited=True)
+    )
     settings = HashdSettings.from_env()
     assert settings.cpu_workers == 2 and settings.argon2_memory_limit_kib == 256 * 1024
     monkeypatch.setenv("HASHMESH_HASHD_ARGON2_MAX_MEMORY_KIB", "65536")
@@ -95,10 +105,14 @@ def test_threads_default_from_the_cpu_limit(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_requests_over_the_memory_limit_name_the_field() -> None:
     with pytest.raises(InvalidArgument) as refused:
-        Argon2Params.build(memory_cost_kib=65537, memory_limit_kib=65536, field_prefix="specs[1].argon2")
+        Argon2Params.build(
+            memory_cost_kib=65537, memory_limit_kib=65536, field_prefix="specs[1].argon2"
+        )
     assert refused.value.field == "specs[1].argon2.memory_cost_kib"
     assert "at most 65536 KiB on this server" in refused.value.description
-    assert Argon2Params.build(memory_cost_kib=65536, memory_limit_kib=65536).memory_cost_kib == 65536
+    assert (
+        Argon2Params.build(memory_cost_kib=65536, memory_limit_kib=65536).memory_cost_kib == 65536
+    )
     encoded = "$argon2id$v=19$m=131072,t=1,p=1$c2FsdHNhbHQ$" + "A" * 43
     with pytest.raises(InvalidArgument, match="at most 65536 KiB"):
         validate_phc(encoded, memory_limit_kib=65536)

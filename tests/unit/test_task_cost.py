@@ -11,7 +11,10 @@ from hashmesh.core.queue.limits import TASK_OVERHEAD_COST, PendingLimits, Priori
 
 
 def test_cost_of_argon2_and_digests() -> None:
-    assert task_cost("argon2id", {"time_cost": 3, "memory_cost_kib": 65536}, 10) == 3 * 64 * 2**20 + TASK_OVERHEAD_COST
+    assert (
+        task_cost("argon2id", {"time_cost": 3, "memory_cost_kib": 65536}, 10)
+        == 3 * 64 * 2**20 + TASK_OVERHEAD_COST
+    )
     assert task_cost("sha256", {}, 1000) == 1000 + TASK_OVERHEAD_COST
     assert task_cost("md5", {}, 0) == TASK_OVERHEAD_COST
 
@@ -26,8 +29,15 @@ def test_cost_adds_up_per_client_until_the_refresh_counts_it() -> None:
         return dict(costs)
 
     async def scenario() -> None:
-        limits = PendingLimits(max_total=100, max_per_client=100, count=count, cost=cost,
-                               max_cost_total=1000, max_cost_per_client=500, refresh_seconds=3600)
+        limits = PendingLimits(
+            max_total=100,
+            max_per_client=100,
+            count=count,
+            cost=cost,
+            max_cost_total=1000,
+            max_cost_per_client=500,
+            refresh_seconds=3600,
+        )
         await limits.admit("a", 1, 400)
         limits.accepted("a", 1, 400)
         with pytest.raises(ResourceExhausted) as refused:

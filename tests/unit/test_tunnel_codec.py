@@ -22,24 +22,49 @@ from hashmesh.core.tunnel import (
 
 
 def test_calls_and_replies_round_trip_with_text_and_binary_metadata() -> None:
-    metadata = (("x-client-id", "alice"), ("trace-bin", b"\x00\xff"), ("x-forwarded-for", "127.0.0.2"))
-    batch = (encode_call(7, "/hashmesh.v1.HashService/Hash", metadata, 1.5, b"\x01payload")
-             + encode_cancel(6) + encode_call(8, "/m", (), None, b""))
+    metadata = (
+        ("x-client-id", "alice"),
+        ("trace-bin", b"\x00\xff"),
+        ("x-forwarded-for", "127.0.0.2"),
+    )
+    batch = (
+        encode_call(7, "/hashmesh.v1.HashService/Hash", metadata, 1.5, b"\x01payload")
+        + encode_cancel(6)
+        + encode_call(8, "/m", (), None, b"")
+    )
     first, cancel, last = decode_calls(batch)
     assert (first.call_id, first.method, first.metadata, first.timeout, first.payload) == (
-        7, "/hashmesh.v1.HashService/Hash", metadata, 1.5, b"\x01payload")
+        7,
+        "/hashmesh.v1.HashService/Hash",
+        metadata,
+        1.5,
+        b"\x01payload",
+    )
     assert cancel.kind == CANCEL and cancel.call_id == 6
     assert last.timeout is None and last.payload == b"" and last.metadata == ()
 
-    reply = Reply(7, grpc.StatusCode.INVALID_ARGUMENT, "bad ✓", (("x-initial", "b1"),),
-                  (("grpc-status-details-bin", b"\x08\x03"),), b"")
+    reply = Reply(
+        7,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "bad ✓",
+        (("x-initial", "b1"),),
+        (("grpc-status-details-bin", b"\x08\x03"),),
+        b"",
+    )
     (decoded,) = decode_replies(encode_reply(reply))
     assert (decoded.call_id, decoded.code, decoded.details, decoded.initial, decoded.trailing) == (
-        7, grpc.StatusCode.INVALID_ARGUMENT, "bad ✓", reply.initial, reply.trailing)
+        7,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "bad ✓",
+        reply.initial,
+        reply.trailing,
+    )
 
 
 def test_timeouts_no_timer_can_hold_mean_no_deadline() -> None:
-    frames = b"".join(encode_call(i, "/m", (), t, b"") for i, t in enumerate((1e300, float("nan"), 0.0, -0.5)))
+    frames = b"".join(
+        encode_call(i, "/m", (), t, b"") for i, t in enumerate((1e300, float("nan"), 0.0, -0.5))
+    )
     # A deadline that passed on the way (negative time left) stays expired.
     assert [f.timeout for f in decode_calls(frames)] == [None, None, 0.0, 0.0]
 

@@ -72,7 +72,9 @@ class Running:
         await asyncio.wait_for(self.task, STATE_TIMEOUT)
 
 
-def status_is(store: MemoryTaskStore, task_id: str, *wanted: TaskStatus) -> Callable[[], Awaitable[bool]]:
+def status_is(
+    store: MemoryTaskStore, task_id: str, *wanted: TaskStatus
+) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return (await store.get(task_id, owner=None)).status in wanted
 
@@ -132,8 +134,10 @@ def test_a_task_cancelled_after_its_claim_ends_cancelled_without_a_result() -> N
         store = MemoryTaskStore()
         # One CPU thread: the second argon2 task waits behind the first while held.
         first, second = await store.submit_many(
-            [NewTask("argon2id", b"pw-1", params=SLOW_ARGON2),
-             NewTask("argon2id", b"pw-2", params=SLOW_ARGON2)]
+            [
+                NewTask("argon2id", b"pw-1", params=SLOW_ARGON2),
+                NewTask("argon2id", b"pw-2", params=SLOW_ARGON2),
+            ]
         )
         running = Running(worker_on(store, settings()))
         await until(status_is(store, second.task.id, TaskStatus.RUNNING), "the second is claimed")
