@@ -121,7 +121,10 @@ def test_counters_equal_a_real_count_through_every_transition(dsn: str) -> None:
         await store.cancel(unclaimed[0], owner=None)  # pending: cancelled at once
         assert await store.acknowledge_cancel([Lease(claimed[20].id, claimed[20].lease_id)])
         await assert_counters_match(store, dsn, "cancel")
-        await store.requeue(claimed[10].id, owner=None)
+        # A digest dead letter: an argon2 one has its input erased and cannot be requeued (the
+        # claim order among tasks submitted in the same millisecond is not fixed).
+        dead_digest = next(t for t in claimed[10:15] if t.algorithm == "md5")
+        await store.requeue(dead_digest.id, owner=None)
         await assert_counters_match(store, dsn, "requeue")
         backdate(dsn, ids, days=30)
         run = await store.prune(RetentionPolicy().ages, batch=3)
