@@ -198,8 +198,8 @@ def test_deadline_and_cancellation_reach_the_replica(shared: tuple[Proc, list[Pr
         hashes = hash_pb2_grpc.HashServiceStub(channel)
         _, call = hashes.Hash.with_call(hash_request(), timeout=3)
         # gRPC rounds the timeout it sends up a little; what matters is that it arrived
-        # (less what the hop took: up to a second or two on a loaded machine).
-        assert 0.5 < float(trailers(call)["x-remaining"]) <= 3.1
+        # (less what the hop took, which a loaded machine can stretch to seconds).
+        assert 0.0 < float(trailers(call)["x-remaining"]) <= 3.1
         # No deadline: an idempotent call's attempt still gets the per-attempt timeout.
         _, call = hashes.Hash.with_call(hash_request())
         assert 5.0 < float(trailers(call)["x-remaining"]) <= 10.1
@@ -218,7 +218,7 @@ def test_deadline_and_cancellation_reach_the_replica(shared: tuple[Proc, list[Pr
         )
         assert next(watch).task.id == "t-0"
         watch.cancel()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         logs = "".join(b.log() for b in backends)
         if "cancelled Hash" in logs and "cancelled WatchTask" in logs:
