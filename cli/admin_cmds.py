@@ -88,7 +88,7 @@ def lb_stats(
             timeout=state.options.timeout,
             metadata=state.session.admin_metadata(),
         )
-    data = {
+    data: dict[str, Any] = {
         "calls": reply.calls,
         "rate_limited": reply.rate_limited,
         "retries": reply.retries,
@@ -474,9 +474,11 @@ def health_command(
     target = state.options.admin_target if admin else state.options.target
     channel = state.session.admin_channel if admin else state.session.channel
     with rpc_errors(target):
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=state.options.timeout
-        )
+        # types-grpcio-health-checking declares HealthStub without its methods.
+        check: grpc.UnaryUnaryMultiCallable[
+            health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+        ] = health_pb2_grpc.HealthStub(channel).Check  # type: ignore[attr-defined]
+        reply = check(health_pb2.HealthCheckRequest(service=service), timeout=state.options.timeout)
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     if out.json_mode:
         out.json({"target": target, "service": service, "status": status})
