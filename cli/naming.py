@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from hashmesh.cli.client import CliError, ExitCode
 from hashmesh.core.errors import InvalidArgument
+from hashmesh.core.hashing.algorithms import Algorithm
 from hashmesh.core.hashing.wire import algorithm_from_name
 from hashmesh.v1 import admin_pb2, cache_pb2, common_pb2, task_pb2
 
-ALGORITHMS = ["md5", "sha1", "sha256", "sha512", "sha3_256", "blake2b", "argon2id"]
+ALGORITHMS = [algorithm.value for algorithm in Algorithm]
 
 
 def _short(full: str, prefix: str) -> str:
