@@ -63,20 +63,23 @@ def rewrap(
     serializer = handler.response_serializer
     # The stubs type behaviours after the synchronous server's; on grpc.aio they are
     # coroutine functions and async generators, which is what Unary and Streaming say.
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            unary(_as_unary(handler.unary_unary)), deserializer, serializer
+    behaviour: Callable[..., Any]
+    once = handler.unary_unary or handler.stream_unary
+    if once is not None:
+        behaviour = unary(_as_unary(once))
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary is not None
+            else grpc.stream_unary_rpc_method_handler
         )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            unary(_as_unary(handler.stream_unary)), deserializer, serializer
+    else:
+        streams = handler.unary_stream or handler.stream_stream
+        if streams is None:
+            raise ValueError("a method handler without behaviour")
+        behaviour = streaming(_as_streaming(streams))
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream is not None
+            else grpc.stream_stream_rpc_method_handler
         )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            streaming(_as_streaming(handler.unary_stream)), deserializer, serializer
-        )
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            streaming(_as_streaming(handler.stream_stream)), deserializer, serializer
-        )
-    raise ValueError("a method handler without behaviour")
+    return factory(behaviour, deserializer, serializer)
