@@ -12,7 +12,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hashmesh.cli.cache_stats import merge as merge_cache_stats
 from hashmesh.cli.client import CliError, ExitCode, open_channel, rpc_errors
-from hashmesh.cli.hash_cmds import JsonFlag
 from hashmesh.cli.naming import (
     STRATEGIES,
     algorithm_name,
@@ -20,6 +19,7 @@ from hashmesh.cli.naming import (
     parse_strategy,
     strategy_name,
 )
+from hashmesh.cli.options import JsonFlag
 from hashmesh.cli.state import CliState, state_of
 from hashmesh.v1 import admin_pb2, cache_pb2, cache_pb2_grpc
 
