@@ -9,7 +9,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import grpc
 from google.protobuf import duration_pb2
 
 from hashmesh.balancer.backends import BackendSet, Replica
@@ -17,6 +16,7 @@ from hashmesh.balancer.config import MAX_RATE, MIN_RATE, RateLimitSettings, is_h
 from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.stats import BalancerStats, ReplicaSnapshot, Snapshot
 from hashmesh.core.errors import HashmeshError, InvalidArgument, NotFound, Violations
+from hashmesh.core.handlers import Context, Handler
 from hashmesh.core.rpc import abort_with
 from hashmesh.v1 import admin_pb2, admin_pb2_grpc
 
@@ -103,12 +103,12 @@ def backend_proto(snap: ReplicaSnapshot) -> admin_pb2.Backend:
 
 
 def _edge(
-    method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Reply]],
-) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Reply]]:
+    method: Callable[[Any, Any, Context], Awaitable[Reply]],
+) -> Callable[[Any, Any, Context], Awaitable[Reply]]:
     """Domain errors → status here too: on the public listener no ErrorInterceptor runs."""
 
     @functools.wraps(method)
-    async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Reply:
+    async def wrapped(self: Any, request: Any, context: Context) -> Reply:
         try:
             return await method(self, request, context)
         except HashmeshError as error:
@@ -153,7 +153,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @_edge
     async def GetStats(
-        self, request: admin_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.GetStatsRequest, context: Context
     ) -> admin_pb2.GetStatsResponse:
         if request.top_peers < 0:
             raise InvalidArgument("top_peers", f"must not be negative, got {request.top_peers}")
@@ -174,7 +174,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @_edge
     async def ListBackends(
-        self, request: admin_pb2.ListBackendsRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.ListBackendsRequest, context: Context
     ) -> admin_pb2.ListBackendsResponse:
         return admin_pb2.ListBackendsResponse(
             backends=[backend_proto(replica_snapshot(r)) for r in self._backends.replicas.values()]
@@ -186,14 +186,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @_edge
     async def GetStrategy(
-        self, request: admin_pb2.GetStrategyRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.GetStrategyRequest, context: Context
     ) -> admin_pb2.GetStrategyResponse:
         strategy, key = self._strategy()
         return admin_pb2.GetStrategyResponse(strategy=strategy, hash_key=key)  # type: ignore[arg-type]
 
     @_edge
     async def SetStrategy(
-        self, request: admin_pb2.SetStrategyRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.SetStrategyRequest, context: Context
     ) -> admin_pb2.SetStrategyResponse:
         name = PROTO_TO_STRATEGY.get(request.strategy)
         if name is None:
@@ -218,14 +218,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @_edge
     async def GetRateLimits(
-        self, request: admin_pb2.GetRateLimitsRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.GetRateLimitsRequest, context: Context
     ) -> admin_pb2.GetRateLimitsResponse:
         default, overrides = self._limits()
         return admin_pb2.GetRateLimitsResponse(default_limit=default, overrides=overrides)
 
     @_edge
     async def SetRateLimits(
-        self, request: admin_pb2.SetRateLimitsRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.SetRateLimitsRequest, context: Context
     ) -> admin_pb2.SetRateLimitsResponse:
         # Every bad field at once (a batch of overrides is fixed in one go).
         violations = Violations()
@@ -262,7 +262,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @_edge
     async def DrainBackend(
-        self, request: admin_pb2.DrainBackendRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.DrainBackendRequest, context: Context
     ) -> admin_pb2.DrainBackendResponse:
         if not request.address:
             raise InvalidArgument("address", "is required")
@@ -282,19 +282,18 @@ class _Capture:
     """Stands in for a server to collect a generated ``add_*_to_server``'s handlers."""
 
     def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.handlers: dict[str, Handler] = {}
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         pass
 
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
         self.handlers.update(handlers)
 
 
-def admin_handlers(servicer: AdminServicer) -> dict[str, grpc.RpcMethodHandler]:
+def admin_handlers(servicer: AdminServicer) -> dict[str, Handler]:
     """AdminService's handlers by method name, for the public listener's router."""
     capture = _Capture()
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, capture)
+    # A _Capture is no grpc server, but has the one method the generated function calls.
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, capture)  # type: ignore[arg-type]
     return capture.handlers

@@ -281,9 +281,12 @@ class BackendSet:
     # -- loops -----------------------------------------------------------------------------
 
     async def check(self, replica: Replica) -> None:
-        stub = health_pb2_grpc.HealthStub(replica.channel)
+        # types-grpcio-health-checking declares HealthStub without its methods.
+        check: grpc.aio.UnaryUnaryMultiCallable[
+            health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+        ] = health_pb2_grpc.HealthStub(replica.channel).Check  # type: ignore[attr-defined]
         try:
-            reply = await stub.Check(
+            reply = await check(
                 health_pb2.HealthCheckRequest(), timeout=self.settings.health_timeout
             )
             healthy = reply.status == health_pb2.HealthCheckResponse.SERVING

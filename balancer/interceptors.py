@@ -20,7 +20,7 @@ the hot path, is guarded by a real ``grpc.aio.ServerInterceptor`` (``AdminAuth``
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import NoReturn, Protocol
 
 import grpc
@@ -29,6 +29,7 @@ from hashmesh.balancer.keys import ApiKeys
 from hashmesh.balancer.ratelimit import RateLimited, RateLimiter
 from hashmesh.balancer.stats import BalancerStats
 from hashmesh.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from hashmesh.core.handlers import Context, Handler
 from hashmesh.core.identity import (
     ADDRESS_PREFIX,
     AUTHORIZATION,
@@ -108,7 +109,7 @@ class CallInfo:
 
 
 def read_call(
-    method: str, address: str, incoming: Sequence[tuple[str, str | bytes]] | None, hash_key: str
+    method: str, address: str, incoming: Iterable[tuple[str, str | bytes]] | None, hash_key: str
 ) -> CallInfo:
     """One pass over the request metadata: what is forwarded, and the few keys we read."""
     call = CallInfo(method, address)
@@ -340,20 +341,20 @@ class AdminPolicy:
             raise Unauthenticated("wrong admin token", reason="ADMIN_TOKEN_INVALID")
 
 
-def refusing_handler(error: Exception) -> grpc.RpcMethodHandler:
+def refusing_handler(error: Exception) -> Handler:
     """A unary handler that only answers ``error`` (AdminService methods are all unary)."""
     from hashmesh.core.errors import HashmeshError
 
     assert isinstance(error, HashmeshError)
 
-    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def refuse(request: bytes, context: Context) -> bytes:
         await abort_with(context, error)
         return b""
 
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-class AdminAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AdminAuth(grpc.aio.ServerInterceptor):
     """Guards AdminService on the admin listener; health and reflection stay open there."""
 
     def __init__(self, policy: AdminPolicy) -> None:
@@ -361,9 +362,9 @@ class AdminAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         if details.method.startswith(ADMIN_PREFIX):
             try:
                 self._policy.check(details.invocation_metadata)

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from hashmesh.balancer.collector import BackendReading, BalancerReading
 from hashmesh.balancer.stats import Snapshot
 from hashmesh.core import metrics
+from hashmesh.core.handlers import Context
 
 if TYPE_CHECKING:
     from hashmesh.balancer.ratelimit import RateLimiter
@@ -70,7 +71,7 @@ class MethodCalls:
         self._latency.observe(time.perf_counter() - started)
         self._ok.inc()
 
-    def ended(self, context: grpc.aio.ServicerContext, exc: BaseException, started: float) -> None:
+    def ended(self, context: Context, exc: BaseException, started: float) -> None:
         """The handler raised ``exc`` (an abort carrying the status, or a cancellation)."""
         self.in_flight -= 1
         self._latency.observe(time.perf_counter() - started)

@@ -42,6 +42,7 @@ from hashmesh.balancer.stats import BalancerStats
 from hashmesh.balancer.timeouts import AttemptTimeout, StreamIdle, idle_limited
 from hashmesh.balancer.tunnel import LOST, NOT_SENT, Tunnels
 from hashmesh.core.errors import HashmeshError, Unavailable
+from hashmesh.core.handlers import Context, Handler
 from hashmesh.core.rpc import abort_with
 from hashmesh.core.tunnel import INTERNAL_PREFIX, Reply
 
@@ -154,9 +155,7 @@ class Proxy:
 
     # -- shared steps ----------------------------------------------------------------------
 
-    async def _admit(
-        self, method: str, context: grpc.aio.ServicerContext, kind: int, size: int = 0
-    ) -> CallInfo:
+    async def _admit(self, method: str, context: Context, kind: int, size: int = 0) -> CallInfo:
         self._stats.calls += 1
         self.budget.deposit()
         call = read_call(
@@ -165,7 +164,9 @@ class Proxy:
         try:
             for interceptor in self._chain:
                 await interceptor.admit(call)
-            self.budgets.hold(call.client, kind, size, call.metadata, context.add_done_callback)
+            # The stubs type the callback as a class of theirs; grpc takes any callable.
+            on_done = context.add_done_callback
+            self.budgets.hold(call.client, kind, size, call.metadata, on_done)  # type: ignore[arg-type]
         except HashmeshError as error:
             await _abort(context, error, call.reply_metadata)
         return call
@@ -234,7 +235,7 @@ class Proxy:
 
     # -- the four kinds --------------------------------------------------------------------
 
-    def handler(self, method: str, kind: str) -> grpc.RpcMethodHandler:
+    def handler(self, method: str, kind: str) -> Handler:
         # Each kind records its call in ``calls`` itself (no wrapping layer): ``ok`` before
         # returning, ``ended`` from an ``except BaseException`` around the whole call.
         if kind == UNARY:
@@ -248,11 +249,11 @@ class Proxy:
     def _method_calls(self, method: str) -> MethodCalls | None:
         return self._call_metrics.method(method) if self._call_metrics is not None else None
 
-    def _unary(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
+    def _unary(self, method: str) -> Callable[[bytes, Context], Any]:
         calls = self._method_calls(method)
         idempotent = method in self._idempotent
 
-        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async def forward(request: bytes, context: Context) -> bytes:
             """The one entry point of every proxied unary call."""
             arrived = time.perf_counter()
             if calls is not None:
@@ -384,14 +385,10 @@ class Proxy:
             response,
         )
 
-    def _client_stream(
-        self, method: str
-    ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]:
+    def _client_stream(self, method: str) -> Callable[[AsyncIterator[bytes], Context], Any]:
         calls = self._method_calls(method)
 
-        async def forward(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-        ) -> bytes:
+        async def forward(requests: AsyncIterator[bytes], context: Context) -> bytes:
             arrived = time.perf_counter()
             if calls is not None:
                 calls.in_flight += 1
@@ -432,14 +429,10 @@ class Proxy:
 
         return forward
 
-    def _server_stream(
-        self, method: str
-    ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+    def _server_stream(self, method: str) -> Callable[[bytes, Context], AsyncIterator[bytes]]:
         calls = self._method_calls(method)
 
-        async def forward(
-            request: bytes, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[bytes]:
+        async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
             arrived = time.perf_counter()
             if calls is not None:
                 calls.in_flight += 1
@@ -479,14 +472,10 @@ class Proxy:
 
         return forward
 
-    def _bidi(
-        self, method: str
-    ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+    def _bidi(self, method: str) -> Callable[[AsyncIterator[bytes], Context], AsyncIterator[bytes]]:
         calls = self._method_calls(method)
 
-        async def forward(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[bytes]:
+        async def forward(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
             arrived = time.perf_counter()
             if calls is not None:
                 calls.in_flight += 1
@@ -608,7 +597,7 @@ class _Attempts:
         proxy: Proxy,
         call: CallInfo,
         method: str,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         source: _Replayable,
         *,
         timed: bool = True,
@@ -673,7 +662,7 @@ class _Attempts:
 
 
 async def _relay_metadata(
-    context: grpc.aio.ServicerContext,
+    context: Context,
     rpc: Any,
     reply: tuple[tuple[str, str], ...],
     *,
@@ -690,7 +679,7 @@ async def _relay_metadata(
 
 
 async def _relay_initial(
-    context: grpc.aio.ServicerContext,
+    context: Context,
     rpc: Any,
     source: _Replayable,
     reply: tuple[tuple[str, str], ...],
@@ -703,7 +692,7 @@ async def _relay_initial(
 
 
 async def _first_reply(
-    context: grpc.aio.ServicerContext, source: _Replayable, reply: tuple[tuple[str, str], ...]
+    context: Context, source: _Replayable, reply: tuple[tuple[str, str], ...]
 ) -> None:
     """Before the first message of a backend that sent no headers of its own: ours."""
     source.replied = True
@@ -712,7 +701,7 @@ async def _first_reply(
 
 
 async def _relay_error(
-    context: grpc.aio.ServicerContext,
+    context: Context,
     err: grpc.aio.AioRpcError,
     reply: tuple[tuple[str, str], ...],
     *,
@@ -728,27 +717,25 @@ async def _relay_error(
     )
 
 
-async def _abort(
-    context: grpc.aio.ServicerContext, error: HashmeshError, reply: tuple[tuple[str, str], ...]
-) -> Any:
+async def _abort(context: Context, error: HashmeshError, reply: tuple[tuple[str, str], ...]) -> Any:
     """The balancer's own refusal, through the one gRPC edge; the rate-limit fields go in the
     headers, as on every answer."""
     await abort_with(context, error, initial_metadata=reply)
 
 
-class Router(grpc.GenericRpcHandler):  # type: ignore[misc]
+class Router(grpc.GenericRpcHandler):
     """The public listener's catch-all: AdminService behind its policy, the rest proxied."""
 
     def __init__(
-        self, proxy: Proxy, admin_handlers: dict[str, grpc.RpcMethodHandler], policy: AdminPolicy
+        self, proxy: Proxy, admin_handlers: dict[str, Handler], policy: AdminPolicy
     ) -> None:
         self._proxy = proxy
         self._kinds = method_kinds()
         self._admin = admin_handlers
         self._policy = policy
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._handlers: dict[str, Handler] = {}
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, details: grpc.HandlerCallDetails) -> Handler | None:
         method: str = details.method
         handler = self._handlers.get(method)
         if handler is not None:

@@ -19,6 +19,7 @@ from hashmesh.core.hashing import algorithms
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.hashing.cache import CacheSettings, ResultCache
 from hashmesh.core.queue import db
+from hashmesh.core.queue.cache_table import PostgresCacheTable
 from hashmesh.core.settings import DatabaseSettings
 
 SIZES = (32, 1024, 64 * 1024, 1024 * 1024)
@@ -51,7 +52,8 @@ async def run(dsn: str) -> None:
     every = tuple(a.value for a in Algorithm)
     memory = ResultCache(None, CacheSettings(secret="bench", algorithms=every))
     shared = ResultCache(
-        pool, CacheSettings(secret="bench", algorithms=every, memory_entries=0, timeout_seconds=1.0)
+        PostgresCacheTable(pool),
+        CacheSettings(secret="bench", algorithms=every, memory_entries=0, timeout_seconds=1.0),
     )
     print("\n## cache lookup cost vs compute cost (us per call, in-process)")
     print(f"{'algorithm':10} {'input':>8} {'compute':>10} {'memory hit':>11} {'shared hit':>11}")

@@ -12,7 +12,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hashmesh.cli.cache_stats import merge as merge_cache_stats
 from hashmesh.cli.client import CliError, ExitCode, open_channel, rpc_errors
-from hashmesh.cli.hash_cmds import JsonFlag
 from hashmesh.cli.naming import (
     STRATEGIES,
     algorithm_name,
@@ -20,6 +19,7 @@ from hashmesh.cli.naming import (
     parse_strategy,
     strategy_name,
 )
+from hashmesh.cli.options import JsonFlag
 from hashmesh.cli.state import CliState, state_of
 from hashmesh.v1 import admin_pb2, cache_pb2, cache_pb2_grpc
 
@@ -88,7 +88,7 @@ def lb_stats(
             timeout=state.options.timeout,
             metadata=state.session.admin_metadata(),
         )
-    data = {
+    data: dict[str, Any] = {
         "calls": reply.calls,
         "rate_limited": reply.rate_limited,
         "retries": reply.retries,
@@ -474,9 +474,11 @@ def health_command(
     target = state.options.admin_target if admin else state.options.target
     channel = state.session.admin_channel if admin else state.session.channel
     with rpc_errors(target):
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=state.options.timeout
-        )
+        # types-grpcio-health-checking declares HealthStub without its methods.
+        check: grpc.UnaryUnaryMultiCallable[
+            health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+        ] = health_pb2_grpc.HealthStub(channel).Check  # type: ignore[attr-defined]
+        reply = check(health_pb2.HealthCheckRequest(service=service), timeout=state.options.timeout)
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     if out.json_mode:
         out.json({"target": target, "service": service, "status": status})

@@ -174,7 +174,10 @@ async def _drive(plan: LoadPlan, signals: Signals) -> CallResults:
         )
         for _ in range(max(1, plan.connections))
     ]
-    calls = [channel.unary_unary(plan.path) for channel in channels]  # bytes in, bytes out
+    # bytes in, bytes out: no serializers
+    calls: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = [
+        channel.unary_unary(plan.path) for channel in channels
+    ]
     results = CallResults()
     remaining = [plan.total]
     deadline = loop.time() + plan.duration if plan.duration else None

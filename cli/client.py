@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 from grpc_status import rpc_status
@@ -54,6 +54,10 @@ _EXIT_BY_STATUS: dict[grpc.StatusCode, ExitCode] = {
 }
 
 
+CallMetadata: TypeAlias = tuple[tuple[str, str | bytes], ...]
+"""Metadata a call sends, in the form grpc's calls take it."""
+
+
 class CliError(Exception):
     """An expected failure: printed as one line on stderr, then exit with ``exit_code``."""
 
@@ -67,8 +71,11 @@ def retry_after_of(err: grpc.RpcError) -> float | None:
     """Seconds the server asked us to wait: google.rpc.RetryInfo, else ``retry-after``."""
     from google.rpc import error_details_pb2
 
+    # A failed call's RpcError is its grpc.Call too, which is what from_call reads and what
+    # types its trailers as (key, value) pairs (the stubs' RpcError has objects there).
+    call = cast(grpc.Call, err)
     try:
-        status = rpc_status.from_call(err)
+        status = rpc_status.from_call(call)
     except (ValueError, AttributeError):
         status = None
     if status is not None:
@@ -77,7 +84,7 @@ def retry_after_of(err: grpc.RpcError) -> float | None:
                 info = error_details_pb2.RetryInfo()
                 detail.Unpack(info)
                 return float(info.retry_delay.ToNanoseconds()) / 1e9
-    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    trailing = call.trailing_metadata() if hasattr(err, "trailing_metadata") else None
     for key, value in trailing or ():
         if key == "retry-after":
             try:
@@ -183,20 +190,19 @@ class Session:
             self._admin_channel = open_channel(self.options.admin_target, self.options)
         return self._admin_channel
 
-    def metadata(self) -> list[tuple[str, str]]:
+    def metadata(self) -> CallMetadata:
         """Metadata of calls to the public endpoint: who we are, as far as we can say."""
         options = self.options
-        sent = [("x-client-id", options.client_id)] if options.client_id else []
+        sent: list[tuple[str, str | bytes]] = []
+        if options.client_id:
+            sent.append(("x-client-id", options.client_id))
         if options.api_key:
             sent.append(("x-api-key", options.api_key))
-        return [*sent, *self.admin_metadata()]
+        return (*sent, *self.admin_metadata())
 
-    def admin_metadata(self) -> list[tuple[str, str]]:
-        return (
-            [("authorization", f"Bearer {self.options.admin_token}")]
-            if self.options.admin_token
-            else []
-        )
+    def admin_metadata(self) -> CallMetadata:
+        token = self.options.admin_token
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
     def hash(self) -> hash_pb2_grpc.HashServiceStub:
         return hash_pb2_grpc.HashServiceStub(self.channel)

@@ -5,7 +5,7 @@ implement WatchTask. The one wait behind ``hashctl submit --wait``, ``task watch
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import grpc
 
@@ -30,10 +30,9 @@ def follow_task(
     *,
     timeout: float | None,
     call_timeout: float,
-    metadata: Sequence[tuple[str, str]] = (),
+    metadata: tuple[tuple[str, str | bytes], ...] = (),
 ) -> Iterator[task_pb2.Task]:
     """Each state of the task as it changes, ending at a final state."""
-    metadata = list(metadata)
     try:
         for reply in stub.WatchTask(task_pb2.WatchTaskRequest(id=task_id), timeout=timeout,
                                     metadata=metadata):  # fmt: skip

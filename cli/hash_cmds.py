@@ -11,38 +11,21 @@ import typer
 
 from hashmesh.cli.client import CliError, ExitCode
 from hashmesh.cli.naming import ALGORITHMS, algorithm_name, parse_algorithm
+from hashmesh.cli.options import (
+    HashLen,
+    JsonFlag,
+    MemoryCost,
+    Parallelism,
+    Salt,
+    TimeCost,
+    argon2_params,
+)
 from hashmesh.cli.state import state_of
 from hashmesh.v1 import common_pb2, hash_pb2
 
 CHUNK_BYTES = 256 * 1024
 # Argon2id inputs are passwords: read whole (they cannot be streamed), but within reason.
 MAX_PASSWORD_BYTES = 1024 * 1024
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
-TimeCost = Annotated[
-    int, typer.Option(help="argon2id: passes over memory (0 = server default).", min=0)
-]
-MemoryCost = Annotated[
-    int, typer.Option(help="argon2id: memory in KiB (0 = server default).", min=0)
-]
-Parallelism = Annotated[int, typer.Option(help="argon2id: lanes (0 = server default).", min=0)]
-HashLen = Annotated[int, typer.Option(help="argon2id: raw hash bytes (0 = server default).", min=0)]
-Salt = Annotated[
-    str | None,
-    typer.Option(help="argon2id: salt (UTF-8 text, >= 8 bytes); makes the result deterministic."),
-]
-
-
-def argon2_params(
-    time_cost: int, memory_cost: int, parallelism: int, hash_len: int, salt: str | None
-) -> common_pb2.Argon2Params:
-    return common_pb2.Argon2Params(
-        time_cost=time_cost,
-        memory_cost_kib=memory_cost,
-        parallelism=parallelism,
-        hash_len=hash_len,
-        salt=salt.encode() if salt else b"",
-    )
 
 
 def _chunks(source: BinaryIO) -> Iterator[bytes]:

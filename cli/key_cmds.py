@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from hashmesh.cli.client import CliError, ExitCode
-from hashmesh.cli.hash_cmds import JsonFlag
+from hashmesh.cli.options import JsonFlag
 from hashmesh.cli.state import state_of
 from hashmesh.core.queue.sealing import new_key_line
 from hashmesh.core.settings import SettingsError

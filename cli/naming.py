@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from hashmesh.cli.client import CliError, ExitCode
 from hashmesh.core.errors import InvalidArgument
+from hashmesh.core.hashing.algorithms import Algorithm
 from hashmesh.core.hashing.wire import algorithm_from_name
 from hashmesh.v1 import admin_pb2, cache_pb2, common_pb2, task_pb2
 
-ALGORITHMS = ["md5", "sha1", "sha256", "sha512", "sha3_256", "blake2b", "argon2id"]
+ALGORITHMS = [algorithm.value for algorithm in Algorithm]
 
 
 def _short(full: str, prefix: str) -> str:
@@ -36,13 +37,19 @@ def status_name(value: int) -> str:
     return _short(task_pb2.TaskStatus.Name(value), "TASK_STATUS_")  # type: ignore[arg-type]
 
 
-def parse_status(name: str) -> task_pb2.TaskStatus.ValueType:
+def _known_name(name: str, known: list[str], what: str) -> str:
+    """``name`` as typed (any case, ``-`` or ``_``) when it is one of ``known``."""
     cleaned = name.strip().lower().replace("-", "_")
-    if cleaned not in STATUSES:
+    if cleaned not in known:
         raise CliError(
-            f"unknown status {name!r}; expected one of {', '.join(STATUSES)}",
+            f"unknown {what} {name!r}; expected one of {', '.join(known)}",
             ExitCode.INVALID_ARGUMENT,
         )
+    return cleaned
+
+
+def parse_status(name: str) -> task_pb2.TaskStatus.ValueType:
+    cleaned = _known_name(name, STATUSES, "status")
     return task_pb2.TaskStatus.Value("TASK_STATUS_" + cleaned.upper())
 
 
@@ -62,12 +69,7 @@ def strategy_name(value: int) -> str:
 
 
 def parse_strategy(name: str) -> admin_pb2.Strategy.ValueType:
-    cleaned = name.strip().lower().replace("-", "_")
-    if cleaned not in STRATEGIES:
-        raise CliError(
-            f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}",
-            ExitCode.INVALID_ARGUMENT,
-        )
+    cleaned = _known_name(name, STRATEGIES, "strategy")
     return admin_pb2.Strategy.Value("STRATEGY_" + cleaned.upper())
 
 

@@ -1,10 +1,15 @@
-"""The options every hashctl command shares, resolved once by the app's callback."""
+"""The options hashctl commands share: the global ones (``CliOptions``, resolved once by the
+app's callback) and the flags several commands take (``--json``, argon2id's parameters)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
+
+import typer
 
 from hashmesh.core.tls import ClientTls
+from hashmesh.v1 import common_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50050"
 DEFAULT_ADMIN_TARGET = "127.0.0.1:50060"
@@ -40,3 +45,30 @@ class CliOptions:
     def __post_init__(self) -> None:
         if self.timeout <= 0:
             raise ValueError("--timeout must be positive")
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
+TimeCost = Annotated[
+    int, typer.Option(help="argon2id: passes over memory (0 = server default).", min=0)
+]
+MemoryCost = Annotated[
+    int, typer.Option(help="argon2id: memory in KiB (0 = server default).", min=0)
+]
+Parallelism = Annotated[int, typer.Option(help="argon2id: lanes (0 = server default).", min=0)]
+HashLen = Annotated[int, typer.Option(help="argon2id: raw hash bytes (0 = server default).", min=0)]
+Salt = Annotated[
+    str | None,
+    typer.Option(help="argon2id: salt (UTF-8 text, >= 8 bytes); makes the result deterministic."),
+]
+
+
+def argon2_params(
+    time_cost: int, memory_cost: int, parallelism: int, hash_len: int, salt: str | None
+) -> common_pb2.Argon2Params:
+    return common_pb2.Argon2Params(
+        time_cost=time_cost,
+        memory_cost_kib=memory_cost,
+        parallelism=parallelism,
+        hash_len=hash_len,
+        salt=salt.encode() if salt else b"",
+    )

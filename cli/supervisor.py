@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hashmesh.core.backoff import RESTART
 from hashmesh.core.queue.db import redact_dsn
 from hashmesh.core.queue.embedded_pg import EmbeddedPostgres, free_port
 from hashmesh.core.queue.sealing import KEY_FILE_ENV, KEYS_ENV, ensure_key_file
@@ -32,8 +33,6 @@ _ANNOUNCE = re.compile(r"^(?P<name>[\w -]+?) (?:listening on|ready as) (?P<addre
 STOP_ORDER = ("balancer", "workerd", "hashd")
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
-BACKOFF_FIRST = 0.5
-BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0
 """A child that ran this long before crashing restarts with the first backoff again."""
 CACHE_SECRET_FILE = "cache-secret"
@@ -335,7 +334,7 @@ class Supervisor:
 
     async def _watch(self, child: Child, process: asyncio.subprocess.Process) -> None:
         """Restart ``child`` when it exits on its own, with exponential backoff."""
-        backoff = BACKOFF_FIRST
+        attempt = 0
         while True:
             started = asyncio.get_running_loop().time()
             code = await process.wait()
@@ -346,11 +345,12 @@ class Supervisor:
                 "exited", name=child.name, pid=process.pid, code=code, log=str(child.log_path)
             )
             if asyncio.get_running_loop().time() - started > STABLE_AFTER:
-                backoff = BACKOFF_FIRST
+                attempt = 0
+            delay = RESTART.delay(attempt)
+            attempt += 1
             child.state = "restarting"
-            self.emit("restarting", name=child.name, delay=backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            self.emit("restarting", name=child.name, delay=round(delay, 3))
+            await asyncio.sleep(delay)
             if self.stopping:
                 return
             child.restarts += 1
@@ -379,17 +379,18 @@ class Supervisor:
     # ---- database health -----------------------------------------------------------------
     async def watch_database(self) -> None:
         """Restart the embedded PostgreSQL if it dies (same data directory and port)."""
-        backoff = BACKOFF_FIRST
+        attempt = 0
         while not self.stopping and self.database is not None:
             await asyncio.sleep(1.0)
             process = self.database.process
             if self.stopping or process is None or process.poll() is None:
                 continue
             self.emit("exited", name="postgres", pid=process.pid, code=process.returncode)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            await asyncio.sleep(RESTART.delay(attempt))
+            attempt += 1
             try:
                 await asyncio.to_thread(self.database.start)
+                attempt = 0
                 self.emit(
                     "running",
                     name="postgres",

@@ -16,15 +16,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hashmesh.cli.client import CliError, ExitCode
 from hashmesh.cli.follow import TaskDidNotFinish
 from hashmesh.cli.follow import follow_task as follow
-from hashmesh.cli.hash_cmds import (
-    HashLen,
-    JsonFlag,
-    MemoryCost,
-    Parallelism,
-    Salt,
-    TimeCost,
-    argon2_params,
-)
 from hashmesh.cli.naming import (
     ALGORITHMS,
     FINAL_STATUSES,
@@ -33,6 +24,15 @@ from hashmesh.cli.naming import (
     parse_algorithm,
     parse_status,
     status_name,
+)
+from hashmesh.cli.options import (
+    HashLen,
+    JsonFlag,
+    MemoryCost,
+    Parallelism,
+    Salt,
+    TimeCost,
+    argon2_params,
 )
 from hashmesh.cli.output import Output
 from hashmesh.cli.state import CliState, state_of

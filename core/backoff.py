@@ -1,6 +1,6 @@
 """Waiting before trying again: exponential backoff with full jitter, the one helper every
 retry loop of the mesh uses (database reconnects, LISTEN connections, claims, write-backs,
-the cache's secret and clear listener).
+the cache's secret and clear listener, ``hashctl up`` restarting a child that crashed).
 
 Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"): the delay before retry
 ``attempt`` (0 for the first) is uniform in ``[0, min(cap, base * 2**attempt)]``, so clients
@@ -38,3 +38,5 @@ STATEMENT = Backoff(0.05, 2.0)
 """A statement that failed on a reachable-then-lost database (claims, write-backs, watch)."""
 RECONNECT = Backoff(0.1, 2.0)
 """Opening a connection again (LISTEN, start-up) while the database is unreachable."""
+RESTART = Backoff(0.5, 30.0)
+"""Starting a crashed process again (``hashctl up``'s children and embedded PostgreSQL)."""

@@ -324,7 +324,7 @@ def to_grpc_status(error: HashmeshError) -> grpc.Status:
     return result
 
 
-class _WithMetadata(grpc.Status):  # type: ignore[misc]
+class _WithMetadata(grpc.Status):
     def __init__(
         self,
         code: grpc.StatusCode,

@@ -21,7 +21,7 @@ import hmac
 import ipaddress
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 IDENTITY = "x-hashmesh-identity"
@@ -95,7 +95,7 @@ def parse_networks(
     return tuple(networks)
 
 
-def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The token of ``authorization: Bearer <token>``, the scheme matched case-insensitively
     (RFC 9110 §11.1); ``""`` for an authorization header of another form; ``None`` without one."""
     for key, value in metadata or ():

@@ -14,7 +14,6 @@ the daemon serves them with ``start_metrics_server(port)``."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
@@ -36,6 +35,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from hashmesh.core.handlers import Context, Handler, Streaming, Unary, rewrap
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class _MethodMetrics:
         child.inc()
 
 
-def final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
+def final_code(context: Context, exc: BaseException | None) -> grpc.StatusCode:
     """The status a call ends with: CANCELLED when the client went away, else what the
     handler set or aborted with, else OK (no exception) or UNKNOWN (one nobody translated).
     Used by ``MetricsInterceptor`` and by the balancer's own per-call metrics."""
@@ -263,7 +264,7 @@ def final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> 
     return grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every call by service, method and final status code and times it.
 
     Put it first in ``GrpcServer(interceptors=[MetricsInterceptor(), ...])`` so it sees the
@@ -275,19 +276,17 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, known_methods: Iterable[str] | None = None) -> None:
         self._known = frozenset(known_methods) if known_methods is not None else mesh_method_names()
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
         self._unknown: _MethodMetrics | None = None
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         return self.wrap(handler_call_details.method, await continuation(handler_call_details))
 
-    def wrap(
-        self, method: str, handler: grpc.RpcMethodHandler | None
-    ) -> grpc.RpcMethodHandler | None:
+    def wrap(self, method: str, handler: Handler | None) -> Handler | None:
         """The instrumented ``handler`` of ``method``, cached for known methods while the
         same handler object comes back (a different one, e.g. a refusal, is wrapped anew).
         Also for servers that build handlers themselves (the balancer's generic proxy
@@ -300,72 +299,45 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if cached is None or cached[0] is not handler:
                 cached = self._wrapped[method] = (
                     handler,
-                    _wrap(handler, _MethodMetrics.bind(*split_method(method))),
+                    _counted(handler, _MethodMetrics.bind(*split_method(method))),
                 )
             return cached[1]
         # Not cached: the cache must stay bounded too.
         if self._unknown is None:
             self._unknown = _MethodMetrics.bind(UNKNOWN, UNKNOWN)
-        return _wrap(handler, self._unknown)
+        return _counted(handler, self._unknown)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> grpc.RpcMethodHandler:
-    if handler.unary_unary or handler.stream_unary:
-        inner = handler.unary_unary or handler.stream_unary
-
-        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+def _counted(handler: Handler, metrics: _MethodMetrics) -> Handler:
+    def unary(inner: Unary) -> Unary:
+        async def unary_response(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             metrics.in_flight.inc()
             try:
-                result = inner(request, context)
-                if inspect.isawaitable(result):
-                    result = await result
+                result = await inner(request, context)
             except BaseException as exc:
                 metrics.done(final_code(context, exc), started)
                 raise
             metrics.done(final_code(context, None), started)
             return result
 
-        factory = (
-            grpc.unary_unary_rpc_method_handler
-            if handler.unary_unary
-            else grpc.stream_unary_rpc_method_handler
-        )
-        return factory(
-            unary_response,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return unary_response
 
-    inner_stream = handler.unary_stream or handler.stream_stream
-
-    async def stream_response(
-        request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
-        started = time.perf_counter()
-        metrics.in_flight.inc()
-        try:
-            result = inner_stream(request, context)
-            if inspect.isawaitable(result):  # a handler that writes with context.write()
-                await result
-            else:
-                async for item in result:
+    def streaming(inner: Streaming) -> Streaming:
+        async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            metrics.in_flight.inc()
+            try:
+                async for item in inner(request, context):
                     yield item
-        except BaseException as exc:
-            metrics.done(final_code(context, exc), started)
-            raise
-        metrics.done(final_code(context, None), started)
+            except BaseException as exc:
+                metrics.done(final_code(context, exc), started)
+                raise
+            metrics.done(final_code(context, None), started)
 
-    factory = (
-        grpc.unary_stream_rpc_method_handler
-        if handler.unary_stream
-        else grpc.stream_stream_rpc_method_handler
-    )
-    return factory(
-        stream_response,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+        return stream_response
+
+    return rewrap(handler, unary=unary, streaming=streaming)
 
 
 # --- database pools --------------------------------------------------------------------------

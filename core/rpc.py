@@ -7,17 +7,17 @@ then stop taking calls, then give in-flight calls a grace period)."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from hashmesh.core.errors import DeadlineExceeded, HashmeshError, InvalidArgument, to_grpc_status
+from hashmesh.core.handlers import Context, Handler, Streaming, Unary, rewrap
 from hashmesh.core.reflection import HEALTH, add_reflection
 from hashmesh.core.tls import ServerTls
 from hashmesh.core.tunnel import TunnelServer
@@ -32,18 +32,18 @@ MAX_WRAPPED_METHODS = 1024
 """Handlers kept wrapped; far above the methods a server has, a bound whatever it routes."""
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns ``HashmeshError`` into its status and anything unexpected into a logged INTERNAL;
     refuses calls whose deadline already passed before any work starts."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         method = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is not None:
@@ -51,14 +51,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown names are the caller's choice: never remembered
             return None
-        wrapped = _wrap_handler(handler, method)
+        wrapped = _guarded(handler, method)
         if len(self._wrapped) < MAX_WRAPPED_METHODS:
             self._wrapped[method] = wrapped
         return wrapped
 
 
 async def abort_with(
-    context: grpc.aio.ServicerContext,
+    context: Context,
     error: HashmeshError,
     *,
     initial_metadata: Sequence[tuple[str, str]] = (),
@@ -74,14 +74,14 @@ async def abort_with(
     )
 
 
-async def _translate(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+async def _translate(context: Context, method: str, exc: BaseException) -> None:
     if isinstance(exc, HashmeshError):
         await abort_with(context, exc)
     log.exception("unexpected error in %s", method, extra={"method": method})
     await abort_with(context, HashmeshError(f"internal error in {method}"))
 
 
-def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+def _deadline_passed(context: Context) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= 0
 
@@ -121,18 +121,19 @@ async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[A
         yield request
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _guarded(handler: Handler, method: str) -> Handler:
     expired = DeadlineExceeded("deadline passed before the call started")
-    deserializer = _lenient(handler.request_deserializer)
-    if handler.unary_unary or handler.stream_unary:
-        inner = handler.unary_unary or handler.stream_unary
-        streamed = handler.stream_unary is not None
+    streamed = handler.request_streaming
 
-        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if _deadline_passed(context):
-                await abort_with(context, expired)
-            if request is MALFORMED:
-                await abort_with(context, _malformed(method))
+    async def refuse_early(request: Any, context: Context) -> None:
+        if _deadline_passed(context):
+            await abort_with(context, expired)
+        if request is MALFORMED:
+            await abort_with(context, _malformed(method))
+
+    def unary(inner: Unary) -> Unary:
+        async def unary_response(request: Any, context: Context) -> Any:
+            await refuse_early(request, context)
             try:
                 return await inner(_checked(request, method) if streamed else request, context)
             except grpc.aio.AbortError:
@@ -140,62 +141,59 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
             except Exception as exc:
                 await _translate(context, method, exc)
 
-        factory = (
-            grpc.unary_unary_rpc_method_handler
-            if handler.unary_unary
-            else grpc.stream_unary_rpc_method_handler
-        )
-        return factory(
-            unary_response,
-            request_deserializer=deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return unary_response
 
-    inner_stream = handler.unary_stream or handler.stream_stream
-    streamed = handler.stream_stream is not None
-
-    async def stream_response(
-        request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
-        if _deadline_passed(context):
-            await abort_with(context, expired)
-        if request is MALFORMED:
-            await abort_with(context, _malformed(method))
-        try:
-            produced = inner_stream(_checked(request, method) if streamed else request, context)
-            if inspect.isasyncgen(produced):
-                async for item in produced:
+    def streaming(inner: Streaming) -> Streaming:
+        async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
+            await refuse_early(request, context)
+            try:
+                async for item in inner(
+                    _checked(request, method) if streamed else request, context
+                ):
                     yield item
-            else:  # a handler that writes with context.write() (grpc health's Watch)
-                await produced
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _translate(context, method, exc)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _translate(context, method, exc)
 
-    factory = (
-        grpc.unary_stream_rpc_method_handler
-        if handler.unary_stream
-        else grpc.stream_stream_rpc_method_handler
-    )
-    return factory(
-        stream_response,
-        request_deserializer=deserializer,
-        response_serializer=handler.response_serializer,
+        return stream_response
+
+    return rewrap(
+        handler,
+        unary=unary,
+        streaming=streaming,
+        request_deserializer=_lenient(handler.request_deserializer),
     )
 
 
-class Health(health_aio.HealthServicer):  # type: ignore[misc]
+# types-grpcio-health-checking predates Health.List: the messages exist at run time only.
+_HealthListResponse: Callable[..., Message] = health_pb2.HealthListResponse  # type: ignore[attr-defined]
+
+
+class Health(health_aio.HealthServicer):
     """grpc.health.v1 with ``List`` too (grpcio-health-checking's asyncio servicer answers it
-    UNIMPLEMENTED): every service name set so far and its status."""
+    UNIMPLEMENTED): every service name set so far and its status, as ``Check`` answers it."""
 
-    async def List(
-        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
-    ) -> health_pb2.HealthListResponse:
-        return health_pb2.HealthListResponse(
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._shutting_down = False
+
+    async def set(self, service: str, status: int) -> None:
+        await super().set(service, status)
+        if not self._shutting_down:  # the servicer ignores changes from then on, so do we
+            self._statuses[service] = status
+
+    async def enter_graceful_shutdown(self) -> None:
+        self._shutting_down = True
+        await super().enter_graceful_shutdown()
+        self._statuses = dict.fromkeys(self._statuses, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def List(self, request: Message, context: Context) -> Message:
+        return _HealthListResponse(
             statuses={
                 name: health_pb2.HealthCheckResponse(status=status)
-                for name, status in self._server_status.items()
+                for name, status in self._statuses.items()
             }
         )
 

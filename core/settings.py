@@ -5,9 +5,12 @@ shares (the database). Each process has one frozen settings dataclass of its own
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 ENV_PREFIX = "HASHMESH_"
+N = TypeVar("N", int, float)
 
 
 class SettingsError(ValueError):
@@ -23,30 +26,27 @@ def env_optional(name: str) -> str | None:
     return value or None
 
 
-def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+def _env_number(
+    name: str, default: N, parse: Callable[[str], N], kind: str, minimum: N | None
+) -> N:
     raw = os.environ.get(ENV_PREFIX + name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError as exc:
-        raise SettingsError(f"{ENV_PREFIX}{name} must be an integer, got {raw!r}") from exc
+        raise SettingsError(f"{ENV_PREFIX}{name} must be {kind}, got {raw!r}") from exc
     if minimum is not None and value < minimum:
         raise SettingsError(f"{ENV_PREFIX}{name} must be >= {minimum}, got {value}")
     return value
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+    return _env_number(name, default, int, "an integer", minimum)
 
 
 def env_float(name: str, default: float, *, minimum: float | None = None) -> float:
-    raw = os.environ.get(ENV_PREFIX + name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise SettingsError(f"{ENV_PREFIX}{name} must be a number, got {raw!r}") from exc
-    if minimum is not None and value < minimum:
-        raise SettingsError(f"{ENV_PREFIX}{name} must be >= {minimum}, got {value}")
-    return value
+    return _env_number(name, default, float, "a number", minimum)
 
 
 def env_bool(name: str, default: bool) -> bool:

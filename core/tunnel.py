@@ -30,6 +30,8 @@ from typing import Any
 
 import grpc
 
+from hashmesh.core.handlers import Context, Handler
+
 log = logging.getLogger(__name__)
 
 TUNNEL_METHOD = "/hashmesh.internal.v1.Tunnel/Unary"
@@ -222,7 +224,7 @@ def decode_replies(data: bytes) -> Iterator[Reply]:
 # -- the replica's end ---------------------------------------------------------------------------
 
 
-class _Details(grpc.HandlerCallDetails):  # type: ignore[misc]
+class _Details(grpc.HandlerCallDetails):
     def __init__(self, method: str, metadata: Metadata) -> None:
         self.method = method
         self.invocation_metadata = metadata
@@ -232,9 +234,7 @@ class TunnelContext:
     """What a unary handler sees of its call when it came through the tunnel: the subset of
     ``grpc.aio.ServicerContext`` a unary handler uses, with the stream's peer and auth."""
 
-    def __init__(
-        self, stream: grpc.aio.ServicerContext, metadata: Metadata, timeout: float | None
-    ) -> None:
+    def __init__(self, stream: Context, metadata: Metadata, timeout: float | None) -> None:
         self._stream = stream
         self._metadata = metadata
         self._deadline = None if timeout is None else time.monotonic() + timeout
@@ -324,12 +324,10 @@ class TunnelContext:
 class _Recorder:
     """Stands in for the server when a generated ``add_*_to_server`` registers handlers."""
 
-    def __init__(self, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    def __init__(self, handlers: dict[str, Handler]) -> None:
         self._handlers = handlers
 
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
         for name, handler in handlers.items():
             self._handlers[f"/{service}/{name}"] = handler
 
@@ -341,7 +339,7 @@ class _Recorder:
                 self.add_registered_method_handlers(service(), methods)
 
 
-class TunnelServer(grpc.GenericRpcHandler):  # type: ignore[misc]
+class TunnelServer(grpc.GenericRpcHandler):
     """The replica's end: answers ``TUNNEL_METHOD`` by running each frame's unary method
     through ``interceptors`` (outermost first) and the handler ``record`` saw registered."""
 
@@ -350,22 +348,20 @@ class TunnelServer(grpc.GenericRpcHandler):  # type: ignore[misc]
     ) -> None:
         self._interceptors = tuple(interceptors)
         self.max_reply_bytes = max_message_bytes
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
-        self._stream_handler = grpc.stream_stream_rpc_method_handler(self._serve)
+        self._handlers: dict[str, Handler] = {}
+        self._stream_handler: Handler = grpc.stream_stream_rpc_method_handler(self._serve)
 
     def record(self, register: Callable[[Any, Any], None], servicer: Any) -> None:
         register(servicer, _Recorder(self._handlers))
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, details: grpc.HandlerCallDetails) -> Handler | None:
         return self._stream_handler if details.method == TUNNEL_METHOD else None
 
-    async def _resolve(self, method: str, metadata: Metadata) -> grpc.RpcMethodHandler | None:
+    async def _resolve(self, method: str, metadata: Metadata) -> Handler | None:
         interceptors = self._interceptors
         handlers = self._handlers
 
-        async def continue_at(
-            index: int, details: grpc.HandlerCallDetails
-        ) -> grpc.RpcMethodHandler | None:
+        async def continue_at(index: int, details: grpc.HandlerCallDetails) -> Handler | None:
             if index == len(interceptors):
                 return handlers.get(details.method)
             return await interceptors[index].intercept_service(
@@ -376,7 +372,7 @@ class TunnelServer(grpc.GenericRpcHandler):  # type: ignore[misc]
             return None
         return await continue_at(0, _Details(method, metadata))
 
-    async def _serve(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+    async def _serve(self, requests: Any, context: Context) -> None:
         session = _Session(self, context)
         reader = asyncio.get_running_loop().create_task(session.read(requests))
         try:
@@ -388,7 +384,7 @@ class TunnelServer(grpc.GenericRpcHandler):  # type: ignore[misc]
         if session.error is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.error)
 
-    async def run(self, frame: CallFrame, stream: grpc.aio.ServicerContext) -> Reply:
+    async def run(self, frame: CallFrame, stream: Context) -> Reply:
         """One call, to its end: the status its handler (or interceptors) left."""
         context = TunnelContext(stream, frame.metadata, frame.timeout)
         try:
@@ -400,7 +396,8 @@ class TunnelServer(grpc.GenericRpcHandler):  # type: ignore[misc]
             deserialize = handler.request_deserializer
             request = deserialize(frame.payload) if deserialize is not None else frame.payload
             async with asyncio.timeout(frame.timeout):
-                response = await handler.unary_unary(request, context)
+                # A TunnelContext stands in for the call's context (what unary handlers use).
+                response = await handler.unary_unary(request, context)  # type: ignore[arg-type]
             serialize = handler.response_serializer
             payload = serialize(response) if serialize is not None else response
             return context.reply(frame.call_id, payload)
@@ -425,7 +422,7 @@ class TunnelServer(grpc.GenericRpcHandler):  # type: ignore[misc]
 class _Session:
     """One tunnel stream on the replica: its calls in flight and the replies to write."""
 
-    def __init__(self, server: TunnelServer, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, server: TunnelServer, context: Context) -> None:
         self._server = server
         self._context = context
         self._calls: dict[int, asyncio.Task[None]] = {}

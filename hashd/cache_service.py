@@ -33,7 +33,11 @@ class CacheService(cache_pb2_grpc.CacheServiceServicer):
         self._replica = replica
 
     async def GetCacheStats(
-        self, request: cache_pb2.GetCacheStatsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: cache_pb2.GetCacheStatsRequest,
+        context: grpc.aio.ServicerContext[
+            cache_pb2.GetCacheStatsRequest, cache_pb2.GetCacheStatsResponse
+        ],
     ) -> cache_pb2.GetCacheStatsResponse:
         stats = await self._cache.stats()
         return cache_pb2.GetCacheStatsResponse(
@@ -47,7 +51,11 @@ class CacheService(cache_pb2_grpc.CacheServiceServicer):
         )
 
     async def ClearCache(
-        self, request: cache_pb2.ClearCacheRequest, context: grpc.aio.ServicerContext
+        self,
+        request: cache_pb2.ClearCacheRequest,
+        context: grpc.aio.ServicerContext[
+            cache_pb2.ClearCacheRequest, cache_pb2.ClearCacheResponse
+        ],
     ) -> cache_pb2.ClearCacheResponse:
         require_operator("ClearCache")
         cleared = await self._cache.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from hashmesh.core import resources
@@ -143,9 +144,10 @@ class HashdSettings:
         if self.queue_metrics_seconds <= 0:
             raise SettingsError("HASHMESH_HASHD_QUEUE_METRICS_SECONDS must be positive")
 
-    @property
+    @cached_property
     def argon2_memory_limit_kib(self) -> int:
-        """The largest argon2 ``memory_cost_kib`` this replica accepts."""
+        """The largest argon2 ``memory_cost_kib`` this replica accepts (worked out once: every
+        submission asks)."""
         if self.argon2_max_memory_kib is not None:
             return self.argon2_max_memory_kib
         return self.resources.argon2_memory_kib(self.cpu_workers, BOUNDS["memory_cost_kib"][1])

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from hashmesh.core.errors import InputTooLarge, InvalidArgument, Violations
+from hashmesh.core.handlers import Context, Handler
 from hashmesh.core.hashing import algorithms
 from hashmesh.core.hashing.algorithms import Algorithm
 from hashmesh.core.hashing.cache import ResultCache
@@ -87,7 +88,7 @@ def add_hash_service(servicer: HashService, server: grpc.aio.Server) -> None:
         request_deserializer=hash_pb2.HashRequest.FromString,
         response_serializer=hash_pb2.HashResponse.SerializeToString,
     )
-    handlers = {
+    handlers: dict[str, Handler] = {
         "ComputeHash": compute,
         "Hash": compute,  # the deprecated name of ComputeHash
         "HashStream": grpc.stream_unary_rpc_method_handler(
@@ -107,7 +108,7 @@ def add_hash_service(servicer: HashService, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers("hashmesh.v1.HashService", handlers)
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+def _deadline(context: Context) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
@@ -128,7 +129,7 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         self._callers = callers
         self._argon2_memory_kib = argon2_memory_kib
 
-    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+    def _tenant(self, context: Context) -> str:
         """Whose cache entries a call may read: resolved here, and only for a cacheable
         request, so that uncached digests (the hot path) skip the stamp check."""
         return self._callers.resolve(
@@ -136,7 +137,9 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         ).identity
 
     async def ComputeHash(
-        self, request: hash_pb2.HashRequest, context: grpc.aio.ServicerContext
+        self,
+        request: hash_pb2.HashRequest,
+        context: grpc.aio.ServicerContext[hash_pb2.HashRequest, hash_pb2.HashResponse],
     ) -> hash_pb2.HashResponse:
         data = request.data
         try:
@@ -206,7 +209,7 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
     async def HashStream(
         self,
         request_iterator: AsyncIterator[hash_pb2.HashStreamRequest | memoryview],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[hash_pb2.HashStreamRequest, hash_pb2.HashStreamResponse],
     ) -> hash_pb2.HashStreamResponse:
         # Each chunk is folded in and dropped: memory stays one chunk whatever the total size.
         hasher = None
@@ -247,7 +250,9 @@ class HashService(hash_pb2_grpc.HashServiceServicer):
         return hash_pb2.HashStreamResponse(result=result, total_bytes=total)
 
     async def Verify(
-        self, request: hash_pb2.VerifyRequest, context: grpc.aio.ServicerContext
+        self,
+        request: hash_pb2.VerifyRequest,
+        context: grpc.aio.ServicerContext[hash_pb2.VerifyRequest, hash_pb2.VerifyResponse],
     ) -> hash_pb2.VerifyResponse:
         if not request.encoded:
             raise InvalidArgument("encoded", "is required")

@@ -13,7 +13,7 @@ variable for the call; services read it with ``current_caller()``."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from hashmesh.core.errors import PermissionDenied, Unauthenticated
+from hashmesh.core.handlers import Context, Handler, Streaming, Unary, rewrap
 from hashmesh.core.identity import (
     IDENTITY,
     IDENTITY_SIG,
@@ -105,7 +106,7 @@ class CallerResolver:
         self._clock = clock
 
     def resolve(
-        self, method: str, peer: str, metadata: Sequence[tuple[str, str | bytes]] | None
+        self, method: str, peer: str, metadata: Iterable[tuple[str, str | bytes]] | None
     ) -> Caller:
         identity = signature = None
         for key, value in metadata or ():
@@ -137,18 +138,18 @@ class CallerResolver:
         return Caller(address_identity(host_of(peer)), operator=operator)
 
 
-class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class IdentityInterceptor(grpc.aio.ServerInterceptor):
     """Resolves the caller of every TaskService and CacheService call before its handler."""
 
     def __init__(self, resolver: CallerResolver) -> None:
         self._resolver = resolver
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(details)
         method: str = details.method
         if handler is None or not method.startswith(SCOPED_SERVICES):
@@ -158,48 +159,29 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             cached = self._wrapped[method] = (handler, self._wrap(handler, method))
         return cached[1]
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: Handler, method: str) -> Handler:
         resolve = self._resolver.resolve
 
-        async def enter(context: grpc.aio.ServicerContext) -> None:
+        async def enter(context: Context) -> None:
             try:
                 caller = resolve(method, context.peer(), context.invocation_metadata())
             except Unauthenticated as error:
                 await abort_with(context, error)
             _CALLER.set(caller)
 
-        if handler.unary_unary or handler.stream_unary:
-            inner = handler.unary_unary or handler.stream_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def unary(inner: Unary) -> Unary:
+            async def unary_response(request: Any, context: Context) -> Any:
                 await enter(context)
                 return await inner(request, context)
 
-            factory = (
-                grpc.unary_unary_rpc_method_handler
-                if handler.unary_unary
-                else grpc.stream_unary_rpc_method_handler
-            )
-            return factory(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return unary_response
 
-        inner_stream = handler.unary_stream or handler.stream_stream
+        def streaming(inner: Streaming) -> Streaming:
+            async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
+                await enter(context)
+                async for item in inner(request, context):
+                    yield item
 
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await enter(context)
-            async for item in inner_stream(request, context):
-                yield item
+            return stream_response
 
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return factory(
-            stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rewrap(handler, unary=unary, streaming=streaming)

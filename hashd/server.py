@@ -12,6 +12,7 @@ from hashmesh.core import metrics
 from hashmesh.core.errors import HashmeshError
 from hashmesh.core.hashing.cache import ResultCache
 from hashmesh.core.queue import db, migrations
+from hashmesh.core.queue.cache_table import PostgresCacheTable
 from hashmesh.core.queue.model import TaskStore
 from hashmesh.core.queue.store import NOTIFY_STATUS, Listener, PostgresTaskStore
 from hashmesh.core.rpc import GrpcServer
@@ -51,7 +52,8 @@ class Hashd:
         self.metrics: metrics.MetricsServer | None = None
         self._queue_depth: asyncio.Task[None] | None = None
         self.executor = BoundedExecutor(settings.cpu_workers, settings.cpu_queue)
-        self.cache = ResultCache(self.pool, settings.cache, dsn=settings.database.require_dsn())
+        table = PostgresCacheTable(self.pool, dsn=settings.database.require_dsn())
+        self.cache = ResultCache(table, settings.cache)
         self.grpc.add(
             add_hash_service,
             hash_pb2.DESCRIPTOR.services_by_name["HashService"].full_name,

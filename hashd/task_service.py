@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-import grpc
 from google.protobuf import timestamp_pb2
 
 from hashmesh.core import metrics
@@ -25,6 +24,7 @@ from hashmesh.core.errors import (
     Unavailable,
     Violations,
 )
+from hashmesh.core.handlers import Context
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.hashing.cache import ResultCache
 from hashmesh.core.hashing.wire import algorithm_from_wire, algorithm_to_wire, argon2_params
@@ -372,7 +372,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         return [(a.task, a.created) for a in answers]
 
     async def SubmitTask(
-        self, request: task_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
+        self, request: task_pb2.SubmitTaskRequest, context: Context
     ) -> task_pb2.SubmitTaskResponse:
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
@@ -384,7 +384,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         return task_pb2.SubmitTaskResponse(task=task_to_wire(record), created=created)
 
     async def SubmitTasks(
-        self, request: task_pb2.SubmitTasksRequest, context: grpc.aio.ServicerContext
+        self, request: task_pb2.SubmitTasksRequest, context: Context
     ) -> task_pb2.SubmitTasksResponse:
         if not request.specs:
             raise InvalidArgument("specs", "must hold at least one task")
@@ -403,14 +403,14 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         )
 
     async def GetTask(
-        self, request: task_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+        self, request: task_pb2.GetTaskRequest, context: Context
     ) -> task_pb2.GetTaskResponse:
         task_id = task_id_of(request.id)
         record = await self._store.get(task_id, owner=current_caller().scope)
         return task_pb2.GetTaskResponse(task=task_to_wire(record))
 
     async def WatchTask(
-        self, request: task_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+        self, request: task_pb2.WatchTaskRequest, context: Context
     ) -> AsyncIterator[task_pb2.WatchTaskResponse]:
         task_id = task_id_of(request.id)
         owner = current_caller().scope
@@ -448,7 +448,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                     last = (notified, record.attempts, record.cancel_requested)
 
     async def ListTasks(
-        self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+        self, request: task_pb2.ListTasksRequest, context: Context
     ) -> task_pb2.ListTasksResponse:
         # Sizes first: a request of millions of packed statuses must not cost a loop over them.
         if len(request.statuses) > len(STATUS_TO_WIRE):
@@ -489,21 +489,21 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         return reply
 
     async def CancelTask(
-        self, request: task_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+        self, request: task_pb2.CancelTaskRequest, context: Context
     ) -> task_pb2.CancelTaskResponse:
         task_id = task_id_of(request.id)
         record = await self._store.cancel(task_id, owner=current_caller().scope)
         return task_pb2.CancelTaskResponse(task=task_to_wire(record))
 
     async def RequeueTask(
-        self, request: task_pb2.RequeueTaskRequest, context: grpc.aio.ServicerContext
+        self, request: task_pb2.RequeueTaskRequest, context: Context
     ) -> task_pb2.RequeueTaskResponse:
         task_id = task_id_of(request.id)
         record = await self._store.requeue(task_id, owner=current_caller().scope)
         return task_pb2.RequeueTaskResponse(task=task_to_wire(record))
 
     async def GetQueueStats(
-        self, request: task_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
+        self, request: task_pb2.GetQueueStatsRequest, context: Context
     ) -> task_pb2.GetQueueStatsResponse:
         # Totals for everyone; which workers run where (names, hosts, PIDs) for operators only.
         stats = await self._store.stats(alive_seconds=self._settings.worker_alive_seconds)

@@ -33,6 +33,7 @@ from hashmesh.core.errors import Unavailable
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.hashing.cache import CacheSettings, ResultCache
 from hashmesh.core.queue import db, migrations
+from hashmesh.core.queue.cache_table import PostgresCacheTable
 from hashmesh.core.queue.model import (
     ClaimedTask,
     Completion,
@@ -152,7 +153,7 @@ class Worker:
         )
         # Results of deterministic slow tasks go into the shared cache, so that the same
         # submission later finishes at once in hashd.
-        cache = ResultCache(pool, CacheSettings.from_env(), dsn=dsn)
+        cache = ResultCache(PostgresCacheTable(pool, dsn=dsn), CacheSettings.from_env())
         return cls(
             settings,
             store=PostgresTaskStore(pool),

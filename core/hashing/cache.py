@@ -6,7 +6,7 @@ the table is copied into memory. A store writes both.
 
 Stable interface (other modules depend on it)::
 
-    cache = ResultCache(pool, CacheSettings.from_env())   # no I/O here
+    cache = ResultCache(PostgresCacheTable(pool), CacheSettings.from_env())   # no I/O here
     await cache.start()                                    # secret, sweeper, clear listener
     if cache.is_cacheable(algorithm, params):
         hit = await cache.lookup(algorithm, params, data, tenant=caller)  # never raises
@@ -29,9 +29,11 @@ Rules it keeps:
 - ``clear()`` empties the table and sends ``NOTIFY hashmesh_cache_clear``; every process
   LISTENs on one dedicated connection and empties its memory tier when told.
 
-Connections: borrowed from the caller's pool (no pool of its own), plus one LISTEN connection
-per process when the memory tier is on (``memory_entries > 0``). A process that only stores
-(workerd) can turn the memory tier off and save that connection. See the README's "Which algorithms are cached by default".
+The shared tier is a ``SharedTable``: ``hashmesh.core.queue.cache_table.PostgresCacheTable``
+holds its SQL and borrows connections from the daemon's pool, plus one LISTEN connection per
+process when the memory tier is on (``memory_entries > 0``). A process that only stores
+(workerd) can turn the memory tier off and save that connection. See the README's "Which
+algorithms are cached by default".
 """
 
 from __future__ import annotations
@@ -47,13 +49,11 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-import psycopg
-import psycopg_pool
+from typing import Protocol, TypeVar
 
 from hashmesh.core import metrics
 from hashmesh.core.backoff import RECONNECT, backoff_delay
+from hashmesh.core.errors import Unavailable
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.settings import SettingsError, env_float, env_int, env_list, env_str
 
@@ -61,31 +61,33 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-CLEAR_CHANNEL = "hashmesh_cache_clear"
-# The per-database secret (used when no secret is configured) lives in the cache table under
-# this key; cache keys are 32-byte HMACs, so it cannot collide with one, and its expiry is
-# 'infinity', so the sweeper never removes it.
-SECRET_KEY = b"hashmesh:cache-secret:v1"
 _KEY_DOMAIN = b"hashmesh-cache-v2\x00"
+LISTEN_WAIT_SECONDS = 60.0
+"""Longest one wait of the clear listener; a lost connection ends it at once anyway."""
 
-_SQL = {
-    "lookup": """UPDATE hashmesh_cache
-                 SET access_count = access_count + 1, last_accessed = now()
-                 WHERE key = %s AND expires_at > now()
-                 RETURNING value, extract(epoch FROM expires_at - now()) AS ttl""",
-    "store": """INSERT INTO hashmesh_cache (key, value, expires_at)
-                VALUES (%s, %s, now() + make_interval(secs => %s))
-                ON CONFLICT (key) DO UPDATE
-                SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at""",
-    "sweep": """DELETE FROM hashmesh_cache WHERE key IN (
-                    SELECT key FROM hashmesh_cache WHERE expires_at < now() LIMIT %s)""",
-    "count": "SELECT count(*) AS n FROM hashmesh_cache WHERE expires_at > now() AND key <> %s",
-    "clear": "DELETE FROM hashmesh_cache WHERE key <> %s",
-    "notify": "SELECT pg_notify(%s, %s)",
-    "secret_create": """INSERT INTO hashmesh_cache (key, value, expires_at)
-                        VALUES (%s, %s, 'infinity') ON CONFLICT (key) DO NOTHING""",
-    "secret_read": "SELECT value FROM hashmesh_cache WHERE key = %s",
-}
+
+class ClearListener(Protocol):
+    """A LISTEN connection on the clear channel (``hashmesh.core.queue.store.Listener``)."""
+
+    async def connect(self) -> None: ...
+    async def wait(self, timeout: float) -> list[tuple[str, str]]: ...
+    async def close(self) -> None: ...
+
+
+class SharedTable(Protocol):
+    """Where the shared tier keeps its entries and the per-database secret:
+    ``hashmesh.core.queue.cache_table.PostgresCacheTable``. Every method raises
+    ``Unavailable`` when the database cannot answer."""
+
+    async def lookup(self, key: bytes, *, timeout: float) -> tuple[bytes, float] | None: ...
+    async def put(
+        self, key: bytes, value: bytes, *, ttl_seconds: float, timeout: float
+    ) -> None: ...
+    async def count(self, *, timeout: float) -> int: ...
+    async def sweep(self, batch: int) -> int: ...
+    async def clear(self, sender: str) -> int: ...
+    async def secret(self, candidate: bytes) -> bytes: ...
+    def clear_listener(self) -> ClearListener | None: ...
 
 
 @dataclass(frozen=True)
@@ -297,11 +299,9 @@ class ResultCache:
     """The cache one process uses. Construction does no I/O; ``start()`` / ``stop()`` run the
     background tasks (secret loading, sweeper, clear listener)."""
 
-    pool: psycopg_pool.AsyncConnectionPool | None
-    """Pool to borrow connections from; ``None`` leaves only the memory tier (tests, tools)."""
+    table: SharedTable | None
+    """The shared tier; ``None`` leaves only the memory tier (tests, tools)."""
     settings: CacheSettings = field(default_factory=CacheSettings)
-    dsn: str | None = None
-    """DSN for the LISTEN connection; defaults to the pool's."""
     memory: MemoryTier = field(init=False)
     shared: TierStats = field(init=False, default_factory=TierStats)
     instance: str = field(init=False, default_factory=lambda: uuid.uuid4().hex)
@@ -392,24 +392,19 @@ class ResultCache:
     async def clear(self) -> ClearResult:
         """Empty the shared table, this memory tier, and (via NOTIFY) every other process's
         memory tier. Raises ``Unavailable`` when PostgreSQL cannot be reached."""
-        from hashmesh.core.queue.db import connection
-
         memory_removed = self.memory.clear()
-        if self.pool is None:
+        if self.table is None:
             return ClearResult(shared_removed=0, memory_removed=memory_removed)
-        async with connection(self.pool, what="clearing the cache") as conn:
-            cur = await conn.execute(_SQL["clear"], (SECRET_KEY,))
-            removed = cur.rowcount
-            await conn.execute(_SQL["notify"], (CLEAR_CHANNEL, self.instance))
-        self.shared.evictions += max(0, removed)
+        removed = await self.table.clear(self.instance)
+        self.shared.evictions += removed
         log.info(
             "cache cleared", extra={"shared_removed": removed, "memory_removed": memory_removed}
         )
-        return ClearResult(shared_removed=max(0, removed), memory_removed=memory_removed)
+        return ClearResult(shared_removed=removed, memory_removed=memory_removed)
 
     async def start(self) -> None:
         """Start the background tasks; returns at once (nothing here waits for PostgreSQL)."""
-        if self.pool is None or self._tasks:
+        if self.table is None or self._tasks:
             return
         if self._secret is None:
             self._tasks.append(asyncio.create_task(self._load_secret(), name="cache-secret"))
@@ -442,7 +437,7 @@ class ResultCache:
         """Run one shared-tier operation within the timeout, fail-open. A slow operation keeps
         running in the background (so its connection goes back clean) but is no longer awaited."""
         if (
-            self.pool is None
+            self.table is None
             or not self._breaker.allows()
             or self._pending >= self.settings.max_pending
         ):
@@ -478,68 +473,53 @@ class ResultCache:
             )
 
     async def _lookup_row(self, key: bytes) -> tuple[bytes, float] | None:
-        assert self.pool is not None
-        async with self.pool.connection(timeout=self.settings.timeout_seconds) as conn:
-            cur = await conn.execute(_SQL["lookup"], (key,), prepare=True)
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        return bytes(row["value"]), float(row["ttl"])  # type: ignore[call-overload]
+        assert self.table is not None
+        return await self.table.lookup(key, timeout=self.settings.timeout_seconds)
 
     async def _store_row(self, key: bytes, value: bytes) -> None:
-        assert self.pool is not None
-        async with self.pool.connection(timeout=self.settings.timeout_seconds) as conn:
-            await conn.execute(_SQL["store"], (key, value, self.settings.ttl_seconds), prepare=True)
+        assert self.table is not None
+        await self.table.put(
+            key,
+            value,
+            ttl_seconds=self.settings.ttl_seconds,
+            timeout=self.settings.timeout_seconds,
+        )
 
     async def _count_rows(self) -> int:
-        assert self.pool is not None
-        async with self.pool.connection(timeout=2.0) as conn:
-            cur = await conn.execute(_SQL["count"], (SECRET_KEY,))
-            row = await cur.fetchone()
-        return int(row["n"]) if row else 0  # type: ignore[call-overload]
+        assert self.table is not None
+        return await self.table.count(timeout=2.0)
 
     # -- background tasks ----------------------------------------------------------------
 
     async def _load_secret(self) -> None:
         """Create (first process) or read (the others) the per-database secret."""
-        assert self.pool is not None
+        assert self.table is not None
         attempt = 0
         while self._secret is None:
             try:
-                async with self.pool.connection() as conn:
-                    await conn.execute(_SQL["secret_create"], (SECRET_KEY, os.urandom(32)))
-                    cur = await conn.execute(_SQL["secret_read"], (SECRET_KEY,))
-                    row = await cur.fetchone()
-                if row is not None:
-                    self._secret = bytes(row["value"])  # type: ignore[call-overload]
-                    log.warning(
-                        "HASHMESH_CACHE_SECRET is not set: using the per-database cache secret",
-                    )
-                    return
-            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-                log.warning("cannot load the cache secret yet", extra={"error": type(exc).__name__})
-            await asyncio.sleep(RECONNECT.delay(attempt))
-            attempt += 1
+                self._secret = await self.table.secret(os.urandom(32))
+            except Unavailable as exc:
+                log.warning("cannot load the cache secret yet", extra={"error": exc.message})
+                await asyncio.sleep(RECONNECT.delay(attempt))
+                attempt += 1
+        log.warning("HASHMESH_CACHE_SECRET is not set: using the per-database cache secret")
 
     async def _sweep_loop(self) -> None:
-        assert self.pool is not None
         while True:
             await asyncio.sleep(self.settings.sweep_seconds)
             try:
                 removed = await self.sweep()
                 if removed:
                     log.info("swept expired cache rows", extra={"removed": removed})
-            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-                log.warning("cache sweep failed", extra={"error": type(exc).__name__})
+            except Unavailable as exc:
+                log.warning("cache sweep failed", extra={"error": exc.message})
 
     async def sweep(self, batch: int = 1000) -> int:
         """Remove expired shared rows, in batches so no statement runs long."""
-        assert self.pool is not None
+        assert self.table is not None
         total = 0
         while True:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(_SQL["sweep"], (batch,))
-                removed = max(0, cur.rowcount)
+            removed = await self.table.sweep(batch)
             total += removed
             self.shared.evictions += removed
             if removed < batch:
@@ -548,31 +528,33 @@ class ResultCache:
     async def _listen_loop(self) -> None:
         """One LISTEN connection; reconnects with back-off and clears the memory tier after a
         reconnect too (a clear may have been missed meanwhile)."""
-        dsn = self.dsn or (self.pool.conninfo if self.pool is not None else None)
-        if not isinstance(dsn, str) or not dsn:
+        assert self.table is not None
+        listener = self.table.clear_listener()
+        if listener is None:
             return
         attempt = 0
         connected_before = False
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    dsn, autocommit=True, application_name="hashmesh-cache-listen"
-                ) as conn:
-                    await conn.execute(f"LISTEN {CLEAR_CHANNEL}")
+        try:
+            while True:
+                try:
+                    await listener.connect()
                     if connected_before:
                         self.memory.clear()
                     connected_before = True
                     attempt = 0
-                    async for notice in conn.notifies():
-                        if notice.payload != self.instance:
-                            removed = self.memory.clear()
-                            log.info(
-                                "memory cache cleared by another replica",
-                                extra={"removed": removed},
-                            )
-            except psycopg.Error as exc:
-                log.warning(
-                    "cache clear listener lost its connection", extra={"error": type(exc).__name__}
-                )
-            await asyncio.sleep(RECONNECT.delay(attempt))
-            attempt += 1
+                    while True:
+                        for _channel, sender in await listener.wait(LISTEN_WAIT_SECONDS):
+                            if sender != self.instance:
+                                removed = self.memory.clear()
+                                log.info(
+                                    "memory cache cleared by another replica",
+                                    extra={"removed": removed},
+                                )
+                except Unavailable as exc:
+                    log.warning(
+                        "cache clear listener lost its connection", extra={"error": exc.message}
+                    )
+                await asyncio.sleep(RECONNECT.delay(attempt))
+                attempt += 1
+        finally:
+            await listener.close()

@@ -12,6 +12,7 @@ import psycopg
 
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.hashing.cache import CachedResult, CacheSettings, ResultCache
+from hashmesh.core.queue.cache_table import PostgresCacheTable
 from hashmesh.core.queue.embedded_pg import EmbeddedPostgres
 from hashmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, hash_pb2, hash_pb2_grpc
 from tests.conftest import Processes
@@ -169,9 +170,11 @@ def test_per_database_secret_ttl_sweep_and_slow_database(dsn: str) -> None:
         pool_a, pool_b = _pool(dsn), _pool(dsn)
         await pool_a.open(wait=False)  # type: ignore[attr-defined]
         await pool_b.open(wait=False)  # type: ignore[attr-defined]
-        a = ResultCache(pool_a, CacheSettings())  # type: ignore[arg-type]
-        short = ResultCache(pool_a, CacheSettings(ttl_seconds=0.5))  # type: ignore[arg-type]
-        b = ResultCache(pool_b, CacheSettings(memory_entries=0, timeout_seconds=0.1))  # type: ignore[arg-type]
+        a = ResultCache(PostgresCacheTable(pool_a), CacheSettings())
+        short = ResultCache(PostgresCacheTable(pool_a), CacheSettings(ttl_seconds=0.5))
+        b = ResultCache(
+            PostgresCacheTable(pool_b), CacheSettings(memory_entries=0, timeout_seconds=0.1)
+        )
         try:
             for cache in (a, b, short):
                 await cache.start()

@@ -14,8 +14,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"core": "hashmesh.core", "hashd": "hashmesh.hashd", "workerd": "hashmesh.workerd",
             "balancer": "hashmesh.balancer", "cli": "hashmesh.cli"}  # fmt: skip
 DRIVER = ("psycopg", "psycopg_pool")
-# The shared tier of the result cache keeps its own table and LISTEN connection.
-DRIVER_OUTSIDE_QUEUE = {"core/hashing/cache.py"}
 TASK_SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE)\b[\s\S]*\bhashmesh_(tasks|workers)\b", re.I)
 
 
@@ -53,7 +51,7 @@ def test_the_scan_sees_the_whole_tree() -> None:
 @pytest.mark.parametrize(("path", "tree"), SOURCES, ids=[p for p, _ in SOURCES])
 def test_layering(path: str, tree: ast.Module) -> None:
     names = imported(tree)
-    if not path.startswith("core/queue/") and path not in DRIVER_OUTSIDE_QUEUE:
+    if not path.startswith("core/queue/"):
         assert not uses(names, *DRIVER), f"{path} imports the database driver"
         assert not uses(names, "hashmesh.core.queue.store.queries"), f"{path} loads task SQL"
         for node in ast.walk(tree):
@@ -74,7 +72,5 @@ def test_layering(path: str, tree: ast.Module) -> None:
     if path.startswith("workerd/"):
         assert not uses(names, "hashmesh.core.rpc"), f"{path}: workerd serves no gRPC"
     if path.startswith("core/hashing/"):
-        # The cache's shared tier borrows the daemon's pool and its error translation, no more.
-        beyond_db = [n for n in uses(names, "hashmesh.core.queue")
-                     if not n.startswith("hashmesh.core.queue.db")]  # fmt: skip
-        assert not beyond_db, f"{path}: hashing needs no more of the queue than its pool"
+        # The cache's shared tier is a table it is handed (core/queue/cache_table.py).
+        assert not uses(names, "hashmesh.core.queue"), f"{path}: hashing knows no PostgreSQL"
