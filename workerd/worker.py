@@ -350,7 +350,8 @@ class Worker:
         if self._due_at is not None:
             timeout = min(timeout, max(0.0, self._due_at - loop.time()) + 0.005)
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+                await self._wake.wait()
         except TimeoutError:
             # A timer or the safety poll fired: claim, then look at what waits next.
             self._due_at = None
