@@ -15,6 +15,10 @@ scenario), one hashd (``--hashd N`` for more), the balancer in front of them unl
   the final state arrives; p50/p99 of submit → final, as the client sees it;
 - the same workload through Celery + Redis (bench/celery_md5.py), in the same run, for the ratio.
 
+The client runs on uvloop, as hashd and workerd do: on two shared cores the load generator's
+own event-loop turns compete with the mesh for CPU (Celery's client is a plain loop of
+``apply_async`` calls).
+
 The machine is small and shared: compare the ratios within one run.
 """
 
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import grpc
 import psycopg
+import uvloop
 
 from hashmesh.core.queue import migrations
 from hashmesh.core.queue.embedded_pg import EmbeddedPostgres, create_database
@@ -268,7 +273,7 @@ def main() -> None:
                     address,
                     dsn,
                 ):
-                    figures = asyncio.run(throughput(address, dsn, args.tasks, mode))
+                    figures = uvloop.run(throughput(address, dsn, args.tasks, mode))
                 print(
                     f"hashmesh {mode:6s} submit, {workers} workerd: {figures['end_to_end_per_s']:7.0f} tasks/s "
                     f"end to end ({figures['submit_per_s']:.0f}/s submitting)",
@@ -276,7 +281,7 @@ def main() -> None:
                 )
         if args.only != "throughput":
             with mesh(admin, hashd=args.hashd, workers=1, direct=args.direct) as (address, _):
-                lat = asyncio.run(latency(address, args.rate, args.seconds))
+                lat = uvloop.run(latency(address, args.rate, args.seconds))
             print(
                 f"hashmesh latency at {lat['rate']:.0f}/s (submit → final via WatchTask): "
                 f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms",
