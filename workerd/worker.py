@@ -146,6 +146,7 @@ class Worker:
             settings.database,
             name=f"workerd:{settings.name}"[:63],
             max_size=min(4, settings.database.pool_max),
+            index_only_plans=True,
         )
         listener = Listener(
             dsn, [NOTIFY_READY], name=f"workerd-listen:{settings.name}"[:63], hold_session=True

@@ -91,11 +91,9 @@ class PostgresTaskStore:
         self._pool = pool
         self._keyring = keyring
 
-    async def _rows(
-        self, query: str, params: dict[str, Any], *, what: str, prepare: bool | None = None
-    ) -> list[dict[str, Any]]:
+    async def _rows(self, query: str, params: dict[str, Any], *, what: str) -> list[dict[str, Any]]:
         async with connection(self._pool, what=what) as conn:
-            cur = await conn.execute(_q(query), params, prepare=prepare)
+            cur = await conn.execute(_q(query), params)
             return _rows(await cur.fetchall()) if cur.description else []
 
     # -- submissions -------------------------------------------------------------------------
@@ -330,11 +328,6 @@ class PostgresTaskStore:
             "claim",
             {"worker": worker, "limit": limit, "lease_seconds": lease_seconds, "session": session},
             what="claiming tasks",
-            # Planned at every run: a prepared claim keeps the generic plan PostgreSQL made
-            # when the table was small (a hash join over a scan of the whole table), and runs
-            # it on every claim until autovacuum's next ANALYZE (bench/tasks_e2e.py: 30 table
-            # scans a second). Planning costs ~0.1 ms.
-            prepare=False,
         )
         return [_claimed(row) for row in rows]
 
