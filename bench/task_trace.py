@@ -39,6 +39,7 @@ from typing import Any
 
 import grpc
 import psycopg
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tasks_e2e import Daemon, postgres, spec
@@ -214,7 +215,7 @@ def main() -> None:
                 daemons.append(front)
                 address = front.addresses[0]
             daemons.append(Daemon("hashmesh.workerd", ["--database-url", dsn, "--name", "t"]))
-            traces: list[dict[str, Any]] = asyncio.run(trace(address, dsn, args.rate, args.seconds))
+            traces: list[dict[str, Any]] = uvloop.run(trace(address, dsn, args.rate, args.seconds))
         finally:
             for daemon in reversed(daemons):
                 daemon.stop()

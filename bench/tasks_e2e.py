@@ -13,7 +13,14 @@ scenario), one hashd (``--hashd N`` for more), the balancer in front of them unl
   workerd: tasks/s end to end, and the submission rate alone;
 - latency: open loop at ``--rate`` tasks/s for ``--seconds``: SubmitTask, then WatchTask until
   the final state arrives; p50/p99 of submit → final, as the client sees it;
-- the same workload through Celery + Redis (bench/celery_md5.py), in the same run, for the ratio.
+- the same workload through Celery + Redis (bench/celery_md5.py), in the same run, for the ratio;
+- under each hashmesh figure, the CPU milliseconds each kind of process spent per task
+  (client, balancer, hashd, workerd, and PostgreSQL's backends for the run's database): on two
+  cores, the sum bounds the rate, and under load every millisecond of it is queueing delay.
+
+The client runs on uvloop, as hashd and workerd do: on two shared cores the load generator's
+own event-loop turns compete with the mesh for CPU (Celery's client is a plain loop of
+``apply_async`` calls).
 
 The machine is small and shared: compare the ratios within one run.
 """
@@ -32,10 +39,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import psycopg
+import uvloop
+from psycopg import sql
 
 from hashmesh.core.queue import migrations
 from hashmesh.core.queue.embedded_pg import EmbeddedPostgres, create_database
@@ -63,6 +73,7 @@ class Daemon:
     """A hashmesh daemon; ready once it printed its ``listening on`` / ``ready as`` lines."""
 
     def __init__(self, module: str, args: list[str], expect: int = 1) -> None:
+        self.module = module
         self.popen = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE,
@@ -86,10 +97,53 @@ class Daemon:
             self.popen.kill()
 
 
+@dataclass
+class Mesh:
+    address: str
+    """Where clients connect (the balancer, or hashd with ``--direct``)."""
+    dsn: str
+    daemons: list[Daemon]
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) used so far by each kind of process: the daemons, this
+        client, and the PostgreSQL backends serving this database (when the server runs on
+        this host and ``/proc`` shows them; otherwise no ``postgres`` entry)."""
+        used: dict[str, float] = {"client": sum(os.times()[:2])}
+        for daemon in self.daemons:
+            kind = daemon.module.rsplit(".", 1)[-1]
+            used[kind] = used.get(kind, 0.0) + _proc_cpu(daemon.popen.pid)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            backends = conn.execute(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        server = [_proc_cpu(pid) for (pid,) in backends]
+        if any(server):
+            used["postgres"] = sum(server)
+        return used
+
+
+def _proc_cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_task(before: dict[str, float], after: dict[str, float], n: int) -> str:
+    """``hashd 0.41 · workerd 0.12 · … ms``: CPU milliseconds per task by process kind."""
+    spent = {kind: (after[kind] - before.get(kind, 0.0)) * 1000 / n for kind in after}
+    parts = [f"{kind} {ms:.2f}" for kind, ms in sorted(spent.items(), key=lambda kv: -kv[1])]
+    return " · ".join(parts) + f" = {sum(spent.values()):.2f} ms CPU per task"
+
+
 @contextmanager
-def mesh(admin_dsn: str, *, hashd: int, workers: int, direct: bool) -> Iterator[tuple[str, str]]:
-    """(address clients use, database dsn) of a fresh mesh on a fresh database."""
-    dsn = create_database(admin_dsn, f"bench_{uuid.uuid4().hex[:10]}")
+def mesh(admin_dsn: str, *, hashd: int, workers: int, direct: bool) -> Iterator[Mesh]:
+    """A fresh mesh on a fresh database."""
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    dsn = create_database(admin_dsn, name)
     migrations.migrate(dsn)
     daemons: list[Daemon] = []
     try:
@@ -118,10 +172,16 @@ def mesh(admin_dsn: str, *, hashd: int, workers: int, direct: bool) -> Iterator[
             Daemon("hashmesh.workerd", ["--database-url", dsn, "--name", f"bench-{i}"])
             for i in range(workers)
         ]
-        yield address, dsn
+        yield Mesh(address, dsn, daemons)
     finally:
         for daemon in reversed(daemons):
             daemon.stop()
+        # Dropped, or autovacuum works through its dead rows during the next scenarios, on
+        # the cores they measure on (Celery's side starts each run on an empty queue too).
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 def spec(i: int) -> task_pb2.TaskSpec:
@@ -155,10 +215,15 @@ async def submit_batches(
 
 
 async def wait_all_final(dsn: str, n: int, timeout: float = 600) -> float:
+    """When ``n`` tasks are final, read every 10 ms from the status counters (migration 0006):
+    a ``count(*)`` over the table each time would cost PostgreSQL more CPU than the workload's
+    own statements, on the cores the mesh runs on (Celery's side polls one Redis counter)."""
     deadline = time.perf_counter() + timeout
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         while time.perf_counter() < deadline:
-            cur = await conn.execute(f"SELECT count(*) FROM hashmesh_tasks WHERE status IN {FINAL}")
+            cur = await conn.execute(
+                f"SELECT coalesce(sum(n), 0) FROM hashmesh_task_counts WHERE status IN {FINAL}"
+            )
             row = await cur.fetchone()
             if row and row[0] >= n:
                 return time.perf_counter()
@@ -259,22 +324,23 @@ def main() -> None:
         admin = stack.enter_context(postgres(args.dsn))
         for workers in (1, 2) if args.only != "latency" else ():
             for mode in ("single", "batch"):
-                with mesh(admin, hashd=args.hashd, workers=workers, direct=args.direct) as (
-                    address,
-                    dsn,
-                ):
-                    figures = asyncio.run(throughput(address, dsn, args.tasks, mode))
+                with mesh(admin, hashd=args.hashd, workers=workers, direct=args.direct) as m:
+                    before = m.cpu_seconds()
+                    figures = uvloop.run(throughput(m.address, m.dsn, args.tasks, mode))
+                    cpu = cpu_per_task(before, m.cpu_seconds(), args.tasks)
                 print(
                     f"hashmesh {mode:6s} submit, {workers} workerd: {figures['end_to_end_per_s']:7.0f} tasks/s "
-                    f"end to end ({figures['submit_per_s']:.0f}/s submitting)",
+                    f"end to end ({figures['submit_per_s']:.0f}/s submitting)\n    {cpu}",
                     flush=True,
                 )
         if args.only != "throughput":
-            with mesh(admin, hashd=args.hashd, workers=1, direct=args.direct) as (address, _):
-                lat = asyncio.run(latency(address, args.rate, args.seconds))
+            with mesh(admin, hashd=args.hashd, workers=1, direct=args.direct) as m:
+                before = m.cpu_seconds()
+                lat = uvloop.run(latency(m.address, args.rate, args.seconds))
+                cpu = cpu_per_task(before, m.cpu_seconds(), int(lat["tasks"]))
             print(
                 f"hashmesh latency at {lat['rate']:.0f}/s (submit → final via WatchTask): "
-                f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms",
+                f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms\n    {cpu}",
                 flush=True,
             )
     if not args.skip_celery:

@@ -421,7 +421,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 reason="DATABASE_UNAVAILABLE",
             )
         with self._hub.subscribe(task_id) as sub:
-            record = await self._store.get(task_id, owner=owner)
+            record = self._hub.recent(task_id, owner=owner) or await self._store.get(
+                task_id, owner=owner
+            )
             last: tuple[TaskStatus, int, bool] | None = None
             while True:
                 key = (record.status, record.attempts, record.cancel_requested)

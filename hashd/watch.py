@@ -7,7 +7,15 @@ no read. Entries too long for a notification come as ``{"id", "status"}`` only (
 pre-0006 payload ``id status,...`` is still understood): those tasks are read in one query.
 When the LISTEN connection drops (PostgreSQL restarted), every watcher is told to re-read its
 task (``None``), since notifications may have been missed, and the hub reconnects with
-backoff."""
+backoff.
+
+While WatchTask calls come in, the hub also keeps each task's last notified state for
+``RECENT_SECONDS`` (at most ``RECENT_MAX`` tasks), and a watch that starts meanwhile begins from
+it instead of reading the table: a client usually opens its watch right after SubmitTask
+returns, when the worker has often finished already (bench/task_trace.py), so the read was on
+the critical path. Subscribing and looking up happen with no await in between, so every later
+change reaches the subscription; a reconnect forgets everything (changes may have been
+missed)."""
 
 from __future__ import annotations
 
@@ -15,7 +23,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Container, Iterator
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Container, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +34,19 @@ from hashmesh.core.errors import Unavailable
 from hashmesh.core.queue.model import Notifications, TaskRecord, TaskStatus, TaskStore
 
 log = logging.getLogger(__name__)
+
+MAX_SCANNED_WATCHERS = 32
+"""Up to this many watched tasks, a notification is searched for their ids before it is
+parsed (ids are canonical lowercase UUIDs on both sides)."""
+
+RECENT_SECONDS = 2.0
+"""How long a notified state may start a watch. Short: only a deletion (retention) or a
+forgotten idempotency key change a task without a notification."""
+RECENT_MAX = 4096
+"""Tasks whose last notified state is kept (the oldest go first)."""
+WATCHED_LATELY_SECONDS = 10.0
+"""Notified states are kept only while a WatchTask call came within this long: a workload
+without watchers does not pay for parsing every notification."""
 
 Update = tuple[TaskStatus, TaskRecord] | None
 """A status change with the task as read after it, or ``None``: re-read the task yourself."""
@@ -87,7 +110,10 @@ class Subscription:
     async def next(self, timeout: float) -> Update:
         """The next update; ``None`` on timeout or resync (re-read the task)."""
         try:
-            return await asyncio.wait_for(self._updates.get(), timeout)
+            # Not wait_for: that wraps the get in a task of its own, one more event-loop turn
+            # between the notification and the watcher's answer.
+            async with asyncio.timeout(timeout):
+                return await self._updates.get()
         except TimeoutError:
             return None
 
@@ -95,13 +121,24 @@ class Subscription:
 class WatchHub:
     """Construct without I/O; ``start()`` runs the listener in the background."""
 
-    def __init__(self, listener: Notifications, store: TaskStore) -> None:
-        """``listener`` LISTENs on ``NOTIFY_STATUS`` (``Listener`` on PostgreSQL)."""
+    def __init__(
+        self,
+        listener: Notifications,
+        store: TaskStore,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``listener`` LISTENs on ``NOTIFY_STATUS`` (``Listener`` on PostgreSQL); ``clock``
+        (seconds) ages the notified states kept for new watches."""
+        self._clock = clock
         self._store = store
         self._listener = listener
         self._subscribers: dict[str, set[Subscription]] = {}
         self._task: asyncio.Task[None] | None = None
         self._first_attempt = asyncio.Event()
+        self._recent: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        """Task id → (monotonic time, last notification entry), oldest first."""
+        self._watched_at = -WATCHED_LATELY_SECONDS
         self._dispatching: set[asyncio.Task[None]] = set()
 
     @property
@@ -130,8 +167,39 @@ class WatchHub:
             self._task = None
         await self._listener.close()
 
+    def recent(self, task_id: str, *, owner: str | None) -> TaskRecord | None:
+        """The task's last notified state, if it is fresh and ``owner`` (``None``: anyone) may
+        see it; else ``None`` (read the table). Look it up right after ``subscribe``."""
+        found = self._recent.get(task_id)
+        if found is None or self._clock() - found[0] > RECENT_SECONDS:
+            return None
+        try:
+            record = record_from_notice(found[1])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return record if owner is None or record.client_id == owner else None
+
+    def _remember(self, payload: str, now: float) -> None:
+        if not payload.startswith("["):
+            return  # the pre-0006 form carries no records
+        try:
+            entries = json.loads(payload)
+        except ValueError:
+            return
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+                continue
+            if "algorithm" in entry:
+                self._recent[entry["id"]] = (now, entry)
+                self._recent.move_to_end(entry["id"])
+            else:  # too long to be notified whole: unknown, read it
+                self._recent.pop(entry["id"], None)
+        while len(self._recent) > RECENT_MAX:
+            self._recent.popitem(last=False)
+
     @contextlib.contextmanager
     def subscribe(self, task_id: str) -> Iterator[Subscription]:
+        self._watched_at = self._clock()
         sub = Subscription(task_id)
         self._subscribers.setdefault(task_id, set()).add(sub)
         try:
@@ -148,6 +216,7 @@ class WatchHub:
         while True:
             try:
                 if not self._listener.connected:
+                    self._recent.clear()  # whatever was notified meanwhile is unknown
                     try:
                         await self._listener.connect()
                     finally:
@@ -166,10 +235,27 @@ class WatchHub:
                     self._resync_all()
                 await asyncio.sleep(STATEMENT.delay(failures))
                 continue
-            if notes:
+            now = self._clock()
+            if notes and now - self._watched_at < WATCHED_LATELY_SECONDS:
+                for _, payload in notes:
+                    self._remember(payload, now)
+            if notes and self._subscribers:
                 self.deliver(
-                    [c for _, p in notes for c in parse_status_payload(p, self._subscribers)]
+                    [
+                        change
+                        for _, payload in notes
+                        if self._may_concern(payload)
+                        for change in parse_status_payload(payload, self._subscribers)
+                    ]
                 )
+
+    def _may_concern(self, payload: str) -> bool:
+        """False when no watched id appears in the payload: most notifications are of tasks
+        nobody watches, and parsing their JSON was a tenth of hashd's CPU under batch load.
+        With many watchers, scanning the text once per watcher would cost more than parsing."""
+        if len(self._subscribers) > MAX_SCANNED_WATCHERS:
+            return True
+        return any(task_id in payload for task_id in self._subscribers)
 
     def deliver(self, changes: list[Change]) -> None:
         """Hand each watcher its task's changes, in order: at once when the notifications
@@ -202,6 +288,7 @@ class WatchHub:
                 sub.put((status, record) if record is not None else None)
 
     def _resync_all(self) -> None:
+        self._recent.clear()
         for subs in self._subscribers.values():
             for sub in subs:
                 sub.put(None)

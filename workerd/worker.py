@@ -147,6 +147,7 @@ class Worker:
             settings.database,
             name=f"workerd:{settings.name}"[:63],
             max_size=min(4, settings.database.pool_max),
+            index_only_plans=True,
         )
         listener = Listener(
             dsn, [NOTIFY_READY], name=f"workerd-listen:{settings.name}"[:63], hold_session=True
@@ -351,7 +352,8 @@ class Worker:
         if self._due_at is not None:
             timeout = min(timeout, max(0.0, self._due_at - loop.time()) + 0.005)
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+                await self._wake.wait()
         except TimeoutError:
             # A timer or the safety poll fired: claim, then look at what waits next.
             self._due_at = None

@@ -63,9 +63,20 @@ def sync_errors(what: str) -> Iterator[None]:
 
 
 def make_pool(
-    settings: DatabaseSettings, *, name: str, max_size: int | None = None
+    settings: DatabaseSettings,
+    *,
+    name: str,
+    max_size: int | None = None,
+    index_only_plans: bool = False,
 ) -> psycopg_pool.AsyncConnectionPool:
-    """A pool that is not opened yet (constructors do no I/O): ``await pool.open()``."""
+    """A pool that is not opened yet (constructors do no I/O): ``await pool.open()``.
+
+    ``index_only_plans`` (workerd) sets ``enable_seqscan = off`` on its connections: every
+    worker statement is meant to reach its rows through an index, but on a table the planner
+    has no statistics for yet (a new database) or whose statistics are older than its churn,
+    it prefers a scan of the whole table and keeps that plan cached for the connection's life
+    (measured in bench/tasks_e2e.py: 30-90 table scans a second, ~1,000 rows read per claimed
+    task). A statement with no index to use still runs, as a scan."""
 
     return psycopg_pool.AsyncConnectionPool(
         settings.require_dsn(),
@@ -78,7 +89,8 @@ def make_pool(
             "row_factory": dict_row,
             "autocommit": True,
             "application_name": name,
-            "options": f"-c statement_timeout={int(settings.statement_timeout_ms)}",
+            "options": f"-c statement_timeout={int(settings.statement_timeout_ms)}"
+            + (" -c enable_seqscan=off" if index_only_plans else ""),
         },
         reconnect_timeout=3600.0,
         check=_check_if_idle,

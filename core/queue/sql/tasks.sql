@@ -8,6 +8,14 @@
 -- submission itself and the caller's own transitions (cancel, requeue) stay synchronous, and
 -- any later synchronous commit flushes the earlier asynchronous ones too. workerd/README.md.
 
+-- Fencing: a worker's write names the lease it holds (`t.lease_id = …`). A task has a lease
+-- exactly while it runs (every statement that ends a run clears it; CHECK constraint
+-- hashmesh_tasks_lease_only_running, migration 0007), so the lease alone says "still running,
+-- still yours". The statements do not also test `status = 'running'`: that clause lets the
+-- planner answer them from a partial index of running rows (hashmesh_tasks_leases,
+-- hashmesh_tasks_unfinished), read whole, dead entries included, where the primary key finds
+-- the few rows named — and a plan made while the table was small stays cached.
+
 -- name: submit
 -- One statement for a whole batch: all rows are stored or none. Ids are made by the caller so
 -- the answer maps back to the request's order; a repeated (client_id, idempotency_key) is
@@ -132,7 +140,7 @@ SET status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'succeeded' END,
     input = CASE WHEN t.algorithm = 'argon2id' THEN NULL ELSE t.input END
 FROM unnest(%(id)s::uuid[], %(lease_id)s::bigint[], %(digest)s::bytea[], %(encoded)s::text[])
      AS d(id, lease_id, digest, encoded), locked, async_commit
-WHERE locked.id = d.id AND t.id = d.id AND t.lease_id = d.lease_id AND t.status = 'running'
+WHERE locked.id = d.id AND t.id = d.id AND t.lease_id = d.lease_id
 RETURNING t.id, t.algorithm, t.status,
           extract(epoch FROM t.finished_at - t.created_at)::float8 AS latency_seconds
 
@@ -168,7 +176,7 @@ SET status = f.next_status,
     input = CASE WHEN f.next_status <> 'retrying' AND t.algorithm = 'argon2id'
                  THEN NULL ELSE t.input END
 FROM failed f
-WHERE t.id = f.id AND t.lease_id = f.lease_id AND t.status = 'running'
+WHERE t.id = f.id AND t.lease_id = f.lease_id
 RETURNING t.id, t.algorithm, t.status,
           extract(epoch FROM t.finished_at - t.created_at)::float8 AS latency_seconds
 
@@ -182,7 +190,7 @@ SET status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'pending' END,
     input = CASE WHEN t.cancel_requested AND t.algorithm = 'argon2id' THEN NULL ELSE t.input END,
     lease_id = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(%(id)s::uuid[], %(lease_id)s::bigint[]) AS r(id, lease_id), async_commit
-WHERE t.id = r.id AND t.lease_id = r.lease_id AND t.status = 'running'
+WHERE t.id = r.id AND t.lease_id = r.lease_id
 RETURNING t.id
 
 -- name: acknowledge_cancel
@@ -193,7 +201,7 @@ SET status = 'cancelled', finished_at = now(), updated_at = now(),
     lease_id = NULL, lease_expires_at = NULL,
     input = CASE WHEN t.algorithm = 'argon2id' THEN NULL ELSE t.input END
 FROM unnest(%(id)s::uuid[], %(lease_id)s::bigint[]) AS r(id, lease_id), async_commit
-WHERE t.id = r.id AND t.lease_id = r.lease_id AND t.status = 'running' AND t.cancel_requested
+WHERE t.id = r.id AND t.lease_id = r.lease_id AND t.cancel_requested
 RETURNING t.id
 
 -- name: heartbeat
@@ -206,7 +214,7 @@ locked AS MATERIALIZED (
     UPDATE hashmesh_tasks t
     SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
     FROM unnest(%(id)s::uuid[], %(lease_id)s::bigint[]) AS h(id, lease_id), locked, async_commit
-    WHERE locked.id = h.id AND t.id = h.id AND t.lease_id = h.lease_id AND t.status = 'running'
+    WHERE locked.id = h.id AND t.id = h.id AND t.lease_id = h.lease_id
     RETURNING t.id, t.cancel_requested
 ), seen AS (
     UPDATE hashmesh_workers
