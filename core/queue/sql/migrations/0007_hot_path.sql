@@ -125,8 +125,10 @@ DROP FUNCTION hashmesh_tasks_notify_ready(timestamptz);
 -- A lease exists only while its task runs: the worker statements fence on the lease alone
 -- (core/queue/sql/tasks.sql, "Fencing"), and this makes that equal to "running and yours".
 -- Every statement that ends a run already clears the lease; rows that break the rule (none
--- are expected) are repaired first, so the constraint can be added.
+-- are expected) are repaired first, so the constraint can be added. NOT VALID: added without
+-- reading the table under this migration's exclusive lock (it holds for every row written from
+-- now on); 0008 validates the old rows in a transaction of its own, which lets writes go on.
 UPDATE hashmesh_tasks SET lease_id = NULL, lease_expires_at = NULL
 WHERE lease_id IS NOT NULL AND status <> 'running';
 ALTER TABLE hashmesh_tasks ADD CONSTRAINT hashmesh_tasks_lease_only_running
-    CHECK (lease_id IS NULL OR status = 'running');
+    CHECK (lease_id IS NULL OR status = 'running') NOT VALID;
