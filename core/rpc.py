@@ -59,14 +59,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 async def abort_with(
     context: grpc.aio.ServicerContext,
-    error: HashmeshError,
+    error: HashmeshError | grpc.Status,
     *,
-    initial_metadata: Sequence[tuple[str, str]] = (),
+    initial_metadata: Sequence[tuple[str, str | bytes]] = (),
 ) -> None:
     """End the call with ``error``'s status (``hashmesh.core.errors.to_grpc_status``): the one
-    place hashd and the balancer turn a domain error into what the caller receives.
-    ``initial_metadata`` goes out first (the balancer's rate-limit fields)."""
-    status = to_grpc_status(error)
+    place hashd and the balancer turn a domain error into what the caller receives. A
+    ``grpc.Status`` is sent as it is (the balancer passing a replica's answer on).
+    ``initial_metadata`` goes out first (the replica's headers, the balancer's rate-limit
+    fields)."""
+    status = to_grpc_status(error) if isinstance(error, HashmeshError) else error
     if initial_metadata:
         await context.send_initial_metadata(tuple(initial_metadata))
     await context.abort(
