@@ -160,7 +160,14 @@ class Proxy:
         self.budgets = Budgets(settings.budgets)
         self._attempt = AttemptTimeout(settings.attempt_timeout, settings.idempotent_methods)
         self._stream_idle = settings.budgets.stream_idle_seconds
-        self._tunnels = Tunnels(settings.wire_message_bytes) if settings.tunnel else None
+        self._tunnels = (
+            Tunnels(
+                settings.wire_message_bytes,
+                sockets=settings.tunnel_socket and settings.upstream_tls is None,
+            )
+            if settings.tunnel
+            else None
+        )
 
     def close(self) -> None:
         """End the tunnels (calls still waiting on them fail with UNAVAILABLE)."""

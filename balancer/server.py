@@ -123,6 +123,7 @@ class Balancer:
             interceptors=admin_interceptors,
             tls=settings.tls,
             extra_options=admin_options(),
+            tunnel_socket=False,
         )
         self.admin.add(admin_pb2_grpc.add_AdminServiceServicer_to_server, ADMIN_SERVICE, admin)
         self._side: list[asyncio.Task[None]] = []

@@ -21,6 +21,7 @@ from hashmesh.core.errors import DeadlineExceeded, HashmeshError, InvalidArgumen
 from hashmesh.core.reflection import HEALTH, add_reflection
 from hashmesh.core.tls import ServerTls
 from hashmesh.core.tunnel import TunnelServer
+from hashmesh.core.tunnel_socket import SocketListener
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +236,10 @@ class GrpcServer:
         tls: ServerTls | None = None,
         credentials: grpc.ServerCredentials | None = None,
         extra_options: Sequence[tuple[str, Any]] = (),
+        tunnel_socket: bool = True,
     ) -> None:
         self.listen = listen
+        self._tunnel_socket = tunnel_socket
         chain = [*interceptors, ErrorInterceptor()]
         self.server = grpc.aio.server(
             interceptors=chain,
@@ -244,6 +247,7 @@ class GrpcServer:
         )
         # The balancer's unary calls arrive batched on one stream (hashmesh.core.tunnel).
         self.tunnel = TunnelServer(chain, max_message_bytes)
+        self._max_message_bytes = max_message_bytes
         self.server.add_generic_rpc_handlers([self.tunnel])
         self.health = Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -280,6 +284,9 @@ class GrpcServer:
         if not self.port:
             raise OSError(f"cannot listen on {self.listen} (address in use or not local)")
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        if credentials is None and self._tunnel_socket:  # plaintext: a socket for tunnel calls
+            self.tunnel.socket = SocketListener(self.tunnel, self._max_message_bytes)
+            await self.tunnel.socket.start(self.listen.rsplit(":", 1)[0].strip("[]"))
         await self.server.start()
 
     async def set_serving(self, serving: bool) -> None:
@@ -295,3 +302,5 @@ class GrpcServer:
         """NOT_SERVING first, then refuse new calls and give in-flight ones ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.tunnel.socket is not None:
+            await self.tunnel.socket.close()
