@@ -1,15 +1,16 @@
 """The balancer's end of the tunnel (``hashmesh.core.tunnel``): one long-lived stream per
-replica channel carrying every small unary call, frames written in batches.
+replica channel carrying every small unary call, and the plain socket the replica may offer
+on it (``hashmesh.core.tunnel_socket``), which then carries the calls instead.
 
 ``Tunnel.unary`` sends one call and waits for its ``Reply``. Frames that become ready in the
 same turn of the event loop share one message (one write, one syscall, for all of them). A
 call whose caller goes away (client cancelled, deadline passed) sends a ``CANCEL`` frame, so
-the replica's handler is cancelled as a direct call's would be. When the stream ends, every
-call still waiting gets the stream's status: ``UNAVAILABLE`` with its details; calls whose
-frame was never written say so ("before the call was sent"), which makes them safe to retry
-on another replica whatever the method. A replica without the tunnel (an older hashd) answers
-``UNIMPLEMENTED`` for the stream: the tunnel marks itself ``unsupported`` and the proxy sends
-that replica calls of their own for the next ``RETRY_UNSUPPORTED`` seconds."""
+the replica's handler is cancelled as a direct call's would be. When the stream or its socket
+ends, every call still waiting gets the tunnel's status: ``UNAVAILABLE`` with its details;
+calls whose frame was never written say so ("before the call was sent"), which makes them
+safe to retry on another replica whatever the method. A replica without the tunnel (an older
+hashd) answers ``UNIMPLEMENTED`` for the stream: the tunnel marks itself ``unsupported`` and
+the proxy sends that replica calls of their own for the next ``RETRY_UNSUPPORTED`` seconds."""
 
 from __future__ import annotations
 

@@ -4,10 +4,11 @@ A unary call through gRPC costs an HTTP/2 stream, headers and a write (a syscall
 on each side. The balancer instead opens one bidirectional stream per replica
 (``TUNNEL_METHOD``) and sends every unary call on it as a *frame*: many frames share one
 message, so one write carries every call that became ready in the same turn of the event loop.
-This module holds the wire format (both ends) and the replica's end, ``TunnelServer``, which
-runs each frame through the same interceptors and method handlers a direct call reaches, with
-a context that gives the handler what grpc.aio's would: metadata, the deadline, abort with
-status, details and trailing metadata, initial metadata, the caller's peer. A call's deadline
+This module holds the wire format (both ends) and the replica's end, ``TunnelServer`` (the
+socket that may carry the frames instead is ``hashmesh.core.tunnel_socket``), which runs each
+frame through the same interceptors and method handlers a direct call reaches, with a context
+that gives the handler what grpc.aio's would: metadata, the deadline, abort with status,
+details and trailing metadata, initial metadata, the caller's peer. A call's deadline
 travels in its frame and is enforced here; a ``CANCEL`` frame cancels the handler.
 
 Wire format, little-endian. A message is a sequence of frames.

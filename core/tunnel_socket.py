@@ -4,13 +4,12 @@ socket, without grpc in between.
 Every operation on a gRPC stream (one write, one read) is a batch in grpc's core whose
 completion crosses grpc's poller thread back to the event loop; on a socket a write is one
 ``send`` from the loop thread and replies arrive in the loop's own ``recv``. The gRPC stream
-stays the control channel: it authenticates the balancer (the replica's listener, its TLS and
-connection limits), and when it opens, a replica with a socket listener advertises it in the
-stream's initial metadata (``ADVERTISE``: port and a one-time token). The balancer connects,
-sends the token as its first message, the replica accepts it with an empty message, and the
-socket then carries the calls, bound to that
-stream: calls run with the stream's peer and credentials, and the socket is closed when the
-stream ends. A replica whose gRPC listener has TLS advertises no socket (the stream carries
+stays the control channel: it reaches the balancer through the replica's own listener and
+its connection limits, and when it opens, a replica with a socket listener advertises it in
+the stream's initial metadata (``ADVERTISE``: port and a one-time token). The balancer
+connects, sends the token as its first message, the replica accepts it with an empty message,
+and the socket then carries the calls, bound to that stream: calls run with the stream's peer
+and credentials, and the socket is closed when the stream ends. A replica whose gRPC listener has TLS advertises no socket (the stream carries
 the calls, encrypted); a balancer that cannot reach the port keeps using the stream.
 
 Messages on the socket are ``u32 length`` (little-endian) and that many bytes of frames."""
