@@ -94,10 +94,16 @@ class SocketListener:
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str) -> None:
+        """Listen on ``host`` (the gRPC listener's), any free port; a host that is not an IP
+        or a name (a unix socket) leaves the tunnel on its stream."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Connection(self), host or None, 0, reuse_address=True
-        )
+        try:
+            self._server = await loop.create_server(
+                lambda: _Connection(self), host or None, 0, reuse_address=True
+            )
+        except OSError as exc:
+            log.warning("no tunnel socket", extra={"host": host, "error": str(exc)})
+            return
         self.port = self._server.sockets[0].getsockname()[1]
 
     def grant(self, session: Session) -> Grant | None:

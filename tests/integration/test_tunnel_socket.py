@@ -231,3 +231,27 @@ def test_a_tls_replica_offers_no_plaintext_socket(tmp_path: Path) -> None:
         assert server.tunnel.socket is None
 
     asyncio.run(_with_replica(body, credentials=tls.credentials()))
+
+
+def test_a_replica_on_a_unix_socket_keeps_the_calls_on_the_stream(tmp_path: Path) -> None:
+    async def run() -> None:
+        path = tmp_path / "replica.sock"
+        server = GrpcServer(f"unix:{path}")
+        server.add(
+            hash_pb2_grpc.add_HashServiceServicer_to_server,
+            "hashmesh.v1.HashService",
+            balancer_backends.TestHashService(balancer_backends.Behaviour("r1", 0.0)),
+        )
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"unix:{path}")
+        tunnel = Tunnel(channel, 4 * 1024 * 1024, "unix")
+        try:
+            assert _listener(server).port == 0  # no socket offered
+            reply = await tunnel.unary(HASH, (), 10, _request(b"abc"))
+            assert reply.code is grpc.StatusCode.OK and tunnel._socket is None
+        finally:
+            tunnel.close()
+            await channel.close()
+            await server.stop(0)
+
+    asyncio.run(run())
