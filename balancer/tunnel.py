@@ -230,7 +230,8 @@ class _Socket(asyncio.Protocol):
     def __init__(self, tunnel: Tunnel, stream: Any, max_message_bytes: int) -> None:
         self._tunnel = tunnel
         self._stream = stream
-        self._reader = MessageReader(max_message_bytes)
+        # A replica packs replies up to BATCH_BYTES, plus one reply up to its own limit.
+        self._reader = MessageReader(BATCH_BYTES + max_message_bytes)
         self._batch_bytes = min(BATCH_BYTES, max_message_bytes // 2)
         self._transport: asyncio.Transport | None = None
         self.accepted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
