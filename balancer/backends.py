@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hashmesh.balancer.config import BalancerSettings, upstream_credentials
+from hashmesh.balancer.config import BalancerSettings
 from hashmesh.balancer.pickers import Candidate, Picker, make_picker
 from hashmesh.balancer.stats import ReplicaStats
 from hashmesh.core.metrics import mesh_method_names
@@ -172,10 +172,8 @@ class BackendSet:
         self._side: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._serving: bool | None = None
-        # Read once: replicas found later by DNS use the same files' contents.
-        self._credentials = (
-            upstream_credentials(settings.upstream_tls) if settings.upstream_tls else None
-        )
+        # Given to ``start`` (read at the edge, once): replicas DNS finds later use them too.
+        self._credentials: grpc.ChannelCredentials | None = None
 
     # -- picking ---------------------------------------------------------------------------
 
@@ -342,9 +340,13 @@ class BackendSet:
             if not self._stopping.is_set():
                 await self.refresh_dns()
 
-    async def start(self) -> None:
+    async def start(self, credentials: grpc.ChannelCredentials | None = None) -> None:
         """Add the static replicas, resolve DNS once and run one health check of each, so the
-        balancer is useful as soon as it says it listens."""
+        balancer is useful as soon as it says it listens. ``credentials`` dial the replicas
+        (required when ``settings.upstream_tls`` is set: a missing one is never plaintext)."""
+        if self.settings.upstream_tls is not None and credentials is None:
+            raise ValueError("upstream TLS is configured: start() needs its credentials")
+        self._credentials = credentials
         for address in self.settings.backends:
             self.add(address, "static")
         if self.settings.backends_dns:

@@ -199,6 +199,10 @@ class BalancerSettings:
     tunnel: bool = True
     """Send small unary calls to each replica over one long-lived stream, batched
     (``hashmesh.core.tunnel``); off: one gRPC call per call (``BALANCER_TUNNEL``)."""
+    tunnel_socket: bool = True
+    """Tunnel calls over the plain socket a plaintext replica offers on its tunnel stream
+    (``hashmesh.core.tunnel_socket``; never with upstream TLS); off: over the stream itself
+    (``BALANCER_TUNNEL_SOCKET``)."""
     api_keys_file: str = ""
     """File of ``client_id sha256:<hex>`` lines; set: every proxied call needs a valid
     ``x-api-key`` and the limiter keys on its client (``BALANCER_API_KEYS_FILE``)."""
@@ -319,6 +323,7 @@ class BalancerSettings:
             redis_timeout=env_float("BALANCER_REDIS_TIMEOUT", cls.redis_timeout),
             redis_lease_seconds=env_float("BALANCER_REDIS_LEASE", cls.redis_lease_seconds),
             tunnel=env_bool("BALANCER_TUNNEL", cls.tunnel),
+            tunnel_socket=env_bool("BALANCER_TUNNEL_SOCKET", cls.tunnel_socket),
             api_keys_file=env_str("BALANCER_API_KEYS_FILE", ""),
             max_message_bytes=env_int("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024),
             grace_seconds=env_float("GRACE_SECONDS", cls.grace_seconds, minimum=0.0),

@@ -17,6 +17,7 @@ unary one; attempts of idempotent unary calls get the per-attempt timeout
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -120,6 +121,20 @@ class RetryBudget:
         return False
 
 
+class Relayed(grpc.Status):
+    """A replica's status as it came, passed on through the one gRPC edge (``abort_with``)."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, str | bytes], ...] = (),
+    ) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
 def _pairs(metadata: Any) -> tuple[tuple[str, str | bytes], ...]:
     return tuple(metadata) if metadata else ()
 
@@ -146,7 +161,14 @@ class Proxy:
         self.budgets = Budgets(settings.budgets)
         self._attempt = AttemptTimeout(settings.attempt_timeout, settings.idempotent_methods)
         self._stream_idle = settings.budgets.stream_idle_seconds
-        self._tunnels = Tunnels(settings.wire_message_bytes) if settings.tunnel else None
+        self._tunnels = (
+            Tunnels(
+                settings.wire_message_bytes,
+                sockets=settings.tunnel_socket and settings.upstream_tls is None,
+            )
+            if settings.tunnel
+            else None
+        )
 
     def close(self) -> None:
         """End the tunnels (calls still waiting on them fail with UNAVAILABLE)."""
@@ -236,15 +258,23 @@ class Proxy:
     # -- the four kinds --------------------------------------------------------------------
 
     def handler(self, method: str, kind: str) -> Handler:
-        # Each kind records its call in ``calls`` itself (no wrapping layer): ``ok`` before
-        # returning, ``ended`` from an ``except BaseException`` around the whole call.
+        # Two shapes: unary calls (the hot path, through the tunnel) and one relay for the three
+        # streaming kinds. Each records its call in ``calls`` itself (no wrapping layer): ``ok``
+        # before returning, ``ended`` from an ``except BaseException`` around the whole call.
         if kind == UNARY:
             return grpc.unary_unary_rpc_method_handler(self._unary(method))
+        relay = self._streaming(method, kind)
         if kind == CLIENT_STREAM:
-            return grpc.stream_unary_rpc_method_handler(self._client_stream(method))
+            return grpc.stream_unary_rpc_method_handler(functools.partial(_upload, relay))
+
         if kind == SERVER_STREAM:
-            return grpc.unary_stream_rpc_method_handler(self._server_stream(method))
-        return grpc.stream_stream_rpc_method_handler(self._bidi(method))
+
+            async def watch(request: bytes, context: Context) -> AsyncIterator[bytes]:
+                async for message in relay(_once(request), context):
+                    yield message
+
+            return grpc.unary_stream_rpc_method_handler(watch)
+        return grpc.stream_stream_rpc_method_handler(relay)
 
     def _method_calls(self, method: str) -> MethodCalls | None:
         return self._call_metrics.method(method) if self._call_metrics is not None else None
@@ -325,10 +355,11 @@ class Proxy:
                         tried.append(replica)
                         timeout = None if deadline is None else deadline - time.monotonic()
                         continue
-                    initial = reply.initial + call.reply_metadata
-                    if initial:
-                        await context.send_initial_metadata(initial)
-                    await context.abort(code, reply.details, trailing_metadata=reply.trailing)
+                    await abort_with(
+                        context,
+                        Relayed(code, reply.details, reply.trailing),
+                        initial_metadata=reply.initial + call.reply_metadata,
+                    )
             except BaseException as exc:
                 if calls is not None:
                     calls.ended(context, exc, arrived)
@@ -385,104 +416,27 @@ class Proxy:
             response,
         )
 
-    def _client_stream(self, method: str) -> Callable[[AsyncIterator[bytes], Context], Any]:
+    def _streaming(
+        self, method: str, kind: str
+    ) -> Callable[[AsyncIterator[bytes], Context], AsyncIterator[bytes]]:
+        """The one relay of every streaming kind: the replica is called as a bidirectional
+        stream (the wire is the same for all kinds), the client's messages fed to it, its
+        messages passed back; ``handler`` fits it to the kind the client called."""
         calls = self._method_calls(method)
+        budget = UPLOAD if kind == CLIENT_STREAM else WATCH if kind == SERVER_STREAM else OTHER
+        # A single request cannot go idle; a response stream lasts as long as the client
+        # watches, so only an upload's length is latency.
+        idle_seconds = 0.0 if kind == SERVER_STREAM else self._stream_idle
+        timed = kind == CLIENT_STREAM
 
-        async def forward(requests: AsyncIterator[bytes], context: Context) -> bytes:
+        async def relay(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
             arrived = time.perf_counter()
             if calls is not None:
                 calls.in_flight += 1
             try:
-                call = await self._admit(method, context, UPLOAD)
-                source = _Replayable(requests, self._stream_idle)
-                attempts = _Attempts(self, call, method, context, source)
-                while True:
-                    replica, timeout = await attempts.next()
-                    rpc = replica.multicallable(CLIENT_STREAM, method)(
-                        timeout=timeout, metadata=call.metadata
-                    )
-                    source.start(rpc)
-                    try:
-                        response = await rpc
-                    except grpc.aio.AioRpcError as err:
-                        await source.stop()
-                        await attempts.failed(err)
-                        continue
-                    except BaseException:
-                        attempts.abandoned(rpc)
-                        await source.stop()
-                        if source.idle:
-                            await _abort(
-                                context, StreamIdle(self._stream_idle), call.reply_metadata
-                            )
-                        raise
-                    attempts.succeeded()
-                    await source.stop()
-                    await _relay_metadata(context, rpc, call.reply_metadata)
-                    if calls is not None:
-                        calls.ok(arrived)
-                    return response  # type: ignore[no-any-return]
-            except BaseException as exc:
-                if calls is not None:
-                    calls.ended(context, exc, arrived)
-                raise
-
-        return forward
-
-    def _server_stream(self, method: str) -> Callable[[bytes, Context], AsyncIterator[bytes]]:
-        calls = self._method_calls(method)
-
-        async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
-            arrived = time.perf_counter()
-            if calls is not None:
-                calls.in_flight += 1
-            try:
-                call = await self._admit(method, context, WATCH)
-                source = _Replayable(_once(request))
-                attempts = _Attempts(self, call, method, context, source, timed=False)
-                while True:
-                    replica, timeout = await attempts.next()
-                    rpc = replica.multicallable(SERVER_STREAM, method)(
-                        request, timeout=timeout, metadata=call.metadata
-                    )
-                    try:
-                        await _relay_initial(context, rpc, source, call.reply_metadata)
-                        async for message in rpc:
-                            if not source.replied:
-                                await _first_reply(context, source, call.reply_metadata)
-                            yield message
-                    except grpc.aio.AioRpcError as err:
-                        await attempts.failed(err)
-                        continue
-                    except BaseException:
-                        attempts.abandoned(rpc)
-                        await source.stop()
-                        raise
-                    attempts.succeeded()
-                    await _relay_metadata(
-                        context, rpc, call.reply_metadata, initial_sent=source.replied
-                    )
-                    if calls is not None:
-                        calls.ok(arrived)
-                    return
-            except BaseException as exc:
-                if calls is not None:
-                    calls.ended(context, exc, arrived)
-                raise
-
-        return forward
-
-    def _bidi(self, method: str) -> Callable[[AsyncIterator[bytes], Context], AsyncIterator[bytes]]:
-        calls = self._method_calls(method)
-
-        async def forward(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
-            arrived = time.perf_counter()
-            if calls is not None:
-                calls.in_flight += 1
-            try:
-                call = await self._admit(method, context, OTHER)
-                source = _Replayable(requests, self._stream_idle)
-                attempts = _Attempts(self, call, method, context, source, timed=False)
+                call = await self._admit(method, context, budget)
+                source = _Replayable(requests, idle_seconds)
+                attempts = _Attempts(self, call, method, context, source, timed=timed)
                 while True:
                     replica, timeout = await attempts.next()
                     rpc = replica.multicallable(BIDI, method)(
@@ -520,7 +474,24 @@ class Proxy:
                     calls.ended(context, exc, arrived)
                 raise
 
-        return forward
+        return relay
+
+
+async def _upload(
+    relay: Callable[[AsyncIterator[bytes], Context], AsyncIterator[bytes]],
+    requests: AsyncIterator[bytes],
+    context: Context,
+) -> bytes:
+    """A client stream: the relay run to its end (its status and trailers set), its one
+    message the answer."""
+    response: bytes | None = None
+    async for message in relay(requests, context):
+        response = message
+    if response is None:
+        await abort_with(
+            context, Relayed(grpc.StatusCode.INTERNAL, "the replica answered without a message")
+        )
+    return response  # type: ignore[return-value]
 
 
 async def _once(request: bytes) -> AsyncIterator[bytes]:
@@ -708,12 +679,10 @@ async def _relay_error(
     initial_sent: bool = False,
 ) -> None:
     """The backend's status, details and trailing metadata, unchanged; our headers first."""
-    if not initial_sent:
-        initial = _pairs(err.initial_metadata()) + reply
-        if initial:
-            await context.send_initial_metadata(initial)
-    await context.abort(
-        err.code(), err.details() or "", trailing_metadata=_pairs(err.trailing_metadata())
+    await abort_with(
+        context,
+        Relayed(err.code(), err.details() or "", _pairs(err.trailing_metadata())),
+        initial_metadata=() if initial_sent else _pairs(err.initial_metadata()) + reply,
     )
 
 

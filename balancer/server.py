@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hashmesh.balancer import collector
 from hashmesh.balancer.admin import AdminServicer, admin_handlers, snapshot
 from hashmesh.balancer.backends import BackendSet
-from hashmesh.balancer.config import BalancerSettings
+from hashmesh.balancer.config import BalancerSettings, upstream_credentials
 from hashmesh.balancer.connections import admin_options, public_options, raise_fd_limit
 from hashmesh.balancer.interceptors import AdminAuth, AdminPolicy, build_chain
 from hashmesh.balancer.keys import ApiKeys
@@ -123,6 +123,7 @@ class Balancer:
             interceptors=admin_interceptors,
             tls=settings.tls,
             extra_options=admin_options(),
+            tunnel_socket=False,
         )
         self.admin.add(admin_pb2_grpc.add_AdminServiceServicer_to_server, ADMIN_SERVICE, admin)
         self._side: list[asyncio.Task[None]] = []
@@ -174,7 +175,9 @@ class Balancer:
             if saved is not None:
                 restore(saved, self.backends, self.limiter)
                 log.info("admin state restored", extra={"path": str(self.state_file.path)})
-        await self.backends.start()
+        # The certificate files are read here, once, at start (never in a constructor).
+        upstream = self.settings.upstream_tls
+        await self.backends.start(upstream_credentials(upstream) if upstream is not None else None)
         tls = self.settings.tls
         try:
             if tls is not None:

@@ -5,7 +5,8 @@ feature on (rate limiting with a limit never reached, least connections, stats),
 its Prometheus endpoint on (``balancer-metrics``: per-call counts by method and code and the
 latency histogram; compare its CPU per call with ``balancer`` for the cost of metrics), the same
 without per-peer budgets (``balancer-nobudgets``, ``HASHMESH_BALANCER_BUDGETS=off``: the
-cost of ``balancer.budgets``), a bare
+cost of ``balancer.budgets``), the tunnel's calls on its gRPC stream instead of the replica's
+socket (``balancer-stream``) or one upstream call per call (``balancer-percall``), a bare
 grpc.aio forwarder (``bench/bare_forwarder.py``, the Python floor) and Envoy. For each:
 calls/s, p50/p99 latency, and CPU time per call of the front process (from /proc), at 32 and at
 4 calls in flight; sha256 of 32 bytes.
@@ -247,7 +248,7 @@ def main() -> None:
     parser.add_argument(
         "--fronts",
         default="direct,bare,bare-uvloop,balancer,balancer-metrics,balancer-asyncio,"
-        "balancer-percall,envoy",
+        "balancer-stream,balancer-percall,envoy",
         help="balancer = every feature on, uvloop when installed, tunnel on (the defaults)",
     )
     parser.add_argument("--in-flight", default="32,4")
@@ -301,9 +302,11 @@ def main() -> None:
             ("balancer-asyncio", "asyncio", []),
             ("balancer-nobudgets", "auto", []),
             ("balancer-percall", "auto", []),
+            ("balancer-stream", "auto", []),
         ):
             if name in wanted:
-                # balancer-percall: the tunnel off, one upstream gRPC call per call (the old path).
+                # balancer-percall: the tunnel off, one upstream gRPC call per call (the old path);
+                # balancer-stream: the tunnel's calls on its gRPC stream, not the replica's socket.
                 tunnel = "0" if name == "balancer-percall" else "1"
                 popen, address = start(
                     [
@@ -329,6 +332,9 @@ def main() -> None:
                         if name == "balancer-nobudgets"
                         else "on",
                         "HASHMESH_BALANCER_TUNNEL": tunnel,
+                        "HASHMESH_BALANCER_TUNNEL_SOCKET": "0"
+                        if name == "balancer-stream"
+                        else "1",
                     },
                 )
                 procs.append(popen)

@@ -1,6 +1,8 @@
 """The inbound floor of a Python gRPC server: a server that answers every unary call itself
 (echo, raw bytes, no upstream), grpc.aio on uvloop against grpcio's synchronous server with a
-thread pool. CPU per call of the server process (from /proc), one client at 32 in flight.
+thread pool, and grpc.aio sending initial metadata of its own first (``aio-headers``: what one
+more batch per call costs, as the balancer's rate-limit fields do). CPU per call of the server
+process (from /proc), one client at 32 in flight.
 
     python bench/inbound_floor.py [--calls 15000] [--rounds 3]
 
@@ -22,7 +24,8 @@ from pathlib import Path
 import grpc
 
 TICKS = os.sysconf("SC_CLK_TCK")
-SERVERS = ("aio", "sync-4", "sync-32")
+SERVERS = ("aio", "aio-headers", "sync-4", "sync-32")
+HEADERS = (("ratelimit-policy", '"default";q=1000000;w=1'), ("ratelimit", '"default";r=999999;t=1'))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -39,10 +42,14 @@ def _echo_handler(behaviour: object) -> grpc.GenericRpcHandler:
 
 
 def serve(kind: str) -> None:
-    if kind == "aio":
+    if kind.startswith("aio"):
         import uvloop
 
+        headers = kind == "aio-headers"
+
         async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if headers:
+                await context.send_initial_metadata(HEADERS)
             return request
 
         async def run() -> None:

@@ -21,6 +21,7 @@ from hashmesh.core.handlers import Context, Handler, Streaming, Unary, rewrap
 from hashmesh.core.reflection import HEALTH, add_reflection
 from hashmesh.core.tls import ServerTls
 from hashmesh.core.tunnel import TunnelServer
+from hashmesh.core.tunnel_socket import SocketListener
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 async def abort_with(
     context: Context,
-    error: HashmeshError,
+    error: HashmeshError | grpc.Status,
     *,
-    initial_metadata: Sequence[tuple[str, str]] = (),
+    initial_metadata: Sequence[tuple[str, str | bytes]] = (),
 ) -> None:
     """End the call with ``error``'s status (``hashmesh.core.errors.to_grpc_status``): the one
-    place hashd and the balancer turn a domain error into what the caller receives.
-    ``initial_metadata`` goes out first (the balancer's rate-limit fields)."""
-    status = to_grpc_status(error)
+    place hashd and the balancer turn a domain error into what the caller receives. A
+    ``grpc.Status`` is sent as it is (the balancer passing a replica's answer on).
+    ``initial_metadata`` goes out first (the replica's headers, the balancer's rate-limit
+    fields)."""
+    status = to_grpc_status(error) if isinstance(error, HashmeshError) else error
     if initial_metadata:
         await context.send_initial_metadata(tuple(initial_metadata))
     await context.abort(
@@ -231,8 +234,10 @@ class GrpcServer:
         tls: ServerTls | None = None,
         credentials: grpc.ServerCredentials | None = None,
         extra_options: Sequence[tuple[str, Any]] = (),
+        tunnel_socket: bool = True,
     ) -> None:
         self.listen = listen
+        self._tunnel_socket = tunnel_socket
         chain = [*interceptors, ErrorInterceptor()]
         self.server = grpc.aio.server(
             interceptors=chain,
@@ -240,6 +245,7 @@ class GrpcServer:
         )
         # The balancer's unary calls arrive batched on one stream (hashmesh.core.tunnel).
         self.tunnel = TunnelServer(chain, max_message_bytes)
+        self._max_message_bytes = max_message_bytes
         self.server.add_generic_rpc_handlers([self.tunnel])
         self.health = Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -276,6 +282,9 @@ class GrpcServer:
         if not self.port:
             raise OSError(f"cannot listen on {self.listen} (address in use or not local)")
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        if credentials is None and self._tunnel_socket:  # plaintext: a socket for tunnel calls
+            self.tunnel.socket = SocketListener(self.tunnel, self._max_message_bytes)
+            await self.tunnel.socket.start(self.listen.rsplit(":", 1)[0].strip("[]"))
         await self.server.start()
 
     async def set_serving(self, serving: bool) -> None:
@@ -291,3 +300,5 @@ class GrpcServer:
         """NOT_SERVING first, then refuse new calls and give in-flight ones ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.tunnel.socket is not None:
+            await self.tunnel.socket.close()

@@ -4,10 +4,11 @@ A unary call through gRPC costs an HTTP/2 stream, headers and a write (a syscall
 on each side. The balancer instead opens one bidirectional stream per replica
 (``TUNNEL_METHOD``) and sends every unary call on it as a *frame*: many frames share one
 message, so one write carries every call that became ready in the same turn of the event loop.
-This module holds the wire format (both ends) and the replica's end, ``TunnelServer``, which
-runs each frame through the same interceptors and method handlers a direct call reaches, with
-a context that gives the handler what grpc.aio's would: metadata, the deadline, abort with
-status, details and trailing metadata, initial metadata, the caller's peer. A call's deadline
+This module holds the wire format (both ends) and the replica's end, ``TunnelServer`` (the
+socket that may carry the frames instead is ``hashmesh.core.tunnel_socket``), which runs each
+frame through the same interceptors and method handlers a direct call reaches, with a context
+that gives the handler what grpc.aio's would: metadata, the deadline, abort with status,
+details and trailing metadata, initial metadata, the caller's peer. A call's deadline
 travels in its frame and is enforced here; a ``CANCEL`` frame cancels the handler.
 
 Wire format, little-endian. A message is a sequence of frames.
@@ -26,15 +27,21 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from hashmesh.core.handlers import Context, Handler
 
+if TYPE_CHECKING:
+    from hashmesh.core.tunnel_socket import SocketListener
+
 log = logging.getLogger(__name__)
 
 TUNNEL_METHOD = "/hashmesh.internal.v1.Tunnel/Unary"
+ADVERTISE = "hashmesh-tunnel-socket"
+"""Initial metadata of the tunnel stream: ``<port> <token in hex>`` of the replica's socket
+(``hashmesh.core.tunnel_socket``)."""
 INTERNAL_PREFIX = "/hashmesh.internal."
 CALL, CANCEL = 0, 1
 MAX_CALLS_PER_TUNNEL = 4096
@@ -232,7 +239,7 @@ class _Details(grpc.HandlerCallDetails):
 
 class TunnelContext:
     """What a unary handler sees of its call when it came through the tunnel: the subset of
-    ``grpc.aio.ServicerContext`` a unary handler uses, with the stream's peer and auth."""
+    ``Context`` a unary handler uses, with the stream's peer and auth."""
 
     def __init__(self, stream: Context, metadata: Metadata, timeout: float | None) -> None:
         self._stream = stream
@@ -350,6 +357,8 @@ class TunnelServer(grpc.GenericRpcHandler):
         self.max_reply_bytes = max_message_bytes
         self._handlers: dict[str, Handler] = {}
         self._stream_handler: Handler = grpc.stream_stream_rpc_method_handler(self._serve)
+        self.socket: SocketListener | None = None
+        """Set (and started) by the server when its listener is plaintext."""
 
     def record(self, register: Callable[[Any, Any], None], servicer: Any) -> None:
         register(servicer, _Recorder(self._handlers))
@@ -373,11 +382,17 @@ class TunnelServer(grpc.GenericRpcHandler):
         return await continue_at(0, _Details(method, metadata))
 
     async def _serve(self, requests: Any, context: Context) -> None:
-        session = _Session(self, context)
+        session = Session(self, context)
+        # A socket for the calls, bound to this stream (``hashmesh.core.tunnel_socket``).
+        grant = self.socket.grant(session) if self.socket is not None else None
+        if grant is not None:
+            await context.send_initial_metadata(((ADVERTISE, grant.value),))
         reader = asyncio.get_running_loop().create_task(session.read(requests))
         try:
             await session.write_until_done(reader)
         finally:
+            if grant is not None:
+                grant.revoke()
             reader.cancel()
             session.cancel_all()
             await asyncio.gather(reader, return_exceptions=True)
@@ -419,60 +434,58 @@ class TunnelServer(grpc.GenericRpcHandler):
             )
 
 
-class _Session:
-    """One tunnel stream on the replica: its calls in flight and the replies to write."""
+class Calls:
+    """The calls in flight on one tunnel (either carrier): frames in, replies out through
+    ``send`` (which queues one encoded reply)."""
 
-    def __init__(self, server: TunnelServer, context: Context) -> None:
+    def __init__(
+        self,
+        server: TunnelServer,
+        context: Context,
+        send: Callable[[bytes], None],
+        on_idle: Callable[[], None],
+    ) -> None:
         self._server = server
         self._context = context
-        self._calls: dict[int, asyncio.Task[None]] = {}
-        self._outbox: list[bytes] = []
-        self._wake = asyncio.Event()
-        self.error: str | None = None
+        self._send = send
+        self._on_idle = on_idle
+        self._running: dict[int, asyncio.Task[None]] = {}
 
-    async def read(self, requests: Any) -> None:
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def take(self, message: bytes) -> None:
+        """Start (or cancel) the calls of one message; ``MalformedFrame`` for bad bytes."""
         loop = asyncio.get_running_loop()
-        try:
-            async for message in requests:
-                for frame in decode_calls(message):
-                    if frame.kind == CANCEL:
-                        task = self._calls.get(frame.call_id)
-                        if task is not None:
-                            task.cancel()
-                    elif frame.call_id in self._calls:  # one task per id: the cap below holds
-                        self._send(
-                            Reply(
-                                frame.call_id,
-                                grpc.StatusCode.ALREADY_EXISTS,
-                                "a call with this id is still running on this tunnel",
-                                (),
-                                (),
-                                b"",
-                            )
-                        )
-                    elif len(self._calls) >= MAX_CALLS_PER_TUNNEL:
-                        self._send(
-                            Reply(
-                                frame.call_id,
-                                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"more than {MAX_CALLS_PER_TUNNEL} calls in flight on one tunnel",
-                                (),
-                                (),
-                                b"",
-                            )
-                        )
-                    else:
-                        self._calls[frame.call_id] = loop.create_task(self._call(frame))
-        except MalformedFrame as exc:
-            self.error = str(exc)
-        finally:
-            self._wake.set()
+        running = self._running
+        for frame in decode_calls(message):
+            if frame.kind == CANCEL:
+                task = running.get(frame.call_id)
+                if task is not None:
+                    task.cancel()
+            elif frame.call_id in running:  # one task per id: the cap below holds
+                self._refuse(
+                    frame.call_id,
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    "a call with this id is still running on this tunnel",
+                )
+            elif len(running) >= MAX_CALLS_PER_TUNNEL:
+                self._refuse(
+                    frame.call_id,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"more than {MAX_CALLS_PER_TUNNEL} calls in flight on one tunnel",
+                )
+            else:
+                running[frame.call_id] = loop.create_task(self._call(frame))
+
+    def _refuse(self, call_id: int, code: grpc.StatusCode, details: str) -> None:
+        self._send(encode_reply(Reply(call_id, code, details, (), (), b"")))
 
     async def _call(self, frame: CallFrame) -> None:
         try:
             reply = await self._server.run(frame, self._context)
             encoded = encode_reply(reply)
-            if len(encoded) > self._server.max_reply_bytes:  # would break the whole stream
+            if len(encoded) > self._server.max_reply_bytes:  # would break the whole tunnel
                 encoded = encode_reply(
                     Reply(
                         frame.call_id,
@@ -483,18 +496,52 @@ class _Session:
                         b"",
                     )
                 )
-            self._outbox.append(encoded)
-            self._wake.set()
+            self._send(encoded)
         except asyncio.CancelledError:
             pass  # the balancer gave up on it: no one waits for a reply
         finally:
-            self._calls.pop(frame.call_id, None)
-            if not self._calls:
-                self._wake.set()
+            self._running.pop(frame.call_id, None)
+            if not self._running:
+                self._on_idle()
 
-    def _send(self, reply: Reply) -> None:
-        self._outbox.append(encode_reply(reply))
+    def cancel_all(self) -> None:
+        for task in self._running.values():
+            task.cancel()
+
+
+class Session:
+    """One tunnel stream on the replica: its calls in flight and the replies to write."""
+
+    def __init__(self, server: TunnelServer, context: Context) -> None:
+        self._context = context
+        self._outbox: list[bytes] = []
+        self._wake = asyncio.Event()
+        self.calls = Calls(server, context, self._send, self._wake.set)
+        self._socket_send: Callable[[bytes], None] | None = None
+        self.error: str | None = None
+
+    async def read(self, requests: Any) -> None:
+        try:
+            async for message in requests:
+                self.calls.take(message)
+        except MalformedFrame as exc:
+            self.error = str(exc)
+        finally:
+            self._wake.set()
+
+    def _send(self, encoded: bytes) -> None:
+        if self._socket_send is not None:
+            self._socket_send(encoded)
+            return
+        self._outbox.append(encoded)
         self._wake.set()
+
+    def attach(self, send: Callable[[bytes], None]) -> None:
+        """Replies go out through the session's socket from now on."""
+        self._socket_send = send
+
+    def detach(self) -> None:
+        self._socket_send = None
 
     async def write_until_done(self, reader: asyncio.Task[None]) -> None:
         """Write replies in batches until the balancer stopped sending and every call ended."""
@@ -502,16 +549,17 @@ class _Session:
             await self._wake.wait()
             self._wake.clear()
             while self._outbox:
-                await self._context.write(_take_batch(self._outbox))
-            if self.error is not None or (reader.done() and not self._calls and not self._outbox):
+                await self._context.write(take_batch(self._outbox))
+            if self.error is not None or (
+                reader.done() and not len(self.calls) and not self._outbox
+            ):
                 return
 
     def cancel_all(self) -> None:
-        for task in self._calls.values():
-            task.cancel()
+        self.calls.cancel_all()
 
 
-def _take_batch(outbox: list[bytes]) -> bytes:
+def take_batch(outbox: list[bytes]) -> bytes:
     """Frames from the head of ``outbox`` up to ``BATCH_BYTES`` (at least one), removed."""
     size = 0
     count = 0
