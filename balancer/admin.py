@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from google.protobuf import duration_pb2
 
 from hashmesh.balancer.backends import BackendSet, Replica
+from hashmesh.balancer.budgets import Budgets, BudgetSnapshot
 from hashmesh.balancer.config import MAX_RATE, MIN_RATE, RateLimitSettings, is_hash_key
 from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.stats import BalancerStats, ReplicaSnapshot, Snapshot
@@ -38,13 +39,15 @@ Reply = TypeVar("Reply")
 MAX_CLIENT_ID_LENGTH = 200
 """As hashd's TaskService: a longer id cannot be a client of the mesh."""
 MAX_TOP_PEERS = 1000
-"""GetStats lists at most this many refused peers (larger asks are capped, AIP-158 style)."""
+"""GetStats lists at most this many refused peers, and as many holding peers (larger asks
+are capped, AIP-158 style)."""
 
 
 def snapshot(
     stats: BalancerStats,
     backends: BackendSet,
     limiter: RateLimiter,
+    budgets: Budgets,
     top: int = 10,
     *,
     percentiles: bool = True,
@@ -62,6 +65,7 @@ def snapshot(
         replicas=replicas,
         top_refused=limiter.top_refused(top) if top > 0 else [],
         unauthenticated=stats.unauthenticated,
+        budgets=budgets.snapshot(top),
     )
 
 
@@ -102,6 +106,35 @@ def backend_proto(snap: ReplicaSnapshot) -> admin_pb2.Backend:
     )
 
 
+def _budget_use(in_use: int, total_limit: int, peer_limit: int) -> admin_pb2.BudgetUse:
+    return admin_pb2.BudgetUse(in_use=in_use, total_limit=total_limit, peer_limit=peer_limit)
+
+
+def budgets_proto(snap: BudgetSnapshot) -> admin_pb2.BudgetsInUse:
+    limits = snap.limits
+    kinds = zip(snap.in_use, limits.total_caps, limits.peer_caps, strict=True)
+    unary, upload, watch, other = (_budget_use(*kind) for kind in kinds)
+    return admin_pb2.BudgetsInUse(
+        unary_calls=unary,
+        upload_streams=upload,
+        watch_streams=watch,
+        other_streams=other,
+        request_bytes=_budget_use(snap.bytes, limits.total_bytes, limits.peer_bytes),
+    )
+
+
+def holding_proto(peer: str, counts: tuple[int, ...], size: int) -> admin_pb2.PeerHoldings:
+    unary, upload, watch, other = counts
+    return admin_pb2.PeerHoldings(
+        peer=peer,
+        unary_calls=unary,
+        upload_streams=upload,
+        watch_streams=watch,
+        other_streams=other,
+        request_bytes=size,
+    )
+
+
 def _edge(
     method: Callable[[Any, Any, Context], Awaitable[Reply]],
 ) -> Callable[[Any, Any, Context], Awaitable[Reply]]:
@@ -139,11 +172,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         stats: BalancerStats,
         backends: BackendSet,
         limiter: RateLimiter,
+        budgets: Budgets,
         changed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._stats = stats
         self._backends = backends
         self._limiter = limiter
+        self._budgets = budgets
         self._changed = changed
 
     async def _saved(self) -> None:
@@ -158,7 +193,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if request.top_peers < 0:
             raise InvalidArgument("top_peers", f"must not be negative, got {request.top_peers}")
         top = min(request.top_peers or 10, MAX_TOP_PEERS)
-        snap = snapshot(self._stats, self._backends, self._limiter, top)
+        snap = snapshot(self._stats, self._backends, self._limiter, self._budgets, top)
+        held = snap.budgets
+        assert held is not None  # always read here
         return admin_pb2.GetStatsResponse(
             backends=[backend_proto(r) for r in snap.replicas],
             top_refused_peers=[
@@ -170,6 +207,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             no_backend=snap.no_backend,
             strategy=STRATEGY_TO_PROTO[snap.strategy],
             uptime=_duration(snap.uptime),
+            budgets=budgets_proto(held) if held.enabled else None,
+            top_holding_peers=[holding_proto(h.peer, h.counts, h.bytes) for h in held.top],
+            over_budget=held.refused,
         )
 
     @_edge

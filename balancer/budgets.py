@@ -11,10 +11,12 @@ over the peer's own budget only that peer is refused; the totals bound what all 
 The peer is the caller's identity as ``Identify`` decided it (``CallInfo.client``: the API
 key's client, the client a trusted proxy vouches for, else the caller's address), never what
 the request says about itself. Peers holding nothing are forgotten, so the table is bounded by
-the totals. Pure accounting, no grpc; the proxy calls ``hold`` once per call."""
+the totals. Pure accounting, no grpc; the proxy calls ``hold`` once per call, AdminService
+and the metrics exporter read ``snapshot``."""
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,9 @@ from hashmesh.core.errors import InvalidArgument, ResourceExhausted
 from hashmesh.core.settings import SettingsError, env_bool, env_float, env_int
 
 UNARY, UPLOAD, WATCH, OTHER = 0, 1, 2, 3
+KIND_KEYS = ("unary_calls", "upload_streams", "watch_streams", "other_streams")
+"""Each kind's name in AdminService's fields and the metrics' ``kind`` label."""
+BYTES_KEY = "request_bytes"
 KIND_NAMES = (
     "unary calls",
     "upload streams (HashStream)",
@@ -129,6 +134,30 @@ class BudgetSettings:
         )
 
 
+@dataclass(frozen=True)
+class PeerHolding:
+    """What one peer holds now: calls or streams per kind, and unary request bytes."""
+
+    peer: str
+    counts: tuple[int, ...]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class BudgetSnapshot:
+    """What all peers hold now, the limits it is held against, and the heaviest holders."""
+
+    enabled: bool
+    in_use: tuple[int, ...]
+    """Per kind (``UNARY`` … ``OTHER``), from every peer."""
+    bytes: int
+    limits: BudgetSettings
+    refused: int
+    """Calls refused as over a budget since the balancer started."""
+    top: Sequence[PeerHolding]
+    """Peers holding the most calls and streams (all kinds together), most first."""
+
+
 class OverBudget(ResourceExhausted):
     """A refusal by a budget; ``reason`` says whose: the peer's or the balancer's."""
 
@@ -165,6 +194,24 @@ class Budgets:
     def held_by(self, peer: str) -> tuple[int, ...]:
         use = self._peers.get(peer)
         return tuple(use.counts) if use is not None else (0, 0, 0, 0)
+
+    def snapshot(self, top: int) -> BudgetSnapshot:
+        """The totals and the ``top`` heaviest peers (none for ``top=0``, which only copies
+        integers: the metrics exporter reads it from the scrape thread). O(peers held), and
+        the peers held are bounded by the totals."""
+        heaviest = (
+            heapq.nlargest(top, self._peers.items(), key=lambda kv: (kv[1].held, kv[1].bytes))
+            if top > 0
+            else []
+        )
+        return BudgetSnapshot(
+            enabled=self._enabled,
+            in_use=tuple(self.totals),
+            bytes=self.bytes,
+            limits=self.settings,
+            refused=self.refused,
+            top=[PeerHolding(peer, tuple(use.counts), use.bytes) for peer, use in heaviest],
+        )
 
     def take(self, peer: str, kind: int, size: int = 0) -> None:
         """Count one call of ``kind`` (with ``size`` request bytes) for ``peer``, or raise

@@ -1,11 +1,13 @@
 """The balancer's counters as Prometheus families, read at scrape time: per replica (up,
 in flight, picks, errors, ejections, state) and for the whole balancer (calls, retries, no
-backend, rate limited, auth failures). Nothing is recorded per call for them."""
+backend, rate limited, auth failures, over budget; what all peers hold of each budget and its
+limit, by kind only: a label per peer would grow without bound). Nothing is recorded per call
+for them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import REGISTRY
@@ -42,6 +44,11 @@ class BalancerReading:
     no_backend: int
     rate_limited: int
     unauthenticated: int
+    over_budget: int = 0
+    budget_in_use: Mapping[str, int] = field(default_factory=dict)
+    """Held now by all peers, by budget kind (empty while budgets are off)."""
+    budget_limits: Mapping[str, int] = field(default_factory=dict)
+    """The balancer's total limit of each kind in ``budget_in_use``."""
 
 
 class BalancerCollector(Collector):
@@ -126,6 +133,23 @@ class BalancerCollector(Collector):
         )
         known.add_metric([], float(len(backends)))
         yield known
+        budgets = (
+            (
+                "hashmesh_balancer_budget_in_use",
+                "Calls, streams or request bytes all peers hold now, by budget kind.",
+                reading.budget_in_use if reading is not None else {},
+            ),
+            (
+                "hashmesh_balancer_budget_limit",
+                "The most all peers together may hold, by budget kind (HASHMESH_BALANCER_TOTAL_*).",
+                reading.budget_limits if reading is not None else {},
+            ),
+        )
+        for name, doc, by_kind in budgets:
+            gauge = GaugeMetricFamily(name, doc, labels=["kind"])
+            for kind, amount in by_kind.items():
+                gauge.add_metric([kind], float(amount))
+            yield gauge
         totals = (
             ("hashmesh_balancer_calls", "Calls the balancer admitted.", "calls"),
             (
@@ -150,11 +174,17 @@ class BalancerCollector(Collector):
                 "Calls refused with UNAUTHENTICATED (API key missing or wrong).",
                 "unauthenticated",
             ),
+            (
+                "hashmesh_balancer_over_budget",
+                "Calls refused with RESOURCE_EXHAUSTED because a peer or the balancer was "
+                "over a budget of calls, streams or bytes.",
+                "over_budget",
+            ),
         )
-        for name, doc, field in totals:
+        for name, doc, attribute in totals:
             counter = CounterMetricFamily(name, doc)
             if reading is not None:
-                counter.add_metric([], float(getattr(reading, field)))
+                counter.add_metric([], float(getattr(reading, attribute)))
             yield counter
 
 

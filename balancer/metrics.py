@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from hashmesh.balancer.budgets import BYTES_KEY, KIND_KEYS, BudgetSnapshot
 from hashmesh.balancer.collector import BackendReading, BalancerReading
 from hashmesh.balancer.stats import Snapshot
 from hashmesh.core import metrics
@@ -28,7 +29,19 @@ if TYPE_CHECKING:
     from hashmesh.balancer.ratelimit import RateLimiter
 
 
+def _by_kind(held: BudgetSnapshot | None) -> tuple[dict[str, int], dict[str, int]]:
+    """Budgets in use and their total limits, by kind; nothing while budgets are off."""
+    if held is None or not held.enabled:
+        return {}, {}
+    limits = held.limits
+    in_use = dict(zip(KIND_KEYS, held.in_use, strict=True))
+    caps = dict(zip(KIND_KEYS, limits.total_caps, strict=True))
+    in_use[BYTES_KEY], caps[BYTES_KEY] = held.bytes, limits.total_bytes
+    return in_use, caps
+
+
 def reading(snap: Snapshot) -> BalancerReading:
+    in_use, limits = _by_kind(snap.budgets)
     return BalancerReading(
         backends=[
             BackendReading(
@@ -47,6 +60,9 @@ def reading(snap: Snapshot) -> BalancerReading:
         no_backend=snap.no_backend,
         rate_limited=snap.rate_limited,
         unauthenticated=snap.unauthenticated,
+        over_budget=snap.budgets.refused if snap.budgets is not None else 0,
+        budget_in_use=in_use,
+        budget_limits=limits,
     )
 
 

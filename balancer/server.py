@@ -92,6 +92,7 @@ class Balancer:
             self.stats,
             self.backends,
             self.limiter,
+            self.proxy.budgets,
             self._save_state if self.state_file is not None else None,
         )
 
@@ -131,7 +132,14 @@ class Balancer:
 
     def snapshot(self, top_peers: int = 10, *, percentiles: bool = True) -> Snapshot:
         """Every counter at once, for a metrics exporter."""
-        return snapshot(self.stats, self.backends, self.limiter, top_peers, percentiles=percentiles)
+        return snapshot(
+            self.stats,
+            self.backends,
+            self.limiter,
+            self.proxy.budgets,
+            top_peers,
+            percentiles=percentiles,
+        )
 
     def metrics_reading(self) -> collector.BalancerReading:
         """What /metrics exports; runs on the scrape thread, so no sorting (no percentiles,

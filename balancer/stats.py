@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hashmesh.balancer.budgets import BudgetSnapshot
+
 
 class LatencyWindow:
     """The last ``size`` latencies, in seconds, in a ring."""
@@ -90,6 +92,8 @@ class Snapshot:
     replicas: Sequence[ReplicaSnapshot]
     top_refused: Sequence[tuple[str, int]]
     unauthenticated: int = 0
+    budgets: BudgetSnapshot | None = None
+    """What peers hold of the budgets (``None``: not read)."""
 
 
 class BalancerStats:

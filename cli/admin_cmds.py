@@ -50,6 +50,25 @@ def backend_dict(backend: admin_pb2.Backend) -> dict[str, Any]:
     }
 
 
+BUDGET_KINDS = ("unary_calls", "upload_streams", "watch_streams", "other_streams", "request_bytes")
+"""The budgets GetStats reports, as its ``BudgetsInUse`` and ``PeerHoldings`` name them."""
+
+
+def budgets_dict(reply: admin_pb2.GetStatsResponse) -> dict[str, Any] | None:
+    """Each budget held now with its limits; ``None`` while the balancer's budgets are off."""
+    if not reply.HasField("budgets"):
+        return None
+    uses = {kind: getattr(reply.budgets, kind) for kind in BUDGET_KINDS}
+    return {
+        kind: {"in_use": u.in_use, "total_limit": u.total_limit, "peer_limit": u.peer_limit}
+        for kind, u in uses.items()
+    }
+
+
+def holding_dict(holding: admin_pb2.PeerHoldings) -> dict[str, Any]:
+    return {"peer": holding.peer} | {kind: getattr(holding, kind) for kind in BUDGET_KINDS}
+
+
 def _backend_table(backends: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     columns = ["ADDRESS", "STATE", "IN FLIGHT", "CALLS", "ERRORS", "P50 MS", "P99 MS", "EJECTIONS"]
     rows = [
@@ -71,10 +90,13 @@ def _backend_table(backends: list[dict[str, Any]]) -> tuple[list[str], list[list
 @lb_app.command("stats")
 def lb_stats(
     ctx: typer.Context,
-    top: Annotated[int, typer.Option(help="How many most-refused peers to list.", min=0)] = 10,
+    top: Annotated[
+        int, typer.Option(help="How many most-refused and most-holding peers to list.", min=0)
+    ] = 10,
     json_out: JsonFlag = False,
 ) -> None:
-    """Balancer counters: calls, refusals, retries, per-replica figures.
+    """Balancer counters: calls, refusals, retries, per-replica figures, budgets in use and
+    the peers holding the most.
 
     Example:
 
@@ -99,18 +121,32 @@ def lb_stats(
         "top_refused_peers": [
             {"peer": p.peer, "refusals": p.refusals} for p in reply.top_refused_peers
         ],
+        "over_budget": reply.over_budget,
+        "budgets": budgets_dict(reply),
+        "top_holding_peers": [holding_dict(h) for h in reply.top_holding_peers],
     }
+    lists = ("backends", "top_refused_peers", "budgets", "top_holding_peers")
     if out.json_mode:
         out.json(data)
         return
     out.fields(
-        {k: v for k, v in data.items() if k not in ("backends", "top_refused_peers")},
+        {k: v for k, v in data.items() if k not in lists},
         title="balancer",
     )
     out.table(*_backend_table(data["backends"]))
     if data["top_refused_peers"]:
         out.table(
             ["PEER", "REFUSALS"], [[p["peer"], p["refusals"]] for p in data["top_refused_peers"]]
+        )
+    if data["budgets"] is not None:
+        out.table(
+            ["BUDGET", "IN USE", "TOTAL LIMIT", "PEER LIMIT"],
+            [[kind, *use.values()] for kind, use in data["budgets"].items()],
+        )
+    if data["top_holding_peers"]:
+        out.table(
+            ["PEER", "UNARY", "UPLOAD", "WATCH", "OTHER", "BYTES"],
+            [list(h.values()) for h in data["top_holding_peers"]],
         )
 
 

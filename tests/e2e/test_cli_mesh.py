@@ -126,6 +126,14 @@ def test_lb_commands(cli_mesh: Mesh) -> None:
     assert hashctl(*on(cli_mesh), "hash", "md5", "counted").exit_code == 0  # whatever ran before
     stats = hashctl_json(*on(cli_mesh), "lb", "stats")
     assert stats["calls"] >= before + 1 and len(stats["backends"]) == 3
+    assert stats["budgets"]["upload_streams"] == {
+        "in_use": 0,
+        "total_limit": 1024,
+        "peer_limit": 64,
+    }
+    assert stats["top_holding_peers"] == [] and stats["over_budget"] == 0
+    table = hashctl(*on(cli_mesh), "lb", "stats").output
+    assert "request_bytes" in table and "TOTAL LIMIT" in table
     assert (
         hashctl_json(*on(cli_mesh), "lb", "strategy", "least_connections")["strategy"]
         == "least_connections"

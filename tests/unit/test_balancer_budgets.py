@@ -15,6 +15,7 @@ from hashmesh.balancer.budgets import (
     Budgets,
     BudgetSettings,
     OverBudget,
+    PeerHolding,
     check_metadata,
 )
 from hashmesh.balancer.state import StateFile
@@ -94,6 +95,30 @@ def test_disabled_budgets_still_check_metadata() -> None:
     assert budgets.totals == [0, 0, 0, 0] and not done
     with pytest.raises(InvalidArgument):
         budgets.hold("a", UNARY, 0, [("x-note", "é")], done.append)
+
+
+def test_snapshot_shows_the_totals_and_the_heaviest_holders() -> None:
+    budgets = small()
+    budgets.take("ip:127.0.0.2", UPLOAD)
+    budgets.take("ip:127.0.0.2", WATCH)
+    budgets.take("ip:127.0.0.2", UNARY, 40)
+    budgets.take("client-b", UNARY, 60)
+    budgets.take("client-c", UNARY, 10)
+    with pytest.raises(OverBudget):
+        budgets.take("client-b", UNARY, 60)
+    snap = budgets.snapshot(2)
+    assert snap.enabled and snap.in_use == (3, 1, 1, 0) and snap.bytes == 110
+    assert snap.limits.total_calls == 3 and snap.limits.peer_bytes == 100
+    assert snap.refused == 1
+    # Most held first; a tie (one call each) goes to the peer with more bytes in flight.
+    assert snap.top == [
+        PeerHolding("ip:127.0.0.2", (1, 1, 1, 0), 40),
+        PeerHolding("client-b", (1, 0, 0, 0), 60),
+    ]
+    assert len(budgets.snapshot(1000).top) == 3  # bounded by the peers holding something
+    assert budgets.snapshot(0).top == []  # the metrics exporter's reading: no sorting
+    budgets.give_back("ip:127.0.0.2", UPLOAD)
+    assert budgets.snapshot(1).top[0].counts == (1, 0, 1, 0)
 
 
 def test_metadata_checks() -> None:

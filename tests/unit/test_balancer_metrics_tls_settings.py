@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 
+from hashmesh.balancer.budgets import UPLOAD, Budgets, BudgetSettings
 from hashmesh.balancer.config import BalancerSettings
 from hashmesh.balancer.metrics import CallMetrics, reading
 from hashmesh.balancer.stats import ReplicaSnapshot, Snapshot
@@ -94,6 +95,24 @@ def test_reading_maps_replica_states() -> None:
         7,
         2,
     )
+
+
+def test_reading_carries_the_budgets_in_use_by_kind_only() -> None:
+    budgets = Budgets(BudgetSettings())
+    budgets.take("ip:127.0.0.2", UPLOAD)
+    snap = Snapshot(0, 0, 0, 0, 1.0, "round_robin", [], [], budgets=budgets.snapshot(0))
+    read = reading(snap)
+    assert read.budget_in_use == {
+        "unary_calls": 0,
+        "upload_streams": 1,
+        "watch_streams": 0,
+        "other_streams": 0,
+        "request_bytes": 0,
+    }
+    assert read.budget_limits["upload_streams"] == BudgetSettings().total_upload_streams
+    off = Budgets(BudgetSettings(enabled=False)).snapshot(0)
+    read = reading(Snapshot(0, 0, 0, 0, 1.0, "round_robin", [], [], budgets=off))
+    assert read.budget_in_use == {} and read.budget_limits == {}
 
 
 def test_call_metrics_labels_are_bounded_to_the_mesh_methods() -> None:

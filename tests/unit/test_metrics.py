@@ -179,6 +179,9 @@ def test_balancer_reading_becomes_metrics_and_gone_replicas_disappear(
             no_backend=1,
             rate_limited=11,
             unauthenticated=2,
+            over_budget=3,
+            budget_in_use={"watch_streams": 7, "request_bytes": 512},
+            budget_limits={"watch_streams": 4096, "request_bytes": 1 << 29},
         )
 
     collector.watch_balancer(read)
@@ -201,6 +204,15 @@ def test_balancer_reading_becomes_metrics_and_gone_replicas_disappear(
         assert value(samples, "hashmesh_balancer_no_backend_total") == 1
         assert value(samples, "hashmesh_balancer_rate_limited_total") == 11
         assert value(samples, "hashmesh_balancer_auth_failures_total") == 2
+        assert value(samples, "hashmesh_balancer_over_budget_total") == 3
+        assert value(samples, "hashmesh_balancer_budget_in_use", kind="watch_streams") == 7
+        assert value(samples, "hashmesh_balancer_budget_limit", kind="request_bytes") == 1 << 29
+        # One series per kind, none per peer.
+        budget = [key for key in samples if key[0] == "hashmesh_balancer_budget_in_use"]
+        assert [dict(labels) for _, labels in budget] == [
+            {"kind": "watch_streams"},
+            {"kind": "request_bytes"},
+        ]
         replicas.pop()  # scaled away: its series go with it
         samples = scrape(endpoint)
         assert not [key for key in samples if ("backend", "10.0.0.10:50051") in key[1]]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hashmesh/v1/admin.proto\x12\x0bhashmesh.v1\x1a\x1egoogle/protobuf/duration.proto\"3\n\tRateLimit\x12\x17\n\x0frate_per_second\x18\x01 \x01(\x01\x12\r\n\x05\x62urst\x18\x02 \x01(\x05\"K\n\x0f\x43lientRateLimit\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12%\n\x05limit\x18\x02 \x01(\x0b\x32\x16.hashmesh.v1.RateLimit\"\xaa\x02\n\x07\x42\x61\x63kend\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.hashmesh.v1.BackendState\x12\x11\n\tin_flight\x18\x03 \x01(\x05\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x03\x12.\n\x0blatency_p50\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p99\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tejections\x18\x08 \x01(\x03\x12/\n\x0clatency_ewma\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06source\x18\n \x01(\t\".\n\x0cPeerRefusals\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x10\n\x08refusals\x18\x02 \x01(\x03\"$\n\x0fGetStatsRequest\x12\x11\n\ttop_peers\x18\x01 \x01(\x05\"\x8e\x02\n\x10GetStatsResponse\x12&\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x14.hashmesh.v1.Backend\x12\x34\n\x11top_refused_peers\x18\x02 \x03(\x0b\x32\x19.hashmesh.v1.PeerRefusals\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\x03\x12\x14\n\x0crate_limited\x18\x04 \x01(\x03\x12\x0f\n\x07retries\x18\x05 \x01(\x03\x12\x12\n\nno_backend\x18\x06 \x01(\x03\x12\'\n\x08strategy\x18\x07 \x01(\x0e\x32\x15.hashmesh.v1.Strategy\x12)\n\x06uptime\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x15\n\x13ListBackendsRequest\">\n\x14ListBackendsResponse\x12&\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x14.hashmesh.v1.Backend\"\x14\n\x12GetStrategyRequest\"P\n\x13GetStrategyResponse\x12\'\n\x08strategy\x18\x01 \x01(\x0e\x32\x15.hashmesh.v1.Strategy\x12\x10\n\x08hash_key\x18\x02 \x01(\t\"O\n\x12SetStrategyRequest\x12\'\n\x08strategy\x18\x01 \x01(\x0e\x32\x15.hashmesh.v1.Strategy\x12\x10\n\x08hash_key\x18\x02 \x01(\t\"P\n\x13SetStrategyResponse\x12\'\n\x08strategy\x18\x01 \x01(\x0e\x32\x15.hashmesh.v1.Strategy\x12\x10\n\x08hash_key\x18\x02 \x01(\t\"\x16\n\x14GetRateLimitsRequest\"w\n\x15GetRateLimitsResponse\x12-\n\rdefault_limit\x18\x01 \x01(\x0b\x32\x16.hashmesh.v1.RateLimit\x12/\n\toverrides\x18\x02 \x03(\x0b\x32\x1c.hashmesh.v1.ClientRateLimit\"\xa8\x01\n\x14SetRateLimitsRequest\x12-\n\rdefault_limit\x18\x01 \x01(\x0b\x32\x16.hashmesh.v1.RateLimit\x12\x36\n\x10upsert_overrides\x18\x02 \x03(\x0b\x32\x1c.hashmesh.v1.ClientRateLimit\x12\x18\n\x10remove_overrides\x18\x03 \x03(\t\x12\x0f\n\x07\x64isable\x18\x04 \x01(\x08\"w\n\x15SetRateLimitsResponse\x12-\n\rdefault_limit\x18\x01 \x01(\x0b\x32\x16.hashmesh.v1.RateLimit\x12/\n\toverrides\x18\x02 \x03(\x0b\x32\x1c.hashmesh.v1.ClientRateLimit\"7\n\x13\x44rainBackendRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07undrain\x18\x02 \x01(\x08\"=\n\x14\x44rainBackendResponse\x12%\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0b\x32\x14.hashmesh.v1.Backend*\x93\x01\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x18\n\x14STRATEGY_ROUND_ROBIN\x10\x01\x12\x1e\n\x1aSTRATEGY_LEAST_CONNECTIONS\x10\x02\x12\x15\n\x11STRATEGY_P2C_EWMA\x10\x03\x12\x1c\n\x18STRATEGY_CONSISTENT_HASH\x10\x04*\x9a\x01\n\x0c\x42\x61\x63kendState\x12\x1d\n\x19\x42\x41\x43KEND_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42\x41\x43KEND_STATE_READY\x10\x01\x12\x1b\n\x17\x42\x41\x43KEND_STATE_UNHEALTHY\x10\x02\x12\x19\n\x15\x42\x41\x43KEND_STATE_EJECTED\x10\x03\x12\x1a\n\x16\x42\x41\x43KEND_STATE_DRAINING\x10\x04\x32\xd5\x04\n\x0c\x41\x64minService\x12G\n\x08GetStats\x12\x1c.hashmesh.v1.GetStatsRequest\x1a\x1d.hashmesh.v1.GetStatsResponse\x12S\n\x0cListBackends\x12 .hashmesh.v1.ListBackendsRequest\x1a!.hashmesh.v1.ListBackendsResponse\x12P\n\x0bGetStrategy\x12\x1f.hashmesh.v1.GetStrategyRequest\x1a .hashmesh.v1.GetStrategyResponse\x12P\n\x0bSetStrategy\x12\x1f.hashmesh.v1.SetStrategyRequest\x1a .hashmesh.v1.SetStrategyResponse\x12V\n\rGetRateLimits\x12!.hashmesh.v1.GetRateLimitsRequest\x1a\".hashmesh.v1.GetRateLimitsResponse\x12V\n\rSetRateLimits\x12!.hashmesh.v1.SetRateLimitsRequest\x1a\".hashmesh.v1.SetRateLimitsResponse\x12S\n\x0c\x44rainBackend\x12 .hashmesh.v1.DrainBackendRequest\x1a!.hashmesh.v1.DrainBackendResponseBK\n\x0f\x64\x65v.hashmesh.v1B\nAdminProtoP\x01Z*hashmesh.dev/gen/go/hashmesh/v1;hashmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hashmesh/v1/admin.proto\x12\x0bhashmesh.v1\x1a\x1egoogle/protobuf/duration.proto\"3\n\tRateLimit\x12\x17\n\x0frate_per_second\x18\x01 \x01(\x01\x12\r\n\x05\x62urst\x18\x02 \x01(\x05\"K\n\x0f\x43lientRateLimit\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12%\n\x05limit\x18\x02 \x01(\x0b\x32\x16.hashmesh.v1.RateLimit\"\xaa\x02\n\x07\x42\x61\x63kend\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.hashmesh.v1.BackendState\x12\x11\n\tin_flight\x18\x03 \x01(\x05\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x03\x12.\n\x0blatency_p50\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p99\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tejections\x18\x08 \x01(\x03\x12/\n\x0clatency_ewma\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06source\x18\n \x01(\t\".\n\x0cPeerRefusals\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x10\n\x08refusals\x18\x02 \x01(\x03\"D\n\tBudgetUse\x12\x0e\n\x06in_use\x18\x01 \x01(\x03\x12\x13\n\x0btotal_limit\x18\x02 \x01(\x03\x12\x12\n\npeer_limit\x18\x03 \x01(\x03\"\xf8\x01\n\x0c\x42udgetsInUse\x12+\n\x0bunary_calls\x18\x01 \x01(\x0b\x32\x16.hashmesh.v1.BudgetUse\x12.\n\x0eupload_streams\x18\x02 \x01(\x0b\x32\x16.hashmesh.v1.BudgetUse\x12-\n\rwatch_streams\x18\x03 \x01(\x0b\x32\x16.hashmesh.v1.BudgetUse\x12-\n\rother_streams\x18\x04 \x01(\x0b\x32\x16.hashmesh.v1.BudgetUse\x12-\n\rrequest_bytes\x18\x05 \x01(\x0b\x32\x16.hashmesh.v1.BudgetUse\"\x8e\x01\n\x0cPeerHoldings\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x13\n\x0bunary_calls\x18\x02 \x01(\x05\x12\x16\n\x0eupload_streams\x18\x03 \x01(\x05\x12\x15\n\rwatch_streams\x18\x04 \x01(\x05\x12\x15\n\rother_streams\x18\x05 \x01(\x05\x12\x15\n\rrequest_bytes\x18\x06 \x01(\x03\"$\n\x0fGetStatsRequest\x12\x11\n\ttop_peers\x18\x01 \x01(\x05\"\x85\x03\n\x10GetStatsResponse\x12&\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x14.hashmesh.v1.Backend\x12\x34\n\x11top_refused_peers\x18\x02 \x03(\x0b\x32\x19.hashmesh.v1.PeerRefusals\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\x03\x12\x14\n\x0crate_limited\x18\x04 \x01(\x03\x12\x0f\n\x07retries\x18\x05 \x01(\x03\x12\x12\n\nno_backend\x18\x06 \x01(\x03\x12\'\n\x08strategy\x18\x07 \x01(\x0e\x32\x15.hashmesh.v1.Strategy\x12)\n\x06uptime\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07\x62udgets\x18\t \x01(\x0b\x32\x19.hashmesh.v1.BudgetsInUse\x12\x34\n\x11top_holding_peers\x18\n \x03(\x0b\x32\x19.hashmesh.v1.PeerHoldings\x12\x13\n\x0bover_budget\x18\x0b \x01(\x03\"\x15\n\x13ListBackendsRequest\">\n\x14ListBackendsResponse\x12&\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x14.hashmesh.v1.Backend\"\x14\n\x12GetStrategyRequest\"P\n\x13GetStrategyResponse\x12\'\n\x08strategy\x18\x01 \x01(\x0e\x32\x15.hashmesh.v1.Strategy\x12\x10\n\x08hash_key\x18\x02 \x01(\t\"O\n\x12SetStrategyRequest\x12\'\n\x08strategy\x18\x01 \x01(\x0e\x32\x15.hashmesh.v1.Strategy\x12\x10\n\x08hash_key\x18\x02 \x01(\t\"P\n\x13SetStrategyResponse\x12\'\n\x08strategy\x18\x01 \x01(\x0e\x32\x15.hashmesh.v1.Strategy\x12\x10\n\x08hash_key\x18\x02 \x01(\t\"\x16\n\x14GetRateLimitsRequest\"w\n\x15GetRateLimitsResponse\x12-\n\rdefault_limit\x18\x01 \x01(\x0b\x32\x16.hashmesh.v1.RateLimit\x12/\n\toverrides\x18\x02 \x03(\x0b\x32\x1c.hashmesh.v1.ClientRateLimit\"\xa8\x01\n\x14SetRateLimitsRequest\x12-\n\rdefault_limit\x18\x01 \x01(\x0b\x32\x16.hashmesh.v1.RateLimit\x12\x36\n\x10upsert_overrides\x18\x02 \x03(\x0b\x32\x1c.hashmesh.v1.ClientRateLimit\x12\x18\n\x10remove_overrides\x18\x03 \x03(\t\x12\x0f\n\x07\x64isable\x18\x04 \x01(\x08\"w\n\x15SetRateLimitsResponse\x12-\n\rdefault_limit\x18\x01 \x01(\x0b\x32\x16.hashmesh.v1.RateLimit\x12/\n\toverrides\x18\x02 \x03(\x0b\x32\x1c.hashmesh.v1.ClientRateLimit\"7\n\x13\x44rainBackendRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07undrain\x18\x02 \x01(\x08\"=\n\x14\x44rainBackendResponse\x12%\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0b\x32\x14.hashmesh.v1.Backend*\x93\x01\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x18\n\x14STRATEGY_ROUND_ROBIN\x10\x01\x12\x1e\n\x1aSTRATEGY_LEAST_CONNECTIONS\x10\x02\x12\x15\n\x11STRATEGY_P2C_EWMA\x10\x03\x12\x1c\n\x18STRATEGY_CONSISTENT_HASH\x10\x04*\x9a\x01\n\x0c\x42\x61\x63kendState\x12\x1d\n\x19\x42\x41\x43KEND_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42\x41\x43KEND_STATE_READY\x10\x01\x12\x1b\n\x17\x42\x41\x43KEND_STATE_UNHEALTHY\x10\x02\x12\x19\n\x15\x42\x41\x43KEND_STATE_EJECTED\x10\x03\x12\x1a\n\x16\x42\x41\x43KEND_STATE_DRAINING\x10\x04\x32\xd5\x04\n\x0c\x41\x64minService\x12G\n\x08GetStats\x12\x1c.hashmesh.v1.GetStatsRequest\x1a\x1d.hashmesh.v1.GetStatsResponse\x12S\n\x0cListBackends\x12 .hashmesh.v1.ListBackendsRequest\x1a!.hashmesh.v1.ListBackendsResponse\x12P\n\x0bGetStrategy\x12\x1f.hashmesh.v1.GetStrategyRequest\x1a .hashmesh.v1.GetStrategyResponse\x12P\n\x0bSetStrategy\x12\x1f.hashmesh.v1.SetStrategyRequest\x1a .hashmesh.v1.SetStrategyResponse\x12V\n\rGetRateLimits\x12!.hashmesh.v1.GetRateLimitsRequest\x1a\".hashmesh.v1.GetRateLimitsResponse\x12V\n\rSetRateLimits\x12!.hashmesh.v1.SetRateLimitsRequest\x1a\".hashmesh.v1.SetRateLimitsResponse\x12S\n\x0c\x44rainBackend\x12 .hashmesh.v1.DrainBackendRequest\x1a!.hashmesh.v1.DrainBackendResponseBK\n\x0f\x64\x65v.hashmesh.v1B\nAdminProtoP\x01Z*hashmesh.dev/gen/go/hashmesh/v1;hashmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hashmesh.v1.admin_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.hashmesh.v1B\nAdminProtoP\001Z*hashmesh.dev/gen/go/hashmesh/v1;hashmeshv1'
-  _globals['_STRATEGY']._serialized_start=1774
-  _globals['_STRATEGY']._serialized_end=1921
-  _globals['_BACKENDSTATE']._serialized_start=1924
-  _globals['_BACKENDSTATE']._serialized_end=2078
+  _globals['_STRATEGY']._serialized_start=2359
+  _globals['_STRATEGY']._serialized_end=2506
+  _globals['_BACKENDSTATE']._serialized_start=2509
+  _globals['_BACKENDSTATE']._serialized_end=2663
   _globals['_RATELIMIT']._serialized_start=72
   _globals['_RATELIMIT']._serialized_end=123
   _globals['_CLIENTRATELIMIT']._serialized_start=125
@@ -45,34 +45,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BACKEND']._serialized_end=501
   _globals['_PEERREFUSALS']._serialized_start=503
   _globals['_PEERREFUSALS']._serialized_end=549
-  _globals['_GETSTATSREQUEST']._serialized_start=551
-  _globals['_GETSTATSREQUEST']._serialized_end=587
-  _globals['_GETSTATSRESPONSE']._serialized_start=590
-  _globals['_GETSTATSRESPONSE']._serialized_end=860
-  _globals['_LISTBACKENDSREQUEST']._serialized_start=862
-  _globals['_LISTBACKENDSREQUEST']._serialized_end=883
-  _globals['_LISTBACKENDSRESPONSE']._serialized_start=885
-  _globals['_LISTBACKENDSRESPONSE']._serialized_end=947
-  _globals['_GETSTRATEGYREQUEST']._serialized_start=949
-  _globals['_GETSTRATEGYREQUEST']._serialized_end=969
-  _globals['_GETSTRATEGYRESPONSE']._serialized_start=971
-  _globals['_GETSTRATEGYRESPONSE']._serialized_end=1051
-  _globals['_SETSTRATEGYREQUEST']._serialized_start=1053
-  _globals['_SETSTRATEGYREQUEST']._serialized_end=1132
-  _globals['_SETSTRATEGYRESPONSE']._serialized_start=1134
-  _globals['_SETSTRATEGYRESPONSE']._serialized_end=1214
-  _globals['_GETRATELIMITSREQUEST']._serialized_start=1216
-  _globals['_GETRATELIMITSREQUEST']._serialized_end=1238
-  _globals['_GETRATELIMITSRESPONSE']._serialized_start=1240
-  _globals['_GETRATELIMITSRESPONSE']._serialized_end=1359
-  _globals['_SETRATELIMITSREQUEST']._serialized_start=1362
-  _globals['_SETRATELIMITSREQUEST']._serialized_end=1530
-  _globals['_SETRATELIMITSRESPONSE']._serialized_start=1532
-  _globals['_SETRATELIMITSRESPONSE']._serialized_end=1651
-  _globals['_DRAINBACKENDREQUEST']._serialized_start=1653
-  _globals['_DRAINBACKENDREQUEST']._serialized_end=1708
-  _globals['_DRAINBACKENDRESPONSE']._serialized_start=1710
-  _globals['_DRAINBACKENDRESPONSE']._serialized_end=1771
-  _globals['_ADMINSERVICE']._serialized_start=2081
-  _globals['_ADMINSERVICE']._serialized_end=2678
+  _globals['_BUDGETUSE']._serialized_start=551
+  _globals['_BUDGETUSE']._serialized_end=619
+  _globals['_BUDGETSINUSE']._serialized_start=622
+  _globals['_BUDGETSINUSE']._serialized_end=870
+  _globals['_PEERHOLDINGS']._serialized_start=873
+  _globals['_PEERHOLDINGS']._serialized_end=1015
+  _globals['_GETSTATSREQUEST']._serialized_start=1017
+  _globals['_GETSTATSREQUEST']._serialized_end=1053
+  _globals['_GETSTATSRESPONSE']._serialized_start=1056
+  _globals['_GETSTATSRESPONSE']._serialized_end=1445
+  _globals['_LISTBACKENDSREQUEST']._serialized_start=1447
+  _globals['_LISTBACKENDSREQUEST']._serialized_end=1468
+  _globals['_LISTBACKENDSRESPONSE']._serialized_start=1470
+  _globals['_LISTBACKENDSRESPONSE']._serialized_end=1532
+  _globals['_GETSTRATEGYREQUEST']._serialized_start=1534
+  _globals['_GETSTRATEGYREQUEST']._serialized_end=1554
+  _globals['_GETSTRATEGYRESPONSE']._serialized_start=1556
+  _globals['_GETSTRATEGYRESPONSE']._serialized_end=1636
+  _globals['_SETSTRATEGYREQUEST']._serialized_start=1638
+  _globals['_SETSTRATEGYREQUEST']._serialized_end=1717
+  _globals['_SETSTRATEGYRESPONSE']._serialized_start=1719
+  _globals['_SETSTRATEGYRESPONSE']._serialized_end=1799
+  _globals['_GETRATELIMITSREQUEST']._serialized_start=1801
+  _globals['_GETRATELIMITSREQUEST']._serialized_end=1823
+  _globals['_GETRATELIMITSRESPONSE']._serialized_start=1825
+  _globals['_GETRATELIMITSRESPONSE']._serialized_end=1944
+  _globals['_SETRATELIMITSREQUEST']._serialized_start=1947
+  _globals['_SETRATELIMITSREQUEST']._serialized_end=2115
+  _globals['_SETRATELIMITSRESPONSE']._serialized_start=2117
+  _globals['_SETRATELIMITSRESPONSE']._serialized_end=2236
+  _globals['_DRAINBACKENDREQUEST']._serialized_start=2238
+  _globals['_DRAINBACKENDREQUEST']._serialized_end=2293
+  _globals['_DRAINBACKENDRESPONSE']._serialized_start=2295
+  _globals['_DRAINBACKENDRESPONSE']._serialized_end=2356
+  _globals['_ADMINSERVICE']._serialized_start=2666
+  _globals['_ADMINSERVICE']._serialized_end=3263
 # @@protoc_insertion_point(module_scope)

@@ -239,6 +239,128 @@ class PeerRefusals(_message.Message):
 Global___PeerRefusals: _TypeAlias = PeerRefusals  # noqa: Y015
 
 @_typing.final
+class BudgetUse(_message.Message):
+    """BudgetUse is how much of one budget callers hold now, against its limits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IN_USE_FIELD_NUMBER: _builtins.int
+    TOTAL_LIMIT_FIELD_NUMBER: _builtins.int
+    PEER_LIMIT_FIELD_NUMBER: _builtins.int
+    in_use: _builtins.int
+    """Held now by every peer together."""
+    total_limit: _builtins.int
+    """The most every peer together may hold (HASHMESH_BALANCER_TOTAL_*)."""
+    peer_limit: _builtins.int
+    """The most one peer may hold (HASHMESH_BALANCER_PEER_*)."""
+    def __init__(
+        self,
+        *,
+        in_use: _builtins.int = ...,
+        total_limit: _builtins.int = ...,
+        peer_limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_use", b"in_use", "peer_limit", b"peer_limit", "total_limit", b"total_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetUse: _TypeAlias = BudgetUse  # noqa: Y015
+
+@_typing.final
+class BudgetsInUse(_message.Message):
+    """BudgetsInUse is what callers hold of each of the balancer's budgets now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNARY_CALLS_FIELD_NUMBER: _builtins.int
+    UPLOAD_STREAMS_FIELD_NUMBER: _builtins.int
+    WATCH_STREAMS_FIELD_NUMBER: _builtins.int
+    OTHER_STREAMS_FIELD_NUMBER: _builtins.int
+    REQUEST_BYTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def unary_calls(self) -> Global___BudgetUse:
+        """Unary calls in flight."""
+
+    @_builtins.property
+    def upload_streams(self) -> Global___BudgetUse:
+        """Client-streaming calls (HashStream) open."""
+
+    @_builtins.property
+    def watch_streams(self) -> Global___BudgetUse:
+        """Server-streaming calls (WatchTask) open."""
+
+    @_builtins.property
+    def other_streams(self) -> Global___BudgetUse:
+        """Bidirectional calls (server reflection, unknown methods) open."""
+
+    @_builtins.property
+    def request_bytes(self) -> Global___BudgetUse:
+        """Bytes of unary requests in flight."""
+
+    def __init__(
+        self,
+        *,
+        unary_calls: Global___BudgetUse | None = ...,
+        upload_streams: Global___BudgetUse | None = ...,
+        watch_streams: Global___BudgetUse | None = ...,
+        other_streams: Global___BudgetUse | None = ...,
+        request_bytes: Global___BudgetUse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["other_streams", b"other_streams", "request_bytes", b"request_bytes", "unary_calls", b"unary_calls", "upload_streams", b"upload_streams", "watch_streams", b"watch_streams"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["other_streams", b"other_streams", "request_bytes", b"request_bytes", "unary_calls", b"unary_calls", "upload_streams", b"upload_streams", "watch_streams", b"watch_streams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetsInUse: _TypeAlias = BudgetsInUse  # noqa: Y015
+
+@_typing.final
+class PeerHoldings(_message.Message):
+    """PeerHoldings is what one peer holds of the balancer's budgets now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    UNARY_CALLS_FIELD_NUMBER: _builtins.int
+    UPLOAD_STREAMS_FIELD_NUMBER: _builtins.int
+    WATCH_STREAMS_FIELD_NUMBER: _builtins.int
+    OTHER_STREAMS_FIELD_NUMBER: _builtins.int
+    REQUEST_BYTES_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    """The peer as the balancer identifies it: the API key's client, the client a trusted
+    proxy vouches for, else `ip:<address>`.
+    """
+    unary_calls: _builtins.int
+    """Unary calls in flight."""
+    upload_streams: _builtins.int
+    """Client-streaming calls (HashStream) open."""
+    watch_streams: _builtins.int
+    """Server-streaming calls (WatchTask) open."""
+    other_streams: _builtins.int
+    """Bidirectional calls (server reflection, unknown methods) open."""
+    request_bytes: _builtins.int
+    """Bytes of unary requests in flight."""
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        unary_calls: _builtins.int = ...,
+        upload_streams: _builtins.int = ...,
+        watch_streams: _builtins.int = ...,
+        other_streams: _builtins.int = ...,
+        request_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["other_streams", b"other_streams", "peer", b"peer", "request_bytes", b"request_bytes", "unary_calls", b"unary_calls", "upload_streams", b"upload_streams", "watch_streams", b"watch_streams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerHoldings: _TypeAlias = PeerHoldings  # noqa: Y015
+
+@_typing.final
 class GetStatsRequest(_message.Message):
     """GetStatsRequest asks for the balancer's counters."""
 
@@ -246,8 +368,8 @@ class GetStatsRequest(_message.Message):
 
     TOP_PEERS_FIELD_NUMBER: _builtins.int
     top_peers: _builtins.int
-    """How many of the most-refused peers to list; not negative. 0 means 10; values over 1000
-    are read as 1000.
+    """How many of the most-refused peers, and of the peers holding the most, to list; not
+    negative. 0 means 10; values over 1000 are read as 1000.
     """
     def __init__(
         self,
@@ -276,6 +398,9 @@ class GetStatsResponse(_message.Message):
     NO_BACKEND_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     UPTIME_FIELD_NUMBER: _builtins.int
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    TOP_HOLDING_PEERS_FIELD_NUMBER: _builtins.int
+    OVER_BUDGET_FIELD_NUMBER: _builtins.int
     calls: _builtins.int
     """Calls taken from clients."""
     rate_limited: _builtins.int
@@ -286,6 +411,8 @@ class GetStatsResponse(_message.Message):
     """Calls that failed because no replica was ready or all were full."""
     strategy: Global___Strategy.ValueType
     """Strategy in force."""
+    over_budget: _builtins.int
+    """Calls refused because a peer or the balancer was over a budget."""
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___Backend]:
         """Every known replica."""
@@ -298,6 +425,18 @@ class GetStatsResponse(_message.Message):
     def uptime(self) -> _duration_pb2.Duration:
         """Time since the balancer started."""
 
+    @_builtins.property
+    def budgets(self) -> Global___BudgetsInUse:
+        """What all peers hold now of each budget, with its limits; unset when budgets are off
+        (HASHMESH_BALANCER_BUDGETS=false).
+        """
+
+    @_builtins.property
+    def top_holding_peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerHoldings]:
+        """Peers holding the most calls and streams now (all kinds together, then request bytes),
+        most first; at most top_peers of them.
+        """
+
     def __init__(
         self,
         *,
@@ -309,10 +448,13 @@ class GetStatsResponse(_message.Message):
         no_backend: _builtins.int = ...,
         strategy: Global___Strategy.ValueType = ...,
         uptime: _duration_pb2.Duration | None = ...,
+        budgets: Global___BudgetsInUse | None = ...,
+        top_holding_peers: _abc.Iterable[Global___PeerHoldings] | None = ...,
+        over_budget: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["uptime", b"uptime"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "uptime", b"uptime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "calls", b"calls", "no_backend", b"no_backend", "rate_limited", b"rate_limited", "retries", b"retries", "strategy", b"strategy", "top_refused_peers", b"top_refused_peers", "uptime", b"uptime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "budgets", b"budgets", "calls", b"calls", "no_backend", b"no_backend", "over_budget", b"over_budget", "rate_limited", b"rate_limited", "retries", b"retries", "strategy", b"strategy", "top_holding_peers", b"top_holding_peers", "top_refused_peers", b"top_refused_peers", "uptime", b"uptime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
