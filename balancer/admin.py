@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from google.protobuf import duration_pb2
 
 from hashmesh.balancer.backends import BackendSet, Replica
-from hashmesh.balancer.budgets import Budgets, BudgetSnapshot
+from hashmesh.balancer.budgets import Budgets, BudgetSnapshot, PeerHolding
 from hashmesh.balancer.config import MAX_RATE, MIN_RATE, RateLimitSettings, is_hash_key
 from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.stats import BalancerStats, ReplicaSnapshot, Snapshot
@@ -123,15 +123,15 @@ def budgets_proto(snap: BudgetSnapshot) -> admin_pb2.BudgetsInUse:
     )
 
 
-def holding_proto(peer: str, counts: tuple[int, ...], size: int) -> admin_pb2.PeerHoldings:
-    unary, upload, watch, other = counts
+def holding_proto(holding: PeerHolding) -> admin_pb2.PeerHoldings:
+    unary, upload, watch, other = holding.counts
     return admin_pb2.PeerHoldings(
-        peer=peer,
+        peer=holding.peer,
         unary_calls=unary,
         upload_streams=upload,
         watch_streams=watch,
         other_streams=other,
-        request_bytes=size,
+        request_bytes=holding.bytes,
     )
 
 
@@ -208,7 +208,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             strategy=STRATEGY_TO_PROTO[snap.strategy],
             uptime=_duration(snap.uptime),
             budgets=budgets_proto(held) if held.enabled else None,
-            top_holding_peers=[holding_proto(h.peer, h.counts, h.bytes) for h in held.top],
+            top_holding_peers=[holding_proto(h) for h in held.top],
             over_budget=held.refused,
         )
 
