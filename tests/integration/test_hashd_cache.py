@@ -170,10 +170,15 @@ def test_per_database_secret_ttl_sweep_and_slow_database(dsn: str) -> None:
         pool_a, pool_b = _pool(dsn), _pool(dsn)
         await pool_a.open(wait=False)  # type: ignore[attr-defined]
         await pool_b.open(wait=False)  # type: ignore[attr-defined]
-        a = ResultCache(PostgresCacheTable(pool_a), CacheSettings())
-        short = ResultCache(PostgresCacheTable(pool_a), CacheSettings(ttl_seconds=0.5))
+        # A timeout far above a loaded machine's query time (the default, 100 ms, is not): a
+        # miss here must mean the lock below, never a slow moment.
+        patient = 3.0
+        a = ResultCache(PostgresCacheTable(pool_a), CacheSettings(timeout_seconds=patient))
+        short = ResultCache(
+            PostgresCacheTable(pool_a), CacheSettings(ttl_seconds=0.5, timeout_seconds=patient)
+        )
         b = ResultCache(
-            PostgresCacheTable(pool_b), CacheSettings(memory_entries=0, timeout_seconds=0.1)
+            PostgresCacheTable(pool_b), CacheSettings(memory_entries=0, timeout_seconds=patient)
         )
         try:
             for cache in (a, b, short):
