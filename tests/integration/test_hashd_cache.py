@@ -122,7 +122,7 @@ def test_cache_is_shared_by_replicas_holds_no_plaintext_and_clears_everywhere(
 def test_hashing_works_uncached_when_postgresql_stops(
     owned_pg: EmbeddedPostgres, procs: Processes
 ) -> None:
-    replica = procs.hashd(owned_pg.dsn, env={**SECRET_ENV, "HASHMESH_CACHE_TIMEOUT_MS": "100"})
+    replica = procs.hashd(owned_pg.dsn, env={**SECRET_ENV, "HASHMESH_CACHE_TIMEOUT_MS": "1000"})
     remembered = _argon2(replica.address, b"before-the-outage", SALTED)
     assert not remembered.cached
     owned_pg.stop()

@@ -29,7 +29,7 @@ def test_pool_collector_reads_a_live_pool(dsn: str) -> None:
 
     async def scenario() -> tuple[dict[str, float], dict[str, float]]:
         pool = psycopg_pool.AsyncConnectionPool(
-            dsn, min_size=1, max_size=2, timeout=0.5, open=False, name="itest"
+            dsn, min_size=1, max_size=2, timeout=3.0, open=False, name="itest"
         )
         metrics.watch_pool(pool)
         try:
