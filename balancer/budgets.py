@@ -3,7 +3,7 @@
 Rate limits count calls per second; a caller that opens calls and keeps them open holds
 resources instead: replica slots, streams, buffered request bytes. Each call holds one unit of
 its kind — a unary call, an upload stream (client streaming: HashStream), a watch (server
-streaming: WatchTask) or another stream (bidirectional, e.g. server reflection, and any method
+streaming: WatchTask, SubmitAndWatchTask) or another stream (bidirectional, e.g. server reflection, and any method
 the balancer does not know) — plus, for a unary call, the bytes of its request, from admission
 until it ends. Over a budget the call is refused at once with RESOURCE_EXHAUSTED and RetryInfo:
 over the peer's own budget only that peer is refused; the totals bound what all peers hold.
@@ -31,7 +31,7 @@ BYTES_KEY = "request_bytes"
 KIND_NAMES = (
     "unary calls",
     "upload streams (HashStream)",
-    "watch streams (WatchTask)",
+    "watch streams (WatchTask, SubmitAndWatchTask)",
     "other streams (bidirectional, reflection, unknown methods)",
 )
 _PEER_ENV = (
@@ -67,7 +67,8 @@ class BudgetSettings:
     total_upload_streams: int = 1024
     """Client-streaming calls from all peers (``BALANCER_TOTAL_UPLOAD_STREAMS``)."""
     peer_watch_streams: int = 256
-    """Server-streaming calls (WatchTask) one peer may hold (``BALANCER_PEER_WATCH_STREAMS``)."""
+    """Server-streaming calls (WatchTask, SubmitAndWatchTask) one peer may hold
+    (``BALANCER_PEER_WATCH_STREAMS``)."""
     total_watch_streams: int = 4096
     """Server-streaming calls from all peers (``BALANCER_TOTAL_WATCH_STREAMS``)."""
     peer_other_streams: int = 32

@@ -1,17 +1,17 @@
 """Where a task's round trip goes: timestamps of every hop, run by hand (not by the tests).
 
-    .venv/bin/python bench/task_trace.py [--rate 200] [--seconds 10] [--balancer]
+    .venv/bin/python bench/task_trace.py [--rate 200] [--seconds 10] [--balancer] [--one-call]
 
 Starts an embedded PostgreSQL, one hashd (and the balancer with ``--balancer``) and one
 workerd, then submits md5 tasks open loop at ``--rate``/s, each followed by WatchTask until
-final, as bench/tasks_e2e.py does. An observer process LISTENs on both channels (as workerd and hashd
+final, as bench/tasks_e2e.py does (with ``--one-call``, one SubmitAndWatchTask each). An observer process LISTENs on both channels (as workerd and hashd
 do), so it sees each NOTIFY when they do. Per task, on one clock (client, observer and
 PostgreSQL share the host's):
 
   sent        client sends SubmitTask
   created     created_at: the submit transaction's start (hashd → PostgreSQL)
   ready       the observer receives `hashmesh_tasks_ready` (submit committed, first after created)
-  accepted    the client has SubmitTask's answer
+  accepted    the client has SubmitTask's answer (SubmitAndWatchTask's first message)
   claimed     started_at: the claim transaction's start (worker woke and asked)
   running     the observer receives the task's `running` notification (claim committed)
   finished    finished_at: the completion transaction's start (computed, flush began)
@@ -57,7 +57,7 @@ HOPS = (
     ("claimed", "running", "claim runs + commits + NOTIFY"),
     ("running", "finished", "worker computes, flush begins"),
     ("finished", "succeeded", "completion runs + commits + NOTIFY"),
-    ("succeeded", "answered", "hashd's watch hub → WatchTask stream → client"),
+    ("succeeded", "answered", "hashd's watch hub → the watch stream → client"),
     ("sent", "answered", "total: submit → final"),
 )
 FINAL = {task_pb2.TASK_STATUS_SUCCEEDED, task_pb2.TASK_STATUS_DEAD_LETTER}
@@ -119,7 +119,9 @@ class Observer:
         self._log.close()
 
 
-async def load(address: str, rate: float, seconds: float) -> dict[str, dict[str, float]]:
+async def load(
+    address: str, rate: float, seconds: float, one_call: bool
+) -> dict[str, dict[str, float]]:
     traces: dict[str, dict[str, float]] = {}
     async with grpc.aio.insecure_channel(address) as channel:
         stub = task_pb2_grpc.TaskServiceStub(channel)
@@ -130,6 +132,21 @@ async def load(address: str, rate: float, seconds: float) -> dict[str, dict[str,
         async def one(i: int) -> None:
             await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
             sent = time.time()
+            if one_call:  # SubmitAndWatchTask: "accepted" is its first message
+                accepted = 0.0
+                call = stub.SubmitAndWatchTask(
+                    task_pb2.SubmitAndWatchTaskRequest(spec=spec(2 * 10**9 + i)), timeout=30
+                )
+                async for state in call:
+                    accepted = accepted or time.time()
+                    if state.task.status in FINAL:
+                        break
+                traces[state.task.id] = {
+                    "sent": sent,
+                    "accepted": accepted,
+                    "answered": time.time(),
+                }
+                return
             reply = await stub.SubmitTask(
                 task_pb2.SubmitTaskRequest(spec=spec(2 * 10**9 + i)), timeout=30
             )
@@ -145,10 +162,12 @@ async def load(address: str, rate: float, seconds: float) -> dict[str, dict[str,
     return traces
 
 
-async def trace(address: str, dsn: str, rate: float, seconds: float) -> list[dict[str, float]]:
+async def trace(
+    address: str, dsn: str, rate: float, seconds: float, one_call: bool
+) -> list[dict[str, float]]:
     observer = Observer()
     observer.start(dsn)
-    traces = await load(address, rate, seconds)
+    traces = await load(address, rate, seconds, one_call)
     await asyncio.sleep(0.5)
     observer.stop()
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
@@ -195,6 +214,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--balancer", action="store_true", help="through the balancer")
+    parser.add_argument(
+        "--one-call", action="store_true", help="SubmitAndWatchTask instead of the two calls"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HASHMESH_IDENTITY_SECRET", os.urandom(16).hex())  # the daemons need one
     with postgres(args.dsn) as admin:
@@ -215,11 +237,14 @@ def main() -> None:
                 daemons.append(front)
                 address = front.addresses[0]
             daemons.append(Daemon("hashmesh.workerd", ["--database-url", dsn, "--name", "t"]))
-            traces: list[dict[str, Any]] = uvloop.run(trace(address, dsn, args.rate, args.seconds))
+            traces: list[dict[str, Any]] = uvloop.run(
+                trace(address, dsn, args.rate, args.seconds, args.one_call)
+            )
         finally:
             for daemon in reversed(daemons):
                 daemon.stop()
-    report(traces, args.rate, "through the balancer" if args.balancer else "direct to hashd")
+    path = "through the balancer" if args.balancer else "direct to hashd"
+    report(traces, args.rate, path + (", SubmitAndWatchTask" if args.one_call else ""))
 
 
 if __name__ == "__main__":

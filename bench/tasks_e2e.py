@@ -11,8 +11,9 @@ scenario), one hashd (``--hashd N`` for more), the balancer in front of them unl
 - throughput: submit N md5 tasks (single: one SubmitTask per task, 64 in flight; batch:
   SubmitTasks of 1,000) → until every task is final (counted in the database), with 1 and 2
   workerd: tasks/s end to end, and the submission rate alone;
-- latency: open loop at ``--rate`` tasks/s for ``--seconds``: SubmitTask, then WatchTask until
-  the final state arrives; p50/p99 of submit → final, as the client sees it;
+- latency: open loop at ``--rate`` tasks/s for ``--seconds``, each task followed until its
+  final state arrives, in one call (SubmitAndWatchTask) and, in a second mesh, in two
+  (SubmitTask, then WatchTask); p50/p99 of submit → final, as the client sees it;
 - the same workload through Celery + Redis (bench/celery_md5.py), in the same run, for the ratio;
 - under each hashmesh figure, the CPU milliseconds each kind of process spent per task
   (client, balancer, hashd, workerd, and PostgreSQL's backends for the run's database): on two
@@ -243,7 +244,20 @@ async def throughput(address: str, dsn: str, n: int, mode: str) -> dict[str, flo
     return {"submit_per_s": n / (submitted - started), "end_to_end_per_s": n / (finished - started)}
 
 
-async def latency(address: str, rate: float, seconds: float) -> dict[str, float]:
+LATENCY_PATHS = {
+    "one call": "SubmitAndWatchTask",
+    "two calls": "SubmitTask, then WatchTask",
+}
+"""How the latency run's client follows a task: one streaming call, or the two calls in a row
+that clients of the first contract made."""
+FINAL_STATUSES = (
+    task_pb2.TASK_STATUS_SUCCEEDED,
+    task_pb2.TASK_STATUS_DEAD_LETTER,
+    task_pb2.TASK_STATUS_CANCELLED,
+)
+
+
+async def latency(address: str, rate: float, seconds: float, path: str) -> dict[str, float]:
     n = int(rate * seconds)
     samples: list[float] = []
     async with grpc.aio.insecure_channel(address) as channel:
@@ -252,21 +266,28 @@ async def latency(address: str, rate: float, seconds: float) -> dict[str, float]
         loop = asyncio.get_running_loop()
         start = loop.time() + 0.2
 
-        async def one(i: int) -> None:
-            await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
-            began = time.perf_counter()
+        async def one_call(i: int) -> None:
+            request = task_pb2.SubmitAndWatchTaskRequest(spec=spec(10**9 + i))
+            async for message in stub.SubmitAndWatchTask(request, timeout=30):
+                if message.task.status in FINAL_STATUSES:
+                    break
+
+        async def two_calls(i: int) -> None:
             reply = await stub.SubmitTask(
                 task_pb2.SubmitTaskRequest(spec=spec(10**9 + i)), timeout=30
             )
             async for message in stub.WatchTask(
                 task_pb2.WatchTaskRequest(id=reply.task.id), timeout=30
             ):
-                if message.task.status in (
-                    task_pb2.TASK_STATUS_SUCCEEDED,
-                    task_pb2.TASK_STATUS_DEAD_LETTER,
-                    task_pb2.TASK_STATUS_CANCELLED,
-                ):
+                if message.task.status in FINAL_STATUSES:
                     break
+
+        follow = one_call if path == "one call" else two_calls
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+            began = time.perf_counter()
+            await follow(i)
             samples.append(time.perf_counter() - began)
 
         await asyncio.gather(*(one(i) for i in range(n)))
@@ -302,6 +323,9 @@ def celery(n: int, rate: float, seconds: float) -> dict[str, dict[str, float]] |
 def main() -> None:
     # The daemons refuse to start without one (it signs the balancer's identity stamps).
     os.environ.setdefault("HASHMESH_IDENTITY_SECRET", os.urandom(16).hex())
+    # The latency run's one client stands for many: on a loaded machine it can hold more
+    # watches at once than the balancer allows one peer (256).
+    os.environ.setdefault("HASHMESH_BALANCER_PEER_WATCH_STREAMS", "4096")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -333,13 +357,14 @@ def main() -> None:
                     f"end to end ({figures['submit_per_s']:.0f}/s submitting)\n    {cpu}",
                     flush=True,
                 )
-        if args.only != "throughput":
+        for latency_path in LATENCY_PATHS if args.only != "throughput" else ():
             with mesh(admin, hashd=args.hashd, workers=1, direct=args.direct) as m:
                 before = m.cpu_seconds()
-                lat = uvloop.run(latency(m.address, args.rate, args.seconds))
+                lat = uvloop.run(latency(m.address, args.rate, args.seconds, latency_path))
                 cpu = cpu_per_task(before, m.cpu_seconds(), int(lat["tasks"]))
             print(
-                f"hashmesh latency at {lat['rate']:.0f}/s (submit → final via WatchTask): "
+                f"hashmesh latency at {lat['rate']:.0f}/s, {latency_path} "
+                f"({LATENCY_PATHS[latency_path]}), submit → final: "
                 f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms\n    {cpu}",
                 flush=True,
             )

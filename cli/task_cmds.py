@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hashmesh.cli.client import CliError, ExitCode
-from hashmesh.cli.follow import TaskDidNotFinish
+from hashmesh.cli.follow import NotAccepted, TaskDidNotFinish, submit_and_follow
 from hashmesh.cli.follow import follow_task as follow
 from hashmesh.cli.naming import (
     ALGORITHMS,
@@ -108,6 +108,30 @@ def follow_task(state: CliState, task_id: str, timeout: float | None) -> Iterato
     try:
         yield from follow(state.session.tasks(), task_id, timeout=timeout,
                           call_timeout=state.options.timeout, metadata=state.session.metadata())  # fmt: skip
+    except TaskDidNotFinish as exc:
+        raise CliError(str(exc), ExitCode.DEADLINE_EXCEEDED) from None
+
+
+def submit_and_wait(
+    state: CliState, out: Output, request: task_pb2.SubmitTaskRequest, timeout: float | None
+) -> task_pb2.Task:
+    """Submit and follow the task to its final state in one call (``cli.follow``), with a
+    spinner on a terminal."""
+    states = submit_and_follow(state.session.tasks(), request, timeout=timeout,
+                               call_timeout=state.options.timeout,
+                               metadata=state.session.metadata())  # fmt: skip
+    try:
+        if not out.interactive:
+            for last, _ in states:  # noqa: B007 - the last state is the answer
+                pass
+            return last
+        with out.err_console.status("submitting") as spinner:
+            for last, created in states:
+                note = "" if created else " (an earlier task with this idempotency key)"
+                spinner.update(f"task {last.id}: {status_name(last.status)}{note}")
+        return last
+    except NotAccepted as exc:
+        raise CliError(str(exc), ExitCode.DEADLINE_EXCEEDED) from None
     except TaskDidNotFinish as exc:
         raise CliError(str(exc), ExitCode.DEADLINE_EXCEEDED) from None
 
@@ -278,25 +302,21 @@ def submit_command(
             "nothing to submit: give TEXT, '-' for stdin, or --batch FILE", ExitCode.USAGE
         )
     data = sys.stdin.buffer.read() if text is None or text == "-" else text.encode()
-    reply = state.session.tasks().SubmitTask(
-        task_pb2.SubmitTaskRequest(
-            spec=_spec(
-                wire_algorithm, data, priority, max_attempts, idempotency_key, delay, params
-            ),
-        ),
-        timeout=state.options.timeout,
-        metadata=state.session.metadata(),
+    request = task_pb2.SubmitTaskRequest(
+        spec=_spec(wire_algorithm, data, priority, max_attempts, idempotency_key, delay, params)
     )
-    task = reply.task
     if not wait:
+        reply = state.session.tasks().SubmitTask(
+            request, timeout=state.options.timeout, metadata=state.session.metadata()
+        )
         if out.json_mode:
-            out.json({**task_dict(task), "created": reply.created})
+            out.json({**task_dict(reply.task), "created": reply.created})
         else:
-            out.line(task.id)
+            out.line(reply.task.id)
             if not reply.created:
                 out.note("an earlier task with this idempotency key was returned")
         return
-    task = wait_for(state, out, task, wait_timeout)
+    task = submit_and_wait(state, out, request, wait_timeout)
     if out.json_mode:
         out.json(task_dict(task))
     elif task.status == task_pb2.TASK_STATUS_SUCCEEDED:

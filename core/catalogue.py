@@ -42,6 +42,7 @@ TASK = (
     "TaskService.SubmitTasks",
     "TaskService.GetTask",
     "TaskService.WatchTask",
+    "TaskService.SubmitAndWatchTask",
     "TaskService.ListTasks",
     "TaskService.CancelTask",
     "TaskService.RequeueTask",
@@ -83,6 +84,8 @@ SAFE_TO_RETRY: dict[str, str] = {
     "TaskService.SubmitTasks": "only with an `idempotency_key` on every spec",
     "TaskService.GetTask": "yes",
     "TaskService.WatchTask": "yes (the new stream starts with the current state)",
+    "TaskService.SubmitAndWatchTask": "only with `spec.idempotency_key` set (the same task is "
+    "streamed again); once its first message arrived, WatchTask the task instead",
     "TaskService.ListTasks": "yes",
     "TaskService.CancelTask": "yes (a second cancel of a cancelled task is FAILED_PRECONDITION)",
     "TaskService.RequeueTask": "yes (a second requeue of a pending task is FAILED_PRECONDITION)",
@@ -154,6 +157,7 @@ CATALOGUE: tuple[Entry, ...] = (
             "HashService.Verify",
             "TaskService.SubmitTask",
             "TaskService.SubmitTasks",
+            "TaskService.SubmitAndWatchTask",
         ),
     ),
     Entry(
@@ -203,7 +207,7 @@ CATALOGUE: tuple[Entry, ...] = (
         "`task_id`; ResourceInfo names the first task.",
         ("ErrorInfo", "ResourceInfo"),
         Retry.NEVER,
-        ("TaskService.SubmitTask", "TaskService.SubmitTasks"),
+        ("TaskService.SubmitTask", "TaskService.SubmitTasks", "TaskService.SubmitAndWatchTask"),
     ),
     Entry(
         "TASK_FINISHED",
@@ -244,7 +248,7 @@ CATALOGUE: tuple[Entry, ...] = (
         "`hashd/HASHMESH_TASK_KEY_FILE`. ComputeHash still hashes argon2id at once.",
         ("ErrorInfo", "PreconditionFailure"),
         Retry.NEVER,
-        ("TaskService.SubmitTask", "TaskService.SubmitTasks"),
+        ("TaskService.SubmitTask", "TaskService.SubmitTasks", "TaskService.SubmitAndWatchTask"),
     ),
     Entry(
         "RATE_LIMITED",
@@ -272,7 +276,7 @@ CATALOGUE: tuple[Entry, ...] = (
         "The queue holds HASHMESH_MAX_PENDING_TASKS unfinished tasks.",
         ("ErrorInfo", "RetryInfo"),
         Retry.AFTER_DELAY,
-        ("TaskService.SubmitTask", "TaskService.SubmitTasks"),
+        ("TaskService.SubmitTask", "TaskService.SubmitTasks", "TaskService.SubmitAndWatchTask"),
     ),
     Entry(
         "CLIENT_QUEUE_FULL",
@@ -281,7 +285,7 @@ CATALOGUE: tuple[Entry, ...] = (
         "This client has HASHMESH_MAX_PENDING_PER_CLIENT unfinished tasks.",
         ("ErrorInfo", "RetryInfo"),
         Retry.AFTER_DELAY,
-        ("TaskService.SubmitTask", "TaskService.SubmitTasks"),
+        ("TaskService.SubmitTask", "TaskService.SubmitTasks", "TaskService.SubmitAndWatchTask"),
     ),
     Entry(
         "NO_REPLICA",
@@ -367,7 +371,12 @@ CATALOGUE: tuple[Entry, ...] = (
         "other clients' tasks). Leave it empty.",
         ("ErrorInfo",),
         Retry.NEVER,
-        ("TaskService.SubmitTask", "TaskService.SubmitTasks", "TaskService.ListTasks"),
+        (
+            "TaskService.SubmitTask",
+            "TaskService.SubmitTasks",
+            "TaskService.SubmitAndWatchTask",
+            "TaskService.ListTasks",
+        ),
     ),
     Entry(
         "OPERATOR_ONLY",

@@ -6,6 +6,7 @@ changes goes through the hub (one LISTEN connection per process)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import secrets
@@ -42,7 +43,7 @@ from hashmesh.core.queue.model import (
 )
 from hashmesh.hashd.config import HashdSettings
 from hashmesh.hashd.identity import client_of, current_caller, list_scope
-from hashmesh.hashd.watch import WatchHub
+from hashmesh.hashd.watch import Subscription, WatchHub
 from hashmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
 
 MAX_BATCH = 10_000
@@ -409,45 +410,72 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         record = await self._store.get(task_id, owner=current_caller().scope)
         return task_pb2.GetTaskResponse(task=task_to_wire(record))
 
-    async def WatchTask(
-        self, request: task_pb2.WatchTaskRequest, context: Context
-    ) -> AsyncIterator[task_pb2.WatchTaskResponse]:
-        task_id = task_id_of(request.id)
-        owner = current_caller().scope
+    def _watch_hub(self) -> WatchHub:
         if self._hub is None:
             raise Unavailable(
                 "watching is not available on this replica",
                 retry_after=1.0,
                 reason="DATABASE_UNAVAILABLE",
             )
-        with self._hub.subscribe(task_id) as sub:
-            record = self._hub.recent(task_id, owner=owner) or await self._store.get(
-                task_id, owner=owner
-            )
-            last: tuple[TaskStatus, int, bool] | None = None
-            while True:
-                key = (record.status, record.attempts, record.cancel_requested)
-                if key != last:
-                    yield task_pb2.WatchTaskResponse(task=task_to_wire(record))
-                    last = key
-                if record.status.final:
-                    return
-                update = await sub.next(WATCH_POLL_SECONDS)
-                if update is None:
-                    record = await self._store.get(task_id, owner=owner)
-                    continue
-                notified, fresh = update
-                if _progress(fresh) < _progress(record):
-                    continue  # read before a state already streamed
-                record = fresh
-                if notified is not record.status and notified is not last[0] and not notified.final:
-                    # A state that ended before we read it: stream it as it was announced.
-                    passed = task_to_wire(record)
-                    passed.status = STATUS_TO_WIRE[notified]
-                    passed.ClearField("result")
-                    passed.ClearField("finished_at")
-                    yield task_pb2.WatchTaskResponse(task=passed)
-                    last = (notified, record.attempts, record.cancel_requested)
+        return self._hub
+
+    async def WatchTask(
+        self, request: task_pb2.WatchTaskRequest, context: Context
+    ) -> AsyncIterator[task_pb2.WatchTaskResponse]:
+        task_id = task_id_of(request.id)
+        owner = current_caller().scope
+        hub = self._watch_hub()
+        with hub.subscribe(task_id) as sub:
+            record = hub.recent(task_id, owner=owner) or await self._store.get(task_id, owner=owner)
+            async for task in self._follow(sub, record, owner):
+                yield task_pb2.WatchTaskResponse(task=task)
+
+    async def SubmitAndWatchTask(
+        self, request: task_pb2.SubmitAndWatchTaskRequest, context: Context
+    ) -> AsyncIterator[task_pb2.SubmitAndWatchTaskResponse]:
+        if not request.HasField("spec"):
+            raise InvalidArgument("spec", "is required")
+        client_id = client_of(self._client_id(request.client_id), current_caller())
+        hub = self._watch_hub()
+        with contextlib.ExitStack() as watching:
+            # The task's id is known only once it is stored, when a worker may have run it
+            # already: the hub keeps what it is notified from before the insert, and the
+            # subscription starts with what came since.
+            with hub.catching_up() as mark:
+                [(record, created)] = await self._submit([request.spec], client_id, field="spec")
+                sub = watching.enter_context(hub.subscribe(record.id, since=mark))
+            async for task in self._follow(sub, record, current_caller().scope):
+                yield task_pb2.SubmitAndWatchTaskResponse(task=task, created=created)
+
+    async def _follow(
+        self, sub: Subscription, record: TaskRecord, owner: str | None
+    ) -> AsyncIterator[task_pb2.Task]:
+        """``record``, then each change of status the subscription brings, until final."""
+        task_id = record.id
+        last: tuple[TaskStatus, int, bool] | None = None
+        while True:
+            key = (record.status, record.attempts, record.cancel_requested)
+            if key != last:
+                yield task_to_wire(record)
+                last = key
+            if record.status.final:
+                return
+            update = await sub.next(WATCH_POLL_SECONDS)
+            if update is None:
+                record = await self._store.get(task_id, owner=owner)
+                continue
+            notified, fresh = update
+            if _progress(fresh) < _progress(record):
+                continue  # read before a state already streamed
+            record = fresh
+            if notified is not record.status and notified is not last[0] and not notified.final:
+                # A state that ended before we read it: stream it as it was announced.
+                passed = task_to_wire(record)
+                passed.status = STATUS_TO_WIRE[notified]
+                passed.ClearField("result")
+                passed.ClearField("finished_at")
+                yield passed
+                last = (notified, record.attempts, record.cancel_requested)
 
     async def ListTasks(
         self, request: task_pb2.ListTasksRequest, context: Context

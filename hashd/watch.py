@@ -15,7 +15,15 @@ it instead of reading the table: a client usually opens its watch right after Su
 returns, when the worker has often finished already (bench/task_trace.py), so the read was on
 the critical path. Subscribing and looking up happen with no await in between, so every later
 change reaches the subscription; a reconnect forgets everything (changes may have been
-missed)."""
+missed).
+
+A submission that is watched from the start (SubmitAndWatchTask) does not know its task's id
+until the insert returns, and by then the task may have been claimed, even finished. So the
+caller opens ``catching_up()`` before it submits: while one is open, every notified state is
+kept (up to ``HISTORY_PER_TASK`` per task), and ``subscribe(id, since=...)`` replays the
+states notified since then into the new subscription, or, when some may have been dropped
+meanwhile (the table of kept states overflowed, or the LISTEN connection reconnected), asks
+the watcher to read the task (``None``)."""
 
 from __future__ import annotations
 
@@ -23,8 +31,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Container, Iterator
 from datetime import datetime
 from typing import Any
@@ -43,7 +52,9 @@ RECENT_SECONDS = 2.0
 """How long a notified state may start a watch. Short: only a deletion (retention) or a
 forgotten idempotency key change a task without a notification."""
 RECENT_MAX = 4096
-"""Tasks whose last notified state is kept (the oldest go first)."""
+"""Tasks whose last notified states are kept (the oldest go first)."""
+HISTORY_PER_TASK = 8
+"""Notified states kept per task (the newest): a task changes a few times a second at most."""
 WATCHED_LATELY_SECONDS = 10.0
 """Notified states are kept only while a WatchTask call came within this long: a workload
 without watchers does not pay for parsing every notification."""
@@ -67,6 +78,16 @@ def record_from_notice(entry: dict[str, Any]) -> TaskRecord:
         if row.get(name) is not None:
             row[name] = datetime.fromisoformat(row[name])
     return TaskRecord.from_row(row)
+
+
+def _record_of(entry: dict[str, Any]) -> TaskRecord | None:
+    """The task an entry carries, or ``None`` (too long to be notified whole, or malformed)."""
+    if "algorithm" not in entry:
+        return None
+    try:
+        return record_from_notice(entry)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def parse_status_payload(payload: str, wanted: Container[str] | None = None) -> list[Change]:
@@ -136,8 +157,13 @@ class WatchHub:
         self._subscribers: dict[str, set[Subscription]] = {}
         self._task: asyncio.Task[None] | None = None
         self._first_attempt = asyncio.Event()
-        self._recent: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
-        """Task id → (monotonic time, last notification entry), oldest first."""
+        self._recent: OrderedDict[str, deque[tuple[float, dict[str, Any]]]] = OrderedDict()
+        """Task id → its last notification entries with the (monotonic) time each came;
+        tasks oldest first."""
+        self._dropped_at = -math.inf
+        """When the newest kept state that was dropped early (overflow, reconnect) came."""
+        self._catching_up = 0
+        """Open ``catching_up()`` blocks: while any is, every notified state is kept."""
         self._watched_at = -WATCHED_LATELY_SECONDS
         self._dispatching: set[asyncio.Task[None]] = set()
 
@@ -171,17 +197,27 @@ class WatchHub:
         """The task's last notified state, if it is fresh and ``owner`` (``None``: anyone) may
         see it; else ``None`` (read the table). Look it up right after ``subscribe``."""
         found = self._recent.get(task_id)
-        if found is None or self._clock() - found[0] > RECENT_SECONDS:
+        if found is None or self._clock() - found[-1][0] > RECENT_SECONDS:
             return None
-        try:
-            record = record_from_notice(found[1])
-        except (KeyError, TypeError, ValueError):
+        record = _record_of(found[-1][1])
+        if record is None:  # too long to be notified whole: read it
             return None
         return record if owner is None or record.client_id == owner else None
 
+    @contextlib.contextmanager
+    def catching_up(self) -> Iterator[float]:
+        """Keep every notified state while the block runs; yields the mark to pass to
+        ``subscribe(..., since=mark)`` once the task's id is known (before the block ends)."""
+        self._catching_up += 1
+        try:
+            yield self._clock()
+        finally:
+            self._catching_up -= 1
+
     def _remember(self, payload: str, now: float) -> None:
         if not payload.startswith("["):
-            return  # the pre-0006 form carries no records
+            self._dropped_at = now  # the pre-0006 form carries no records: unknown, read
+            return
         try:
             entries = json.loads(payload)
         except ValueError:
@@ -189,18 +225,32 @@ class WatchHub:
         for entry in entries if isinstance(entries, list) else []:
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
                 continue
-            if "algorithm" in entry:
-                self._recent[entry["id"]] = (now, entry)
+            # An entry without the record (too long to be notified whole) is kept too: it says
+            # the task changed, and whoever needs it reads the task.
+            states = self._recent.get(entry["id"])
+            if states is None:
+                states = self._recent[entry["id"]] = deque()
+            else:
                 self._recent.move_to_end(entry["id"])
-            else:  # too long to be notified whole: unknown, read it
-                self._recent.pop(entry["id"], None)
+            if len(states) == HISTORY_PER_TASK:
+                self._dropped_at = max(self._dropped_at, states.popleft()[0])
+            states.append((now, entry))
         while len(self._recent) > RECENT_MAX:
-            self._recent.popitem(last=False)
+            _, states = self._recent.popitem(last=False)
+            self._dropped_at = max(self._dropped_at, states[-1][0])
+
+    def _forget_all(self) -> None:
+        self._recent.clear()
+        self._dropped_at = self._clock()  # a catch-up open now has lost what it kept
 
     @contextlib.contextmanager
-    def subscribe(self, task_id: str) -> Iterator[Subscription]:
+    def subscribe(self, task_id: str, *, since: float | None = None) -> Iterator[Subscription]:
+        """Every change of the task from now on; with ``since`` (a ``catching_up()`` mark,
+        that block still open), first the changes notified since the mark, in order."""
         self._watched_at = self._clock()
         sub = Subscription(task_id)
+        if since is not None:
+            self._replay(sub, since)
         self._subscribers.setdefault(task_id, set()).add(sub)
         try:
             yield sub
@@ -211,12 +261,26 @@ class WatchHub:
                 if not subs:
                     del self._subscribers[task_id]
 
+    def _replay(self, sub: Subscription, since: float) -> None:
+        if self._dropped_at >= since:
+            sub.put(None)  # some state since the mark may be gone: read the task
+            return
+        for at, entry in self._recent.get(sub.task_id, ()):
+            if at < since:
+                continue
+            record = _record_of(entry)
+            try:
+                status = TaskStatus(entry["status"])
+            except (KeyError, ValueError):
+                record = None
+            sub.put((status, record) if record is not None else None)
+
     async def _run(self) -> None:
         failures = 0
         while True:
             try:
                 if not self._listener.connected:
-                    self._recent.clear()  # whatever was notified meanwhile is unknown
+                    self._forget_all()  # whatever was notified meanwhile is unknown
                     try:
                         await self._listener.connect()
                     finally:
@@ -236,7 +300,7 @@ class WatchHub:
                 await asyncio.sleep(STATEMENT.delay(failures))
                 continue
             now = self._clock()
-            if notes and now - self._watched_at < WATCHED_LATELY_SECONDS:
+            if notes and (self._catching_up or now - self._watched_at < WATCHED_LATELY_SECONDS):
                 for _, payload in notes:
                     self._remember(payload, now)
             if notes and self._subscribers:
@@ -288,7 +352,7 @@ class WatchHub:
                 sub.put((status, record) if record is not None else None)
 
     def _resync_all(self) -> None:
-        self._recent.clear()
+        self._forget_all()
         for subs in self._subscribers.values():
             for sub in subs:
                 sub.put(None)

@@ -4,6 +4,8 @@ replica, so another peer's calls go through, and the operator still gets in."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import pytest
 
@@ -31,8 +33,15 @@ def _refused_with_retry_info(result: StreamResult) -> bool:
     )
 
 
-def _attack(address: str, method: str, held: int, message: bytes | None = None) -> None:
-    """Hold ``STREAMS`` streams of ``method``; all but ``held`` must be refused as over budget."""
+def _attack(
+    address: str,
+    method: str,
+    held: int,
+    message: bytes | None = None,
+    others: Callable[[], None] | None = None,
+) -> None:
+    """Hold ``STREAMS`` streams of ``method``; all but ``held`` must be refused as over budget.
+    ``others`` checks more of what other peers see while the streams are held."""
     connections, results = hold_streams(
         address, ATTACKER, method, STREAMS, message=message, end=message is not None
     )
@@ -42,6 +51,8 @@ def _attack(address: str, method: str, held: int, message: bytes | None = None) 
         codes = hash_codes(address, 300)
         assert ok_share(codes) >= 0.99, {c: codes.count(c) for c in set(codes)}
         assert ok_share(stream_codes(address, 10)) == 1.0
+        if others is not None:
+            others()
         answered = [r for r in results if r.ended.is_set()]
         assert len(answered) == STREAMS - held  # the rest are held open
         refused = [r for r in answered if _refused_with_retry_info(r)]
@@ -86,4 +97,39 @@ def test_held_watch_streams_leave_other_peers_alone(dsn: str, procs: Processes) 
         )
     watch = task_pb2.WatchTaskRequest(id=task.id).SerializeToString()
     _attack(address, "/hashmesh.v1.TaskService/WatchTask", held=256, message=watch)
+    assert admin_answers(balancer.addresses["balancer admin"])
+
+
+def test_held_submit_and_watch_streams_leave_other_peers_alone(dsn: str, procs: Processes) -> None:
+    """SubmitAndWatchTask is a watch for the budgets: one peer holding thousands is refused
+    beyond its watch budget, as with WatchTask, while other peers are served."""
+    replicas = [procs.hashd(dsn) for _ in range(2)]
+    balancer = procs.balancer(
+        [r.address for r in replicas], env={"HASHMESH_BALANCER_MAX_IN_FLIGHT": "64"}
+    )
+    # One idempotency key: the streams let in share one task, which no worker runs.
+    submit = task_pb2.SubmitAndWatchTaskRequest(
+        spec=task_pb2.TaskSpec(algorithm=1, data=b"held", idempotency_key="held")
+    ).SerializeToString()
+    address = balancer.addresses["balancer"]
+
+    def another_peer_submits_and_watches() -> None:
+        with grpc.insecure_channel(address) as channel:
+            call = task_pb2_grpc.TaskServiceStub(channel).SubmitAndWatchTask(
+                task_pb2.SubmitAndWatchTaskRequest(
+                    spec=task_pb2.TaskSpec(algorithm=1, data=b"not held")
+                ),
+                timeout=20,
+            )
+            first = next(call)
+            call.cancel()
+        assert first.created and first.task.client_id == "ip:127.0.0.1"
+
+    _attack(
+        address,
+        "/hashmesh.v1.TaskService/SubmitAndWatchTask",
+        held=256,
+        message=submit,
+        others=another_peer_submits_and_watches,
+    )
     assert admin_answers(balancer.addresses["balancer admin"])

@@ -327,3 +327,13 @@ def test_bench_counts_failures_by_status(cli_mesh: Mesh) -> None:
     assert report["statusCodeDistribution"] == {"InvalidArgument": 6}
     [(error, count)] = report["errorDistribution"].items()
     assert error.startswith("rpc error: code = InvalidArgument desc = ") and count == 6
+
+
+def test_submit_wait_with_a_key_twice_is_one_task(cli_mesh: Mesh) -> None:
+    """``submit --wait`` is one SubmitAndWatchTask call; a key replays the first task."""
+    key = f"cli-{uuid.uuid4().hex[:8]}"
+    args = ("submit", "sha256", "once", "--idempotency-key", key, "--wait", "--wait-timeout", "30")
+    first = hashctl_json(*on(cli_mesh), *args)
+    again = hashctl_json(*on(cli_mesh), *args)
+    assert first["status"] == again["status"] == "succeeded" and first["id"] == again["id"]
+    assert again["result"]["encoded"] == hashlib.sha256(b"once").hexdigest()

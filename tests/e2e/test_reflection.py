@@ -138,7 +138,7 @@ def test_grpcurl_lists_and_describes_every_method_while_rate_limited(
         text = grpcurl("-plaintext", address, "describe", method)
         assert comment and comment in text, (method, comment, text)
         described += 1
-    assert described == 4 + 8 + 2 + 7
+    assert described == 4 + 9 + 2 + 7
     assert "Argon2Params" in grpcurl("-plaintext", address, "describe", "hashmesh.v1.Argon2Params")
 
     # Still limited afterwards: reflection did not refill or bypass the bucket for real calls.

@@ -18,6 +18,7 @@ from hashmesh.balancer.budgets import (
     PeerHolding,
     check_metadata,
 )
+from hashmesh.balancer.proxy import SERVER_STREAM, method_kinds
 from hashmesh.balancer.state import StateFile
 from hashmesh.core.errors import InvalidArgument
 from hashmesh.core.settings import SettingsError
@@ -171,3 +172,11 @@ def test_attempt_timeout_applies_to_idempotent_methods_within_the_deadline() -> 
     assert not attempt.expired(expired, "/s/Other", None)
     assert not attempt.expired(grpc.StatusCode.UNAVAILABLE, "/s/Idem", None)
     assert AttemptTimeout(0, ["/s/Idem"]).cap("/s/Idem", None) is None
+
+
+def test_submit_and_watch_is_held_as_a_watch_stream() -> None:
+    """The balancer picks each method's budget from its kind in the contract: SubmitAndWatchTask
+    streams responses, so it counts against the watch budgets with WatchTask."""
+    kinds = method_kinds()
+    for method in ("WatchTask", "SubmitAndWatchTask"):
+        assert kinds[f"/hashmesh.v1.TaskService/{method}"] == SERVER_STREAM

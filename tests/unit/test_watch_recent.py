@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, TypeVar
 
 from hashmesh.core.queue.memory import MemoryListener, MemoryTaskStore
-from hashmesh.core.queue.model import Completion, NewTask, TaskRecord
+from hashmesh.core.queue.model import Completion, NewTask, TaskRecord, TaskStatus
 from hashmesh.core.queue.store import NOTIFY_STATUS
-from hashmesh.hashd.watch import RECENT_SECONDS, WATCHED_LATELY_SECONDS, WatchHub
+from hashmesh.hashd.watch import RECENT_MAX, RECENT_SECONDS, WATCHED_LATELY_SECONDS, WatchHub
 
 T = TypeVar("T")
 
@@ -117,5 +118,51 @@ def test_a_task_notified_without_its_record_or_a_lost_connection_is_read_again()
             listener.drop()  # changes may be missed until the hub reconnects
             listener._arrived.set()  # wake the hub, which finds the connection gone
             await until(lambda: hub.recent(second.id, owner=None) is None)
+
+    with_hub(body)
+
+
+def test_a_catch_up_replays_the_states_notified_before_the_subscription() -> None:
+    """SubmitAndWatchTask learns its task's id only after the insert: what the hub was notified
+    of since the catch-up began reaches the subscription first, in order, then live changes."""
+
+    async def body(
+        hub: WatchHub, listener: MemoryListener, store: MemoryTaskStore, clock: Clock
+    ) -> None:
+        done = await finished_task(store)
+        pending = replace(done, status=TaskStatus.PENDING, result_encoded=None)
+        running = replace(done, status=TaskStatus.RUNNING, result_encoded=None)
+        await delivered(hub, listener, notice(pending))  # before: not replayed
+        clock.now += 0.001  # after the hub's first connection (which forgets everything)
+        with hub.catching_up() as mark:
+            await delivered(hub, listener, notice(running))
+            await delivered(hub, listener, notice(done))
+            with hub.subscribe(done.id, since=mark) as sub:
+                replayed = [await sub.next(1), await sub.next(1)]
+                assert replayed == [(TaskStatus.RUNNING, running), (TaskStatus.SUCCEEDED, done)]
+                await delivered(hub, listener, notice(done))  # live, after the replay
+                assert await sub.next(1) == (TaskStatus.SUCCEEDED, done)
+
+    with_hub(body)
+
+
+def test_a_catch_up_that_may_have_lost_states_asks_for_a_read() -> None:
+    async def body(
+        hub: WatchHub, listener: MemoryListener, store: MemoryTaskStore, clock: Clock
+    ) -> None:
+        done = await finished_task(store)
+        clock.now += 0.001
+        with hub.catching_up() as mark:
+            await delivered(hub, listener, notice(done))
+            # More tasks notified than the hub keeps: the oldest, ours, is dropped.
+            others = [replace(done, id=str(uuid.uuid4())) for _ in range(RECENT_MAX)]
+            await delivered(hub, listener, json.dumps([json.loads(notice(o))[0] for o in others]))
+            with hub.subscribe(done.id, since=mark) as sub:
+                assert await sub.next(1) is None  # read the task
+        clock.now += 0.001
+        with hub.catching_up() as mark:  # a later catch-up is whole again
+            await delivered(hub, listener, notice(done))
+            with hub.subscribe(done.id, since=mark) as sub:
+                assert await sub.next(1) == (TaskStatus.SUCCEEDED, done)
 
     with_hub(body)

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from hashmesh.v1 import common_pb2 as hashmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hashmesh/v1/task.proto\x12\x0bhashmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18hashmesh/v1/common.proto\"\xde\x01\n\x08TaskSpec\x12)\n\talgorithm\x18\x01 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12)\n\x06\x61rgon2\x18\x03 \x01(\x0b\x32\x19.hashmesh.v1.Argon2Params\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12-\n\trun_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"\x87\x04\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\talgorithm\x18\x02 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.hashmesh.v1.TaskStatus\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\x12\x11\n\tclient_id\x18\x07 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\'\n\x06result\x18\t \x01(\x0b\x32\x17.hashmesh.v1.HashResult\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x12\n\ninput_size\x18\x0b \x01(\x03\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\trun_after\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06worker\x18\x10 \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x11 \x01(\x08\"K\n\x11SubmitTaskRequest\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.hashmesh.v1.TaskSpec\x12\x11\n\tclient_id\x18\x02 \x01(\t\"F\n\x12SubmitTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.hashmesh.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"M\n\x12SubmitTasksRequest\x12$\n\x05specs\x18\x01 \x03(\x0b\x32\x15.hashmesh.v1.TaskSpec\x12\x11\n\tclient_id\x18\x02 \x01(\t\"H\n\x13SubmitTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.hashmesh.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x03(\x08\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"2\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.hashmesh.v1.Task\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.hashmesh.v1.Task\"\xa2\x01\n\x10ListTasksRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12)\n\x08statuses\x18\x02 \x03(\x0e\x32\x17.hashmesh.v1.TaskStatus\x12)\n\talgorithm\x18\x03 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.hashmesh.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.hashmesh.v1.Task\" \n\x12RequeueTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x13RequeueTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.hashmesh.v1.Task\"\x16\n\x14GetQueueStatsRequest\"E\n\x0bStatusCount\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.hashmesh.v1.TaskStatus\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xce\x01\n\nWorkerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x11\n\tprocessed\x18\x07 \x01(\x03\x12\r\n\x05\x61live\x18\x08 \x01(\x08\"\xd8\x01\n\x15GetQueueStatsResponse\x12(\n\x06\x63ounts\x18\x01 \x03(\x0b\x32\x18.hashmesh.v1.StatusCount\x12\x35\n\x12oldest_pending_age\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rworkers_alive\x18\x03 \x01(\x05\x12\x1d\n\x15\x63ompleted_last_minute\x18\x04 \x01(\x03\x12(\n\x07workers\x18\x05 \x03(\x0b\x32\x17.hashmesh.v1.WorkerInfo*\xc8\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x18\n\x14TASK_STATUS_RETRYING\x10\x03\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x12\x1b\n\x17TASK_STATUS_DEAD_LETTER\x10\x06\x32\x87\x05\n\x0bTaskService\x12M\n\nSubmitTask\x12\x1e.hashmesh.v1.SubmitTaskRequest\x1a\x1f.hashmesh.v1.SubmitTaskResponse\x12P\n\x0bSubmitTasks\x12\x1f.hashmesh.v1.SubmitTasksRequest\x1a .hashmesh.v1.SubmitTasksResponse\x12\x44\n\x07GetTask\x12\x1b.hashmesh.v1.GetTaskRequest\x1a\x1c.hashmesh.v1.GetTaskResponse\x12L\n\tWatchTask\x12\x1d.hashmesh.v1.WatchTaskRequest\x1a\x1e.hashmesh.v1.WatchTaskResponse0\x01\x12J\n\tListTasks\x12\x1d.hashmesh.v1.ListTasksRequest\x1a\x1e.hashmesh.v1.ListTasksResponse\x12M\n\nCancelTask\x12\x1e.hashmesh.v1.CancelTaskRequest\x1a\x1f.hashmesh.v1.CancelTaskResponse\x12P\n\x0bRequeueTask\x12\x1f.hashmesh.v1.RequeueTaskRequest\x1a .hashmesh.v1.RequeueTaskResponse\x12V\n\rGetQueueStats\x12!.hashmesh.v1.GetQueueStatsRequest\x1a\".hashmesh.v1.GetQueueStatsResponseBJ\n\x0f\x64\x65v.hashmesh.v1B\tTaskProtoP\x01Z*hashmesh.dev/gen/go/hashmesh/v1;hashmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hashmesh/v1/task.proto\x12\x0bhashmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18hashmesh/v1/common.proto\"\xde\x01\n\x08TaskSpec\x12)\n\talgorithm\x18\x01 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12)\n\x06\x61rgon2\x18\x03 \x01(\x0b\x32\x19.hashmesh.v1.Argon2Params\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12-\n\trun_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"\x87\x04\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\talgorithm\x18\x02 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.hashmesh.v1.TaskStatus\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\x12\x11\n\tclient_id\x18\x07 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\'\n\x06result\x18\t \x01(\x0b\x32\x17.hashmesh.v1.HashResult\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x12\n\ninput_size\x18\x0b \x01(\x03\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\trun_after\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06worker\x18\x10 \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x11 \x01(\x08\"K\n\x11SubmitTaskRequest\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.hashmesh.v1.TaskSpec\x12\x11\n\tclient_id\x18\x02 \x01(\t\"F\n\x12SubmitTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.hashmesh.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"M\n\x12SubmitTasksRequest\x12$\n\x05specs\x18\x01 \x03(\x0b\x32\x15.hashmesh.v1.TaskSpec\x12\x11\n\tclient_id\x18\x02 \x01(\t\"H\n\x13SubmitTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.hashmesh.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x03(\x08\"S\n\x19SubmitAndWatchTaskRequest\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.hashmesh.v1.TaskSpec\x12\x11\n\tclient_id\x18\x02 \x01(\t\"N\n\x1aSubmitAndWatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.hashmesh.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"2\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.hashmesh.v1.Task\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.hashmesh.v1.Task\"\xa2\x01\n\x10ListTasksRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12)\n\x08statuses\x18\x02 \x03(\x0e\x32\x17.hashmesh.v1.TaskStatus\x12)\n\talgorithm\x18\x03 \x01(\x0e\x32\x16.hashmesh.v1.Algorithm\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.hashmesh.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.hashmesh.v1.Task\" \n\x12RequeueTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x13RequeueTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.hashmesh.v1.Task\"\x16\n\x14GetQueueStatsRequest\"E\n\x0bStatusCount\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.hashmesh.v1.TaskStatus\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xce\x01\n\nWorkerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x11\n\tprocessed\x18\x07 \x01(\x03\x12\r\n\x05\x61live\x18\x08 \x01(\x08\"\xd8\x01\n\x15GetQueueStatsResponse\x12(\n\x06\x63ounts\x18\x01 \x03(\x0b\x32\x18.hashmesh.v1.StatusCount\x12\x35\n\x12oldest_pending_age\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rworkers_alive\x18\x03 \x01(\x05\x12\x1d\n\x15\x63ompleted_last_minute\x18\x04 \x01(\x03\x12(\n\x07workers\x18\x05 \x03(\x0b\x32\x17.hashmesh.v1.WorkerInfo*\xc8\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x18\n\x14TASK_STATUS_RETRYING\x10\x03\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x12\x1b\n\x17TASK_STATUS_DEAD_LETTER\x10\x06\x32\xf0\x05\n\x0bTaskService\x12M\n\nSubmitTask\x12\x1e.hashmesh.v1.SubmitTaskRequest\x1a\x1f.hashmesh.v1.SubmitTaskResponse\x12P\n\x0bSubmitTasks\x12\x1f.hashmesh.v1.SubmitTasksRequest\x1a .hashmesh.v1.SubmitTasksResponse\x12\x44\n\x07GetTask\x12\x1b.hashmesh.v1.GetTaskRequest\x1a\x1c.hashmesh.v1.GetTaskResponse\x12L\n\tWatchTask\x12\x1d.hashmesh.v1.WatchTaskRequest\x1a\x1e.hashmesh.v1.WatchTaskResponse0\x01\x12g\n\x12SubmitAndWatchTask\x12&.hashmesh.v1.SubmitAndWatchTaskRequest\x1a\'.hashmesh.v1.SubmitAndWatchTaskResponse0\x01\x12J\n\tListTasks\x12\x1d.hashmesh.v1.ListTasksRequest\x1a\x1e.hashmesh.v1.ListTasksResponse\x12M\n\nCancelTask\x12\x1e.hashmesh.v1.CancelTaskRequest\x1a\x1f.hashmesh.v1.CancelTaskResponse\x12P\n\x0bRequeueTask\x12\x1f.hashmesh.v1.RequeueTaskRequest\x1a .hashmesh.v1.RequeueTaskResponse\x12V\n\rGetQueueStats\x12!.hashmesh.v1.GetQueueStatsRequest\x1a\".hashmesh.v1.GetQueueStatsResponseBJ\n\x0f\x64\x65v.hashmesh.v1B\tTaskProtoP\x01Z*hashmesh.dev/gen/go/hashmesh/v1;hashmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hashmesh.v1.task_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.hashmesh.v1B\tTaskProtoP\001Z*hashmesh.dev/gen/go/hashmesh/v1;hashmeshv1'
-  _globals['_TASKSTATUS']._serialized_start=2294
-  _globals['_TASKSTATUS']._serialized_end=2494
+  _globals['_TASKSTATUS']._serialized_start=2459
+  _globals['_TASKSTATUS']._serialized_end=2659
   _globals['_TASKSPEC']._serialized_start=131
   _globals['_TASKSPEC']._serialized_end=353
   _globals['_TASK']._serialized_start=356
@@ -49,34 +49,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITTASKSREQUEST']._serialized_end=1103
   _globals['_SUBMITTASKSRESPONSE']._serialized_start=1105
   _globals['_SUBMITTASKSRESPONSE']._serialized_end=1177
-  _globals['_GETTASKREQUEST']._serialized_start=1179
-  _globals['_GETTASKREQUEST']._serialized_end=1207
-  _globals['_GETTASKRESPONSE']._serialized_start=1209
-  _globals['_GETTASKRESPONSE']._serialized_end=1259
-  _globals['_WATCHTASKREQUEST']._serialized_start=1261
-  _globals['_WATCHTASKREQUEST']._serialized_end=1291
-  _globals['_WATCHTASKRESPONSE']._serialized_start=1293
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1345
-  _globals['_LISTTASKSREQUEST']._serialized_start=1348
-  _globals['_LISTTASKSREQUEST']._serialized_end=1510
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1512
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1590
-  _globals['_CANCELTASKREQUEST']._serialized_start=1592
-  _globals['_CANCELTASKREQUEST']._serialized_end=1623
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1625
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1678
-  _globals['_REQUEUETASKREQUEST']._serialized_start=1680
-  _globals['_REQUEUETASKREQUEST']._serialized_end=1712
-  _globals['_REQUEUETASKRESPONSE']._serialized_start=1714
-  _globals['_REQUEUETASKRESPONSE']._serialized_end=1768
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1770
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1792
-  _globals['_STATUSCOUNT']._serialized_start=1794
-  _globals['_STATUSCOUNT']._serialized_end=1863
-  _globals['_WORKERINFO']._serialized_start=1866
-  _globals['_WORKERINFO']._serialized_end=2072
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=2075
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=2291
-  _globals['_TASKSERVICE']._serialized_start=2497
-  _globals['_TASKSERVICE']._serialized_end=3144
+  _globals['_SUBMITANDWATCHTASKREQUEST']._serialized_start=1179
+  _globals['_SUBMITANDWATCHTASKREQUEST']._serialized_end=1262
+  _globals['_SUBMITANDWATCHTASKRESPONSE']._serialized_start=1264
+  _globals['_SUBMITANDWATCHTASKRESPONSE']._serialized_end=1342
+  _globals['_GETTASKREQUEST']._serialized_start=1344
+  _globals['_GETTASKREQUEST']._serialized_end=1372
+  _globals['_GETTASKRESPONSE']._serialized_start=1374
+  _globals['_GETTASKRESPONSE']._serialized_end=1424
+  _globals['_WATCHTASKREQUEST']._serialized_start=1426
+  _globals['_WATCHTASKREQUEST']._serialized_end=1456
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1458
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1510
+  _globals['_LISTTASKSREQUEST']._serialized_start=1513
+  _globals['_LISTTASKSREQUEST']._serialized_end=1675
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1677
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1755
+  _globals['_CANCELTASKREQUEST']._serialized_start=1757
+  _globals['_CANCELTASKREQUEST']._serialized_end=1788
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1790
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1843
+  _globals['_REQUEUETASKREQUEST']._serialized_start=1845
+  _globals['_REQUEUETASKREQUEST']._serialized_end=1877
+  _globals['_REQUEUETASKRESPONSE']._serialized_start=1879
+  _globals['_REQUEUETASKRESPONSE']._serialized_end=1933
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1935
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1957
+  _globals['_STATUSCOUNT']._serialized_start=1959
+  _globals['_STATUSCOUNT']._serialized_end=2028
+  _globals['_WORKERINFO']._serialized_start=2031
+  _globals['_WORKERINFO']._serialized_end=2237
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=2240
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=2456
+  _globals['_TASKSERVICE']._serialized_start=2662
+  _globals['_TASKSERVICE']._serialized_end=3414
 # @@protoc_insertion_point(module_scope)

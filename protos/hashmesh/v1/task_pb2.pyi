@@ -336,6 +336,64 @@ class SubmitTasksResponse(_message.Message):
 Global___SubmitTasksResponse: _TypeAlias = SubmitTasksResponse  # noqa: Y015
 
 @_typing.final
+class SubmitAndWatchTaskRequest(_message.Message):
+    """SubmitAndWatchTaskRequest queues one task and watches it (the fields of SubmitTaskRequest)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    """Leave empty; see SubmitTaskRequest.client_id."""
+    @_builtins.property
+    def spec(self) -> Global___TaskSpec:
+        """The work to queue."""
+
+    def __init__(
+        self,
+        *,
+        spec: Global___TaskSpec | None = ...,
+        client_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitAndWatchTaskRequest: _TypeAlias = SubmitAndWatchTaskRequest  # noqa: Y015
+
+@_typing.final
+class SubmitAndWatchTaskResponse(_message.Message):
+    """SubmitAndWatchTaskResponse is one state of the submitted task."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when an earlier task with the same idempotency key was returned instead (the same
+    value in every message of the stream).
+    """
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task: as stored in the first message, then after each change of status."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitAndWatchTaskResponse: _TypeAlias = SubmitAndWatchTaskResponse  # noqa: Y015
+
+@_typing.final
 class GetTaskRequest(_message.Message):
     """GetTaskRequest names a task."""
 

@@ -40,18 +40,20 @@ class TaskServiceStub:
     docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
     except those gRPC itself sends; CODE REASON: methods (details).
     - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
-    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks, SubmitAndWatchTask (BadRequest).
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
-    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks (ResourceInfo).
+    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks, SubmitAndWatchTask
+    (ResourceInfo).
     - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
-    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks, SubmitAndWatchTask
+    (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
-    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
-    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
@@ -59,7 +61,8 @@ class TaskServiceStub:
     - UNAUTHENTICATED API_KEY_INVALID: every method.
     - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
     - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
-    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, ListTasks.
+    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, SubmitAndWatchTask,
+    ListTasks.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -90,6 +93,11 @@ class TaskServiceStub:
                 '/hashmesh.v1.TaskService/WatchTask',
                 request_serializer=hashmesh_dot_v1_dot_task__pb2.WatchTaskRequest.SerializeToString,
                 response_deserializer=hashmesh_dot_v1_dot_task__pb2.WatchTaskResponse.FromString,
+                _registered_method=True)
+        self.SubmitAndWatchTask = channel.unary_stream(
+                '/hashmesh.v1.TaskService/SubmitAndWatchTask',
+                request_serializer=hashmesh_dot_v1_dot_task__pb2.SubmitAndWatchTaskRequest.SerializeToString,
+                response_deserializer=hashmesh_dot_v1_dot_task__pb2.SubmitAndWatchTaskResponse.FromString,
                 _registered_method=True)
         self.ListTasks = channel.unary_unary(
                 '/hashmesh.v1.TaskService/ListTasks',
@@ -128,18 +136,20 @@ class TaskServiceServicer:
     docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
     except those gRPC itself sends; CODE REASON: methods (details).
     - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
-    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks, SubmitAndWatchTask (BadRequest).
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
-    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks (ResourceInfo).
+    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks, SubmitAndWatchTask
+    (ResourceInfo).
     - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
-    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks, SubmitAndWatchTask
+    (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
-    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
-    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
@@ -147,7 +157,8 @@ class TaskServiceServicer:
     - UNAUTHENTICATED API_KEY_INVALID: every method.
     - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
     - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
-    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, ListTasks.
+    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, SubmitAndWatchTask,
+    ListTasks.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -182,6 +193,20 @@ class TaskServiceServicer:
     def WatchTask(self, request, context):
         """WatchTask streams the task's current state, then every change of status, and ends after
         the task reaches a final state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitAndWatchTask(self, request, context):
+        """SubmitAndWatchTask queues one task and streams its states until the final one, in one
+        call: the same validation, tenancy, idempotency keys, limits and errors as SubmitTask
+        followed by WatchTask, one round trip fewer. The first message is the task as SubmitTask
+        would have answered it (with `created`): once it arrives the task is accepted, and a
+        client that loses the stream afterwards keeps the task id and can WatchTask or GetTask
+        it. Then every change of status, ending after a final state; no state after acceptance is
+        missed. Cancelling the call (or its deadline) ends the stream, never the task. Safe to
+        send again only with `spec.idempotency_key` set, as SubmitTask.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -242,6 +267,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     request_deserializer=hashmesh_dot_v1_dot_task__pb2.WatchTaskRequest.FromString,
                     response_serializer=hashmesh_dot_v1_dot_task__pb2.WatchTaskResponse.SerializeToString,
             ),
+            'SubmitAndWatchTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubmitAndWatchTask,
+                    request_deserializer=hashmesh_dot_v1_dot_task__pb2.SubmitAndWatchTaskRequest.FromString,
+                    response_serializer=hashmesh_dot_v1_dot_task__pb2.SubmitAndWatchTaskResponse.SerializeToString,
+            ),
             'ListTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTasks,
                     request_deserializer=hashmesh_dot_v1_dot_task__pb2.ListTasksRequest.FromString,
@@ -285,18 +315,20 @@ class TaskService:
     docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
     except those gRPC itself sends; CODE REASON: methods (details).
     - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
-    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks, SubmitAndWatchTask (BadRequest).
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
-    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks (ResourceInfo).
+    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks, SubmitAndWatchTask
+    (ResourceInfo).
     - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
-    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks, SubmitAndWatchTask
+    (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
-    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
-    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
@@ -304,7 +336,8 @@ class TaskService:
     - UNAUTHENTICATED API_KEY_INVALID: every method.
     - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
     - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
-    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, ListTasks.
+    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, SubmitAndWatchTask,
+    ListTasks.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -408,6 +441,33 @@ class TaskService:
             '/hashmesh.v1.TaskService/WatchTask',
             hashmesh_dot_v1_dot_task__pb2.WatchTaskRequest.SerializeToString,
             hashmesh_dot_v1_dot_task__pb2.WatchTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitAndWatchTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hashmesh.v1.TaskService/SubmitAndWatchTask',
+            hashmesh_dot_v1_dot_task__pb2.SubmitAndWatchTaskRequest.SerializeToString,
+            hashmesh_dot_v1_dot_task__pb2.SubmitAndWatchTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,18 +41,20 @@ class TaskServiceStub:
     docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
     except those gRPC itself sends; CODE REASON: methods (details).
     - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
-    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks, SubmitAndWatchTask (BadRequest).
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
-    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks (ResourceInfo).
+    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks, SubmitAndWatchTask
+      (ResourceInfo).
     - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
-    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks, SubmitAndWatchTask
+      (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
-    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
-    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
@@ -60,7 +62,8 @@ class TaskServiceStub:
     - UNAUTHENTICATED API_KEY_INVALID: every method.
     - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
     - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
-    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, ListTasks.
+    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, SubmitAndWatchTask,
+      ListTasks.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -85,6 +88,16 @@ class TaskServiceStub:
     WatchTask: _grpc.UnaryStreamMultiCallable[_task_pb2.WatchTaskRequest, _task_pb2.WatchTaskResponse]
     """WatchTask streams the task's current state, then every change of status, and ends after
     the task reaches a final state.
+    """
+    SubmitAndWatchTask: _grpc.UnaryStreamMultiCallable[_task_pb2.SubmitAndWatchTaskRequest, _task_pb2.SubmitAndWatchTaskResponse]
+    """SubmitAndWatchTask queues one task and streams its states until the final one, in one
+    call: the same validation, tenancy, idempotency keys, limits and errors as SubmitTask
+    followed by WatchTask, one round trip fewer. The first message is the task as SubmitTask
+    would have answered it (with `created`): once it arrives the task is accepted, and a
+    client that loses the stream afterwards keeps the task id and can WatchTask or GetTask
+    it. Then every change of status, ending after a final state; no state after acceptance is
+    missed. Cancelling the call (or its deadline) ends the stream, never the task. Safe to
+    send again only with `spec.idempotency_key` set, as SubmitTask.
     """
     ListTasks: _grpc.UnaryUnaryMultiCallable[_task_pb2.ListTasksRequest, _task_pb2.ListTasksResponse]
     """ListTasks lists the caller's tasks (an operator's: every client's), newest first,
@@ -118,18 +131,20 @@ class TaskServiceAsyncStub(TaskServiceStub):
     docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
     except those gRPC itself sends; CODE REASON: methods (details).
     - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
-    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks, SubmitAndWatchTask (BadRequest).
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
-    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks (ResourceInfo).
+    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks, SubmitAndWatchTask
+      (ResourceInfo).
     - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
-    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks, SubmitAndWatchTask
+      (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
-    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
-    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
@@ -137,7 +152,8 @@ class TaskServiceAsyncStub(TaskServiceStub):
     - UNAUTHENTICATED API_KEY_INVALID: every method.
     - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
     - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
-    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, ListTasks.
+    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, SubmitAndWatchTask,
+      ListTasks.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -159,6 +175,16 @@ class TaskServiceAsyncStub(TaskServiceStub):
     WatchTask: _aio.UnaryStreamMultiCallable[_task_pb2.WatchTaskRequest, _task_pb2.WatchTaskResponse]  # type: ignore[assignment]
     """WatchTask streams the task's current state, then every change of status, and ends after
     the task reaches a final state.
+    """
+    SubmitAndWatchTask: _aio.UnaryStreamMultiCallable[_task_pb2.SubmitAndWatchTaskRequest, _task_pb2.SubmitAndWatchTaskResponse]  # type: ignore[assignment]
+    """SubmitAndWatchTask queues one task and streams its states until the final one, in one
+    call: the same validation, tenancy, idempotency keys, limits and errors as SubmitTask
+    followed by WatchTask, one round trip fewer. The first message is the task as SubmitTask
+    would have answered it (with `created`): once it arrives the task is accepted, and a
+    client that loses the stream afterwards keeps the task id and can WatchTask or GetTask
+    it. Then every change of status, ending after a final state; no state after acceptance is
+    missed. Cancelling the call (or its deadline) ends the stream, never the task. Safe to
+    send again only with `spec.idempotency_key` set, as SubmitTask.
     """
     ListTasks: _aio.UnaryUnaryMultiCallable[_task_pb2.ListTasksRequest, _task_pb2.ListTasksResponse]  # type: ignore[assignment]
     """ListTasks lists the caller's tasks (an operator's: every client's), newest first,
@@ -191,18 +217,20 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     docs/errors.md). Every error carries google.rpc.ErrorInfo, domain "hashmesh.dev",
     except those gRPC itself sends; CODE REASON: methods (details).
     - INVALID_ARGUMENT INVALID_FIELD: every method (BadRequest).
-    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks (BadRequest).
+    - INVALID_ARGUMENT INPUT_TOO_LARGE: SubmitTask, SubmitTasks, SubmitAndWatchTask (BadRequest).
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - NOT_FOUND TASK_NOT_FOUND: GetTask, WatchTask, CancelTask, RequeueTask (ResourceInfo).
-    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks (ResourceInfo).
+    - ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED: SubmitTask, SubmitTasks, SubmitAndWatchTask
+      (ResourceInfo).
     - FAILED_PRECONDITION TASK_FINISHED: CancelTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_NOT_REQUEUEABLE: RequeueTask (PreconditionFailure).
     - FAILED_PRECONDITION TASK_INPUT_ERASED: RequeueTask (PreconditionFailure).
-    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks (PreconditionFailure).
+    - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks, SubmitAndWatchTask
+      (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
-    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
-    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks (RetryInfo).
+    - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
+    - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
@@ -210,7 +238,8 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     - UNAUTHENTICATED API_KEY_INVALID: every method.
     - UNAUTHENTICATED ADMIN_TOKEN_INVALID: every method.
     - UNAUTHENTICATED IDENTITY_STAMP_INVALID: every method.
-    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, ListTasks.
+    - PERMISSION_DENIED CLIENT_ID_NOT_CALLER: SubmitTask, SubmitTasks, SubmitAndWatchTask,
+      ListTasks.
     - DEADLINE_EXCEEDED DEADLINE_PASSED: every method.
     - UNIMPLEMENTED UNIMPLEMENTED: every method [sent by gRPC, no ErrorInfo].
     - INTERNAL INTERNAL: every method.
@@ -254,6 +283,22 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_task_pb2.WatchTaskResponse], _abc.AsyncIterator[_task_pb2.WatchTaskResponse]]:
         """WatchTask streams the task's current state, then every change of status, and ends after
         the task reaches a final state.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitAndWatchTask(
+        self,
+        request: _task_pb2.SubmitAndWatchTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_task_pb2.SubmitAndWatchTaskResponse], _abc.AsyncIterator[_task_pb2.SubmitAndWatchTaskResponse]]:
+        """SubmitAndWatchTask queues one task and streams its states until the final one, in one
+        call: the same validation, tenancy, idempotency keys, limits and errors as SubmitTask
+        followed by WatchTask, one round trip fewer. The first message is the task as SubmitTask
+        would have answered it (with `created`): once it arrives the task is accepted, and a
+        client that loses the stream afterwards keeps the task id and can WatchTask or GetTask
+        it. Then every change of status, ending after a final state; no state after acceptance is
+        missed. Cancelling the call (or its deadline) ends the stream, never the task. Safe to
+        send again only with `spec.idempotency_key` set, as SubmitTask.
         """
 
     @_abc_1.abstractmethod
