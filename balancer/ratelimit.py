@@ -22,6 +22,7 @@ from hashmesh.balancer.config import RateLimitSettings
 from hashmesh.balancer.ratelimit_fields import (
     DEFAULT_POLICY,
     OVERRIDE_POLICY,
+    near_exhaustion,
     policy_field,
     remaining_field,
 )
@@ -33,8 +34,8 @@ SWEEP_EVERY = 256
 
 
 class Allowance:
-    """What a call learns about its client's limit, sent back in the answer's initial metadata
-    as the IETF RateLimit fields (``balancer.ratelimit_fields``). (A plain class: a frozen
+    """What a call learns about its client's limit, sent back in the answer's metadata as the
+    IETF RateLimit fields (``balancer.ratelimit_fields``). (A plain class: a frozen
     dataclass costs a few microseconds per call to build.)"""
 
     __slots__ = ("policy", "quota", "remaining", "reset", "window")
@@ -54,10 +55,14 @@ class Allowance:
             remaining_field(self.policy, self.remaining, self.reset),
         )
 
+    @property
+    def near_exhaustion(self) -> bool:
+        return near_exhaustion(self.remaining, self.quota)
+
 
 class RateLimited(ResourceExhausted):
     """A refusal by the limiter: RetryInfo, ``retry-after`` and ``grpc-retry-pushback-ms``;
-    ``allowance`` (``r=0``) goes in the answer's initial metadata like any other answer's."""
+    ``allowance`` (``r=0``) goes in the answer's initial metadata and trailers."""
 
     def __init__(self, message: str, *, retry_after: float, allowance: Allowance) -> None:
         super().__init__(message, retry_after=retry_after, reason="RATE_LIMITED")
