@@ -690,14 +690,14 @@ async def _relay_error(
 async def _abort(context: Context, error: HashmeshError, reply: tuple[tuple[str, str], ...]) -> Any:
     """The balancer's own refusal, through the one gRPC edge; the rate-limit fields go in the
     headers (a client slowing down reads them there) and in the trailers, as on every answer."""
-    if reply:
-        status = to_grpc_status(error)
-        await abort_with(
-            context,
-            Relayed(status.code, status.details, tuple(status.trailing_metadata) + reply),
-            initial_metadata=reply,
-        )
-    await abort_with(context, error)
+    if not reply:
+        await abort_with(context, error)  # raises: the call ends here
+    status = to_grpc_status(error)
+    await abort_with(
+        context,
+        Relayed(status.code, status.details, tuple(status.trailing_metadata) + reply),
+        initial_metadata=reply,
+    )
 
 
 class Router(grpc.GenericRpcHandler):
