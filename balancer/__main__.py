@@ -7,7 +7,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 
-from hashmesh.balancer.config import STRATEGIES, BalancerSettings, parse_limit
+from hashmesh.balancer.config import RATELIMIT_HEADERS, STRATEGIES, BalancerSettings, parse_limit
 from hashmesh.core import logs
 from hashmesh.core.settings import SettingsError
 
@@ -54,6 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--rate-limit", help="default per-peer limit rate[/burst] (HASHMESH_BALANCER_RATE_LIMIT)"
+    )
+    parser.add_argument(
+        "--ratelimit-headers",
+        choices=RATELIMIT_HEADERS,
+        help="RateLimit fields in the headers of every unary answer (always) or only near "
+        "exhaustion (near, the default); trailers always carry them "
+        "(HASHMESH_BALANCER_RATELIMIT_HEADERS)",
     )
     parser.add_argument(
         "--state-file",
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                 backends_dns=_csv(args.backends_dns),
                 strategy=args.strategy,
                 rate_limit=parse_limit(args.rate_limit) if args.rate_limit else None,
+                ratelimit_headers=args.ratelimit_headers,
                 redis_url=args.redis_url,
                 api_keys_file=args.api_keys_file,
                 state_file=args.state_file,

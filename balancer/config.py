@@ -24,6 +24,7 @@ from hashmesh.core.settings import (
 from hashmesh.core.tls import ClientTls, ServerTls
 
 STRATEGIES = ("round_robin", "least_connections", "p2c_ewma", "consistent_hash")
+RATELIMIT_HEADERS = ("near", "always")
 
 # Safe to replay after UNAVAILABLE: they change nothing (HashStream is idempotent too, but a
 # stream cannot be replayed once a chunk was sent, so it is retried only before that).
@@ -174,6 +175,12 @@ class BalancerSettings:
     ``rate[/burst]``, ``--rate-limit``)."""
     rate_limit_overrides: dict[str, RateLimitSettings] = field(default_factory=dict)
     """Per-client limits (``BALANCER_RATE_LIMIT_OVERRIDES`` as ``id=rate[/burst],...``)."""
+    ratelimit_headers: str = "near"
+    """Where a unary answer carries the IETF RateLimit fields besides its trailers (which
+    always have them): ``near`` — also in the initial metadata once the caller's quota is close
+    to exhaustion (``balancer.ratelimit_fields.near_exhaustion``), and on every refusal;
+    ``always`` — in the initial metadata of every answer, which costs grpc.aio one more batch
+    per call (``BALANCER_RATELIMIT_HEADERS``, ``--ratelimit-headers``)."""
     trusted_proxies: tuple[str, ...] = ()
     """Addresses or CIDR ranges of proxies in front of the balancer whose ``x-client-id`` and
     ``x-forwarded-for`` are believed; empty: nobody's (``BALANCER_TRUSTED_PROXIES``, e.g.
@@ -237,6 +244,8 @@ class BalancerSettings:
             )
         if self.strategy not in STRATEGIES:
             raise SettingsError(f"HASHMESH_BALANCER_STRATEGY must be one of {STRATEGIES}")
+        if self.ratelimit_headers not in RATELIMIT_HEADERS:
+            raise SettingsError("HASHMESH_BALANCER_RATELIMIT_HEADERS must be near or always")
         if self.event_loop not in ("auto", "uvloop", "asyncio"):
             raise SettingsError("HASHMESH_BALANCER_EVENT_LOOP must be auto, uvloop or asyncio")
         try:
@@ -316,6 +325,7 @@ class BalancerSettings:
             max_attempts=env_int("BALANCER_MAX_ATTEMPTS", cls.max_attempts, minimum=1),
             rate_limit=parse_limit(limit) if limit else None,
             rate_limit_overrides=parse_overrides(env_list("BALANCER_RATE_LIMIT_OVERRIDES")),
+            ratelimit_headers=env_str("BALANCER_RATELIMIT_HEADERS", cls.ratelimit_headers).lower(),
             trusted_proxies=env_list("BALANCER_TRUSTED_PROXIES"),
             identity_secret=env_str("IDENTITY_SECRET", ""),
             limiter_table_size=env_int("BALANCER_LIMITER_TABLE_SIZE", cls.limiter_table_size),

@@ -91,7 +91,8 @@ class CallInfo:
         "metadata",
         "method",
         "operator",
-        "reply_metadata",
+        "ratelimit",
+        "unary_headers",
     )
 
     def __init__(self, method: str, address: str) -> None:
@@ -105,7 +106,12 @@ class CallInfo:
         self.client = ""
         self.operator = False
         self.metadata: list[tuple[str, str | bytes]] = []
-        self.reply_metadata: tuple[tuple[str, str], ...] = ()
+        self.ratelimit: tuple[tuple[str, str], ...] = ()
+        """The IETF RateLimit fields of the answer: in every answer's trailers, and in the
+        headers of refusals and streams."""
+        self.unary_headers: tuple[tuple[str, str], ...] = ()
+        """What a successful or relayed unary answer adds to its headers: ``ratelimit`` near
+        exhaustion (or always, by setting), else nothing (``balancer.ratelimit_fields``)."""
 
 
 def read_call(
@@ -151,7 +157,7 @@ def _host_of(peer: str) -> str:
 
 class CallInterceptor(Protocol):
     async def admit(self, call: CallInfo) -> None:
-        """Raise a ``HashmeshError`` to refuse the call; may add ``call.reply_metadata``."""
+        """Raise a ``HashmeshError`` to refuse the call; may set ``call.ratelimit``."""
 
 
 def _plain(
@@ -267,19 +273,23 @@ class Identify:
 
 class RateLimit:
     """One token from the caller's bucket; the allowance (IETF RateLimit fields) goes back in
-    the answer's initial metadata, refusals included."""
+    the answer's trailers, and in its headers on a refusal, on a stream, and on a unary answer
+    near exhaustion or when ``always_in_headers``."""
 
-    def __init__(self, limiter: RateLimiter) -> None:
+    def __init__(self, limiter: RateLimiter, *, always_in_headers: bool = False) -> None:
         self._limiter = limiter
+        self._always = always_in_headers
 
     async def admit(self, call: CallInfo) -> None:
         try:
             allowance = await self._limiter.admit(call.client)
         except RateLimited as refusal:
-            call.reply_metadata = refusal.allowance.metadata()
+            call.ratelimit = refusal.allowance.metadata()
             raise
         if allowance is not None:
-            call.reply_metadata = allowance.metadata()
+            fields = call.ratelimit = allowance.metadata()
+            if self._always or allowance.near_exhaustion:
+                call.unary_headers = fields
 
 
 class Stamp:
@@ -300,13 +310,14 @@ def build_chain(
     trusted_proxies: Sequence[str] = (),
     admin_token: str = "",
     identity_secret: str = "",
+    ratelimit_headers: str = "near",
 ) -> tuple[CallInterceptor, ...]:
     """The order of the interceptors, outermost first. Without a secret (only in-process
     tests: the daemon refuses to start without one) calls go unstamped."""
     trusted = TrustedProxies(parse_networks(trusted_proxies, "HASHMESH_BALANCER_TRUSTED_PROXIES"))
     chain: list[CallInterceptor] = [
         Identify(keys, trusted, admin_token, stats, limiter),
-        RateLimit(limiter),
+        RateLimit(limiter, always_in_headers=ratelimit_headers == "always"),
     ]
     if identity_secret:
         chain.append(Stamp(Stamper(identity_secret)))

@@ -42,7 +42,7 @@ from hashmesh.balancer.metrics import CallMetrics, MethodCalls
 from hashmesh.balancer.stats import BalancerStats
 from hashmesh.balancer.timeouts import AttemptTimeout, StreamIdle, idle_limited
 from hashmesh.balancer.tunnel import LOST, NOT_SENT, Tunnels
-from hashmesh.core.errors import HashmeshError, Unavailable
+from hashmesh.core.errors import HashmeshError, Unavailable, to_grpc_status
 from hashmesh.core.handlers import Context, Handler
 from hashmesh.core.rpc import abort_with
 from hashmesh.core.tunnel import INTERNAL_PREFIX, Reply
@@ -190,7 +190,7 @@ class Proxy:
             on_done = context.add_done_callback
             self.budgets.hold(call.client, kind, size, call.metadata, on_done)  # type: ignore[arg-type]
         except HashmeshError as error:
-            await _abort(context, error, call.reply_metadata)
+            await _abort(context, error, call.ratelimit)
         return call
 
     def _pick(self, call: CallInfo, tried: list[Replica], stream: bool = False) -> Replica:
@@ -285,8 +285,9 @@ class Proxy:
 
         async def forward(request: bytes, context: Context) -> bytes:
             """The one entry point of every proxied unary call."""
-            arrived = time.perf_counter()
-            if calls is not None:
+            arrived = 0.0
+            if calls is not None:  # no clock read when no metrics will use it
+                arrived = time.perf_counter()
                 calls.in_flight += 1
             try:
                 call = await self._admit(method, context, UNARY_BUDGET, len(request))
@@ -298,7 +299,7 @@ class Proxy:
                     try:
                         replica = self._pick(call, tried)
                     except HashmeshError as error:
-                        await _abort(context, error, call.reply_metadata)
+                        await _abort(context, error, call.ratelimit)
                     replica.in_flight += 1
                     started = time.perf_counter()
                     # An idempotent attempt is failed over if its replica goes down meanwhile:
@@ -329,7 +330,7 @@ class Proxy:
                                 f"replica {replica.address} went down during the call",
                                 retry_after=0.1,
                             ),
-                            call.reply_metadata,
+                            call.ratelimit,
                         )
                     finally:
                         replica.in_flight -= 1
@@ -339,12 +340,15 @@ class Proxy:
                     if code is _OK:
                         replica.stats.record(time.perf_counter() - started, True)
                         replica.failures = 0
-                        # The replica's headers plus ours (the rate-limit fields), its trailers.
-                        initial = reply.initial + call.reply_metadata
-                        if initial:
-                            await context.send_initial_metadata(initial)
-                        if reply.trailing:
-                            context.set_trailing_metadata(reply.trailing)
+                        # The replica's headers plus ours (the rate-limit fields, when near
+                        # exhaustion: sending headers costs a batch of its own), its trailers
+                        # plus the rate-limit fields (free: they ride the final batch).
+                        headers = call.unary_headers
+                        if headers or reply.initial:
+                            await context.send_initial_metadata(reply.initial + headers)
+                        trailing = reply.trailing + call.ratelimit
+                        if trailing:
+                            context.set_trailing_metadata(trailing)
                         if calls is not None:
                             calls.ok(arrived)
                         return reply.payload
@@ -357,8 +361,8 @@ class Proxy:
                         continue
                     await abort_with(
                         context,
-                        Relayed(code, reply.details, reply.trailing),
-                        initial_metadata=reply.initial + call.reply_metadata,
+                        Relayed(code, reply.details, reply.trailing + call.ratelimit),
+                        initial_metadata=reply.initial + call.unary_headers,
                     )
             except BaseException as exc:
                 if calls is not None:
@@ -444,10 +448,10 @@ class Proxy:
                     )
                     source.start(rpc)
                     try:
-                        await _relay_initial(context, rpc, source, call.reply_metadata)
+                        await _relay_initial(context, rpc, source, call.ratelimit)
                         async for message in rpc:
                             if not source.replied:
-                                await _first_reply(context, source, call.reply_metadata)
+                                await _first_reply(context, source, call.ratelimit)
                             yield message
                     except grpc.aio.AioRpcError as err:
                         await source.stop()
@@ -457,15 +461,11 @@ class Proxy:
                         attempts.abandoned(rpc)
                         await source.stop()
                         if source.idle:
-                            await _abort(
-                                context, StreamIdle(self._stream_idle), call.reply_metadata
-                            )
+                            await _abort(context, StreamIdle(self._stream_idle), call.ratelimit)
                         raise
                     attempts.succeeded()
                     await source.stop()
-                    await _relay_metadata(
-                        context, rpc, call.reply_metadata, initial_sent=source.replied
-                    )
+                    await _relay_metadata(context, rpc, call.ratelimit, initial_sent=source.replied)
                     if calls is not None:
                         calls.ok(arrived)
                     return
@@ -590,7 +590,7 @@ class _Attempts:
         try:
             replica = self._proxy._pick(self._call, self._tried, stream=True)
         except HashmeshError as error:
-            await _abort(self._context, error, self._call.reply_metadata)
+            await _abort(self._context, error, self._call.ratelimit)
         replica.streams += 1
         self._replica = replica
         self._started = time.perf_counter()
@@ -628,7 +628,7 @@ class _Attempts:
             self._tried.append(replica)
             return
         await _relay_error(
-            self._context, err, self._call.reply_metadata, initial_sent=self._source.replied
+            self._context, err, self._call.ratelimit, initial_sent=self._source.replied
         )
 
 
@@ -639,14 +639,14 @@ async def _relay_metadata(
     *,
     initial_sent: bool = False,
 ) -> None:
-    """The backend's headers plus ours (the rate-limit fields), then its trailers."""
+    """The backend's headers plus ours (the rate-limit fields), then its trailers plus ours."""
     if not initial_sent:
         initial = _pairs(await rpc.initial_metadata()) + reply
         if initial:
             await context.send_initial_metadata(initial)
-    trailing = await rpc.trailing_metadata()
+    trailing = _pairs(await rpc.trailing_metadata()) + reply
     if trailing:
-        context.set_trailing_metadata(_pairs(trailing))
+        context.set_trailing_metadata(trailing)
 
 
 async def _relay_initial(
@@ -678,18 +678,26 @@ async def _relay_error(
     *,
     initial_sent: bool = False,
 ) -> None:
-    """The backend's status, details and trailing metadata, unchanged; our headers first."""
+    """The backend's status, details and trailing metadata, unchanged; our fields in the
+    headers (unless they went already) and after its trailers."""
     await abort_with(
         context,
-        Relayed(err.code(), err.details() or "", _pairs(err.trailing_metadata())),
+        Relayed(err.code(), err.details() or "", _pairs(err.trailing_metadata()) + reply),
         initial_metadata=() if initial_sent else _pairs(err.initial_metadata()) + reply,
     )
 
 
 async def _abort(context: Context, error: HashmeshError, reply: tuple[tuple[str, str], ...]) -> Any:
     """The balancer's own refusal, through the one gRPC edge; the rate-limit fields go in the
-    headers, as on every answer."""
-    await abort_with(context, error, initial_metadata=reply)
+    headers (a client slowing down reads them there) and in the trailers, as on every answer."""
+    if not reply:
+        await abort_with(context, error)  # raises: the call ends here
+    status = to_grpc_status(error)
+    await abort_with(
+        context,
+        Relayed(status.code, status.details, tuple(status.trailing_metadata) + reply),
+        initial_metadata=reply,
+    )
 
 
 class Router(grpc.GenericRpcHandler):

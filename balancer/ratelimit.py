@@ -22,6 +22,7 @@ from hashmesh.balancer.config import RateLimitSettings
 from hashmesh.balancer.ratelimit_fields import (
     DEFAULT_POLICY,
     OVERRIDE_POLICY,
+    near_exhaustion,
     policy_field,
     remaining_field,
 )
@@ -33,31 +34,43 @@ SWEEP_EVERY = 256
 
 
 class Allowance:
-    """What a call learns about its client's limit, sent back in the answer's initial metadata
-    as the IETF RateLimit fields (``balancer.ratelimit_fields``). (A plain class: a frozen
+    """What a call learns about its client's limit, sent back in the answer's metadata as the
+    IETF RateLimit fields (``balancer.ratelimit_fields``). (A plain class: a frozen
     dataclass costs a few microseconds per call to build.)"""
 
-    __slots__ = ("policy", "quota", "remaining", "reset", "window")
+    __slots__ = ("_policy_field", "policy", "quota", "remaining", "reset", "window")
 
     def __init__(
-        self, policy: str, quota: int, window: float, remaining: int, reset: float
+        self,
+        policy: str,
+        quota: int,
+        window: float,
+        remaining: int,
+        reset: float,
+        policy_metadata: tuple[str, str] | None = None,
     ) -> None:
         self.policy = policy
         self.quota = quota
         self.window = window
         self.remaining = remaining
         self.reset = reset
+        # The same for every call of a bucket: formatted once per bucket, not per call.
+        self._policy_field = policy_metadata
 
     def metadata(self) -> tuple[tuple[str, str], tuple[str, str]]:
         return (
-            policy_field(self.policy, self.quota, self.window),
+            self._policy_field or policy_field(self.policy, self.quota, self.window),
             remaining_field(self.policy, self.remaining, self.reset),
         )
+
+    @property
+    def near_exhaustion(self) -> bool:
+        return near_exhaustion(self.remaining, self.quota)
 
 
 class RateLimited(ResourceExhausted):
     """A refusal by the limiter: RetryInfo, ``retry-after`` and ``grpc-retry-pushback-ms``;
-    ``allowance`` (``r=0``) goes in the answer's initial metadata like any other answer's."""
+    ``allowance`` (``r=0``) goes in the answer's initial metadata and trailers."""
 
     def __init__(self, message: str, *, retry_after: float, allowance: Allowance) -> None:
         super().__init__(message, retry_after=retry_after, reason="RATE_LIMITED")
@@ -65,14 +78,17 @@ class RateLimited(ResourceExhausted):
 
 
 class _Bucket:
-    __slots__ = ("limiter", "policy", "seen", "spec", "window")
+    __slots__ = ("limiter", "policy", "policy_field", "quota", "rate", "seen", "spec", "window")
 
     def __init__(self, spec: RateLimitSettings, now: float, policy: str) -> None:
         self.spec = spec
         self.limiter = AsyncLimiter(spec.capacity, spec.capacity / spec.rate)
         self.seen = now
         self.policy = policy
+        self.rate = spec.rate
+        self.quota = int(spec.capacity)
         self.window = spec.capacity / spec.rate
+        self.policy_field = policy_field(policy, self.quota, self.window)
 
 
 class RateLimiter:
@@ -146,9 +162,9 @@ class RateLimiter:
                         max(0.0, spec.capacity - grant.remaining) / spec.rate,
                     )
             self.fail_open_calls += 1
-        return await self._admit_locally(peer)
+        return self._admit_locally(peer)
 
-    async def _admit_locally(self, peer: str) -> Allowance | None:
+    def _admit_locally(self, peer: str) -> Allowance | None:
         now = self._clock()
         bucket = self._buckets.get(peer)
         if bucket is None:
@@ -167,7 +183,7 @@ class RateLimiter:
             self._sweep(now)
         limiter = bucket.limiter
         capacity = limiter.max_rate
-        rate = bucket.spec.rate
+        rate = bucket.rate
         if not limiter.has_capacity(1):
             self._refuse(peer)
             # aiolimiter has no public reading of the bucket's level.
@@ -175,17 +191,21 @@ class RateLimiter:
             raise RateLimited(
                 f"rate limit of {rate:g}/s exceeded for this client",
                 retry_after=max((level + 1 - capacity) / rate, 0.001),
-                allowance=Allowance(bucket.policy, int(capacity), bucket.window, 0, level / rate),
+                allowance=Allowance(
+                    bucket.policy, bucket.quota, bucket.window, 0, level / rate, bucket.policy_field
+                ),
             )
-        await limiter.acquire(1)
-        level = limiter._level
+        # What ``acquire(1)`` does once ``has_capacity`` said yes, without its second leak
+        # (a second clock read) and its coroutine: nobody ever waits in these buckets.
+        level = limiter._level = limiter._level + 1
         remaining = capacity - level
         return Allowance(
             bucket.policy,
-            int(capacity),
+            bucket.quota,
             bucket.window,
             int(remaining) if remaining > 0 else 0,
             level / rate,
+            bucket.policy_field,
         )
 
     def _refuse(self, peer: str) -> None:

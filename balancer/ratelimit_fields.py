@@ -10,7 +10,15 @@ Fields list of one item per policy (RFC 8941):
   ``t`` seconds (rounded up) the full quota is back.
 
 The policy is ``"default"`` for the balancer's default limit and ``"client"`` for a per-client
-override. Pure formatting: no clock, no sockets."""
+override.
+
+Where they go (the draft's "Performance Considerations" allow both: fields in a trailer
+section, and fields only when a quota is close to exhaustion): every answer carries them in its
+trailers, which ride grpc's final batch for free; a unary answer carries them in its initial
+metadata too only when ``near_exhaustion`` (or with ``HASHMESH_BALANCER_RATELIMIT_HEADERS=always``),
+because grpc.aio sends explicit initial metadata as a batch of its own — one more write and
+poller trip per call. Refusals and streams carry them in both. Pure formatting: no clock, no
+sockets."""
 
 from __future__ import annotations
 
@@ -20,6 +28,12 @@ POLICY = "ratelimit-policy"
 REMAINING = "ratelimit"
 DEFAULT_POLICY = "default"
 OVERRIDE_POLICY = "client"
+
+
+def near_exhaustion(remaining: int, quota: int) -> bool:
+    """Half the burst or less is left: from here on a unary answer's headers carry the fields
+    too, so a client reading headers only still sees the limit coming before it is refused."""
+    return remaining * 2 <= quota
 
 
 def _seconds(value: float) -> int:

@@ -85,6 +85,7 @@ class Balancer:
             trusted_proxies=settings.trusted_proxies,
             admin_token=settings.admin_token,
             identity_secret=settings.identity_secret,
+            ratelimit_headers=settings.ratelimit_headers,
         )
         self.proxy = Proxy(settings, self.backends, chain, self.stats, call_metrics)
         self.state_file = StateFile(settings.state_file) if settings.state_file else None

@@ -313,9 +313,7 @@ class Tunnels:
     def __init__(self, max_message_bytes: int, *, sockets: bool = True) -> None:
         self._max_message_bytes = max_message_bytes
         # Never a plaintext socket beside a TLS channel (a TLS replica offers none anyway).
-        import os as _os  # TEMP A/B
-
-        self._sockets = sockets and not _os.environ.get("HM_NOSOCK")
+        self._sockets = sockets
         self._by_address: dict[str, Tunnel] = {}
 
     def of(self, address: str, channel: grpc.aio.Channel, known: int) -> Tunnel:

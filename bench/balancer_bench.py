@@ -1,7 +1,10 @@
 """Balancer benchmark: the same client and replicas, four fronts, one run.
 
 Fronts: direct to the replicas (client-side round robin), the hashmesh balancer with every
-feature on (rate limiting with a limit never reached, least connections, stats), the same with
+feature on (rate limiting with a limit never reached, its RateLimit fields in every answer's
+trailers, least connections, stats), the same with the fields in every answer's headers too
+(``balancer-headers``, ``HASHMESH_BALANCER_RATELIMIT_HEADERS=always``: one more grpc batch per
+call), the same with
 its Prometheus endpoint on (``balancer-metrics``: per-call counts by method and code and the
 latency histogram; compare its CPU per call with ``balancer`` for the cost of metrics), the same
 without per-peer budgets (``balancer-nobudgets``, ``HASHMESH_BALANCER_BUDGETS=off``: the
@@ -247,7 +250,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument(
         "--fronts",
-        default="direct,bare,bare-uvloop,balancer,balancer-metrics,balancer-asyncio,"
+        default="direct,bare,bare-uvloop,balancer,balancer-headers,balancer-metrics,balancer-asyncio,"
         "balancer-stream,balancer-percall,envoy",
         help="balancer = every feature on, uvloop when installed, tunnel on (the defaults)",
     )
@@ -298,6 +301,7 @@ def main() -> None:
                 fronts.append(Front(name, [address], popen.pid))
         for name, loop, extra in (
             ("balancer", "auto", []),
+            ("balancer-headers", "auto", ["--ratelimit-headers", "always"]),
             ("balancer-metrics", "auto", ["--metrics-port", "0"]),
             ("balancer-asyncio", "asyncio", []),
             ("balancer-nobudgets", "auto", []),

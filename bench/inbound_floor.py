@@ -1,7 +1,8 @@
 """The inbound floor of a Python gRPC server: a server that answers every unary call itself
 (echo, raw bytes, no upstream), grpc.aio on uvloop against grpcio's synchronous server with a
 thread pool, and grpc.aio sending initial metadata of its own first (``aio-headers``: what one
-more batch per call costs, as the balancer's rate-limit fields do). CPU per call of the server
+more batch per call costs, as the balancer's rate-limit fields did on every answer and still do
+near exhaustion or with ``HASHMESH_BALANCER_RATELIMIT_HEADERS=always``). CPU per call of the server
 process (from /proc), one client at 32 in flight.
 
     python bench/inbound_floor.py [--calls 15000] [--rounds 3]

@@ -133,7 +133,8 @@ def test_rotating_or_borrowed_client_ids_get_one_peers_limit(tmp_path: Path) -> 
             _, call = channel.unary_unary(HASH).with_call(
                 HASH_REQUEST, timeout=10, metadata=[("x-client-id", "vip")]
             )
-        assert dict(call.initial_metadata())["ratelimit-policy"].startswith('"client";q=100000;')
+        # Far from exhaustion the RateLimit fields ride the trailers only.
+        assert dict(call.trailing_metadata())["ratelimit-policy"].startswith('"client";q=100000;')
     finally:
         balancer.terminate()
         for backend in backends:

@@ -85,19 +85,20 @@ def test_flooding_client_gets_its_limit_and_others_are_unaffected(tmp_path: Path
         trailing = dict(refusals[0].trailing_metadata() or ())
         assert int(trailing["retry-after"]) >= 1 and "grpc-status-details-bin" in trailing
         assert 0 < int(trailing["grpc-retry-pushback-ms"]) <= 1000  # gRFC A6
-        # The IETF RateLimit fields, in the headers of every answer, refusals included.
-        refused_headers = dict(refusals[0].initial_metadata() or ())
-        assert refused_headers["ratelimit-policy"] == '"default";q=5;w=1'
-        assert refused_headers["ratelimit"].startswith('"default";r=0;t=')
+        # The IETF RateLimit fields: a refusal has them in its headers and its trailers.
+        for refused_fields in (refusals[0].initial_metadata(), refusals[0].trailing_metadata()):
+            assert dict(refused_fields)["ratelimit-policy"] == '"default";q=5;w=1'
+            assert dict(refused_fields)["ratelimit"].startswith('"default";r=0;t=')
 
         with grpc.insecure_channel(address) as channel:
             _, call = channel.unary_unary(HASH).with_call(
                 REQUEST, timeout=5, metadata=[("x-client-id", "fresh")]
             )
-            headers = dict(call.initial_metadata())
-            assert headers["ratelimit-policy"] == '"default";q=5;w=1'
-            assert headers["ratelimit"] == '"default";r=4;t=1'
-            assert "ratelimit" not in dict(call.trailing_metadata())
+            # 4 of 5 left is far from exhaustion: trailers only.
+            trailing = dict(call.trailing_metadata())
+            assert trailing["ratelimit-policy"] == '"default";q=5;w=1'
+            assert trailing["ratelimit"] == '"default";r=4;t=1'
+            assert "ratelimit" not in dict(call.initial_metadata())
         with grpc.insecure_channel(balancer.addresses["balancer admin"]) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             stats = admin.GetStats(admin_pb2.GetStatsRequest(top_peers=1), timeout=5)
@@ -165,9 +166,100 @@ def test_flooding_client_gets_its_limit_and_others_are_unaffected(tmp_path: Path
             _, call = channel.unary_unary(HASH).with_call(
                 REQUEST, timeout=5, metadata=[("x-client-id", "flooder")]
             )
-            assert dict(call.initial_metadata())["ratelimit-policy"] == '"client";q=1000;w=1'
+            assert dict(call.trailing_metadata())["ratelimit-policy"] == '"client";q=1000;w=1'
     finally:
         balancer.terminate()
+        for backend in backends:
+            backend.terminate()
+
+
+def _fields(metadata: object) -> dict[str, str]:
+    """The IETF RateLimit fields among ``metadata`` (headers or trailers)."""
+    pairs = dict(metadata or ())  # type: ignore[call-overload]
+    return {key: pairs[key] for key in ("ratelimit-policy", "ratelimit") if key in pairs}
+
+
+def test_ratelimit_fields_ride_trailers_and_reach_headers_near_exhaustion(tmp_path: Path) -> None:
+    # A burst of 4 refilled at one call per 1,000 s: no token comes back during the test, so
+    # every count below is exact however slow the machine is.
+    backends = start_backends(tmp_path, 1)
+    near = start_balancer(
+        tmp_path,
+        backends,
+        "--rate-limit",
+        "0.001/4",
+        env={"HASHMESH_BALANCER_TRUSTED_PROXIES": "127.0.0.1"},  # x-client-id names the client
+    )
+    always = start_balancer(
+        tmp_path,
+        backends,
+        "--rate-limit",
+        "0.001/4",
+        env={"HASHMESH_BALANCER_RATELIMIT_HEADERS": "always"},
+    )
+    policy = '"default";q=4;w=4000'
+    try:
+        with grpc.insecure_channel(near.addresses["balancer"]) as channel:
+            call = channel.unary_unary(HASH)
+            seen = []
+            for _ in range(4):
+                _, done = call.with_call(REQUEST, timeout=10)
+                headers, trailers = (
+                    _fields(done.initial_metadata()),
+                    _fields(done.trailing_metadata()),
+                )
+                # Every answer's trailers carry them, next to the replica's own trailers.
+                assert trailers["ratelimit-policy"] == policy
+                assert dict(done.trailing_metadata())["x-path"]
+                seen.append((trailers["ratelimit"], headers))
+            # 3 of 4 left is far from exhaustion: not in the headers; from half the burst on
+            # the headers carry the same values as the trailers.
+            assert seen == [
+                ('"default";r=3;t=1000', {}),
+                (
+                    '"default";r=2;t=2000',
+                    {"ratelimit-policy": policy, "ratelimit": '"default";r=2;t=2000'},
+                ),
+                (
+                    '"default";r=1;t=3000',
+                    {"ratelimit-policy": policy, "ratelimit": '"default";r=1;t=3000'},
+                ),
+                (
+                    '"default";r=0;t=4000',
+                    {"ratelimit-policy": policy, "ratelimit": '"default";r=0;t=4000'},
+                ),
+            ]
+            # A stream sends headers anyway: far from exhaustion too, the fields are in them
+            # (and in its trailers).
+            upload = channel.stream_unary("/hashmesh.v1.HashService/HashStream")
+            chunks = iter([hash_pb2.HashStreamRequest(chunk=b"abc").SerializeToString()])
+            _, done = upload.with_call(chunks, timeout=10, metadata=[("x-client-id", "streamer")])
+            expected = {"ratelimit-policy": policy, "ratelimit": '"default";r=3;t=1000'}
+            assert _fields(done.initial_metadata()) == expected
+            assert _fields(done.trailing_metadata()) == expected
+            # The refusal is as it always was: fields in the headers, RetryInfo, retry-after
+            # and grpc-retry-pushback-ms in the trailers (and the fields there too).
+            with pytest.raises(grpc.RpcError) as refused:
+                call(REQUEST, timeout=10)
+            error = refused.value
+            assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            headers = _fields(error.initial_metadata())  # type: ignore[attr-defined]
+            assert headers["ratelimit-policy"] == policy
+            assert headers["ratelimit"].startswith('"default";r=0;t=')
+            trailing = dict(error.trailing_metadata())  # type: ignore[attr-defined]
+            assert 900 < int(trailing["retry-after"]) <= 1000
+            assert int(trailing["grpc-retry-pushback-ms"]) > 0
+            assert "grpc-status-details-bin" in trailing
+            assert _fields(trailing) == headers
+        with grpc.insecure_channel(always.addresses["balancer"]) as channel:
+            _, done = channel.unary_unary(HASH).with_call(REQUEST, timeout=10)
+            # HASHMESH_BALANCER_RATELIMIT_HEADERS=always: in the headers of the first answer.
+            expected = {"ratelimit-policy": policy, "ratelimit": '"default";r=3;t=1000'}
+            assert _fields(done.initial_metadata()) == expected
+            assert _fields(done.trailing_metadata()) == expected
+    finally:
+        near.terminate()
+        always.terminate()
         for backend in backends:
             backend.terminate()
 

@@ -13,6 +13,7 @@ import pytest
 
 from hashmesh.balancer import keys
 from hashmesh.balancer.config import BalancerSettings, RateLimitSettings, parse_overrides
+from hashmesh.balancer.interceptors import CallInfo, RateLimit
 from hashmesh.balancer.proxy import RetryBudget
 from hashmesh.balancer.ratelimit import RateLimited, RateLimiter
 from hashmesh.core.errors import (
@@ -95,6 +96,46 @@ def test_refusal_is_immediate_with_retry_info_and_headers_count_down() -> None:
         assert await limiter.admit("c") is None and not limiter.enabled
 
     asyncio.run(scenario())
+
+
+def test_unary_headers_carry_the_fields_only_near_exhaustion_unless_always() -> None:
+    async def scenario() -> None:
+        # One call per 1,000 s: no token comes back while the test runs.
+        limiter = RateLimiter(RateLimitSettings(rate=0.001, burst=4))
+        near, always = RateLimit(limiter), RateLimit(limiter, always_in_headers=True)
+        answers = []
+        for interceptor, client in ((near, "a"),) * 4 + ((always, "b"),):
+            call = CallInfo("/m", "ipv4:127.0.0.1:1")
+            call.client = client
+            await interceptor.admit(call)
+            remaining = dict(call.ratelimit)["ratelimit"].split(";")[1]
+            answers.append(
+                (remaining, call.unary_headers == call.ratelimit, bool(call.unary_headers))
+            )
+        # Half the burst (2 of 4) or less left: near exhaustion.
+        assert answers == [
+            ("r=3", False, False),
+            ("r=2", True, True),
+            ("r=1", True, True),
+            ("r=0", True, True),
+            ("r=3", True, True),  # always: far from exhaustion too
+        ]
+        call = CallInfo("/m", "ipv4:127.0.0.1:1")
+        call.client = "a"
+        with pytest.raises(RateLimited):
+            await near.admit(call)
+        assert dict(call.ratelimit)["ratelimit"].startswith('"default";r=0;')
+
+    asyncio.run(scenario())
+
+
+def test_ratelimit_headers_setting_is_near_or_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert BalancerSettings().ratelimit_headers == "near"
+    monkeypatch.setenv("HASHMESH_BALANCER_RATELIMIT_HEADERS", "Always")
+    assert BalancerSettings.from_env().ratelimit_headers == "always"
+    monkeypatch.setenv("HASHMESH_BALANCER_RATELIMIT_HEADERS", "sometimes")
+    with pytest.raises(SettingsError, match="HASHMESH_BALANCER_RATELIMIT_HEADERS"):
+        BalancerSettings.from_env()
 
 
 def test_limiter_table_stays_bounded_for_100k_distinct_clients() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hashmesh.balancer.config import DEFAULT_IDEMPOTENT
-from hashmesh.balancer.ratelimit_fields import policy_field, remaining_field
+from hashmesh.balancer.ratelimit_fields import near_exhaustion, policy_field, remaining_field
 from hashmesh.core import catalogue
 from hashmesh.core.errors import (
     MAX_VIOLATIONS,
@@ -96,6 +96,9 @@ def test_ratelimit_fields_follow_the_ietf_syntax() -> None:
     assert policy_field("client", 1, 0.001) == ("ratelimit-policy", '"client";q=1;w=1')
     assert remaining_field("default", 3, 0.25) == ("ratelimit", '"default";r=3;t=1')
     assert remaining_field("default", -2, 0.0) == ("ratelimit", '"default";r=0;t=0')
+    # Near exhaustion from half the burst down.
+    assert [near_exhaustion(left, 5) for left in (4, 3, 2, 0)] == [False, False, True, True]
+    assert near_exhaustion(0, 1) and not near_exhaustion(1, 1)
 
 
 def test_reflection_index_finds_methods_fields_and_dependencies() -> None:

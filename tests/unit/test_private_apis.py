@@ -28,10 +28,15 @@ def test_grpc_aio_channels_still_take_registered_methods() -> None:
 
 def test_aiolimiter_still_keeps_its_bucket_level() -> None:
     # balancer/ratelimit.py reads ``_level`` for the RateLimit "remaining" field: aiolimiter
-    # has no public reading of how full a bucket is.
-    async def taken() -> float:
-        limiter = AsyncLimiter(2, 1)
+    # has no public reading of how full a bucket is. It also takes a token by raising
+    # ``_level`` after ``has_capacity`` (what ``acquire`` does when nobody waits).
+    async def taken() -> tuple[float, bool]:
+        limiter = AsyncLimiter(2, 1000)
         await limiter.acquire()
-        return float(limiter._level)
+        level = float(limiter._level)
+        assert limiter.has_capacity(1)
+        limiter._level += 1
+        return level, limiter.has_capacity(1)
 
-    assert asyncio.run(taken()) == 1.0
+    assert asyncio.run(taken()) == (1.0, False)
+    assert "self._level += amount" in inspect.getsource(AsyncLimiter.acquire)
