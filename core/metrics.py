@@ -118,6 +118,15 @@ TASKS_SUBMITTED = Counter(
     "Tasks accepted by TaskService (idempotent repeats not counted).",
     ["algorithm"],
 )
+TASK_SUBMIT_WAITING = Gauge(
+    "hashmesh_task_submit_waiting_calls",
+    "Submissions queued in this hashd for the next shared INSERT (group commit).",
+)
+TASK_SUBMIT_CALLERS = Histogram(
+    "hashmesh_task_submit_statement_calls",
+    "Submission calls answered by one shared INSERT statement and commit (group commit).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 TASKS_CLAIMED = Counter(
     "hashmesh_tasks_claimed_total",
     "Tasks a worker claimed (a task retried three times is claimed three times).",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
@@ -153,27 +153,61 @@ def test_limits_refuse_whole_batches_globally_and_per_client() -> None:
 
 
 def test_coalescer_shares_statements_and_keeps_each_callers_tasks_together() -> None:
-    from hashmesh.core.queue.coalesce import SubmitCoalescer
+    from contextlib import asynccontextmanager
+
+    from hashmesh.core.errors import Unavailable
+    from hashmesh.core.queue.coalesce import SubmitCoalescer, SubmitMany
     from hashmesh.core.queue.model import NewTask, Submitted, TaskRecord
 
     statements: list[int] = []
+    sessions: list[int] = []
 
     async def submit_many(tasks: Sequence[NewTask]) -> list[Submitted]:
         statements.append(len(tasks))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+        if any(t.data == b"down" for t in tasks):
+            raise Unavailable("database gone", retry_after=1.0, reason="DATABASE_UNAVAILABLE")
         if any(t.data == b"boom" for t in tasks):
             raise RuntimeError("statement failed")
         return [Submitted(cast(TaskRecord, t.data), created=True) for t in tasks]
 
+    @asynccontextmanager
+    async def session() -> AsyncIterator[SubmitMany]:
+        sessions.append(1)
+        yield submit_many
+
     async def scenario() -> None:
-        coalescer = SubmitCoalescer(submit_many, max_tasks=5, max_in_flight=1)
+        coalescer = SubmitCoalescer(session, max_tasks=5, max_in_flight=1)
         calls = [[NewTask("md5", b"%d-%d" % (c, i)) for i in range(c % 3 + 1)] for c in range(6)]
         answers = await asyncio.gather(*(coalescer.submit(call) for call in calls))
         for call, answer in zip(calls, answers, strict=True):
             assert [a.task for a in answer] == [t.data for t in call]
         assert len(statements) < len(calls) and max(statements) <= 5
-        with pytest.raises(RuntimeError):
-            await coalescer.submit([NewTask("md5", b"boom")])
+        assert len(sessions) < len(statements)  # a drain keeps its session between statements
+        # One caller's refused rows inside a shared statement: that caller alone fails.
+        statements.clear()
+        first = asyncio.ensure_future(coalescer.submit([NewTask("md5", b"first")]))
+        await asyncio.sleep(0)  # one loop turn: the drain starts with ``first`` alone
+        rest = [[NewTask("md5", b"a")], [NewTask("md5", b"boom")], [NewTask("md5", b"b")]]
+        results = await asyncio.gather(
+            first, *(coalescer.submit(c) for c in rest), return_exceptions=True
+        )
+        assert statements == [1, 3, 1, 1, 1]  # shared, then each caller of it alone
+        assert [r[0].task for r in results if not isinstance(r, BaseException)] == [
+            b"first",
+            b"a",
+            b"b",
+        ]
+        assert isinstance(results[2], RuntimeError)
+        # Unavailable is every caller's answer in that statement: nothing of it was stored.
+        first = asyncio.ensure_future(coalescer.submit([NewTask("md5", b"first")]))
+        await asyncio.sleep(0)
+        down = [[NewTask("md5", b"c")], [NewTask("md5", b"down")]]
+        results = await asyncio.gather(
+            first, *(coalescer.submit(c) for c in down), return_exceptions=True
+        )
+        assert all(isinstance(r, Unavailable) for r in results[1:])
+        assert coalescer.waiting == 0
 
     asyncio.run(scenario())
 
