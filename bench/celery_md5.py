@@ -1,6 +1,7 @@
 """The task-queue workload through Celery + Redis, for the ratio against hashmesh (run by hand).
 
     /work/venv/bin/python bench/celery_md5.py [--tasks 20000] [--rate 200] [--seconds 10] [--json]
+        [--only throughput|latency]
 
 One Celery worker process (``--pool solo``), Redis broker and result backend on
 127.0.0.1:6379 (database 15, a queue of its own per run). Figures, as for bench/tasks_e2e.py:
@@ -132,24 +133,31 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--only", choices=("throughput", "latency"), help="run one part")
     args = parser.parse_args()
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     worker = start_worker(queue)
+    report: dict[str, dict[str, float]] = {}
     try:
-        report = {
-            "throughput": throughput(queue, args.tasks),
-            "latency": latency(queue, args.rate, args.seconds),
-        }
+        if args.only != "latency":
+            report["throughput"] = throughput(queue, args.tasks)
+        if args.only != "throughput":
+            report["latency"] = latency(queue, args.rate, args.seconds)
     finally:
         worker.terminate()
         worker.wait(30)
     if args.json:
         print(json.dumps(report))
-    else:
-        t, lat = report["throughput"], report["latency"]
+        return
+    if "throughput" in report:
+        t = report["throughput"]
         print(
-            f"celery+redis: {t['end_to_end_per_s']:.0f} tasks/s end to end ({t['submit_per_s']:.0f}/s submit); "
-            f"at {lat['rate']:.0f}/s p50 {lat['p50_ms']:.1f} ms p99 {lat['p99_ms']:.1f} ms"
+            f"celery+redis: {t['end_to_end_per_s']:.0f} tasks/s end to end ({t['submit_per_s']:.0f}/s submit)"
+        )
+    if "latency" in report:
+        lat = report["latency"]
+        print(
+            f"celery+redis: at {lat['rate']:.0f}/s p50 {lat['p50_ms']:.1f} ms p99 {lat['p99_ms']:.1f} ms"
         )
 
 

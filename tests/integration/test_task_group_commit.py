@@ -97,7 +97,12 @@ def gated(dsn: str, procs: Processes) -> Iterator[Callable[[int], Gated]]:
             dsn,
             "--metrics-port",
             "0",
-            env={"HASHMESH_MAX_PENDING_PER_CLIENT": str(cap), "HASHMESH_DB_POOL_MAX": "6"},
+            # No statement timeout: the gate holds statements as long as a loaded machine needs.
+            env={
+                "HASHMESH_MAX_PENDING_PER_CLIENT": str(cap),
+                "HASHMESH_DB_POOL_MAX": "6",
+                "HASHMESH_DB_STATEMENT_TIMEOUT_MS": "0",
+            },
         )
         gate = Gate(dsn, hashd.addresses["hashd metrics"])
         channel = grpc.insecure_channel(hashd.address)
