@@ -27,6 +27,9 @@ SubmitMany = Callable[[Sequence[NewTask]], Awaitable[list[Submitted]]]
 Session = Callable[[], AbstractAsyncContextManager[SubmitMany]]
 """Opens what one drain submits through (the store: one pooled connection)."""
 Waiting = tuple[Sequence[NewTask], asyncio.Future[list[Submitted]]]
+STATEMENTS_PER_SESSION = 16
+"""Then the connection goes back to the pool and the drain queues for one like any reader: on a
+small pool, reads and key checks get their turn under sustained submissions."""
 
 
 class SubmitCoalescer:
@@ -76,15 +79,19 @@ class SubmitCoalescer:
         try:
             while self._queue:
                 taken: list[Waiting] = []
+                opened = False
                 try:
                     async with self._session() as submit_many:
-                        while taken := self._take():
+                        opened = True
+                        for _ in range(STATEMENTS_PER_SESSION):
+                            if not (taken := self._take()):
+                                break
                             await self._send(submit_many, taken)
+                        taken = []
                 except Exception as exc:
-                    if taken:  # a statement failed: its callers learn why, the rest go on
-                        _fail(taken, exc)
-                    else:  # no session to be had: the queued would wait for the same
-                        _fail(self._take_all(), exc)
+                    # A statement failed: its callers learn why, the rest go on in a fresh
+                    # session. No session to be had: the queued would wait for the same.
+                    _fail(taken if opened else self._take_all(), exc)
         finally:
             self._in_flight -= 1
 
