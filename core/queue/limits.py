@@ -151,7 +151,11 @@ class PendingLimits:
         """Check with counts no older than the refresh interval (the first call waits for
         them; later ones refresh in the background)."""
         if self._counted is None:
-            await self._refresh()
+            # One count for every call that arrives before the first one is back, not one
+            # each: 64 calls in flight at start would otherwise send 128 statements.
+            if self._refreshing is None:
+                self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+            await asyncio.shield(self._refreshing)
         elif self._clock() - self._counted_at >= self.refresh_seconds and self._refreshing is None:
             self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
         self.check(client_id, n, cost)

@@ -152,6 +152,51 @@ def test_limits_refuse_whole_batches_globally_and_per_client() -> None:
     asyncio.run(scenario())
 
 
+def test_limits_hold_calls_in_progress_and_count_once_for_the_first_callers() -> None:
+    counts: list[int] = []
+
+    async def count() -> dict[str, int]:
+        counts.append(1)
+        await asyncio.sleep(0)
+        return {"a": 1}
+
+    async def scenario() -> None:
+        limits = PendingLimits(max_total=100, max_per_client=4, count=count, refresh_seconds=3600)
+        held: list[object] = []
+        release = asyncio.Event()
+
+        async def call(stored: bool) -> None:
+            async with limits.reserve("a", 1) as reservation:
+                held.append(reservation)
+                await release.wait()
+                if stored:
+                    reservation.stored(1)
+
+        # Three calls fit beside the one counted task; every later one is refused while
+        # they are in progress, before any of them stored anything.
+        calls = [asyncio.ensure_future(call(stored=i != 0)) for i in range(10)]
+        results = await asyncio.wait_for(_settled(calls, held, 3), timeout=30)
+        assert sum(isinstance(r, ResourceExhausted) for r in results) == 7
+        assert len(counts) == 1  # one count for all the first callers
+        release.set()
+        await asyncio.gather(*calls, return_exceptions=True)
+        # Two were stored (the third stored nothing): they count as accepted now.
+        await limits.admit("a", 1)
+        with pytest.raises(ResourceExhausted):
+            await limits.admit("a", 2)
+
+    asyncio.run(scenario())
+
+
+async def _settled(
+    calls: list[asyncio.Future[None]], held: list[object], holding: int
+) -> list[BaseException | None]:
+    """The calls' outcomes once all but ``holding`` of them have ended (refused)."""
+    while sum(c.done() for c in calls) < len(calls) - holding or len(held) < holding:
+        await asyncio.sleep(0)
+    return [c.exception() if c.done() else None for c in calls]
+
+
 def test_coalescer_shares_statements_and_keeps_each_callers_tasks_together() -> None:
     from contextlib import asynccontextmanager
 
