@@ -13,7 +13,8 @@ scenario), one hashd (``--hashd N`` for more), the balancer in front of them unl
   workerd: tasks/s end to end, and the submission rate alone;
 - latency: open loop at ``--rate`` tasks/s for ``--seconds``: SubmitTask, then WatchTask until
   the final state arrives; p50/p99 of submit → final, as the client sees it;
-- the same workload through Celery + Redis (bench/celery_md5.py), in the same run, for the ratio:
+- the same workload through Celery + Redis (bench/celery_md5.py, against a redis-server of its
+  own unless ``--redis-url``), in the same run, for the ratio:
   its throughput right after hashmesh's single-submit run with 1 workerd, its latency right
   after hashmesh's latency run (the load on a shared machine changes from minute to minute);
 - under each hashmesh figure, the CPU milliseconds each kind of process spent per task
@@ -34,6 +35,10 @@ crash); Redis acknowledges the push before any fsync (the one this bench uses he
 ``appendonly no`` and no snapshots: it keeps nothing across a crash). And hashmesh's
 calls cross the balancer and hashd, Celery's client talks to Redis directly.
 
+On a machine loaded by other work, a rate also measures how much of the cores each side wins:
+hashmesh runs five busy processes, Celery two. The CPU milliseconds per task printed under each
+side (Celery's: client, worker, redis-server) do not depend on that share.
+
 The machine is small and shared: compare the ratios within one run.
 """
 
@@ -43,6 +48,8 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -315,6 +322,39 @@ def celery(part: str, n: int, rate: float, seconds: float) -> dict[str, float] |
     return report[part]  # type: ignore[no-any-return]
 
 
+@contextmanager
+def redis_server() -> Iterator[None]:
+    """A redis-server on a free loopback port for Celery (``BENCH_REDIS_URL``, and its PID in
+    ``BENCH_REDIS_PID`` so its CPU is counted), persisting nothing, as a default Redis."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("no redis-server on PATH (or pass --redis-url / --skip-celery)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as folder:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with socket.socket() as conn:
+                    if conn.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+            os.environ["BENCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/15"
+            os.environ["BENCH_REDIS_PID"] = str(proc.pid)
+            yield
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
 def main() -> None:
     # The daemons refuse to start without one (it signs the balancer's identity stamps).
     os.environ.setdefault("HASHMESH_IDENTITY_SECRET", os.urandom(16).hex())
@@ -329,6 +369,9 @@ def main() -> None:
     parser.add_argument("--direct", action="store_true", help="clients talk to hashd, no balancer")
     parser.add_argument("--skip-celery", action="store_true")
     parser.add_argument(
+        "--redis-url", help="Celery's broker (default: a redis-server of its own, no persistence)"
+    )
+    parser.add_argument(
         "--only",
         choices=("throughput", "latency"),
         help="run one part (Celery too, unless skipped)",
@@ -338,6 +381,12 @@ def main() -> None:
     print(f"# task queue, {args.tasks} md5 tasks per run, {path}, {os.cpu_count()} CPUs")
     with ExitStack() as stack:
         admin = stack.enter_context(postgres(args.dsn))
+        if not args.skip_celery and not args.redis_url:
+            # A broker of its own, as hashmesh has a database of its own: a Redis shared with
+            # other work would make Celery wait for that work.
+            stack.enter_context(redis_server())
+        elif args.redis_url:
+            os.environ["BENCH_REDIS_URL"] = args.redis_url
         for workers in (1, 2) if args.only != "latency" else ():
             for mode in ("single", "batch"):
                 with mesh(admin, hashd=args.hashd, workers=workers, direct=args.direct) as m:
@@ -354,10 +403,16 @@ def main() -> None:
                     # load changes from one minute to the next, and the ratio is the figure.
                     t = celery("throughput", args.tasks, args.rate, args.seconds)
                     if t:
+                        spent = {k[7:]: v for k, v in t.items() if k.startswith("cpu_ms_")}
+                        celery_cpu = " · ".join(
+                            f"{kind} {ms:.2f}"
+                            for kind, ms in sorted(spent.items(), key=lambda kv: -kv[1])
+                        )
                         print(
                             f"celery+redis single submit, 1 worker: {t['end_to_end_per_s']:7.0f} tasks/s "
                             f"end to end ({t['submit_per_s']:.0f}/s submitting) — hashmesh/celery "
-                            f"{figures['end_to_end_per_s'] / t['end_to_end_per_s']:.2f}x",
+                            f"{figures['end_to_end_per_s'] / t['end_to_end_per_s']:.2f}x\n    "
+                            f"{celery_cpu} = {sum(spent.values()):.2f} ms CPU per task",
                             flush=True,
                         )
         if args.only != "throughput":
