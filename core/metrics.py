@@ -122,10 +122,13 @@ TASK_SUBMIT_WAITING = Gauge(
     "hashmesh_task_submit_waiting_calls",
     "Submissions queued in this hashd for the next shared INSERT (group commit).",
 )
-TASK_SUBMIT_CALLERS = Histogram(
-    "hashmesh_task_submit_statement_calls",
-    "Submission calls answered by one shared INSERT statement and commit (group commit).",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+TASK_SUBMIT_STATEMENTS = Counter(
+    "hashmesh_task_submit_statements_total",
+    "Shared INSERT statements (and commits) sent for submissions (group commit).",
+)
+TASK_SUBMIT_CALLS = Counter(
+    "hashmesh_task_submit_calls_total",
+    "Submission calls carried by those statements (÷ statements: calls per commit).",
 )
 TASKS_CLAIMED = Counter(
     "hashmesh_tasks_claimed_total",

@@ -81,7 +81,7 @@ class Gate:
     def statements(self) -> float:
         """Shared submit statements hashd has sent (successes and failures alike)."""
         samples = scrape(self.metrics_address)
-        return value(samples, "hashmesh_task_submit_statement_calls_count") or 0.0
+        return value(samples, "hashmesh_task_submit_statements_total") or 0.0
 
 
 Gated = tuple[task_pb2_grpc.TaskServiceStub, Gate]
