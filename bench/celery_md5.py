@@ -1,11 +1,13 @@
 """The task-queue workload through Celery + Redis, for the ratio against hashmesh (run by hand).
 
     /work/venv/bin/python bench/celery_md5.py [--tasks 20000] [--rate 200] [--seconds 10] [--json]
+        [--only throughput|latency]
 
 One Celery worker process (``--pool solo``), Redis broker and result backend on
 127.0.0.1:6379 (database 15, a queue of its own per run). Figures, as for bench/tasks_e2e.py:
 - throughput: one ``apply_async`` per md5 task, N of them, then wait until the worker has
-  recorded every result (a Redis counter) → tasks/s;
+  recorded every result (a Redis counter) → tasks/s, and the CPU milliseconds per task of the
+  client, the worker and (its PID in ``BENCH_REDIS_PID``) redis-server;
 - latency: open loop at ``--rate`` tasks/s for ``--seconds``: submit → result, p50/p99.
 """
 
@@ -87,9 +89,28 @@ def start_worker(queue: str) -> subprocess.Popen[bytes]:
     return worker
 
 
-def throughput(queue: str, n: int) -> dict[str, float]:
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) ``pid`` has used, 0 when ``/proc`` does not show it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(worker: subprocess.Popen[bytes]) -> dict[str, float]:
+    """CPU used so far by this client, the worker and (``BENCH_REDIS_PID``) the broker."""
+    used = {"client": sum(os.times()[:2]), "worker": _proc_cpu(worker.pid)}
+    if os.environ.get("BENCH_REDIS_PID"):
+        used["redis"] = _proc_cpu(int(os.environ["BENCH_REDIS_PID"]))
+    return used
+
+
+def throughput(queue: str, n: int, worker: subprocess.Popen[bytes]) -> dict[str, float]:
     counter = f"{queue}:done"
     client = redis.Redis.from_url(REDIS)
+    before = cpu_seconds(worker)
     started = time.perf_counter()
     for i in range(n):
         md5_counted.apply_async((f"task-{i}", counter), queue=queue)
@@ -97,11 +118,13 @@ def throughput(queue: str, n: int) -> dict[str, float]:
     while int(client.get(counter) or 0) < n:
         time.sleep(0.01)
     done = time.perf_counter()
+    after = cpu_seconds(worker)
     client.delete(counter)
     return {
         "tasks": n,
         "submit_per_s": n / (submitted - started),
         "end_to_end_per_s": n / (done - started),
+        **{f"cpu_ms_{kind}": (after[kind] - before[kind]) * 1000 / n for kind in after},
     }
 
 
@@ -132,24 +155,31 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--only", choices=("throughput", "latency"), help="run one part")
     args = parser.parse_args()
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     worker = start_worker(queue)
+    report: dict[str, dict[str, float]] = {}
     try:
-        report = {
-            "throughput": throughput(queue, args.tasks),
-            "latency": latency(queue, args.rate, args.seconds),
-        }
+        if args.only != "latency":
+            report["throughput"] = throughput(queue, args.tasks, worker)
+        if args.only != "throughput":
+            report["latency"] = latency(queue, args.rate, args.seconds)
     finally:
         worker.terminate()
         worker.wait(30)
     if args.json:
         print(json.dumps(report))
-    else:
-        t, lat = report["throughput"], report["latency"]
+        return
+    if "throughput" in report:
+        t = report["throughput"]
         print(
-            f"celery+redis: {t['end_to_end_per_s']:.0f} tasks/s end to end ({t['submit_per_s']:.0f}/s submit); "
-            f"at {lat['rate']:.0f}/s p50 {lat['p50_ms']:.1f} ms p99 {lat['p99_ms']:.1f} ms"
+            f"celery+redis: {t['end_to_end_per_s']:.0f} tasks/s end to end ({t['submit_per_s']:.0f}/s submit)"
+        )
+    if "latency" in report:
+        lat = report["latency"]
+        print(
+            f"celery+redis: at {lat['rate']:.0f}/s p50 {lat['p50_ms']:.1f} ms p99 {lat['p99_ms']:.1f} ms"
         )
 
 

@@ -14,7 +14,11 @@ scenario), one hashd (``--hashd N`` for more), the balancer in front of them unl
 - latency: open loop at ``--rate`` tasks/s for ``--seconds``, each task followed until its
   final state arrives, in one call (SubmitAndWatchTask) and, in a second mesh, in two
   (SubmitTask, then WatchTask); p50/p99 of submit → final, as the client sees it;
-- the same workload through Celery + Redis (bench/celery_md5.py), in the same run, for the ratio;
+- the same workload through Celery + Redis (bench/celery_md5.py, against a redis-server of its
+  own unless ``--redis-url``), in the same run, for the ratio:
+  its throughput right after hashmesh's single-submit run with 1 workerd, its latency right
+  after each of hashmesh's latency runs (the load on a shared machine changes from minute to
+  minute);
 - under each hashmesh figure, the CPU milliseconds each kind of process spent per task
   (client, balancer, hashd, workerd, and PostgreSQL's backends for the run's database): on two
   cores, the sum bounds the rate, and under load every millisecond of it is queueing delay.
@@ -22,6 +26,20 @@ scenario), one hashd (``--hashd N`` for more), the balancer in front of them unl
 The client runs on uvloop, as hashd and workerd do: on two shared cores the load generator's
 own event-loop turns compete with the mesh for CPU (Celery's client is a plain loop of
 ``apply_async`` calls).
+
+What each side does for "single submit, end to end": one task per call, N calls, then wait
+until every result is recorded; one worker process each (workerd; a ``--pool solo`` Celery
+worker). hashmesh's client keeps 64 calls in flight, Celery's sends one at a time — its client
+submits about twice as fast as its worker runs, so its end-to-end rate is its worker's, and more
+client concurrency would only take CPU from that worker. What differs and stays: hashmesh
+answers a submission after its commit is flushed to disk (the client's "accepted" survives a
+crash); Redis acknowledges the push before any fsync (the one this bench uses here runs with
+``appendonly no`` and no snapshots: it keeps nothing across a crash). And hashmesh's
+calls cross the balancer and hashd, Celery's client talks to Redis directly.
+
+On a machine loaded by other work, a rate also measures how much of the cores each side wins:
+hashmesh runs five busy processes, Celery two. The CPU milliseconds per task printed under each
+side (Celery's: client, worker, redis-server) do not depend on that share.
 
 The machine is small and shared: compare the ratios within one run.
 """
@@ -32,6 +50,8 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -295,12 +315,15 @@ async def latency(address: str, rate: float, seconds: float, path: str) -> dict[
     return {"tasks": n, "rate": rate, "p50_ms": cuts[49] * 1000, "p99_ms": cuts[98] * 1000}
 
 
-def celery(n: int, rate: float, seconds: float) -> dict[str, dict[str, float]] | None:
+def celery(part: str, n: int, rate: float, seconds: float) -> dict[str, float] | None:
+    """One part ("throughput" or "latency") of bench/celery_md5.py, in a process of its own."""
     try:
         out = subprocess.run(
             [
                 sys.executable,
                 str(HERE / "celery_md5.py"),
+                "--only",
+                part,
                 "--tasks",
                 str(n),
                 "--rate",
@@ -317,7 +340,41 @@ def celery(n: int, rate: float, seconds: float) -> dict[str, dict[str, float]] |
     except (subprocess.SubprocessError, OSError) as exc:
         print(f"celery comparison skipped: {exc}", file=sys.stderr)
         return None
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    return report[part]  # type: ignore[no-any-return]
+
+
+@contextmanager
+def redis_server() -> Iterator[None]:
+    """A redis-server on a free loopback port for Celery (``BENCH_REDIS_URL``, and its PID in
+    ``BENCH_REDIS_PID`` so its CPU is counted), persisting nothing, as a default Redis."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("no redis-server on PATH (or pass --redis-url / --skip-celery)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as folder:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with socket.socket() as conn:
+                    if conn.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+            os.environ["BENCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/15"
+            os.environ["BENCH_REDIS_PID"] = str(proc.pid)
+            yield
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 def main() -> None:
@@ -337,6 +394,9 @@ def main() -> None:
     parser.add_argument("--direct", action="store_true", help="clients talk to hashd, no balancer")
     parser.add_argument("--skip-celery", action="store_true")
     parser.add_argument(
+        "--redis-url", help="Celery's broker (default: a redis-server of its own, no persistence)"
+    )
+    parser.add_argument(
         "--only",
         choices=("throughput", "latency"),
         help="run one part (Celery too, unless skipped)",
@@ -346,6 +406,12 @@ def main() -> None:
     print(f"# task queue, {args.tasks} md5 tasks per run, {path}, {os.cpu_count()} CPUs")
     with ExitStack() as stack:
         admin = stack.enter_context(postgres(args.dsn))
+        if not args.skip_celery and not args.redis_url:
+            # A broker of its own, as hashmesh has a database of its own: a Redis shared with
+            # other work would make Celery wait for that work.
+            stack.enter_context(redis_server())
+        elif args.redis_url:
+            os.environ["BENCH_REDIS_URL"] = args.redis_url
         for workers in (1, 2) if args.only != "latency" else ():
             for mode in ("single", "batch"):
                 with mesh(admin, hashd=args.hashd, workers=workers, direct=args.direct) as m:
@@ -357,6 +423,23 @@ def main() -> None:
                     f"end to end ({figures['submit_per_s']:.0f}/s submitting)\n    {cpu}",
                     flush=True,
                 )
+                if (workers, mode) == (1, "single") and not args.skip_celery:
+                    # Right after hashmesh's run, not minutes later: on a shared machine the
+                    # load changes from one minute to the next, and the ratio is the figure.
+                    t = celery("throughput", args.tasks, args.rate, args.seconds)
+                    if t:
+                        spent = {k[7:]: v for k, v in t.items() if k.startswith("cpu_ms_")}
+                        celery_cpu = " · ".join(
+                            f"{kind} {ms:.2f}"
+                            for kind, ms in sorted(spent.items(), key=lambda kv: -kv[1])
+                        )
+                        print(
+                            f"celery+redis single submit, 1 worker: {t['end_to_end_per_s']:7.0f} tasks/s "
+                            f"end to end ({t['submit_per_s']:.0f}/s submitting) — hashmesh/celery "
+                            f"{figures['end_to_end_per_s'] / t['end_to_end_per_s']:.2f}x\n    "
+                            f"{celery_cpu} = {sum(spent.values()):.2f} ms CPU per task",
+                            flush=True,
+                        )
         for latency_path in LATENCY_PATHS if args.only != "throughput" else ():
             with mesh(admin, hashd=args.hashd, workers=1, direct=args.direct) as m:
                 before = m.cpu_seconds()
@@ -368,18 +451,16 @@ def main() -> None:
                 f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms\n    {cpu}",
                 flush=True,
             )
-    if not args.skip_celery:
-        report = celery(args.tasks if args.only != "latency" else 1000, args.rate, args.seconds)
-        if report:
-            t, c_lat = report["throughput"], report["latency"]
-            print(
-                f"celery+redis single submit, 1 worker: {t['end_to_end_per_s']:7.0f} tasks/s end to end "
-                f"({t['submit_per_s']:.0f}/s submitting)"
+            c_lat = (
+                None if args.skip_celery else celery("latency", args.tasks, args.rate, args.seconds)
             )
-            print(
-                f"celery+redis latency at {c_lat['rate']:.0f}/s (delay → result): p50 {c_lat['p50_ms']:.1f} ms, "
-                f"p99 {c_lat['p99_ms']:.1f} ms"
-            )
+            if c_lat:
+                print(
+                    f"celery+redis latency at {c_lat['rate']:.0f}/s (delay → result): p50 "
+                    f"{c_lat['p50_ms']:.1f} ms, p99 {c_lat['p99_ms']:.1f} ms — hashmesh/celery p50 "
+                    f"{lat['p50_ms'] / c_lat['p50_ms']:.1f}x, p99 {lat['p99_ms'] / c_lat['p99_ms']:.1f}x"
+                )
+    print(f"load average after the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,18 @@ TASKS_SUBMITTED = Counter(
     "Tasks accepted by TaskService (idempotent repeats not counted).",
     ["algorithm"],
 )
+TASK_SUBMIT_WAITING = Gauge(
+    "hashmesh_task_submit_waiting_calls",
+    "Submissions queued in this hashd for the next shared INSERT (group commit).",
+)
+TASK_SUBMIT_STATEMENTS = Counter(
+    "hashmesh_task_submit_statements_total",
+    "Shared INSERT statements (and commits) sent for submissions (group commit).",
+)
+TASK_SUBMIT_CALLS = Counter(
+    "hashmesh_task_submit_calls_total",
+    "Submission calls carried by those statements (÷ statements: calls per commit).",
+)
 TASKS_CLAIMED = Counter(
     "hashmesh_tasks_claimed_total",
     "Tasks a worker claimed (a task retried three times is claimed three times).",

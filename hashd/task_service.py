@@ -29,7 +29,6 @@ from hashmesh.core.handlers import Context
 from hashmesh.core.hashing.algorithms import Algorithm, Argon2Params
 from hashmesh.core.hashing.cache import ResultCache
 from hashmesh.core.hashing.wire import algorithm_from_wire, algorithm_to_wire, argon2_params
-from hashmesh.core.queue.coalesce import SubmitCoalescer
 from hashmesh.core.queue.idempotency import IdempotencyGuard
 from hashmesh.core.queue.limits import PendingLimits, PriorityCaps, task_cost
 from hashmesh.core.queue.model import (
@@ -277,7 +276,6 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             max_cost_per_client=settings.max_pending_cost_per_client,
         )
         self.priorities = PriorityCaps(settings.max_priority, settings.priority_overrides)
-        self._submitter = SubmitCoalescer(store.submit_many, max_tasks=MAX_BATCH)
         # Without a configured secret (unit tests: the daemon requires one) a per-process key.
         self._keys = IdempotencyGuard(
             store,
@@ -358,18 +356,21 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             0 if t.cached_result else task_cost(t.algorithm, t.params, len(t.data)) for t in tasks
         ]
         queued = sum(1 for t in tasks if t.cached_result is None)
-        await self.limits.admit(client_id, queued, sum(costs))
-        answers = await self._submitter.submit(tasks)
+        # Held from the check to the answer: concurrent calls (sharing one statement) cannot
+        # all pass a limit that only one of them fits under.
+        async with self.limits.reserve(client_id, queued, sum(costs)) as reservation:
+            # The store shares statements and commits between concurrent calls (group commit).
+            answers = await self._store.submit_many(tasks)
+            new = [
+                cost
+                for a, cost in zip(answers, costs, strict=True)
+                if a.created and a.task.status is TaskStatus.PENDING
+            ]
+            reservation.stored(len(new), sum(new))
         self._keys.check_answers(tasks, answers, names)
         for answer in answers:  # idempotent repeats (created False) are not new submissions
             if answer.created:
                 metrics.TASKS_SUBMITTED.labels(answer.task.algorithm).inc()
-        new = [
-            cost
-            for a, cost in zip(answers, costs, strict=True)
-            if a.created and a.task.status is TaskStatus.PENDING
-        ]
-        self.limits.accepted(client_id, len(new), sum(new))
         return [(a.task, a.created) for a in answers]
 
     async def SubmitTask(

@@ -14,7 +14,8 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from hashmesh.core.errors import HashmeshError, InvalidArgument, ResourceExhausted
@@ -54,6 +55,17 @@ class PriorityCaps:
             )
 
 
+@dataclass
+class Reservation:
+    """What a call admitted by ``PendingLimits.reserve`` stored in the end."""
+
+    tasks: int = 0
+    cost: int = 0
+
+    def stored(self, tasks: int, cost: int = 0) -> None:
+        self.tasks, self.cost = tasks, cost
+
+
 class PendingLimits:
     def __init__(
         self,
@@ -80,20 +92,23 @@ class PendingLimits:
         self._counted: dict[str, int] | None = None
         self._counted_at = float("-inf")
         self._accepted: Counter[str] = Counter()
+        self._reserved: Counter[str] = Counter()
+        """Admitted by ``reserve`` and not answered yet: counted by every check meanwhile."""
+        self._reserved_cost: Counter[str] = Counter()
         self._refreshing: asyncio.Task[None] | None = None
 
     def check(self, client_id: str, n: int, cost: int = 0) -> None:
         """Raise ``ResourceExhausted`` when ``n`` more tasks of ``client_id`` costing ``cost``
         would pass a limit."""
         counted = self._counted or {}
-        total = sum(counted.values()) + sum(self._accepted.values())
+        total = sum(counted.values()) + sum(self._accepted.values()) + sum(self._reserved.values())
         if total + n > self.max_total:
             raise ResourceExhausted(
                 f"the queue holds {total} unfinished tasks; the limit is {self.max_total}",
                 retry_after=self.refresh_seconds,
                 reason="QUEUE_FULL",
             )
-        mine = counted.get(client_id, 0) + self._accepted[client_id]
+        mine = counted.get(client_id, 0) + self._accepted[client_id] + self._reserved[client_id]
         if mine + n > self.max_per_client:
             raise ResourceExhausted(
                 f"client {client_id!r} has {mine} unfinished tasks; the limit per client is "
@@ -106,7 +121,11 @@ class PendingLimits:
 
     def _check_cost(self, client_id: str, cost: int) -> None:
         if self.max_cost_total is not None:
-            total = sum(self._costed.values()) + sum(self._accepted_cost.values())
+            total = (
+                sum(self._costed.values())
+                + sum(self._accepted_cost.values())
+                + sum(self._reserved_cost.values())
+            )
             if total + cost > self.max_cost_total:
                 raise ResourceExhausted(
                     f"the queue holds {total} units of work; the limit is {self.max_cost_total} "
@@ -115,7 +134,11 @@ class PendingLimits:
                     reason="QUEUE_FULL",
                 )
         if self.max_cost_per_client is not None:
-            mine = self._costed.get(client_id, 0) + self._accepted_cost[client_id]
+            mine = (
+                self._costed.get(client_id, 0)
+                + self._accepted_cost[client_id]
+                + self._reserved_cost[client_id]
+            )
             if mine + cost > self.max_cost_per_client:
                 raise ResourceExhausted(
                     f"client {client_id!r} has {mine} units of work queued and asks for {cost} more; "
@@ -128,10 +151,34 @@ class PendingLimits:
         """Check with counts no older than the refresh interval (the first call waits for
         them; later ones refresh in the background)."""
         if self._counted is None:
-            await self._refresh()
+            # One count for every call that arrives before the first one is back, not one
+            # each: 64 calls in flight at start would otherwise send 128 statements.
+            if self._refreshing is None:
+                self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+            await asyncio.shield(self._refreshing)
         elif self._clock() - self._counted_at >= self.refresh_seconds and self._refreshing is None:
             self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
         self.check(client_id, n, cost)
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, client_id: str, n: int, cost: int = 0) -> AsyncIterator[Reservation]:
+        """``admit``, then hold ``n`` tasks and ``cost`` against the limits until the block
+        ends, when what the block reported as stored counts as accepted instead."""
+        await self.admit(client_id, n, cost)
+        self._reserved[client_id] += n
+        self._reserved_cost[client_id] += cost
+        reservation = Reservation()
+        try:
+            yield reservation
+        finally:
+            self._reserved[client_id] -= n
+            self._reserved_cost[client_id] -= cost
+            if not self._reserved[client_id]:
+                del self._reserved[client_id]
+            if not self._reserved_cost[client_id]:
+                del self._reserved_cost[client_id]
+            if reservation.tasks or reservation.cost:
+                self.accepted(client_id, reservation.tasks, reservation.cost)
 
     def accepted(self, client_id: str, n: int, cost: int = 0) -> None:
         """Count tasks (and their cost) this process stored since the last refresh."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
@@ -152,28 +152,107 @@ def test_limits_refuse_whole_batches_globally_and_per_client() -> None:
     asyncio.run(scenario())
 
 
+def test_limits_hold_calls_in_progress_and_count_once_for_the_first_callers() -> None:
+    counts: list[int] = []
+
+    async def count() -> dict[str, int]:
+        counts.append(1)
+        await asyncio.sleep(0)
+        return {"a": 1}
+
+    async def scenario() -> None:
+        limits = PendingLimits(max_total=100, max_per_client=4, count=count, refresh_seconds=3600)
+        held: list[object] = []
+        release = asyncio.Event()
+
+        async def call(stored: bool) -> None:
+            async with limits.reserve("a", 1) as reservation:
+                held.append(reservation)
+                await release.wait()
+                if stored:
+                    reservation.stored(1)
+
+        # Three calls fit beside the one counted task; every later one is refused while
+        # they are in progress, before any of them stored anything.
+        calls = [asyncio.ensure_future(call(stored=i != 0)) for i in range(10)]
+        results = await asyncio.wait_for(_settled(calls, held, 3), timeout=30)
+        assert sum(isinstance(r, ResourceExhausted) for r in results) == 7
+        assert len(counts) == 1  # one count for all the first callers
+        release.set()
+        await asyncio.gather(*calls, return_exceptions=True)
+        # Two were stored (the third stored nothing): they count as accepted now.
+        await limits.admit("a", 1)
+        with pytest.raises(ResourceExhausted):
+            await limits.admit("a", 2)
+
+    asyncio.run(scenario())
+
+
+async def _settled(
+    calls: list[asyncio.Future[None]], held: list[object], holding: int
+) -> list[BaseException | None]:
+    """The calls' outcomes once all but ``holding`` of them have ended (refused)."""
+    while sum(c.done() for c in calls) < len(calls) - holding or len(held) < holding:
+        await asyncio.sleep(0)
+    return [c.exception() if c.done() else None for c in calls]
+
+
 def test_coalescer_shares_statements_and_keeps_each_callers_tasks_together() -> None:
-    from hashmesh.core.queue.coalesce import SubmitCoalescer
+    from contextlib import asynccontextmanager
+
+    from hashmesh.core.errors import Unavailable
+    from hashmesh.core.queue.coalesce import SubmitCoalescer, SubmitMany
     from hashmesh.core.queue.model import NewTask, Submitted, TaskRecord
 
     statements: list[int] = []
+    sessions: list[int] = []
 
     async def submit_many(tasks: Sequence[NewTask]) -> list[Submitted]:
         statements.append(len(tasks))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+        if any(t.data == b"down" for t in tasks):
+            raise Unavailable("database gone", retry_after=1.0, reason="DATABASE_UNAVAILABLE")
         if any(t.data == b"boom" for t in tasks):
             raise RuntimeError("statement failed")
         return [Submitted(cast(TaskRecord, t.data), created=True) for t in tasks]
 
+    @asynccontextmanager
+    async def session() -> AsyncIterator[SubmitMany]:
+        sessions.append(1)
+        yield submit_many
+
     async def scenario() -> None:
-        coalescer = SubmitCoalescer(submit_many, max_tasks=5, max_in_flight=1)
+        coalescer = SubmitCoalescer(session, max_tasks=5, max_in_flight=1)
         calls = [[NewTask("md5", b"%d-%d" % (c, i)) for i in range(c % 3 + 1)] for c in range(6)]
         answers = await asyncio.gather(*(coalescer.submit(call) for call in calls))
         for call, answer in zip(calls, answers, strict=True):
             assert [a.task for a in answer] == [t.data for t in call]
         assert len(statements) < len(calls) and max(statements) <= 5
-        with pytest.raises(RuntimeError):
-            await coalescer.submit([NewTask("md5", b"boom")])
+        assert len(sessions) < len(statements)  # a drain keeps its session between statements
+        # One caller's refused rows inside a shared statement: that caller alone fails.
+        statements.clear()
+        first = asyncio.ensure_future(coalescer.submit([NewTask("md5", b"first")]))
+        await asyncio.sleep(0)  # one loop turn: the drain starts with ``first`` alone
+        rest = [[NewTask("md5", b"a")], [NewTask("md5", b"boom")], [NewTask("md5", b"b")]]
+        results = await asyncio.gather(
+            first, *(coalescer.submit(c) for c in rest), return_exceptions=True
+        )
+        assert statements == [1, 3, 1, 1, 1]  # shared, then each caller of it alone
+        assert [r[0].task for r in results if not isinstance(r, BaseException)] == [
+            b"first",
+            b"a",
+            b"b",
+        ]
+        assert isinstance(results[2], RuntimeError)
+        # Unavailable is every caller's answer in that statement: nothing of it was stored.
+        first = asyncio.ensure_future(coalescer.submit([NewTask("md5", b"first")]))
+        await asyncio.sleep(0)
+        down = [[NewTask("md5", b"c")], [NewTask("md5", b"down")]]
+        results = await asyncio.gather(
+            first, *(coalescer.submit(c) for c in down), return_exceptions=True
+        )
+        assert all(isinstance(r, Unavailable) for r in results[1:])
+        assert coalescer.waiting == 0
 
     asyncio.run(scenario())
 

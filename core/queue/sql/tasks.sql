@@ -17,28 +17,30 @@
 -- the few rows named — and a plan made while the table was small stays cached.
 
 -- name: submit
--- One statement for a whole batch: all rows are stored or none. Ids are made by the caller so
--- the answer maps back to the request's order; a repeated (client_id, idempotency_key) is
--- skipped here and read back by `by_idempotency_keys`.
+-- One statement for a whole batch: all rows are stored or none. The rows come as one JSON array
+-- (bytea as "\x…" hex; a key left out is NULL). Ids are made by the caller so the answer maps
+-- back to the request's order; a repeated (client_id, idempotency_key) is skipped here and read
+-- back by `by_idempotency_keys`. Only what the database chose comes back: the caller has the rest.
 INSERT INTO hashmesh_tasks (id, algorithm, input, input_key_id, input_size, params, priority,
                             max_attempts, run_after, client_id, idempotency_key, status,
                             result_digest, result_encoded, cached, finished_at,
                             idempotency_fingerprint)
-SELECT s.id, s.algorithm, s.input, s.input_key_id, s.input_size, s.params::jsonb, s.priority,
-       s.max_attempts, coalesce(s.run_after, now()), s.client_id, s.idempotency_key, s.status,
-       s.result_digest, s.result_encoded, s.status = 'succeeded',
+SELECT s.id, s.algorithm, s.input, s.input_key_id, s.input_size, s.params, s.priority,
+       s.max_attempts, coalesce(s.run_after, now()), s.client_id, s.idempotency_key,
+       coalesce(s.status, 'pending'), s.result_digest, s.result_encoded,
+       s.status IS NOT DISTINCT FROM 'succeeded',
        CASE WHEN s.status = 'succeeded' THEN now() END, s.fingerprint
-FROM unnest(%(id)s::uuid[], %(algorithm)s::text[], %(input)s::bytea[],
-            %(input_key_id)s::text[], %(input_size)s::bigint[], %(params)s::text[],
-            %(priority)s::integer[], %(max_attempts)s::integer[], %(run_after)s::timestamptz[],
-            %(client_id)s::text[], %(idempotency_key)s::text[], %(status)s::text[],
-            %(result_digest)s::bytea[], %(result_encoded)s::text[], %(fingerprint)s::bytea[])
+FROM ROWS FROM (json_to_recordset(%(rows)s::json) AS (
+         id uuid, algorithm text, input bytea, input_key_id text, input_size bigint,
+         params jsonb, priority integer, max_attempts integer, run_after timestamptz,
+         client_id text, idempotency_key text, status text, result_digest bytea,
+         result_encoded text, fingerprint bytea))
      WITH ORDINALITY AS s(id, algorithm, input, input_key_id, input_size, params, priority,
                           max_attempts, run_after, client_id, idempotency_key, status,
                           result_digest, result_encoded, fingerprint, ord)
 ORDER BY s.ord
 ON CONFLICT (client_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING {columns}
+RETURNING id, created_at, run_after, finished_at
 
 -- name: by_idempotency_keys
 SELECT {columns}, idempotency_fingerprint FROM hashmesh_tasks
