@@ -28,12 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,7 +41,7 @@ import grpc
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tasks_e2e import celery, latency, postgres, submit_batches, submit_single
+from tasks_e2e import celery, latency, postgres, redis_server, submit_batches, submit_single
 
 from hashmesh.core.queue import db, migrations
 from hashmesh.core.queue.embedded_pg import create_database
@@ -220,33 +216,6 @@ async def scenario(address: str, dsn: str, args: argparse.Namespace) -> dict[str
     figures.update(await read_latency(address))
     log(f"figures {figures}")
     return figures
-
-
-@contextmanager
-def redis_server() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("no redis-server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="bench-redis-") as folder:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/15"
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 def row(name: str, empty: Any, aged: Any, fmt: str = "{:,.0f}") -> str:

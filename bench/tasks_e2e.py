@@ -345,9 +345,10 @@ def celery(part: str, n: int, rate: float, seconds: float) -> dict[str, float] |
 
 
 @contextmanager
-def redis_server() -> Iterator[None]:
-    """A redis-server on a free loopback port for Celery (``BENCH_REDIS_URL``, and its PID in
-    ``BENCH_REDIS_PID`` so its CPU is counted), persisting nothing, as a default Redis."""
+def redis_server() -> Iterator[str]:
+    """A redis-server on a free loopback port for Celery, persisting nothing, as a default
+    Redis: its URL, also in ``BENCH_REDIS_URL``, and its PID in ``BENCH_REDIS_PID`` so its CPU
+    is counted."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("no redis-server on PATH (or pass --redis-url / --skip-celery)")
@@ -369,9 +370,9 @@ def redis_server() -> Iterator[None]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("redis-server did not start")
                 time.sleep(0.05)
-            os.environ["BENCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/15"
+            url = os.environ["BENCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/15"
             os.environ["BENCH_REDIS_PID"] = str(proc.pid)
-            yield
+            yield url
         finally:
             proc.terminate()
             proc.wait(10)
