@@ -254,8 +254,8 @@ CATALOGUE: tuple[Entry, ...] = (
         "RATE_LIMITED",
         "RESOURCE_EXHAUSTED",
         "balancer",
-        "The caller's rate limit is used up. The headers carry `ratelimit-policy` and "
-        "`ratelimit` with `r=0`.",
+        "The caller's rate limit is used up. The headers and the trailers carry `ratelimit-policy` "
+        "and `ratelimit` with `r=0`.",
         ("ErrorInfo", "RetryInfo"),
         Retry.AFTER_DELAY,
         PROXIED,
