@@ -15,7 +15,8 @@ them). Figures per scenario:
 - single SubmitTask (64 in flight) and SubmitTasks of 1,000: submissions/s;
 - claim rate: 20,000 due tasks inserted in one statement, then the time until one workerd has
   claimed and completed all of them (read from the O(1) counters);
-- submit → final p50/p99 at ``--rate``/s through WatchTask (as bench/tasks_e2e.py);
+- submit → final p50/p99 at ``--rate``/s, each task one SubmitAndWatchTask call (the first
+  latency row of bench/tasks_e2e.py);
 - GetQueueStats and ListTasks (first page of 100) latency, p50 and max of 50 calls;
 - table and index size;
 - aged only: the pruner deleting the rows due (1 M at the default scale) while the latency
@@ -49,6 +50,9 @@ from hashmesh.core.queue.retention import PruneRun, RetentionPolicy
 from hashmesh.core.queue.store import PostgresTaskStore
 from hashmesh.core.settings import DatabaseSettings
 from hashmesh.v1 import task_pb2, task_pb2_grpc
+
+LATENCY_PATH = "one call"
+"""How the latency load follows each task (``tasks_e2e.LATENCY_PATHS``)."""
 
 LOAD_FINISHED = """
 INSERT INTO hashmesh_tasks (algorithm, input, input_size, status, attempts, client_id,
@@ -198,7 +202,7 @@ async def prune_under_load(address: str, dsn: str, rate: float, seconds: float) 
             return run
 
         pruning = asyncio.create_task(timed_prune())
-        lat = await latency(address, rate, seconds)
+        lat = await latency(address, rate, seconds, LATENCY_PATH)
         run = await pruning
     finally:
         await pool.close()
@@ -211,8 +215,8 @@ async def scenario(address: str, dsn: str, args: argparse.Namespace) -> dict[str
     figures.update(await submit_rates(address, dsn, args.single, args.batch))
     log(f"submit rates {figures}")
     figures["claim_per_s"] = await claim_rate(dsn, args.drain)
-    await latency(address, args.rate, 1.0)  # warm-up, not counted
-    figures["latency"] = await latency(address, args.rate, args.seconds)
+    await latency(address, args.rate, 1.0, LATENCY_PATH)  # warm-up, not counted
+    figures["latency"] = await latency(address, args.rate, args.seconds, LATENCY_PATH)
     figures.update(await read_latency(address))
     log(f"figures {figures}")
     return figures
@@ -260,7 +264,10 @@ def main() -> None:
         else:
             aged_dsn = create_database(admin, f"scale_aged_{uuid.uuid4().hex[:8]}")
             migrations.migrate(aged_dsn)
-            log(f"loading {args.finished:,} finished + {args.pending:,} pending rows: {aged_dsn}")
+            log(
+                f"loading {args.finished:,} finished + {args.pending:,} pending rows: "
+                f"{db.redact_dsn(aged_dsn)}"
+            )
             results["load"] = {"seconds": load(aged_dsn, args.finished, args.pending)}
             log(f"loaded in {results['load']['seconds']:.0f} s")
             if args.load_only:
@@ -285,7 +292,10 @@ def main() -> None:
     if not args.skip_celery:
         with redis_server() as url:
             os.environ["BENCH_REDIS_URL"] = url
-            celery_report = celery(args.single, args.rate, args.seconds)
+            throughput = celery("throughput", args.single, args.rate, args.seconds)
+            latency_ = celery("latency", args.single, args.rate, args.seconds)
+            if throughput and latency_:
+                celery_report = {"throughput": throughput, "latency": latency_}
     report(args, results, celery_report)
 
 
