@@ -29,6 +29,7 @@ from hashmesh.core.tunnel import (
     TUNNEL_METHOD,
     MalformedFrame,
     Reply,
+    batch_length,
     decode_replies,
     encode_call,
     encode_cancel,
@@ -151,12 +152,7 @@ class Tunnel:
                 await self._wake.wait()
                 self._wake.clear()
                 while outbox:
-                    size = count = 0
-                    for frame in outbox:
-                        if count and size + len(frame) > self._batch_bytes:
-                            break
-                        size += len(frame)
-                        count += 1
+                    count = batch_length(outbox, self._batch_bytes)
                     batch = b"".join(outbox[:count])
                     del outbox[:count], ids[:count]
                     await stream.write(batch)
@@ -259,18 +255,8 @@ class _Socket(asyncio.Protocol):
             return
         frames, ids = self._frames, self._ids
         while frames:
-            first = frames[0]
-            if len(frames) == 1 or len(first) >= self._batch_bytes:
-                transport.write(pack(first))
-                count = 1
-            else:
-                size = count = 0
-                for frame in frames:
-                    if count and size + len(frame) > self._batch_bytes:
-                        break
-                    size += len(frame)
-                    count += 1
-                transport.write(pack(b"".join(frames[:count])))
+            count = batch_length(frames, self._batch_bytes)
+            transport.write(pack(b"".join(frames[:count])))  # one frame: joined without a copy
             del frames[:count], ids[:count]
 
     def handshake(self, token: bytes) -> None:

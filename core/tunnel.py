@@ -559,15 +559,22 @@ class Session:
         self.calls.cancel_all()
 
 
-def take_batch(outbox: list[bytes]) -> bytes:
-    """Frames from the head of ``outbox`` up to ``BATCH_BYTES`` (at least one), removed."""
+def batch_length(frames: Sequence[bytes], limit: int = BATCH_BYTES) -> int:
+    """How many frames from the head of ``frames`` make one batch: up to ``limit`` bytes, at
+    least one (a frame larger than ``limit`` goes alone)."""
     size = 0
     count = 0
-    for frame in outbox:
-        if count and size + len(frame) > BATCH_BYTES:
+    for frame in frames:
+        if count and size + len(frame) > limit:
             break
         size += len(frame)
         count += 1
+    return count
+
+
+def take_batch(outbox: list[bytes]) -> bytes:
+    """Frames from the head of ``outbox`` up to ``BATCH_BYTES`` (at least one), removed."""
+    count = batch_length(outbox)
     batch = b"".join(outbox[:count])
     del outbox[:count]
     return batch

@@ -46,6 +46,16 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def unavailable(what: str, exc: BaseException) -> Unavailable:
+    """The answer for a driver error while doing ``what``: the database went away (retry in a
+    second). Raise it ``from exc``."""
+    return Unavailable(
+        f"database unavailable while {what}: {type(exc).__name__}",
+        retry_after=1.0,
+        reason="DATABASE_UNAVAILABLE",
+    )
+
+
 @contextmanager
 def sync_errors(what: str) -> Iterator[None]:
     """Around a short synchronous connection: an unreachable database as ``Unavailable``,
@@ -131,11 +141,7 @@ async def with_retries(
             if attempt + 1 >= settings.retry_attempts:
                 if isinstance(exc, Unavailable):
                     raise
-                raise Unavailable(
-                    f"database unavailable while {what}: {type(exc).__name__}",
-                    retry_after=1.0,
-                    reason="DATABASE_UNAVAILABLE",
-                ) from exc
+                raise unavailable(what, exc) from exc
             delay = backoff_delay(attempt, settings.retry_base, settings.retry_cap)
             log.warning(
                 "database error, retrying",
@@ -161,11 +167,7 @@ async def connection(
             reason="DATABASE_UNAVAILABLE",
         ) from exc
     except psycopg.OperationalError as exc:
-        raise Unavailable(
-            f"database unavailable while {what}: {type(exc).__name__}",
-            retry_after=1.0,
-            reason="DATABASE_UNAVAILABLE",
-        ) from exc
+        raise unavailable(what, exc) from exc
 
 
 def redact_dsn(dsn: str) -> str:

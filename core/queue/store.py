@@ -20,7 +20,7 @@ from psycopg import sql
 
 from hashmesh.core.errors import FailedPrecondition, Unavailable, task_not_found
 from hashmesh.core.queue.coalesce import SubmitCoalescer, SubmitMany
-from hashmesh.core.queue.db import connection, sync_errors
+from hashmesh.core.queue.db import connection, sync_errors, unavailable
 from hashmesh.core.queue.model import (
     ClaimedTask,
     Completion,
@@ -143,11 +143,7 @@ class PostgresTaskStore:
             missing = [t for i, t in zip(ids, tasks, strict=True) if i not in stored]
             existing = await self._existing_keys(conn, missing) if missing else {}
         except psycopg.OperationalError as exc:
-            raise Unavailable(
-                f"database unavailable while submitting tasks: {type(exc).__name__}",
-                retry_after=1.0,
-                reason="DATABASE_UNAVAILABLE",
-            ) from exc
+            raise unavailable("submitting tasks", exc) from exc
         answers = []
         for task_id, task in zip(ids, tasks, strict=True):
             row = stored.get(task_id)

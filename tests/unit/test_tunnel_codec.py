@@ -13,6 +13,7 @@ from hashmesh.core.tunnel import (
     CANCEL,
     MalformedFrame,
     Reply,
+    batch_length,
     decode_calls,
     decode_replies,
     encode_call,
@@ -83,3 +84,23 @@ def test_junk_never_raises_anything_but_malformed_frame(junk: bytes) -> None:
     for decode in (decode_calls, decode_replies):
         with contextlib.suppress(MalformedFrame):
             list(decode(junk))  # type: ignore[operator]
+
+
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=30), st.integers(1, 120))
+def test_a_batch_stays_under_its_limit_and_never_leaves_a_frame_behind(
+    frames: list[bytes], limit: int
+) -> None:
+    sent: list[bytes] = []
+    rest = list(frames)
+    while rest:
+        count = batch_length(rest, limit)
+        batch = rest[:count]
+        assert count >= 1
+        # Over the limit only when one frame alone is larger than it.
+        assert sum(map(len, batch)) <= limit or count == 1
+        # As many as fit: the next frame would have passed the limit.
+        if count < len(rest):
+            assert sum(map(len, batch)) + len(rest[count]) > limit
+        sent += batch
+        del rest[:count]
+    assert sent == frames
