@@ -30,3 +30,15 @@ def test_every_setting_is_in_the_readme() -> None:
     assert len(found) > 40, "the scan found too few settings: is the pattern still right?"
     missing = sorted(name for name in found if f"`{name}`" not in readme)
     assert not missing, f"settings missing from the README's table: {missing}"
+
+
+def test_ci_runs_the_readmes_test_command_verbatim() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    found = re.search(
+        r"\*\*Run the whole test suite\*\*.*?```sh\n(.+?)\n```", readme, flags=re.DOTALL
+    )
+    assert found, "the README lost its 'Run the whole test suite' command"
+    command = found.group(1).strip()
+    assert "pytest" in command
+    ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert command in (line.strip() for line in ci_lines), (command, ".ci/run")
