@@ -335,12 +335,12 @@ def test_stream_hashes_256_mib_in_constant_memory(
         expected.update(block)
     assert reply.total_bytes == count * LIMIT
     assert reply.result.digest == expected.digest()
-    # Bounds far below the 256 MiB streamed (a copy of the stream would break both), with
-    # room for what a loaded machine adds: gRPC reads ahead more chunks while the hashing
-    # thread waits for a CPU, and the allocator keeps some of those pages afterwards.
-    assert after - before < 32 * 1024, f"RSS grew by {after - before} KiB"
-    # Peak: gRPC's receive buffers and a few chunks in flight, never the stream itself.
-    assert peak - before < 64 * 1024, f"peak RSS {peak - before} KiB over the start"
+    # Bounds at a quarter and a half of the 256 MiB streamed: a copy of the stream, or of half
+    # its chunks, breaks both. The room below them is for what a loaded machine adds (gRPC
+    # reads ahead while the loop waits for a CPU; the allocator keeps some of those pages):
+    # seen here, 0-4 MiB kept and 6-14 MiB at the peak, and once 32 MiB kept under CI's load.
+    assert after - before < 64 * 1024, f"RSS grew by {after - before} KiB"
+    assert peak - before < 128 * 1024, f"peak RSS {peak - before} KiB over the start"
 
 
 def test_stream_of_every_digest_equals_hashlib(stub: hash_pb2_grpc.HashServiceStub) -> None:
