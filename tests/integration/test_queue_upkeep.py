@@ -74,11 +74,26 @@ def real_costs(dsn: str) -> dict[str, int]:
     return costs
 
 
-async def assert_counters_match(store: PostgresTaskStore, dsn: str, step: str) -> None:
+def real_finished_last_minute(dsn: str) -> int:
+    """Tasks that reached a final status in the last minute, by scanning the table."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM hashmesh_tasks WHERE status IN ('succeeded', 'dead_letter') "
+            "AND finished_at > now() - interval '60 seconds'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def assert_counters_match(
+    store: PostgresTaskStore, dsn: str, step: str, *, recent: bool = False
+) -> None:
     by_status, by_client = real_counts(dsn)
     stats = await store.stats(alive_seconds=30)
     counted = {s.value: n for s, n in stats.counts.items() if n}
     assert counted == by_status, f"after {step}"
+    if recent:  # tasks the test finished within the minute (no finished_at backdated)
+        assert stats.completed_last_minute == real_finished_last_minute(dsn), f"after {step}"
     assert await store.unfinished_by_client() == by_client, f"after {step}"
     assert await store.unfinished_cost_by_client() == real_costs(dsn), f"after {step}"
 
@@ -93,7 +108,7 @@ def backdate(dsn: str, ids: list[str], days: float) -> None:
 
 def test_counters_equal_a_real_count_through_every_transition(dsn: str) -> None:
     async def body(store: PostgresTaskStore) -> None:
-        await assert_counters_match(store, dsn, "nothing")
+        await assert_counters_match(store, dsn, "nothing", recent=True)
         submitted = await store.submit_many(
             [NewTask("md5", b"t-%d" % i, client_id=f"c{i % 3}", max_attempts=1) for i in range(40)]
             + [NewTask("md5", b"cached", cached_result=(b"\x01" * 16, "01" * 16))]
@@ -103,33 +118,38 @@ def test_counters_equal_a_real_count_through_every_transition(dsn: str) -> None:
             ]
         )
         ids = [s.task.id for s in submitted]
-        await assert_counters_match(store, dsn, "submit")
+        await assert_counters_match(store, dsn, "submit", recent=True)
         claimed = await store.claim("w", 30, 30)
-        await assert_counters_match(store, dsn, "claim")
+        await assert_counters_match(store, dsn, "claim", recent=True)
         done = [Completion(t.id, t.lease_id, b"\x00" * 16, "00" * 16) for t in claimed[:10]]
         assert len(await store.complete_many(done)) == 10
-        await assert_counters_match(store, dsn, "complete")
+        await assert_counters_match(store, dsn, "complete", recent=True)
         failed = [Failure(t.id, t.lease_id, "ValueError: no") for t in claimed[10:15]]
         assert set((await store.fail_many(failed, base=0, cap=0)).values()) == {
             TaskStatus.DEAD_LETTER
         }
-        await assert_counters_match(store, dsn, "fail")
+        await assert_counters_match(store, dsn, "fail", recent=True)
         assert len(await store.release([Lease(t.id, t.lease_id) for t in claimed[15:20]])) == 5
-        await assert_counters_match(store, dsn, "release")
+        await assert_counters_match(store, dsn, "release", recent=True)
         unclaimed = [i for i in ids[:40] if i not in {t.id for t in claimed}]
         await store.cancel(claimed[20].id, owner=None)  # running: flagged only
         await store.cancel(unclaimed[0], owner=None)  # pending: cancelled at once
         assert await store.acknowledge_cancel([Lease(claimed[20].id, claimed[20].lease_id)])
-        await assert_counters_match(store, dsn, "cancel")
+        await assert_counters_match(store, dsn, "cancel", recent=True)
         # A digest dead letter: an argon2 one has its input erased and cannot be requeued (the
         # claim order among tasks submitted in the same millisecond is not fixed).
         dead_digest = next(t for t in claimed[10:15] if t.algorithm == "md5")
         await store.requeue(dead_digest.id, owner=None)
         await assert_counters_match(store, dsn, "requeue")
-        backdate(dsn, ids, days=30)
+        # The requeued dead letter did reach a final status within the minute: still counted.
+        finished = (await store.stats(alive_seconds=30)).completed_last_minute
+        assert finished == real_finished_last_minute(dsn) + 1
+        assert finished == 1 + 10 + 5  # the cached one, the completed, the dead letters
+        backdate(dsn, ids, days=30)  # rewrites history: the ring still counts what it saw
         run = await store.prune(RetentionPolicy().ages, batch=3)
         assert run is not None and run.total > 0
         await assert_counters_match(store, dsn, "prune")
+        assert (await store.stats(alive_seconds=30)).completed_last_minute == finished
         with psycopg.connect(dsn) as conn:  # slots folded into one row per status
             slots = conn.execute(
                 "SELECT count(*) FROM hashmesh_task_counts WHERE slot <> 0"
@@ -405,5 +425,31 @@ def test_a_pruner_cancelled_mid_run_leaves_no_lock_behind(dsn: str) -> None:
         assert rest is not None
         assert await store.get_many([s.task.id for s in done]) == []
         await assert_counters_match(store, dsn, "cancelled prune")
+
+    with_store(dsn, body)
+
+
+def test_completed_last_minute_forgets_a_second_when_its_bucket_comes_round_again(
+    dsn: str,
+) -> None:
+    """The ring of 64 one-second buckets: a bucket last written 64 s ago is reset, not added
+    to, by the next task finishing in its ring position, and is outside the minute read."""
+
+    async def body(store: PostgresTaskStore) -> None:
+        await store.submit_many([NewTask("md5", b"ring-%d" % i, max_attempts=1) for i in range(4)])
+        claimed = await store.claim("w", 4, 30)
+        done = [Completion(t.id, t.lease_id, b"\x00" * 16, "00" * 16) for t in claimed[:3]]
+        assert len(await store.complete_many(done)) == 3
+        before = (await store.stats(alive_seconds=30)).completed_last_minute
+        assert before >= 3
+        with psycopg.connect(dsn) as conn:  # as if every bucket had been written 64 s ago
+            conn.execute("UPDATE hashmesh_task_finished SET second = second - 64")
+        assert (await store.stats(alive_seconds=30)).completed_last_minute == 0
+        last = claimed[3]
+        assert await store.complete_many([Completion(last.id, last.lease_id, b"\x00" * 16, "")])
+        assert (await store.stats(alive_seconds=30)).completed_last_minute == 1
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute("SELECT count(*) FROM hashmesh_task_finished").fetchone()
+        assert rows is not None and rows[0] <= 64 * 16
 
     with_store(dsn, body)

@@ -335,7 +335,8 @@ SELECT status, sum(n)::bigint AS n FROM hashmesh_task_counts GROUP BY status
 -- name: queue_summary
 -- The longest a due task has waited to be claimed, read from the claim index one priority
 -- at a time (a loose index scan: as many probes as there are distinct priorities waiting),
--- and what finished in the last minute (a range of the retention index).
+-- and what finished in the last minute, to the second (the ring of migration 0009: at most
+-- 61 x 16 small rows, whatever the throughput).
 WITH RECURSIVE heads AS (
     (SELECT priority, run_after FROM hashmesh_tasks
      WHERE status IN ('pending', 'retrying')
@@ -350,9 +351,8 @@ WITH RECURSIVE heads AS (
 SELECT
     (SELECT extract(epoch FROM now() - min(run_after))::float8 FROM heads
       WHERE run_after <= now()) AS oldest_pending_seconds,
-    (SELECT count(*) FROM hashmesh_tasks
-      WHERE status IN ('succeeded', 'dead_letter') AND finished_at IS NOT NULL
-        AND finished_at > now() - interval '60 seconds') AS completed_last_minute
+    (SELECT coalesce(sum(n), 0)::bigint FROM hashmesh_task_finished
+      WHERE second > floor(extract(epoch FROM now()))::bigint - 60) AS completed_last_minute
 
 -- name: workers
 -- Alive: not stopped, a recent heartbeat, and its session lock held (a killed worker shows
