@@ -24,13 +24,29 @@ SELECT s % 64, 0, s, count(*) FROM (
       AND finished_at > now() - interval '64 seconds') x
 GROUP BY s;
 
+-- Counts tasks into the ring by the Unix second each finished in. A bucket's second only moves
+-- forward: a transaction finishing a task in an older second than its bucket holds counts
+-- nothing there (that second is 64 s or more in the past, outside any window read). PL/pgSQL,
+-- as in 0007, so its plan is kept for the session.
+CREATE FUNCTION hashmesh_task_finished_add(seconds bigint[], writer_slot int) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO hashmesh_task_finished AS f (ring, slot, second, n)
+    SELECT s % 64, writer_slot, s, count(*) FROM unnest(seconds) AS s
+    GROUP BY s ORDER BY s % 64
+    ON CONFLICT (ring, slot) DO UPDATE
+    SET n = CASE WHEN f.second = excluded.second THEN f.n + excluded.n
+                 WHEN f.second < excluded.second THEN excluded.n
+                 ELSE f.n END,
+        second = greatest(f.second, excluded.second);
+END $$;
+
 -- 0007's counter trigger with the ring added (the same key order: statuses, clients, then the
--- ring in ring order, so two writers never deadlock). A bucket's second only moves forward:
--- a transaction finishing a task in an older second than the ring holds counts nothing there
--- (it is more than 64 s old, outside any window read).
+-- ring in ring order, so two writers never deadlock).
 CREATE OR REPLACE FUNCTION hashmesh_tasks_count() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     my_slot int := pg_backend_pid() % 16;
+    finished bigint[];
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO hashmesh_task_counts AS c (status, slot, n)
@@ -43,16 +59,12 @@ BEGIN
         GROUP BY client_id ORDER BY client_id
         ON CONFLICT (client_id, slot) DO UPDATE
         SET n = u.n + excluded.n, cost = u.cost + excluded.cost;
-        INSERT INTO hashmesh_task_finished AS f (ring, slot, second, n)
-        SELECT s % 64, my_slot, s, count(*) FROM (
-            SELECT floor(extract(epoch FROM finished_at))::bigint AS s FROM new_rows
-            WHERE status IN ('succeeded', 'dead_letter') AND finished_at IS NOT NULL) x
-        GROUP BY s ORDER BY s % 64
-        ON CONFLICT (ring, slot) DO UPDATE
-        SET n = CASE WHEN f.second = excluded.second THEN f.n + excluded.n
-                     WHEN f.second < excluded.second THEN excluded.n
-                     ELSE f.n END,
-            second = greatest(f.second, excluded.second);
+        finished := ARRAY(
+            SELECT floor(extract(epoch FROM finished_at))::bigint FROM new_rows
+            WHERE status IN ('succeeded', 'dead_letter') AND finished_at IS NOT NULL);
+        IF cardinality(finished) > 0 THEN
+            PERFORM hashmesh_task_finished_add(finished, my_slot);
+        END IF;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO hashmesh_task_counts AS c (status, slot, n)
         SELECT status, my_slot, -count(*) FROM old_rows GROUP BY status ORDER BY status
@@ -89,20 +101,15 @@ BEGIN
         ORDER BY n.client_id
         ON CONFLICT (client_id, slot) DO UPDATE
         SET n = u.n + excluded.n, cost = u.cost + excluded.cost;
-        -- Tasks reaching a final status, by the second they finished in (GetQueueStats's
-        -- completed_last_minute reads these instead of the last minute's rows).
-        INSERT INTO hashmesh_task_finished AS f (ring, slot, second, n)
-        SELECT s % 64, my_slot, s, count(*) FROM (
-            SELECT floor(extract(epoch FROM n.finished_at))::bigint AS s
+        -- Tasks reaching a final status, by the second they finished in.
+        finished := ARRAY(
+            SELECT floor(extract(epoch FROM n.finished_at))::bigint
             FROM new_rows n JOIN old_rows o ON o.id = n.id
             WHERE n.status IN ('succeeded', 'dead_letter') AND n.status <> o.status
-              AND n.finished_at IS NOT NULL) x
-        GROUP BY s ORDER BY s % 64
-        ON CONFLICT (ring, slot) DO UPDATE
-        SET n = CASE WHEN f.second = excluded.second THEN f.n + excluded.n
-                     WHEN f.second < excluded.second THEN excluded.n
-                     ELSE f.n END,
-            second = greatest(f.second, excluded.second);
+              AND n.finished_at IS NOT NULL);
+        IF cardinality(finished) > 0 THEN
+            PERFORM hashmesh_task_finished_add(finished, my_slot);
+        END IF;
     END IF;
     RETURN NULL;
 END $$;
