@@ -21,7 +21,10 @@ scenario), one hashd (``--hashd N`` for more), the balancer in front of them unl
   minute);
 - under each hashmesh figure, the CPU milliseconds each kind of process spent per task
   (client, balancer, hashd, workerd, and PostgreSQL's backends for the run's database): on two
-  cores, the sum bounds the rate, and under load every millisecond of it is queueing delay.
+  cores, the sum bounds the rate, and under load every millisecond of it is queueing delay;
+  under each latency figure also the wake-ups per task (voluntary context switches of every
+  thread) by the same kinds: at 200/s nothing batches, and each is an event-loop turn or a
+  backend woken for a statement or a notification.
 
 The client runs on uvloop, as hashd and workerd do: on two shared cores the load generator's
 own event-loop turns compete with the mesh for CPU (Celery's client is a plain loop of
