@@ -21,7 +21,10 @@ scenario), one hashd (``--hashd N`` for more), the balancer in front of them unl
   minute);
 - under each hashmesh figure, the CPU milliseconds each kind of process spent per task
   (client, balancer, hashd, workerd, and PostgreSQL's backends for the run's database): on two
-  cores, the sum bounds the rate, and under load every millisecond of it is queueing delay.
+  cores, the sum bounds the rate, and under load every millisecond of it is queueing delay;
+  under each latency figure also the wake-ups per task (voluntary context switches of every
+  thread) by the same kinds: at 200/s nothing batches, and each is an event-loop turn or a
+  backend woken for a statement or a notification.
 
 The client runs on uvloop, as hashd and workerd do: on two shared cores the load generator's
 own event-loop turns compete with the mesh for CPU (Celery's client is a plain loop of
@@ -142,6 +145,49 @@ class Mesh:
         if any(server):
             used["postgres"] = sum(server)
         return used
+
+    def wakeups(self) -> dict[str, int]:
+        """Voluntary context switches so far (every thread's: a thread that blocked and was
+        woken again) by the same kinds as ``cpu_seconds``: at a low rate, where nothing is
+        batched, each one is an event-loop turn or a PostgreSQL backend woken for a statement
+        or a notification."""
+        woken: dict[str, int] = {"client": _proc_wakeups(os.getpid())}
+        for daemon in self.daemons:
+            kind = daemon.module.rsplit(".", 1)[-1]
+            woken[kind] = woken.get(kind, 0) + _proc_wakeups(daemon.popen.pid)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            backends = conn.execute(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        server = [_proc_wakeups(pid) for (pid,) in backends]
+        if any(server):
+            woken["postgres"] = sum(server)
+        return woken
+
+
+def _proc_wakeups(pid: int) -> int:
+    total = 0
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/status") as status:
+                for line in status:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def wakeups_per_task(before: dict[str, int], after: dict[str, int], n: int) -> str:
+    """``hashd 9.1 · postgres 6.0 · …``: voluntary context switches per task by process kind."""
+    spent = {kind: (after[kind] - before.get(kind, 0)) / n for kind in after}
+    parts = [f"{kind} {k:.1f}" for kind, k in sorted(spent.items(), key=lambda kv: -kv[1])]
+    return " · ".join(parts) + f" = {sum(spent.values()):.1f} wake-ups per task"
 
 
 def _proc_cpu(pid: int) -> float:
@@ -443,13 +489,14 @@ def main() -> None:
                         )
         for latency_path in LATENCY_PATHS if args.only != "throughput" else ():
             with mesh(admin, hashd=args.hashd, workers=1, direct=args.direct) as m:
-                before = m.cpu_seconds()
+                before, woken = m.cpu_seconds(), m.wakeups()
                 lat = uvloop.run(latency(m.address, args.rate, args.seconds, latency_path))
                 cpu = cpu_per_task(before, m.cpu_seconds(), int(lat["tasks"]))
+                wakeups = wakeups_per_task(woken, m.wakeups(), int(lat["tasks"]))
             print(
                 f"hashmesh latency at {lat['rate']:.0f}/s, {latency_path} "
                 f"({LATENCY_PATHS[latency_path]}), submit → final: "
-                f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms\n    {cpu}",
+                f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms\n    {cpu}\n    {wakeups}",
                 flush=True,
             )
             c_lat = (

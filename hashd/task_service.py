@@ -68,12 +68,18 @@ STATUS_TO_WIRE: dict[TaskStatus, task_pb2.TaskStatus.ValueType] = {
 STATUS_FROM_WIRE = {v: k for k, v in STATUS_TO_WIRE.items()}
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    # Exact integer arithmetic, as Timestamp.FromDatetime, at half its cost (it goes through
+    # utctimetuple and calendar.timegm): a watched task's messages carry up to 4 times each.
+    since = value - _EPOCH if value.tzinfo is not None else value - _EPOCH.replace(tzinfo=None)
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000
+    )
 
 
 def task_to_wire(record: TaskRecord) -> task_pb2.Task:

@@ -101,12 +101,22 @@ def parse_status_payload(payload: str, wanted: Container[str] | None = None) -> 
             with contextlib.suppress(ValueError):
                 changes.append((task_id, TaskStatus(status), None))
         return changes
+    return changes_of(_entries(payload), wanted)
+
+
+def _entries(payload: str) -> list[Any]:
+    """The entries of a JSON payload (``[]`` when it is not one)."""
     try:
         entries = json.loads(payload)
     except ValueError:
         return []
+    return entries if isinstance(entries, list) else []
+
+
+def changes_of(entries: list[Any], wanted: Container[str] | None = None) -> list[Change]:
+    """``parse_status_payload`` of a payload already decoded (``_entries``)."""
     found: list[Change] = []
-    for entry in entries if isinstance(entries, list) else []:
+    for entry in entries:
         try:
             task_id, status = str(entry["id"]), TaskStatus(entry["status"])
         except (TypeError, KeyError, ValueError):
@@ -214,15 +224,13 @@ class WatchHub:
         finally:
             self._catching_up -= 1
 
-    def _remember(self, payload: str, now: float) -> None:
-        if not payload.startswith("["):
-            self._dropped_at = now  # the pre-0006 form carries no records: unknown, read
+    def _remember(self, entries: list[Any] | None, now: float) -> None:
+        """Keep a notification's entries (``None``: a pre-0006 payload, which carries no
+        records: what it announced is unknown, to be read)."""
+        if entries is None:
+            self._dropped_at = now
             return
-        try:
-            entries = json.loads(payload)
-        except ValueError:
-            return
-        for entry in entries if isinstance(entries, list) else []:
+        for entry in entries:
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
                 continue
             # An entry without the record (too long to be notified whole) is kept too: it says
@@ -299,19 +307,32 @@ class WatchHub:
                     self._resync_all()
                 await asyncio.sleep(STATEMENT.delay(failures))
                 continue
-            now = self._clock()
-            if notes and (self._catching_up or now - self._watched_at < WATCHED_LATELY_SECONDS):
-                for _, payload in notes:
-                    self._remember(payload, now)
-            if notes and self._subscribers:
-                self.deliver(
-                    [
-                        change
-                        for _, payload in notes
-                        if self._may_concern(payload)
-                        for change in parse_status_payload(payload, self._subscribers)
-                    ]
-                )
+            if notes:
+                self._received([payload for _, payload in notes])
+
+    def _received(self, payloads: list[str]) -> None:
+        """Keep (while watches start) and deliver what arrived; each payload is decoded at
+        most once, and not at all when it names no watched task and nothing is kept."""
+        now = self._clock()
+        keeping = self._catching_up > 0 or now - self._watched_at < WATCHED_LATELY_SECONDS
+        changes: list[Change] = []
+        for payload in payloads:
+            concerns = bool(self._subscribers) and self._may_concern(payload)
+            if not (keeping or concerns):
+                continue
+            if not payload.startswith("["):  # the pre-0006 form
+                if keeping:
+                    self._remember(None, now)
+                if concerns:
+                    changes += parse_status_payload(payload, self._subscribers)
+                continue
+            entries = _entries(payload)
+            if keeping:
+                self._remember(entries, now)
+            if concerns:
+                changes += changes_of(entries, self._subscribers)
+        if self._subscribers and changes:
+            self.deliver(changes)
 
     def _may_concern(self, payload: str) -> bool:
         """False when no watched id appears in the payload: most notifications are of tasks

@@ -104,7 +104,10 @@ class PostgresTaskStore:
     async def _rows(self, query: str, params: dict[str, Any], *, what: str) -> list[dict[str, Any]]:
         async with connection(self._pool, what=what) as conn:
             cur = await conn.execute(_q(query), params)
-            return _rows(await cur.fetchall()) if cur.description else []
+            # Not ``cur.description``: it builds a Column per field on every call, and the
+            # row factory has built them once already.
+            result = cur.pgresult
+            return _rows(await cur.fetchall()) if result is not None and result.nfields else []
 
     # -- submissions -------------------------------------------------------------------------
 
@@ -369,16 +372,16 @@ class PostgresTaskStore:
         asked meanwhile), algorithm and submit→final latency."""
         if not done:
             return []
-        rows = await self._rows(
-            "complete",
+        results = [
             {
-                "id": [d.id for d in done],
-                "lease_id": [d.lease_id for d in done],
-                "digest": [d.digest for d in done],
-                "encoded": [d.encoded for d in done],
-            },
-            what="writing results",
-        )
+                "id": d.id,
+                "lease_id": d.lease_id,
+                "digest": "\\x" + d.digest.hex(),
+                "encoded": d.encoded,
+            }
+            for d in done
+        ]
+        rows = await self._rows("complete", {"rows": json.dumps(results)}, what="writing results")
         return [_outcome(r) for r in rows]
 
     async def complete(self, task_id: str, lease_id: int, digest: bytes, encoded: str) -> bool:

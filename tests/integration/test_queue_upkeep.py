@@ -5,6 +5,7 @@ worker's tasks claimable again at once, and worker writes that skip the WAL flus
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -319,8 +320,13 @@ def test_worker_writes_commit_asynchronously_and_submissions_do_not(dsn: str) ->
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
         conn.commit()
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
-        done = {"id": [row["id"]], "lease_id": [row["lease_id"]], "digest": [b"\x00"],
-                "encoded": ["00"]}  # fmt: skip
+        result = {
+            "id": str(row["id"]),
+            "lease_id": row["lease_id"],
+            "digest": "\\x00",
+            "encoded": "00",
+        }
+        done = {"rows": json.dumps([result])}
         assert conn.execute(queries()["complete"], done).fetchone() is not None
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
         conn.commit()
