@@ -6,8 +6,8 @@ poller thread and on to the event loop; the older iomgr polls the sockets in the
 waits for completions, which saves a thread hop per completion. For the balancer, which
 forwards many small calls, iomgr costs 0.83-0.88x the CPU per call of the EventEngine on the
 inbound side alone (``bench/inbound_floor.py``'s ``aio`` row with and without
-``GRPC_EXPERIMENTS=-event_engine_listener,...``) and about 0.85x for the whole balancer
-(``bench/balancer_bench.py``, front ``balancer-event-engine``). Both are grpc's own, switched
+``GRPC_EXPERIMENTS=-event_engine_listener,...``) and 0.85-0.95x for the whole balancer
+(``bench/balancer_bench.py``, against the front ``balancer-event-engine``). Both are grpc's own, switched
 by its ``GRPC_EXPERIMENTS`` variable, which grpc reads once, when it is imported: so this
 module imports no grpc and ``configure`` runs first in ``__main__``.
 
