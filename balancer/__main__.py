@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable
 
-from hashmesh.balancer.config import RATELIMIT_HEADERS, STRATEGIES, BalancerSettings, parse_limit
+# Nothing here imports grpc: it reads its transport choice once, when first imported, so
+# ``grpc_transport.configure`` runs before the modules that import it (inside ``main``).
+from hashmesh.balancer import grpc_transport
 from hashmesh.core import logs
 from hashmesh.core.settings import SettingsError
 
@@ -33,6 +36,17 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        grpc_transport.configure(os.environ)
+    except SettingsError as exc:
+        sys.exit(f"hashmesh-balancer: {exc}")
+    from hashmesh.balancer.config import (
+        RATELIMIT_HEADERS,
+        STRATEGIES,
+        BalancerSettings,
+        parse_limit,
+    )
+
     parser = argparse.ArgumentParser(prog="hashmesh-balancer", description="hashmesh gRPC balancer")
     parser.add_argument("--listen", help="host:port for clients (HASHMESH_BALANCER_LISTEN)")
     parser.add_argument(

@@ -9,8 +9,12 @@ its Prometheus endpoint on (``balancer-metrics``: per-call counts by method and 
 latency histogram; compare its CPU per call with ``balancer`` for the cost of metrics), the same
 without per-peer budgets (``balancer-nobudgets``, ``HASHMESH_BALANCER_BUDGETS=off``: the
 cost of ``balancer.budgets``), the tunnel's calls on its gRPC stream instead of the replica's
-socket (``balancer-stream``) or one upstream call per call (``balancer-percall``), a bare
-grpc.aio forwarder (``bench/bare_forwarder.py``, the Python floor) and Envoy. For each:
+socket (``balancer-stream``) or one upstream call per call (``balancer-percall``), the balancer on
+grpc's EventEngine transport instead of iomgr (``balancer-event-engine``,
+``HASHMESH_BALANCER_GRPC_TRANSPORT=event_engine``: ``balancer.grpc_transport``), a bare
+grpc.aio forwarder (``bench/bare_forwarder.py``, the Python floor; ``bare-uvloop-iomgr`` is
+the same on iomgr) and Envoy. CPU per call is also printed over bare-uvloop's round by
+round. For each:
 calls/s, p50/p99 latency, and CPU time per call of the front process (from /proc), at 32 and at
 4 calls in flight; sha256 of 32 bytes.
 
@@ -42,6 +46,7 @@ from pathlib import Path
 
 import grpc
 
+from hashmesh.balancer import grpc_transport
 from hashmesh.v1 import common_pb2, hash_pb2
 
 METHOD = "/hashmesh.v1.HashService/Hash"
@@ -149,6 +154,29 @@ def measure(front: Front, in_flight: int, seconds: float, rate: float = 0.0) -> 
         p99_ms=latencies[int(0.99 * len(latencies))] * 1e3,
         cpu_us_per_call=None if cpu is None else cpu / max(ok, 1) * 1e6,
     )
+
+
+BARE = "bare-uvloop"
+
+
+def round_ratios(by_front: dict[str, list[Result]], in_flight: int, rate: float) -> list[str]:
+    """Each front's CPU per call over the bare forwarder's, round by round (before the
+    rounds are sorted for the medians): the issue's target is the ratio within one run."""
+    bare = by_front.get(BARE)
+    if not bare:
+        return []
+    load = f"@{rate:g}/s" if rate else f"{in_flight} in flight"
+    lines = []
+    for name, rounds in by_front.items():
+        if name == BARE or rounds[0].cpu_us_per_call is None:
+            continue
+        each = [
+            f"{mine.cpu_us_per_call / theirs.cpu_us_per_call:.2f}"
+            for mine, theirs in zip(rounds, bare, strict=True)
+            if mine.cpu_us_per_call is not None and theirs.cpu_us_per_call
+        ]
+        lines.append(f"{name:24} {load:>13}  {' '.join(each)}")
+    return lines
 
 
 ENVOY_CONFIG = """
@@ -286,7 +314,12 @@ def main() -> None:
             replicas.append(address)
         fronts: list[Front] = [Front("direct", replicas, None)]
         wanted = args.fronts.split(",")
-        for name, env in (("bare", {}), ("bare-uvloop", {"BARE_UVLOOP": "1"})):
+        iomgr = {"GRPC_EXPERIMENTS": grpc_transport.experiments("iomgr")}
+        for name, env in (
+            ("bare", {}),
+            ("bare-uvloop", {"BARE_UVLOOP": "1"}),
+            ("bare-uvloop-iomgr", {"BARE_UVLOOP": "1", **iomgr}),
+        ):
             if name in wanted:
                 popen, address = start(
                     [
@@ -307,6 +340,7 @@ def main() -> None:
             ("balancer-nobudgets", "auto", []),
             ("balancer-percall", "auto", []),
             ("balancer-stream", "auto", []),
+            ("balancer-event-engine", "auto", []),
         ):
             if name in wanted:
                 # balancer-percall: the tunnel off, one upstream gRPC call per call (the old path);
@@ -339,6 +373,9 @@ def main() -> None:
                         "HASHMESH_BALANCER_TUNNEL_SOCKET": "0"
                         if name == "balancer-stream"
                         else "1",
+                        "HASHMESH_BALANCER_GRPC_TRANSPORT": "event_engine"
+                        if name == "balancer-event-engine"
+                        else "iomgr",
                     },
                 )
                 procs.append(popen)
@@ -358,6 +395,7 @@ def main() -> None:
         # Rounds interleave the fronts so that load from elsewhere on the machine hits them
         # alike; each row is the round with the median CPU per call (or calls/s for direct).
         results = []
+        ratios: list[str] = []
         loads = [(int(n), 0.0) for n in args.in_flight.split(",")]
         if args.light_rate:
             loads.append((4, args.light_rate))
@@ -367,6 +405,7 @@ def main() -> None:
                 # Every other round in reverse, so no front always runs right after another.
                 for front in fronts if index % 2 == 0 else fronts[::-1]:
                     by_front[front.name].append(measure(front, n, args.seconds, rate))
+            ratios.extend(round_ratios(by_front, n, rate))
             for rounds in by_front.values():
                 rounds.sort(
                     key=lambda r: (
@@ -387,6 +426,9 @@ def main() -> None:
                 f"{r.front:24} {r.in_flight:>9} {r.calls / r.seconds:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
                 f"{cpu:>12} {r.errors:>7}"
             )
+        if ratios:
+            print(f"# CPU per call against {BARE} in the same round, round by round")
+            print("\n".join(ratios))
     finally:
         for popen in procs:
             popen.send_signal(signal.SIGTERM)
