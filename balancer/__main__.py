@@ -10,8 +10,7 @@ from collections.abc import Callable
 
 # Nothing here imports grpc: it reads its transport choice once, when first imported, so
 # ``grpc_transport.configure`` runs before the modules that import it (inside ``main``).
-from hashmesh.balancer import grpc_transport
-from hashmesh.core import logs
+from hashmesh.core import grpc_transport, logs
 from hashmesh.core.settings import SettingsError
 
 

@@ -11,7 +11,7 @@ without per-peer budgets (``balancer-nobudgets``, ``HASHMESH_BALANCER_BUDGETS=of
 cost of ``balancer.budgets``), the tunnel's calls on its gRPC stream instead of the replica's
 socket (``balancer-stream``) or one upstream call per call (``balancer-percall``), the balancer on
 grpc's EventEngine transport instead of iomgr (``balancer-event-engine``,
-``HASHMESH_BALANCER_GRPC_TRANSPORT=event_engine``: ``balancer.grpc_transport``), a bare
+``HASHMESH_GRPC_TRANSPORT=event_engine``: ``core.grpc_transport``), a bare
 grpc.aio forwarder (``bench/bare_forwarder.py``, the Python floor; ``bare-uvloop-iomgr`` is
 the same on iomgr) and Envoy. CPU per call is also printed over bare-uvloop's round by
 round. For each:
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import grpc
 
-from hashmesh.balancer import grpc_transport
+from hashmesh.core import grpc_transport
 from hashmesh.v1 import common_pb2, hash_pb2
 
 METHOD = "/hashmesh.v1.HashService/Hash"
@@ -373,7 +373,7 @@ def main() -> None:
                         "HASHMESH_BALANCER_TUNNEL_SOCKET": "0"
                         if name == "balancer-stream"
                         else "1",
-                        "HASHMESH_BALANCER_GRPC_TRANSPORT": "event_engine"
+                        "HASHMESH_GRPC_TRANSPORT": "event_engine"
                         if name == "balancer-event-engine"
                         else "iomgr",
                     },

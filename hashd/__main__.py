@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
-import uvloop
-
-from hashmesh.core import logs
-from hashmesh.core.errors import Unavailable
-from hashmesh.core.queue.db import DatabaseError
-from hashmesh.core.queue.sealing import TaskKeyring
+# Nothing here imports grpc: it reads its transport choice once, when first imported, so
+# ``grpc_transport.configure`` runs before the modules that import it (inside ``main``).
+from hashmesh.core import grpc_transport, logs
 from hashmesh.core.settings import SettingsError
-from hashmesh.hashd.config import HashdSettings
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        grpc_transport.configure(os.environ)
+    except SettingsError as exc:
+        sys.exit(f"hashd: {exc}")
+    import uvloop
+
+    from hashmesh.core.errors import Unavailable
+    from hashmesh.core.queue.db import DatabaseError
+    from hashmesh.core.queue.sealing import TaskKeyring
+    from hashmesh.hashd.config import HashdSettings
+
     parser = argparse.ArgumentParser(
         prog="hashd", description="hashmesh replica (HashService, TaskService)"
     )

@@ -1,4 +1,5 @@
-"""Which of grpc's two TCP transports the balancer process runs on, chosen before grpc loads.
+"""Which of grpc's two TCP transports a daemon (balancer, hashd) runs on, chosen before grpc
+loads.
 
 grpcio 1.85 carries two implementations of its sockets: the EventEngine (the default) reads
 and writes every connection on threads of its own, whose completions then cross to grpc.aio's
@@ -7,11 +8,13 @@ waits for completions, which saves a thread hop per completion. For the balancer
 forwards many small calls, iomgr costs 0.83-0.88x the CPU per call of the EventEngine on the
 inbound side alone (``bench/inbound_floor.py``'s ``aio`` row with and without
 ``GRPC_EXPERIMENTS=-event_engine_listener,...``) and 0.85-0.95x for the whole balancer
-(``bench/balancer_bench.py``, against the front ``balancer-event-engine``). Both are grpc's own, switched
+(``bench/balancer_bench.py``, against the front ``balancer-event-engine``); hashd, a task's
+busiest process, spends ~0.85x the CPU per task and ~25 % fewer wake-ups
+(``bench/tasks_e2e.py``'s latency run, A/B). Both are grpc's own, switched
 by its ``GRPC_EXPERIMENTS`` variable, which grpc reads once, when it is imported: so this
-module imports no grpc and ``configure`` runs first in ``__main__``.
+module imports no grpc and ``configure`` runs first in each daemon's ``__main__``.
 
-``HASHMESH_BALANCER_GRPC_TRANSPORT`` = ``iomgr`` (the default) or ``event_engine``
+``HASHMESH_GRPC_TRANSPORT`` = ``iomgr`` (the default) or ``event_engine``
 (grpc's default). Experiments the operator names in ``GRPC_EXPERIMENTS`` are left as set."""
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import MutableMapping
 
 from hashmesh.core.settings import SettingsError
 
-VARIABLE = "HASHMESH_BALANCER_GRPC_TRANSPORT"
+VARIABLE = "HASHMESH_GRPC_TRANSPORT"
 TRANSPORTS = ("iomgr", "event_engine")
 EVENT_ENGINE_EXPERIMENTS = (
     "event_engine_client",
@@ -45,7 +48,7 @@ def experiments(transport: str, current: str = "") -> str:
 
 def configure(environ: MutableMapping[str, str]) -> str:
     """Sets ``GRPC_EXPERIMENTS`` in ``environ`` (the process's, before grpc is imported) for
-    the transport ``HASHMESH_BALANCER_GRPC_TRANSPORT`` names; returns that transport."""
+    the transport ``HASHMESH_GRPC_TRANSPORT`` names; returns that transport."""
     transport = environ.get(VARIABLE, "").strip() or TRANSPORTS[0]
     value = experiments(transport, environ.get("GRPC_EXPERIMENTS", ""))
     if value:

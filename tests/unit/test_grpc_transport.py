@@ -1,14 +1,15 @@
-"""The balancer's choice of grpc transport (``balancer.grpc_transport``): set before grpc is
+"""The daemons' choice of grpc transport (``core.grpc_transport``): set before grpc is
 imported, the operator's own experiments kept."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from hashmesh.balancer.grpc_transport import (
+from hashmesh.core.grpc_transport import (
     EVENT_ENGINE_EXPERIMENTS,
     VARIABLE,
     configure,
@@ -45,12 +46,28 @@ def test_an_unknown_transport_is_a_settings_error() -> None:
         configure({VARIABLE: "epoll"})
 
 
-def test_the_entry_point_imports_no_grpc_before_configuring_it() -> None:
+@pytest.mark.parametrize("entry_point", ["hashmesh.balancer.__main__", "hashmesh.hashd.__main__"])
+def test_the_entry_point_imports_no_grpc_before_configuring_it(entry_point: str) -> None:
     # grpc reads GRPC_EXPERIMENTS once, when imported: an import of grpc at the top of
-    # __main__ (even through another module) would silently put the balancer back on the
+    # __main__ (even through another module) would silently put the daemon back on the
     # EventEngine.
-    probe = "import sys, hashmesh.balancer.__main__; print('grpc' in sys.modules)"
+    probe = f"import sys, {entry_point}; print('grpc' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("module", ["hashmesh.balancer", "hashmesh.hashd"])
+def test_the_daemon_reads_the_choice_before_anything_else(module: str) -> None:
+    # A wrong value stops the daemon at once with the variable named: its main configured grpc.
+    env = {**os.environ, VARIABLE: "epoll"}
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode != 0
+    assert VARIABLE in result.stderr and "epoll" in result.stderr
