@@ -254,6 +254,9 @@ def main() -> None:
     os.environ["HASHMESH_MAX_PENDING_TASKS"] = str(10 * (args.pending + 1_000_000))
     os.environ["HASHMESH_MAX_PENDING_PER_CLIENT"] = str(10 * (args.pending + 1_000_000))
     os.environ["HASHMESH_RETENTION_INTERVAL_SECONDS"] = "0"
+    # One client holds every latency task's stream: while the pruner runs, more than the
+    # default 256 per client are open at once (as in bench/tasks_e2e.py).
+    os.environ.setdefault("HASHMESH_BALANCER_PEER_WATCH_STREAMS", "4096")
     results: dict[str, dict[str, Any]] = {}
     with ExitStack() as stack:
         admin = stack.enter_context(postgres(args.dsn))
