@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hashmesh.core import metrics
 from hashmesh.core.backoff import RECONNECT, STATEMENT
@@ -153,8 +153,13 @@ class Worker:
             dsn, [NOTIFY_READY], name=f"workerd-listen:{settings.name}"[:63], hold_session=True
         )
         # Results of deterministic slow tasks go into the shared cache, so that the same
-        # submission later finishes at once in hashd.
-        cache = ResultCache(PostgresCacheTable(pool, dsn=dsn), CacheSettings.from_env())
+        # submission later finishes at once in hashd. workerd only stores: no memory tier,
+        # so no LISTEN connection for its clears either, which PostgreSQL would wake at every
+        # commit that notifies (three per task).
+        cache = ResultCache(
+            PostgresCacheTable(pool, dsn=dsn),
+            replace(CacheSettings.from_env(), memory_entries=0),
+        )
         return cls(
             settings,
             store=PostgresTaskStore(pool),

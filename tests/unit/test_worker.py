@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+import pytest
+
 from hashmesh.core.hashing.algorithms import Argon2Params
 from hashmesh.core.queue.memory import MemoryListener, MemoryTaskStore
 from hashmesh.core.queue.model import NewTask, TaskStatus
@@ -220,3 +222,19 @@ def test_shutdown_hands_back_what_never_started_and_leaves_nothing_running() -> 
         assert not worker.alive
 
     asyncio.run(body())
+
+
+def test_workerd_keeps_no_memory_tier_and_so_no_cache_listen_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # workerd only stores results in the cache: a memory tier would be memory nobody reads,
+    # and its LISTEN connection one more backend PostgreSQL wakes at every notifying commit.
+    monkeypatch.setenv("HASHMESH_CACHE_MEMORY_ENTRIES", "5000")  # what hashd is given
+
+    async def build() -> Worker:
+        dsn = "postgresql://nobody@127.0.0.1:1/none"  # never connected: no I/O in on_postgres
+        return Worker.on_postgres(settings(database=DatabaseSettings(dsn=dsn)))
+
+    worker = asyncio.run(build())
+    assert worker.cache is not None
+    assert worker.cache.settings.memory_entries == 0
