@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -83,6 +84,14 @@ def hash_hello(address: str, tls: ClientTls | None) -> str | grpc.StatusCode:
     return reply.result.encoded
 
 
+def backend_states(balancer: Proc, tls: ClientTls) -> set[tuple[str, int]]:
+    with channel(balancer.addresses["balancer admin"], tls) as ch:
+        listed = admin_pb2_grpc.AdminServiceStub(ch).ListBackends(
+            admin_pb2.ListBackendsRequest(), timeout=10
+        )
+    return {(b.address, b.state) for b in listed.backends}
+
+
 def test_tls_clients_through_the_balancer_to_mutual_tls_replicas(
     procs: Processes, dsn: str, tmp_path: Path
 ) -> None:
@@ -109,16 +118,19 @@ def test_tls_clients_through_the_balancer_to_mutual_tls_replicas(
     client = ClientTls(ca_file=str(edge.ca_cert))
     # The balancer's health says SERVING only once a replica passed a check: over mTLS.
     assert health(balancer.address, client) is grpc.StatusCode.OK
+    # The admin listener serves the same certificate, and sees both replicas ready once each
+    # passed its first check (the second can be a moment behind the first on a busy machine).
+    ready = {(r.address, admin_pb2.BACKEND_STATE_READY) for r in replicas}
+    deadline = time.monotonic() + 30
+    while (states := backend_states(balancer, client)) != ready and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert states == ready
     # Round robin: both replicas answer over mutual TLS, with the right digest.
     assert [hash_hello(balancer.address, client) for _ in range(4)] == [HELLO_SHA256] * 4
-    # The admin listener serves the same certificate, and sees both replicas ready.
     with channel(balancer.addresses["balancer admin"], client) as ch:
         listed = admin_pb2_grpc.AdminServiceStub(ch).ListBackends(
             admin_pb2.ListBackendsRequest(), timeout=10
         )
-    assert {(b.address, b.state) for b in listed.backends} == {
-        (r.address, admin_pb2.BACKEND_STATE_READY) for r in replicas
-    }
     assert all(b.calls == 2 for b in listed.backends)
     # Plaintext callers, or callers trusting another CA, get nothing from the balancer.
     assert hash_hello(balancer.address, None) is grpc.StatusCode.UNAVAILABLE
