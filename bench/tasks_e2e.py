@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,38 +132,30 @@ class Mesh:
         """CPU time (user + system) used so far by each kind of process: the daemons, this
         client, and the PostgreSQL backends serving this database (when the server runs on
         this host and ``/proc`` shows them; otherwise no ``postgres`` entry)."""
-        used: dict[str, float] = {"client": sum(os.times()[:2])}
-        for daemon in self.daemons:
-            kind = daemon.module.rsplit(".", 1)[-1]
-            used[kind] = used.get(kind, 0.0) + _proc_cpu(daemon.popen.pid)
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            backends = conn.execute(
-                "SELECT pid FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ).fetchall()
-        server = [_proc_cpu(pid) for (pid,) in backends]
-        if any(server):
-            used["postgres"] = sum(server)
-        return used
+        return {"client": sum(os.times()[:2]), **self._by_kind(_proc_cpu)}
 
-    def wakeups(self) -> dict[str, int]:
+    def wakeups(self) -> dict[str, float]:
         """Voluntary context switches so far (every thread's: a thread that blocked and was
         woken again) by the same kinds as ``cpu_seconds``: at a low rate, where nothing is
         batched, each one is an event-loop turn or a PostgreSQL backend woken for a statement
         or a notification."""
-        woken: dict[str, int] = {"client": _proc_wakeups(os.getpid())}
+        return {"client": _proc_wakeups(os.getpid()), **self._by_kind(_proc_wakeups)}
+
+    def _by_kind(self, read: Callable[[int], float]) -> dict[str, float]:
+        """``read(pid)`` summed by kind over the daemons and this database's backends."""
+        summed: dict[str, float] = {}
         for daemon in self.daemons:
             kind = daemon.module.rsplit(".", 1)[-1]
-            woken[kind] = woken.get(kind, 0) + _proc_wakeups(daemon.popen.pid)
+            summed[kind] = summed.get(kind, 0.0) + read(daemon.popen.pid)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             backends = conn.execute(
                 "SELECT pid FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"
             ).fetchall()
-        server = [_proc_wakeups(pid) for (pid,) in backends]
+        server = [read(pid) for (pid,) in backends]
         if any(server):
-            woken["postgres"] = sum(server)
-        return woken
+            summed["postgres"] = sum(server)
+        return summed
 
 
 def _proc_wakeups(pid: int) -> int:
@@ -183,7 +175,7 @@ def _proc_wakeups(pid: int) -> int:
     return total
 
 
-def wakeups_per_task(before: dict[str, int], after: dict[str, int], n: int) -> str:
+def wakeups_per_task(before: dict[str, float], after: dict[str, float], n: int) -> str:
     """``hashd 9.1 · postgres 6.0 · …``: voluntary context switches per task by process kind."""
     spent = {kind: (after[kind] - before.get(kind, 0)) / n for kind in after}
     parts = [f"{kind} {k:.1f}" for kind, k in sorted(spent.items(), key=lambda kv: -kv[1])]
