@@ -69,6 +69,7 @@ STATUS_FROM_WIRE = {v: k for k, v in STATUS_TO_WIRE.items()}
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAIVE_EPOCH = _EPOCH.replace(tzinfo=None)  # a naive datetime is UTC, as for FromDatetime
 
 
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -76,7 +77,7 @@ def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
         return None
     # Exact integer arithmetic, as Timestamp.FromDatetime, at half its cost (it goes through
     # utctimetuple and calendar.timegm): a watched task's messages carry up to 4 times each.
-    since = value - _EPOCH if value.tzinfo is not None else value - _EPOCH.replace(tzinfo=None)
+    since = value - (_EPOCH if value.tzinfo is not None else _NAIVE_EPOCH)
     return timestamp_pb2.Timestamp(
         seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000
     )

@@ -123,10 +123,7 @@ def changes_of(entries: list[Any], wanted: Container[str] | None = None) -> list
             continue
         if wanted is not None and task_id not in wanted:
             continue
-        record = None
-        with contextlib.suppress(KeyError, TypeError, ValueError):
-            record = record_from_notice(entry) if "algorithm" in entry else None
-        found.append((task_id, status, record))
+        found.append((task_id, status, _record_of(entry)))
     return found
 
 
@@ -273,14 +270,9 @@ class WatchHub:
         if self._dropped_at >= since:
             sub.put(None)  # some state since the mark may be gone: read the task
             return
-        for at, entry in self._recent.get(sub.task_id, ()):
-            if at < since:
-                continue
-            record = _record_of(entry)
-            try:
-                status = TaskStatus(entry["status"])
-            except (KeyError, ValueError):
-                record = None
+        # Kept entries are read as live ones are (``changes_of``): a malformed one is skipped.
+        kept = [entry for at, entry in self._recent.get(sub.task_id, ()) if at >= since]
+        for _, status, record in changes_of(kept):
             sub.put((status, record) if record is not None else None)
 
     async def _run(self) -> None:
