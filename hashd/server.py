@@ -12,7 +12,7 @@ from hashmesh.core import metrics
 from hashmesh.core.errors import HashmeshError
 from hashmesh.core.hashing.cache import ResultCache
 from hashmesh.core.queue import db, migrations
-from hashmesh.core.queue.cache_table import PostgresCacheTable
+from hashmesh.core.queue.cache_table import CLEAR_CHANNEL, PostgresCacheTable
 from hashmesh.core.queue.model import TaskStore
 from hashmesh.core.queue.store import NOTIFY_STATUS, Listener, PostgresTaskStore
 from hashmesh.core.rpc import GrpcServer
@@ -71,10 +71,18 @@ class Hashd:
             CacheService(self.cache, lambda: self.grpc.address),
         )
         self.task_store = PostgresTaskStore(self.pool, keyring=settings.task_keys)
-        # One LISTEN connection fans task status changes out to every WatchTask stream.
+        # One LISTEN connection fans task status changes out to every WatchTask stream, and
+        # carries the cache's clears: PostgreSQL wakes every listening backend at each commit
+        # that notifies (three per task), whatever the channel, so a second connection would
+        # be woken for nothing but the rare clear.
         self.watch_hub = WatchHub(
-            Listener(settings.database.require_dsn(), [NOTIFY_STATUS], name="hashd-watch"),
+            Listener(
+                settings.database.require_dsn(),
+                [NOTIFY_STATUS, CLEAR_CHANNEL],
+                name="hashd-watch",
+            ),
             self.task_store,
+            side_channels={CLEAR_CHANNEL: self.cache.clear_notices()},
         )
         self.tasks = TaskService(self.task_store, settings, cache=self.cache, hub=self.watch_hub)
         self.grpc.add(

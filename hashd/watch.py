@@ -34,9 +34,9 @@ import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from hashmesh.core.backoff import STATEMENT
 from hashmesh.core.errors import Unavailable
@@ -127,6 +127,17 @@ def changes_of(entries: list[Any], wanted: Container[str] | None = None) -> list
     return found
 
 
+class SideChannel(Protocol):
+    """Another channel carried by the hub's LISTEN connection for someone else (the result
+    cache's clears): PostgreSQL wakes every listening backend of the database at each commit
+    that notifies, on whatever channel, so one connection fewer is a backend fewer woken three
+    times per task. ``notified`` gets each payload; ``missed`` is called when some may have
+    been lost (the connection dropped; it is called again once it is back)."""
+
+    def notified(self, payload: str) -> None: ...
+    def missed(self) -> None: ...
+
+
 class Subscription:
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
@@ -154,11 +165,15 @@ class WatchHub:
         listener: Notifications,
         store: TaskStore,
         *,
+        side_channels: Mapping[str, SideChannel] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``listener`` LISTENs on ``NOTIFY_STATUS`` (``Listener`` on PostgreSQL); ``clock``
-        (seconds) ages the notified states kept for new watches."""
+        """``listener`` LISTENs on ``NOTIFY_STATUS`` (``Listener`` on PostgreSQL) and on each
+        of ``side_channels``, whose notifications go to their handler (every other channel's
+        are status changes); ``clock`` (seconds) ages the notified states kept for new
+        watches."""
         self._clock = clock
+        self._side_channels = dict(side_channels or {})
         self._store = store
         self._listener = listener
         self._subscribers: dict[str, set[Subscription]] = {}
@@ -277,6 +292,7 @@ class WatchHub:
 
     async def _run(self) -> None:
         failures = 0
+        connected_before = False
         while True:
             try:
                 if not self._listener.connected:
@@ -285,6 +301,9 @@ class WatchHub:
                         await self._listener.connect()
                     finally:
                         self._first_attempt.set()
+                    if connected_before:
+                        self._side_channels_missed()
+                    connected_before = True
                     if failures:
                         log.info("watch hub reconnected", extra={"watchers": self.watchers})
                         self._resync_all()
@@ -297,10 +316,34 @@ class WatchHub:
                         "watch hub lost its LISTEN connection", extra={"reason": exc.message}
                     )
                     self._resync_all()
+                    self._side_channels_missed()
                 await asyncio.sleep(STATEMENT.delay(failures))
                 continue
             if notes:
-                self._received([payload for _, payload in notes])
+                self._received(self._pass_on_side_channels(notes))
+
+    def _pass_on_side_channels(self, notes: list[tuple[str, str]]) -> list[str]:
+        """Hand each side channel's notifications to its handler; the status payloads."""
+        if not self._side_channels:
+            return [payload for _, payload in notes]
+        payloads = []
+        for channel, payload in notes:
+            side = self._side_channels.get(channel)
+            if side is None:
+                payloads.append(payload)
+                continue
+            try:
+                side.notified(payload)
+            except Exception:  # one handler's bug must not stop the watches
+                log.exception("side channel handler failed", extra={"channel": channel})
+        return payloads
+
+    def _side_channels_missed(self) -> None:
+        for channel, side in self._side_channels.items():
+            try:
+                side.missed()
+            except Exception:
+                log.exception("side channel handler failed", extra={"channel": channel})
 
     def _received(self, payloads: list[str]) -> None:
         """Keep (while watches start) and deliver what arrived; each payload is decoded at

@@ -32,8 +32,9 @@ Rules it keeps:
 The shared tier is a ``SharedTable``: ``hashmesh.core.queue.cache_table.PostgresCacheTable``
 holds its SQL and borrows connections from the daemon's pool, plus one LISTEN connection per
 process when the memory tier is on (``memory_entries > 0``). A process that only stores
-(workerd) can turn the memory tier off and save that connection. See the README's "Which
-algorithms are cached by default".
+(workerd) can turn the memory tier off and save that connection; one that LISTENs anyway
+(hashd's watch hub) takes the clear channel onto its connection with ``clear_notices()``
+before ``start()``. See the README's "Which algorithms are cached by default".
 """
 
 from __future__ import annotations
@@ -314,6 +315,7 @@ class ResultCache:
         self._pending = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[object]] = set()
+        self._listened_elsewhere = False
 
     # -- the interface -------------------------------------------------------------------
 
@@ -409,8 +411,22 @@ class ResultCache:
         if self._secret is None:
             self._tasks.append(asyncio.create_task(self._load_secret(), name="cache-secret"))
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="cache-sweep"))
-        if self.settings.memory_entries > 0:  # no memory tier: nothing to clear, no LISTEN
+        # No memory tier: nothing to clear, no LISTEN; nor when another connection carries it.
+        if self.settings.memory_entries > 0 and not self._listened_elsewhere:
             self._tasks.append(asyncio.create_task(self._listen_loop(), name="cache-listen"))
+
+    def clear_notices(self) -> ClearNotices:
+        """Hand the clear channel (``CLEAR_CHANNEL`` of the table) to a LISTEN connection the
+        process holds anyway: the cache then opens none of its own. Call before ``start()``;
+        the owner passes on each notification and says when some may have been missed."""
+        self._listened_elsewhere = True
+        return ClearNotices(self)
+
+    def _cleared_by(self, sender: str) -> None:
+        if sender == self.instance:  # our own clear(), which emptied the memory tier already
+            return
+        removed = self.memory.clear()
+        log.info("memory cache cleared by another replica", extra={"removed": removed})
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the secret; True when the cache can be used."""
@@ -544,12 +560,7 @@ class ResultCache:
                     attempt = 0
                     while True:
                         for _channel, sender in await listener.wait(LISTEN_WAIT_SECONDS):
-                            if sender != self.instance:
-                                removed = self.memory.clear()
-                                log.info(
-                                    "memory cache cleared by another replica",
-                                    extra={"removed": removed},
-                                )
+                            self._cleared_by(sender)
                 except Unavailable as exc:
                     log.warning(
                         "cache clear listener lost its connection", extra={"error": exc.message}
@@ -558,3 +569,20 @@ class ResultCache:
                 attempt += 1
         finally:
             await listener.close()
+
+
+@dataclass(frozen=True)
+class ClearNotices:
+    """The cache's clear channel as another LISTEN connection carries it
+    (``ResultCache.clear_notices()``; hashd's watch hub, ``hashd.watch.SideChannel``)."""
+
+    cache: ResultCache
+
+    def notified(self, payload: str) -> None:
+        """A ``clear()`` somewhere: the payload is its process's instance id."""
+        self.cache._cleared_by(payload)
+
+    def missed(self) -> None:
+        """The connection dropped: a clear may have gone unheard, so empty the memory tier
+        (as the cache's own listener does after a reconnect)."""
+        self.cache.memory.clear()
