@@ -131,8 +131,9 @@ class SideChannel(Protocol):
     """Another channel carried by the hub's LISTEN connection for someone else (the result
     cache's clears): PostgreSQL wakes every listening backend of the database at each commit
     that notifies, on whatever channel, so one connection fewer is a backend fewer woken three
-    times per task. ``notified`` gets each payload; ``missed`` is called when some may have
-    been lost (the connection dropped; it is called again once it is back)."""
+    times per task. ``notified`` gets each payload; ``missed`` is called when the connection is
+    back after a drop (some may have been lost meanwhile; not while it is down: the result
+    cache's memory tier keeps answering while PostgreSQL is away)."""
 
     def notified(self, payload: str) -> None: ...
     def missed(self) -> None: ...
@@ -301,7 +302,7 @@ class WatchHub:
                         await self._listener.connect()
                     finally:
                         self._first_attempt.set()
-                    if connected_before:
+                    if connected_before:  # back after a drop: something may have been missed
                         self._side_channels_missed()
                     connected_before = True
                     if failures:
@@ -316,7 +317,6 @@ class WatchHub:
                         "watch hub lost its LISTEN connection", extra={"reason": exc.message}
                     )
                     self._resync_all()
-                    self._side_channels_missed()
                 await asyncio.sleep(STATEMENT.delay(failures))
                 continue
             if notes:

@@ -583,6 +583,6 @@ class ClearNotices:
         self.cache._cleared_by(payload)
 
     def missed(self) -> None:
-        """The connection dropped: a clear may have gone unheard, so empty the memory tier
-        (as the cache's own listener does after a reconnect)."""
+        """The connection is back after a drop: a clear may have gone unheard meanwhile, so
+        empty the memory tier (as the cache's own listener does after a reconnect)."""
         self.cache.memory.clear()

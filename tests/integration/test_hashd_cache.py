@@ -79,6 +79,18 @@ def test_cache_is_shared_by_replicas_holds_no_plaintext_and_clears_everywhere(
         for form in (password, password.hex().encode(), password.decode().encode("utf-16-le")):
             assert form not in bytes(key) and form not in bytes(value)
 
+    # Each replica's clears come over its watch hub's LISTEN connection: no second one, which
+    # PostgreSQL would wake at every notifying commit of every task.
+    with psycopg.connect(dsn) as conn:
+        listening = dict(
+            conn.execute(
+                "SELECT application_name, count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database()"
+                " AND query ILIKE 'LISTEN%' GROUP BY 1"
+            ).fetchall()
+        )
+    assert listening == {"hashd-watch": 2}, listening
+
     # Clearing through one replica empties the table and the other replica's memory tier.
     with channel_as(first.address, "ops", operator=True) as channel:
         cleared = cache_pb2_grpc.CacheServiceStub(channel).ClearCache(
