@@ -23,7 +23,10 @@ caller opens ``catching_up()`` before it submits: while one is open, every notif
 kept (up to ``HISTORY_PER_TASK`` per task), and ``subscribe(id, since=...)`` replays the
 states notified since then into the new subscription, or, when some may have been dropped
 meanwhile (the table of kept states overflowed, or the LISTEN connection reconnected), asks
-the watcher to read the task (``None``)."""
+the watcher to read the task (``None``).
+
+The same connection carries other channels for their owners (``side_channels``: the result
+cache's clears), so a hashd holds one LISTEN connection, not one per channel."""
 
 from __future__ import annotations
 
