@@ -463,8 +463,11 @@ def main() -> None:
     # The daemons refuse to start without one (it signs the balancer's identity stamps).
     os.environ.setdefault("HASHMESH_IDENTITY_SECRET", os.urandom(16).hex())
     # The latency run's one client stands for many: on a loaded machine it can hold more
-    # watches at once than the balancer allows one peer (256).
+    # watches, and (two calls) more SubmitTask calls, at once than the balancer allows one
+    # peer (256 each); with 4096 (the totals) a stall shows as latency, not RESOURCE_EXHAUSTED
+    # (seen at 21:01 with the machine at load average 7-12).
     os.environ.setdefault("HASHMESH_BALANCER_PEER_WATCH_STREAMS", "4096")
+    os.environ.setdefault("HASHMESH_BALANCER_PEER_CALLS", "4096")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
