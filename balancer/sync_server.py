@@ -77,6 +77,7 @@ class _AioContext:
         "abort_code",
         "abort_details",
         "ended",
+        "gone",
         "task",
     )
 
@@ -94,6 +95,7 @@ class _AioContext:
         self.abort_details = ""
         self.task: asyncio.Task[Any] | None = None
         self.ended = False
+        self.gone = False
 
     # -- what grpc.aio's ServicerContext offers, as far as our handlers use it -----------------
 
@@ -176,9 +178,21 @@ class _AioContext:
     def terminated(self) -> None:
         """grpc's callback when the call is over (any thread): a task still running is the
         client gone or its deadline passed, and is cancelled as grpc.aio cancels it."""
+        self.gone = True  # before reading ``task``: ``started`` reads them the other way round
         task = self.task
         if not self.ended and task is not None:
             self._loop.call_soon_threadsafe(task.cancel)
+
+    def started(self, task: asyncio.Task[Any]) -> None:
+        """On the loop: the call's task exists; cancelled at once if the call is over already."""
+        self.task = task
+        if self.gone:
+            task.cancel()
+
+    def watch(self, context: SyncContext) -> None:
+        """On the pool thread: ``terminated`` when the call ends (now, if it has)."""
+        if not context.add_callback(self.terminated):
+            self.terminated()
 
     def answer(self, context: SyncContext, task: asyncio.Task[Any]) -> Any:
         """On the pool thread, once ``task`` ended: its result, or the status it ended with.
@@ -295,12 +309,12 @@ class Bridge:
 
             def begin() -> None:
                 task = loop.create_task(behaviour(argument, call))
-                call.task = task
                 box.append(task)
                 task.add_done_callback(ended)
+                call.started(task)
 
             loop.call_soon_threadsafe(begin)
-            context.add_callback(call.terminated)
+            call.watch(context)
             done.acquire()
             return call.answer(context, box[0])
 
@@ -335,12 +349,12 @@ class Bridge:
 
             def begin() -> None:
                 task = loop.create_task(run())
-                call.task = task
                 box.append(task)
                 task.add_done_callback(ended)
+                call.started(task)
 
             loop.call_soon_threadsafe(begin)
-            context.add_callback(call.terminated)
+            call.watch(context)
             try:
                 while True:
                     item = responses.get()
