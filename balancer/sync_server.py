@@ -34,7 +34,8 @@ from typing import Any
 
 import grpc
 
-from hashmesh.balancer.budgets import BudgetSettings
+from hashmesh.balancer.budgets import RETRY_AFTER, BudgetSettings, OverBudget
+from hashmesh.core.errors import to_grpc_status
 from hashmesh.core.handlers import Handler
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,20 @@ _NO_DEADLINE = 1e8
 SPARE_THREADS = 64
 """Threads beyond the budgets, for calls the budgets do not count (health, reflection's
 first messages, AdminService, refusals)."""
+PEER_BUDGET_EXCEEDED = "PEER_BUDGET_EXCEEDED"
+"""The reason of ``balancer.budgets``' per-peer refusals, which this one is (not yet in
+``core/catalogue.py``, like theirs)."""
 MAX_WRAPPED = 1024
 """Most bridged handlers kept; beyond it (a client inventing method names) each call wraps its
 own, as the router does not keep such handlers either."""
+
+
+def waiting_per_address(budgets: BudgetSettings) -> int:
+    """Calls one address may have waiting for their request message: its budget of unary
+    calls (its calls in flight, which each wait there for a moment, are never more), but at
+    most a quarter of the smaller pool."""
+    unary, streams, _ = pool_sizes(budgets)
+    return max(1, min(budgets.peer_calls, min(unary, streams) // 4))
 
 
 def pool_sizes(budgets: BudgetSettings) -> tuple[int, int, int]:
@@ -251,6 +263,61 @@ class _Requests:
         return message
 
 
+class Waiting:
+    """Pool threads waiting for a call's one request message, counted per address: one
+    address may have at most ``per_address`` waiting (more are refused at once with
+    RESOURCE_EXHAUSTED), so a client that opens calls and never sends their message cannot
+    take the pool's threads from the others. Addresses with nobody waiting are forgotten."""
+
+    def __init__(self, per_address: int) -> None:
+        self._per_address = per_address
+        self._lock = threading.Lock()
+        self._by_address: dict[str, int] = {}
+
+    def first(self, requests: Iterator[Any], context: SyncContext) -> Any:
+        """The call's request message, read on this (pool) thread; aborts the call when the
+        address has too many waiting already, or the client sent no message."""
+        address = context.peer().rsplit(":", 1)[0]
+        with self._lock:
+            held = self._by_address.get(address, 0)
+            if held >= self._per_address:
+                refused = True
+            else:
+                refused = False
+                self._by_address[address] = held + 1
+        if refused:
+            context.abort_with_status(
+                to_grpc_status(
+                    OverBudget(
+                        f"{self._per_address} calls from this address are waiting for their "
+                        "request message already",
+                        retry_after=RETRY_AFTER,
+                        reason=PEER_BUDGET_EXCEEDED,
+                    )
+                )
+            )
+        try:
+            message = next(requests, _END)
+        except grpc.RpcError:  # the client went away meanwhile
+            message = _END
+        finally:
+            with self._lock:
+                left = self._by_address[address] - 1
+                if left:
+                    self._by_address[address] = left
+                else:
+                    del self._by_address[address]
+        if message is _END:
+            context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "the call requires exactly one request message"
+            )
+        return message
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(self._by_address.values())
+
+
 class Bridge:
     """Turns grpc.aio method handlers into synchronous ones whose behaviour runs on ``loop``."""
 
@@ -259,10 +326,12 @@ class Bridge:
         loop: asyncio.AbstractEventLoop,
         streams: futures.ThreadPoolExecutor,
         readers: futures.ThreadPoolExecutor,
+        waiting: Waiting,
     ) -> None:
         self._loop = loop
         self._streams = streams
         self._readers = readers
+        self._waiting = waiting
         self._wrapped: dict[int, tuple[Handler, Handler]] = {}
 
     def __call__(self, handler: Handler) -> Handler:
@@ -279,28 +348,35 @@ class Bridge:
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        # Calls with one request are served as request streams (the same on the wire): grpc
+        # would otherwise wait for that message on a pool thread before any code of ours runs,
+        # and a client that never sends it would hold the thread (``Waiting``).
         if not handler.request_streaming and not handler.response_streaming:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary), **options)
+            behaviour = self._unary(handler.unary_unary)
+            return grpc.stream_unary_rpc_method_handler(behaviour, **options)
         if handler.request_streaming and not handler.response_streaming:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, streamed=True), **options
-            )
+            behaviour = self._unary(handler.stream_unary, streamed=True)
+            return grpc.stream_unary_rpc_method_handler(behaviour, **options)
         if handler.request_streaming:
             behaviour = self._streaming(handler.stream_stream, streamed=True)
             return grpc.stream_stream_rpc_method_handler(behaviour, **options)
         behaviour = self._streaming(handler.unary_stream)
-        return grpc.unary_stream_rpc_method_handler(behaviour, **options)
+        return grpc.stream_stream_rpc_method_handler(behaviour, **options)
 
     def _unary(self, behaviour: Any, *, streamed: bool = False) -> Callable[[Any, Any], Any]:
         """A call with one answer: the pool thread waits for the task (the hot path)."""
         loop = self._loop
         readers = self._readers
 
-        def bridged(request: Any, context: SyncContext) -> Any:
+        waiting = self._waiting
+
+        def bridged(requests: Iterator[Any], context: SyncContext) -> Any:
+            argument = (
+                _Requests(requests, loop, readers) if streamed else waiting.first(requests, context)
+            )
             call = _AioContext(context, loop)
             done = threading.Lock()
             done.acquire()
-            argument = _Requests(request, loop, readers) if streamed else request
             box: list[asyncio.Task[Any]] = []
 
             def ended(task: asyncio.Task[Any]) -> None:
@@ -327,10 +403,14 @@ class Bridge:
         loop = self._loop
         readers = self._readers
 
-        def bridged(request: Any, context: SyncContext) -> Iterator[Any]:
+        waiting = self._waiting
+
+        def bridged(requests: Iterator[Any], context: SyncContext) -> Iterator[Any]:
+            argument = (
+                _Requests(requests, loop, readers) if streamed else waiting.first(requests, context)
+            )
             responses: queue.SimpleQueue[Any] = queue.SimpleQueue()
             call = _AioContext(context, loop, responses)
-            argument = _Requests(request, loop, readers) if streamed else request
             box: list[asyncio.Task[Any]] = []
 
             async def run() -> None:
@@ -417,6 +497,7 @@ class SyncListener:
             futures.ThreadPoolExecutor(readers, thread_name_prefix="balancer-read"),
         )
         self._handlers: list[grpc.GenericRpcHandler] = []
+        self.waiting = Waiting(waiting_per_address(budgets))
         self._server = grpc.server(
             self._pools[0],
             options=list(options),
@@ -436,7 +517,7 @@ class SyncListener:
         return self._server.add_secure_port(address, credentials)
 
     async def start(self) -> None:
-        bridge = Bridge(asyncio.get_running_loop(), self._pools[1], self._pools[2])
+        bridge = Bridge(asyncio.get_running_loop(), self._pools[1], self._pools[2], self.waiting)
         self._server.add_generic_rpc_handlers([_Bridged(self._handlers, bridge)])
         self._server.start()
 
