@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         grpc_transport.configure(os.environ)
     except SettingsError as exc:
         sys.exit(f"hashmesh-balancer: {exc}")
+    from hashmesh.balancer.affinity import chosen, parse_cpus, pin
     from hashmesh.balancer.config import (
         RATELIMIT_HEADERS,
         STRATEGIES,
@@ -119,6 +120,17 @@ def main(argv: list[str] | None = None) -> None:
         help="name to check in replica certificates "
         "instead of the dialled address (HASHMESH_BALANCER_UPSTREAM_TLS_SERVER_NAME)",
     )
+    parser.add_argument(
+        "--cpus",
+        help="pin the process: auto (one CPU, the default), off, or CPU numbers such as 1, "
+        "0,2 or 2-3 (HASHMESH_BALANCER_CPUS)",
+    )
+    parser.add_argument(
+        "--cpu-index",
+        type=int,
+        help="with --cpus auto: take the CPU this many from the last, so that processes on "
+        "one host each take their own (HASHMESH_BALANCER_CPU_INDEX)",
+    )
     args = parser.parse_args(argv)
     logs.configure("balancer")
     try:
@@ -137,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
                 api_keys_file=args.api_keys_file,
                 state_file=args.state_file,
                 metrics_port=args.metrics_port,
+                cpus=parse_cpus(args.cpus) if args.cpus is not None else None,
+                cpu_index=args.cpu_index,
             )
             .with_tls_files(args.tls_cert, args.tls_key, args.tls_client_ca)
             .with_upstream_tls(
@@ -156,6 +170,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     if not settings.backends and not settings.backends_dns:
         sys.exit("hashmesh-balancer: no replicas: pass --backends or --backends-dns")
+    if settings.cpus:
+        try:
+            cpus = chosen(settings.cpus, os.sched_getaffinity(0), settings.cpu_index)
+        except SettingsError as exc:
+            sys.exit(f"hashmesh-balancer: {exc}")
+        pin(cpus)
     from hashmesh.balancer.server import run
 
     with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:

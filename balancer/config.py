@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from hashmesh.balancer.affinity import parse_cpus
 from hashmesh.balancer.budgets import BudgetSettings
 from hashmesh.balancer.connections import ConnectionSettings
 from hashmesh.core.identity import MIN_SECRET_LENGTH, parse_networks
@@ -217,6 +218,19 @@ class BalancerSettings:
     """The mesh's unary input limit (``MAX_MESSAGE_BYTES``); see ``wire_message_bytes``."""
     grace_seconds: float = 10.0
     """On SIGTERM, seconds in-flight calls get to finish (``GRACE_SECONDS``)."""
+    cpus: tuple[int, ...] | str = "auto"
+    """CPUs the process is pinned to at start (``balancer.affinity``): ``auto`` — one allowed
+    CPU, the ``cpu_index``-th from the last (the default: the synchronous listener's threads
+    hand the GIL to one another several times per call, which costs ~2x as much across cores),
+    empty — none, or CPU numbers (``BALANCER_CPUS``, ``--cpus``: ``auto``, ``off``, ``1``,
+    ``0,2``, ``2-3``)."""
+    cpu_index: int = 0
+    """Which CPU ``auto`` takes, so that several processes on one host take one each
+    (``BALANCER_CPU_INDEX``; ``hashctl up --balancers N`` sets it)."""
+    server: str = "sync"
+    """The public listener's gRPC server: ``sync`` — grpcio's synchronous server, each call
+    handed to the asyncio core (``balancer.sync_server``; ~0.65x grpc.aio's inbound CPU per
+    call), or ``aio`` — grpc.aio's (``BALANCER_SERVER``). The admin listener is grpc.aio's."""
     event_loop: str = "auto"
     """``auto`` (uvloop when installed), ``uvloop`` or ``asyncio`` (``BALANCER_EVENT_LOOP``)."""
     stats_window: int = 1024
@@ -246,6 +260,10 @@ class BalancerSettings:
             raise SettingsError(f"HASHMESH_BALANCER_STRATEGY must be one of {STRATEGIES}")
         if self.ratelimit_headers not in RATELIMIT_HEADERS:
             raise SettingsError("HASHMESH_BALANCER_RATELIMIT_HEADERS must be near or always")
+        if self.cpu_index < 0:
+            raise SettingsError("HASHMESH_BALANCER_CPU_INDEX must be >= 0")
+        if self.server not in ("sync", "aio"):
+            raise SettingsError("HASHMESH_BALANCER_SERVER must be sync or aio")
         if self.event_loop not in ("auto", "uvloop", "asyncio"):
             raise SettingsError("HASHMESH_BALANCER_EVENT_LOOP must be auto, uvloop or asyncio")
         try:
@@ -337,6 +355,9 @@ class BalancerSettings:
             api_keys_file=env_str("BALANCER_API_KEYS_FILE", ""),
             max_message_bytes=env_int("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024),
             grace_seconds=env_float("GRACE_SECONDS", cls.grace_seconds, minimum=0.0),
+            server=env_str("BALANCER_SERVER", cls.server).lower(),
+            cpus=parse_cpus(env_str("BALANCER_CPUS", "auto")),
+            cpu_index=env_int("BALANCER_CPU_INDEX", cls.cpu_index, minimum=0),
             event_loop=env_str("BALANCER_EVENT_LOOP", cls.event_loop),
             stats_window=env_int("BALANCER_STATS_WINDOW", cls.stats_window, minimum=16),
             metrics_port=env_int("BALANCER_METRICS_PORT", 0, minimum=0) if metrics else None,

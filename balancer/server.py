@@ -1,7 +1,8 @@
 """Wiring of one balancer: replica set, limiter, interceptors, the two listeners, lifecycle.
 
-The public listener has no grpc.aio interceptors (they would add a layer to every forwarded
-call): it serves the balancer's own grpc.health.v1, AdminService behind ``AdminPolicy``, and
+The public listener (grpcio's synchronous server taking the same grpc.aio handlers,
+``balancer.sync_server``, or grpc.aio's with ``settings.server == "aio"``) has no grpc.aio
+interceptors (they would add a layer to every forwarded call): it serves the balancer's own grpc.health.v1, AdminService behind ``AdminPolicy``, and
 forwards everything else. Server reflection (v1 and v1alpha, from the contract's descriptor
 set, comments included) is answered by the balancer itself, like health: neither is forwarded
 nor rate limited, so a client over its limit can still list and describe the services. The admin listener is a ``GrpcServer`` with its own
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +36,7 @@ from hashmesh.balancer.ratelimit import RateLimiter
 from hashmesh.balancer.shared_limit import SharedLimit
 from hashmesh.balancer.state import StateFile, capture, restore
 from hashmesh.balancer.stats import BalancerStats, Snapshot
+from hashmesh.balancer.sync_server import SyncListener
 from hashmesh.core import metrics
 from hashmesh.core.reflection import HEALTH, add_reflection
 from hashmesh.core.rpc import LIVENESS_SERVICE, GrpcServer, Health, server_options
@@ -103,10 +106,20 @@ class Balancer:
         options = [*server_options(settings.wire_message_bytes), *public_options(self.connections)]
         if settings.reuse_port:
             options = [(key, 1 if key == "grpc.so_reuseport" else value) for key, value in options]
-        self.server = grpc.aio.server(options=options)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # The public listener: grpcio's synchronous server bridged to this loop (the default),
+        # or grpc.aio's; both take the same grpc.aio handlers.
+        self.server: grpc.aio.Server | SyncListener = (
+            SyncListener(options, settings.budgets)
+            if settings.server == "sync"
+            else grpc.aio.server(options=options)
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(
+            self.health, cast(grpc.aio.Server, self.server)
+        )
         # Answered here, before the Router: reflection and health are never rate limited.
-        add_reflection(self.server, [*PROXIED_SERVICES, ADMIN_SERVICE, HEALTH])
+        add_reflection(
+            cast(grpc.aio.Server, self.server), [*PROXIED_SERVICES, ADMIN_SERVICE, HEALTH]
+        )
         public_policy = AdminPolicy(settings.admin_token, open_without_token=False)
         self.server.add_generic_rpc_handlers(
             [Router(self.proxy, admin_handlers(admin), public_policy)]

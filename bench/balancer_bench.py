@@ -11,7 +11,11 @@ without per-peer budgets (``balancer-nobudgets``, ``HASHMESH_BALANCER_BUDGETS=of
 cost of ``balancer.budgets``), the tunnel's calls on its gRPC stream instead of the replica's
 socket (``balancer-stream``) or one upstream call per call (``balancer-percall``), the balancer on
 grpc's EventEngine transport instead of iomgr (``balancer-event-engine``,
-``HASHMESH_GRPC_TRANSPORT=event_engine``: ``core.grpc_transport``), a bare
+``HASHMESH_GRPC_TRANSPORT=event_engine``: ``core.grpc_transport``), the public listener on
+grpc.aio's server instead of grpcio's synchronous one (``balancer-aio``,
+``HASHMESH_BALANCER_SERVER=aio``: ``balancer.sync_server``), either not pinned to one CPU
+(``balancer-unpinned``, ``balancer-aio-unpinned`` — the latter the balancer before the
+synchronous listener: ``--cpus off``, ``balancer.affinity``), a bare
 grpc.aio forwarder (``bench/bare_forwarder.py``, the Python floor; ``bare-uvloop-iomgr`` is
 the same on iomgr) and Envoy. CPU per call is also printed over bare-uvloop's round by
 round. For each:
@@ -282,8 +286,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument(
         "--fronts",
-        default="direct,bare,bare-uvloop,balancer,balancer-headers,balancer-metrics,balancer-asyncio,"
-        "balancer-stream,balancer-percall,envoy",
+        default="direct,bare,bare-uvloop,balancer,balancer-aio,balancer-headers,balancer-metrics,"
+        "balancer-asyncio,balancer-stream,balancer-percall,envoy",
         help="balancer = every feature on, uvloop when installed, tunnel on (the defaults)",
     )
     parser.add_argument("--in-flight", default="32,4")
@@ -345,6 +349,9 @@ def main() -> None:
             ("balancer-percall", "auto", []),
             ("balancer-stream", "auto", []),
             ("balancer-event-engine", "auto", []),
+            ("balancer-aio", "auto", []),
+            ("balancer-unpinned", "auto", ["--cpus", "off"]),
+            ("balancer-aio-unpinned", "auto", ["--cpus", "off"]),
         ):
             if name in wanted:
                 # balancer-percall: the tunnel off, one upstream gRPC call per call (the old path);
@@ -380,6 +387,9 @@ def main() -> None:
                         "HASHMESH_GRPC_TRANSPORT": "event_engine"
                         if name == "balancer-event-engine"
                         else "iomgr",
+                        "HASHMESH_BALANCER_SERVER": "aio"
+                        if name.startswith("balancer-aio")
+                        else "sync",
                     },
                 )
                 procs.append(popen)

@@ -196,6 +196,9 @@ class Supervisor:
                         / ("balancer-state.json" if i == 1 else f"balancer-{i}-state.json")
                     ),
                     *(["--strategy", self.plan.strategy] if self.plan.strategy else []),
+                    # Each process pinned to a CPU of its own (balancer.affinity), while any.
+                    "--cpu-index",
+                    str(i - 1),
                     *self._metrics_flag(),
                 ],
                 ("balancer", "balancer admin", *self._metrics_line("balancer")),
