@@ -20,6 +20,10 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
+# Imported for what they register (the balancer's families and per-call metrics), so the
+# checks below do not depend on another test having imported them first.
+import hashmesh.balancer.collector
+import hashmesh.balancer.metrics
 import hashmesh.core.metrics  # noqa: F401 - registers the mesh's metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -546,3 +550,16 @@ def test_balancer_replicas_share_their_rate_limits_through_redis() -> None:
         allowed["matchLabels"]
         == by_kind()[("Deployment", "balancer")]["spec"]["selector"]["matchLabels"]
     )
+
+
+def test_the_balancer_pod_gets_a_whole_cpu_to_pin_itself_to() -> None:
+    # The balancer pins itself to one CPU (HASHMESH_BALANCER_CPUS=auto). A kubelet with the
+    # static CPU manager policy gives a container its own cores only when its pod is Guaranteed
+    # (requests equal to limits) and asks for whole CPUs.
+    config = by_kind()[("ConfigMap", "hashmesh-config")]["data"]
+    assert config.get("HASHMESH_BALANCER_CPUS", "auto") == "auto"
+    for container in containers(by_kind()[("Deployment", "balancer")]):
+        resources_ = container["resources"]
+        assert resources_["requests"] == resources_["limits"]
+        cpus = _cpus(str(resources_["limits"]["cpu"]))
+        assert cpus >= 1 and cpus == int(cpus)
