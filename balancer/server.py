@@ -2,11 +2,13 @@
 
 The public listener (grpcio's synchronous server taking the same grpc.aio handlers,
 ``balancer.sync_server``, or grpc.aio's with ``settings.server == "aio"``) has no grpc.aio
-interceptors (they would add a layer to every forwarded call): it serves the balancer's own grpc.health.v1, AdminService behind ``AdminPolicy``, and
-forwards everything else. Server reflection (v1 and v1alpha, from the contract's descriptor
-set, comments included) is answered by the balancer itself, like health: neither is forwarded
-nor rate limited, so a client over its limit can still list and describe the services. The admin listener is a ``GrpcServer`` with its own
-health, reflection (AdminService, Health) and AdminService behind ``AdminAuth``.
+interceptors (they would add a layer to every forwarded call): it serves the balancer's own
+grpc.health.v1, AdminService behind ``AdminPolicy``, and forwards everything else. Server
+reflection (v1 and v1alpha, from the contract's descriptor set, comments included) is
+answered by the balancer itself, like health: neither is forwarded nor rate limited, so a
+client over its limit can still list and describe the services. The admin listener is a
+``GrpcServer`` with its own health, reflection (AdminService, Health) and AdminService behind
+``AdminAuth``.
 
 Both listeners serve TLS (mutual TLS with a client CA) when ``settings.tls`` is set; the
 replicas are dialled with ``settings.upstream_tls``. With ``settings.metrics_port`` set, a
