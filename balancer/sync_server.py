@@ -51,8 +51,8 @@ SPARE_THREADS = 64
 """Threads beyond the budgets, for calls the budgets do not count (health, reflection's
 first messages, AdminService, refusals)."""
 PEER_BUDGET_EXCEEDED = "PEER_BUDGET_EXCEEDED"
-"""The reason of ``balancer.budgets``' per-peer refusals, which this one is (not yet in
-``core/catalogue.py``, like theirs)."""
+"""The reason of ``balancer.budgets``' per-peer refusals, which this one is (documented in
+``core/catalogue.py``)."""
 MAX_WRAPPED = 1024
 """Most bridged handlers kept; beyond it (a client inventing method names) each call wraps its
 own, as the router does not keep such handlers either."""

@@ -261,6 +261,32 @@ CATALOGUE: tuple[Entry, ...] = (
         PROXIED,
     ),
     Entry(
+        "PEER_BUDGET_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+        "balancer",
+        "This client (its API key, else its address) holds its share of one of the balancer's "
+        "budgets already: calls in flight (HASHMESH_BALANCER_PEER_CALLS), upload, watch or "
+        "other streams (HASHMESH_BALANCER_PEER_UPLOAD_STREAMS, ..._WATCH_STREAMS, "
+        "..._OTHER_STREAMS), request bytes in flight (HASHMESH_BALANCER_PEER_BYTES), or calls "
+        "from its address still waiting for their request message. The message names the "
+        "setting; other clients are not refused.",
+        ("ErrorInfo", "RetryInfo"),
+        Retry.AFTER_DELAY,
+        PROXIED,
+    ),
+    Entry(
+        "BALANCER_BUDGET_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+        "balancer",
+        "The balancer as a whole holds its limit of calls, streams of that kind or request "
+        "bytes in flight (HASHMESH_BALANCER_TOTAL_CALLS, ..._TOTAL_UPLOAD_STREAMS, "
+        "..._TOTAL_WATCH_STREAMS, ..._TOTAL_OTHER_STREAMS, ..._TOTAL_BYTES). The message names "
+        "the setting.",
+        ("ErrorInfo", "RetryInfo"),
+        Retry.AFTER_DELAY,
+        PROXIED,
+    ),
+    Entry(
         "OVERLOADED",
         "RESOURCE_EXHAUSTED",
         "replica",

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from threading import Event
 
 import grpc
 import pytest
@@ -60,6 +61,8 @@ class World:
     owned_pg: EmbeddedPostgres
     replica: str
     """Replica A itself, for what only a caller bypassing the balancer can send."""
+    budgeted: grpc.Channel
+    """Balancer D: API keys, one upload stream per client and two in all; before replica A."""
 
 
 Provocation = Callable[[World], tuple[str, grpc.RpcError]]
@@ -299,6 +302,93 @@ def rate_limited(world: World) -> tuple[str, grpc.RpcError]:
     return method, error
 
 
+_UPLOAD_HEADER = hash_pb2.HashStreamRequest(header=hash_pb2.HashStreamHeader(algorithm=SHA256))
+
+
+class _HeldUploads:
+    """One upload stream per key on balancer D, each sending its header and then waiting until
+    ``release()``. A stream refused as it opens (RESOURCE_EXHAUSTED: the budget of an earlier
+    call, which the balancer gives back just after its client has the answer) is opened
+    again by ``check()``."""
+
+    def __init__(self, world: World, keys: list[tuple[tuple[str, str], ...]]) -> None:
+        self._stub = hashes(world.budgeted)
+        self._released = Event()
+        self._streams = {key: self._open(key) for key in keys}
+
+    def _open(self, key: tuple[tuple[str, str], ...]) -> grpc.Future:
+        def messages() -> Iterator[hash_pb2.HashStreamRequest]:
+            yield _UPLOAD_HEADER
+            self._released.wait(60)
+
+        return self._stub.HashStream.future(messages(), timeout=60, metadata=key)
+
+    def check(self) -> None:
+        for key, stream in self._streams.items():
+            if stream.done():
+                error = stream.exception()
+                assert _refused_over_budget(error), f"a held upload stream ended: {error}"
+                self._streams[key] = self._open(key)
+
+    def release(self) -> None:
+        self._released.set()
+        for stream in self._streams.values():
+            error = stream.exception(timeout=30)
+            assert error is None or _refused_over_budget(error), error
+
+
+def _refused_over_budget(error: object) -> bool:
+    return (
+        isinstance(error, grpc.RpcError) and error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    )
+
+
+def _over_budget(
+    world: World, key: tuple[tuple[str, str], ...], reason: str, held: _HeldUploads
+) -> grpc.RpcError:
+    """Upload streams from ``key`` (each ends at once) until one is refused for ``reason``,
+    as the ``held`` streams are admitted. Bounded, as the balancer may be slow."""
+    stub = hashes(world.budgeted)
+    deadline = time.monotonic() + 30
+    seen: list[str] = []
+    while True:
+        held.check()
+        try:
+            stub.HashStream(iter([_UPLOAD_HEADER]), timeout=10, metadata=key)
+            seen.append("OK")
+        except grpc.RpcError as error:
+            if not _refused_over_budget(error):
+                raise
+            if detail(error, error_details_pb2.ErrorInfo).reason == reason:  # type: ignore[attr-defined]
+                return error
+            seen.append(error.details())  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, f"no {reason} within 30 s; answers: {seen[-3:]}"
+        time.sleep(0.05)
+
+
+def peer_budget_exceeded(world: World) -> tuple[str, grpc.RpcError]:
+    # Alice holds her one upload stream; her next is refused, and Bob's still goes through.
+    held = _HeldUploads(world, [world.alice])
+    try:
+        error = _over_budget(world, world.alice, "PEER_BUDGET_EXCEEDED", held)
+        assert "HASHMESH_BALANCER_PEER_UPLOAD_STREAMS" in error.details()  # type: ignore[attr-defined]
+        hashes(world.budgeted).HashStream(iter([_UPLOAD_HEADER]), timeout=10, metadata=world.bob)
+    finally:
+        held.release()
+    return "HashService.HashStream", error
+
+
+def balancer_budget_exceeded(world: World) -> tuple[str, grpc.RpcError]:
+    # Alice and Bob hold one upload stream each: the balancer's two in all.
+    held = _HeldUploads(world, [world.alice, world.bob])
+    try:
+        error = _over_budget(world, world.alice, "BALANCER_BUDGET_EXCEEDED", held)
+        assert "HASHMESH_BALANCER_TOTAL_UPLOAD_STREAMS" in error.details()  # type: ignore[attr-defined]
+    finally:
+        held.release()
+    return "HashService.HashStream", error
+
+
 def overloaded(world: World) -> tuple[str, grpc.RpcError]:
     # One CPU thread and no queue: of argon2id calls sent at once, all but one are refused.
     async def burst() -> list[BaseException | object]:
@@ -452,6 +542,8 @@ PROVOKE: dict[str, Provocation] = {
     "TASK_INPUT_ERASED": task_input_erased,
     "ARGON2_TASKS_DISABLED": argon2_tasks_disabled,
     "RATE_LIMITED": rate_limited,
+    "PEER_BUDGET_EXCEEDED": peer_budget_exceeded,
+    "BALANCER_BUDGET_EXCEEDED": balancer_budget_exceeded,
     "OVERLOADED": overloaded,
     "QUEUE_FULL": queue_full,
     "CLIENT_QUEUE_FULL": client_queue_full,
@@ -547,6 +639,15 @@ def world(
             "HASHMESH_BALANCER_MAX_STREAMS_PER_BACKEND": "1",
         },
     )
+    balancer_d = procs.balancer(
+        [replica_a.address],
+        env={
+            "HASHMESH_BALANCER_API_KEYS_FILE": str(keys),
+            "HASHMESH_BALANCER_PEER_UPLOAD_STREAMS": "1",
+            "HASHMESH_BALANCER_TOTAL_UPLOAD_STREAMS": "2",
+        },
+    )
+    budgeted = grpc.insecure_channel(balancer_d.addresses["balancer"])
     main = grpc.insecure_channel(balancer_a.addresses["balancer"])
     ADDRESSES[id(main)] = balancer_a.addresses["balancer"]
     guarded = grpc.insecure_channel(balancer_b.addresses["balancer"])
@@ -560,9 +661,10 @@ def world(
             (("x-api-key", bob),),
             owned_pg,
             replica_a.address,
+            budgeted,
         )
     finally:
-        for channel in (main, guarded, admin):
+        for channel in (main, guarded, admin, budgeted):
             channel.close()
         ADDRESSES.pop(id(main), None)
 

@@ -37,6 +37,8 @@ class CacheServiceStub:
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
@@ -80,6 +82,8 @@ class CacheServiceServicer:
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
@@ -141,6 +145,8 @@ class CacheService:
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).

@@ -38,6 +38,8 @@ class CacheServiceStub:
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
@@ -75,6 +77,8 @@ class CacheServiceAsyncStub(CacheServiceStub):
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).
@@ -108,6 +112,8 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
     - UNAVAILABLE DATABASE_UNAVAILABLE: every method (RetryInfo).

@@ -43,6 +43,8 @@ class HashServiceStub:
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED OVERLOADED: ComputeHash, Hash, Verify (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
@@ -93,6 +95,8 @@ class HashServiceAsyncStub(HashServiceStub):
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED OVERLOADED: ComputeHash, Hash, Verify (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).
@@ -139,6 +143,8 @@ class HashServiceServicer(metaclass=_abc_1.ABCMeta):
     - INVALID_ARGUMENT MALFORMED_REQUEST: every method (BadRequest).
     - RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE: every method [sent by gRPC, no ErrorInfo].
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED OVERLOADED: ComputeHash, Hash, Verify (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
     - UNAVAILABLE REPLICAS_BUSY: every method (RetryInfo).

@@ -52,6 +52,8 @@ class TaskServiceStub:
     - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks, SubmitAndWatchTask
     (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
@@ -148,6 +150,8 @@ class TaskServiceServicer:
     - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks, SubmitAndWatchTask
     (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
@@ -327,6 +331,8 @@ class TaskService:
     - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks, SubmitAndWatchTask
     (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).

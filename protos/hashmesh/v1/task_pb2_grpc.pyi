@@ -53,6 +53,8 @@ class TaskServiceStub:
     - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks, SubmitAndWatchTask
       (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
@@ -143,6 +145,8 @@ class TaskServiceAsyncStub(TaskServiceStub):
     - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks, SubmitAndWatchTask
       (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
@@ -229,6 +233,8 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     - FAILED_PRECONDITION ARGON2_TASKS_DISABLED: SubmitTask, SubmitTasks, SubmitAndWatchTask
       (PreconditionFailure).
     - RESOURCE_EXHAUSTED RATE_LIMITED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED PEER_BUDGET_EXCEEDED: every method (RetryInfo).
+    - RESOURCE_EXHAUSTED BALANCER_BUDGET_EXCEEDED: every method (RetryInfo).
     - RESOURCE_EXHAUSTED QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - RESOURCE_EXHAUSTED CLIENT_QUEUE_FULL: SubmitTask, SubmitTasks, SubmitAndWatchTask (RetryInfo).
     - UNAVAILABLE NO_REPLICA: every method (RetryInfo).
