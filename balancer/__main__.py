@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         grpc_transport.configure(os.environ)
     except SettingsError as exc:
         sys.exit(f"hashmesh-balancer: {exc}")
-    from hashmesh.balancer.affinity import chosen, parse_cpus, pin
+    from hashmesh.balancer.affinity import allowed_cpus, chosen, parse_cpus, pin
     from hashmesh.balancer.config import (
         RATELIMIT_HEADERS,
         STRATEGIES,
@@ -172,10 +172,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("hashmesh-balancer: no replicas: pass --backends or --backends-dns")
     if settings.cpus:
         try:
-            cpus = chosen(settings.cpus, os.sched_getaffinity(0), settings.cpu_index)
+            cpus = chosen(settings.cpus, allowed_cpus(), settings.cpu_index)
         except SettingsError as exc:
             sys.exit(f"hashmesh-balancer: {exc}")
-        pin(cpus)
+        if cpus:
+            pin(cpus)
     from hashmesh.balancer.server import run
 
     with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:

@@ -46,11 +46,24 @@ def parse_cpus(text: str) -> tuple[int, ...] | str:
     return tuple(sorted(set(cpus)))
 
 
-def chosen(cpus: Sequence[int] | str, allowed: set[int], index: int = 0) -> tuple[int, ...]:
+def allowed_cpus() -> set[int] | None:
+    """The CPUs this process may run on; ``None`` where the platform cannot pin (macOS has
+    no ``sched_setaffinity``)."""
+    if not hasattr(os, "sched_getaffinity") or not hasattr(os, "sched_setaffinity"):
+        return None
+    return os.sched_getaffinity(0)
+
+
+def chosen(cpus: Sequence[int] | str, allowed: set[int] | None, index: int = 0) -> tuple[int, ...]:
     """The CPUs to pin to: ``auto`` is one allowed CPU, the ``index``-th counted from the
     last (CPU 0 takes most interrupts and housekeeping), so that ``N`` processes started with
     indexes ``0..N-1`` each get a CPU of their own while there are enough. Explicit CPUs must
-    all be allowed."""
+    all be allowed. Where the platform cannot pin (``allowed`` is ``None``), ``auto`` pins
+    nothing and explicit CPUs are refused."""
+    if allowed is None:
+        if isinstance(cpus, str):
+            return ()
+        raise SettingsError("HASHMESH_BALANCER_CPUS names CPUs, but this platform cannot pin")
     if isinstance(cpus, str):  # AUTO: parse_cpus allows no other text
         ordered = sorted(allowed, reverse=True)
         return (ordered[index % len(ordered)],)

@@ -38,6 +38,12 @@ def test_explicit_cpus_must_be_allowed() -> None:
         chosen((1, 5), {0, 1, 2})
 
 
+def test_where_the_platform_cannot_pin_auto_pins_nothing_and_cpus_are_refused() -> None:
+    assert chosen(AUTO, None, 3) == ()
+    with pytest.raises(SettingsError, match="cannot pin"):
+        chosen((1,), None)
+
+
 def test_the_defaults_are_the_synchronous_listener_pinned_to_one_cpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
